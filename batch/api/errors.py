@@ -1,0 +1,121 @@
+"""Reading the API's answers: every outcome is success or one :class:`ApiError` kind."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from batch import apispec
+
+Endpoint = Literal["submit", "query", "credits", "download"]
+
+
+class ErrorKind(StrEnum):
+    PERMANENT = "permanent"
+    """Wrong for this image or task, for good: record the reason and move on."""
+    TRANSIENT = "transient"
+    """The server or the network hiccupped: retry with backoff."""
+    RATE_LIMITED = "rate_limited"
+    """Too many requests: slow everyone down and retry."""
+    ACCOUNT = "account"
+    """Bad key, locked account, gone endpoint or no credits: nothing else can succeed."""
+    AMBIGUOUS = "ambiguous"
+    """A submit whose upload went out but whose answer was lost: maybe charged."""
+    NOT_SENT = "not_sent"
+    """The request provably never reached the server: free to retry."""
+    EXPIRED = "expired"
+    """The result link is past its life."""
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        http_status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        log_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.request_id = request_id
+        self.log_id = log_id
+        self.retry_after = retry_after
+
+    @property
+    def out_of_credits(self) -> bool:
+        return self.code == apispec.NOT_ENOUGH_CREDITS
+
+    def describe(self) -> str:
+        parts = [self.message]
+        if self.code:
+            parts.append(f"code {self.code}")
+        if self.http_status:
+            parts.append(f"HTTP {self.http_status}")
+        ids = [f"{k}={v}" for k, v in (("request_id", self.request_id), ("log_id", self.log_id))
+               if v]
+        return " · ".join(parts + ids)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def error_fields(body: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(code, message, request_id, log_id) from both the new and the older answer shapes."""
+    detail = body.get("error_detail")
+    detail = detail if isinstance(detail, dict) else {}
+    code = _text(detail.get("code")) or _text(body.get("error_code_str"))
+    message = (_text(detail.get("message")) or _text(detail.get("code_message"))
+               or _text(body.get("error_msg")))
+    return code, message, _text(body.get("request_id")), _text(body.get("log_id"))
+
+
+ACCOUNT_CODES = frozenset({apispec.APPLICATION_NOT_EXISTS, apispec.USER_NOT_EXISTS,
+                           apispec.USER_LOCKED, apispec.NOT_ENOUGH_CREDITS})
+
+
+def classify(
+    status: int,
+    body: dict[str, Any] | None,
+    endpoint: Endpoint,
+    *,
+    retry_after: float | None = None,
+) -> ApiError | None:
+    """None for success; otherwise the error, classified as API.md prescribes."""
+    body = body or {}
+    code, message, request_id, log_id = error_fields(body)
+    legacy = body.get("error_code")
+    if status == 200 and isinstance(legacy, int) and legacy != 0:
+        status = legacy if 400 <= legacy < 600 else 400
+    if status == 200 and code in ACCOUNT_CODES:
+        status = 429 if code == apispec.NOT_ENOUGH_CREDITS else 401
+    if status == 200:
+        return None
+
+    def err(kind: ErrorKind, default: str) -> ApiError:
+        return ApiError(kind, message or default, http_status=status, code=code or None,
+                        request_id=request_id or None, log_id=log_id or None,
+                        retry_after=retry_after)
+
+    if code == apispec.NOT_ENOUGH_CREDITS:
+        return err(ErrorKind.ACCOUNT, "the account is out of credits")
+    if status == 401 or code in (apispec.APPLICATION_NOT_EXISTS, apispec.USER_NOT_EXISTS):
+        return err(ErrorKind.ACCOUNT, "the API key was not accepted")
+    if status == 403:
+        return err(ErrorKind.ACCOUNT, "the account is locked or not allowed to use this API")
+    if status == 404 and (endpoint != "query" or code == apispec.AI_NOT_EXISTS or not code):
+        if endpoint == "query" and not code:
+            return err(ErrorKind.PERMANENT, "the task is unknown to the API (expired?)")
+        return err(ErrorKind.ACCOUNT, "the API endpoint does not exist (check --api-base)")
+    if status == 429:
+        return err(ErrorKind.RATE_LIMITED, "rate limited by the API")
+    if status == 408 or status >= 500:
+        return err(ErrorKind.TRANSIENT, f"the API answered HTTP {status}")
+    return err(ErrorKind.PERMANENT, "the API refused the request")

@@ -1,0 +1,248 @@
+"""The ``skinbatch`` command: thin click commands over the library in :mod:`batch`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from batch import config as config_mod
+from batch.apispec import OPTION_NAMES
+from batch.config import ConfigError, RunConfig
+from batch.emulator import Emulator, EmulatorConfig
+from batch.exitcodes import ExitCode
+from batch.ledger import open_ledger
+from batch.locking import LedgerBusy, RunLock
+from batch.logsetup import configure
+from batch.pipeline import RunReport, run_batch
+from batch.secret import Secret
+from batch.states import JobState
+from batch.status import collect_status
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEMO_KEY = "demo-key"
+
+
+def handle_errors(func: F) -> F:
+    """The one place domain errors become a message and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            click.echo(f"skinbatch: {exc}", err=True)
+            sys.exit(ExitCode.USAGE)
+        except LedgerBusy as exc:
+            click.echo(f"skinbatch: {exc}", err=True)
+            sys.exit(ExitCode.USAGE)
+        except KeyboardInterrupt:
+            click.echo("skinbatch: interrupted; progress is saved.", err=True)
+            sys.exit(ExitCode.INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def option_flags(func: F) -> F:
+    for name in reversed(OPTION_NAMES):
+        flag = name.replace("_", "-")
+        func = click.option(f"--{flag}/--no-{flag}", name, default=None,
+                            help=f"Turn the {name} retouching option on (or off).")(func)
+    return func
+
+
+def run_options(func: F) -> F:
+    decorators = [
+        click.argument("sources", nargs=-1, required=True,
+                       type=click.Path(exists=True, path_type=Path)),
+        click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+                     help="Output folder; mirrors the sources' relative paths."),
+        click.option("--config", "config_file", type=click.Path(path_type=Path),
+                     help="TOML config file (see sample_config.toml)."),
+        click.option("--ledger", help="Ledger file or database URL "
+                                      "(default: OUT/.skinbatch/ledger.sqlite)."),
+        click.option("--api-base", help="API base URL (env AILAB_API_BASE)."),
+        click.option("--concurrency", type=int, help="Uploads under way at once (default 4)."),
+        click.option("--poll-interval", type=float,
+                     help="Seconds between status queries per task (default 5, as documented)."),
+        click.option("--max-qps", type=float, help="Requests per second to the API (default 10)."),
+        click.option("--on-ambiguous", type=click.Choice(["resubmit", "hold"]),
+                     help="What to do with uploads whose answer was lost (default resubmit)."),
+        click.option("--on-expired", type=click.Choice(["resubmit", "report"]),
+                     help="What to do with results whose links expired (default resubmit)."),
+        click.option("--emulator", is_flag=True,
+                     help="Run against the bundled local emulator (no key, no credits)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bars (default: on a terminal only)."),
+        click.option("-q", "--quiet", is_flag=True, help="Errors only (for cron)."),
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+        option_flags,
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+@click.group()
+@click.version_option(package_name="skinbatch")
+def main() -> None:
+    """Send a folder of portraits through the skin-retouching API, safely and at most once."""
+
+
+def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) -> RunConfig:
+    file_values = config_mod.load_file(params["config_file"]) if params["config_file"] else {}
+    flags = {k: params[k] for k in ("ledger", "api_base", "concurrency", "poll_interval",
+                                    "max_qps", "on_ambiguous", "on_expired")}
+    flags["progress"] = params["progress"]
+    env = dict(os.environ)
+    if params["emulator"]:
+        env.pop(config_mod.KEY_ENV, None)
+        env.pop(config_mod.BASE_ENV, None)
+        file_values.pop("api_key_file", None)
+    return config_mod.build(sources, out, file_values=file_values, env=env, flags=flags,
+                            option_flags={n: params[n] for n in OPTION_NAMES})
+
+
+@main.command()
+@run_options
+@handle_errors
+def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
+        **params: Any) -> None:
+    """Scan SOURCES, send every photo, poll, and save results into --out until all are final.
+
+    Running the same command again resumes; on a finished folder it sends nothing.
+    """
+    config = _build_config(sources, out, params)
+    configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
+              config.api_key)
+    emulator: Emulator | None = None
+    if params["emulator"]:
+        emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0)).start()
+        poll = params["poll_interval"] or 1.0
+        config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
+                         poll_interval=poll)
+        if not quiet:
+            click.echo(f"Using the bundled emulator at {emulator.api_base}: no credits are "
+                       "spent and the retouch is a local imitation.", err=True)
+    if config.api_key is None:
+        raise ConfigError("no API key: set AILAB_API_KEY, or api_key_file in --config; "
+                          "or add --emulator to try the bundled emulator")
+    try:
+        report = run_batch(config)
+    finally:
+        if emulator is not None:
+            emulator.stop()
+    _print_summary(report, config, quiet)
+    sys.exit(int(report.exit_code))
+
+
+def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
+    status = report.status
+    counts = status.counts
+    if not quiet or report.exit_code != ExitCode.OK:
+        click.echo(
+            f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
+            f"{counts['rejected']} rejected, {status.unfinished} unfinished "
+            f"({report.scan.found} files scanned, {report.scan.hashed} read) "
+            f"in {report.seconds:.1f}s; credits charged so far: {status.charges}")
+        for problem in status.problems[:20]:
+            code = f" [{problem.error_code}]" if problem.error_code else ""
+            click.echo(f"  {problem.state:9} {problem.path}: {problem.reason}{code}")
+        if len(status.problems) > 20:
+            click.echo(f"  ... and {len(status.problems) - 20} more: "
+                       f"skinbatch status --out {config.out}")
+    if report.message:
+        click.echo(f"skinbatch: {report.message}", err=True)
+
+
+def _ledger_location(out: Path, ledger: str | None) -> str:
+    location = ledger or str(out / ".skinbatch" / "ledger.sqlite")
+    if "://" not in location and not Path(location).exists():
+        raise ConfigError(f"no ledger at {location}: has skinbatch run with --out {out}?")
+    return location
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--ledger", help="Ledger file or database URL.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def status(out: Path, ledger: str | None, as_json: bool) -> None:
+    """Counts by state, and every failed or rejected file with its reason."""
+    store = open_ledger(_ledger_location(out, ledger))
+    try:
+        report = collect_status(store)
+    finally:
+        store.close()
+    click.echo(report.to_json() if as_json else report.to_text())
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--ledger", help="Ledger file or database URL.")
+@click.option("--failed", is_flag=True, help="Put failed jobs back in line.")
+@click.option("--rejected", is_flag=True, help="Put rejected jobs back in line.")
+@click.option("--ambiguous", is_flag=True, help="Resubmit uploads whose answer was lost "
+                                                 "(may pay again).")
+@click.option("--expired", is_flag=True, help="Resubmit jobs whose results expired (pays again).")
+@click.argument("paths", nargs=-1)
+@handle_errors
+def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous: bool,
+          expired: bool, paths: tuple[str, ...]) -> None:
+    """Put chosen jobs back in line for the next run (optionally only for PATHS)."""
+    states = [s for s, on in ((JobState.FAILED, failed), (JobState.REJECTED, rejected),
+                              (JobState.AMBIGUOUS, ambiguous), (JobState.EXPIRED, expired)) if on]
+    if not states:
+        raise ConfigError("say what to retry: --failed, --rejected, --ambiguous or --expired")
+    location = _ledger_location(out, ledger)
+    with RunLock(out.resolve(), location):
+        store = open_ledger(location)
+        try:
+            resolved = [str(Path(p).resolve()) for p in paths]
+            moved = store.reset_jobs(states, "put back in line by skinbatch retry", resolved)
+        finally:
+            store.close()
+    click.echo(f"{moved} job(s) put back in line; run the same skinbatch run command again.")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8700, show_default=True, type=int)
+@click.option("--result-port", default=8701, show_default=True, type=int)
+@click.option("--key", default=DEMO_KEY, show_default=True, help="The API key it accepts.")
+@click.option("--credits", default=1000.0, show_default=True, type=float)
+@click.option("--queue-seconds", default=2.0, show_default=True, type=float)
+@click.option("--process-seconds", default=3.0, show_default=True, type=float)
+@click.option("--result-ttl", default=24 * 3600.0, show_default=True, type=float)
+@click.option("--qps-limit", default=None, type=float, help="Answer 429 above this rate.")
+@click.option("--fault-rate", default=0.0, show_default=True, type=float,
+              help="Probability of each fault (5xx, drops, truncation) per request.")
+def emulate(host: str, port: int, result_port: int, key: str, credits: float,
+            queue_seconds: float, process_seconds: float, result_ttl: float,
+            qps_limit: float | None, fault_rate: float) -> None:
+    """Serve a local emulator of the API (for trying things out, tests and benchmarks)."""
+    from batch.emulator import Faults
+
+    faults = Faults(submit_5xx=fault_rate, query_5xx=fault_rate, download_truncate=fault_rate,
+                    submit_drop_after=fault_rate / 2, query_drop=fault_rate)
+    emulator = Emulator(EmulatorConfig(api_keys=frozenset({key}), credits=credits,
+                                       queue_seconds=queue_seconds,
+                                       process_seconds=process_seconds, result_ttl=result_ttl,
+                                       qps_limit=qps_limit, faults=faults),
+                        host=host, api_port=port, result_port=result_port)
+    emulator.start()
+    click.echo(f"API at {emulator.api_base}, results at {emulator.result_base}. "
+               f"Use: AILAB_API_BASE={emulator.api_base} AILAB_API_KEY=<key> skinbatch run ...")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        emulator.stop()

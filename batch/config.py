@@ -1,0 +1,163 @@
+"""Run settings: defaults, then the TOML config file, then the environment, then flags."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from batch import apispec
+from batch.options import Options
+from batch.secret import Secret
+
+KEY_ENV = "AILAB_API_KEY"
+BASE_ENV = "AILAB_API_BASE"
+AmbiguousPolicy = Literal["resubmit", "hold"]
+ExpiredPolicy = Literal["resubmit", "report"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    sources: tuple[Path, ...]
+    out: Path
+    options: Options = Options()
+    api_base: str = apispec.DEFAULT_API_BASE
+    api_key: Secret | None = field(default=None, repr=False)
+    #: Ledger file path or database URL; None puts it under ``out/.skinbatch/``.
+    ledger: str | None = None
+    concurrency: int = 4
+    poll_interval: float = apispec.DOCUMENTED_POLL_INTERVAL
+    #: Requests per second to the API host, shared by submits, queries and credit checks.
+    max_qps: float = 10.0
+    on_ambiguous: AmbiguousPolicy = "resubmit"
+    on_expired: ExpiredPolicy = "resubmit"
+    #: Transient failures a job may have in one stage before it fails with the last reason.
+    max_attempts: int = 8
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    #: A result link is treated as expired this many seconds before its 24 hours are up.
+    expiry_margin: float = 600.0
+    #: On Ctrl-C, how long uploads already under way may take to get their answer.
+    interrupt_grace: float = 15.0
+    progress: bool | None = None
+
+    @property
+    def ledger_location(self) -> str:
+        return self.ledger or str(self.out / ".skinbatch" / "ledger.sqlite")
+
+
+FILE_KEYS = {
+    "api_base": str, "api_key_file": str, "ledger": str, "concurrency": int,
+    "poll_interval": float, "max_qps": float, "on_ambiguous": str, "on_expired": str,
+    "max_attempts": int, "backoff_base": float, "backoff_cap": float, "expiry_margin": float,
+    "interrupt_grace": float, "options": dict,
+}
+CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report")}
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read and check a TOML config file (see sample_config.toml for every key)."""
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for key, value in values.items():
+        expected = FILE_KEYS.get(key)
+        if expected is None:
+            raise ConfigError(f"{path}: unknown setting {key!r} "
+                              f"(known: {', '.join(sorted(FILE_KEYS))})")
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} must be a {expected.__name__}, not {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{path}: {key} must be one of {', '.join(CHOICES[key])}")
+    if "api_key_file" in values:
+        values["api_key_file"] = str((path.parent / Path(values["api_key_file"]).expanduser()))
+    return values
+
+
+def read_key_file(path: Path) -> Secret:
+    """The key from a file readable by its owner only (0600), so it never needs a flag."""
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"key file {path} is readable by others; run: chmod 600 {path}")
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from exc
+    if not key:
+        raise ConfigError(f"key file {path} is empty")
+    return Secret(key)
+
+
+def build(
+    sources: tuple[Path, ...],
+    out: Path,
+    *,
+    file_values: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    flags: dict[str, Any] | None = None,
+    option_flags: dict[str, bool | None] | None = None,
+) -> RunConfig:
+    """Merge the layers: file < environment < flags (None in ``flags`` means not given)."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = dict(file_values or {})
+    file_options = values.pop("options", {})
+    key_file = values.pop("api_key_file", None)
+    try:
+        options = Options.from_mapping(file_options)
+    except ValueError as exc:
+        raise ConfigError(f"[options]: {exc}") from exc
+    enabled = set(options.enabled)
+    for name, on in (option_flags or {}).items():
+        if on is True:
+            enabled.add(name)
+        elif on is False:
+            enabled.discard(name)
+    if env.get(BASE_ENV):
+        values["api_base"] = env[BASE_ENV]
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    key: Secret | None = None
+    if env.get(KEY_ENV):
+        key = Secret(env[KEY_ENV].strip())
+    elif key_file:
+        key = read_key_file(Path(key_file))
+    known = {f.name for f in fields(RunConfig)}
+    config = RunConfig(sources=sources, out=out, options=Options(frozenset(enabled)),
+                       api_key=key, **{k: v for k, v in values.items() if k in known})
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    if config.concurrency < 1 or config.concurrency > 64:
+        raise ConfigError("concurrency must be between 1 and 64")
+    if config.poll_interval <= 0:
+        raise ConfigError("poll_interval must be positive")
+    if config.max_attempts < 1:
+        raise ConfigError("max_attempts must be at least 1")
+    if not config.api_base.startswith(("http://", "https://")):
+        raise ConfigError(f"api_base must be an http(s) URL, not {config.api_base!r}")
+    for source in config.sources:
+        if not source.exists():
+            raise ConfigError(f"source {source} does not exist")
+    out = config.out.resolve()
+    for source in config.sources:
+        if source.resolve() == out:
+            raise ConfigError("--out must not be the source folder itself")
+
+
+def with_key(config: RunConfig, key: Secret, api_base: str) -> RunConfig:
+    return replace(config, api_key=key, api_base=api_base)

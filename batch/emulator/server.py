@@ -1,0 +1,309 @@
+"""The emulator's two HTTP servers: the API host and a separate result (storage) host."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import threading
+import time
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import multipart
+
+from batch import apispec
+from batch.emulator.state import EmulatorConfig, EmulatorState, Rejection, Task
+
+GATEWAY_HTML = (b"<html><head><title>502 Bad Gateway</title></head><body><center>"
+                b"<h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>")
+
+
+def _envelope(status: int, code: str = "", message: str = "", **extra: Any) -> dict[str, Any]:
+    return {
+        "request_id": secrets.token_hex(8),
+        "log_id": secrets.token_hex(8),
+        "error_code": 0 if status == 200 else status,
+        "error_code_str": code,
+        "error_msg": message,
+        "error_detail": {"status_code": status, "code": code, "code_message": message,
+                         "message": message},
+        **extra,
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 emulator: Emulator) -> None:
+        super().__init__(address, handler)
+        self.emulator = emulator
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    @property
+    def state(self) -> EmulatorState:
+        return self.server.emulator.state
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, payload: dict[str, Any],
+              headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _reject(self, rejection: Rejection, headers: dict[str, str] | None = None) -> None:
+        self._json(rejection.status, _envelope(rejection.status, rejection.code,
+                                               rejection.message), headers)
+
+    def _drop(self) -> None:
+        """Close the connection without an answer (a reset as the client sees it)."""
+        self.close_connection = True
+        self.wfile.flush()
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+
+class ApiHandler(_Handler):
+    def _common(self) -> bool:
+        """Latency, stalls, key check, rate limit and 5xx faults shared by every endpoint."""
+        state, faults = self.state, self.state.config.faults
+        if state.config.latency:
+            time.sleep(state.config.latency)
+        if state.chance(faults.stall):
+            state.stats["stalls"] += 1
+            time.sleep(faults.stall_seconds)
+        problem = state.key_problem(self.headers.get(apispec.KEY_HEADER))
+        if problem is not None:
+            state.stats["unauthorized"] += 1
+            self._reject(problem)
+            return False
+        if state.over_rate() or state.chance(faults.rate_limit):
+            headers: dict[str, str] = {}
+            if faults.retry_after == "seconds":
+                headers["Retry-After"] = "1"
+            elif faults.retry_after == "date":
+                headers["Retry-After"] = formatdate(time.time() + 1, usegmt=True)
+            self._reject(Rejection(429, apispec.RATE_LIMITED, "Request too frequent."), headers)
+            return False
+        return True
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        body = self._read_body()
+        state, faults = self.state, self.state.config.faults
+        if path != apispec.SUBMIT_PATH:
+            self._reject(Rejection(404, apispec.AI_NOT_EXISTS, "No such API."))
+            return
+        state.stats["submits"] += 1
+        if not self._common():
+            return
+        if state.chance(faults.submit_5xx):
+            state.stats["faults_5xx"] += 1
+            self._send(502, GATEWAY_HTML, "text/html")
+            return
+        if state.chance(faults.submit_drop_before):
+            state.stats["drops_before_charge"] += 1
+            self._drop()
+            return
+        try:
+            data, enabled = self._parse_submit(body)
+            _, fmt = state.validate_image(data)
+            task = state.create_task(data, fmt, enabled)
+        except Rejection as rejection:
+            state.stats[f"rejected_{rejection.code}"] += 1
+            self._reject(rejection)
+            return
+        if state.chance(faults.submit_drop_after):
+            state.stats["drops_after_charge"] += 1
+            self._drop()
+            return
+        if state.chance(faults.malformed_json):
+            self._send(200, b'{"task_id": "', "application/json")
+            return
+        self._json(200, _envelope(200, task_id=task.task_id))
+
+    def _parse_submit(self, body: bytes) -> tuple[bytes, frozenset[str]]:
+        content_type, options = multipart.parse_options_header(
+            self.headers.get("Content-Type", ""))
+        if content_type != "multipart/form-data" or "boundary" not in options:
+            raise Rejection(400, apispec.ERROR_PARAMETERS,
+                            "Content-Type must be multipart/form-data.")
+        image: bytes | None = None
+        enabled: set[str] = set()
+        try:
+            parser = multipart.MultipartParser(io.BytesIO(body), options["boundary"],
+                                               content_length=len(body),
+                                               memory_limit=64 * 1024 * 1024,
+                                               partsize_limit=64 * 1024 * 1024)
+            for part in parser:
+                if part.name == "image" and part.filename is not None:
+                    image = part.raw
+                elif part.name in apispec.OPTION_NAMES:
+                    if part.value not in ("0", "1"):
+                        raise Rejection(400, apispec.INVALID_PARAMETER,
+                                        f"{part.name} must be 0 or 1.")
+                    if part.value == "1":
+                        enabled.add(part.name)
+        except multipart.MultipartError as exc:
+            raise Rejection(400, apispec.ERROR_PARAMETERS, f"Malformed form: {exc}") from exc
+        if not image:
+            raise Rejection(400, apispec.MISSING_PARAMETERS, "image is required.")
+        return image, frozenset(enabled)
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        state, faults = self.state, self.state.config.faults
+        if parts.path == apispec.CREDITS_PATH:
+            state.stats["credit_queries"] += 1
+            if self._common():
+                with state.lock:
+                    credits = state.credits
+                self._json(200, _envelope(200, data={"credits": credits}))
+            return
+        if parts.path != apispec.QUERY_PATH:
+            self._reject(Rejection(404, apispec.AI_NOT_EXISTS, "No such API."))
+            return
+        state.stats["queries"] += 1
+        if not self._common():
+            return
+        if state.chance(faults.query_5xx):
+            state.stats["faults_5xx"] += 1
+            self._send(503, GATEWAY_HTML.replace(b"502 Bad", b"503 Unavailable"), "text/html")
+            return
+        if state.chance(faults.query_drop):
+            self._drop()
+            return
+        task_id = (parse_qs(parts.query).get("task_id") or [""])[0]
+        with state.lock:
+            task = state.tasks.get(task_id)
+            state.queries_per_task[task_id] += 1
+        if task is None or state.expired(task):
+            self._reject(Rejection(404, "ERROR_TASK_NOT_EXISTS", "Task not found or expired."))
+            return
+        if state.chance(faults.malformed_json):
+            self._send(200, b"<html>oops", "application/json")
+            return
+        self._answer_task(task)
+
+    def _answer_task(self, task: Task) -> None:
+        status = self.state.task_status(task)
+        if status == apispec.TASK_COMPLETED and task.outcome == "failed":
+            self._reject(Rejection(422, apispec.PROCESSING_FAILURE, "Image processing failed."))
+            return
+        if status == apispec.TASK_COMPLETED and task.outcome == "unknown":
+            self._json(200, _envelope(200, task_status=7, data={}))
+            return
+        data: dict[str, Any] = {}
+        if status == apispec.TASK_COMPLETED:
+            self.state.result_of(task)
+            ext = {"PNG": "png", "WEBP": "webp"}.get(task.fmt, "jpg")
+            data["result_urls"] = [f"{self.server.emulator.result_base}/results/{task.token}.{ext}"]
+        self._json(200, _envelope(200, task_status=status, data=data))
+
+
+class ResultHandler(_Handler):
+    def do_GET(self) -> None:
+        state, faults = self.state, self.state.config.faults
+        with state.lock:
+            state.result_host_headers.append({k.lower(): v for k, v in self.headers.items()})
+            state.stats["downloads"] += 1
+        if self.headers.get(apispec.KEY_HEADER) is not None:
+            state.stats["key_sent_to_result_host"] += 1
+        redirect = self.server.emulator.result_redirect
+        if redirect:
+            self._send(302, b"", "text/plain", {"Location": redirect})
+            return
+        token = urlsplit(self.path).path.rsplit("/", 1)[-1].split(".", 1)[0]
+        task = state.by_token.get(token)
+        if task is None or state.expired(task):
+            self._send(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired"
+                            b"</Message></Error>", "application/xml")
+            return
+        if state.chance(faults.download_5xx):
+            self._send(500, b"Internal Error", "text/plain")
+            return
+        body = state.result_of(task)
+        if state.chance(faults.download_truncate):
+            state.stats["truncated_downloads"] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self._drop()
+            return
+        self._send(200, body, "image/" + {"JPEG": "jpeg"}.get(task.fmt, task.fmt.lower()))
+
+
+class Emulator:
+    """Both servers on loopback, started in daemon threads. Use as a context manager."""
+
+    def __init__(self, config: EmulatorConfig | None = None, *, host: str = "127.0.0.1",
+                 api_port: int = 0, result_port: int = 0) -> None:
+        self.config = config or EmulatorConfig()
+        self.state = EmulatorState(self.config)
+        self.result_redirect: str | None = None
+        self._api = _Server((host, api_port), ApiHandler, self)
+        self._results = _Server((host, result_port), ResultHandler, self)
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def api_base(self) -> str:
+        host, port = self._api.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def result_base(self) -> str:
+        host, port = self._results.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self.state.lock:
+            return dict(self.state.stats)
+
+    def set_credits(self, credits: float) -> None:
+        with self.state.lock:
+            self.state.credits = credits
+
+    def start(self) -> Emulator:
+        for server in (self._api, self._results):
+            thread = threading.Thread(target=server.serve_forever, daemon=True,
+                                      name=f"emulator-{server.server_address[1]}")
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        for server in (self._api, self._results):
+            server.shutdown()
+            server.server_close()
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,186 @@
+"""The emulator's account, tasks and fault decisions, independent of HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from batch import apispec
+from batch.emulator.retouch import retouch, skin_fraction
+
+
+@dataclass
+class Faults:
+    """Probabilities (0..1) of each misbehaviour, drawn per request from a seeded RNG."""
+
+    submit_5xx: float = 0.0
+    submit_drop_before: float = 0.0
+    submit_drop_after: float = 0.0
+    query_5xx: float = 0.0
+    query_drop: float = 0.0
+    rate_limit: float = 0.0
+    malformed_json: float = 0.0
+    failed_task: float = 0.0
+    unknown_status: float = 0.0
+    download_truncate: float = 0.0
+    download_5xx: float = 0.0
+    stall: float = 0.0
+    stall_seconds: float = 30.0
+    #: "seconds", "date" or "" (no Retry-After header on 429s).
+    retry_after: str = "seconds"
+
+
+@dataclass
+class EmulatorConfig:
+    api_keys: frozenset[str] = frozenset({"demo-key"})
+    locked_keys: frozenset[str] = frozenset()
+    credits: float = 1000.0
+    cost: float = 1.0
+    queue_seconds: float = 0.2
+    process_seconds: float = 0.3
+    #: Each task's times are scaled by a factor drawn uniformly from [1 - jitter, 1 + jitter].
+    jitter: float = 0.0
+    #: Added to every API answer (upload/round-trip latency).
+    latency: float = 0.0
+    result_ttl: float = apispec.RESULT_TTL_SECONDS
+    #: Requests per second the API host accepts before answering 429 (None: unlimited).
+    qps_limit: float | None = None
+    require_face: bool = True
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+
+
+@dataclass
+class Task:
+    task_id: str
+    created: float
+    ready_at: float
+    queued_until: float
+    enabled: frozenset[str]
+    source: bytes
+    fmt: str
+    outcome: str = "ok"
+    result: bytes | None = None
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+
+
+class Rejection(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class EmulatorState:
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.credits = config.credits
+        self.tasks: dict[str, Task] = {}
+        self.by_token: dict[str, Task] = {}
+        self.stats: Counter[str] = Counter()
+        self.queries_per_task: Counter[str] = Counter()
+        self.result_host_headers: list[dict[str, str]] = []
+        self.submitted_digests: list[str] = []
+        self.lock = threading.RLock()
+        self._rng = random.Random(config.seed)
+        self._window: list[float] = []
+
+    def chance(self, probability: float) -> bool:
+        if probability <= 0:
+            return False
+        with self.lock:
+            return self._rng.random() < probability
+
+    def key_problem(self, key: str | None) -> Rejection | None:
+        if not key or (key not in self.config.api_keys and key not in self.config.locked_keys):
+            return Rejection(401, apispec.APPLICATION_NOT_EXISTS, "Invalid API key.")
+        if key in self.config.locked_keys:
+            return Rejection(403, apispec.USER_LOCKED, "The account has been locked.")
+        return None
+
+    def over_rate(self) -> bool:
+        """A sliding one-second window over all API requests."""
+        limit = self.config.qps_limit
+        now = time.monotonic()
+        with self.lock:
+            self._window = [t for t in self._window if now - t < 1.0]
+            if limit is not None and len(self._window) >= limit:
+                self.stats["rate_limited"] += 1
+                return True
+            self._window.append(now)
+            return False
+
+    def validate_image(self, data: bytes) -> tuple[Image.Image, str]:
+        if len(data) > apispec.MAX_UPLOAD_BYTES:
+            raise Rejection(400, apispec.ERROR_PARAMETERS, "Image size exceeds 10 MB.")
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception as exc:
+            raise Rejection(400, apispec.ERROR_PARAMETERS,
+                            "The image could not be decoded.") from exc
+        fmt = image.format or ""
+        if fmt not in apispec.ACCEPTED_FORMATS:
+            raise Rejection(400, apispec.ERROR_PARAMETERS, f"Unsupported image format {fmt}.")
+        if max(image.size) >= apispec.MAX_SIDE_EXCLUSIVE:
+            raise Rejection(400, apispec.ERROR_PARAMETERS,
+                            "Image resolution must be less than 4096x4096px.")
+        if self.config.require_face and skin_fraction(image) < 0.005:
+            raise Rejection(422, apispec.NO_FACE_IN_FILE, "No face detected in the image.")
+        return image, fmt
+
+    def create_task(self, data: bytes, fmt: str, enabled: frozenset[str]) -> Task:
+        """Charge the account and queue a task. Raises when credits are short."""
+        with self.lock:
+            if self.credits < self.config.cost:
+                raise Rejection(429, apispec.NOT_ENOUGH_CREDITS, "Insufficient credits.")
+            self.credits -= self.config.cost
+            self.stats["charged"] += 1
+            self.submitted_digests.append(hashlib.sha256(data).hexdigest())
+            scale = 1.0 + self._rng.uniform(-self.config.jitter, self.config.jitter)
+            now = time.time()
+            queued = self.config.queue_seconds * scale
+            task = Task(
+                task_id=secrets.token_hex(16),
+                created=now,
+                queued_until=now + queued,
+                ready_at=now + queued + self.config.process_seconds * scale,
+                enabled=enabled,
+                source=data,
+                fmt=fmt,
+            )
+            faults = self.config.faults
+            roll = self._rng.random()
+            if roll < faults.failed_task:
+                task.outcome = "failed"
+            elif roll < faults.failed_task + faults.unknown_status:
+                task.outcome = "unknown"
+            self.tasks[task.task_id] = task
+            self.by_token[task.token] = task
+            return task
+
+    def task_status(self, task: Task) -> int:
+        now = time.time()
+        if now < task.queued_until:
+            return apispec.TASK_QUEUED
+        if now < task.ready_at:
+            return apispec.TASK_PROCESSING
+        return apispec.TASK_COMPLETED
+
+    def result_of(self, task: Task) -> bytes:
+        with self.lock:
+            if task.result is None:
+                image = Image.open(io.BytesIO(task.source))
+                task.result = retouch(image, task.enabled, task.fmt)
+                task.source = b""
+            return task.result
+
+    def expired(self, task: Task) -> bool:
+        return time.time() > task.created + self.config.result_ttl

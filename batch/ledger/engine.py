@@ -1,0 +1,100 @@
+"""Opening a ledger: engine settings per backend, migrations, and filesystem sanity checks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from batch.ledger.migrate import upgrade_to_head
+from batch.ledger.store import Ledger
+
+log = logging.getLogger(__name__)
+
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "glusterfs",
+     "fuse.glusterfs", "lustre", "davfs", "fuse.rclone", "fuse.s3fs"}
+)
+
+
+def ledger_url(location: str | Path) -> str:
+    """A SQLAlchemy URL for a file path or a database URL (``postgresql://`` uses psycopg 3)."""
+    text = str(location)
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    url = make_url(text)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url.render_as_string(hide_password=False)
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path``, from /proc/mounts (None where unknown)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" hook below issue BEGIN itself, so writers take the lock up
+        # front (BEGIN IMMEDIATE) instead of failing mid-transaction on lock upgrade.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def create_ledger_engine(location: str | Path) -> Engine:
+    url = ledger_url(location)
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        assert database is not None
+        path = Path(database)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fs_type = filesystem_type(path.parent)
+        if fs_type in NETWORK_FILESYSTEMS:
+            log.warning(
+                "The ledger %s is on a network filesystem (%s): SQLite's locking is unreliable "
+                "there. Put the ledger on a local disk (--ledger PATH) or use PostgreSQL.",
+                path, fs_type,
+            )
+        return _sqlite_engine(url)
+    return create_engine(url, pool_pre_ping=True)
+
+
+def open_ledger(location: str | Path) -> Ledger:
+    """Open (creating and migrating as needed) the ledger at a path or database URL."""
+    engine = create_ledger_engine(location)
+    upgrade_to_head(engine)
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        os.chmod(engine.url.database, 0o600)
+    return Ledger(engine)

@@ -1,0 +1,555 @@
+"""All reads and writes of the ledger. :meth:`Ledger.transition` owns every job state change."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from batch import crashpoints
+from batch.ledger.models import events, files, jobs, meta
+from batch.states import FINAL, JobState, check_transition
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionInfo:
+    """What an attempt learned, recorded on the job and in its history row."""
+
+    http_status: int | None = None
+    error_code: str | None = None
+    request_id: str | None = None
+    log_id: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: int
+    content_sha256: str
+    options_fp: str
+    size_bytes: int
+    state: JobState
+    attempts: int
+    charges: int
+    task_id: str | None
+    result_urls: list[str]
+    submitted_at: float | None
+    expires_at: float | None
+    next_attempt_at: float
+    result_sha256: str | None
+    http_status: int | None
+    error_code: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    id: int
+    root: str
+    rel_path: str
+    out_rel: str
+    size_bytes: int
+    mtime_ns: int
+    content_sha256: str | None
+    job_id: int | None
+    written_rel: str | None
+    written_sha256: str | None
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFile:
+    id: int
+    size_bytes: int
+    mtime_ns: int
+    content_sha256: str | None
+    job_id: int | None
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedFile:
+    """A file as the scanner saw it; ``content_sha256`` is None when it could not be read."""
+
+    root: str
+    rel_path: str
+    out_rel: str
+    size_bytes: int
+    mtime_ns: int
+    content_sha256: str | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: str
+    state: str
+    reason: str
+    error_code: str | None
+    http_status: int | None
+
+
+def _job(row: Any) -> JobRow:
+    return JobRow(
+        id=row.id,
+        content_sha256=row.content_sha256,
+        options_fp=row.options_fp,
+        size_bytes=row.size_bytes,
+        state=JobState(row.state),
+        attempts=row.attempts,
+        charges=row.charges,
+        task_id=row.task_id,
+        result_urls=json.loads(row.result_urls) if row.result_urls else [],
+        submitted_at=row.submitted_at,
+        expires_at=row.expires_at,
+        next_attempt_at=row.next_attempt_at,
+        result_sha256=row.result_sha256,
+        http_status=row.http_status,
+        error_code=row.error_code,
+        reason=row.reason,
+    )
+
+
+def _file(row: Any) -> FileRow:
+    return FileRow(**{name: getattr(row, name) for name in FileRow.__slots__})
+
+
+class StaleTransition(RuntimeError):
+    """The job was no longer in the expected state (another worker or process moved it)."""
+
+
+class Ledger:
+    """The job ledger. Safe to share between threads; every method is one short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ---- meta ---------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        with self._tx() as conn:
+            return conn.scalar(select(meta.c.value).where(meta.c.key == key))
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as conn:
+            self._upsert(conn, meta, [{"key": key, "value": value}], ["key"], update_cols=["value"])
+
+    # ---- scanning -----------------------------------------------------------------------
+
+    def known_files(self, root: str) -> dict[str, KnownFile]:
+        """Every file the ledger knows under ``root``, for a stat-only re-scan."""
+        query = select(
+            files.c.rel_path, files.c.id, files.c.size_bytes, files.c.mtime_ns,
+            files.c.content_sha256, files.c.job_id, files.c.problem,
+        ).where(files.c.root == root)
+        with self._tx() as conn:
+            return {
+                r.rel_path: KnownFile(r.id, r.size_bytes, r.mtime_ns, r.content_sha256,
+                                      r.job_id, r.problem)
+                for r in conn.execute(query)
+            }
+
+    def job_options(self, job_ids: Iterable[int]) -> dict[int, str]:
+        ids = list(set(job_ids))
+        result: dict[int, str] = {}
+        with self._tx() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                query = select(jobs.c.id, jobs.c.options_fp).where(jobs.c.id.in_(chunk))
+                result.update({r.id: r.options_fp for r in conn.execute(query)})
+        return result
+
+    def record_scan(self, scanned: Sequence[ScannedFile], options_fp: str) -> int:
+        """Upsert scanned files and link each readable one to its job, creating jobs as needed.
+
+        Returns how many new jobs were created. One transaction for the whole batch.
+        """
+        now = time.time()
+        keys = {(f.content_sha256, f.size_bytes) for f in scanned if f.content_sha256}
+        with self._tx() as conn:
+            before = conn.scalar(select(func.count()).select_from(jobs)) or 0
+            if keys:
+                self._insert_ignore(
+                    conn, jobs,
+                    [
+                        {"content_sha256": sha, "options_fp": options_fp, "size_bytes": size,
+                         "state": JobState.PENDING.value, "created_at": now, "updated_at": now,
+                         "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
+                        for sha, size in keys
+                    ],
+                    ["content_sha256", "options_fp"],
+                )
+            after = conn.scalar(select(func.count()).select_from(jobs)) or 0
+            job_ids: dict[str, int] = {}
+            shas = [sha for sha, _ in keys]
+            for start in range(0, len(shas), 500):
+                query = select(jobs.c.id, jobs.c.content_sha256).where(
+                    jobs.c.options_fp == options_fp,
+                    jobs.c.content_sha256.in_(shas[start : start + 500]),
+                )
+                job_ids.update({r.content_sha256: r.id for r in conn.execute(query)})
+            rows = [
+                {"root": f.root, "rel_path": f.rel_path, "out_rel": f.out_rel,
+                 "size_bytes": f.size_bytes, "mtime_ns": f.mtime_ns,
+                 "content_sha256": f.content_sha256,
+                 "job_id": job_ids.get(f.content_sha256) if f.content_sha256 else None,
+                 "problem": f.problem, "seen_at": now}
+                for f in scanned
+            ]
+            if rows:
+                self._upsert(
+                    conn, files, rows, ["root", "rel_path"],
+                    update_cols=["out_rel", "size_bytes", "mtime_ns", "content_sha256", "job_id",
+                                 "problem", "seen_at"],
+                )
+        return after - before
+
+    # ---- the state machine ----------------------------------------------------------------
+
+    def transition(
+        self,
+        job_id: int,
+        target: JobState,
+        *,
+        expect: JobState | None = None,
+        info: TransitionInfo | None = None,
+        **fields: Any,
+    ) -> None:
+        """Move one job to ``target``: checked against the legal transitions, compare-and-set
+        against its current (or ``expect``-ed) state, with a history row, in one transaction."""
+        with self._tx() as conn:
+            current = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
+            if current is None:
+                raise KeyError(f"no job {job_id}")
+            if expect is not None and current != expect:
+                raise StaleTransition(f"job {job_id} is {current}, expected {expect}")
+            check_transition(job_id, current, target)
+            self._apply(conn, job_id, JobState(current), target, info, fields)
+        crashpoints.reached(target.value)
+
+    def _apply(
+        self,
+        conn: Connection,
+        job_id: int,
+        current: JobState,
+        target: JobState,
+        info: TransitionInfo | None,
+        fields: dict[str, Any],
+    ) -> None:
+        now = time.time()
+        values: dict[str, Any] = {"state": target.value, "updated_at": now, **fields}
+        if info is not None:
+            values.update(
+                http_status=info.http_status, error_code=info.error_code,
+                request_id=info.request_id, log_id=info.log_id,
+            )
+            if info.message is not None:
+                values["reason"] = info.message
+        if "result_urls" in values and isinstance(values["result_urls"], list):
+            values["result_urls"] = json.dumps(values["result_urls"])
+        result = conn.execute(
+            update(jobs).where(jobs.c.id == job_id, jobs.c.state == current.value).values(values)
+        )
+        if result.rowcount != 1:
+            raise StaleTransition(f"job {job_id} changed state concurrently")
+        attempt = fields.get("attempts", 0)
+        self._event(conn, job_id, current.value, target.value, attempt, info, now)
+
+    def _event(
+        self,
+        conn: Connection,
+        job_id: int,
+        from_state: str | None,
+        to_state: str,
+        attempt: int,
+        info: TransitionInfo | None,
+        now: float,
+    ) -> None:
+        info = info or TransitionInfo()
+        conn.execute(
+            insert(events).values(
+                job_id=job_id, at=now, from_state=from_state, to_state=to_state, attempt=attempt,
+                http_status=info.http_status, error_code=info.error_code,
+                request_id=info.request_id, log_id=info.log_id, message=info.message,
+            )
+        )
+
+    def note_attempt(
+        self, job_id: int, info: TransitionInfo, *, attempts: int, next_attempt_at: float
+    ) -> None:
+        """Record a failed attempt that leaves the state as it is (e.g. a poll that hit a 5xx)."""
+        now = time.time()
+        with self._tx() as conn:
+            state = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(
+                    attempts=attempts, next_attempt_at=next_attempt_at, updated_at=now,
+                    http_status=info.http_status, error_code=info.error_code,
+                )
+            )
+            self._event(conn, job_id, state, str(state), attempts, info, now)
+
+    def recover_interrupted(self) -> dict[str, int]:
+        """At start-up: work a dead process left half-done becomes explicit again.
+
+        ``submitting`` rows are uploads whose answer was never recorded: they become
+        ``ambiguous`` (maybe charged). ``downloading`` rows go back to ``ready``.
+        """
+        moves = {JobState.SUBMITTING: JobState.AMBIGUOUS, JobState.DOWNLOADING: JobState.READY}
+        counts: dict[str, int] = {}
+        messages = {
+            JobState.AMBIGUOUS: "the run stopped after the upload began and before its answer "
+                                "was recorded: it may have been charged",
+            JobState.READY: "the run stopped while downloading; the download will be redone",
+        }
+        for source, target in moves.items():
+            with self._tx() as conn:
+                ids = list(conn.scalars(select(jobs.c.id).where(jobs.c.state == source.value)))
+                for job_id in ids:
+                    info = TransitionInfo(message=messages[target])
+                    extra: dict[str, Any] = {}
+                    if target is JobState.AMBIGUOUS:
+                        extra["error_code"] = "AMBIGUOUS_SUBMIT"
+                    self._apply(conn, job_id, source, target, info, {})
+                    if extra:
+                        conn.execute(update(jobs).where(jobs.c.id == job_id).values(extra))
+            counts[target.value] = len(ids)
+        return counts
+
+    # ---- what the stages claim ----------------------------------------------------------
+
+    def claimable(
+        self,
+        states: Sequence[JobState],
+        limit: int,
+        *,
+        exclude: set[int] = frozenset(),  # type: ignore[assignment]
+        now: float | None = None,
+        soonest_expiry_first: bool = False,
+    ) -> list[JobRow]:
+        """Jobs in ``states`` whose backoff has passed and that some file still wants."""
+        now = time.time() if now is None else now
+        order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
+                 else (jobs.c.next_attempt_at, jobs.c.id))
+        query = (
+            select(jobs)
+            .where(
+                jobs.c.state.in_([s.value for s in states]),
+                jobs.c.next_attempt_at <= now,
+                jobs.c.id.in_(select(files.c.job_id).where(files.c.job_id.is_not(None))),
+            )
+            .order_by(*order)
+            .limit(limit + len(exclude))
+        )
+        with self._tx() as conn:
+            rows = [_job(r) for r in conn.execute(query)]
+        return [r for r in rows if r.id not in exclude][:limit]
+
+    def next_wakeup(self, states: Sequence[JobState]) -> float | None:
+        """The earliest ``next_attempt_at`` among waiting jobs in ``states``."""
+        with self._tx() as conn:
+            return conn.scalar(
+                select(func.min(jobs.c.next_attempt_at)).where(
+                    jobs.c.state.in_([s.value for s in states]),
+                    jobs.c.id.in_(select(files.c.job_id).where(files.c.job_id.is_not(None))),
+                )
+            )
+
+    def jobs_in(self, states: Sequence[JobState], limit: int | None = None) -> list[JobRow]:
+        query = select(jobs).where(jobs.c.state.in_([s.value for s in states]))
+        query = query.order_by(func.coalesce(jobs.c.expires_at, 0), jobs.c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._tx() as conn:
+            return [_job(r) for r in conn.execute(query)]
+
+    def job(self, job_id: int) -> JobRow:
+        with self._tx() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+        return _job(row)
+
+    def files_for_job(self, job_id: int) -> list[FileRow]:
+        with self._tx() as conn:
+            query = select(files).where(files.c.job_id == job_id).order_by(files.c.id)
+            return [_file(r) for r in conn.execute(query)]
+
+    def files_needing_output(self) -> list[FileRow]:
+        """Files whose job is done but whose own output is not (yet, or any more) written."""
+        query = (
+            select(files)
+            .join(jobs, jobs.c.id == files.c.job_id)
+            .where(
+                jobs.c.state == JobState.DONE.value,
+                files.c.problem.is_(None),
+                or_(files.c.written_sha256.is_(None),
+                    files.c.written_sha256 != jobs.c.result_sha256),
+            )
+        )
+        with self._tx() as conn:
+            return [_file(r) for r in conn.execute(query)]
+
+    def written_outputs(self) -> list[FileRow]:
+        query = select(files).where(files.c.written_rel.is_not(None))
+        with self._tx() as conn:
+            return [_file(r) for r in conn.execute(query)]
+
+    def set_file_output(
+        self, file_id: int, *, written_rel: str | None, written_sha256: str | None,
+        problem: str | None = None,
+    ) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(files).where(files.c.id == file_id).values(
+                    written_rel=written_rel, written_sha256=written_sha256, problem=problem
+                )
+            )
+
+    def finish_download(
+        self, job_id: int, result_sha256: str, outputs: dict[int, tuple[str, str | None]],
+        problems: dict[int, str],
+    ) -> None:
+        """Record every output written for a job and mark it done, atomically."""
+        with self._tx() as conn:
+            for file_id, (rel, sha) in outputs.items():
+                conn.execute(update(files).where(files.c.id == file_id).values(
+                    written_rel=rel, written_sha256=sha, problem=None))
+            for file_id, problem in problems.items():
+                conn.execute(update(files).where(files.c.id == file_id).values(problem=problem))
+            self._apply(conn, job_id, JobState.DOWNLOADING, JobState.DONE,
+                        TransitionInfo(message=None), {"result_sha256": result_sha256,
+                                                        "attempts": 0})
+        crashpoints.reached(JobState.DONE.value)
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state (only jobs some file still points at), plus file-level problems."""
+        wanted = select(files.c.job_id).where(files.c.job_id.is_not(None))
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(jobs.c.state, func.count()).where(jobs.c.id.in_(wanted))
+                .group_by(jobs.c.state)
+            ).all()
+            unreadable = conn.scalar(
+                select(func.count()).select_from(files).where(files.c.job_id.is_(None),
+                                                              files.c.problem.is_not(None))
+            )
+        counts = {state.value: 0 for state in JobState}
+        counts.update({state: n for state, n in rows})
+        counts["unreadable_files"] = unreadable or 0
+        return counts
+
+    def charges(self) -> int:
+        with self._tx() as conn:
+            return conn.scalar(select(func.coalesce(func.sum(jobs.c.charges), 0))) or 0
+
+    def ambiguous_events(self) -> int:
+        """How many uploads ever ended without a known answer (each may have been charged)."""
+        with self._tx() as conn:
+            return conn.scalar(select(func.count()).select_from(events).where(
+                events.c.to_state == JobState.AMBIGUOUS.value)) or 0
+
+    def file_count(self) -> int:
+        with self._tx() as conn:
+            return conn.scalar(select(func.count()).select_from(files)) or 0
+
+    def problems(self) -> list[Problem]:
+        """Every file that did not (or cannot) end retouched, with its reason."""
+        bad = [JobState.FAILED.value, JobState.REJECTED.value, JobState.AMBIGUOUS.value,
+               JobState.EXPIRED.value]
+        query = (
+            select(files.c.root, files.c.rel_path, files.c.problem, jobs.c.state, jobs.c.reason,
+                   jobs.c.error_code, jobs.c.http_status)
+            .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
+            .where(or_(files.c.problem.is_not(None), jobs.c.state.in_(bad)))
+            .order_by(files.c.root, files.c.rel_path)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        result = []
+        for r in rows:
+            path = f"{r.root.rstrip('/')}/{r.rel_path}"
+            if r.problem is not None:
+                result.append(Problem(path, r.state or "rejected", r.problem, None, None))
+            else:
+                result.append(Problem(path, r.state, r.reason or "(no reason recorded)",
+                                      r.error_code, r.http_status))
+        return result
+
+    def history(self, job_id: int) -> list[dict[str, Any]]:
+        query = select(events).where(events.c.job_id == job_id).order_by(events.c.id)
+        with self._tx() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def unfinished(self, states: Sequence[JobState]) -> int:
+        wanted = select(files.c.job_id).where(files.c.job_id.is_not(None))
+        with self._tx() as conn:
+            return conn.scalar(
+                select(func.count()).select_from(jobs).where(
+                    jobs.c.state.in_([s.value for s in states]), jobs.c.id.in_(wanted))
+            ) or 0
+
+    def reset_jobs(self, states: Sequence[JobState], message: str,
+                   paths: Sequence[str] = ()) -> int:
+        """Put jobs in ``states`` back to pending (the ``retry`` command)."""
+        query = select(jobs.c.id, jobs.c.state).where(jobs.c.state.in_([s.value for s in states]))
+        if paths:
+            conds = [and_(files.c.root + "/" + files.c.rel_path == p) for p in paths]
+            query = query.where(jobs.c.id.in_(select(files.c.job_id).where(or_(*conds))))
+        moved = 0
+        with self._tx() as conn:
+            for row in conn.execute(query).all():
+                check_transition(row.id, row.state, JobState.PENDING)
+                self._apply(conn, row.id, JobState(row.state), JobState.PENDING,
+                            TransitionInfo(message=message),
+                            {"attempts": 0, "next_attempt_at": 0.0, "reason": None,
+                             "error_code": None, "http_status": None})
+                moved += 1
+        return moved
+
+    def is_final(self, state: JobState) -> bool:
+        return state in FINAL
+
+    # ---- dialect helpers ------------------------------------------------------------------
+
+    def _insert_ignore(self, conn: Connection, table: Any, rows: list[dict[str, Any]],
+                       keys: list[str]) -> None:
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            stmt: Any
+            if self._dialect == "postgresql":
+                stmt = postgresql.insert(table).values(chunk).on_conflict_do_nothing(
+                    index_elements=keys)
+            else:
+                stmt = sqlite.insert(table).values(chunk).on_conflict_do_nothing(
+                    index_elements=keys)
+            conn.execute(stmt)
+
+    def _upsert(self, conn: Connection, table: Any, rows: list[dict[str, Any]], keys: list[str],
+                update_cols: list[str]) -> None:
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            stmt: Any
+            if self._dialect == "postgresql":
+                stmt = postgresql.insert(table).values(chunk)
+            else:
+                stmt = sqlite.insert(table).values(chunk)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=keys, set_={c: stmt.excluded[c] for c in update_cols}
+            )
+            conn.execute(stmt)

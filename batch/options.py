@@ -1,0 +1,50 @@
+"""The nine retouching switches and their fingerprint (part of a job's identity)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from batch.apispec import OPTION_NAMES
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Which of the API's nine retouching options are switched on."""
+
+    enabled: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.enabled) - set(OPTION_NAMES)
+        if unknown:
+            raise ValueError(f"unknown retouching option(s): {', '.join(sorted(unknown))}")
+
+    @classmethod
+    def of(cls, names: Iterable[str]) -> Options:
+        return cls(frozenset(n.replace("-", "_") for n in names))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> Options:
+        """Build from a ``{name: bool}`` table such as a config file's ``[options]``."""
+        for name, value in values.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"option {name!r} must be true or false, not {value!r}")
+        return cls.of(name for name, value in values.items() if value)
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: str) -> Options:
+        if len(fingerprint) != len(OPTION_NAMES) or set(fingerprint) - {"0", "1"}:
+            raise ValueError(f"not an options fingerprint: {fingerprint!r}")
+        return cls(frozenset(n for n, bit in zip(OPTION_NAMES, fingerprint, strict=True) if bit == "1"))
+
+    @property
+    def fingerprint(self) -> str:
+        """One character per option in API order, e.g. ``"110000000"``: stable and readable."""
+        return "".join("1" if name in self.enabled else "0" for name in OPTION_NAMES)
+
+    def form_fields(self) -> dict[str, str]:
+        """The multipart form fields the submit endpoint expects: every option as "0" or "1"."""
+        return {name: ("1" if name in self.enabled else "0") for name in OPTION_NAMES}
+
+    def describe(self) -> str:
+        return ", ".join(n for n in OPTION_NAMES if n in self.enabled) or "none"

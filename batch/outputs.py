@@ -1,0 +1,110 @@
+"""Writing outputs: temp file in the target folder, fsync, atomic no-clobber rename.
+
+Output paths come only from the input's relative path (planned at scan time); nothing the
+server sends takes part in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from batch.scan import sha256_file
+
+TEMP_MARKER = ".skinbatch-"
+TEMP_SUFFIX = ".part"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
+
+
+class OutputConflict(Exception):
+    """A different file already stands at the output path and is not ours to replace."""
+
+
+def output_rel(planned: str, fmt: str) -> str:
+    """The planned relative path, with the suffix changed only if the result's format differs."""
+    path = PurePosixPath(planned)
+    suffixes = FORMAT_SUFFIXES.get(fmt)
+    if suffixes is None or path.suffix.lower() in suffixes:
+        return planned
+    return str(path.with_suffix(suffixes[0]))
+
+
+def resolve_inside(out_dir: Path, rel: str) -> Path:
+    target = (out_dir / rel).resolve()
+    if not target.is_relative_to(out_dir.resolve()):
+        raise OutputConflict(f"output path {rel!r} would fall outside the output folder")
+    return target
+
+
+def new_temp(directory: Path, name: str) -> tuple[int, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f".{name[:80]}{TEMP_MARKER}", suffix=TEMP_SUFFIX,
+                                dir=directory)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, Path(path)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_to_temp(source: Path, directory: Path, name: str) -> Path:
+    fd, temp = new_temp(directory, name)
+    with os.fdopen(fd, "wb") as sink, open(source, "rb") as src:
+        shutil.copyfileobj(src, sink, 1024 * 1024)
+        sink.flush()
+        os.fsync(sink.fileno())
+    return temp
+
+
+def place(temp: Path, final: Path, sha256: str, previous_sha256: str | None) -> None:
+    """Move a complete, fsynced ``temp`` to ``final`` atomically, never clobbering a file
+    that is not ours. Identical content already there is left untouched."""
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        if final.is_symlink() or not final.is_file():
+            raise OutputConflict(f"{final} exists and is not a regular file") from None
+        existing = sha256_file(str(final))
+        if existing == sha256:
+            return
+        if previous_sha256 is None or existing != previous_sha256:
+            raise OutputConflict(
+                f"a different file already exists at {final}; it was not overwritten "
+                "(move it away and run again)") from None
+        os.replace(temp, final)
+    except OSError as exc:
+        if exc.errno not in (1, 38, 95):  # EPERM, ENOSYS, EOPNOTSUPP: no hard links here
+            raise
+        if final.exists():
+            raise OutputConflict(f"a file already exists at {final}; not overwritten") from None
+        os.replace(temp, final)
+    fsync_dir(final.parent)
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def clean_temp_files(out_dir: Path) -> int:
+    """Remove partial files a killed run left behind (only our own temp names)."""
+    removed = 0
+    if not out_dir.is_dir():
+        return 0
+    for directory, dirnames, filenames in os.walk(out_dir):
+        dirnames[:] = [d for d in dirnames if d != ".skinbatch"]
+        for name in filenames:
+            if TEMP_MARKER in name and name.endswith(TEMP_SUFFIX):
+                remove_quietly(Path(directory) / name)
+                removed += 1
+    return removed

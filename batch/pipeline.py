@@ -1,0 +1,195 @@
+"""One run: scan, then submit, poll and download concurrently until every job is final."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batch.api import ApiClient, ApiError
+from batch.api.client import Timeouts
+from batch.api.ratelimit import RateLimiter
+from batch.config import RunConfig
+from batch.exitcodes import ExitCode
+from batch.ledger import Ledger, open_ledger
+from batch.locking import RunLock
+from batch.outputs import clean_temp_files
+from batch.progress import Progress
+from batch.scan import ScanStats, SourceRoot, scan
+from batch.stages.downloader import Downloader, materialize_copies
+from batch.stages.poller import Poller
+from batch.stages.runtime import Runtime
+from batch.stages.submitter import Submitter
+from batch.states import JobState
+from batch.status import StatusReport, collect_status
+
+log = logging.getLogger("batch")
+
+
+@dataclass
+class RunReport:
+    exit_code: ExitCode
+    status: StatusReport
+    scan: ScanStats
+    recovered: dict[str, int] = field(default_factory=dict)
+    message: str | None = None
+    seconds: float = 0.0
+
+
+def source_roots(sources: tuple[Path, ...]) -> list[SourceRoot]:
+    """One source maps straight onto --out; several each get a subfolder named after them."""
+    if len(sources) == 1:
+        return [SourceRoot(sources[0])]
+    used: dict[str, int] = {}
+    roots = []
+    for source in sources:
+        name = source.resolve().name or "source"
+        used[name] = used.get(name, 0) + 1
+        prefix = name if used[name] == 1 else f"{name}-{used[name]}"
+        roots.append(SourceRoot(source, prefix))
+    return roots
+
+
+def active_states(config: RunConfig, submitting_allowed: bool) -> list[JobState]:
+    states = [JobState.SUBMITTING, JobState.QUEUED, JobState.PROCESSING, JobState.READY,
+              JobState.DOWNLOADING]
+    if submitting_allowed:
+        states.append(JobState.PENDING)
+        if config.on_ambiguous == "resubmit":
+            states.append(JobState.AMBIGUOUS)
+        if config.on_expired == "resubmit":
+            states.append(JobState.EXPIRED)
+    return states
+
+
+def forget_missing_outputs(ledger: Ledger, out_dir: Path) -> int:
+    """Outputs the ledger wrote but that are gone from disk are written again (for free)."""
+    missing = 0
+    for f in ledger.written_outputs():
+        if f.written_rel and not (out_dir / f.written_rel).is_file():
+            ledger.set_file_output(f.id, written_rel=None, written_sha256=None)
+            missing += 1
+    return missing
+
+
+def run_batch(config: RunConfig) -> RunReport:
+    """Run the whole batch to completion (or to a stop), from a library or the CLI."""
+    if config.api_key is None:
+        raise ValueError("no API key")
+    out_dir = config.out.expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with RunLock(out_dir, config.ledger_location):
+        ledger = open_ledger(config.ledger_location)
+        try:
+            report = asyncio.run(_run(config, ledger, out_dir))
+        finally:
+            ledger.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
+    assert config.api_key is not None
+    progress = Progress(config.progress)
+    client = ApiClient(config.api_base, config.api_key,
+                       limiter=RateLimiter(config.max_qps, burst=max(1, int(config.max_qps))),
+                       timeouts=Timeouts(), max_connections=max(8, config.concurrency * 3))
+    rt = Runtime(ledger, client, config, out_dir, progress)
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        if rt.flags.interrupted:
+            rt.flags.abort = True
+        rt.flags.interrupted = True
+        rt.flags.submits_stopped = "interrupted"
+        rt.changed.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        clean_temp_files(out_dir)
+        recovered = ledger.recover_interrupted()
+        for state, n in recovered.items():
+            if n:
+                log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
+        forget_missing_outputs(ledger, out_dir)
+        stats = await asyncio.to_thread(
+            scan, ledger, source_roots(config.sources), config.options.fingerprint,
+            exclude=(out_dir,), on_progress=progress.scanned)
+        progress.set_total(ledger.unfinished(list(JobState)))
+        materialize_copies(rt)
+        await _drive(rt)
+        if not rt.flags.abort:
+            materialize_copies(rt)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await client.aclose()
+        progress.close()
+    status = collect_status(ledger, config.on_ambiguous)
+    return RunReport(_exit_code(rt, status), status, stats, recovered,
+                     _stop_message(rt))
+
+
+async def _drive(rt: Runtime) -> None:
+    submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
+    stages = [asyncio.create_task(s.run(), name=type(s).__name__)
+              for s in (submitter, poller, downloader)]
+    try:
+        while True:
+            for stage in stages:
+                if stage.done() and not stage.cancelled() and stage.exception():
+                    raise stage.exception()  # type: ignore[misc]
+            if rt.flags.abort:
+                break
+            if rt.flags.interrupted:
+                await submitter.drain(rt.config.interrupt_grace)
+                break
+            allowed = rt.flags.submits_stopped is None
+            busy = submitter.in_flight or downloader.in_flight or poller.in_flight
+            if not busy and rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
+                break
+            rt.changed.clear()
+            try:
+                await asyncio.wait_for(rt.changed.wait(), timeout=0.25)
+            except TimeoutError:
+                pass
+    finally:
+        if rt.flags.abort or rt.flags.interrupted:
+            await submitter.drain(0 if rt.flags.abort else rt.config.interrupt_grace)
+        for stage in stages:
+            stage.cancel()
+        for group in (poller.in_flight, set(downloader.in_flight.values())):
+            for task in list(group):
+                task.cancel()
+        await asyncio.gather(*stages, *poller.in_flight, *downloader.in_flight.values(),
+                             return_exceptions=True)
+
+
+def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
+    if rt.flags.account_error is not None:
+        return ExitCode.ACCOUNT
+    if rt.flags.interrupted:
+        return ExitCode.INTERRUPTED
+    if rt.flags.fatal is not None or status.unfinished or status.problems:
+        return ExitCode.SOME_FAILED
+    return ExitCode.OK
+
+
+def _stop_message(rt: Runtime) -> str | None:
+    error: ApiError | None = rt.flags.account_error
+    if error is not None:
+        if error.out_of_credits:
+            return ("Stopped: the account is out of credits. Results already paid for were "
+                    "saved; top up and run the same command again to send the rest.")
+        return (f"Stopped: {error.describe()}. Check AILAB_API_KEY (or the key file) and "
+                "the account, then run the same command again.")
+    if rt.flags.fatal:
+        return rt.flags.fatal
+    if rt.flags.interrupted:
+        return "Interrupted: progress is saved; run the same command again to carry on."
+    return None

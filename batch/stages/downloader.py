@@ -1,0 +1,198 @@
+"""Saving results: soonest-to-expire first, streamed to a temp file, verified, renamed."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import logging
+import os
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from batch.api import ApiError, ErrorKind
+from batch.ledger import JobRow, TransitionInfo
+from batch.ledger.store import FileRow
+from batch.outputs import (
+    OutputConflict,
+    copy_to_temp,
+    new_temp,
+    output_rel,
+    place,
+    remove_quietly,
+    resolve_inside,
+)
+from batch.preflight import Rejected, inspect_image
+from batch.scan import sha256_file
+from batch.stages.runtime import Runtime, wait_any
+from batch.stages.submitter import info_of
+from batch.states import JobState
+
+log = logging.getLogger("batch.download")
+LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def verify_result(path: Path) -> str:
+    """The result's image format, after decoding it fully; raises if it is not an image."""
+    data = path.read_bytes()
+    try:
+        fmt, *_ = inspect_image(data)
+    except Rejected as exc:
+        raise ApiError(ErrorKind.TRANSIENT, f"the downloaded result is not a valid image "
+                                            f"({exc.reason})") from exc
+    if fmt not in ("JPEG", "PNG", "WEBP"):
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = image.format or fmt
+    return fmt
+
+
+class Downloader:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.in_flight: dict[int, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        rt = self.rt
+        limit = max(2, rt.config.concurrency)
+        while not rt.flags.abort:
+            free = limit - len(self.in_flight)
+            if free > 0:
+                for job in rt.ledger.claimable([JobState.READY], free,
+                                               exclude=set(self.in_flight),
+                                               soonest_expiry_first=True):
+                    task = asyncio.create_task(self._download(job), name=f"download-{job.id}")
+                    self.in_flight[job.id] = task
+                    task.add_done_callback(lambda _t, jid=job.id: self.in_flight.pop(jid, None))
+            await wait_any(rt.wake_downloader, set(self.in_flight.values()), 0.5)
+
+    async def _download(self, job: JobRow) -> None:
+        rt = self.rt
+        if job.expires_at is not None and time.time() > job.expires_at - rt.config.expiry_margin:
+            rt.ledger.transition(job.id, JobState.EXPIRED, expect=JobState.READY,
+                                 info=TransitionInfo(message="the result link expired before "
+                                                             "it could be downloaded"))
+            rt.changed.set()
+            return
+        rt.ledger.transition(job.id, JobState.DOWNLOADING, expect=JobState.READY)
+        temps: list[Path] = []
+        try:
+            await self._save(job, temps)
+        except ApiError as error:
+            self._failed(job, error)
+        except OSError as exc:
+            rt.ledger.transition(job.id, JobState.READY, info=TransitionInfo(
+                message=f"could not write the output: {exc.strerror or exc}"))
+            if exc.errno in LOCAL_DISK_ERRORS:
+                rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
+                            f"{exc.strerror or exc}. Nothing was marked done that is not on disk.")
+            else:
+                raise
+        except asyncio.CancelledError:
+            rt.ledger.transition(job.id, JobState.READY,
+                                 info=TransitionInfo(message="interrupted during download"))
+            raise
+        finally:
+            for temp in temps:
+                remove_quietly(temp)
+        rt.changed.set()
+
+    async def _save(self, job: JobRow, temps: list[Path]) -> None:
+        rt = self.rt
+        targets = [f for f in rt.ledger.files_for_job(job.id) if f.problem is None]
+        if not job.result_urls:
+            raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
+        first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir
+        fd, temp = await asyncio.to_thread(new_temp, first_dir, Path(job.content_sha256).name)
+        temps.append(temp)
+        with os.fdopen(fd, "wb") as sink:
+            downloaded = await rt.client.download(job.result_urls[0], sink)
+            sink.flush()
+            await asyncio.to_thread(os.fsync, sink.fileno())
+        fmt = await asyncio.to_thread(verify_result, temp)
+        outputs, problems = await asyncio.to_thread(self._place_all, targets, temp, temps,
+                                                    downloaded.sha256, fmt)
+        rt.ledger.finish_download(job.id, downloaded.sha256, outputs, problems)
+        rt.progress.done()
+
+    def _place_all(self, targets: list[FileRow], temp: Path, temps: list[Path], sha256: str,
+                   fmt: str) -> tuple[dict[int, tuple[str, str | None]], dict[int, str]]:
+        outputs: dict[int, tuple[str, str | None]] = {}
+        problems: dict[int, str] = {}
+        for index, target in enumerate(targets):
+            rel = output_rel(target.out_rel, fmt)
+            try:
+                final = resolve_inside(self.rt.out_dir, rel)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                source = temp if index == 0 else copy_to_temp(temp, final.parent, final.name)
+                if source != temp:
+                    temps.append(source)
+                place(source, final, sha256, target.written_sha256)
+                outputs[target.id] = (rel, sha256)
+            except OutputConflict as conflict:
+                problems[target.id] = str(conflict)
+        return outputs, problems
+
+    def _failed(self, job: JobRow, error: ApiError) -> None:
+        rt = self.rt
+        attempts = job.attempts + 1
+        if error.kind is ErrorKind.EXPIRED:
+            rt.ledger.transition(job.id, JobState.EXPIRED, info=info_of(error), attempts=attempts)
+        elif error.kind is ErrorKind.PERMANENT or attempts >= rt.config.max_attempts:
+            message = error.describe() if error.kind is ErrorKind.PERMANENT else (
+                f"download gave up after {attempts} attempts: {error.describe()}")
+            rt.ledger.transition(job.id, JobState.FAILED, attempts=attempts,
+                                 info=TransitionInfo(http_status=error.http_status,
+                                                     error_code=error.code, message=message))
+            rt.progress.done()
+        else:
+            rt.ledger.transition(job.id, JobState.READY, attempts=attempts,
+                                 next_attempt_at=time.time() + rt.backoff(attempts),
+                                 info=info_of(error))
+
+
+def materialize_copies(rt: Runtime) -> int:
+    """Write outputs for files whose job is already done (a copy of an image found later, or an
+    output the user deleted): copied from a verified sibling output, or else downloaded again
+    while the link lives; past that, the job counts as expired. Never pays by itself."""
+    pending = rt.ledger.files_needing_output()
+    by_job: dict[int, list[FileRow]] = {}
+    for f in pending:
+        assert f.job_id is not None
+        by_job.setdefault(f.job_id, []).append(f)
+    written = 0
+    for job_id, needy in by_job.items():
+        job = rt.ledger.job(job_id)
+        source = _verified_sibling(rt, job)
+        if source is None:
+            usable = job.expires_at is not None and time.time() < job.expires_at - \
+                rt.config.expiry_margin and job.result_urls
+            target = JobState.READY if usable else JobState.EXPIRED
+            rt.ledger.transition(job_id, target, expect=JobState.DONE, info=TransitionInfo(
+                message="an output is missing and no saved copy is left"))
+            continue
+        for f in needy:
+            rel = output_rel(f.out_rel, source.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+            try:
+                final = resolve_inside(rt.out_dir, rel)
+                temp = copy_to_temp(source, final.parent, final.name)
+                try:
+                    place(temp, final, job.result_sha256 or "", f.written_sha256)
+                finally:
+                    remove_quietly(temp)
+                rt.ledger.set_file_output(f.id, written_rel=rel, written_sha256=job.result_sha256)
+                written += 1
+            except OutputConflict as conflict:
+                rt.ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
+                                          problem=str(conflict))
+    return written
+
+
+def _verified_sibling(rt: Runtime, job: JobRow) -> Path | None:
+    for f in rt.ledger.files_for_job(job.id):
+        if f.written_rel and f.written_sha256 == job.result_sha256:
+            path = rt.out_dir / f.written_rel
+            if path.is_file() and sha256_file(str(path)) == job.result_sha256:
+                return path
+    return None

@@ -1,0 +1,129 @@
+"""One scheduler polls every open task at the documented cadence, sharing the rate budget."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from dataclasses import dataclass
+
+from batch import apispec
+from batch.api import ApiError, ErrorKind
+from batch.ledger import TransitionInfo
+from batch.ledger.store import StaleTransition
+from batch.stages.runtime import Runtime, wait_any
+from batch.stages.submitter import info_of
+from batch.states import JobState
+
+log = logging.getLogger("batch.poll")
+OPEN = (JobState.QUEUED, JobState.PROCESSING)
+RESYNC_SECONDS = 30.0
+
+
+@dataclass(slots=True)
+class Tracked:
+    task_id: str
+    state: JobState
+    expires_at: float
+    attempts: int = 0
+
+
+class Poller:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.tracked: dict[int, Tracked] = {}
+        self.heap: list[tuple[float, int]] = []
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self._last_sync = 0.0
+
+    def _sync(self) -> None:
+        """Pick up every open task from the ledger (at start, on wake-up, now and then)."""
+        now = time.time()
+        interval = self.rt.config.poll_interval
+        for job in self.rt.ledger.jobs_in(OPEN):
+            if job.id in self.tracked or not job.task_id:
+                continue
+            expires = job.expires_at or now + apispec.RESULT_TTL_SECONDS
+            self.tracked[job.id] = Tracked(job.task_id, job.state, expires)
+            first = (job.submitted_at or now) + interval
+            heapq.heappush(self.heap, (max(first, now), job.id))
+        self._last_sync = now
+
+    async def run(self) -> None:
+        rt = self.rt
+        limit = max(2, rt.config.concurrency * 2)
+        self._sync()
+        while not rt.flags.abort:
+            now = time.time()
+            while self.heap and self.heap[0][0] <= now and len(self.in_flight) < limit:
+                _, job_id = heapq.heappop(self.heap)
+                if job_id in self.tracked:
+                    task = asyncio.create_task(self._poll(job_id), name=f"poll-{job_id}")
+                    self.in_flight.add(task)
+                    task.add_done_callback(self.in_flight.discard)
+            timeout = (self.heap[0][0] - now) if self.heap else 1.0
+            if len(self.in_flight) >= limit:
+                timeout = 1.0
+            woken = await wait_any(rt.wake_poller, self.in_flight, min(timeout, 1.0))
+            if woken or not self.heap or time.time() - self._last_sync > RESYNC_SECONDS:
+                self._sync()
+
+    def _again(self, job_id: int, delay: float) -> None:
+        heapq.heappush(self.heap, (time.time() + delay, job_id))
+
+    async def _poll(self, job_id: int) -> None:
+        rt, item = self.rt, self.tracked[job_id]
+        interval = rt.config.poll_interval
+        try:
+            if time.time() > item.expires_at - rt.config.expiry_margin:
+                self._move(job_id, JobState.EXPIRED, TransitionInfo(
+                    message="the task did not finish before its result would expire"))
+                return
+            try:
+                status = await rt.client.query(item.task_id)
+            except ApiError as error:
+                self._error(job_id, item, error)
+                return
+            if status.status == apispec.TASK_COMPLETED:
+                self._move(job_id, JobState.READY, TransitionInfo(
+                    http_status=200, request_id=status.request_id, log_id=status.log_id),
+                    result_urls=status.result_urls, attempts=0, next_attempt_at=0.0)
+                rt.wake_downloader.set()
+                return
+            if status.status == apispec.TASK_PROCESSING and item.state is JobState.QUEUED:
+                self._move(job_id, JobState.PROCESSING, TransitionInfo(http_status=200),
+                           keep=True)
+                item.state = JobState.PROCESSING
+            item.attempts = 0
+            self._again(job_id, interval)
+        except StaleTransition:
+            self.tracked.pop(job_id, None)
+
+    def _move(self, job_id: int, target: JobState, info: TransitionInfo, keep: bool = False,
+              **fields: object) -> None:
+        item = self.tracked[job_id]
+        try:
+            self.rt.ledger.transition(job_id, target, expect=item.state, info=info, **fields)
+        finally:
+            if not keep:
+                self.tracked.pop(job_id, None)
+        self.rt.changed.set()
+
+    def _error(self, job_id: int, item: Tracked, error: ApiError) -> None:
+        rt = self.rt
+        if error.kind is ErrorKind.ACCOUNT:
+            rt.account_stop(error)
+            self._again(job_id, rt.config.poll_interval)
+            return
+        if error.kind is ErrorKind.PERMANENT:
+            self._move(job_id, JobState.FAILED, info_of(error))
+            rt.progress.done()
+            return
+        item.attempts += 1
+        rt.ledger.note_attempt(job_id, info_of(error), attempts=item.attempts,
+                               next_attempt_at=0.0)
+        delay = max(rt.config.poll_interval, rt.backoff(item.attempts))
+        if error.retry_after is not None:
+            delay = max(delay, error.retry_after)
+        self._again(job_id, delay)

@@ -1,0 +1,82 @@
+"""What the stages share during one run: ledger, client, settings, stop flags, wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batch.api import ApiClient, ApiError
+from batch.api.retry import backoff_delay
+from batch.config import RunConfig
+from batch.ledger import Ledger
+from batch.progress import Progress
+
+log = logging.getLogger("batch")
+
+
+@dataclass
+class Flags:
+    #: Why no new uploads may start (out of credits, interrupted...), or None.
+    submits_stopped: str | None = None
+    #: The account-level error that stopped the run, if any.
+    account_error: ApiError | None = None
+    #: A local error that stops the run (e.g. the output folder cannot be written).
+    fatal: str | None = None
+    interrupted: bool = False
+    #: Stop everything now (bad key, fatal error, second Ctrl-C).
+    abort: bool = False
+
+
+@dataclass
+class Runtime:
+    ledger: Ledger
+    client: ApiClient
+    config: RunConfig
+    out_dir: Path
+    progress: Progress
+    flags: Flags = field(default_factory=Flags)
+    rng: random.Random = field(default_factory=random.Random)
+    wake_submitter: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_poller: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_downloader: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def backoff(self, attempt: int) -> float:
+        return backoff_delay(attempt, base=self.config.backoff_base, cap=self.config.backoff_cap,
+                             rng=self.rng)
+
+    def account_stop(self, error: ApiError) -> None:
+        """Out of credits: no more uploads, finish what is paid. Anything else: stop now."""
+        if self.flags.account_error is None:
+            self.flags.account_error = error
+            log.error("Account problem: %s", error.describe())
+        self.flags.submits_stopped = error.message
+        if not error.out_of_credits:
+            self.flags.abort = True
+        self.changed.set()
+
+    def fail_run(self, message: str) -> None:
+        if self.flags.fatal is None:
+            self.flags.fatal = message
+            log.error("%s", message)
+        self.flags.submits_stopped = message
+        self.flags.abort = True
+        self.changed.set()
+
+
+async def wait_any(event: asyncio.Event, tasks: set[asyncio.Task[None]],
+                   timeout: float) -> bool:
+    """Sleep until ``event`` is set, one of ``tasks`` finishes, or ``timeout`` passes.
+    Returns whether the event was set (and clears it)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter, *tasks}, timeout=max(0.0, timeout),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    was_set = event.is_set()
+    event.clear()
+    return was_set

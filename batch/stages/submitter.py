@@ -1,0 +1,157 @@
+"""Uploads: preflight, commit ``submitting``, send, commit the answer at once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from sqlalchemy import literal_column
+
+from batch import apispec
+from batch.api import ApiError, ErrorKind
+from batch.ledger import JobRow, TransitionInfo
+from batch.options import Options
+from batch.preflight import Prepared, Rejected, preflight
+from batch.stages.runtime import Runtime, wait_any
+from batch.states import JobState
+
+log = logging.getLogger("batch.submit")
+CHARGE = literal_column("charges") + 1
+
+
+def info_of(error: ApiError) -> TransitionInfo:
+    return TransitionInfo(http_status=error.http_status, error_code=error.code,
+                          request_id=error.request_id, log_id=error.log_id,
+                          message=error.describe())
+
+
+class Submitter:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.in_flight: dict[int, asyncio.Task[None]] = {}
+
+    @property
+    def states(self) -> list[JobState]:
+        states = [JobState.PENDING]
+        if self.rt.config.on_ambiguous == "resubmit":
+            states.append(JobState.AMBIGUOUS)
+        if self.rt.config.on_expired == "resubmit":
+            states.append(JobState.EXPIRED)
+        return states
+
+    async def run(self) -> None:
+        rt = self.rt
+        while not rt.flags.abort:
+            free = rt.config.concurrency - len(self.in_flight)
+            if free > 0 and rt.flags.submits_stopped is None:
+                for job in rt.ledger.claimable(self.states, free, exclude=set(self.in_flight)):
+                    task = asyncio.create_task(self._submit(job), name=f"submit-{job.id}")
+                    self.in_flight[job.id] = task
+                    task.add_done_callback(lambda _t, jid=job.id: self.in_flight.pop(jid, None))
+            await wait_any(rt.wake_submitter, set(self.in_flight.values()), 0.5)
+
+    async def drain(self, grace: float) -> None:
+        """Let uploads under way get their answer (so they are not left ambiguous)."""
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight.values()), timeout=grace)
+        for task in list(self.in_flight.values()):
+            task.cancel()
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight.values()), timeout=5)
+
+    async def _submit(self, job: JobRow) -> None:
+        rt = self.rt
+        try:
+            prepared, filename = await asyncio.to_thread(self._prepare, job)
+        except Rejected as rejected:
+            rt.ledger.transition(job.id, JobState.REJECTED, expect=job.state,
+                                 info=TransitionInfo(message=rejected.reason))
+            rt.progress.done()
+            rt.changed.set()
+            return
+        await rt.client.limiter.acquire()
+        if rt.flags.submits_stopped is not None:
+            return
+        rt.ledger.transition(job.id, JobState.SUBMITTING, expect=job.state,
+                             info=TransitionInfo(message=f"uploading {filename}"))
+        try:
+            submitted = await rt.client.submit(prepared.payload, filename, prepared.content_type,
+                                               Options.from_fingerprint(job.options_fp))
+        except ApiError as error:
+            self._failed(job, error)
+            return
+        except asyncio.CancelledError:
+            rt.ledger.transition(
+                job.id, JobState.AMBIGUOUS, charges=CHARGE, error_code="AMBIGUOUS_SUBMIT",
+                info=TransitionInfo(message="interrupted while waiting for the upload's answer: "
+                                            "it may have been charged"))
+            raise
+        now = time.time()
+        rt.ledger.transition(
+            job.id, JobState.QUEUED, task_id=submitted.task_id, submitted_at=now,
+            expires_at=now + apispec.RESULT_TTL_SECONDS, attempts=0, next_attempt_at=0.0,
+            charges=CHARGE, reason=None,
+            info=TransitionInfo(http_status=200, request_id=submitted.request_id,
+                                log_id=submitted.log_id),
+        )
+        rt.progress.sent()
+        rt.wake_poller.set()
+
+    def _prepare(self, job: JobRow) -> tuple[Prepared, str]:
+        """Read the job's bytes from any linked file that still holds exactly that content."""
+        candidates = [f for f in self.rt.ledger.files_for_job(job.id) if f.problem is None]
+        missing = changed = 0
+        for f in candidates:
+            path = Path(f.root) / f.rel_path
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                missing += 1
+                continue
+            except PermissionError as exc:
+                raise Rejected("permission denied: the file cannot be read") from exc
+            except OSError as exc:
+                raise Rejected(f"cannot read the file: {exc.strerror}") from exc
+            if hashlib.sha256(data).hexdigest() != job.content_sha256:
+                changed += 1
+                continue
+            return preflight(data), Path(f.rel_path).name
+        if changed:
+            raise Rejected("the file changed after it was scanned; it will be picked up again "
+                           "on the next run")
+        raise Rejected("the file disappeared after it was scanned")
+
+    def _failed(self, job: JobRow, error: ApiError) -> None:
+        rt = self.rt
+        info = info_of(error)
+        attempts = job.attempts + 1
+        if error.kind is ErrorKind.AMBIGUOUS:
+            log.warning("Upload answer lost for job %s: %s", job.id, error.message)
+            rt.ledger.transition(job.id, JobState.AMBIGUOUS, charges=CHARGE, attempts=attempts,
+                                 error_code="AMBIGUOUS_SUBMIT",
+                                 next_attempt_at=time.time() + rt.backoff(attempts), info=info)
+        elif error.kind is ErrorKind.ACCOUNT:
+            rt.ledger.transition(job.id, JobState.PENDING, info=info)
+            rt.account_stop(error)
+        elif error.kind is ErrorKind.PERMANENT:
+            rt.ledger.transition(job.id, JobState.FAILED, attempts=attempts, info=info)
+            rt.progress.done()
+        elif attempts >= rt.config.max_attempts:
+            rt.ledger.transition(
+                job.id, JobState.FAILED, attempts=attempts,
+                info=TransitionInfo(http_status=error.http_status, error_code=error.code,
+                                    request_id=error.request_id, log_id=error.log_id,
+                                    message=f"gave up after {attempts} attempts: "
+                                            f"{error.describe()}"))
+            rt.progress.done()
+        else:
+            delay = rt.backoff(attempts)
+            if error.retry_after is not None:
+                delay = max(delay, error.retry_after)
+            rt.ledger.transition(job.id, JobState.PENDING, attempts=attempts,
+                                 next_attempt_at=time.time() + delay, info=info)
+        rt.changed.set()
+

@@ -1,0 +1,63 @@
+"""What the ledger says: counts by state, credits spent, and every file that needs attention."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from batch.ledger import Ledger
+from batch.ledger.store import Problem
+from batch.states import FINAL, JobState
+
+
+@dataclass
+class StatusReport:
+    counts: dict[str, int]
+    files: int
+    charges: int
+    ambiguous_submits: int
+    problems: list[Problem]
+
+    @property
+    def unfinished(self) -> int:
+        return sum(n for state, n in self.counts.items()
+                   if state in {s.value for s in JobState} and JobState(state) not in FINAL)
+
+    def to_json(self) -> str:
+        payload: dict[str, Any] = {
+            "counts": self.counts,
+            "files": self.files,
+            "credits_charged": self.charges,
+            "ambiguous_submits": self.ambiguous_submits,
+            "unfinished": self.unfinished,
+            "problems": [asdict(p) for p in self.problems],
+        }
+        return json.dumps(payload, indent=2, ensure_ascii=False)
+
+    def to_text(self) -> str:
+        shown = [f"{state}: {n}" for state, n in self.counts.items()
+                 if n and state != "unreadable_files"]
+        lines = [
+            f"{self.files} file(s); jobs by state: {', '.join(shown) or 'none'}",
+            f"credits charged (including possible charges): {self.charges}"
+            + (f"; ambiguous uploads so far: {self.ambiguous_submits}"
+               if self.ambiguous_submits else ""),
+        ]
+        if self.problems:
+            lines.append(f"{len(self.problems)} file(s) need attention:")
+            for p in self.problems:
+                code = f" [{p.error_code}{', HTTP ' + str(p.http_status) if p.http_status else ''}]" \
+                    if p.error_code else ""
+                lines.append(f"  {p.state:9} {p.path}: {p.reason}{code}")
+        return "\n".join(lines)
+
+
+def collect_status(ledger: Ledger, on_ambiguous: str = "resubmit") -> StatusReport:
+    return StatusReport(
+        counts=ledger.counts(),
+        files=ledger.file_count(),
+        charges=ledger.charges(),
+        ambiguous_submits=ledger.ambiguous_events(),
+        problems=ledger.problems(),
+    )

@@ -64,7 +64,8 @@ def inspect_image(data: bytes) -> tuple[str, int, int, str, int]:
         except Rejected:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise Rejected(f"the image is too large to decode safely ({exc})") from exc
+            raise Rejected("the image claims more pixels than this tool will decode: a corrupt "
+                           f"file or a decompression bomb ({exc})") from exc
         except UnidentifiedImageError as exc:
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -29,14 +29,18 @@ def skin_fraction(image: Image.Image) -> float:
 
 def retouch(image: Image.Image, enabled: Collection[str], fmt: str) -> bytes:
     rgb = image.convert("RGB")
-    mask = skin_mask(rgb).filter(ImageFilter.GaussianBlur(2))
+    # Skin, minus edges (eyes, lips, hairline), feathered: smoothing that keeps features sharp.
+    edges = rgb.convert("L").filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v > 24 else 0)
+    edges = edges.filter(ImageFilter.MaxFilter(5))
+    mask = ImageChops.subtract(skin_mask(rgb), edges).filter(ImageFilter.GaussianBlur(1.5))
     out = rgb
     strength = sum(1 for name in SMOOTHING if name in enabled)
     if strength:
-        radius = max(1.0, min(rgb.width, rgb.height) / 300) * (1 + strength / 2)
+        radius = max(1.0, min(rgb.width, rgb.height) / 500) * (1 + strength / 4)
+        mask = mask.point(lambda v: v * 3 // 4)
         out = Image.composite(rgb.filter(ImageFilter.GaussianBlur(radius)), out, mask)
     if "skin_brightening" in enabled or "smart_skin" in enabled:
-        out = Image.composite(ImageEnhance.Brightness(out).enhance(1.12), out, mask)
+        out = Image.composite(ImageEnhance.Brightness(out).enhance(1.08), out, mask)
     buffer = io.BytesIO()
     if fmt == "PNG":
         out.save(buffer, "PNG")

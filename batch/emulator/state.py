@@ -67,6 +67,7 @@ class Task:
     enabled: frozenset[str]
     source: bytes
     fmt: str
+    source_sha256: str = ""
     outcome: str = "ok"
     result: bytes | None = None
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
@@ -143,7 +144,8 @@ class EmulatorState:
                 raise Rejection(429, apispec.NOT_ENOUGH_CREDITS, "Insufficient credits.")
             self.credits -= self.config.cost
             self.stats["charged"] += 1
-            self.submitted_digests.append(hashlib.sha256(data).hexdigest())
+            digest = hashlib.sha256(data).hexdigest()
+            self.submitted_digests.append(digest)
             scale = 1.0 + self._rng.uniform(-self.config.jitter, self.config.jitter)
             now = time.time()
             queued = self.config.queue_seconds * scale
@@ -155,6 +157,7 @@ class EmulatorState:
                 enabled=enabled,
                 source=data,
                 fmt=fmt,
+                source_sha256=digest,
             )
             faults = self.config.faults
             roll = self._rng.random()

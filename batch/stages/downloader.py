@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from batch import crashpoints
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
@@ -110,6 +111,7 @@ class Downloader:
             downloaded = await rt.client.download(job.result_urls[0], sink)
             sink.flush()
             await asyncio.to_thread(os.fsync, sink.fileno())
+        crashpoints.reached("downloaded")
         fmt = await asyncio.to_thread(verify_result, temp)
         outputs, problems = await asyncio.to_thread(self._place_all, targets, temp, temps,
                                                     downloaded.sha256, fmt)

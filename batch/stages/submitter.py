@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import literal_column
 
-from batch import apispec
+from batch import apispec, crashpoints
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.options import Options
@@ -89,6 +89,7 @@ class Submitter:
                 info=TransitionInfo(message="interrupted while waiting for the upload's answer: "
                                             "it may have been charged"))
             raise
+        crashpoints.reached("answered")
         now = time.time()
         rt.ledger.transition(
             job.id, JobState.QUEUED, task_id=submitted.task_id, submitted_at=now,

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from batch.emulator import Emulator, EmulatorConfig, Faults
+
+PG_ADMIN_URL = os.environ.get("SKINBATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+API_KEY = "sk-test-" + "c4n4ry" * 4
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fast_config(**overrides: Any) -> EmulatorConfig:
+    values: dict[str, Any] = {"api_keys": frozenset({API_KEY}), "queue_seconds": 0.05,
+                              "process_seconds": 0.1}
+    values.update(overrides)
+    return EmulatorConfig(**values)
+
+
+@pytest.fixture
+def make_emulator() -> Iterator[Callable[..., Emulator]]:
+    started: list[Emulator] = []
+
+    def factory(**overrides: Any) -> Emulator:
+        faults = overrides.pop("faults", None)
+        config = fast_config(**overrides)
+        if faults is not None:
+            config.faults = faults if isinstance(faults, Faults) else Faults(**faults)
+        emulator = Emulator(config).start()
+        started.append(emulator)
+        return emulator
+
+    yield factory
+    for emulator in started:
+        emulator.stop()
+
+
+@pytest.fixture
+def emulator(make_emulator: Callable[..., Emulator]) -> Emulator:
+    return make_emulator()
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_env(emulator: Emulator | None, key: str | None = API_KEY,
+            extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AILAB_", "SKINBATCH_"))}
+    if emulator is not None:
+        env["AILAB_API_BASE"] = emulator.api_base
+    if key is not None:
+        env["AILAB_API_KEY"] = key
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra or {})
+    return env
+
+
+FAST_FLAGS = ["--poll-interval", "0.05", "--max-qps", "200", "--no-progress"]
+
+
+def run_cli(args: list[str], emulator: Emulator | None, *, key: str | None = API_KEY,
+            extra_env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
+    proc = subprocess.run([sys.executable, "-m", "batch", *args], capture_output=True,
+                          text=True, env=cli_env(emulator, key, extra_env), timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def popen_cli(args: list[str], emulator: Emulator | None, *,
+              extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "batch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=cli_env(emulator, API_KEY, extra_env))
+
+
+def pg_available() -> bool:
+    try:
+        with create_engine(PG_ADMIN_URL).connect() as conn:
+            conn.execute(text("select 1"))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    if not pg_available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (CI needs it)")
+        pytest.skip("PostgreSQL not reachable")
+    name = f"skinbatch_{secrets.token_hex(6)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def ledger_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite")
+    return str(request.getfixturevalue("pg_url"))

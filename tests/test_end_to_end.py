@@ -1,0 +1,178 @@
+"""The CLI contract against the emulator over real loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from batch.emulator import Emulator
+from tests.checks import assert_outputs_right, ledger_of, sha
+from tests.conftest import API_KEY, FAST_FLAGS, run_cli
+from tests.imagegen import mixed_tree, write_portrait
+
+
+def file_mtimes(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and ".skinbatch" not in p.parts}
+
+
+def test_a_mixed_tree_is_retouched_once_and_a_rerun_sends_nothing(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "shoot 0412", tmp_path / "retouched"
+    tree = mixed_tree(src, 32)
+    copy_rel = "duplicates/copy of portrait 00.jpg"
+    (src / "duplicates").mkdir()
+    shutil.copy(src / "portrait 00.jpg", src / copy_rel)
+    tree[copy_rel] = tree["portrait 00.jpg"]
+
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--skin-smoothing",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    assert "33 files scanned" in result.stdout and "32 done" in result.stdout
+
+    assert_outputs_right(out, tree, emulator)
+    assert sorted(emulator.state.submitted_digests) == sorted({sha(d) for d in tree.values()})
+    assert {t.enabled for t in emulator.state.tasks.values()} == {
+        frozenset({"smart_skin", "skin_smoothing"})}
+
+    before, mtimes = emulator.stats, file_mtimes(out)
+    again = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--skin-smoothing",
+                     *FAST_FLAGS], emulator)
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats == before, "a finished folder must send nothing"
+    assert file_mtimes(out) == mtimes, "a finished folder must rewrite nothing"
+
+
+def test_changed_options_process_again_and_renames_do_not(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg", seed=1)
+    assert run_cli(["run", str(src), "--out", str(out), "--acne-removal", *FAST_FLAGS],
+                   emulator).returncode == 0
+    (src / "a.jpg").rename(src / "renamed.jpg")
+    assert run_cli(["run", str(src), "--out", str(out), "--acne-removal", *FAST_FLAGS],
+                   emulator).returncode == 0
+    assert emulator.stats["charged"] == 1
+    assert (out / "renamed.jpg").read_bytes() == (out / "a.jpg").read_bytes()
+    assert run_cli(["run", str(src), "--out", str(out), "--skin-brightening", *FAST_FLAGS],
+                   emulator).returncode == 0
+    assert emulator.stats["charged"] == 2
+    assert {t.enabled for t in emulator.state.tasks.values()} == {
+        frozenset({"acne_removal"}), frozenset({"skin_brightening"})}
+
+
+def test_bad_inputs_are_never_sent_and_are_named_with_reasons(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    good = {"ok.jpg": write_portrait(src / "ok.jpg")}
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "notes.jpg").write_text("this is not a photo")
+    png = write_portrait(src / "whole.png", "PNG", seed=3)
+    (src / "whole.png").unlink()
+    (src / "cut.png").write_bytes(png[: len(png) // 2])
+    write_portrait(src / "cmyk.jpg", seed=4)
+    from PIL import Image
+    Image.open(src / "cmyk.jpg").convert("CMYK").save(src / "cmyk.jpg")
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 1, result.stderr
+    assert emulator.stats["submits"] == 1
+    assert_outputs_right(out, good, emulator)
+    status = run_cli(["status", "--out", str(out), "--json"], None)
+    problems = {Path(p["path"]).name: p for p in json.loads(status.stdout)["problems"]}
+    assert set(problems) == {"empty.jpg", "notes.jpg", "cut.png", "cmyk.jpg"}
+    assert problems["empty.jpg"]["reason"] == "the file is empty"
+    assert "not an image" in problems["notes.jpg"]["reason"]
+    assert "truncated" in problems["cut.png"]["reason"] or "damaged" in problems["cut.png"][
+        "reason"]
+    assert "CMYK" in problems["cmyk.jpg"]["reason"]
+    assert all(p["state"] == "rejected" for p in problems.values())
+    text = run_cli(["status", "--out", str(out)], None).stdout
+    assert "notes.jpg" in text and "rejected" in text
+
+
+def test_a_photo_without_a_face_fails_with_the_api_code(
+        tmp_path: Path, emulator: Emulator) -> None:
+    from PIL import Image
+    src, out = tmp_path / "src", tmp_path / "out"
+    Image.new("RGB", (120, 120), (20, 40, 200)).save(src.mkdir() or src / "sky.png")
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    assert result.returncode == 1
+    assert "ERROR_NO_FACE_IN_FILE" in result.stdout
+    ledger = ledger_of(out)
+    [problem] = ledger.problems()
+    assert (problem.state, problem.error_code, problem.http_status) == (
+        "failed", "ERROR_NO_FACE_IN_FILE", 422)
+    ledger.close()
+
+
+def test_an_existing_different_output_is_never_overwritten(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg")
+    out.mkdir()
+    (out / "a.jpg").write_bytes(b"the client's own edit")
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    assert result.returncode == 1
+    assert (out / "a.jpg").read_bytes() == b"the client's own edit"
+    assert "not overwritten" in result.stdout
+
+
+def test_a_bad_key_stops_at_once_with_exit_3_and_is_never_printed(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(6):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    wrong = "sk-wrong-" + "s3cr3t" * 5
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator, key=wrong,
+                     timeout=30)
+    assert result.returncode == 3
+    assert "key" in result.stderr.lower()
+    assert wrong not in result.stdout + result.stderr
+    assert emulator.stats["unauthorized"] <= 4
+    assert emulator.stats.get("charged", 0) == 0
+    ledger_bytes = b"".join(p.read_bytes() for p in (out / ".skinbatch").iterdir() if p.is_file())
+    assert wrong.encode() not in ledger_bytes
+
+
+def test_no_key_is_a_configuration_error(tmp_path: Path) -> None:
+    write_portrait(tmp_path / "src/a.jpg")
+    result = run_cli(["run", str(tmp_path / "src"), "--out", str(tmp_path / "out")], None,
+                     key=None)
+    assert result.returncode == 2
+    assert "AILAB_API_KEY" in result.stderr and "--emulator" in result.stderr
+
+
+def test_out_of_credits_stops_keeps_paid_work_and_resumes_after_top_up(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(credits=8)
+    src, out = tmp_path / "src", tmp_path / "out"
+    tree = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(20)}
+    args = ["run", str(src), "--out", str(out), "--concurrency", "2", *FAST_FLAGS]
+    result = run_cli(args, emulator)
+    assert result.returncode == 3, result.stderr
+    assert "credits" in result.stderr
+    assert emulator.stats["charged"] == 8
+    assert emulator.stats["rejected_ERROR_NOT_ENOUGH_CREDITS"] <= 3
+    saved = {p.name for p in out.glob("*.jpg")}
+    assert len(saved) == 8, "results already paid for must still be downloaded"
+
+    emulator.set_credits(100)
+    submits_before = emulator.stats["submits"]
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats["charged"] == 20
+    assert emulator.stats["submits"] - submits_before == 12
+    assert_outputs_right(out, tree, emulator)
+
+
+def test_the_key_never_reaches_the_result_host_or_the_ledger(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg")
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
+    assert emulator.state.result_host_headers
+    assert all("ailabapi-api-key" not in h for h in emulator.state.result_host_headers)
+    assert not any(API_KEY in v for h in emulator.state.result_host_headers for v in h.values())
+    for path in (out / ".skinbatch").iterdir():
+        assert API_KEY.encode() not in path.read_bytes()

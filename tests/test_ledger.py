@@ -1,0 +1,96 @@
+"""The ledger's behaviour, run against every backend (SQLite file and PostgreSQL server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from batch.ledger import Ledger, TransitionInfo, open_ledger
+from batch.ledger.store import ScannedFile, StaleTransition
+from batch.states import IllegalTransition, JobState
+
+
+@pytest.fixture
+def ledger(ledger_location: str) -> Ledger:
+    store = open_ledger(ledger_location)
+    yield store  # type: ignore[misc]
+    store.close()
+
+
+def scanned(rel: str, sha: str, root: str = "/src") -> ScannedFile:
+    return ScannedFile(root, rel, rel, 10, 1, sha)
+
+
+class TestLedger:
+    def test_identical_content_is_one_job_with_two_files(self, ledger: Ledger) -> None:
+        created = ledger.record_scan([scanned("a.jpg", "a" * 64), scanned("copy/a.jpg", "a" * 64),
+                                      scanned("b.jpg", "b" * 64)], "100000000")
+        assert created == 2
+        assert ledger.counts()["pending"] == 2
+        job = ledger.claimable([JobState.PENDING], 10)[0]
+        assert len(ledger.files_for_job(job.id)) in (1, 2)
+        assert ledger.file_count() == 3
+
+    def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:
+        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
+        assert ledger.record_scan([scanned("a.jpg", "a" * 64)], "010000000") == 1
+        # the file now points at the new job only; the old one is no longer wanted
+        assert ledger.counts()["pending"] == 1
+
+    def test_transitions_write_history_and_refuse_illegal_moves(self, ledger: Ledger) -> None:
+        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
+        job = ledger.claimable([JobState.PENDING], 1)[0]
+        ledger.transition(job.id, JobState.SUBMITTING, expect=JobState.PENDING)
+        ledger.transition(job.id, JobState.QUEUED, task_id="t-1",
+                          info=TransitionInfo(http_status=200, request_id="r1", log_id="l1"))
+        with pytest.raises(IllegalTransition):
+            ledger.transition(job.id, JobState.SUBMITTING)
+        with pytest.raises(StaleTransition):
+            ledger.transition(job.id, JobState.PROCESSING, expect=JobState.PENDING)
+        history = ledger.history(job.id)
+        assert [(h["from_state"], h["to_state"]) for h in history] == [
+            ("pending", "submitting"), ("submitting", "queued")]
+        assert history[-1]["request_id"] == "r1" and history[-1]["log_id"] == "l1"
+        assert ledger.job(job.id).task_id == "t-1"
+
+    def test_recovery_marks_lost_answers_ambiguous_and_charges_them(self, ledger: Ledger) -> None:
+        ledger.record_scan([scanned("a.jpg", "a" * 64), scanned("b.jpg", "b" * 64)], "100000000")
+        a, b = ledger.claimable([JobState.PENDING], 2)
+        ledger.transition(a.id, JobState.SUBMITTING)
+        ledger.transition(b.id, JobState.SUBMITTING)
+        ledger.transition(b.id, JobState.QUEUED, task_id="t")
+        ledger.transition(b.id, JobState.READY, result_urls=["http://x/r.jpg"])
+        ledger.transition(b.id, JobState.DOWNLOADING)
+        assert ledger.recover_interrupted() == {"ambiguous": 1, "ready": 1}
+        assert ledger.job(a.id).state is JobState.AMBIGUOUS
+        assert ledger.job(a.id).error_code == "AMBIGUOUS_SUBMIT"
+        assert ledger.job(b.id).state is JobState.READY
+        assert ledger.job(b.id).result_urls == ["http://x/r.jpg"]
+        assert ledger.ambiguous_events() == 1
+
+    def test_backoff_hides_a_job_until_its_time(self, ledger: Ledger) -> None:
+        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
+        job = ledger.claimable([JobState.PENDING], 1)[0]
+        ledger.transition(job.id, JobState.SUBMITTING)
+        ledger.transition(job.id, JobState.PENDING, attempts=1, next_attempt_at=10**12)
+        assert ledger.claimable([JobState.PENDING], 5) == []
+        assert ledger.claimable([JobState.PENDING], 5, now=10**12 + 1)[0].attempts == 1
+
+    def test_problems_list_files_with_reasons(self, ledger: Ledger) -> None:
+        ledger.record_scan([scanned("a.jpg", "a" * 64),
+                            ScannedFile("/src", "locked.jpg", "locked.jpg", 0, 0, None,
+                                        "permission denied: the file cannot be read")],
+                           "100000000")
+        job = ledger.claimable([JobState.PENDING], 1)[0]
+        ledger.transition(job.id, JobState.REJECTED,
+                          info=TransitionInfo(message="not an image"))
+        problems = {p.path: p.reason for p in ledger.problems()}
+        assert problems == {"/src/a.jpg": "not an image",
+                            "/src/locked.jpg": "permission denied: the file cannot be read"}
+
+    def test_retry_puts_failed_jobs_back(self, ledger: Ledger) -> None:
+        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
+        job = ledger.claimable([JobState.PENDING], 1)[0]
+        ledger.transition(job.id, JobState.REJECTED, info=TransitionInfo(message="bad"))
+        assert ledger.reset_jobs([JobState.FAILED], "x") == 0
+        assert ledger.reset_jobs([JobState.REJECTED], "retry") == 1
+        assert ledger.job(job.id).state is JobState.PENDING

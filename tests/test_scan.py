@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from batch.ledger import open_ledger
+from batch.scan import SourceRoot, scan
+from tests.imagegen import write_portrait
+
+FP = "100000000"
+
+
+def test_scan_finds_images_recursively_and_skips_hidden_temp_and_other_files(
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_portrait(src / "a.JPG")
+    write_portrait(src / "sub dir/b.png", "PNG", seed=1)
+    write_portrait(src / "sub dir/deeper/c.WebP", "WEBP", seed=2)
+    write_portrait(src / ".hidden.jpg", seed=3)
+    write_portrait(src / ".cache/d.jpg", seed=4)
+    write_portrait(src / "e.jpg.part", seed=5)
+    write_portrait(src / "f.tmp", seed=6)
+    write_portrait(src / "g.jpg~", seed=7)
+    (src / "notes.txt").write_text("hello")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    stats = scan(ledger, [SourceRoot(src)], FP)
+    assert stats.found == 3 and stats.hashed == 3 and stats.new_jobs == 3
+    assert ledger.file_count() == 3
+
+
+def test_rescan_of_an_unchanged_tree_reads_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(5):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    scan(ledger, [SourceRoot(src)], FP)
+    again = scan(ledger, [SourceRoot(src)], FP)
+    assert (again.found, again.hashed, again.unchanged, again.new_jobs) == (5, 0, 5, 0)
+    write_portrait(src / "3.jpg", seed=99)
+    os.utime(src / "3.jpg", ns=(1, 1))
+    changed = scan(ledger, [SourceRoot(src)], FP)
+    assert (changed.hashed, changed.new_jobs) == (1, 1)
+
+
+def test_rename_and_copy_do_not_make_new_jobs(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_portrait(src / "a.jpg")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    scan(ledger, [SourceRoot(src)], FP)
+    (src / "a.jpg").rename(src / "renamed.jpg")
+    (src / "copy.jpg").write_bytes((src / "renamed.jpg").read_bytes())
+    stats = scan(ledger, [SourceRoot(src)], FP)
+    assert stats.new_jobs == 0
+    assert ledger.counts()["pending"] == 1
+
+
+def test_symlinks_out_of_the_source_are_not_followed(tmp_path: Path) -> None:
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    write_portrait(outside / "secret.jpg")
+    write_portrait(src / "inside.jpg", seed=1)
+    (src / "link-out.jpg").symlink_to(outside / "secret.jpg")
+    (src / "link-in.jpg").symlink_to(src / "inside.jpg")
+    (src / "dir-link").symlink_to(outside, target_is_directory=True)
+    (src / "loop.jpg").symlink_to(src / "loop.jpg")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    scan(ledger, [SourceRoot(src)], FP)
+    reasons = {Path(p.path).name: p.reason for p in ledger.problems()}
+    assert "outside the source" in reasons["link-out.jpg"]
+    assert "looping" in reasons["loop.jpg"]
+    assert "secret.jpg" not in reasons and ledger.counts()["pending"] == 1

@@ -1,0 +1,29 @@
+import pytest
+
+from batch.states import FINAL, TRANSITIONS, IllegalTransition, JobState, check_transition
+
+
+def test_every_state_has_a_row_and_final_states_only_leave_by_retry() -> None:
+    assert set(TRANSITIONS) == set(JobState)
+    for state in FINAL - {JobState.DONE}:
+        assert TRANSITIONS[state] == {JobState.PENDING}
+
+
+@pytest.mark.parametrize(("current", "target"), [
+    (JobState.PENDING, JobState.QUEUED),        # never skip the committed 'submitting'
+    (JobState.PENDING, JobState.DONE),
+    (JobState.QUEUED, JobState.SUBMITTING),     # a paid task is never uploaded again silently
+    (JobState.DONE, JobState.SUBMITTING),
+    (JobState.REJECTED, JobState.SUBMITTING),
+    (JobState.READY, JobState.DONE),            # done only through downloading
+])
+def test_illegal_transitions_are_refused(current: JobState, target: JobState) -> None:
+    with pytest.raises(IllegalTransition):
+        check_transition(1, current, target)
+
+
+def test_the_happy_path_is_legal() -> None:
+    path = [JobState.PENDING, JobState.SUBMITTING, JobState.QUEUED, JobState.PROCESSING,
+            JobState.READY, JobState.DOWNLOADING, JobState.DONE]
+    for current, target in zip(path, path[1:], strict=False):
+        check_transition(1, current, target)

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class RunConfig:
     sources: tuple[Path, ...]
     out: Path
-    options: Options = Options()
+    options: Options = field(default_factory=Options)
     api_base: str = apispec.DEFAULT_API_BASE
     api_key: Secret | None = field(default=None, repr=False)
     #: Ledger file path or database URL; None puts it under ``out/.skinbatch/``.
@@ -42,7 +42,9 @@ class RunConfig:
     max_attempts: int = 8
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
-    #: A result link is treated as expired this many seconds before its 24 hours are up.
+    #: How long the provider keeps results (24 h); change it only to test against an emulator.
+    result_ttl: float = apispec.RESULT_TTL_SECONDS
+    #: A result link is treated as expired this many seconds before its life is up.
     expiry_margin: float = 600.0
     #: On Ctrl-C, how long uploads already under way may take to get their answer.
     interrupt_grace: float = 15.0
@@ -57,7 +59,7 @@ FILE_KEYS = {
     "api_base": str, "api_key_file": str, "ledger": str, "concurrency": int,
     "poll_interval": float, "max_qps": float, "on_ambiguous": str, "on_expired": str,
     "max_attempts": int, "backoff_base": float, "backoff_cap": float, "expiry_margin": float,
-    "interrupt_grace": float, "options": dict,
+    "result_ttl": float, "interrupt_grace": float, "options": dict,
 }
 CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report")}
 
@@ -84,7 +86,7 @@ def load_file(path: Path) -> dict[str, Any]:
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{path}: {key} must be one of {', '.join(CHOICES[key])}")
     if "api_key_file" in values:
-        values["api_key_file"] = str((path.parent / Path(values["api_key_file"]).expanduser()))
+        values["api_key_file"] = str(path.parent / Path(values["api_key_file"]).expanduser())
     return values
 
 

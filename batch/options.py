@@ -35,7 +35,8 @@ class Options:
     def from_fingerprint(cls, fingerprint: str) -> Options:
         if len(fingerprint) != len(OPTION_NAMES) or set(fingerprint) - {"0", "1"}:
             raise ValueError(f"not an options fingerprint: {fingerprint!r}")
-        return cls(frozenset(n for n, bit in zip(OPTION_NAMES, fingerprint, strict=True) if bit == "1"))
+        pairs = zip(OPTION_NAMES, fingerprint, strict=True)
+        return cls(frozenset(name for name, bit in pairs if bit == "1"))
 
     @property
     def fingerprint(self) -> str:

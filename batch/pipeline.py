@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -154,10 +155,8 @@ async def _drive(rt: Runtime) -> None:
             if not busy and rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
                 break
             rt.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.changed.wait(), timeout=0.25)
-            except TimeoutError:
-                pass
     finally:
         if rt.flags.abort or rt.flags.interrupted:
             await submitter.drain(0 if rt.flags.abort else rt.config.interrupt_grace)

@@ -47,8 +47,8 @@ class StatusReport:
         if self.problems:
             lines.append(f"{len(self.problems)} file(s) need attention:")
             for p in self.problems:
-                code = f" [{p.error_code}{', HTTP ' + str(p.http_status) if p.http_status else ''}]" \
-                    if p.error_code else ""
+                http = f", HTTP {p.http_status}" if p.http_status else ""
+                code = f" [{p.error_code}{http}]" if p.error_code else ""
                 lines.append(f"  {p.state:9} {p.path}: {p.reason}{code}")
         return "\n".join(lines)
 

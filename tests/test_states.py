@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from batch.states import FINAL, TRANSITIONS, IllegalTransition, JobState, check_transition
@@ -25,5 +27,5 @@ def test_illegal_transitions_are_refused(current: JobState, target: JobState) ->
 def test_the_happy_path_is_legal() -> None:
     path = [JobState.PENDING, JobState.SUBMITTING, JobState.QUEUED, JobState.PROCESSING,
             JobState.READY, JobState.DOWNLOADING, JobState.DONE]
-    for current, target in zip(path, path[1:], strict=False):
+    for current, target in itertools.pairwise(path):
         check_transition(1, current, target)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from sqlalchemy import (
     BigInteger,
     Float,
@@ -10,6 +12,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -111,7 +114,7 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-jobs = Job.__table__
-files = SourceFile.__table__
-events = Event.__table__
-meta = Meta.__table__
+jobs = cast(Table, Job.__table__)
+files = cast(Table, SourceFile.__table__)
+events = cast(Table, Event.__table__)
+meta = cast(Table, Meta.__table__)

@@ -321,13 +321,13 @@ class Ledger:
             with self._tx() as conn:
                 ids = list(conn.scalars(select(jobs.c.id).where(jobs.c.state == source.value)))
                 for job_id in ids:
-                    info = TransitionInfo(message=messages[target])
-                    extra: dict[str, Any] = {}
                     if target is JobState.AMBIGUOUS:
-                        extra["error_code"] = "AMBIGUOUS_SUBMIT"
-                    self._apply(conn, job_id, source, target, info, {})
-                    if extra:
-                        conn.execute(update(jobs).where(jobs.c.id == job_id).values(extra))
+                        info = TransitionInfo(error_code="AMBIGUOUS_SUBMIT",
+                                              message=messages[target])
+                        fields: dict[str, Any] = {"charges": jobs.c.charges + 1}
+                    else:
+                        info, fields = TransitionInfo(message=messages[target]), {}
+                    self._apply(conn, job_id, source, target, info, fields)
             counts[target.value] = len(ids)
         return counts
 
@@ -359,16 +359,6 @@ class Ledger:
         with self._tx() as conn:
             rows = [_job(r) for r in conn.execute(query)]
         return [r for r in rows if r.id not in exclude][:limit]
-
-    def next_wakeup(self, states: Sequence[JobState]) -> float | None:
-        """The earliest ``next_attempt_at`` among waiting jobs in ``states``."""
-        with self._tx() as conn:
-            return conn.scalar(
-                select(func.min(jobs.c.next_attempt_at)).where(
-                    jobs.c.state.in_([s.value for s in states]),
-                    jobs.c.id.in_(select(files.c.job_id).where(files.c.job_id.is_not(None))),
-                )
-            )
 
     def jobs_in(self, states: Sequence[JobState], limit: int | None = None) -> list[JobRow]:
         query = select(jobs).where(jobs.c.state.in_([s.value for s in states]))

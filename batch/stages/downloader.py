@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import io
 import logging
 import os
@@ -54,6 +55,9 @@ class Downloader:
         self.rt = rt
         self.in_flight: dict[int, asyncio.Task[None]] = {}
 
+    def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
+        self.in_flight.pop(job_id, None)
+
     async def run(self) -> None:
         rt = self.rt
         limit = max(2, rt.config.concurrency)
@@ -65,7 +69,7 @@ class Downloader:
                                                soonest_expiry_first=True):
                     task = asyncio.create_task(self._download(job), name=f"download-{job.id}")
                     self.in_flight[job.id] = task
-                    task.add_done_callback(lambda _t, jid=job.id: self.in_flight.pop(jid, None))
+                    task.add_done_callback(functools.partial(self._forget, job.id))
             await wait_any(rt.wake_downloader, set(self.in_flight.values()), 0.5)
 
     async def _download(self, job: JobRow) -> None:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 from pathlib import Path
 
-from sqlalchemy import literal_column
-
-from batch import apispec, crashpoints
+from batch import crashpoints
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
+from batch.ledger.models import jobs
 from batch.options import Options
 from batch.preflight import Prepared, Rejected, preflight
 from batch.stages.runtime import Runtime, wait_any
 from batch.states import JobState
 
 log = logging.getLogger("batch.submit")
-CHARGE = literal_column("charges") + 1
+CHARGE = jobs.c.charges + 1
 
 
 def info_of(error: ApiError) -> TransitionInfo:
@@ -42,6 +42,9 @@ class Submitter:
             states.append(JobState.EXPIRED)
         return states
 
+    def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
+        self.in_flight.pop(job_id, None)
+
     async def run(self) -> None:
         rt = self.rt
         while not rt.flags.abort:
@@ -50,7 +53,7 @@ class Submitter:
                 for job in rt.ledger.claimable(self.states, free, exclude=set(self.in_flight)):
                     task = asyncio.create_task(self._submit(job), name=f"submit-{job.id}")
                     self.in_flight[job.id] = task
-                    task.add_done_callback(lambda _t, jid=job.id: self.in_flight.pop(jid, None))
+                    task.add_done_callback(functools.partial(self._forget, job.id))
             await wait_any(rt.wake_submitter, set(self.in_flight.values()), 0.5)
 
     async def drain(self, grace: float) -> None:
@@ -93,7 +96,7 @@ class Submitter:
         now = time.time()
         rt.ledger.transition(
             job.id, JobState.QUEUED, task_id=submitted.task_id, submitted_at=now,
-            expires_at=now + apispec.RESULT_TTL_SECONDS, attempts=0, next_attempt_at=0.0,
+            expires_at=now + rt.config.result_ttl, attempts=0, next_attempt_at=0.0,
             charges=CHARGE, reason=None,
             info=TransitionInfo(http_status=200, request_id=submitted.request_id,
                                 log_id=submitted.log_id),

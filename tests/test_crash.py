@@ -1,0 +1,88 @@
+"""SIGKILL at named points (right after a committed transition), then a clean rerun."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from batch.emulator import Emulator
+from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
+from tests.conftest import FAST_FLAGS, popen_cli, run_cli
+from tests.imagegen import write_portrait
+
+POINTS = ["submitting:3", "answered:2", "queued:4", "processing:2", "ready:3", "downloading:2",
+          "downloaded:2", "done:5"]
+
+
+def tree(src: Path, n: int) -> dict[str, bytes]:
+    return {f"set {i % 3}/{i:03d}.jpg": write_portrait(src / f"set {i % 3}/{i:03d}.jpg", seed=i)
+            for i in range(n)}
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_kill_9_at_each_transition_then_rerun(tmp_path: Path, emulator: Emulator,
+                                               point: str) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = tree(src, 10)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    crashed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": point})
+    crashed.communicate(timeout=120)
+    assert crashed.returncode == -signal.SIGKILL, f"{point} was never reached"
+
+    rerun = run_cli(args, emulator)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_outputs_right(out, sources, emulator)
+    ambiguous = assert_no_double_pay(out, emulator, len(sources))
+    if point == "answered:2":
+        assert ambiguous >= 1, "a charged upload whose answer was lost must be recorded"
+    ledger = ledger_of(out)
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    assert ledger.counts()["done"] == len(sources)
+    ledger.close()
+
+
+def test_kill_9_at_random_moments(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(queue_seconds=0.1, process_seconds=0.2, jitter=0.5)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = tree(src, 24)
+    originals = {p: p.read_bytes() for p in src.rglob("*.jpg")}
+    args = ["run", str(src), "--out", str(out), "--concurrency", "3", *FAST_FLAGS]
+    rng = random.Random(42)
+    kills = 0
+    for _ in range(6):
+        proc = popen_cli(args, emulator)
+        time.sleep(rng.uniform(0.3, 1.5))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.communicate(timeout=60)
+    final = run_cli(args, emulator)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert kills >= 1
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, len(sources))
+    assert {p: p.read_bytes() for p in src.rglob("*.jpg")} == originals
+
+
+def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = tree(src, 8)
+    args = ["run", str(src), "--out", str(out), *FAST_FLAGS]
+    proc = popen_cli(args, emulator)
+    deadline = time.time() + 30
+    while emulator.stats.get("charged", 0) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "run the same command again" in stderr
+    rerun = run_cli(args, emulator)
+    assert rerun.returncode == 0
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == len(sources)

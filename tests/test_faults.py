@@ -1,0 +1,100 @@
+"""Every image ends right with the emulator misbehaving in several ways at once."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from batch.emulator import Faults
+from batch.states import JobState
+from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
+from tests.conftest import FAST_FLAGS, popen_cli, run_cli
+from tests.imagegen import write_portrait
+
+FAST_RETRIES = """
+backoff_base = 0.02
+backoff_cap = 0.3
+max_attempts = 30
+"""
+
+
+def config_file(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "skinbatch.toml"
+    path.write_text(FAST_RETRIES + extra)
+    return path
+
+
+@pytest.mark.parametrize("retry_after", ["seconds", "date", ""])
+def test_5xx_resets_429s_and_truncated_downloads(tmp_path: Path, make_emulator,  # type: ignore[no-untyped-def]
+                                                  retry_after: str) -> None:
+    faults = Faults(submit_5xx=0.15, submit_drop_before=0.05, submit_drop_after=0.05,
+                    query_5xx=0.15, query_drop=0.05, rate_limit=0.05, malformed_json=0.03,
+                    download_truncate=0.2, download_5xx=0.1, retry_after=retry_after)
+    emulator = make_emulator(faults=faults, seed=len(retry_after))
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i:02d}.png": write_portrait(src / f"{i:02d}.png", "PNG", seed=i)
+               for i in range(30)}
+    result = run_cli(["run", str(src), "--out", str(out), "--config",
+                      str(config_file(tmp_path)), *FAST_FLAGS], emulator, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_outputs_right(out, sources, emulator)
+    ambiguous = assert_no_double_pay(out, emulator, len(sources))
+    stats = emulator.stats
+    assert stats["faults_5xx"] > 0 and stats["truncated_downloads"] > 0
+    assert stats["charged"] - len(sources) <= ambiguous
+
+
+def test_failed_and_unknown_status_tasks_are_recorded_not_retried(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(faults=Faults(failed_task=0.3, unknown_status=0.2), seed=3)
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(12):
+        write_portrait(src / f"{i:02d}.jpg", seed=i)
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    assert result.returncode == 1
+    failed = [t for t in emulator.state.tasks.values() if t.outcome != "ok"]
+    assert failed, "the seed should produce failing tasks"
+    assert emulator.stats["charged"] == 12
+    ledger = ledger_of(out)
+    problems = ledger.problems()
+    ledger.close()
+    assert len(problems) == len(failed)
+    codes = {p.error_code for p in problems}
+    assert codes <= {"PROCESSING_FAILURE", "TASK_STATUS_7"}
+    assert len(list(out.glob("*.jpg"))) == 12 - len(failed)
+
+
+@pytest.mark.parametrize("policy", ["resubmit", "report"])
+def test_results_left_past_their_life_are_noticed_before_download(
+        tmp_path: Path, make_emulator, policy: str) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(result_ttl=1.5)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(3)}
+    config = config_file(tmp_path, f'result_ttl = 1.5\nexpiry_margin = 0.3\n'
+                                   f'on_expired = "{policy}"\n')
+    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS]
+    crashed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": "ready:3"})
+    crashed.communicate(timeout=60)
+    assert crashed.returncode == -signal.SIGKILL
+    downloads_before = emulator.stats.get("downloads", 0)
+    time.sleep(1.6)
+    result = run_cli(args, emulator)
+    ledger = ledger_of(out)
+    expired_jobs = [j for j in ledger.jobs_in(list(JobState))
+                    if "expired" in [h["to_state"] for h in ledger.history(j.id)]]
+    ledger.close()
+    assert len(expired_jobs) >= 1
+    if policy == "resubmit":
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_outputs_right(out, sources, emulator)
+        assert emulator.stats["charged"] == len(sources) + len(expired_jobs)
+        assert_no_double_pay(out, emulator, len(sources))
+    else:
+        assert result.returncode == 1
+        assert "expired" in result.stdout
+        assert emulator.stats["charged"] == len(sources)
+        assert emulator.stats.get("downloads", 0) == downloads_before, \
+            "an expired link must be noticed before any download is tried"

@@ -46,6 +46,13 @@ class RunConfig:
     result_ttl: float = apispec.RESULT_TTL_SECONDS
     #: A result link is treated as expired this many seconds before its life is up.
     expiry_margin: float = 600.0
+    #: Consecutive 5xx/timeouts on uploads that pause all uploads, and the first pause (s).
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
+    #: Submit answers may take this long (generous: a slow upload is not a lost answer).
+    submit_timeout: float = 180.0
+    #: Results larger than this many bytes are refused.
+    max_result_bytes: int = 64 * 1024 * 1024
     #: On Ctrl-C, how long uploads already under way may take to get their answer.
     interrupt_grace: float = 15.0
     progress: bool | None = None
@@ -59,7 +66,8 @@ FILE_KEYS = {
     "api_base": str, "api_key_file": str, "ledger": str, "concurrency": int,
     "poll_interval": float, "max_qps": float, "on_ambiguous": str, "on_expired": str,
     "max_attempts": int, "backoff_base": float, "backoff_cap": float, "expiry_margin": float,
-    "result_ttl": float, "interrupt_grace": float, "options": dict,
+    "result_ttl": float, "interrupt_grace": float, "options": dict, "breaker_threshold": int,
+    "breaker_cooldown": float, "submit_timeout": float, "max_result_bytes": int,
 }
 CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report")}
 

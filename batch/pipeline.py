@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch.api import ApiClient, ApiError
+from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
 from batch.api.ratelimit import RateLimiter
 from batch.config import RunConfig
@@ -98,8 +99,11 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
     progress = Progress(config.progress)
     client = ApiClient(config.api_base, config.api_key,
                        limiter=RateLimiter(config.max_qps, burst=max(1, int(config.max_qps))),
-                       timeouts=Timeouts(), max_connections=max(8, config.concurrency * 3))
-    rt = Runtime(ledger, client, config, out_dir, progress)
+                       timeouts=Timeouts(submit=config.submit_timeout),
+                       max_connections=max(8, config.concurrency * 3),
+                       max_result_bytes=config.max_result_bytes)
+    breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+    rt = Runtime(ledger, client, config, out_dir, progress, breaker)
     loop = asyncio.get_running_loop()
 
     def interrupt() -> None:
@@ -140,6 +144,7 @@ async def _drive(rt: Runtime) -> None:
     submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
               for s in (submitter, poller, downloader)]
+    last_count = 0.0
     try:
         while True:
             for stage in stages:
@@ -150,13 +155,18 @@ async def _drive(rt: Runtime) -> None:
             if rt.flags.interrupted:
                 await submitter.drain(rt.config.interrupt_grace)
                 break
-            allowed = rt.flags.submits_stopped is None
             busy = submitter.in_flight or downloader.in_flight or poller.in_flight
-            if not busy and rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
-                break
+            # Counting is a query: do it at most a few times a second, not per transition.
+            if not busy and time.monotonic() - last_count >= 0.2:
+                last_count = time.monotonic()
+                allowed = rt.flags.submits_stopped is None
+                if rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
+                    break
             rt.changed.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(rt.changed.wait(), timeout=0.25)
+            except TimeoutError:
+                pass
     finally:
         if rt.flags.abort or rt.flags.interrupted:
             await submitter.drain(0 if rt.flags.abort else rt.config.interrupt_grace)

@@ -66,6 +66,13 @@ def _json(response: httpx.Response) -> dict[str, Any] | None:
 
 
 class ApiClient:
+    """The three API calls and the download, each classified into success or an ApiError.
+
+    Pacing is the caller's: take a token from :attr:`limiter` before each API call (the
+    submitter does so *before* committing ``submitting``, so waiting is never mistaken for a
+    lost answer). The client only slows the limiter down when the server answers 429.
+    """
+
     def __init__(
         self,
         base_url: str,
@@ -116,7 +123,6 @@ class ApiClient:
 
     async def submit(self, payload: bytes, filename: str, content_type: str,
                      options: Options) -> Submitted:
-        await self.limiter.acquire()
         try:
             response = await self._api.post(
                 apispec.SUBMIT_PATH,
@@ -148,7 +154,6 @@ class ApiClient:
         return Submitted(task_id, request_id or None, log_id or None)
 
     async def query(self, task_id: str) -> TaskStatus:
-        await self.limiter.acquire()
         try:
             response = await self._api.get(apispec.QUERY_PATH, params={"task_id": task_id})
         except httpx.TransportError as exc:
@@ -182,7 +187,6 @@ class ApiClient:
 
     async def credits(self) -> float | None:
         """The account's remaining credits, or None where the answer does not say."""
-        await self.limiter.acquire()
         try:
             response = await self._api.get(apispec.CREDITS_PATH)
         except httpx.TransportError as exc:

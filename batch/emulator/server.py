@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import sys
 import threading
 import time
 from email.utils import formatdate
@@ -44,6 +45,12 @@ class _Server(ThreadingHTTPServer):
                  emulator: Emulator) -> None:
         super().__init__(address, handler)
         self.emulator = emulator
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (timeout, kill -9) is normal here, not an error to print."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

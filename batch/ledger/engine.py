@@ -32,10 +32,11 @@ def ledger_url(location: str | Path) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def filesystem_type(path: Path) -> str | None:
+def filesystem_type(path: Path, mounts_table: str | None = None) -> str | None:
     """The type of the filesystem holding ``path``, from /proc/mounts (None where unknown)."""
     try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
+        mounts = (mounts_table if mounts_table is not None
+                  else Path("/proc/mounts").read_text()).splitlines()
     except OSError:
         return None
     target = str(path.resolve())

@@ -80,6 +80,7 @@ class Poller:
                 self._move(job_id, JobState.EXPIRED, TransitionInfo(
                     message="the task did not finish before its result would expire"))
                 return
+            await rt.client.limiter.acquire()
             try:
                 status = await rt.client.query(item.task_id)
             except ApiError as error:

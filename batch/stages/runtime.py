@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch.api import ApiClient, ApiError
+from batch.api.breaker import CircuitBreaker
 from batch.api.retry import backoff_delay
 from batch.config import RunConfig
 from batch.ledger import Ledger
@@ -37,6 +38,7 @@ class Runtime:
     config: RunConfig
     out_dir: Path
     progress: Progress
+    breaker: CircuitBreaker
     flags: Flags = field(default_factory=Flags)
     rng: random.Random = field(default_factory=random.Random)
     wake_submitter: asyncio.Event = field(default_factory=asyncio.Event)

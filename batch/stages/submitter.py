@@ -75,8 +75,10 @@ class Submitter:
             rt.progress.done()
             rt.changed.set()
             return
+        await rt.breaker.admit()
         await rt.client.limiter.acquire()
         if rt.flags.submits_stopped is not None:
+            rt.breaker.release()
             return
         rt.ledger.transition(job.id, JobState.SUBMITTING, expect=job.state,
                              info=TransitionInfo(message=f"uploading {filename}"))
@@ -84,6 +86,10 @@ class Submitter:
             submitted = await rt.client.submit(prepared.payload, filename, prepared.content_type,
                                                Options.from_fingerprint(job.options_fp))
         except ApiError as error:
+            if error.kind in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT, ErrorKind.AMBIGUOUS):
+                rt.breaker.failure()
+            else:
+                rt.breaker.success()
             self._failed(job, error)
             return
         except asyncio.CancelledError:
@@ -92,6 +98,7 @@ class Submitter:
                 info=TransitionInfo(message="interrupted while waiting for the upload's answer: "
                                             "it may have been charged"))
             raise
+        rt.breaker.success()
         crashpoints.reached("answered")
         now = time.time()
         rt.ledger.transition(

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from batch.config import ConfigError, build, load_file
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "c.toml", 'api_base = "http://file"\nconcurrency = 2\n'
+                                      "[options]\nsmart_skin = true\nacne_removal = true\n")
+    config = build((tmp_path,), tmp_path / "out", file_values=load_file(cfg),
+                   env={"AILAB_API_BASE": "http://env", "AILAB_API_KEY": "sk-canary-env"},
+                   flags={"concurrency": 6, "poll_interval": None},
+                   option_flags={"acne_removal": False, "pore_control": True})
+    assert config.api_base == "http://env"
+    assert config.concurrency == 6 and config.poll_interval == 5.0
+    assert config.options.fingerprint == "100001000"
+    assert config.api_key is not None and config.api_key.reveal() == "sk-canary-env"
+    assert "sk-canary-env" not in repr(config) + str(config.api_key)
+
+
+def test_key_file_must_be_private(tmp_path: Path) -> None:
+    key = write(tmp_path / "key", "sk-from-file\n")
+    cfg = write(tmp_path / "c.toml", 'api_key_file = "key"\n')
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        build((tmp_path,), tmp_path / "o", file_values=load_file(cfg), env={})
+    os.chmod(key, 0o600)
+    config = build((tmp_path,), tmp_path / "o", file_values=load_file(cfg), env={})
+    assert config.api_key is not None and config.api_key.reveal() == "sk-from-file"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("concurency = 3\n", "unknown setting 'concurency'"),
+    ("concurrency = 'many'\n", "concurrency must be a int"),
+    ('on_ambiguous = "maybe"\n', "on_ambiguous must be one of resubmit, hold"),
+    ("[options]\nsmart_skin = 1\n", "must be true or false"),
+    ("[options]\nglamour = true\n", "unknown retouching option"),
+    ("this is = not toml [", "not valid TOML"),
+])
+def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    cfg = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        build((tmp_path,), tmp_path / "o", file_values=load_file(cfg), env={})

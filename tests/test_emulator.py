@@ -1,0 +1,75 @@
+"""The emulator answers as API.md describes, checked with a plain HTTP client."""
+
+from __future__ import annotations
+
+import httpx
+
+from batch import apispec
+from batch.emulator import Emulator
+from tests.conftest import API_KEY
+from tests.imagegen import encode, portrait
+
+
+def submit(emulator: Emulator, files: dict[str, object] | None, data: dict[str, str] | None = None,
+           key: str | None = API_KEY) -> httpx.Response:
+    headers = {apispec.KEY_HEADER: key} if key else {}
+    return httpx.post(emulator.api_base + apispec.SUBMIT_PATH, files=files, data=data,
+                      headers=headers)
+
+
+def code(response: httpx.Response) -> str:
+    return str(response.json()["error_detail"]["code"])
+
+
+def test_validation_and_error_bodies(emulator: Emulator) -> None:
+    image = {"image": ("a.jpg", encode(portrait(), "JPEG"), "image/jpeg")}
+    assert code(submit(emulator, image, key=None)) == apispec.APPLICATION_NOT_EXISTS
+    assert submit(emulator, image, key="wrong").status_code == 401
+    missing = submit(emulator, {"smart_skin": (None, "1")})
+    assert (missing.status_code, code(missing)) == (400, apispec.MISSING_PARAMETERS)
+    bad_option = submit(emulator, image, {"smart_skin": "yes"})
+    assert (bad_option.status_code, code(bad_option)) == (400, apispec.INVALID_PARAMETER)
+    gif = submit(emulator, {"image": ("a.gif", encode(portrait(), "GIF"), "image/gif")})
+    assert gif.status_code == 400
+    assert emulator.stats.get("charged", 0) == 0
+    ok = submit(emulator, image, {"smart_skin": "1"})
+    body = ok.json()
+    assert ok.status_code == 200 and body["task_id"] and body["error_code"] == 0
+    assert {"request_id", "log_id", "error_detail"} <= set(body)
+
+
+def test_tasks_move_through_states_and_results_live_on_another_host(
+        make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(queue_seconds=0.2, process_seconds=0.2, result_ttl=1.0)
+    image = {"image": ("a.png", encode(portrait(), "PNG"), "image/png")}
+    task_id = submit(emulator, image).json()["task_id"]
+    query = emulator.api_base + apispec.QUERY_PATH
+    headers = {apispec.KEY_HEADER: API_KEY}
+    seen = []
+    import time
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        body = httpx.get(query, params={"task_id": task_id}, headers=headers).json()
+        seen.append(body["task_status"])
+        if body["task_status"] == 2:
+            break
+        time.sleep(0.05)
+    assert seen[0] == 0 and 1 in seen and seen[-1] == 2
+    [url] = body["data"]["result_urls"]
+    assert url.startswith(emulator.result_base) and emulator.result_base != emulator.api_base
+    assert httpx.get(url).status_code == 200
+    time.sleep(1.1)
+    assert httpx.get(url).status_code == 403
+    gone = httpx.get(query, params={"task_id": task_id}, headers=headers)
+    assert gone.status_code == 404
+
+
+def test_credits_run_out(make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(credits=1)
+    image = {"image": ("a.jpg", encode(portrait(), "JPEG"), "image/jpeg")}
+    assert submit(emulator, image).status_code == 200
+    empty = submit(emulator, image)
+    assert (empty.status_code, code(empty)) == (429, apispec.NOT_ENOUGH_CREDITS)
+    credits = httpx.get(emulator.api_base + apispec.CREDITS_PATH,
+                        headers={apispec.KEY_HEADER: API_KEY}).json()
+    assert credits["data"]["credits"] == 0

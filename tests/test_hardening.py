@@ -1,0 +1,147 @@
+"""Ambiguous uploads, the circuit breaker, the run lock, ledger placement."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from batch.api.breaker import CircuitBreaker
+from batch.emulator import Faults
+from batch.ledger.engine import create_ledger_engine, filesystem_type
+from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
+from tests.conftest import FAST_FLAGS, popen_cli, run_cli
+from tests.imagegen import write_portrait
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_a_run_of_failures_probes_and_backs_off() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=3, cooldown=10, max_cooldown=25, clock=clock)
+    for _ in range(2):
+        assert breaker.delay() == 0.0
+        breaker.failure()
+    assert breaker.state == "closed"
+    breaker.failure()
+    assert breaker.state == "open" and breaker.delay() == 10
+    clock.now = 10
+    assert breaker.delay() == 0.0          # the probe
+    assert breaker.delay() is None         # nobody else while it is out
+    breaker.failure()                      # probe failed: pause doubles
+    assert breaker.delay() == 20
+    clock.now = 30
+    assert breaker.delay() == 0.0
+    breaker.failure()
+    assert breaker.delay() == 25           # capped
+    clock.now = 55
+    assert breaker.delay() == 0.0
+    breaker.success()
+    assert breaker.state == "closed" and breaker.delay() == 0.0
+
+
+def test_a_sick_api_is_not_hammered(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(faults=Faults(submit_5xx=1.0))
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(10):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    config = tmp_path / "c.toml"
+    config.write_text("breaker_threshold = 3\nbreaker_cooldown = 30.0\nbackoff_base = 0.01\n"
+                      "backoff_cap = 0.02\nmax_attempts = 50\n")
+    proc = popen_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                      "--concurrency", "2", *FAST_FLAGS], emulator)
+    time.sleep(3)
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    # 3 failures open the breaker; at most the other upload already under way gets through.
+    assert emulator.stats["submits"] <= 4, emulator.stats
+
+
+def test_a_read_timeout_after_upload_is_ambiguous_not_retried_blindly(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(faults=Faults(stall=1.0, stall_seconds=1.5))
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {"a.jpg": write_portrait(src / "a.jpg")}
+    config = tmp_path / "c.toml"
+    config.write_text('submit_timeout = 0.5\non_ambiguous = "hold"\n')
+    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS]
+    held = run_cli(args, emulator)
+    assert held.returncode == 1
+    assert "ambiguous" in held.stdout
+    time.sleep(1.5)
+    assert emulator.stats["charged"] == 1, "the server did charge for the upload it got"
+    assert emulator.stats["submits"] == 1, "no blind retry of an upload that went out"
+    status = run_cli(["status", "--out", str(out)], None)
+    assert "ambiguous" in status.stdout and "may have charged" in status.stdout
+
+    emulator.config.faults.stall = 0.0
+    again = run_cli(args, emulator)
+    assert again.returncode == 1, "held jobs wait for a person"
+    assert emulator.stats["submits"] == 1
+    retry = run_cli(["retry", "--out", str(out), "--ambiguous"], None)
+    assert retry.returncode == 0 and "1 job(s)" in retry.stdout
+    final = run_cli(args, emulator)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert assert_no_double_pay(out, emulator, 1) == 1
+
+
+def test_a_second_run_on_the_same_ledger_exits_at_once(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(queue_seconds=1.0, process_seconds=1.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(4)}
+    args = ["run", str(src), "--out", str(out), *FAST_FLAGS]
+    first = popen_cli(args, emulator)
+    deadline = time.time() + 20
+    while emulator.stats.get("charged", 0) == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    second = run_cli(args, emulator)
+    assert time.monotonic() - started < 10
+    assert second.returncode == 2
+    assert "Another skinbatch run" in second.stderr
+    first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 4
+
+
+MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+server:/export /mnt/studio nfs4 rw,relatime 0 0
+//nas/photos /mnt/nas cifs rw 0 0
+"""
+
+
+def test_network_filesystems_are_recognised(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    assert filesystem_type(Path("/mnt/studio/ledgers"), MOUNTS) == "nfs4"
+    assert filesystem_type(Path("/mnt/nas"), MOUNTS) == "cifs"
+    assert filesystem_type(Path("/home/me"), MOUNTS) == "ext4"
+    with caplog.at_level(logging.WARNING):
+        create_ledger_engine(tmp_path / "l.sqlite").dispose()
+    assert "network filesystem" not in caplog.text
+
+
+def test_ledger_rows_stay_legal(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    from batch.states import JobState, check_transition
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(3):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
+    ledger = ledger_of(out)
+    for job in ledger.jobs_in(list(JobState)):
+        for event in ledger.history(job.id):
+            check_transition(job.id, event["from_state"], JobState(event["to_state"]))
+    ledger.close()
+    assert_no_double_pay(out, emulator, 3)

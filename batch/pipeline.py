@@ -163,10 +163,8 @@ async def _drive(rt: Runtime) -> None:
                 if rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
                     break
             rt.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.changed.wait(), timeout=0.25)
-            except TimeoutError:
-                pass
     finally:
         if rt.flags.abort or rt.flags.interrupted:
             await submitter.drain(0 if rt.flags.abort else rt.config.interrupt_grace)

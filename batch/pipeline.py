@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batch import crashpoints
 from batch.api import ApiClient, ApiError
 from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
@@ -108,7 +109,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
 
     def interrupt() -> None:
         if rt.flags.interrupted:
-            rt.flags.abort = True
+            rt.flags.abort = rt.flags.hard_stop = True
         rt.flags.interrupted = True
         rt.flags.submits_stopped = "interrupted"
         rt.changed.set()
@@ -125,6 +126,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
         stats = await asyncio.to_thread(
             scan, ledger, source_roots(config.sources), config.options.fingerprint,
             exclude=(out_dir,), on_progress=progress.scanned)
+        crashpoints.reached("scanned")
         progress.set_total(ledger.unfinished(list(JobState)))
         materialize_copies(rt)
         await _drive(rt)
@@ -153,7 +155,6 @@ async def _drive(rt: Runtime) -> None:
             if rt.flags.abort:
                 break
             if rt.flags.interrupted:
-                await submitter.drain(rt.config.interrupt_grace)
                 break
             busy = submitter.in_flight or downloader.in_flight or poller.in_flight
             # Counting is a query: do it at most a few times a second, not per transition.
@@ -166,8 +167,7 @@ async def _drive(rt: Runtime) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.changed.wait(), timeout=0.25)
     finally:
-        if rt.flags.abort or rt.flags.interrupted:
-            await submitter.drain(0 if rt.flags.abort else rt.config.interrupt_grace)
+        await submitter.drain(0 if rt.flags.hard_stop else rt.config.interrupt_grace)
         for stage in stages:
             stage.cancel()
         for group in (poller.in_flight, set(downloader.in_flight.values())):

@@ -61,3 +61,23 @@ def assert_no_double_pay(out: Path, emulator: Emulator, distinct: int) -> int:
     assert charged <= distinct + ambiguous + expired, (charged, distinct, ambiguous, expired)
     assert charged <= charged_per_ledger, "the server charged for an upload the ledger never saw"
     return ambiguous
+
+
+def assert_ledger_sound(out: Path) -> dict[str, int]:
+    """integrity_check ok, every job in a known state, every history row a legal transition."""
+    from batch.states import check_transition
+
+    ledger = ledger_of(out)
+    try:
+        with ledger.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        transitions = 0
+        for job in ledger.jobs_in(list(JobState)):
+            for event in ledger.history(job.id):
+                if event["from_state"] != event["to_state"]:
+                    check_transition(job.id, event["from_state"], JobState(event["to_state"]))
+                    transitions += 1
+        return {"transitions": transitions, "ambiguous": ledger.ambiguous_events(),
+                **{k: v for k, v in ledger.counts().items() if v}}
+    finally:
+        ledger.close()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import subprocess
@@ -71,11 +72,24 @@ def cli_env(emulator: Emulator | None, key: str | None = API_KEY,
 FAST_FLAGS = ["--poll-interval", "0.05", "--max-qps", "200", "--no-progress"]
 
 
+def drop_root_file_access() -> None:
+    """In the child: give up root's power to read any file (CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH leave the bounding set), so chmod 000 means unreadable as for a user."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
 def run_cli(args: list[str], emulator: Emulator | None, *, key: str | None = API_KEY,
-            extra_env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
+            extra_env: dict[str, str] | None = None, timeout: float = 120,
+            as_plain_user: bool = False) -> CliResult:
     proc = subprocess.run([sys.executable, "-m", "batch", *args], capture_output=True,
                           text=True, env=cli_env(emulator, key, extra_env), timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL,
+                          preexec_fn=drop_root_file_access if as_plain_user else None)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 

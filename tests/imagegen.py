@@ -11,8 +11,9 @@ from PIL import Image, ImageDraw
 SKIN = [(224, 172, 140), (198, 134, 96), (141, 85, 54), (241, 194, 160)]
 
 
-def portrait(width: int = 160, height: int = 200, seed: int = 0) -> Image.Image:
-    """A face-like picture: background, a skin-toned oval with blemishes, eyes and a mouth."""
+def portrait(width: int = 160, height: int = 200, seed: int = 0, grain: int = 0) -> Image.Image:
+    """A face-like picture: background, a skin-toned oval with blemishes, eyes and a mouth.
+    ``grain`` adds sensor-like noise (which makes files realistically incompressible)."""
     rng = random.Random(seed)
     background = (rng.randrange(40, 90), rng.randrange(60, 120), rng.randrange(90, 160))
     image = Image.new("RGB", (width, height), background)
@@ -27,6 +28,9 @@ def portrait(width: int = 160, height: int = 200, seed: int = 0) -> Image.Image:
     for ex in (0.38, 0.62):
         draw.ellipse((w * ex - w * 0.05, h * 0.42, w * ex + w * 0.05, h * 0.48), fill=(30, 30, 30))
     draw.line((w * 0.4, h * 0.7, w * 0.6, h * 0.7), fill=(150, 60, 60), width=max(1, w // 50))
+    if grain:
+        noise = Image.frombytes("RGB", image.size, rng.randbytes(width * height * 3))
+        image = Image.blend(image, noise, grain / 100)
     return image
 
 
@@ -36,9 +40,9 @@ def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return buffer.getvalue()
 
 
-def write_portrait(path: Path, fmt: str = "JPEG", seed: int = 0, size: tuple[int, int] = (160, 200),
-                   **kwargs: object) -> bytes:
-    data = encode(portrait(*size, seed=seed), fmt, **kwargs)
+def write_portrait(path: Path, fmt: str = "JPEG", seed: int = 0,
+                   size: tuple[int, int] = (160, 200), grain: int = 0, **kwargs: object) -> bytes:
+    data = encode(portrait(*size, seed=seed, grain=grain), fmt, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data

@@ -252,6 +252,9 @@ class ResultHandler(_Handler):
             self._send(500, b"Internal Error", "text/plain")
             return
         body = state.result_of(task)
+        if state.chance(faults.download_garbage):
+            self._send(200, b"<html>not an image</html>" * 40, "image/jpeg")
+            return
         if state.chance(faults.download_truncate):
             state.stats["truncated_downloads"] += 1
             self.send_response(200)

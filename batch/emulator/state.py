@@ -32,6 +32,7 @@ class Faults:
     unknown_status: float = 0.0
     download_truncate: float = 0.0
     download_5xx: float = 0.0
+    download_garbage: float = 0.0
     stall: float = 0.0
     stall_seconds: float = 30.0
     #: "seconds", "date" or "" (no Retry-After header on 429s).

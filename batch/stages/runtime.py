@@ -27,8 +27,11 @@ class Flags:
     #: A local error that stops the run (e.g. the output folder cannot be written).
     fatal: str | None = None
     interrupted: bool = False
-    #: Stop everything now (bad key, fatal error, second Ctrl-C).
+    #: Wind down now (bad key, fatal error): claim nothing new. Uploads under way still get
+    #: their answer, so stopping never turns a paid upload into an ambiguous one.
     abort: bool = False
+    #: A second Ctrl-C: do not even wait for uploads under way.
+    hard_stop: bool = False
 
 
 @dataclass

@@ -98,3 +98,33 @@ def test_results_left_past_their_life_are_noticed_before_download(
         assert emulator.stats["charged"] == len(sources)
         assert emulator.stats.get("downloads", 0) == downloads_before, \
             "an expired link must be noticed before any download is tried"
+
+
+def test_a_job_fails_with_the_last_reason_after_its_attempt_limit(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(faults=Faults(submit_5xx=1.0))
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg")
+    config = config_file(tmp_path, "")
+    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.02\nmax_attempts = 3\n"
+                      "breaker_threshold = 100\n")
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 1
+    assert emulator.stats["submits"] == 3
+    ledger = ledger_of(out)
+    [problem] = ledger.problems()
+    ledger.close()
+    assert problem.state == "failed" and problem.http_status == 502
+    assert "gave up after 3 attempts" in problem.reason
+
+
+def test_slow_answers_are_waited_for(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(faults=Faults(stall=0.3, stall_seconds=0.8), seed=2)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(8)}
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    assert result.returncode == 0
+    assert emulator.stats["stalls"] > 0
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == len(sources)

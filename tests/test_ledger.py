@@ -44,12 +44,13 @@ class TestLedger:
                           info=TransitionInfo(http_status=200, request_id="r1", log_id="l1"))
         with pytest.raises(IllegalTransition):
             ledger.transition(job.id, JobState.SUBMITTING)
+        ledger.transition(job.id, JobState.PROCESSING, expect=JobState.QUEUED)
         with pytest.raises(StaleTransition):
-            ledger.transition(job.id, JobState.PROCESSING, expect=JobState.PENDING)
+            ledger.transition(job.id, JobState.READY, expect=JobState.QUEUED)
         history = ledger.history(job.id)
         assert [(h["from_state"], h["to_state"]) for h in history] == [
-            ("pending", "submitting"), ("submitting", "queued")]
-        assert history[-1]["request_id"] == "r1" and history[-1]["log_id"] == "l1"
+            ("pending", "submitting"), ("submitting", "queued"), ("queued", "processing")]
+        assert history[1]["request_id"] == "r1" and history[1]["log_id"] == "l1"
         assert ledger.job(job.id).task_id == "t-1"
 
     def test_recovery_marks_lost_answers_ambiguous_and_charges_them(self, ledger: Ledger) -> None:
@@ -94,3 +95,17 @@ class TestLedger:
         assert ledger.reset_jobs([JobState.FAILED], "x") == 0
         assert ledger.reset_jobs([JobState.REJECTED], "retry") == 1
         assert ledger.job(job.id).state is JobState.PENDING
+
+
+def test_downloads_are_claimed_soonest_to_expire_first(ledger_location: str) -> None:
+    ledger = open_ledger(ledger_location)
+    ledger.record_scan([scanned(f"{c}.jpg", c * 64) for c in "abc"], "100000000")
+    for job, expires in zip(ledger.claimable([JobState.PENDING], 3), (300.0, 100.0, 200.0),
+                            strict=True):
+        ledger.transition(job.id, JobState.SUBMITTING)
+        ledger.transition(job.id, JobState.QUEUED, task_id=f"t{job.id}", expires_at=expires)
+        ledger.transition(job.id, JobState.READY, result_urls=["http://r"])
+    order = [j.expires_at for j in ledger.claimable([JobState.READY], 3,
+                                                     soonest_expiry_first=True)]
+    ledger.close()
+    assert order == [100.0, 200.0, 300.0]

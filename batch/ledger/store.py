@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch import crashpoints
@@ -130,6 +130,9 @@ class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        self._updates: dict[tuple[tuple[str, ...], bool], Any] = {}
+        self._state_query = select(jobs.c.state).where(jobs.c.id == bindparam("job_id"))
+        self._event_insert = insert(events)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -228,18 +231,20 @@ class Ledger:
         *,
         expect: JobState | None = None,
         info: TransitionInfo | None = None,
+        charge: bool = False,
         **fields: Any,
     ) -> None:
         """Move one job to ``target``: checked against the legal transitions, compare-and-set
-        against its current (or ``expect``-ed) state, with a history row, in one transaction."""
+        against its current (or ``expect``-ed) state, with a history row, in one transaction.
+        ``charge`` counts one more upload that may have cost credits."""
         with self._tx() as conn:
-            current = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
-            if current is None:
-                raise KeyError(f"no job {job_id}")
-            if expect is not None and current != expect:
-                raise StaleTransition(f"job {job_id} is {current}, expected {expect}")
-            check_transition(job_id, current, target)
-            self._apply(conn, job_id, JobState(current), target, info, fields)
+            if expect is None:
+                current = conn.execute(self._state_query, {"job_id": job_id}).scalar()
+                if current is None:
+                    raise KeyError(f"no job {job_id}")
+                expect = JobState(current)
+            check_transition(job_id, expect, target)
+            self._apply(conn, job_id, expect, target, info, fields, charge=charge)
         crashpoints.reached(target.value)
 
     def _apply(
@@ -250,9 +255,11 @@ class Ledger:
         target: JobState,
         info: TransitionInfo | None,
         fields: dict[str, Any],
+        *,
+        charge: bool = False,
     ) -> None:
         now = time.time()
-        values: dict[str, Any] = {"state": target.value, "updated_at": now, **fields}
+        values: dict[str, Any] = {"state": target.value, "updated_at": now}
         if info is not None:
             values.update(
                 http_status=info.http_status, error_code=info.error_code,
@@ -260,15 +267,31 @@ class Ledger:
             )
             if info.message is not None:
                 values["reason"] = info.message
-        if "result_urls" in values and isinstance(values["result_urls"], list):
+        values.update(fields)
+        if isinstance(values.get("result_urls"), list):
             values["result_urls"] = json.dumps(values["result_urls"])
-        result = conn.execute(
-            update(jobs).where(jobs.c.id == job_id, jobs.c.state == current.value).values(values)
-        )
+        statement = self._update_statement(tuple(sorted(values)), charge)
+        result = conn.execute(statement, {**values, "_job_id": job_id, "_from": current.value})
         if result.rowcount != 1:
-            raise StaleTransition(f"job {job_id} changed state concurrently")
-        attempt = fields.get("attempts", 0)
-        self._event(conn, job_id, current.value, target.value, attempt, info, now)
+            actual = conn.execute(self._state_query, {"job_id": job_id}).scalar()
+            raise StaleTransition(f"job {job_id} is {actual}, expected {current.value}")
+        self._event(conn, job_id, current.value, target.value, fields.get("attempts", 0), info,
+                    now)
+
+    def _update_statement(self, columns: tuple[str, ...], charge: bool) -> Any:
+        """Built once per column set, so SQLAlchemy reuses the compiled statement."""
+        key = (columns, charge)
+        statement = self._updates.get(key)
+        if statement is None:
+            assignments: dict[str, Any] = {c: bindparam(c) for c in columns}
+            if charge:
+                assignments["charges"] = jobs.c.charges + 1
+            statement = (update(jobs)
+                         .where(jobs.c.id == bindparam("_job_id"),
+                                jobs.c.state == bindparam("_from"))
+                         .values(assignments))
+            self._updates[key] = statement
+        return statement
 
     def _event(
         self,
@@ -281,13 +304,11 @@ class Ledger:
         now: float,
     ) -> None:
         info = info or TransitionInfo()
-        conn.execute(
-            insert(events).values(
-                job_id=job_id, at=now, from_state=from_state, to_state=to_state, attempt=attempt,
-                http_status=info.http_status, error_code=info.error_code,
-                request_id=info.request_id, log_id=info.log_id, message=info.message,
-            )
-        )
+        conn.execute(self._event_insert, {
+            "job_id": job_id, "at": now, "from_state": from_state, "to_state": to_state,
+            "attempt": attempt, "http_status": info.http_status, "error_code": info.error_code,
+            "request_id": info.request_id, "log_id": info.log_id, "message": info.message,
+        })
 
     def note_attempt(
         self, job_id: int, info: TransitionInfo, *, attempts: int, next_attempt_at: float
@@ -324,10 +345,10 @@ class Ledger:
                     if target is JobState.AMBIGUOUS:
                         info = TransitionInfo(error_code="AMBIGUOUS_SUBMIT",
                                               message=messages[target])
-                        fields: dict[str, Any] = {"charges": jobs.c.charges + 1}
                     else:
-                        info, fields = TransitionInfo(message=messages[target]), {}
-                    self._apply(conn, job_id, source, target, info, fields)
+                        info = TransitionInfo(message=messages[target])
+                    self._apply(conn, job_id, source, target, info, {},
+                                charge=target is JobState.AMBIGUOUS)
             counts[target.value] = len(ids)
         return counts
 
@@ -517,29 +538,19 @@ class Ledger:
 
     # ---- dialect helpers ------------------------------------------------------------------
 
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert(table) if self._dialect == "postgresql"
+                else sqlite.insert(table))
+
     def _insert_ignore(self, conn: Connection, table: Any, rows: list[dict[str, Any]],
                        keys: list[str]) -> None:
-        for start in range(0, len(rows), 500):
-            chunk = rows[start : start + 500]
-            stmt: Any
-            if self._dialect == "postgresql":
-                stmt = postgresql.insert(table).values(chunk).on_conflict_do_nothing(
-                    index_elements=keys)
-            else:
-                stmt = sqlite.insert(table).values(chunk).on_conflict_do_nothing(
-                    index_elements=keys)
-            conn.execute(stmt)
+        if rows:
+            conn.execute(self._insert(table).on_conflict_do_nothing(index_elements=keys), rows)
 
     def _upsert(self, conn: Connection, table: Any, rows: list[dict[str, Any]], keys: list[str],
                 update_cols: list[str]) -> None:
-        for start in range(0, len(rows), 500):
-            chunk = rows[start : start + 500]
-            stmt: Any
-            if self._dialect == "postgresql":
-                stmt = postgresql.insert(table).values(chunk)
-            else:
-                stmt = sqlite.insert(table).values(chunk)
+        if rows:
+            stmt = self._insert(table)
             stmt = stmt.on_conflict_do_update(
-                index_elements=keys, set_={c: stmt.excluded[c] for c in update_cols}
-            )
-            conn.execute(stmt)
+                index_elements=keys, set_={c: stmt.excluded[c] for c in update_cols})
+            conn.execute(stmt, rows)

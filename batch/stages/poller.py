@@ -7,6 +7,7 @@ import heapq
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from batch import apispec
 from batch.api import ApiError, ErrorKind
@@ -102,7 +103,7 @@ class Poller:
             self.tracked.pop(job_id, None)
 
     def _move(self, job_id: int, target: JobState, info: TransitionInfo, keep: bool = False,
-              **fields: object) -> None:
+              **fields: Any) -> None:
         item = self.tracked[job_id]
         try:
             self.rt.ledger.transition(job_id, target, expect=item.state, info=info, **fields)

@@ -12,14 +12,12 @@ from pathlib import Path
 from batch import crashpoints
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
-from batch.ledger.models import jobs
 from batch.options import Options
 from batch.preflight import Prepared, Rejected, preflight
 from batch.stages.runtime import Runtime, wait_any
 from batch.states import JobState
 
 log = logging.getLogger("batch.submit")
-CHARGE = jobs.c.charges + 1
 
 
 def info_of(error: ApiError) -> TransitionInfo:
@@ -94,7 +92,7 @@ class Submitter:
             return
         except asyncio.CancelledError:
             rt.ledger.transition(
-                job.id, JobState.AMBIGUOUS, charges=CHARGE, error_code="AMBIGUOUS_SUBMIT",
+                job.id, JobState.AMBIGUOUS, charge=True, error_code="AMBIGUOUS_SUBMIT",
                 info=TransitionInfo(message="interrupted while waiting for the upload's answer: "
                                             "it may have been charged"))
             raise
@@ -104,7 +102,7 @@ class Submitter:
         rt.ledger.transition(
             job.id, JobState.QUEUED, task_id=submitted.task_id, submitted_at=now,
             expires_at=now + rt.config.result_ttl, attempts=0, next_attempt_at=0.0,
-            charges=CHARGE, reason=None,
+            charge=True, reason=None,
             info=TransitionInfo(http_status=200, request_id=submitted.request_id,
                                 log_id=submitted.log_id),
         )
@@ -141,7 +139,7 @@ class Submitter:
         attempts = job.attempts + 1
         if error.kind is ErrorKind.AMBIGUOUS:
             log.warning("Upload answer lost for job %s: %s", job.id, error.message)
-            rt.ledger.transition(job.id, JobState.AMBIGUOUS, charges=CHARGE, attempts=attempts,
+            rt.ledger.transition(job.id, JobState.AMBIGUOUS, charge=True, attempts=attempts,
                                  error_code="AMBIGUOUS_SUBMIT",
                                  next_attempt_at=time.time() + rt.backoff(attempts), info=info)
         elif error.kind is ErrorKind.ACCOUNT:

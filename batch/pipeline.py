@@ -99,7 +99,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
     assert config.api_key is not None
     progress = Progress(config.progress)
     client = ApiClient(config.api_base, config.api_key,
-                       limiter=RateLimiter(config.max_qps, burst=max(1, int(config.max_qps))),
+                       limiter=RateLimiter(config.max_qps, burst=1),
                        timeouts=Timeouts(submit=config.submit_timeout),
                        max_connections=max(8, config.concurrency * 3),
                        max_result_bytes=config.max_result_bytes)

@@ -206,6 +206,9 @@ class ApiHandler(_Handler):
         with state.lock:
             task = state.tasks.get(task_id)
             state.queries_per_task[task_id] += 1
+        if task is None and state.config.unknown_tasks_queued:
+            self._json(200, _envelope(200, task_status=apispec.TASK_QUEUED, data={}))
+            return
         if task is None or state.expired(task):
             self._reject(Rejection(404, "ERROR_TASK_NOT_EXISTS", "Task not found or expired."))
             return

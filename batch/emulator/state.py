@@ -55,6 +55,8 @@ class EmulatorConfig:
     #: Requests per second the API host accepts before answering 429 (None: unlimited).
     qps_limit: float | None = None
     require_face: bool = True
+    #: Answer "queued" for task ids it never issued (memory benchmarks with pre-filled ledgers).
+    unknown_tasks_queued: bool = False
     seed: int = 0
     faults: Faults = field(default_factory=Faults)
 

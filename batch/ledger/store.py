@@ -139,13 +139,23 @@ class Ledger:
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE, so it never fails half-way on lock
+        upgrade)."""
         with self.engine.begin() as conn:
             yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction: in WAL mode it waits for no writer."""
+        with self.engine.connect() as conn:
+            conn.execution_options(readonly=True)
+            with conn.begin():
+                yield conn
 
     # ---- meta ---------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        with self._tx() as conn:
+        with self._read() as conn:
             return conn.scalar(select(meta.c.value).where(meta.c.key == key))
 
     def set_meta(self, key: str, value: str) -> None:
@@ -160,7 +170,7 @@ class Ledger:
             files.c.rel_path, files.c.id, files.c.size_bytes, files.c.mtime_ns,
             files.c.content_sha256, files.c.job_id, files.c.problem,
         ).where(files.c.root == root)
-        with self._tx() as conn:
+        with self._read() as conn:
             return {
                 r.rel_path: KnownFile(r.id, r.size_bytes, r.mtime_ns, r.content_sha256,
                                       r.job_id, r.problem)
@@ -170,7 +180,7 @@ class Ledger:
     def job_options(self, job_ids: Iterable[int]) -> dict[int, str]:
         ids = list(set(job_ids))
         result: dict[int, str] = {}
-        with self._tx() as conn:
+        with self._read() as conn:
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 query = select(jobs.c.id, jobs.c.options_fp).where(jobs.c.id.in_(chunk))
@@ -377,7 +387,7 @@ class Ledger:
             .order_by(*order)
             .limit(limit + len(exclude))
         )
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = [_job(r) for r in conn.execute(query)]
         return [r for r in rows if r.id not in exclude][:limit]
 
@@ -386,16 +396,16 @@ class Ledger:
         query = query.order_by(func.coalesce(jobs.c.expires_at, 0), jobs.c.id)
         if limit is not None:
             query = query.limit(limit)
-        with self._tx() as conn:
+        with self._read() as conn:
             return [_job(r) for r in conn.execute(query)]
 
     def job(self, job_id: int) -> JobRow:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
         return _job(row)
 
     def files_for_job(self, job_id: int) -> list[FileRow]:
-        with self._tx() as conn:
+        with self._read() as conn:
             query = select(files).where(files.c.job_id == job_id).order_by(files.c.id)
             return [_file(r) for r in conn.execute(query)]
 
@@ -411,12 +421,12 @@ class Ledger:
                     files.c.written_sha256 != jobs.c.result_sha256),
             )
         )
-        with self._tx() as conn:
+        with self._read() as conn:
             return [_file(r) for r in conn.execute(query)]
 
     def written_outputs(self) -> list[FileRow]:
         query = select(files).where(files.c.written_rel.is_not(None))
-        with self._tx() as conn:
+        with self._read() as conn:
             return [_file(r) for r in conn.execute(query)]
 
     def set_file_output(
@@ -451,7 +461,7 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         """Jobs per state (only jobs some file still points at), plus file-level problems."""
         wanted = select(files.c.job_id).where(files.c.job_id.is_not(None))
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(jobs.c.state, func.count()).where(jobs.c.id.in_(wanted))
                 .group_by(jobs.c.state)
@@ -466,17 +476,17 @@ class Ledger:
         return counts
 
     def charges(self) -> int:
-        with self._tx() as conn:
+        with self._read() as conn:
             return conn.scalar(select(func.coalesce(func.sum(jobs.c.charges), 0))) or 0
 
     def ambiguous_events(self) -> int:
         """How many uploads ever ended without a known answer (each may have been charged)."""
-        with self._tx() as conn:
+        with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(events).where(
                 events.c.to_state == JobState.AMBIGUOUS.value)) or 0
 
     def file_count(self) -> int:
-        with self._tx() as conn:
+        with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(files)) or 0
 
     def problems(self) -> list[Problem]:
@@ -490,7 +500,7 @@ class Ledger:
             .where(or_(files.c.problem.is_not(None), jobs.c.state.in_(bad)))
             .order_by(files.c.root, files.c.rel_path)
         )
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(query).all()
         result = []
         for r in rows:
@@ -504,12 +514,12 @@ class Ledger:
 
     def history(self, job_id: int) -> list[dict[str, Any]]:
         query = select(events).where(events.c.job_id == job_id).order_by(events.c.id)
-        with self._tx() as conn:
+        with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def unfinished(self, states: Sequence[JobState]) -> int:
         wanted = select(files.c.job_id).where(files.c.job_id.is_not(None))
-        with self._tx() as conn:
+        with self._read() as conn:
             return conn.scalar(
                 select(func.count()).select_from(jobs).where(
                     jobs.c.state.in_([s.value for s in states]), jobs.c.id.in_(wanted))

@@ -38,17 +38,26 @@ class Poller:
         self.in_flight: set[asyncio.Task[None]] = set()
         self._last_sync = 0.0
 
+    def _track(self, job_id: int, task_id: str, state: JobState, submitted_at: float,
+               expires_at: float) -> None:
+        if job_id in self.tracked:
+            return
+        self.tracked[job_id] = Tracked(task_id, state, expires_at)
+        first = submitted_at + self.rt.config.poll_interval
+        heapq.heappush(self.heap, (max(first, time.time()), job_id))
+
+    def _take_handoffs(self) -> None:
+        handoffs, self.rt.newly_queued[:] = list(self.rt.newly_queued), []
+        for job_id, task_id, submitted_at, expires_at in handoffs:
+            self._track(job_id, task_id, JobState.QUEUED, submitted_at, expires_at)
+
     def _sync(self) -> None:
-        """Pick up every open task from the ledger (at start, on wake-up, now and then)."""
+        """Pick up every open task from the ledger (at start, then now and then)."""
         now = time.time()
-        interval = self.rt.config.poll_interval
         for job in self.rt.ledger.jobs_in(OPEN):
-            if job.id in self.tracked or not job.task_id:
-                continue
-            expires = job.expires_at or now + apispec.RESULT_TTL_SECONDS
-            self.tracked[job.id] = Tracked(job.task_id, job.state, expires)
-            first = (job.submitted_at or now) + interval
-            heapq.heappush(self.heap, (max(first, now), job.id))
+            if job.task_id:
+                self._track(job.id, job.task_id, job.state, job.submitted_at or now,
+                            job.expires_at or now + apispec.RESULT_TTL_SECONDS)
         self._last_sync = now
 
     async def run(self) -> None:
@@ -66,8 +75,9 @@ class Poller:
             timeout = (self.heap[0][0] - now) if self.heap else 1.0
             if len(self.in_flight) >= limit:
                 timeout = 1.0
-            woken = await wait_any(rt.wake_poller, self.in_flight, min(timeout, 1.0))
-            if woken or not self.heap or time.time() - self._last_sync > RESYNC_SECONDS:
+            await wait_any(rt.wake_poller, self.in_flight, min(timeout, 1.0))
+            self._take_handoffs()
+            if time.time() - self._last_sync > RESYNC_SECONDS:
                 self._sync()
 
     def _again(self, job_id: int, delay: float) -> None:

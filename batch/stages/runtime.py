@@ -48,6 +48,9 @@ class Runtime:
     wake_poller: asyncio.Event = field(default_factory=asyncio.Event)
     wake_downloader: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Tasks the submitter has just committed as queued (job id, task id, submitted, expires):
+    #: a shortcut for the poller. The ledger stays the truth; the poller resyncs from it.
+    newly_queued: list[tuple[int, str, float, float]] = field(default_factory=list)
 
     def backoff(self, attempt: int) -> float:
         return backoff_delay(attempt, base=self.config.backoff_base, cap=self.config.backoff_cap,

@@ -12,6 +12,7 @@ from pathlib import Path
 from batch import crashpoints
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
+from batch.ledger.store import FileRow
 from batch.options import Options
 from batch.preflight import Prepared, Rejected, preflight
 from batch.stages.runtime import Runtime, wait_any
@@ -66,7 +67,8 @@ class Submitter:
     async def _submit(self, job: JobRow) -> None:
         rt = self.rt
         try:
-            prepared, filename = await asyncio.to_thread(self._prepare, job)
+            candidates = [f for f in rt.ledger.files_for_job(job.id) if f.problem is None]
+            prepared, filename = await asyncio.to_thread(self._prepare, job, candidates)
         except Rejected as rejected:
             rt.ledger.transition(job.id, JobState.REJECTED, expect=job.state,
                                  info=TransitionInfo(message=rejected.reason))
@@ -107,18 +109,18 @@ class Submitter:
                                 log_id=submitted.log_id),
         )
         rt.progress.sent()
+        rt.newly_queued.append((job.id, submitted.task_id, now, now + rt.config.result_ttl))
         rt.wake_poller.set()
 
-    def _prepare(self, job: JobRow) -> tuple[Prepared, str]:
+    @staticmethod
+    def _prepare(job: JobRow, candidates: list[FileRow]) -> tuple[Prepared, str]:
         """Read the job's bytes from any linked file that still holds exactly that content."""
-        candidates = [f for f in self.rt.ledger.files_for_job(job.id) if f.problem is None]
-        missing = changed = 0
+        changed = 0
         for f in candidates:
             path = Path(f.root) / f.rel_path
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
-                missing += 1
                 continue
             except PermissionError as exc:
                 raise Rejected("permission denied: the file cannot be read") from exc

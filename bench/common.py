@@ -1,0 +1,56 @@
+"""Shared helpers: images on disk, running the CLI as a measured child process."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from batch.emulator import Emulator
+from tests.imagegen import write_portrait
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench-key"
+WRAPPER = ("import atexit, resource, sys\n"
+           "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage("
+           "resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+           "from batch.cli import main\nmain()\n")
+
+
+def make_images(folder: Path, count: int, size: tuple[int, int] = (64, 80)) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = folder / f"batch {i // 100:02d}" / f"img {i:05d}.jpg"
+        write_portrait(path, "JPEG", seed=i, size=size)
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class ChildRun:
+    returncode: int
+    wall: float
+    cpu: float
+    peak_rss_mb: float
+    stdout: str
+    stderr: str
+
+
+def run_cli(args: list[str], emulator: Emulator, timeout: float = 1800) -> ChildRun:
+    """Run ``skinbatch`` in a child process; measure wall time, its CPU and its peak RSS."""
+    env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
+           "PYTHONPATH": str(ROOT)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    peak = next((int(line.split()[1]) for line in proc.stderr.splitlines()
+                 if line.startswith("PEAK_RSS_KB")), 0)
+    return ChildRun(proc.returncode, wall, cpu, peak / 1024, proc.stdout, proc.stderr)

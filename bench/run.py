@@ -1,0 +1,241 @@
+"""skinbatch benchmarks: `python -m bench.run` (full, a few minutes) or `--quick` (CI smoke).
+
+Every figure is measured in this run, next to its baseline measured in the same run, against the
+emulator on loopback. Prints a table of figures, targets and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from batch.emulator import Emulator, EmulatorConfig
+from batch.ledger import open_ledger
+from batch.ledger.store import ScannedFile
+from batch.scan import SourceRoot, scan
+from batch.states import JobState
+from bench.baseline import sequential_client
+from bench.common import KEY, ROOT, WRAPPER, make_images, run_cli
+
+FP = "100000000"
+
+
+@dataclass
+class Row:
+    name: str
+    figure: str
+    target: str
+    ok: bool | None
+
+
+ROWS: list[Row] = []
+
+
+def row(name: str, figure: str, target: str = "", ok: bool | None = None) -> None:
+    ROWS.append(Row(name, figure, target, ok))
+    mark = "" if ok is None else (" OK" if ok else " MISS")
+    print(f"  {name}: {figure}  {target}{mark}", flush=True)
+
+
+# ---- 1 + 2: throughput against the theoretical bound, and query economy ---------------------
+
+def bench_throughput(work: Path, images: int, quick: bool) -> None:
+    qps, poll, concurrency, latency = 40.0, 0.5, 8, 0.03
+    config = EmulatorConfig(api_keys=frozenset({KEY}), queue_seconds=0.5, process_seconds=0.8,
+                            jitter=0.3, latency=latency, qps_limit=qps)
+    src = work / "throughput-src"
+    paths = make_images(src, images)
+    with Emulator(config) as emulator:
+        child = run_cli(["run", str(src), "--out", str(work / "throughput-out"), "--smart-skin",
+                         "--max-qps", str(qps), "--poll-interval", str(poll), "--concurrency",
+                         str(concurrency), "--no-progress", "-q"], emulator)
+        assert child.returncode == 0, child.stderr[-3000:]
+        tasks = list(emulator.state.tasks.values())
+        needed = [math.ceil((t.ready_at - t.created) / poll) for t in tasks]
+        queries = sum(emulator.state.queries_per_task[t.task_id] for t in tasks)
+        rate_limited = emulator.stats.get("rate_limited", 0)
+        sample = paths[: 4 if quick else 8]
+        baseline_seconds = sequential_client(emulator.api_base, KEY, sample,
+                                             work / "baseline-out", poll)
+    requests = len(tasks) + sum(needed)
+    bound_seconds = requests / qps + poll
+    achieved = images / child.wall * 60
+    bound = images / bound_seconds * 60
+    baseline = len(sample) / baseline_seconds * 60
+    print(f"  ({images} images, QPS cap {qps:g}, poll {poll:g}s, tasks {0.5 + 0.8:.1f}s +-30%, "
+          f"latency {latency * 1000:.0f} ms, concurrency {concurrency}; 429s seen: "
+          f"{rate_limited}; baseline measured on {len(sample)} images)")
+    row("throughput", f"{achieved:.0f} img/min; bound {bound:.0f}; "
+        f"achieved/bound {achieved / bound:.2f}", ">= 0.95", achieved / bound >= 0.95)
+    row("speed-up vs sequential", f"{achieved / baseline:.1f}x ({baseline:.0f} img/min)",
+        f">= {concurrency}x", achieved / baseline >= concurrency)
+    row("queries per task vs minimum", f"{queries / sum(needed):.2f}x "
+        f"({queries} for a minimum of {sum(needed)})", "<= 1.2x", queries / sum(needed) <= 1.2)
+
+
+# ---- 3: scanning ----------------------------------------------------------------------------
+
+def make_tree(root: Path, files: int) -> None:
+    rng = os.urandom
+    for i in range(files):
+        folder = root / f"d{i // 1000:03d}"
+        if i % 1000 == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{i:06d}.jpg").write_bytes(rng(1024))
+
+
+def timed(func: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    func()
+    return time.perf_counter() - started
+
+
+def plain_walk(root: Path) -> int:
+    count, stack = 0, [str(root)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    entry.stat()
+                    count += 1
+    return count
+
+
+def bench_scan(work: Path, files: int) -> None:
+    tree = work / "scan-tree"
+    make_tree(tree, files)
+    subprocess.run(["sync"], check=False)
+    sha = timed(lambda: subprocess.run(
+        f"find '{tree}' -type f -print0 | xargs -0 -P 2 -n 2000 sha256sum > /dev/null",
+        shell=True, check=True))
+    ledger = open_ledger(work / "scan.sqlite")
+    first = timed(lambda: scan(ledger, [SourceRoot(tree)], FP))
+    walk = timed(lambda: plain_walk(tree))
+    again = timed(lambda: scan(ledger, [SourceRoot(tree)], FP))
+    ledger.close()
+    print(f"  ({files} files of 1 KiB; sha256sum -P2 {sha:.2f}s, plain scandir walk {walk:.2f}s)")
+    row("first scan vs sha256sum", f"{files / first:.0f} files/s; {sha / first:.2f}x",
+        ">= 0.9x", sha / first >= 0.9)
+    row("re-scan vs plain walk", f"{again:.2f}s; {again / walk:.2f}x", "<= 1.5x",
+        again / walk <= 1.5)
+
+
+# ---- 4: the ledger --------------------------------------------------------------------------
+
+def bench_ledger(work: Path, jobs: int) -> None:
+    path = work / "ledger-bench.sqlite"
+    ledger = open_ledger(path)
+    batches = [[ScannedFile("/src", f"{i}.jpg", f"{i}.jpg", 1000, 1, f"{i:064x}")
+                for i in range(start, min(jobs, start + 512))] for start in range(0, jobs, 512)]
+    enqueue = timed(lambda: [ledger.record_scan(b, FP) for b in batches])
+    ids = [j.id for j in ledger.claimable([JobState.PENDING], jobs)]
+    move = timed(lambda: [ledger.transition(i, JobState.SUBMITTING, expect=JobState.PENDING)
+                          for i in ids])
+    ledger.close()
+    size = sum(p.stat().st_size for p in work.glob("ledger-bench.sqlite*"))
+    row(f"enqueue {jobs} jobs", f"{enqueue:.2f}s ({enqueue / jobs * 1e6:.0f} us/job)",
+        f"< {10 * jobs / 100_000:g}s", enqueue < 10 * jobs / 100_000)
+    row(f"{len(ids)} transitions", f"{move / len(ids) * 1e3:.2f} ms each (durable commit + "
+        "history row)")
+    row("ledger size", f"{size / jobs:.0f} bytes/job (file + history + WAL)")
+
+
+# ---- 5 + 6: memory and CPU per image --------------------------------------------------------
+
+def bench_memory_queued(work: Path, jobs: int) -> float:
+    """Peak RSS of a run that holds ``jobs`` queued tasks (the emulator keeps them queued)."""
+    out = work / "queued-out"
+    location = out / ".skinbatch" / "ledger.sqlite"
+    ledger = open_ledger(location)
+    src = work / "queued-src"
+    src.mkdir(parents=True, exist_ok=True)
+    root = str(src.resolve())
+    for start in range(0, jobs, 512):
+        ledger.record_scan([ScannedFile(root, f"{i}.jpg", f"{i}.jpg", 1000, 1, f"{i:064x}")
+                            for i in range(start, min(jobs, start + 512))], FP)
+    with ledger.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE jobs SET state='queued', task_id='t' || id, submitted_at=?, expires_at=?",
+            (time.time(), time.time() + 86400))
+    ledger.close()
+    config = EmulatorConfig(api_keys=frozenset({KEY}), unknown_tasks_queued=True)
+    with Emulator(config) as emulator:
+        env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
+               "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "run", str(src), "--out",
+                                 str(out), "--poll-interval", "5", "--max-qps", "200", "-q",
+                                 "--no-progress"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and emulator.stats.get("queries", 0) < 1000:
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    peak = next((int(line.split()[1]) for line in stderr.splitlines()
+                 if line.startswith("PEAK_RSS_KB")), 0) / 1024
+    return peak
+
+
+def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
+    src = work / "cpu-src"
+    paths = make_images(src, images)
+    config = EmulatorConfig(api_keys=frozenset({KEY}), queue_seconds=0.1, process_seconds=0.1)
+    with Emulator(config) as emulator:
+        child = run_cli(["run", str(src), "--out", str(work / "cpu-out"), "--smart-skin",
+                         "--poll-interval", "0.2", "--max-qps", "1000", "--concurrency", "8",
+                         "--no-progress", "-q"], emulator)
+        assert child.returncode == 0, child.stderr[-3000:]
+    started = time.process_time()
+    for path in paths:
+        hashlib.sha256(path.read_bytes()).hexdigest()
+        hashlib.sha256(path.read_bytes()).hexdigest()  # scan + the re-read before upload
+    hashing = time.process_time() - started
+    per_image = (child.cpu - hashing) / images * 1000
+    peak_queued = bench_memory_queued(work, queued)
+    row(f"peak RSS, {images}-image run", f"{child.peak_rss_mb:.0f} MB", "<= 150 MB",
+        child.peak_rss_mb <= 150)
+    row(f"peak RSS, {queued} queued jobs", f"{peak_queued:.0f} MB", "<= 150 MB",
+        peak_queued <= 150)
+    row("client CPU per image", f"{per_image:.2f} ms (user+sys {child.cpu:.1f}s, "
+        f"hashing {hashing:.2f}s, {images} images)", "<= 5 ms", per_image <= 5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: proves it works")
+    args = parser.parse_args()
+    quick = args.quick
+    work = Path(tempfile.mkdtemp(prefix="skinbatch-bench-"))
+    try:
+        print("1-2. throughput and query economy")
+        bench_throughput(work, 40 if quick else 500, quick)
+        print("3. scan")
+        bench_scan(work, 3_000 if quick else 100_000)
+        print("4. ledger")
+        bench_ledger(work, 5_000 if quick else 100_000)
+        print("5-6. memory and CPU")
+        bench_memory_and_cpu(work, 100 if quick else 2_000, 5_000 if quick else 100_000)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n| benchmark | figure | target | |\n|---|---|---|---|")
+    for r in ROWS:
+        verdict = "" if r.ok is None else ("met" if r.ok else "missed")
+        print(f"| {r.name} | {r.figure} | {r.target} | {verdict} |")
+
+
+if __name__ == "__main__":
+    main()

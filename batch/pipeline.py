@@ -101,7 +101,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
     client = ApiClient(config.api_base, config.api_key,
                        limiter=RateLimiter(config.max_qps, burst=1),
                        timeouts=Timeouts(submit=config.submit_timeout),
-                       max_connections=max(8, config.concurrency * 3),
+                       max_connections=config.concurrency + 4,
+                       max_downloads=max(2, config.concurrency),
                        max_result_bytes=config.max_result_bytes)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
     rt = Runtime(ledger, client, config, out_dir, progress, breaker)

@@ -9,7 +9,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch import crashpoints
@@ -120,6 +131,10 @@ def _file(row: Any) -> FileRow:
     return FileRow(**{name: getattr(row, name) for name in FileRow.__slots__})
 
 
+#: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
+WANTED = exists().where(files.c.job_id == jobs.c.id)
+
+
 class StaleTransition(RuntimeError):
     """The job was no longer in the expected state (another worker or process moved it)."""
 
@@ -133,6 +148,7 @@ class Ledger:
         self._updates: dict[tuple[tuple[str, ...], bool], Any] = {}
         self._state_query = select(jobs.c.state).where(jobs.c.id == bindparam("job_id"))
         self._event_insert = insert(events)
+        self._reader = engine.execution_options(readonly=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -147,10 +163,8 @@ class Ledger:
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A read-only transaction: in WAL mode it waits for no writer."""
-        with self.engine.connect() as conn:
-            conn.execution_options(readonly=True)
-            with conn.begin():
-                yield conn
+        with self._reader.begin() as conn:
+            yield conn
 
     # ---- meta ---------------------------------------------------------------------------
 
@@ -382,7 +396,7 @@ class Ledger:
             .where(
                 jobs.c.state.in_([s.value for s in states]),
                 jobs.c.next_attempt_at <= now,
-                jobs.c.id.in_(select(files.c.job_id).where(files.c.job_id.is_not(None))),
+                WANTED,
             )
             .order_by(*order)
             .limit(limit + len(exclude))
@@ -460,11 +474,9 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         """Jobs per state (only jobs some file still points at), plus file-level problems."""
-        wanted = select(files.c.job_id).where(files.c.job_id.is_not(None))
         with self._read() as conn:
             rows = conn.execute(
-                select(jobs.c.state, func.count()).where(jobs.c.id.in_(wanted))
-                .group_by(jobs.c.state)
+                select(jobs.c.state, func.count()).where(WANTED).group_by(jobs.c.state)
             ).all()
             unreadable = conn.scalar(
                 select(func.count()).select_from(files).where(files.c.job_id.is_(None),
@@ -518,11 +530,10 @@ class Ledger:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def unfinished(self, states: Sequence[JobState]) -> int:
-        wanted = select(files.c.job_id).where(files.c.job_id.is_not(None))
         with self._read() as conn:
             return conn.scalar(
                 select(func.count()).select_from(jobs).where(
-                    jobs.c.state.in_([s.value for s in states]), jobs.c.id.in_(wanted))
+                    jobs.c.state.in_([s.value for s in states]), WANTED)
             ) or 0
 
     def reset_jobs(self, states: Sequence[JobState], message: str,

@@ -52,8 +52,8 @@ def row(name: str, figure: str, target: str = "", ok: bool | None = None) -> Non
 
 def bench_throughput(work: Path, images: int, quick: bool) -> None:
     qps, poll, concurrency, latency = 40.0, 0.5, 8, 0.03
-    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.5, process_seconds=0.8,
-                            jitter=0.3, latency=latency, qps_limit=qps)
+    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.5,
+                            process_seconds=0.8, jitter=0.3, latency=latency, qps_limit=qps)
     src = work / "throughput-src"
     paths = make_images(src, images)
     with Emulator(config) as emulator:
@@ -193,7 +193,8 @@ def bench_memory_queued(work: Path, jobs: int) -> float:
 def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
     src = work / "cpu-src"
     paths = make_images(src, images)
-    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.1, process_seconds=0.1)
+    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.1,
+                            process_seconds=0.1)
     with Emulator(config) as emulator:
         child = run_cli(["run", str(src), "--out", str(work / "cpu-out"), "--smart-skin",
                          "--poll-interval", "0.2", "--max-qps", "1000", "--concurrency", "8",

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from batch import config as config_mod
+from batch import dryrun
 from batch.apispec import OPTION_NAMES
 from batch.config import ConfigError, RunConfig
 from batch.emulator import Emulator, EmulatorConfig
@@ -23,6 +24,7 @@ from batch.ledger import open_ledger
 from batch.locking import LedgerBusy, RunLock
 from batch.logsetup import configure
 from batch.pipeline import RunReport, run_batch
+from batch.report import write_report
 from batch.secret import Secret
 from batch.states import JobState
 from batch.status import collect_status
@@ -78,6 +80,17 @@ def run_options(func: F) -> F:
                      help="What to do with uploads whose answer was lost (default resubmit)."),
         click.option("--on-expired", type=click.Choice(["resubmit", "report"]),
                      help="What to do with results whose links expired (default resubmit)."),
+        click.option("--max-credits", "budget", type=click.IntRange(min=0),
+                     help="At most this many uploads that may be charged in this run."),
+        click.option("--stop-submitting-at", help="No new uploads after this time "
+                                                  "(07:30, 6h, 90m or ISO 8601)."),
+        click.option("--deadline", help="End the run at this time, saving state."),
+        click.option("--report", "report", type=click.Path(path_type=Path),
+                     help="Write the report here at the end (.html, .csv or .json)."),
+        click.option("--dry-run", is_flag=True,
+                     help="Show what would be sent, rejected and skipped, and the cost."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                     help="json: one JSON object per line, for log collectors."),
         click.option("--emulator", is_flag=True,
                      help="Run against the bundled local emulator (no key, no credits)."),
         click.option("--progress/--no-progress", default=None,
@@ -100,7 +113,8 @@ def main() -> None:
 def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) -> RunConfig:
     file_values = config_mod.load_file(params["config_file"]) if params["config_file"] else {}
     flags = {k: params[k] for k in ("ledger", "api_base", "concurrency", "poll_interval",
-                                    "max_qps", "on_ambiguous", "on_expired")}
+                                    "max_qps", "on_ambiguous", "on_expired", "budget",
+                                    "stop_submitting_at", "deadline", "report")}
     flags["progress"] = params["progress"]
     env = dict(os.environ)
     if params["emulator"]:
@@ -122,7 +136,7 @@ def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
     """
     config = _build_config(sources, out, params)
     configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
-              config.api_key)
+              config.api_key, json_lines=params["log_format"] == "json")
     emulator: Emulator | None = None
     if params["emulator"]:
         emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0)).start()
@@ -132,6 +146,13 @@ def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
         if not quiet:
             click.echo(f"Using the bundled emulator at {emulator.api_base}: no credits are "
                        "spent and the retouch is a local imitation.", err=True)
+    if params["dry_run"]:
+        try:
+            click.echo(dryrun.plan(config).to_text())
+        finally:
+            if emulator is not None:
+                emulator.stop()
+        return
     if config.api_key is None:
         raise ConfigError("no API key: set AILAB_API_KEY, or api_key_file in --config; "
                           "or add --emulator to try the bundled emulator")
@@ -152,7 +173,8 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
             f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
             f"{counts['rejected']} rejected, {status.unfinished} unfinished "
             f"({report.scan.found} files scanned, {report.scan.hashed} read) "
-            f"in {report.seconds:.1f}s; credits charged so far: {status.charges}")
+            f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
+            f"(all runs: {status.charges})")
         for problem in status.problems[:20]:
             code = f" [{problem.error_code}]" if problem.error_code else ""
             click.echo(f"  {problem.state:9} {problem.path}: {problem.reason}{code}")
@@ -183,6 +205,25 @@ def status(out: Path, ledger: str | None, as_json: bool) -> None:
     finally:
         store.close()
     click.echo(report.to_json() if as_json else report.to_text())
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--ledger", help="Ledger file or database URL.")
+@click.option("--format", "fmt", type=click.Choice(["html", "csv", "json"]), default="html",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Where to write it (default: OUT/skinbatch-report.FORMAT).")
+@handle_errors
+def report(out: Path, ledger: str | None, fmt: str, output: Path | None) -> None:
+    """The morning report: counts, credits, failures with reasons, before/after thumbnails."""
+    store = open_ledger(_ledger_location(out, ledger))
+    try:
+        target = write_report(store, output or out / f"skinbatch-report.{fmt}", out.resolve(),
+                              fmt)
+    finally:
+        store.close()
+    click.echo(f"report written to {target}")
 
 
 @main.command()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from batch import apispec
+from batch.deadlines import parse_when
 from batch.options import Options
 from batch.secret import Secret
 
@@ -17,6 +19,7 @@ KEY_ENV = "AILAB_API_KEY"
 BASE_ENV = "AILAB_API_BASE"
 AmbiguousPolicy = Literal["resubmit", "hold"]
 ExpiredPolicy = Literal["resubmit", "report"]
+ShortBalancePolicy = Literal["partial", "stop"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,18 @@ class RunConfig:
     #: On Ctrl-C, how long uploads already under way may take to get their answer.
     interrupt_grace: float = 15.0
     progress: bool | None = None
+    #: At most this many uploads that may be charged in one run (None: no limit).
+    budget: int | None = None
+    #: What one image costs, for the estimate against the balance.
+    credits_per_image: float = 1.0
+    #: When the balance cannot pay for the batch: send what it can ("partial") or nothing.
+    on_short_balance: ShortBalancePolicy = "partial"
+    #: No new uploads after this moment; paid work is still polled and saved.
+    stop_submitting_at: datetime | None = None
+    #: The run ends at this moment, saving state.
+    deadline: datetime | None = None
+    #: Write the report here at the end of every run (.html, .csv or .json).
+    report: Path | None = None
 
     @property
     def ledger_location(self) -> str:
@@ -68,8 +83,11 @@ FILE_KEYS = {
     "max_attempts": int, "backoff_base": float, "backoff_cap": float, "expiry_margin": float,
     "result_ttl": float, "interrupt_grace": float, "options": dict, "breaker_threshold": int,
     "breaker_cooldown": float, "submit_timeout": float, "max_result_bytes": int,
+    "budget": int, "credits_per_image": float, "on_short_balance": str,
+    "stop_submitting_at": str, "deadline": str, "report": str,
 }
-CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report")}
+CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report"),
+           "on_short_balance": ("partial", "stop")}
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -144,6 +162,14 @@ def build(
         key = Secret(env[KEY_ENV].strip())
     elif key_file:
         key = read_key_file(Path(key_file))
+    for name in ("stop_submitting_at", "deadline"):
+        if isinstance(values.get(name), str):
+            try:
+                values[name] = parse_when(values[name])
+            except ValueError as exc:
+                raise ConfigError(f"{name.replace('_', '-')}: {exc}") from None
+    if isinstance(values.get("report"), str):
+        values["report"] = Path(values["report"]).expanduser()
     known = {f.name for f in fields(RunConfig)}
     config = RunConfig(sources=sources, out=out, options=Options(frozenset(enabled)),
                        api_key=key, **{k: v for k, v in values.items() if k in known})
@@ -158,6 +184,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("poll_interval must be positive")
     if config.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    if config.budget is not None and config.budget < 0:
+        raise ConfigError("the budget (--max-credits) cannot be negative")
+    if config.report is not None and config.report.suffix.lower() not in (".html", ".csv",
+                                                                            ".json"):
+        raise ConfigError("the report file must end in .html, .csv or .json")
     if not config.api_base.startswith(("http://", "https://")):
         raise ConfigError(f"api_base must be an http(s) URL, not {config.api_base!r}")
     for source in config.sources:
@@ -168,6 +199,3 @@ def validate(config: RunConfig) -> None:
         if source.resolve() == out:
             raise ConfigError("--out must not be the source folder itself")
 
-
-def with_key(config: RunConfig, key: Secret, api_base: str) -> RunConfig:
-    return replace(config, api_key=key, api_base=api_base)

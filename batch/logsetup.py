@@ -1,15 +1,33 @@
-"""Logging to stderr, with the key masked as a last line of defence."""
+"""Logging to stderr (text or JSON lines), with the key masked as a last line of defence."""
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
 
 from batch.secret import RedactingFilter, Secret
 
 
-def configure(level: int, secret: Secret | None = None) -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: int, secret: Secret | None = None, *, json_lines: bool = False) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     if secret is not None:
         handler.addFilter(RedactingFilter(secret))
     root = logging.getLogger()

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from batch import crashpoints
-from batch.api import ApiClient, ApiError
+from batch import apispec, crashpoints
+from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
 from batch.api.ratelimit import RateLimiter
+from batch.budget import Budget, Estimate
 from batch.config import RunConfig
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
 from batch.locking import RunLock
 from batch.outputs import clean_temp_files
 from batch.progress import Progress
+from batch.report import write_report
 from batch.scan import ScanStats, SourceRoot, scan
 from batch.stages.downloader import Downloader, materialize_copies
 from batch.stages.poller import Poller
@@ -40,6 +44,7 @@ class RunReport:
     recovered: dict[str, int] = field(default_factory=dict)
     message: str | None = None
     seconds: float = 0.0
+    charged: int = 0
 
 
 def source_roots(sources: tuple[Path, ...]) -> list[SourceRoot]:
@@ -84,15 +89,29 @@ def run_batch(config: RunConfig) -> RunReport:
         raise ValueError("no API key")
     out_dir = config.out.expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    started, started_at = time.monotonic(), datetime.now().astimezone()
     with RunLock(out_dir, config.ledger_location):
         ledger = open_ledger(config.ledger_location)
         try:
+            charges_before = ledger.charges()
             report = asyncio.run(_run(config, ledger, out_dir))
+            report.seconds = time.monotonic() - started
+            report.charged = ledger.charges() - charges_before
+            _record_run(ledger, report, started_at)
+            if config.report is not None:
+                write_report(ledger, config.report, out_dir)
         finally:
             ledger.close()
-    report.seconds = time.monotonic() - started
     return report
+
+
+def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:
+    ledger.set_meta("last_run", json.dumps({
+        "started": started_at.isoformat(timespec="seconds"),
+        "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "seconds": round(report.seconds, 1), "exit_code": int(report.exit_code),
+        "charged": report.charged, "scanned": report.scan.found, "message": report.message,
+    }))
 
 
 async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
@@ -130,6 +149,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
         crashpoints.reached("scanned")
         progress.set_total(ledger.unfinished(list(JobState)))
         materialize_copies(rt)
+        await _check_money(rt)
         await _drive(rt)
         if not rt.flags.abort:
             materialize_copies(rt)
@@ -138,19 +158,82 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
             loop.remove_signal_handler(sig)
         await client.aclose()
         progress.close()
+    waiting = rt.flags.submits_stopped
+    if waiting in ("budget reached", "stop-submitting time reached", "balance too low") or \
+            rt.flags.deadline_reached:
+        ledger.annotate_waiting(submittable_states(config), f"not sent: {waiting or 'deadline'}")
     status = collect_status(ledger, config.on_ambiguous)
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
+
+
+def submittable_states(config: RunConfig) -> list[JobState]:
+    states = [JobState.PENDING]
+    if config.on_ambiguous == "resubmit":
+        states.append(JobState.AMBIGUOUS)
+    if config.on_expired == "resubmit":
+        states.append(JobState.EXPIRED)
+    return states
+
+
+async def _check_money(rt: Runtime) -> None:
+    """Before any upload: estimate the credits the batch needs and read the balance."""
+    config = rt.config
+    to_pay = rt.ledger.unfinished(submittable_states(config))
+    limit = config.budget
+    if to_pay:
+        balance: float | None = None
+        await rt.client.limiter.acquire()
+        try:
+            balance = await rt.client.credits()
+        except ApiError as error:
+            if error.kind is ErrorKind.ACCOUNT:
+                rt.account_stop(error)
+                return
+            log.warning("Could not read the credit balance (%s); going on.", error.describe())
+        estimate = Estimate(to_pay, to_pay * config.credits_per_image, balance)
+        log.info("Credits: %s.", estimate.describe())
+        if estimate.short:
+            if config.on_short_balance == "stop":
+                rt.account_stop(ApiError(
+                    ErrorKind.ACCOUNT, f"the balance is too low for this batch "
+                    f"({estimate.describe()})", code=apispec.NOT_ENOUGH_CREDITS))
+                return
+            affordable = estimate.affordable(config.credits_per_image)
+            log.warning("The balance pays for %d of %d image(s); sending those.", affordable,
+                        to_pay)
+            if limit is None or affordable < limit:
+                rt.budget = Budget(affordable, by_balance=True)
+    if rt.budget is None and limit is not None:
+        rt.budget = Budget(limit)
+    if rt.budget is not None and rt.budget.exhausted:
+        rt.budget_spent()
+
+
+async def _clock(rt: Runtime) -> None:
+    """Stop uploads at --stop-submitting-at; end the run at --deadline."""
+    config = rt.config
+    while True:
+        now = datetime.now().astimezone()
+        if config.stop_submitting_at is not None and now >= config.stop_submitting_at:
+            rt.stop_submitting("stop-submitting time reached")
+        if config.deadline is not None and now >= config.deadline:
+            rt.flags.deadline_reached = True
+            rt.flags.abort = True
+            rt.stop_submitting("deadline reached")
+            return
+        await asyncio.sleep(0.1)
 
 
 async def _drive(rt: Runtime) -> None:
     submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
               for s in (submitter, poller, downloader)]
+    stages.append(asyncio.create_task(_clock(rt), name="clock"))
     last_count = 0.0
     try:
         while True:
-            for stage in stages:
+            for stage in stages[:3]:
                 if stage.done() and not stage.cancelled() and stage.exception():
                     raise stage.exception()  # type: ignore[misc]
             if rt.flags.abort:
@@ -183,7 +266,8 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
         return ExitCode.ACCOUNT
     if rt.flags.interrupted:
         return ExitCode.INTERRUPTED
-    if rt.flags.fatal is not None or status.unfinished or status.problems:
+    if (rt.flags.deadline_reached or rt.flags.fatal is not None or status.unfinished
+            or status.problems):
         return ExitCode.SOME_FAILED
     return ExitCode.OK
 
@@ -198,6 +282,16 @@ def _stop_message(rt: Runtime) -> str | None:
                 "the account, then run the same command again.")
     if rt.flags.fatal:
         return rt.flags.fatal
+    if rt.flags.deadline_reached:
+        open_jobs = rt.ledger.jobs_in(active_states(rt.config, False))
+        expiries = [j.expires_at for j in open_jobs if j.expires_at]
+        first = datetime.fromtimestamp(min(expiries)).strftime("%Y-%m-%d %H:%M") \
+            if expiries else "n/a"
+        return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight; their result "
+                f"links expire from {first}. Run the same command again before then to save "
+                "them.")
+    if rt.flags.submits_stopped in ("budget reached", "stop-submitting time reached"):
+        return f"Uploads stopped: {rt.flags.submits_stopped}; the rest wait for the next run."
     if rt.flags.interrupted:
         return "Interrupted: progress is saved; run the same command again to carry on."
     return None

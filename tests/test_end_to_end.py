@@ -153,7 +153,8 @@ def test_out_of_credits_stops_keeps_paid_work_and_resumes_after_top_up(
     assert result.returncode == 3, result.stderr
     assert "credits" in result.stderr
     assert emulator.stats["charged"] == 8
-    assert emulator.stats["rejected_ERROR_NOT_ENOUGH_CREDITS"] <= 3
+    assert emulator.stats.get("rejected_ERROR_NOT_ENOUGH_CREDITS", 0) == 0, \
+        "the balance was read first: no upload may be refused for credits"
     saved = {p.name for p in out.glob("*.jpg")}
     assert len(saved) == 8, "results already paid for must still be downloaded"
 
@@ -176,3 +177,20 @@ def test_the_key_never_reaches_the_result_host_or_the_ledger(
     assert not any(API_KEY in v for h in emulator.state.result_host_headers for v in h.values())
     for path in (out / ".skinbatch").iterdir():
         assert API_KEY.encode() not in path.read_bytes()
+
+
+def test_credits_running_out_mid_run_stop_within_a_couple_of_requests(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(credits=8)
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(20):
+        write_portrait(src / f"{i:02d}.jpg", seed=i)
+    config = tmp_path / "c.toml"
+    config.write_text("credits_per_image = 0.1\n")  # the estimate thinks 8 credits are plenty
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                      "--concurrency", "2", *FAST_FLAGS], emulator)
+    assert result.returncode == 3, result.stderr
+    assert "out of credits" in result.stderr
+    assert emulator.stats["charged"] == 8
+    assert emulator.stats["rejected_ERROR_NOT_ENOUGH_CREDITS"] <= 3
+    assert len(list(out.glob("*.jpg"))) == 8

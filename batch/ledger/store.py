@@ -505,11 +505,12 @@ class Ledger:
         """Every file that did not (or cannot) end retouched, with its reason."""
         bad = [JobState.FAILED.value, JobState.REJECTED.value, JobState.AMBIGUOUS.value,
                JobState.EXPIRED.value]
+        waiting = and_(jobs.c.state == JobState.PENDING.value, jobs.c.reason.like("not sent:%"))
         query = (
             select(files.c.root, files.c.rel_path, files.c.problem, jobs.c.state, jobs.c.reason,
                    jobs.c.error_code, jobs.c.http_status)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
-            .where(or_(files.c.problem.is_not(None), jobs.c.state.in_(bad)))
+            .where(or_(files.c.problem.is_not(None), jobs.c.state.in_(bad), waiting))
             .order_by(files.c.root, files.c.rel_path)
         )
         with self._read() as conn:
@@ -523,6 +524,26 @@ class Ledger:
                 result.append(Problem(path, r.state, r.reason or "(no reason recorded)",
                                       r.error_code, r.http_status))
         return result
+
+    def report_rows(self) -> list[dict[str, Any]]:
+        """One row per file with its job's state, reason and result-link expiry."""
+        query = (
+            select(files.c.root, files.c.rel_path, files.c.out_rel, files.c.written_rel,
+                   files.c.problem, jobs.c.state, jobs.c.reason, jobs.c.error_code,
+                   jobs.c.http_status, jobs.c.request_id, jobs.c.log_id, jobs.c.expires_at,
+                   jobs.c.charges, jobs.c.options_fp)
+            .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
+            .order_by(files.c.root, files.c.rel_path)
+        )
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def annotate_waiting(self, states: Sequence[JobState], reason: str) -> int:
+        """Say why jobs were left waiting (budget, clock) without changing their state."""
+        with self._tx() as conn:
+            result = conn.execute(update(jobs).where(
+                jobs.c.state.in_([s.value for s in states]), WANTED).values(reason=reason))
+            return result.rowcount or 0
 
     def history(self, job_id: int) -> list[dict[str, Any]]:
         query = select(events).where(events.c.job_id == job_id).order_by(events.c.id)

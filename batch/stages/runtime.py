@@ -8,9 +8,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batch.api import ApiClient, ApiError
+from batch import apispec
+from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.breaker import CircuitBreaker
 from batch.api.retry import backoff_delay
+from batch.budget import Budget
 from batch.config import RunConfig
 from batch.ledger import Ledger
 from batch.progress import Progress
@@ -32,6 +34,8 @@ class Flags:
     abort: bool = False
     #: A second Ctrl-C: do not even wait for uploads under way.
     hard_stop: bool = False
+    #: The --deadline passed: the run ends with work still in flight.
+    deadline_reached: bool = False
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Runtime:
     out_dir: Path
     progress: Progress
     breaker: CircuitBreaker
+    budget: Budget | None = None
     flags: Flags = field(default_factory=Flags)
     rng: random.Random = field(default_factory=random.Random)
     wake_submitter: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,6 +70,21 @@ class Runtime:
         if not error.out_of_credits:
             self.flags.abort = True
         self.changed.set()
+
+    def stop_submitting(self, reason: str) -> None:
+        """No new uploads (budget, clock); paid work is still polled and saved."""
+        if self.flags.submits_stopped is None:
+            self.flags.submits_stopped = reason
+            log.warning("No more uploads: %s.", reason)
+        self.changed.set()
+
+    def budget_spent(self) -> None:
+        """The run's allowance is used up: by the balance (an account stop) or the budget."""
+        if self.budget is not None and self.budget.by_balance:
+            self.account_stop(ApiError(ErrorKind.ACCOUNT, "the account is out of credits",
+                                       code=apispec.NOT_ENOUGH_CREDITS))
+        else:
+            self.stop_submitting("budget reached")
 
     def fail_run(self, message: str) -> None:
         if self.flags.fatal is None:

@@ -80,12 +80,18 @@ class Submitter:
         if rt.flags.submits_stopped is not None:
             rt.breaker.release()
             return
+        if rt.budget is not None and not rt.budget.reserve():
+            rt.breaker.release()
+            rt.budget_spent()
+            return
         rt.ledger.transition(job.id, JobState.SUBMITTING, expect=job.state,
                              info=TransitionInfo(message=f"uploading {filename}"))
         try:
             submitted = await rt.client.submit(prepared.payload, filename, prepared.content_type,
                                                Options.from_fingerprint(job.options_fp))
         except ApiError as error:
+            if rt.budget is not None:
+                rt.budget.settle(charged=error.kind is ErrorKind.AMBIGUOUS)
             if error.kind in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT, ErrorKind.AMBIGUOUS):
                 rt.breaker.failure()
             else:
@@ -93,12 +99,16 @@ class Submitter:
             self._failed(job, error)
             return
         except asyncio.CancelledError:
+            if rt.budget is not None:
+                rt.budget.settle(charged=True)
             rt.ledger.transition(
                 job.id, JobState.AMBIGUOUS, charge=True, error_code="AMBIGUOUS_SUBMIT",
                 info=TransitionInfo(message="interrupted while waiting for the upload's answer: "
                                             "it may have been charged"))
             raise
         rt.breaker.success()
+        if rt.budget is not None:
+            rt.budget.settle(charged=True)
         crashpoints.reached("answered")
         now = time.time()
         rt.ledger.transition(

@@ -1,0 +1,120 @@
+"""--dry-run: what a run would send, reject and skip, and what it would cost. Changes nothing:
+the scan goes into a throwaway copy of the ledger, and no upload is made."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batch.api import ApiClient, ApiError
+from batch.config import RunConfig
+from batch.ledger import open_ledger
+from batch.ledger.store import FileRow, JobRow
+from batch.pipeline import source_roots, submittable_states
+from batch.preflight import Rejected, preflight
+from batch.scan import scan
+from batch.states import JobState
+
+
+@dataclass
+class Plan:
+    send: list[str] = field(default_factory=list)
+    reject: list[tuple[str, str]] = field(default_factory=list)
+    done: int = 0
+    waiting: int = 0
+    files: int = 0
+    credits_needed: float = 0.0
+    balance: float | None = None
+    balance_error: str | None = None
+
+    def to_text(self) -> str:
+        lines = [f"Dry run: {self.files} file(s); nothing was sent or written.",
+                 f"  would send:   {len(self.send)} image(s), about {self.credits_needed:g} "
+                 "credit(s)",
+                 f"  would reject: {len(self.reject)}",
+                 f"  already done: {self.done}; in flight or waiting: {self.waiting}",
+                 "  would resize: 0"]
+        if self.balance is not None:
+            enough = "enough" if self.balance >= self.credits_needed else "NOT enough"
+            lines.append(f"  balance: {self.balance:g} credit(s): {enough}")
+        elif self.balance_error:
+            lines.append(f"  balance: unknown ({self.balance_error})")
+        lines += [f"  reject {path}: {reason}" for path, reason in self.reject]
+        return "\n".join(lines)
+
+
+def _copy_ledger(location: str, target: Path) -> str:
+    """A private copy of a SQLite ledger (the backup API is consistent even while another
+    process writes it); a database URL is not copied: the dry run starts from empty."""
+    if "://" in location or not Path(location).exists():
+        return str(target)
+    # With no WAL beside it, nobody is writing: read it as immutable, which creates no -shm.
+    mode = "ro" if Path(f"{location}-wal").exists() else "ro&immutable=1"
+    source = sqlite3.connect(f"file:{location}?mode={mode}", uri=True)
+    copy = sqlite3.connect(target)
+    with copy:
+        source.backup(copy)
+    source.close()
+    copy.close()
+    return str(target)
+
+
+def _check(job: JobRow, candidates: list[FileRow]) -> tuple[str, str | None]:
+    for f in candidates:
+        path = Path(f.root) / f.rel_path
+        try:
+            preflight(path.read_bytes())
+        except Rejected as rejected:
+            return str(path), rejected.reason
+        except OSError as exc:
+            return str(path), f"cannot read the file: {exc.strerror}"
+        return str(path), None
+    return "(no file)", "the file disappeared after it was scanned"
+
+
+def plan(config: RunConfig) -> Plan:
+    workdir = Path(tempfile.mkdtemp(prefix="skinbatch-dry-run-"))
+    try:
+        ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"))
+        try:
+            scan(ledger, source_roots(config.sources), config.options.fingerprint,
+                 exclude=(config.out.resolve(),))
+            result = Plan(files=ledger.file_count())
+            jobs = ledger.jobs_in(submittable_states(config))
+            with ThreadPoolExecutor() as pool:
+                checks = pool.map(lambda j: _check(j, ledger.files_for_job(j.id)), jobs)
+                for path, reason in checks:
+                    if reason is None:
+                        result.send.append(path)
+                    else:
+                        result.reject.append((path, reason))
+            counts = ledger.counts()
+            result.done = counts[JobState.DONE.value]
+            result.waiting = sum(counts[s.value] for s in (
+                JobState.QUEUED, JobState.PROCESSING, JobState.READY, JobState.DOWNLOADING))
+            result.credits_needed = len(result.send) * config.credits_per_image
+            result.reject += [(p.path, p.reason) for p in ledger.problems()
+                              if p.state == "rejected" and (p.path, p.reason) not in result.reject]
+        finally:
+            ledger.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if config.api_key is not None:
+        result.balance, result.balance_error = asyncio.run(_balance(config))
+    return result
+
+
+async def _balance(config: RunConfig) -> tuple[float | None, str | None]:
+    assert config.api_key is not None
+    client = ApiClient(config.api_base, config.api_key)
+    try:
+        return await client.credits(), None
+    except ApiError as error:
+        return None, error.describe()
+    finally:
+        await client.aclose()

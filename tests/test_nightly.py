@@ -1,0 +1,185 @@
+"""Nightly runs: money under control, deadlines that protect paid work, the morning report."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
+from tests.conftest import FAST_FLAGS, run_cli
+from tests.imagegen import write_portrait
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def shoot(src: Path, n: int) -> dict[str, bytes]:
+    return {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(n)}
+
+
+def test_max_credits_caps_uploads_and_the_rest_wait_with_a_reason(tmp_path: Path,
+                                                                  emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 8)
+    capped = run_cli(["run", str(src), "--out", str(out), "--max-credits", "3", *FAST_FLAGS],
+                     emulator)
+    assert capped.returncode == 1
+    assert emulator.stats["charged"] == 3 and len(list(out.glob("*.jpg"))) == 3
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    waiting = [p for p in status["problems"] if p["state"] == "pending"]
+    assert len(waiting) == 5 and all(p["reason"] == "not sent: budget reached" for p in waiting)
+    final = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    assert final.returncode == 0
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 8
+
+
+def test_a_short_balance_with_the_stop_policy_sends_nothing(tmp_path: Path,
+                                                            make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(credits=2)
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 5)
+    config = tmp_path / "c.toml"
+    config.write_text('on_short_balance = "stop"\n')
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 3
+    assert "balance is too low" in result.stderr
+    assert emulator.stats.get("submits", 0) == 0
+
+
+def ledger_digest(out: Path) -> str:
+    return hashlib.sha256((out / ".skinbatch" / "ledger.sqlite").read_bytes()).hexdigest()
+
+
+def test_dry_run_reports_and_changes_nothing(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 3)
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
+    for i in range(3, 6):
+        write_portrait(src / f"{i:02d}.jpg", seed=i)
+    (src / "notes.jpg").write_text("not a photo")
+    before, stats, listing = ledger_digest(out), emulator.stats, sorted(out.rglob("*"))
+    result = run_cli(["run", str(src), "--out", str(out), "--dry-run", *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    assert "would send:   3 image(s), about 3 credit(s)" in result.stdout
+    assert "would reject: 1" in result.stdout and "notes.jpg: not an image" in result.stdout
+    assert "already done: 3" in result.stdout
+    assert "balance: 997 credit(s): enough" in result.stdout
+    assert emulator.stats["submits"] == stats["submits"]
+    assert ledger_digest(out) == before and sorted(out.rglob("*")) == listing
+
+
+def test_stop_submitting_at_still_saves_everything_paid(tmp_path: Path,
+                                                        make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(queue_seconds=1.0, process_seconds=1.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 30)
+    result = run_cli(["run", str(src), "--out", str(out), "--stop-submitting-at", "2s",
+                      *FAST_FLAGS, "--max-qps", "4", "--concurrency", "1"], emulator)
+    assert result.returncode == 1, result.stderr
+    charged = emulator.stats["charged"]
+    assert 0 < charged < 30
+    assert len(list(out.glob("*.jpg"))) == charged, "every paid result must be saved"
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert {p["reason"] for p in status["problems"]} == {
+        "not sent: stop-submitting time reached"}
+
+
+def test_the_deadline_ends_the_run_and_says_what_is_in_flight(tmp_path: Path,
+                                                              make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(queue_seconds=1.0, process_seconds=6.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 4)
+    report = tmp_path / "report.json"
+    result = run_cli(["run", str(src), "--out", str(out), "--deadline", "3s", "--report",
+                      str(report), *FAST_FLAGS], emulator, timeout=60)
+    assert result.returncode == 1
+    assert "Deadline reached: 4 paid job(s) still in flight" in result.stderr
+    data = json.loads(report.read_text())
+    assert len(data["needs_attention"]) == 4
+    assert all("expires" in a["why"] for a in data["needs_attention"])
+    final = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator, timeout=60)
+    assert final.returncode == 0
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 4, "the rerun must not pay again for work in flight"
+    assert_no_double_pay(out, emulator, 4)
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_the_html_report_renders_in_a_real_browser(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 5)
+    (src / "bad.jpg").write_bytes(b"")
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 1
+    made = run_cli(["report", "--out", str(out), "--format", "html", "-o",
+                    str(tmp_path / "report.html")], None)
+    assert made.returncode == 0, made.stderr
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing in CI (.ci/run installs Debian's chromium)")
+        pytest.skip("Chromium not installed")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}"]
+    url = (tmp_path / "report.html").as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count("class=\"thumb\"") == 10, "a before/after pair for each of 5 images"
+    assert 'data-state="done">5<' in dom and 'data-state="rejected">1<' in dom
+    assert "bad.jpg" in dom and "the file is empty" in dom
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1400", url],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_csv_and_json_reports_parse_back(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 3)
+    (src / "bad.jpg").write_text("nope")
+    run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    for fmt in ("csv", "json"):
+        assert run_cli(["report", "--out", str(out), "--format", fmt], None).returncode == 0
+    rows = list(csv.DictReader(io.StringIO((out / "skinbatch-report.csv").read_text())))
+    assert len(rows) == 4
+    assert {r["state"] for r in rows} == {"done", "rejected"}
+    data = json.loads((out / "skinbatch-report.json").read_text())
+    assert data["counts"]["done"] == 3 and data["credits_total"] == 3
+    assert data["last_run"]["charged"] == 3 and data["last_run"]["exit_code"] == 1
+
+
+def test_retry_puts_chosen_jobs_back_in_line(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "one.jpg").write_text("not yet a photo")
+    (src / "two.jpg").write_text("not yet a photo either")
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 1
+    write_portrait(src / "a" / "one.jpg", seed=1)
+    os.utime(src / "a" / "one.jpg", ns=(1, 1))
+    only = run_cli(["retry", "--out", str(out), "--rejected", str(src / "two.jpg")], None)
+    assert only.returncode == 0 and "1 job(s)" in only.stdout
+    nothing = run_cli(["retry", "--out", str(out)], None)
+    assert nothing.returncode == 2
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 2)
+    result = run_cli(["run", str(src), "--out", str(out), "--log-format", "json", "-v",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 0
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)

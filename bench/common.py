@@ -15,9 +15,13 @@ from tests.imagegen import write_portrait
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
-WRAPPER = ("import atexit, resource, sys\n"
-           "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage("
-           "resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+# The child reports its own VmHWM: ru_maxrss would carry over the parent's high-water mark
+# through fork+exec on Linux and measure the benchmark process instead.
+WRAPPER = ("import atexit, sys\n"
+           "def peak():\n"
+           "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+           "    print('PEAK_RSS_KB', hwm.split()[1], file=sys.stderr)\n"
+           "atexit.register(peak)\n"
            "from batch.cli import main\nmain()\n")
 
 

@@ -68,8 +68,10 @@ def bench_throughput(work: Path, images: int, quick: bool) -> None:
         sample = paths[: 4 if quick else 8]
         baseline_seconds = sequential_client(emulator.api_base, KEY, sample,
                                              work / "baseline-out", poll)
-    requests = len(tasks) + sum(needed)
-    bound_seconds = requests / qps + poll
+    # Every image needs at least one upload and one status query: with the API's QPS cap the
+    # fastest any client can go is qps / 2 images per second, plus one task's time at the end.
+    mean_task = sum(t.ready_at - t.created for t in tasks) / len(tasks)
+    bound_seconds = 2 * images / qps + mean_task
     achieved = images / child.wall * 60
     bound = images / bound_seconds * 60
     baseline = len(sample) / baseline_seconds * 60
@@ -80,8 +82,9 @@ def bench_throughput(work: Path, images: int, quick: bool) -> None:
         f"achieved/bound {achieved / bound:.2f}", ">= 0.95", achieved / bound >= 0.95)
     row("speed-up vs sequential", f"{achieved / baseline:.1f}x ({baseline:.0f} img/min)",
         f">= {concurrency}x", achieved / baseline >= concurrency)
-    row("queries per task vs minimum", f"{queries / sum(needed):.2f}x "
-        f"({queries} for a minimum of {sum(needed)})", "<= 1.2x", queries / sum(needed) <= 1.2)
+    row("queries per task", f"{queries / len(tasks):.2f} (a fixed {poll:g}s schedule would need "
+        f"{sum(needed) / len(tasks):.2f}; the least possible is 1)", "<= 1.2",
+        queries / len(tasks) <= 1.2)
 
 
 # ---- 3: scanning ----------------------------------------------------------------------------

@@ -60,3 +60,16 @@ def test_retry_after_in_both_forms() -> None:
     assert parse_retry_after("soon") is None
     assert parse_retry_after("-5") == 0.0
     assert parse_retry_after("999999") == 3600.0
+
+
+def test_the_task_clock_learns_when_to_poll_first() -> None:
+    from batch.stages.poller import TaskClock
+
+    clock = TaskClock(minimum=5.0, warmup=3)
+    assert clock.first_poll_after() == 5.0
+    for seconds in (30.0, 32.0, 40.0, 31.0):
+        clock.observe(seconds)
+    assert clock.first_poll_after() == pytest.approx(0.9 * 40.0)
+    fast = TaskClock(minimum=5.0, warmup=1)
+    fast.observe(2.0)
+    assert fast.first_poll_after() == 5.0, "never sooner than the documented cadence"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
+from tests.checks import assert_no_double_pay, assert_outputs_right
 from tests.conftest import FAST_FLAGS, run_cli
 from tests.imagegen import write_portrait
 

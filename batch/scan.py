@@ -94,7 +94,7 @@ def walk(root: SourceRoot, exclude: tuple[Path, ...] = ()) -> Iterator[Candidate
         directory, rel_dir = stack.pop()
         try:
             with os.scandir(directory) as entries:
-                listing = sorted(entries, key=lambda e: e.name)
+                listing = list(entries)
         except OSError:
             continue
         for entry in listing:
@@ -172,18 +172,17 @@ def scan(
         for root in roots:
             base = str(root.path.resolve() if root.path.is_dir() else root.path.resolve().parent)
             known = ledger.known_files(base)
-            known_options = ledger.job_options(k.job_id for k in known.values() if k.job_id)
             pending: list[Candidate] = []
             for candidate in walk(root, exclude):
                 stats.found += 1
                 pending.append(candidate)
                 if len(pending) >= BATCH:
-                    _flush(ledger, pool, pending, known, known_options, options_fp, stats)
+                    _flush(ledger, pool, pending, known, options_fp, stats)
                     if on_progress:
                         on_progress(len(pending))
                     pending = []
             if pending:
-                _flush(ledger, pool, pending, known, known_options, options_fp, stats)
+                _flush(ledger, pool, pending, known, options_fp, stats)
                 if on_progress:
                     on_progress(len(pending))
     return stats
@@ -194,7 +193,6 @@ def _flush(
     pool: ThreadPoolExecutor,
     batch: list[Candidate],
     known: dict[str, KnownFile],
-    known_options: dict[int, str],
     options_fp: str,
     stats: ScanStats,
 ) -> None:
@@ -209,7 +207,7 @@ def _flush(
         )
         if unchanged and k is not None:
             stats.unchanged += 1
-            if k.job_id is None or known_options.get(k.job_id) != options_fp:
+            if k.job_id is None or k.options_fp != options_fp:
                 relink.append(_scanned(c, k.content_sha256, None))
         else:
             to_hash.append(c)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -76,12 +76,12 @@ class FileRow:
 
 @dataclass(frozen=True, slots=True)
 class KnownFile:
-    id: int
     size_bytes: int
     mtime_ns: int
     content_sha256: str | None
     job_id: int | None
     problem: str | None
+    options_fp: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,27 +179,17 @@ class Ledger:
     # ---- scanning -----------------------------------------------------------------------
 
     def known_files(self, root: str) -> dict[str, KnownFile]:
-        """Every file the ledger knows under ``root``, for a stat-only re-scan."""
-        query = select(
-            files.c.rel_path, files.c.id, files.c.size_bytes, files.c.mtime_ns,
-            files.c.content_sha256, files.c.job_id, files.c.problem,
-        ).where(files.c.root == root)
+        """Every file the ledger knows under ``root``, with its job's options, for a stat-only
+        re-scan. One joined query, read through the driver: this runs on every re-scan."""
+        query = (
+            select(files.c.rel_path, files.c.size_bytes, files.c.mtime_ns,
+                   files.c.content_sha256, files.c.job_id, files.c.problem, jobs.c.options_fp)
+            .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
+            .where(files.c.root == root)
+        )
         with self._read() as conn:
-            return {
-                r.rel_path: KnownFile(r.id, r.size_bytes, r.mtime_ns, r.content_sha256,
-                                      r.job_id, r.problem)
-                for r in conn.execute(query)
-            }
-
-    def job_options(self, job_ids: Iterable[int]) -> dict[int, str]:
-        ids = list(set(job_ids))
-        result: dict[int, str] = {}
-        with self._read() as conn:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                query = select(jobs.c.id, jobs.c.options_fp).where(jobs.c.id.in_(chunk))
-                result.update({r.id: r.options_fp for r in conn.execute(query)})
-        return result
+            return {rel: KnownFile(size, mtime, sha, job_id, problem, fp)
+                    for rel, size, mtime, sha, job_id, problem, fp in conn.execute(query).tuples()}
 
     def record_scan(self, scanned: Sequence[ScannedFile], options_fp: str) -> int:
         """Upsert scanned files and link each readable one to its job, creating jobs as needed.

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from batch import apispec
 from batch.deadlines import parse_when
 from batch.options import Options
+from batch.preflight import PrepareSettings
 from batch.secret import Secret
 
 KEY_ENV = "AILAB_API_KEY"
@@ -20,6 +21,7 @@ BASE_ENV = "AILAB_API_BASE"
 AmbiguousPolicy = Literal["resubmit", "hold"]
 ExpiredPolicy = Literal["resubmit", "report"]
 ShortBalancePolicy = Literal["partial", "stop"]
+FitPolicy = Literal["resize", "reject"]
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,17 @@ class RunConfig:
     deadline: datetime | None = None
     #: Write the report here at the end of every run (.html, .csv or .json).
     report: Path | None = None
+    #: Files over the API's limits: "resize" a copy within them, or "reject" them.
+    fit: FitPolicy = "resize"
+    #: Longest side of a resized upload (under 4096), and its JPEG quality.
+    max_side: int = 4095
+    jpeg_quality: int = 92
+    #: Scale results of resized uploads back to the original dimensions.
+    upscale_to_original: bool = False
+
+    @property
+    def prepare(self) -> PrepareSettings:
+        return PrepareSettings(self.fit, self.max_side, self.jpeg_quality)
 
     @property
     def ledger_location(self) -> str:
@@ -84,10 +97,11 @@ FILE_KEYS = {
     "result_ttl": float, "interrupt_grace": float, "options": dict, "breaker_threshold": int,
     "breaker_cooldown": float, "submit_timeout": float, "max_result_bytes": int,
     "budget": int, "credits_per_image": float, "on_short_balance": str,
-    "stop_submitting_at": str, "deadline": str, "report": str,
+    "stop_submitting_at": str, "deadline": str, "report": str, "fit": str, "max_side": int,
+    "jpeg_quality": int, "upscale_to_original": bool,
 }
 CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report"),
-           "on_short_balance": ("partial", "stop")}
+           "on_short_balance": ("partial", "stop"), "fit": ("resize", "reject")}
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -107,7 +121,7 @@ def load_file(path: Path) -> dict[str, Any]:
                               f"(known: {', '.join(sorted(FILE_KEYS))})")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{path}: {key} must be a {expected.__name__}, not {value!r}")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{path}: {key} must be one of {', '.join(CHOICES[key])}")
@@ -184,6 +198,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("poll_interval must be positive")
     if config.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    if not 256 <= config.max_side < 4096:
+        raise ConfigError("max_side must be between 256 and 4095")
+    if not 40 <= config.jpeg_quality <= 100:
+        raise ConfigError("jpeg_quality must be between 40 and 100")
     if config.budget is not None and config.budget < 0:
         raise ConfigError("the budget (--max-credits) cannot be negative")
     if config.report is not None and config.report.suffix.lower() not in (".html", ".csv",

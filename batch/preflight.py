@@ -6,7 +6,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batch.apispec import ACCEPTED_FORMATS, MAX_SIDE_EXCLUSIVE, MAX_UPLOAD_BYTES
 
@@ -14,6 +14,20 @@ from batch.apispec import ACCEPTED_FORMATS, MAX_SIDE_EXCLUSIVE, MAX_UPLOAD_BYTES
 MAX_PIXELS = 100_000_000
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 SENDABLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "PA", "1"})
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareSettings:
+    """How files outside the API's limits are handled (config keys of the same names)."""
+
+    #: "resize": bring them within limits on a copy; "reject": refuse them with a reason.
+    fit: str = "resize"
+    #: The longest side of a resized upload (each side must stay under 4096).
+    max_side: int = 4095
+    jpeg_quality: int = 92
+
+
+CONVERTIBLE = frozenset({"TIFF", "HEIF", "MPO"})
 
 
 class Rejected(Exception):
@@ -30,6 +44,8 @@ class Prepared:
     format: str
     width: int
     height: int
+    #: What was done to the file before upload, in words (None: sent byte for byte).
+    note: str | None = None
 
     @property
     def content_type(self) -> str:
@@ -38,6 +54,18 @@ class Prepared:
 
 def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
+
+
+def _register_heif() -> bool:
+    try:
+        from pillow_heif import register_heif_opener  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF_SUPPORT = _register_heif()
 
 
 def inspect_image(data: bytes) -> tuple[str, int, int, str, int]:
@@ -67,6 +95,10 @@ def inspect_image(data: bytes) -> tuple[str, int, int, str, int]:
             raise Rejected("the image claims more pixels than this tool will decode: a corrupt "
                            f"file or a decompression bomb ({exc})") from exc
         except UnidentifiedImageError as exc:
+            if not HEIF_SUPPORT and data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1",
+                                                   b"ftyphevc"):
+                raise Rejected("HEIC/HEIF photo, but HEIC support is not installed "
+                               "(pip install 'skinbatch[heic]')") from exc
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
@@ -74,21 +106,70 @@ def inspect_image(data: bytes) -> tuple[str, int, int, str, int]:
     return fmt, width, height, mode, frames
 
 
-def preflight(data: bytes) -> Prepared:
-    """Check ``data`` against everything the API would refuse; return what to send."""
+def _orientation(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as image:
+        value = image.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) else 1
+
+
+def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Prepared:
+    """Check ``data`` against everything the API would refuse; return what to send.
+
+    A file within the limits, upright and in an accepted format goes byte for byte. Otherwise
+    (``fit = "resize"``) a copy is made: EXIF orientation applied, scaled to ``max_side``,
+    re-encoded as JPEG until it fits, and the note says what was done.
+    """
     fmt, width, height, mode, frames = inspect_image(data)
-    if fmt not in ACCEPTED_FORMATS:
-        raise Rejected(f"{fmt} images are not accepted by the API (only JPEG, PNG and WEBP)")
-    if frames > 1:
+    if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:
+        raise Rejected(f"{fmt} images are not accepted by the API (only JPEG, PNG and WEBP; "
+                       "TIFF and HEIC are converted)")
+    if frames > 1 and fmt != "MPO":
         raise Rejected(f"animated image with {frames} frames; the API retouches still photos")
     if mode == "CMYK":
         raise Rejected("CMYK colour image; the API needs RGB (convert it to RGB first)")
-    if mode not in SENDABLE_MODES:
+    if mode not in SENDABLE_MODES and fmt not in CONVERTIBLE:
         raise Rejected(f"unsupported pixel format {mode} (16-bit or high-dynamic-range); "
                        "save it as an 8-bit RGB image")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise Rejected(f"the file is {_mb(len(data))}, over the API's 10 MB limit")
-    if width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE:
+    too_big = len(data) > MAX_UPLOAD_BYTES
+    too_wide = width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE
+    orientation = _orientation(data)
+    if not (too_big or too_wide or orientation != 1 or fmt not in ACCEPTED_FORMATS):
+        return Prepared(data, fmt, width, height)
+    if (too_big or too_wide) and settings.fit == "reject":
+        if too_big:
+            raise Rejected(f"the file is {_mb(len(data))}, over the API's 10 MB limit")
         raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
                        f"{MAX_SIDE_EXCLUSIVE} px")
-    return Prepared(data, fmt, width, height)
+    return _resized(data, fmt, width, height, orientation, settings)
+
+
+def _resized(data: bytes, fmt: str, width: int, height: int, orientation: int,
+             settings: PrepareSettings) -> Prepared:
+    side = min(settings.max_side, MAX_SIDE_EXCLUSIVE - 1)
+    with Image.open(io.BytesIO(data)) as source:
+        if source.format == "JPEG":
+            source.draft("RGB", (side, side))
+        image = ImageOps.exif_transpose(source)
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        if max(image.size) > side:
+            image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        quality = settings.jpeg_quality
+        while True:
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=quality, icc_profile=source.info.get("icc_profile"))
+            payload = buffer.getvalue()
+            if len(payload) <= MAX_UPLOAD_BYTES or quality <= 40:
+                break
+            quality -= 8
+    if len(payload) > MAX_UPLOAD_BYTES:
+        raise Rejected("could not bring the file under the API's 10 MB limit")
+    done = []
+    if fmt not in ACCEPTED_FORMATS:
+        done.append(f"converted from {fmt}")
+    if orientation != 1:
+        done.append(f"EXIF orientation {orientation} applied")
+    if image.size != (width, height) and max(image.size) < max(width, height):
+        done.append(f"resized from {width}x{height} ({_mb(len(data))}) to "
+                    f"{image.width}x{image.height} ({_mb(len(payload))}, JPEG quality {quality})")
+    return Prepared(payload, "JPEG", image.width, image.height, "; ".join(done) or "re-encoded")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
+                            ".heif"})
 TEMP_SUFFIXES = (".part", ".tmp", ".temp", ".crdownload", ".partial", ".download", "~")
 HASH_CHUNK = 1024 * 1024
 BATCH = 512

@@ -6,7 +6,7 @@ import random
 import pytest
 from PIL import Image
 
-from batch.preflight import Rejected, preflight
+from batch.preflight import PrepareSettings, Rejected, preflight
 from tests.imagegen import encode, portrait
 
 
@@ -39,7 +39,12 @@ def test_each_bad_input_gets_a_specific_reason() -> None:
     assert "animated" in reason(buffer.getvalue())
 
 
-def test_over_the_api_limits_is_rejected_before_paying() -> None:
+def test_over_the_api_limits_is_rejected_when_fit_is_reject() -> None:
+    def reason(data: bytes) -> str:
+        with pytest.raises(Rejected) as info:
+            preflight(data, PrepareSettings(fit="reject"))
+        return info.value.reason
+
     assert "4096" in reason(encode(Image.new("RGB", (4096, 100)), "PNG"))
     noisy = Image.frombytes("RGB", (2000, 2000), random.Random(1).randbytes(2000 * 2000 * 3))
     big = encode(noisy, "PNG")

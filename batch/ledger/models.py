@@ -62,6 +62,8 @@ class Job(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     request_id: Mapped[str | None] = mapped_column(String(128))
     log_id: Mapped[str | None] = mapped_column(String(128))
+    #: What was done to the file before upload (resized, rotated, converted), if anything.
+    prepared: Mapped[str | None] = mapped_column(Text)
 
 
 class SourceFile(Base):

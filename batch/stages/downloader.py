@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hashlib
 import io
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from batch import crashpoints
+from batch import crashpoints, metadata
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
@@ -117,10 +118,42 @@ class Downloader:
             await asyncio.to_thread(os.fsync, sink.fileno())
         crashpoints.reached("downloaded")
         fmt = await asyncio.to_thread(verify_result, temp)
+        sha256 = await asyncio.to_thread(self._carry_metadata, targets, temp, fmt,
+                                         downloaded.sha256)
         outputs, problems = await asyncio.to_thread(self._place_all, targets, temp, temps,
-                                                    downloaded.sha256, fmt)
-        rt.ledger.finish_download(job.id, downloaded.sha256, outputs, problems)
+                                                    sha256, fmt)
+        rt.ledger.finish_download(job.id, sha256, outputs, problems)
         rt.progress.done()
+
+    def _carry_metadata(self, targets: list[FileRow], temp: Path, fmt: str,
+                        sha256: str) -> str:
+        """Put the source's EXIF/XMP/IPTC/ICC on the result (and scale it back up if asked).
+        Deterministic, so a download redone after a crash gives the same bytes."""
+        source = None
+        for target in targets:
+            try:
+                source = (Path(target.root) / target.rel_path).read_bytes()
+                break
+            except OSError:
+                continue
+        if source is None:
+            log.warning("No source file left to copy metadata from for %s", temp.name)
+            return sha256
+        result = temp.read_bytes()
+        try:
+            carried = metadata.carry(source, result, fmt,
+                                     upscale=self.rt.config.upscale_to_original,
+                                     jpeg_quality=self.rt.config.jpeg_quality)
+        except (OSError, ValueError, SyntaxError) as exc:
+            log.warning("Could not copy metadata onto %s: %s", temp.name, exc)
+            return sha256
+        if carried == result:
+            return sha256
+        with open(temp, "wb") as sink:
+            sink.write(carried)
+            sink.flush()
+            os.fsync(sink.fileno())
+        return hashlib.sha256(carried).hexdigest()
 
     def _place_all(self, targets: list[FileRow], temp: Path, temps: list[Path], sha256: str,
                    fmt: str) -> tuple[dict[int, tuple[str, str | None]], dict[int, str]]:

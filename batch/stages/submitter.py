@@ -14,7 +14,7 @@ from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
 from batch.options import Options
-from batch.preflight import Prepared, Rejected, preflight
+from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
 from batch.stages.runtime import Runtime, wait_any
 from batch.states import JobState
 
@@ -68,7 +68,8 @@ class Submitter:
         rt = self.rt
         try:
             candidates = [f for f in rt.ledger.files_for_job(job.id) if f.problem is None]
-            prepared, filename = await asyncio.to_thread(self._prepare, job, candidates)
+            prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
+                                                         rt.config.prepare)
         except Rejected as rejected:
             rt.ledger.transition(job.id, JobState.REJECTED, expect=job.state,
                                  info=TransitionInfo(message=rejected.reason))
@@ -84,8 +85,10 @@ class Submitter:
             rt.breaker.release()
             rt.budget_spent()
             return
+        note = f" ({prepared.note})" if prepared.note else ""
         rt.ledger.transition(job.id, JobState.SUBMITTING, expect=job.state,
-                             info=TransitionInfo(message=f"uploading {filename}"))
+                             prepared=prepared.note,
+                             info=TransitionInfo(message=f"uploading {filename}{note}"))
         try:
             submitted = await rt.client.submit(prepared.payload, filename, prepared.content_type,
                                                Options.from_fingerprint(job.options_fp))
@@ -123,7 +126,8 @@ class Submitter:
         rt.wake_poller.set()
 
     @staticmethod
-    def _prepare(job: JobRow, candidates: list[FileRow]) -> tuple[Prepared, str]:
+    def _prepare(job: JobRow, candidates: list[FileRow],
+                 settings: PrepareSettings) -> tuple[Prepared, str]:
         """Read the job's bytes from any linked file that still holds exactly that content."""
         changed = 0
         for f in candidates:
@@ -139,7 +143,11 @@ class Submitter:
             if hashlib.sha256(data).hexdigest() != job.content_sha256:
                 changed += 1
                 continue
-            return preflight(data), Path(f.rel_path).name
+            prepared = preflight(data, settings)
+            name = Path(f.rel_path).name
+            if prepared.format == "JPEG" and prepared.note:
+                name = str(Path(name).with_suffix(".jpg"))
+            return prepared, name
         if changed:
             raise Rejected("the file changed after it was scanned; it will be picked up again "
                            "on the next run")

@@ -1,0 +1,146 @@
+"""Carrying the source's metadata (EXIF, XMP, IPTC, ICC profile) onto the retouched result.
+
+For a JPEG result the segments are spliced in, so the result's pixels are never re-encoded.
+The copied EXIF says Orientation 1: uploads are sent upright, so results come back upright.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator
+
+from PIL import Image
+
+SOI, SOS, EOI = 0xD8, 0xDA, 0xD9
+APP1, APP2, APP13 = 0xE1, 0xE2, 0xED
+EXIF_HEADER = b"Exif\x00\x00"
+XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+ICC_HEADER = b"ICC_PROFILE\x00"
+IPTC_HEADER = b"Photoshop 3.0\x00"
+ORIENTATION = 0x0112
+MAX_SEGMENT = 65533
+
+
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int, int]]:
+    """(marker, payload, start, end) for each segment before the image data."""
+    if data[:2] != b"\xff\xd8":
+        return
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return
+        marker = data[pos + 1]
+        if marker in (SOS, EOI):
+            return
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        yield marker, data[pos + 4 : pos + 2 + length], pos, pos + 2 + length
+        pos += 2 + length
+
+
+def _is_metadata(marker: int, payload: bytes) -> bool:
+    return ((marker == APP1 and payload.startswith((EXIF_HEADER, XMP_HEADER)))
+            or (marker == APP2 and payload.startswith(ICC_HEADER))
+            or (marker == APP13 and payload.startswith(IPTC_HEADER)))
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def upright_exif(exif_payload: bytes) -> bytes:
+    """The EXIF block with Orientation reset to 1 (the pixels are already upright)."""
+    exif = Image.Exif()
+    exif.load(exif_payload)
+    if exif.get(ORIENTATION, 1) != 1:
+        exif[ORIENTATION] = 1
+    return exif.tobytes()
+
+
+def icc_segments(icc: bytes) -> list[bytes]:
+    size = MAX_SEGMENT - len(ICC_HEADER) - 2
+    chunks = [icc[i : i + size] for i in range(0, len(icc), size)] or [b""]
+    return [_segment(APP2, ICC_HEADER + bytes([n + 1, len(chunks)]) + chunk)
+            for n, chunk in enumerate(chunks)]
+
+
+def source_segments(source: bytes) -> list[bytes]:
+    """The metadata segments to carry, from a JPEG (copied raw) or any other format."""
+    if source[:2] == b"\xff\xd8":
+        found = []
+        for marker, payload, _, _ in jpeg_segments(source):
+            if not _is_metadata(marker, payload):
+                continue
+            if payload.startswith(EXIF_HEADER):
+                payload = upright_exif(payload)
+            found.append(_segment(marker, payload))
+        return found
+    with Image.open(io.BytesIO(source)) as image:
+        segments = []
+        exif = image.getexif()
+        if len(exif):
+            segments.append(_segment(APP1, upright_exif(exif.tobytes())))
+        xmp = image.info.get("xmp")
+        if isinstance(xmp, str):
+            xmp = xmp.encode()
+        if isinstance(xmp, bytes) and xmp and len(xmp) + len(XMP_HEADER) <= MAX_SEGMENT:
+            segments.append(_segment(APP1, XMP_HEADER + xmp))
+        icc = image.info.get("icc_profile")
+        if isinstance(icc, bytes) and icc:
+            segments.extend(icc_segments(icc))
+        return segments
+
+
+def splice_jpeg(result: bytes, segments: list[bytes]) -> bytes:
+    """``result`` with its own metadata segments replaced by ``segments`` (after JFIF)."""
+    kept, insert_at = [], 2
+    for marker, payload, start, end in jpeg_segments(result):
+        if _is_metadata(marker, payload):
+            continue
+        if marker == 0xE0 and start == 2:
+            insert_at = end
+        kept.append((start, end))
+    head = result[:insert_at]
+    body_start = max((end for _, end in kept), default=insert_at)
+    others = b"".join(result[s:e] for s, e in kept if s >= insert_at)
+    return head + b"".join(segments) + others + result[body_start:]
+
+
+def upright_size(source: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(source)) as image:
+        width, height = image.size
+        if image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):
+            return height, width
+        return width, height
+
+
+def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = False,
+          jpeg_quality: int = 92) -> bytes:
+    """The result with the source's metadata and, if ``upscale``, scaled back to the source's
+    (upright) dimensions when it came back smaller (a resized upload)."""
+    size = upright_size(source) if upscale else None
+    if size is not None:
+        with Image.open(io.BytesIO(result)) as image:
+            if image.size != size:
+                buffer = io.BytesIO()
+                scaled = image.resize(size, Image.Resampling.LANCZOS)
+                scaled.save(buffer, result_format, quality=jpeg_quality)
+                result = buffer.getvalue()
+    segments = source_segments(source)
+    if not segments:
+        return result
+    if result_format == "JPEG":
+        return splice_jpeg(result, segments)
+    if result_format == "PNG":
+        with Image.open(io.BytesIO(source)) as src, Image.open(io.BytesIO(result)) as image:
+            buffer = io.BytesIO()
+            exif = src.getexif()
+            if ORIENTATION in exif:
+                exif[ORIENTATION] = 1
+            image.save(buffer, "PNG", exif=exif.tobytes() if len(exif) else b"",
+                       icc_profile=src.info.get("icc_profile"))
+            return buffer.getvalue()
+    return result

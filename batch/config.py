@@ -22,6 +22,7 @@ AmbiguousPolicy = Literal["resubmit", "hold"]
 ExpiredPolicy = Literal["resubmit", "report"]
 ShortBalancePolicy = Literal["partial", "stop"]
 FitPolicy = Literal["resize", "reject"]
+CollisionPolicy = Literal["skip", "suffix", "overwrite"]
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,9 @@ class RunConfig:
     jpeg_quality: int = 92
     #: Scale results of resized uploads back to the original dimensions.
     upscale_to_original: bool = False
+    #: A different file already at an output path: "skip" it, write a "suffix"-ed name, or
+    #: "overwrite" it. Outputs never land inside a source folder, whatever the policy.
+    on_collision: CollisionPolicy = "skip"
 
     @property
     def prepare(self) -> PrepareSettings:
@@ -98,10 +102,11 @@ FILE_KEYS = {
     "breaker_cooldown": float, "submit_timeout": float, "max_result_bytes": int,
     "budget": int, "credits_per_image": float, "on_short_balance": str,
     "stop_submitting_at": str, "deadline": str, "report": str, "fit": str, "max_side": int,
-    "jpeg_quality": int, "upscale_to_original": bool,
+    "jpeg_quality": int, "upscale_to_original": bool, "on_collision": str,
 }
 CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report"),
-           "on_short_balance": ("partial", "stop"), "fit": ("resize", "reject")}
+           "on_short_balance": ("partial", "stop"), "fit": ("resize", "reject"),
+           "on_collision": ("skip", "suffix", "overwrite")}
 
 
 def load_file(path: Path) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def plan(config: RunConfig) -> Plan:
     try:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"))
         try:
-            scan(ledger, source_roots(config.sources), config.options.fingerprint,
+            scan(ledger, source_roots(config.sources), config.options,
                  exclude=(config.out.resolve(),))
             result = Plan(files=ledger.file_count())
             jobs = ledger.jobs_in(submittable_states(config))

@@ -66,29 +66,44 @@ def copy_to_temp(source: Path, directory: Path, name: str) -> Path:
     return temp
 
 
-def place(temp: Path, final: Path, sha256: str, previous_sha256: str | None) -> None:
-    """Move a complete, fsynced ``temp`` to ``final`` atomically, never clobbering a file
-    that is not ours. Identical content already there is left untouched."""
-    try:
-        os.link(temp, final)
-    except FileExistsError:
-        if final.is_symlink() or not final.is_file():
-            raise OutputConflict(f"{final} exists and is not a regular file") from None
-        existing = sha256_file(str(final))
-        if existing == sha256:
-            return
-        if previous_sha256 is None or existing != previous_sha256:
-            raise OutputConflict(
-                f"a different file already exists at {final}; it was not overwritten "
-                "(move it away and run again)") from None
-        os.replace(temp, final)
-    except OSError as exc:
-        if exc.errno not in (1, 38, 95):  # EPERM, ENOSYS, EOPNOTSUPP: no hard links here
-            raise
-        if final.exists():
-            raise OutputConflict(f"a file already exists at {final}; not overwritten") from None
-        os.replace(temp, final)
-    fsync_dir(final.parent)
+def place(temp: Path, final: Path, sha256: str, previous_sha256: str | None,
+          on_collision: str = "skip") -> Path:
+    """Move a complete, fsynced ``temp`` to ``final`` atomically and return where it went.
+
+    Identical content already there is left untouched; our own earlier output is replaced.
+    Any other file there follows ``on_collision``: "skip" (refuse, the default), "suffix"
+    (write ``name-1.ext``, ``name-2.ext``...) or "overwrite".
+    """
+    candidate = final
+    for attempt in range(1, 1000):
+        try:
+            os.link(temp, candidate)
+        except FileExistsError:
+            if candidate.is_symlink() or not candidate.is_file():
+                raise OutputConflict(f"{candidate} exists and is not a regular file") from None
+            existing = sha256_file(str(candidate))
+            if existing == sha256:
+                return candidate
+            ours = previous_sha256 is not None and existing == previous_sha256
+            if ours or on_collision == "overwrite":
+                os.replace(temp, candidate)
+            elif on_collision == "suffix":
+                candidate = final.with_name(f"{final.stem}-{attempt}{final.suffix}")
+                continue
+            else:
+                raise OutputConflict(
+                    f"a different file already exists at {candidate}; it was not overwritten "
+                    "(move it away, or set on_collision)") from None
+        except OSError as exc:
+            if exc.errno not in (1, 38, 95):  # EPERM, ENOSYS, EOPNOTSUPP: no hard links here
+                raise
+            if candidate.exists() and on_collision != "overwrite":
+                raise OutputConflict(f"a file already exists at {candidate}; not overwritten") \
+                    from None
+            os.replace(temp, candidate)
+        fsync_dir(candidate.parent)
+        return candidate
+    raise OutputConflict(f"no free name next to {final}")
 
 
 def remove_quietly(path: Path) -> None:

@@ -144,7 +144,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
                 log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
         forget_missing_outputs(ledger, out_dir)
         stats = await asyncio.to_thread(
-            scan, ledger, source_roots(config.sources), config.options.fingerprint,
+            scan, ledger, source_roots(config.sources), config.options,
             exclude=(out_dir,), on_progress=progress.scanned)
         crashpoints.reached("scanned")
         progress.set_total(ledger.unfinished(list(JobState)))

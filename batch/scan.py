@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
+from batch.options import Options
+from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
                             ".heif"})
@@ -49,6 +51,7 @@ class Candidate:
     abs_path: str
     size_bytes: int
     mtime_ns: int
+    options_fp: str
     problem: str | None = None
 
 
@@ -79,25 +82,30 @@ def _join(prefix: str, rel: str) -> str:
     return f"{prefix}/{rel}" if prefix else rel
 
 
-def walk(root: SourceRoot, exclude: tuple[Path, ...] = ()) -> Iterator[Candidate]:
+def walk(root: SourceRoot, options: Options,
+         exclude: tuple[Path, ...] = ()) -> Iterator[Candidate]:
     """Every image-named file under ``root``: not following directory symlinks, and following a
     file symlink only when its target stays inside the source. Problems come back as candidates
-    with ``problem`` set, so they are recorded with a reason instead of vanishing."""
+    with ``problem`` set, so they are recorded with a reason instead of vanishing. Each folder's
+    ``.skinbatch.toml`` (if any) sets the options and naming for its subtree."""
     base = root.path.resolve()
     excluded = {str(p.resolve()) for p in exclude}
+    top = FolderSettings(options)
     if base.is_file():
         st = base.stat()
         yield Candidate(str(base.parent), base.name, _join(root.out_prefix, base.name), str(base),
-                        st.st_size, st.st_mtime_ns)
+                        st.st_size, st.st_mtime_ns, options.fingerprint)
         return
-    stack = [(str(base), "")]
+    stack = [(str(base), "", top)]
     while stack:
-        directory, rel_dir = stack.pop()
+        directory, rel_dir, settings = stack.pop()
         try:
             with os.scandir(directory) as entries:
                 listing = list(entries)
         except OSError:
             continue
+        if any(e.name == PRESET_NAME for e in listing):
+            settings = apply_preset(settings, Path(directory) / PRESET_NAME)
         for entry in listing:
             name = entry.name
             if is_ignored_name(name):
@@ -106,20 +114,26 @@ def walk(root: SourceRoot, exclude: tuple[Path, ...] = ()) -> Iterator[Candidate
             try:
                 if entry.is_dir(follow_symlinks=False):
                     if entry.path not in excluded:
-                        stack.append((entry.path, rel))
+                        stack.append((entry.path, rel, settings))
                     continue
             except OSError:
                 continue
             if not is_image_name(name):
                 continue
-            yield _candidate(base, root, entry, rel)
+            yield _candidate(base, root, entry, rel, rel_dir, settings)
 
 
-def _candidate(base: Path, root: SourceRoot, entry: os.DirEntry[str], rel: str) -> Candidate:
-    out_rel = _join(root.out_prefix, rel)
+def _candidate(base: Path, root: SourceRoot, entry: os.DirEntry[str], rel: str, rel_dir: str,
+               settings: FolderSettings) -> Candidate:
+    out_name = settings.output_name(entry.name)
+    out_rel = _join(root.out_prefix, f"{rel_dir}/{out_name}" if rel_dir else out_name)
+    fp = settings.options.fingerprint
 
     def problem(reason: str, size: int = 0, mtime: int = 0) -> Candidate:
-        return Candidate(str(base), rel, out_rel, entry.path, size, mtime, reason)
+        return Candidate(str(base), rel, out_rel, entry.path, size, mtime, fp, reason)
+
+    if settings.problem is not None:
+        return problem(settings.problem)
 
     if "\n" in rel or "\r" in rel:
         return problem("the file name contains a line break; rename it to process it")
@@ -136,7 +150,7 @@ def _candidate(base: Path, root: SourceRoot, entry: os.DirEntry[str], rel: str) 
         return problem(f"cannot read file information: {exc.strerror or exc}")
     if not stat.S_ISREG(st.st_mode):
         return problem("not a regular file", 0, 0)
-    return Candidate(str(base), rel, out_rel, entry.path, st.st_size, st.st_mtime_ns)
+    return Candidate(str(base), rel, out_rel, entry.path, st.st_size, st.st_mtime_ns, fp)
 
 
 def _hash_candidate(candidate: Candidate) -> ScannedFile:
@@ -154,13 +168,14 @@ def _hash_candidate(candidate: Candidate) -> ScannedFile:
 
 
 def _scanned(c: Candidate, digest: str | None, problem: str | None) -> ScannedFile:
-    return ScannedFile(c.root, c.rel_path, c.out_rel, c.size_bytes, c.mtime_ns, digest, problem)
+    return ScannedFile(c.root, c.rel_path, c.out_rel, c.size_bytes, c.mtime_ns, digest, problem,
+                       c.options_fp)
 
 
 def scan(
     ledger: Ledger,
     roots: list[SourceRoot],
-    options_fp: str,
+    options: Options,
     *,
     exclude: tuple[Path, ...] = (),
     workers: int | None = None,
@@ -174,16 +189,16 @@ def scan(
             base = str(root.path.resolve() if root.path.is_dir() else root.path.resolve().parent)
             known = ledger.known_files(base)
             pending: list[Candidate] = []
-            for candidate in walk(root, exclude):
+            for candidate in walk(root, options, exclude):
                 stats.found += 1
                 pending.append(candidate)
                 if len(pending) >= BATCH:
-                    _flush(ledger, pool, pending, known, options_fp, stats)
+                    _flush(ledger, pool, pending, known, stats)
                     if on_progress:
                         on_progress(len(pending))
                     pending = []
             if pending:
-                _flush(ledger, pool, pending, known, options_fp, stats)
+                _flush(ledger, pool, pending, known, stats)
                 if on_progress:
                     on_progress(len(pending))
     return stats
@@ -194,7 +209,6 @@ def _flush(
     pool: ThreadPoolExecutor,
     batch: list[Candidate],
     known: dict[str, KnownFile],
-    options_fp: str,
     stats: ScanStats,
 ) -> None:
     to_hash: list[Candidate] = []
@@ -208,7 +222,7 @@ def _flush(
         )
         if unchanged and k is not None:
             stats.unchanged += 1
-            if k.job_id is None or k.options_fp != options_fp:
+            if k.job_id is None or k.options_fp != c.options_fp or k.out_rel != c.out_rel:
                 relink.append(_scanned(c, k.content_sha256, None))
         else:
             to_hash.append(c)
@@ -217,4 +231,4 @@ def _flush(
     stats.problems += sum(1 for f in hashed if f.problem)
     changed = hashed + relink
     if changed:
-        stats.new_jobs += ledger.record_scan(changed, options_fp)
+        stats.new_jobs += ledger.record_scan(changed)

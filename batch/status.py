@@ -8,6 +8,7 @@ from typing import Any
 
 from batch.ledger import Ledger
 from batch.ledger.store import Problem
+from batch.options import Options
 from batch.states import FINAL, JobState
 
 
@@ -18,6 +19,8 @@ class StatusReport:
     charges: int
     ambiguous_submits: int
     problems: list[Problem]
+    #: Files per effective options (after per-folder presets).
+    options: dict[str, int]
 
     @property
     def unfinished(self) -> int:
@@ -30,6 +33,7 @@ class StatusReport:
             "files": self.files,
             "credits_charged": self.charges,
             "ambiguous_submits": self.ambiguous_submits,
+            "options": self.options,
             "unfinished": self.unfinished,
             "problems": [asdict(p) for p in self.problems],
         }
@@ -44,6 +48,8 @@ class StatusReport:
             + (f"; ambiguous uploads so far: {self.ambiguous_submits}"
                if self.ambiguous_submits else ""),
         ]
+        for described, n in self.options.items():
+            lines.append(f"options [{described}]: {n} file(s)")
         if self.problems:
             lines.append(f"{len(self.problems)} file(s) need attention:")
             for p in self.problems:
@@ -60,4 +66,6 @@ def collect_status(ledger: Ledger, on_ambiguous: str = "resubmit") -> StatusRepo
         charges=ledger.charges(),
         ambiguous_submits=ledger.ambiguous_events(),
         problems=ledger.problems(),
+        options={Options.from_fingerprint(fp).describe(): n
+                 for fp, n in sorted(ledger.options_in_use().items())},
     )

@@ -23,12 +23,13 @@ from pathlib import Path
 from batch.emulator import Emulator, EmulatorConfig
 from batch.ledger import open_ledger
 from batch.ledger.store import ScannedFile
+from batch.options import Options
 from batch.scan import SourceRoot, scan
 from batch.states import JobState
 from bench.baseline import sequential_client
 from bench.common import KEY, ROOT, WRAPPER, make_images, run_cli
 
-FP = "100000000"
+OPTIONS = Options.of(["smart_skin"])
 
 
 @dataclass
@@ -125,9 +126,9 @@ def bench_scan(work: Path, files: int) -> None:
         f"find '{tree}' -type f -print0 | xargs -0 -P 2 -n 2000 sha256sum > /dev/null",
         shell=True, check=True))
     ledger = open_ledger(work / "scan.sqlite")
-    first = timed(lambda: scan(ledger, [SourceRoot(tree)], FP))
+    first = timed(lambda: scan(ledger, [SourceRoot(tree)], OPTIONS))
     walk = timed(lambda: plain_walk(tree))
-    again = timed(lambda: scan(ledger, [SourceRoot(tree)], FP))
+    again = timed(lambda: scan(ledger, [SourceRoot(tree)], OPTIONS))
     ledger.close()
     print(f"  ({files} files of 1 KiB; sha256sum -P2 {sha:.2f}s, plain scandir walk {walk:.2f}s)")
     row("first scan vs sha256sum", f"{files / first:.0f} files/s; {sha / first:.2f}x",
@@ -143,7 +144,7 @@ def bench_ledger(work: Path, jobs: int) -> None:
     ledger = open_ledger(path)
     batches = [[ScannedFile("/src", f"{i}.jpg", f"{i}.jpg", 1000, 1, f"{i:064x}")
                 for i in range(start, min(jobs, start + 512))] for start in range(0, jobs, 512)]
-    enqueue = timed(lambda: [ledger.record_scan(b, FP) for b in batches])
+    enqueue = timed(lambda: [ledger.record_scan(b) for b in batches])
     ids = [j.id for j in ledger.claimable([JobState.PENDING], jobs)]
     move = timed(lambda: [ledger.transition(i, JobState.SUBMITTING, expect=JobState.PENDING)
                           for i in ids])
@@ -168,7 +169,7 @@ def bench_memory_queued(work: Path, jobs: int) -> float:
     root = str(src.resolve())
     for start in range(0, jobs, 512):
         ledger.record_scan([ScannedFile(root, f"{i}.jpg", f"{i}.jpg", 1000, 1, f"{i:064x}")
-                            for i in range(start, min(jobs, start + 512))], FP)
+                            for i in range(start, min(jobs, start + 512))])
     with ledger.engine.begin() as conn:
         conn.exec_driver_sql(
             "UPDATE jobs SET state='queued', task_id='t' || id, submitted_at=?, expires_at=?",

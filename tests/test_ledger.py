@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from batch.ledger import Ledger, TransitionInfo, open_ledger
@@ -20,9 +22,13 @@ def scanned(rel: str, sha: str, root: str = "/src") -> ScannedFile:
     return ScannedFile(root, rel, rel, 10, 1, sha)
 
 
+def record(ledger: Ledger, found: list[ScannedFile], options_fp: str) -> int:
+    return ledger.record_scan([replace(f, options_fp=options_fp) for f in found])
+
+
 class TestLedger:
     def test_identical_content_is_one_job_with_two_files(self, ledger: Ledger) -> None:
-        created = ledger.record_scan([scanned("a.jpg", "a" * 64), scanned("copy/a.jpg", "a" * 64),
+        created = record(ledger, [scanned("a.jpg", "a" * 64), scanned("copy/a.jpg", "a" * 64),
                                       scanned("b.jpg", "b" * 64)], "100000000")
         assert created == 2
         assert ledger.counts()["pending"] == 2
@@ -31,13 +37,13 @@ class TestLedger:
         assert ledger.file_count() == 3
 
     def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:
-        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
-        assert ledger.record_scan([scanned("a.jpg", "a" * 64)], "010000000") == 1
+        record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
+        assert record(ledger, [scanned("a.jpg", "a" * 64)], "010000000") == 1
         # the file now points at the new job only; the old one is no longer wanted
         assert ledger.counts()["pending"] == 1
 
     def test_transitions_write_history_and_refuse_illegal_moves(self, ledger: Ledger) -> None:
-        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
+        record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
         job = ledger.claimable([JobState.PENDING], 1)[0]
         ledger.transition(job.id, JobState.SUBMITTING, expect=JobState.PENDING)
         ledger.transition(job.id, JobState.QUEUED, task_id="t-1",
@@ -54,7 +60,7 @@ class TestLedger:
         assert ledger.job(job.id).task_id == "t-1"
 
     def test_recovery_marks_lost_answers_ambiguous_and_charges_them(self, ledger: Ledger) -> None:
-        ledger.record_scan([scanned("a.jpg", "a" * 64), scanned("b.jpg", "b" * 64)], "100000000")
+        record(ledger, [scanned("a.jpg", "a" * 64), scanned("b.jpg", "b" * 64)], "100000000")
         a, b = ledger.claimable([JobState.PENDING], 2)
         ledger.transition(a.id, JobState.SUBMITTING)
         ledger.transition(b.id, JobState.SUBMITTING)
@@ -69,7 +75,7 @@ class TestLedger:
         assert ledger.ambiguous_events() == 1
 
     def test_backoff_hides_a_job_until_its_time(self, ledger: Ledger) -> None:
-        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
+        record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
         job = ledger.claimable([JobState.PENDING], 1)[0]
         ledger.transition(job.id, JobState.SUBMITTING)
         ledger.transition(job.id, JobState.PENDING, attempts=1, next_attempt_at=10**12)
@@ -77,7 +83,7 @@ class TestLedger:
         assert ledger.claimable([JobState.PENDING], 5, now=10**12 + 1)[0].attempts == 1
 
     def test_problems_list_files_with_reasons(self, ledger: Ledger) -> None:
-        ledger.record_scan([scanned("a.jpg", "a" * 64),
+        record(ledger, [scanned("a.jpg", "a" * 64),
                             ScannedFile("/src", "locked.jpg", "locked.jpg", 0, 0, None,
                                         "permission denied: the file cannot be read")],
                            "100000000")
@@ -89,7 +95,7 @@ class TestLedger:
                             "/src/locked.jpg": "permission denied: the file cannot be read"}
 
     def test_retry_puts_failed_jobs_back(self, ledger: Ledger) -> None:
-        ledger.record_scan([scanned("a.jpg", "a" * 64)], "100000000")
+        record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
         job = ledger.claimable([JobState.PENDING], 1)[0]
         ledger.transition(job.id, JobState.REJECTED, info=TransitionInfo(message="bad"))
         assert ledger.reset_jobs([JobState.FAILED], "x") == 0
@@ -99,7 +105,7 @@ class TestLedger:
 
 def test_downloads_are_claimed_soonest_to_expire_first(ledger_location: str) -> None:
     ledger = open_ledger(ledger_location)
-    ledger.record_scan([scanned(f"{c}.jpg", c * 64) for c in "abc"], "100000000")
+    record(ledger, [scanned(f"{c}.jpg", c * 64) for c in "abc"], "100000000")
     for job, expires in zip(ledger.claimable([JobState.PENDING], 3), (300.0, 100.0, 200.0),
                             strict=True):
         ledger.transition(job.id, JobState.SUBMITTING)

@@ -4,10 +4,11 @@ import os
 from pathlib import Path
 
 from batch.ledger import open_ledger
+from batch.options import Options
 from batch.scan import SourceRoot, scan
 from tests.imagegen import write_portrait
 
-FP = "100000000"
+FP = Options.of(["smart_skin"])
 
 
 def test_scan_finds_images_recursively_and_skips_hidden_temp_and_other_files(

@@ -82,6 +82,7 @@ class KnownFile:
     job_id: int | None
     problem: str | None
     options_fp: str | None
+    out_rel: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ class ScannedFile:
     mtime_ns: int
     content_sha256: str | None
     problem: str | None = None
+    options_fp: str = "000000000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,58 +185,62 @@ class Ledger:
         re-scan. One joined query, read through the driver: this runs on every re-scan."""
         query = (
             select(files.c.rel_path, files.c.size_bytes, files.c.mtime_ns,
-                   files.c.content_sha256, files.c.job_id, files.c.problem, jobs.c.options_fp)
+                   files.c.content_sha256, files.c.job_id, files.c.problem, jobs.c.options_fp,
+                   files.c.out_rel)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(files.c.root == root)
         )
         with self._read() as conn:
-            return {rel: KnownFile(size, mtime, sha, job_id, problem, fp)
-                    for rel, size, mtime, sha, job_id, problem, fp in conn.execute(query).tuples()}
+            return {rel: KnownFile(size, mtime, sha, job_id, problem, fp, out_rel)
+                    for rel, size, mtime, sha, job_id, problem, fp, out_rel
+                    in conn.execute(query)}
 
-    def record_scan(self, scanned: Sequence[ScannedFile], options_fp: str) -> int:
-        """Upsert scanned files and link each readable one to its job, creating jobs as needed.
-
-        Returns how many new jobs were created. One transaction for the whole batch.
-        """
+    def record_scan(self, scanned: Sequence[ScannedFile]) -> int:
+        """Upsert scanned files and link each readable one to its job (content + options),
+        creating jobs as needed. Returns how many new jobs were created. One transaction."""
         now = time.time()
-        keys = {(f.content_sha256, f.size_bytes) for f in scanned if f.content_sha256}
+        keys = {(f.content_sha256, f.options_fp): f.size_bytes for f in scanned
+                if f.content_sha256}
         with self._tx() as conn:
             before = conn.scalar(select(func.count()).select_from(jobs)) or 0
-            if keys:
-                self._insert_ignore(
-                    conn, jobs,
-                    [
-                        {"content_sha256": sha, "options_fp": options_fp, "size_bytes": size,
-                         "state": JobState.PENDING.value, "created_at": now, "updated_at": now,
-                         "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
-                        for sha, size in keys
-                    ],
-                    ["content_sha256", "options_fp"],
-                )
+            self._insert_ignore(
+                conn, jobs,
+                [{"content_sha256": sha, "options_fp": fp, "size_bytes": size,
+                  "state": JobState.PENDING.value, "created_at": now, "updated_at": now,
+                  "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
+                 for (sha, fp), size in keys.items()],
+                ["content_sha256", "options_fp"],
+            )
             after = conn.scalar(select(func.count()).select_from(jobs)) or 0
-            job_ids: dict[str, int] = {}
-            shas = [sha for sha, _ in keys]
+            job_ids: dict[tuple[str, str], int] = {}
+            shas = sorted({sha for sha, _ in keys})
             for start in range(0, len(shas), 500):
-                query = select(jobs.c.id, jobs.c.content_sha256).where(
-                    jobs.c.options_fp == options_fp,
-                    jobs.c.content_sha256.in_(shas[start : start + 500]),
-                )
-                job_ids.update({r.content_sha256: r.id for r in conn.execute(query)})
+                query = select(jobs.c.id, jobs.c.content_sha256, jobs.c.options_fp).where(
+                    jobs.c.content_sha256.in_(shas[start : start + 500]))
+                job_ids.update({(r.content_sha256, r.options_fp): r.id
+                                for r in conn.execute(query)})
             rows = [
                 {"root": f.root, "rel_path": f.rel_path, "out_rel": f.out_rel,
                  "size_bytes": f.size_bytes, "mtime_ns": f.mtime_ns,
                  "content_sha256": f.content_sha256,
-                 "job_id": job_ids.get(f.content_sha256) if f.content_sha256 else None,
+                 "job_id": job_ids.get((f.content_sha256, f.options_fp))
+                 if f.content_sha256 else None,
                  "problem": f.problem, "seen_at": now}
                 for f in scanned
             ]
-            if rows:
-                self._upsert(
-                    conn, files, rows, ["root", "rel_path"],
-                    update_cols=["out_rel", "size_bytes", "mtime_ns", "content_sha256", "job_id",
-                                 "problem", "seen_at"],
-                )
+            self._upsert(
+                conn, files, rows, ["root", "rel_path"],
+                update_cols=["out_rel", "size_bytes", "mtime_ns", "content_sha256", "job_id",
+                             "problem", "seen_at"],
+            )
         return after - before
+
+    def options_in_use(self) -> dict[str, int]:
+        """Files per effective options (after per-folder presets)."""
+        query = (select(jobs.c.options_fp, func.count()).select_from(
+            files.join(jobs, jobs.c.id == files.c.job_id)).group_by(jobs.c.options_fp))
+        with self._read() as conn:
+            return {fp: n for fp, n in conn.execute(query)}
 
     # ---- the state machine ----------------------------------------------------------------
 

@@ -159,16 +159,21 @@ class Downloader:
                    fmt: str) -> tuple[dict[int, tuple[str, str | None]], dict[int, str]]:
         outputs: dict[int, tuple[str, str | None]] = {}
         problems: dict[int, str] = {}
+        sources = [p.resolve() for p in self.rt.config.sources]
         for index, target in enumerate(targets):
             rel = output_rel(target.out_rel, fmt)
             try:
                 final = resolve_inside(self.rt.out_dir, rel)
+                if any(final.is_relative_to(s) for s in sources if s.is_dir()):
+                    raise OutputConflict(f"the output path {final} lies inside a source folder; "
+                                         "refused (choose another --out)")
                 final.parent.mkdir(parents=True, exist_ok=True)
                 source = temp if index == 0 else copy_to_temp(temp, final.parent, final.name)
                 if source != temp:
                     temps.append(source)
-                place(source, final, sha256, target.written_sha256)
-                outputs[target.id] = (rel, sha256)
+                placed = place(source, final, sha256, target.written_sha256,
+                               self.rt.config.on_collision)
+                outputs[target.id] = (str(placed.relative_to(self.rt.out_dir)), sha256)
             except OutputConflict as conflict:
                 problems[target.id] = str(conflict)
         return outputs, problems

@@ -1,0 +1,71 @@
+"""Per-folder presets: a ``.skinbatch.toml`` sets options and output naming for its subtree.
+
+    [options]
+    smart_skin = true
+    acne_removal = false        # a key that is present overrides; absent keys inherit
+    naming = "{stem}_retouched{ext}"
+
+Presets layer from the source root down to the file's folder, over the run's own options.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+
+from batch.apispec import OPTION_NAMES
+from batch.options import Options
+
+PRESET_NAME = ".skinbatch.toml"
+DEFAULT_NAMING = "{stem}{ext}"
+
+
+@dataclass(frozen=True, slots=True)
+class FolderSettings:
+    options: Options
+    naming: str = DEFAULT_NAMING
+    #: Why files here cannot be processed (an invalid preset), or None.
+    problem: str | None = None
+
+    def output_name(self, name: str) -> str:
+        path = PurePosixPath(name)
+        return self.naming.format(stem=path.stem, ext=path.suffix, name=name)
+
+
+def check_naming(template: str) -> str:
+    try:
+        sample = template.format(stem="photo", ext=".jpg", name="photo.jpg")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"naming {template!r}: use {{stem}}, {{ext}} and {{name}} ({exc})") \
+            from None
+    if not sample or "/" in sample or "\\" in sample or sample in (".", "..") or \
+            sample.startswith("."):
+        raise ValueError(f"naming {template!r} must give a plain file name")
+    return template
+
+
+def apply_preset(parent: FolderSettings, preset: Path) -> FolderSettings:
+    """The settings for a folder holding ``preset``; an invalid file becomes a problem that
+    every file below it reports (so nothing there is sent on a misread preset)."""
+    try:
+        values = tomllib.loads(preset.read_text(encoding="utf-8"))
+        unknown = set(values) - {"options", "naming"}
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
+        table = values.get("options", {})
+        if not isinstance(table, dict):
+            raise ValueError("[options] must be a table")
+        enabled = set(parent.options.enabled)
+        for name, value in table.items():
+            if name not in OPTION_NAMES:
+                raise ValueError(f"unknown option {name!r}")
+            if not isinstance(value, bool):
+                raise ValueError(f"option {name} must be true or false")
+            (enabled.add if value else enabled.discard)(name)
+        naming = values.get("naming", parent.naming)
+        if not isinstance(naming, str):
+            raise ValueError("naming must be a string")
+        return FolderSettings(Options(frozenset(enabled)), check_naming(naming))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as exc:
+        return replace(parent, problem=f"the folder's {PRESET_NAME} is invalid: {exc}")

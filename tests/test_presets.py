@@ -1,0 +1,54 @@
+"""Per-folder presets, output naming and the collision policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from batch.emulator import Emulator
+from tests.conftest import FAST_FLAGS, run_cli
+from tests.imagegen import write_portrait
+
+
+def test_folder_presets_set_options_and_naming_for_their_subtree(tmp_path: Path,
+                                                                  emulator: Emulator) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "default.jpg", seed=1)
+    write_portrait(src / "bride/a.jpg", seed=2)
+    write_portrait(src / "bride/close-ups/b.jpg", seed=3)
+    write_portrait(src / "broken/c.jpg", seed=4)
+    (src / "bride/.skinbatch.toml").write_text(
+        'naming = "{stem}_retouched{ext}"\n[options]\nacne_removal = true\nsmart_skin = false\n')
+    (src / "bride/close-ups/.skinbatch.toml").write_text("[options]\nunder_eye_correction = true\n")
+    (src / "broken/.skinbatch.toml").write_text("[options]\nglow = true\n")
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 1, result.stderr
+    sent = sorted(sorted(t.enabled) for t in emulator.state.tasks.values())
+    assert sent == [["acne_removal"], ["acne_removal", "under_eye_correction"], ["smart_skin"]]
+    assert (out / "default.jpg").is_file()
+    assert (out / "bride/a_retouched.jpg").is_file()
+    assert (out / "bride/close-ups/b_retouched.jpg").is_file()
+    assert not (src / "bride/a_retouched.jpg").exists()
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert status["options"] == {"acne_removal": 1, "acne_removal, under_eye_correction": 1,
+                                 "smart_skin": 1}
+    [problem] = status["problems"]
+    assert problem["path"].endswith("broken/c.jpg") and "unknown option 'glow'" in \
+        problem["reason"]
+
+
+def test_collision_policy_suffix_and_overwrite(tmp_path: Path, emulator: Emulator) -> None:
+    src = tmp_path / "src"
+    write_portrait(src / "a.jpg")
+    for policy, expect in (("suffix", "a-1.jpg"), ("overwrite", "a.jpg")):
+        out = tmp_path / f"out-{policy}"
+        out.mkdir()
+        (out / "a.jpg").write_bytes(b"someone else's file")
+        config = tmp_path / f"{policy}.toml"
+        config.write_text(f'on_collision = "{policy}"\n')
+        result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                          *FAST_FLAGS], emulator)
+        assert result.returncode == 0, result.stdout
+        assert (out / expect).read_bytes()[:2] == b"\xff\xd8"
+        if policy == "suffix":
+            assert (out / "a.jpg").read_bytes() == b"someone else's file"

@@ -28,6 +28,7 @@ from batch.report import write_report
 from batch.secret import Secret
 from batch.states import JobState
 from batch.status import collect_status
+from batch.watch import WatchSettings
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEMO_KEY = "demo-key"
@@ -137,15 +138,10 @@ def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
     config = _build_config(sources, out, params)
     configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
               config.api_key, json_lines=params["log_format"] == "json")
-    emulator: Emulator | None = None
-    if params["emulator"]:
-        emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0)).start()
-        poll = params["poll_interval"] or 1.0
+    emulator = _maybe_emulator(params, quiet)
+    if emulator is not None:
         config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
-                         poll_interval=poll)
-        if not quiet:
-            click.echo(f"Using the bundled emulator at {emulator.api_base}: no credits are "
-                       "spent and the retouch is a local imitation.", err=True)
+                         poll_interval=params["poll_interval"] or 1.0)
     if params["dry_run"]:
         try:
             click.echo(dryrun.plan(config).to_text())
@@ -163,6 +159,49 @@ def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
             emulator.stop()
     _print_summary(report, config, quiet)
     sys.exit(int(report.exit_code))
+
+
+@main.command()
+@run_options
+@click.option("--settle", type=float, default=5.0, show_default=True,
+              help="Seconds a new file must stay unchanged (and decode) before it is taken.")
+@click.option("--rescan", type=float, default=60.0, show_default=True,
+              help="Seconds between full (stat-only) re-scans that catch missed events.")
+@click.option("--polling", is_flag=True, help="Poll instead of inotify (network shares).")
+@handle_errors
+def watch(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool, settle: float,
+          rescan: float, polling: bool, **params: Any) -> None:
+    """Like run, but keep going: new and moved-in files are taken as they arrive.
+
+    Stop with Ctrl-C or SIGTERM: uploads under way get their answer, state is saved, exit 130.
+    """
+    config = _build_config(sources, out, params)
+    configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
+              config.api_key, json_lines=params["log_format"] == "json")
+    emulator = _maybe_emulator(params, quiet)
+    if emulator is not None:
+        config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
+                         poll_interval=params["poll_interval"] or 1.0)
+    if config.api_key is None:
+        raise ConfigError("no API key: set AILAB_API_KEY, or api_key_file in --config; "
+                          "or add --emulator to try the bundled emulator")
+    try:
+        report = run_batch(config, WatchSettings(settle, rescan, polling))
+    finally:
+        if emulator is not None:
+            emulator.stop()
+    _print_summary(report, config, quiet)
+    sys.exit(int(report.exit_code))
+
+
+def _maybe_emulator(params: dict[str, Any], quiet: bool) -> Emulator | None:
+    if not params["emulator"]:
+        return None
+    emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0)).start()
+    if not quiet:
+        click.echo(f"Using the bundled emulator at {emulator.api_base}: no credits are "
+                   "spent and the retouch is a local imitation.", err=True)
+    return emulator
 
 
 def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:

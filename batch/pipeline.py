@@ -32,6 +32,7 @@ from batch.stages.runtime import Runtime
 from batch.stages.submitter import Submitter
 from batch.states import JobState
 from batch.status import StatusReport, collect_status
+from batch.watch import WatchSettings, watch_sources
 
 log = logging.getLogger("batch")
 
@@ -83,8 +84,9 @@ def forget_missing_outputs(ledger: Ledger, out_dir: Path) -> int:
     return missing
 
 
-def run_batch(config: RunConfig) -> RunReport:
-    """Run the whole batch to completion (or to a stop), from a library or the CLI."""
+def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunReport:
+    """Run the whole batch to completion (or to a stop), from a library or the CLI. With
+    ``watch``, keep running and take new files as they arrive, until interrupted."""
     if config.api_key is None:
         raise ValueError("no API key")
     out_dir = config.out.expanduser().resolve()
@@ -94,7 +96,7 @@ def run_batch(config: RunConfig) -> RunReport:
         ledger = open_ledger(config.ledger_location)
         try:
             charges_before = ledger.charges()
-            report = asyncio.run(_run(config, ledger, out_dir))
+            report = asyncio.run(_run(config, ledger, out_dir, watch))
             report.seconds = time.monotonic() - started
             report.charged = ledger.charges() - charges_before
             _record_run(ledger, report, started_at)
@@ -114,7 +116,8 @@ def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None
     }))
 
 
-async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
+async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
+               watch: WatchSettings | None = None) -> RunReport:
     assert config.api_key is not None
     progress = Progress(config.progress)
     client = ApiClient(config.api_base, config.api_key,
@@ -150,7 +153,15 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path) -> RunReport:
         progress.set_total(ledger.unfinished(list(JobState)))
         materialize_copies(rt)
         await _check_money(rt)
-        await _drive(rt)
+        if watch is None:
+            await _drive(rt)
+        else:
+            watcher = asyncio.create_task(watch_sources(rt, watch, source_roots(config.sources)))
+            try:
+                await _drive(rt, keep_running=True)
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
         if not rt.flags.abort:
             materialize_copies(rt)
     finally:
@@ -225,7 +236,7 @@ async def _clock(rt: Runtime) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _drive(rt: Runtime) -> None:
+async def _drive(rt: Runtime, keep_running: bool = False) -> None:
     submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
               for s in (submitter, poller, downloader)]
@@ -242,7 +253,7 @@ async def _drive(rt: Runtime) -> None:
                 break
             busy = submitter.in_flight or downloader.in_flight or poller.in_flight
             # Counting is a query: do it at most a few times a second, not per transition.
-            if not busy and time.monotonic() - last_count >= 0.2:
+            if not keep_running and not busy and time.monotonic() - last_count >= 0.2:
                 last_count = time.monotonic()
                 allowed = rt.flags.submits_stopped is None
                 if rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +41,27 @@ class ScanStats:
     unchanged: int = 0
     problems: int = 0
     new_jobs: int = 0
-    skipped_names: int = field(default=0)
+    #: New or changed files left for a later pass (still being written, or not decodable yet).
+    deferred: int = field(default=0)
+
+
+def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:
+    """Watch mode: a file is taken once unchanged for ``settle`` seconds and it decodes
+    (a copy that paused mid-way is not taken as a truncated photo; one that never decodes is
+    taken after a while, so preflight can reject it with a reason)."""
+    age = now - mtime_ns / 1e9
+    if age < settle:
+        return False
+    if age > settle * 10:
+        return True
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+    except Exception:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +201,7 @@ def scan(
     exclude: tuple[Path, ...] = (),
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
+    settle: float = 0.0,
 ) -> ScanStats:
     """Walk the sources and bring the ledger up to date, in batches of ``BATCH`` files."""
     stats = ScanStats()
@@ -193,12 +215,12 @@ def scan(
                 stats.found += 1
                 pending.append(candidate)
                 if len(pending) >= BATCH:
-                    _flush(ledger, pool, pending, known, stats)
+                    _flush(ledger, pool, pending, known, stats, settle)
                     if on_progress:
                         on_progress(len(pending))
                     pending = []
             if pending:
-                _flush(ledger, pool, pending, known, stats)
+                _flush(ledger, pool, pending, known, stats, settle)
                 if on_progress:
                     on_progress(len(pending))
     return stats
@@ -210,8 +232,10 @@ def _flush(
     batch: list[Candidate],
     known: dict[str, KnownFile],
     stats: ScanStats,
+    settle: float = 0.0,
 ) -> None:
     to_hash: list[Candidate] = []
+    now = time.time()
     relink: list[ScannedFile] = []
     for c in batch:
         k = known.get(c.rel_path)
@@ -224,6 +248,8 @@ def _flush(
             stats.unchanged += 1
             if k.job_id is None or k.options_fp != c.options_fp or k.out_rel != c.out_rel:
                 relink.append(_scanned(c, k.content_sha256, None))
+        elif settle and c.problem is None and not settled(c.abs_path, c.mtime_ns, settle, now):
+            stats.deferred += 1
         else:
             to_hash.append(c)
     hashed = list(pool.map(_hash_candidate, to_hash))

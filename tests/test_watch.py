@@ -1,0 +1,89 @@
+"""Watch mode against real files arriving in a real folder."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from batch.emulator import Emulator
+from tests.checks import assert_outputs_right
+from tests.conftest import FAST_FLAGS, popen_cli
+from tests.imagegen import encode, portrait
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_watch_takes_files_as_they_arrive(tmp_path: Path, emulator: Emulator,
+                                          polling: bool) -> None:
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    src.mkdir()
+    args = ["watch", str(src), "--out", str(out), "--settle", "0.5", "--rescan", "3",
+            *FAST_FLAGS, "--smart-skin"] + (["--polling"] if polling else [])
+    proc = popen_cli(args, emulator)
+    try:
+        time.sleep(1.5)
+        expected: dict[str, bytes] = {}
+        # A slow writer: the file grows over ~2 s; it must not be taken half-written.
+        slow = encode(portrait(300, 360, seed=1, grain=5), "JPEG")
+        with open(src / "slow.jpg", "wb") as handle:
+            for start in range(0, len(slow), len(slow) // 8 + 1):
+                handle.write(slow[start : start + len(slow) // 8 + 1])
+                handle.flush()
+                time.sleep(0.25)
+        expected["slow.jpg"] = slow
+        # Written under a temporary name, then renamed into place.
+        renamed = encode(portrait(seed=2), "JPEG")
+        (src / "tethered.jpg.part").write_bytes(renamed)
+        time.sleep(1.0)
+        (src / "tethered.jpg.part").rename(src / "tethered.jpg")
+        expected["tethered.jpg"] = renamed
+        # A burst.
+        burst = 200 if not polling else 40
+        for i in range(burst):
+            data = encode(portrait(64, 80, seed=100 + i), "JPEG")
+            (src / "burst").mkdir(exist_ok=True)
+            (src / "burst" / f"{i:03d}.jpg").write_bytes(data)
+            expected[f"burst/{i:03d}.jpg"] = data
+        assert wait_for(lambda: all((out / rel).exists() for rel in expected), timeout=120), \
+            sorted(set(expected) - {str(p.relative_to(out)) for p in out.rglob("*.jpg")})[:5]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert_outputs_right(out, expected, emulator)
+    assert emulator.stats["charged"] == len(expected), "each file exactly once, none half-read"
+    assert " 0 failed, 0 rejected" in stdout
+
+
+def test_a_share_that_disappears_and_comes_back(tmp_path: Path, emulator: Emulator) -> None:
+    share, away, out = tmp_path / "share", tmp_path / "share-offline", tmp_path / "out"
+    share.mkdir()
+    first = encode(portrait(seed=1), "JPEG")
+    (share / "a.jpg").write_bytes(first)
+    proc = popen_cli(["watch", str(share), "--out", str(out), "--settle", "0.3", "--rescan",
+                      "0.5", "--polling", *FAST_FLAGS], emulator)
+    try:
+        assert wait_for(lambda: (out / "a.jpg").exists())
+        share.rename(away)
+        time.sleep(2)
+        away.rename(share)
+        second = encode(portrait(seed=2), "JPEG")
+        (share / "b.jpg").write_bytes(second)
+        assert wait_for(lambda: (out / "b.jpg").exists())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert "is not reachable; waiting for it to come back" in stderr
+    assert "is back" in stderr
+    assert_outputs_right(out, {"a.jpg": first, "b.jpg": second}, emulator)

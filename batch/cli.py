@@ -135,13 +135,7 @@ def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
 
     Running the same command again resumes; on a finished folder it sends nothing.
     """
-    config = _build_config(sources, out, params)
-    configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
-              config.api_key, json_lines=params["log_format"] == "json")
-    emulator = _maybe_emulator(params, quiet)
-    if emulator is not None:
-        config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
-                         poll_interval=params["poll_interval"] or 1.0)
+    config, emulator = _prepare(sources, out, quiet, verbose, params)
     if params["dry_run"]:
         try:
             click.echo(dryrun.plan(config).to_text())
@@ -149,16 +143,7 @@ def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
             if emulator is not None:
                 emulator.stop()
         return
-    if config.api_key is None:
-        raise ConfigError("no API key: set AILAB_API_KEY, or api_key_file in --config; "
-                          "or add --emulator to try the bundled emulator")
-    try:
-        report = run_batch(config)
-    finally:
-        if emulator is not None:
-            emulator.stop()
-    _print_summary(report, config, quiet)
-    sys.exit(int(report.exit_code))
+    _run_and_exit(config, emulator, quiet)
 
 
 @main.command()
@@ -175,6 +160,13 @@ def watch(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool, sett
 
     Stop with Ctrl-C or SIGTERM: uploads under way get their answer, state is saved, exit 130.
     """
+    config, emulator = _prepare(sources, out, quiet, verbose, params)
+    _run_and_exit(config, emulator, quiet, WatchSettings(settle, rescan, polling))
+
+
+def _prepare(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
+             params: dict[str, Any]) -> tuple[RunConfig, Emulator | None]:
+    """Settings, logging, and the bundled emulator when --emulator is given."""
     config = _build_config(sources, out, params)
     configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
               config.api_key, json_lines=params["log_format"] == "json")
@@ -182,11 +174,16 @@ def watch(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool, sett
     if emulator is not None:
         config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
                          poll_interval=params["poll_interval"] or 1.0)
-    if config.api_key is None:
-        raise ConfigError("no API key: set AILAB_API_KEY, or api_key_file in --config; "
-                          "or add --emulator to try the bundled emulator")
+    return config, emulator
+
+
+def _run_and_exit(config: RunConfig, emulator: Emulator | None, quiet: bool,
+                  watch: WatchSettings | None = None) -> None:
     try:
-        report = run_batch(config, WatchSettings(settle, rescan, polling))
+        if config.api_key is None:
+            raise ConfigError("no API key: set AILAB_API_KEY, or api_key_file in --config; "
+                              "or add --emulator to try the bundled emulator")
+        report = run_batch(config, watch)
     finally:
         if emulator is not None:
             emulator.stop()

@@ -1,6 +1,7 @@
 """Carrying the source's metadata (EXIF, XMP, IPTC, ICC profile) onto the retouched result.
 
-For a JPEG result the segments are spliced in, so the result's pixels are never re-encoded.
+For a JPEG or WEBP result the metadata is spliced into the container (JPEG segments, RIFF
+chunks), so the result's pixels are never re-encoded; a PNG result is re-encoded losslessly.
 The copied EXIF says Orientation 1: uploads are sent upright, so results come back upright.
 """
 
@@ -9,8 +10,9 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 SOI, SOS, EOI = 0xD8, 0xDA, 0xD9
 APP1, APP2, APP13 = 0xE1, 0xE2, 0xED
@@ -134,13 +136,78 @@ def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = F
         return result
     if result_format == "JPEG":
         return splice_jpeg(result, segments)
+    found = SourceMetadata.read(source)
+    if result_format == "WEBP":
+        return splice_webp(result, found)
     if result_format == "PNG":
-        with Image.open(io.BytesIO(source)) as src, Image.open(io.BytesIO(result)) as image:
+        with Image.open(io.BytesIO(result)) as image:
             buffer = io.BytesIO()
-            exif = src.getexif()
-            if ORIENTATION in exif:
-                exif[ORIENTATION] = 1
-            image.save(buffer, "PNG", exif=exif.tobytes() if len(exif) else b"",
-                       icc_profile=src.info.get("icc_profile"))
+            info = PngImagePlugin.PngInfo()
+            if found.xmp:
+                info.add_itxt("XML:com.adobe.xmp", found.xmp.decode("utf-8", "replace"))
+            image.save(buffer, "PNG", exif=found.exif, icc_profile=found.icc, pnginfo=info)
             return buffer.getvalue()
     return result
+
+
+@dataclass(frozen=True)
+class SourceMetadata:
+    """The source's metadata as raw blocks (EXIF as TIFF bytes with Orientation 1)."""
+
+    exif: bytes
+    xmp: bytes
+    icc: bytes
+
+    @classmethod
+    def read(cls, source: bytes) -> SourceMetadata:
+        with Image.open(io.BytesIO(source)) as image:
+            exif = image.getexif()
+            if ORIENTATION in exif:
+                exif[ORIENTATION] = 1
+            xmp = image.info.get("xmp") or b""
+            if isinstance(xmp, str):
+                xmp = xmp.encode()
+            icc = image.info.get("icc_profile") or b""
+            return cls(exif.tobytes() if len(exif) else b"", bytes(xmp), bytes(icc))
+
+
+def _riff_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    pos = 12
+    while pos + 8 <= len(data):
+        fourcc = data[pos : pos + 4]
+        (size,) = struct.unpack("<I", data[pos + 4 : pos + 8])
+        yield fourcc, data[pos + 8 : pos + 8 + size]
+        pos += 8 + size + (size & 1)
+
+
+def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
+    padding = b"\x00" if len(payload) & 1 else b""
+    return fourcc + struct.pack("<I", len(payload)) + payload + padding
+
+
+def splice_webp(result: bytes, meta: SourceMetadata) -> bytes:
+    """``result`` (a WEBP) with the source's ICC, EXIF and XMP as RIFF chunks in the extended
+    (VP8X) layout the WebP container spec orders them in; the image chunks are kept as they are."""
+    if result[:4] != b"RIFF" or result[8:12] != b"WEBP" or not (meta.exif or meta.xmp or meta.icc):
+        return result
+    chunks = [(c, p) for c, p in _riff_chunks(result) if c not in (b"VP8X", b"ICCP", b"EXIF",
+                                                                   b"XMP ")]
+    if any(c in (b"ANIM", b"ANMF") for c, _ in chunks):
+        return result
+    with Image.open(io.BytesIO(result)) as image:
+        width, height = image.size
+        alpha = image.mode in ("RGBA", "LA") or "transparency" in image.info
+    flags = ((0x20 if meta.icc else 0) | (0x10 if alpha else 0) | (0x08 if meta.exif else 0)
+             | (0x04 if meta.xmp else 0))
+    vp8x = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (
+        height - 1).to_bytes(3, "little")
+    exif = meta.exif[len(EXIF_HEADER):] if meta.exif.startswith(EXIF_HEADER) else meta.exif
+    body = _riff_chunk(b"VP8X", vp8x)
+    if meta.icc:
+        body += _riff_chunk(b"ICCP", meta.icc)
+    body += b"".join(_riff_chunk(c, p) for c, p in chunks)
+    if exif:
+        body += _riff_chunk(b"EXIF", exif)
+    if meta.xmp:
+        body += _riff_chunk(b"XMP ", meta.xmp)
+    return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body

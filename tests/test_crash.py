@@ -56,7 +56,7 @@ def test_kill_9_at_random_moments(tmp_path: Path, make_emulator, images: int,  #
     originals = {p: p.read_bytes() for p in src.rglob("*.jpg")}
     # Paced (QPS cap, slower polls) so the kills land all along the run, not after it.
     args = ["run", str(src), "--out", str(out), "--concurrency", "6", *FAST_FLAGS,
-            "--max-qps", "10" if images <= 50 else "25", "--poll-interval", "0.3"]
+            "--max-qps", "10" if images <= 50 else "8", "--poll-interval", "0.3"]
     rng = random.Random(images)
     survived = 0
     for _ in range(kills):

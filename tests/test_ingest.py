@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 from batch.emulator import Emulator
 from batch.preflight import PrepareSettings, preflight
@@ -89,6 +89,35 @@ def test_files_within_limits_go_byte_for_byte_and_keep_their_metadata(
     assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
     assert emulator.state.submitted_digests == [__import__("hashlib").sha256(data).hexdigest()]
     assert_metadata_kept(out / "small.jpg")
+
+
+@pytest.mark.parametrize(("fmt", "name", "lossless"), [
+    ("WEBP", "client.webp", False), ("PNG", "client.png", True)])
+def test_webp_and_png_results_keep_their_metadata(tmp_path: Path, emulator: Emulator, fmt: str,
+                                                  name: str, lossless: bool) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    xmp = PngImagePlugin.PngInfo()
+    xmp.add_itxt("XML:com.adobe.xmp", XMP.decode())  # Pillow writes PNG XMP only this way
+    portrait(240, 300, seed=8).save(src / name, fmt, exif=camera_exif(), icc_profile=ICC,
+                                    xmp=XMP, pnginfo=xmp)
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
+    assert_metadata_kept(out / name)
+    [task] = emulator.state.tasks.values()
+    with Image.open(io.BytesIO(task.result or b"")) as returned, Image.open(out / name) as kept:
+        assert kept.format == fmt
+        assert kept.tobytes() == returned.tobytes(), "metadata must not change the pixels"
+    if not lossless:
+        assert kept_chunks(out / name)[:2] == [b"VP8X", b"ICCP"]
+
+
+def kept_chunks(path: Path) -> list[bytes]:
+    data, pos, found = path.read_bytes(), 12, []
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        found.append(data[pos : pos + 4])
+        pos += 8 + size + (size & 1)
+    return found
 
 
 def test_exif_orientation_is_applied_before_upload(tmp_path: Path, emulator: Emulator) -> None:

@@ -157,6 +157,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             await _drive(rt)
         else:
             watcher = asyncio.create_task(watch_sources(rt, watch, source_roots(config.sources)))
+            watcher.add_done_callback(lambda task: _watcher_ended(rt, task))
             try:
                 await _drive(rt, keep_running=True)
             finally:
@@ -176,6 +177,12 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     status = collect_status(ledger, config.on_ambiguous)
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
+
+
+def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:
+    """A watch run that can no longer see new files must not sit there looking healthy."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        rt.fail_run(f"Watching the sources stopped: {error}")
 
 
 def submittable_states(config: RunConfig) -> list[JobState]:

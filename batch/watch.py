@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,22 +50,79 @@ def _start_observer(roots: list[SourceRoot], handler: _Nudge, polling: bool) -> 
     """inotify where it works; polling when asked, or when inotify is unavailable or out of
     watches (a clear message says so)."""
     if not polling:
-        observer = Observer()
+        observer = None
         try:
+            observer = Observer()  # watchdog >= 5 opens the inotify instance right here
             for root in roots:
                 observer.schedule(handler, str(root.path), recursive=True)
             observer.start()
+            _check_coverage(roots)
             return observer
         except OSError as exc:
-            log.warning("Cannot watch with inotify (%s); polling instead. For many folders "
-                        "raise fs.inotify.max_user_watches.", exc)
-            observer.stop()
+            _say_polling(exc)
+            if observer is not None:
+                observer.stop()
     observer = PollingObserver(timeout=2)
     for root in roots:
         if root.path.exists():
             observer.schedule(handler, str(root.path), recursive=True)
     observer.start()
     return observer
+
+
+def _say_polling(exc: OSError) -> None:
+    log.warning("Cannot watch with inotify (%s); polling instead. For many folders raise "
+                "fs.inotify.max_user_watches (sysctl).", exc.strerror or exc)
+
+
+def _check_coverage(roots: list[SourceRoot]) -> None:
+    """Raise ENOSPC if some source folder has no inotify watch. watchdog skips a subfolder it
+    cannot watch without a word, which would leave new files there to the slow re-scan."""
+    watches = inotify_watches()
+    if watches is None:
+        return
+    folders = sum(folder_count(root.path) for root in roots)
+    if watches < folders:
+        raise OSError(errno.ENOSPC, f"inotify watch limit reached: {watches} of {folders} "
+                                    "folders watched")
+
+
+def _still_covered(roots: list[SourceRoot]) -> bool:
+    """Folders made since the start need watches too; the limit can be hit later on."""
+    try:
+        _check_coverage(roots)
+        return True
+    except OSError:
+        time.sleep(1.0)  # a folder made a moment ago may not have its watch yet
+    try:
+        _check_coverage(roots)
+        return True
+    except OSError as exc:
+        _say_polling(exc)
+        return False
+
+
+def inotify_watches() -> int | None:
+    """How many inotify watches this process holds (None where /proc cannot tell)."""
+    total = 0
+    try:
+        descriptors = os.listdir("/proc/self/fdinfo")
+    except OSError:
+        return None
+    for fd in descriptors:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                total += sum(1 for line in info if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+def folder_count(path: Path) -> int:
+    """The folders a recursive watch of ``path`` needs (symlinked folders are not followed)."""
+    return sum(1 for _ in os.walk(path)) if path.is_dir() else 0
 
 
 async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[SourceRoot]) -> None:
@@ -95,6 +154,10 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                     log.warning("Source %s is back.", root.path)
                     observer.stop()
                     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
+            if not isinstance(observer, PollingObserver) and \
+                    not await asyncio.to_thread(_still_covered, reachable):
+                observer.stop()
+                observer = _start_observer(roots, _Nudge(loop, nudged), polling=True)
             stats = await asyncio.to_thread(scan, rt.ledger, reachable, rt.config.options,
                                             exclude=(rt.out_dir,), settle=settings.settle)
             if stats.hashed or stats.new_jobs:

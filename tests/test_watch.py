@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 
 from batch.emulator import Emulator
 from tests.checks import assert_outputs_right
-from tests.conftest import FAST_FLAGS, popen_cli
+from tests.conftest import API_KEY, FAST_FLAGS, cli_env, popen_cli
 from tests.imagegen import encode, portrait
 
 
@@ -87,3 +90,46 @@ def test_a_share_that_disappears_and_comes_back(tmp_path: Path, emulator: Emulat
     assert "is not reachable; waiting for it to come back" in stderr
     assert "is back" in stderr
     assert_outputs_right(out, {"a.jpg": first, "b.jpg": second}, emulator)
+
+
+def unshare_works() -> bool:
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"],
+                           capture_output=True, check=False) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs user namespaces (unshare)")
+@pytest.mark.parametrize(("knob", "limit", "later"), [
+    ("max_inotify_instances", 0, False), ("max_inotify_watches", 1, False),
+    ("max_inotify_watches", 2, True)])
+def test_watch_falls_back_to_polling_when_inotify_runs_out(
+        tmp_path: Path, emulator: Emulator, knob: str, limit: int, later: bool) -> None:
+    """inotify unavailable (no instances left) or its watch limit hit (more folders than
+    watches, at the start or as folders are added): the watcher says so and polls instead.
+    The limits are set in a private user namespace, so the rest of the machine keeps its own."""
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    src.mkdir()
+    for folder in ("a", "b", "c"):
+        if not later:
+            (src / folder).mkdir()
+    args = ["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "30",
+            *FAST_FLAGS]
+    shell = f'echo {limit} > /proc/sys/user/{knob} && exec "$0" "$@"'
+    proc = subprocess.Popen(["unshare", "--user", "--map-root-user", "sh", "-c", shell,
+                             sys.executable, "-m", "batch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=cli_env(emulator, API_KEY, None))
+    expected = {f"{folder}/{i}.jpg": encode(portrait(seed=i + ord(folder)), "JPEG")
+                for folder in ("a", "c") for i in range(2)}
+    try:
+        time.sleep(2)
+        for rel, data in expected.items():
+            (src / rel).parent.mkdir(exist_ok=True)
+            (src / rel).write_bytes(data)
+        assert wait_for(lambda: all((out / rel).exists() for rel in expected), timeout=20), \
+            "the polling observer must pick the files up well before the 30 s rescan"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert "Cannot watch with inotify" in stderr and "polling instead" in stderr, stderr[-2000:]
+    assert_outputs_right(out, expected, emulator)

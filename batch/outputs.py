@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from batch.scan import sha256_file
+from batch.hashing import sha256_file
 
 TEMP_MARKER = ".skinbatch-"
 TEMP_SUFFIX = ".part"

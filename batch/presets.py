@@ -29,6 +29,8 @@ class FolderSettings:
     problem: str | None = None
 
     def output_name(self, name: str) -> str:
+        if self.naming == DEFAULT_NAMING:
+            return name
         path = PurePosixPath(name)
         return self.naming.format(stem=path.stem, ext=path.suffix, name=name)
 

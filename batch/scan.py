@@ -1,7 +1,10 @@
 """Finding the photos under the source folders and recording them in the ledger.
 
-A re-scan is cheap: a file whose size and mtime match the ledger is not read again. Hashing
-runs in threads (hashlib releases the GIL), so a first scan uses every core.
+A first scan hashes in the background (worker processes for many small files, threads for big
+ones; see ``batch.hashing``) while it walks on and records the previous batch, so both cores
+work. A re-scan is cheap: a folder whose digest of names, sizes, mtimes and inodes matches the
+ledger's is skipped with no per-file lookup; in a changed folder, a file whose size and mtime
+match the ledger is not read again.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import hashlib
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batch.hashing import Hashed, Hasher
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
 from batch.options import Options
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
@@ -22,8 +27,10 @@ from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
                             ".heif"})
 TEMP_SUFFIXES = (".part", ".tmp", ".temp", ".crdownload", ".partial", ".download", "~")
-HASH_CHUNK = 1024 * 1024
-BATCH = 512
+#: Files per ledger transaction (and per hashing batch).
+BATCH = 2048
+#: Batches being hashed while the scanner walks on.
+IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +71,7 @@ def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
 class Candidate:
     root: str
     rel_path: str
@@ -88,74 +95,88 @@ def is_ignored_name(name: str) -> bool:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES
 
 
 def _join(prefix: str, rel: str) -> str:
     return f"{prefix}/{rel}" if prefix else rel
 
 
-def walk(root: SourceRoot, options: Options,
-         exclude: tuple[Path, ...] = ()) -> Iterator[Candidate]:
-    """Every image-named file under ``root``: not following directory symlinks, and following a
-    file symlink only when its target stays inside the source. Problems come back as candidates
-    with ``problem`` set, so they are recorded with a reason instead of vanishing. Each folder's
-    ``.skinbatch.toml`` (if any) sets the options and naming for its subtree."""
+@dataclass(slots=True)
+class Folder:
+    path: str
+    rel_dir: str
+    settings: FolderSettings
+    #: The image-named files directly in it.
+    entries: list[os.DirEntry[str]]
+
+
+def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()) -> Iterator[Folder]:
+    """Every folder under ``root`` (not following directory symlinks), with the image-named
+    files in it and the settings its ``.skinbatch.toml`` files give it."""
     base = root.path.resolve()
     excluded = {str(p.resolve()) for p in exclude}
-    top = FolderSettings(options)
-    if base.is_file():
-        st = base.stat()
-        yield Candidate(str(base.parent), base.name, _join(root.out_prefix, base.name), str(base),
-                        st.st_size, st.st_mtime_ns, options.fingerprint)
-        return
-    stack = [(str(base), "", top)]
+    stack = [(str(base), "", FolderSettings(options))]
     while stack:
         directory, rel_dir, settings = stack.pop()
         try:
-            with os.scandir(directory) as entries:
-                listing = list(entries)
+            with os.scandir(directory) as scanner:
+                listing = list(scanner)
         except OSError:
             continue
         if any(e.name == PRESET_NAME for e in listing):
             settings = apply_preset(settings, Path(directory) / PRESET_NAME)
+        images = []
         for entry in listing:
             name = entry.name
             if is_ignored_name(name):
                 continue
-            rel = f"{rel_dir}/{name}" if rel_dir else name
             try:
                 if entry.is_dir(follow_symlinks=False):
                     if entry.path not in excluded:
-                        stack.append((entry.path, rel, settings))
+                        stack.append((entry.path, f"{rel_dir}/{name}" if rel_dir else name,
+                                      settings))
                     continue
             except OSError:
                 continue
-            if not is_image_name(name):
-                continue
-            yield _candidate(base, root, entry, rel, rel_dir, settings)
+            if is_image_name(name):
+                images.append(entry)
+        yield Folder(directory, rel_dir, settings, images)
 
 
-def _candidate(base: Path, root: SourceRoot, entry: os.DirEntry[str], rel: str, rel_dir: str,
-               settings: FolderSettings) -> Candidate:
-    out_name = settings.output_name(entry.name)
+def folder_digest(folder: Folder, out_prefix: str) -> str | None:
+    """One digest of what a re-scan compares file by file, or None when the folder must be
+    looked at file by file anyway (a symlink, a file that cannot be stat-ed)."""
+    settings = folder.settings
+    lines = [f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
+             f"{out_prefix}"]
+    append = lines.append
+    try:
+        for entry in folder.entries:
+            if entry.is_symlink():
+                return None
+            st = entry.stat()
+            append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}")
+    except OSError:
+        return None
+    lines.sort()
+    data = "\n".join(lines).encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
+               settings: FolderSettings, fp: str) -> Candidate:
+    name = entry.name
+    rel = f"{rel_dir}/{name}" if rel_dir else name
+    out_name = settings.output_name(name)
     out_rel = _join(root.out_prefix, f"{rel_dir}/{out_name}" if rel_dir else out_name)
-    fp = settings.options.fingerprint
 
     def problem(reason: str, size: int = 0, mtime: int = 0) -> Candidate:
-        return Candidate(str(base), rel, out_rel, entry.path, size, mtime, fp, reason)
+        return Candidate(base, rel, out_rel, entry.path, size, mtime, fp, reason)
 
     if settings.problem is not None:
         return problem(settings.problem)
-
     if "\n" in rel or "\r" in rel:
         return problem("the file name contains a line break; rename it to process it")
     try:
@@ -171,21 +192,7 @@ def _candidate(base: Path, root: SourceRoot, entry: os.DirEntry[str], rel: str, 
         return problem(f"cannot read file information: {exc.strerror or exc}")
     if not stat.S_ISREG(st.st_mode):
         return problem("not a regular file", 0, 0)
-    return Candidate(str(base), rel, out_rel, entry.path, st.st_size, st.st_mtime_ns, fp)
-
-
-def _hash_candidate(candidate: Candidate) -> ScannedFile:
-    if candidate.problem is not None:
-        return _scanned(candidate, None, candidate.problem)
-    try:
-        digest = sha256_file(candidate.abs_path)
-    except FileNotFoundError:
-        return _scanned(candidate, None, "the file disappeared while it was being scanned")
-    except PermissionError:
-        return _scanned(candidate, None, "permission denied: the file cannot be read")
-    except OSError as exc:
-        return _scanned(candidate, None, f"cannot read the file: {exc.strerror or exc}")
-    return _scanned(candidate, digest, None)
+    return Candidate(base, rel, out_rel, entry.path, st.st_size, st.st_mtime_ns, fp)
 
 
 def _scanned(c: Candidate, digest: str | None, problem: str | None) -> ScannedFile:
@@ -205,56 +212,145 @@ def scan(
 ) -> ScanStats:
     """Walk the sources and bring the ledger up to date, in batches of ``BATCH`` files."""
     stats = ScanStats()
-    workers = workers or max(2, os.cpu_count() or 2)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
+    with Hasher(workers) as hasher:
         for root in roots:
-            base = str(root.path.resolve() if root.path.is_dir() else root.path.resolve().parent)
-            known = ledger.known_files(base)
-            pending: list[Candidate] = []
-            for candidate in walk(root, options, exclude):
-                stats.found += 1
-                pending.append(candidate)
-                if len(pending) >= BATCH:
-                    _flush(ledger, pool, pending, known, stats, settle)
-                    if on_progress:
-                        on_progress(len(pending))
-                    pending = []
-            if pending:
-                _flush(ledger, pool, pending, known, stats, settle)
-                if on_progress:
-                    on_progress(len(pending))
+            _RootScan(ledger, hasher, root, options, exclude, stats, on_progress, settle).run()
     return stats
 
 
-def _flush(
-    ledger: Ledger,
-    pool: ThreadPoolExecutor,
-    batch: list[Candidate],
-    known: dict[str, KnownFile],
-    stats: ScanStats,
-    settle: float = 0.0,
-) -> None:
-    to_hash: list[Candidate] = []
-    now = time.time()
-    relink: list[ScannedFile] = []
-    for c in batch:
-        k = known.get(c.rel_path)
-        unchanged = (
-            k is not None and c.problem is None and k.problem is None
-            and k.size_bytes == c.size_bytes and k.mtime_ns == c.mtime_ns
-            and k.content_sha256 is not None
-        )
-        if unchanged and k is not None:
-            stats.unchanged += 1
-            if k.job_id is None or k.options_fp != c.options_fp or k.out_rel != c.out_rel:
-                relink.append(_scanned(c, k.content_sha256, None))
-        elif settle and c.problem is None and not settled(c.abs_path, c.mtime_ns, settle, now):
-            stats.deferred += 1
+@dataclass
+class _Batch:
+    files: list[ScannedFile]
+    to_hash: list[Candidate]
+    hashing: Future[list[Hashed]] | None
+
+
+class _RootScan:
+    """One source root: walk its folders, skip the unchanged ones, hash and record the rest.
+
+    A folder's new digest is saved only after all its files are recorded without a problem
+    (none still settling), in the scan's last transaction: a scan killed half-way leaves the
+    folder to be looked at file by file next time, never skipped on trust."""
+
+    def __init__(self, ledger: Ledger, hasher: Hasher, root: SourceRoot, options: Options,
+                 exclude: tuple[Path, ...], stats: ScanStats,
+                 on_progress: Callable[[int], None] | None, settle: float) -> None:
+        self.ledger, self.hasher, self.root, self.options = ledger, hasher, root, options
+        self.exclude, self.stats, self.settle = exclude, stats, settle
+        self.on_progress = on_progress
+        path = root.path.resolve()
+        self.is_tree = path.is_dir()
+        self.base = str(path if self.is_tree else path.parent)
+        self.pending: list[tuple[Candidate, str | None]] = []
+        #: Batches being hashed while the walk goes on, recorded in order. (Recording in a
+        #: thread of its own was tried: SQLite drops the GIL per row, and the convoy with the
+        #: walking thread made the scan slower.)
+        self.in_flight: deque[_Batch] = deque()
+        #: Folders looked at file by file: their new digest, or None once a file is not fine.
+        self.changed: dict[str, str | None] = {}
+        self.seen: set[str] = set()
+
+    def run(self) -> None:
+        stored = self.ledger.folder_digests(self.base) if self.is_tree else {}
+        if self.is_tree:
+            self._tree(stored)
         else:
-            to_hash.append(c)
-    hashed = list(pool.map(_hash_candidate, to_hash))
-    stats.hashed += sum(1 for f in hashed if f.content_sha256)
-    stats.problems += sum(1 for f in hashed if f.problem)
-    changed = hashed + relink
-    if changed:
-        stats.new_jobs += ledger.record_scan(changed)
+            self._single_file()
+        self._flush()
+        while self.in_flight:
+            self._record(self.in_flight.popleft())
+        if self.is_tree:
+            clean = {d: v for d, v in self.changed.items() if v is not None}
+            stale = [d for d in stored if d not in self.seen or self.changed.get(d, "") is None]
+            if clean or stale:
+                self.ledger.save_folder_digests(self.base, clean, stale)
+
+    def _single_file(self) -> None:
+        path = self.root.path.resolve()
+        st = path.stat()
+        self.stats.found += 1
+        known = self.ledger.known_files(self.base, "").get(path.name)
+        self._consider(Candidate(self.base, path.name, _join(self.root.out_prefix, path.name),
+                                 str(path), st.st_size, st.st_mtime_ns, self.options.fingerprint),
+                       known)
+
+    def _tree(self, stored: dict[str, str]) -> None:
+        fresh = not stored and not self.ledger.has_files(self.base)
+        for folder in folders(self.root, self.options, self.exclude):
+            self.seen.add(folder.rel_dir)
+            if not folder.entries:
+                continue
+            self.stats.found += len(folder.entries)
+            digest = folder_digest(folder, self.root.out_prefix)
+            if digest is not None and stored.get(folder.rel_dir) == digest:
+                self.stats.unchanged += len(folder.entries)
+                self._progress(len(folder.entries))
+                continue
+            self.changed[folder.rel_dir] = digest
+            known = {} if fresh else self.ledger.known_files(self.base, folder.rel_dir)
+            fp = folder.settings.options.fingerprint
+            for entry in folder.entries:
+                candidate = _candidate(self.base, self.root, entry, folder.rel_dir,
+                                       folder.settings, fp)
+                self._consider(candidate, known.get(candidate.rel_path))
+
+    def _consider(self, c: Candidate, k: KnownFile | None) -> None:
+        if (k is not None and c.problem is None and k.problem is None
+                and k.size_bytes == c.size_bytes and k.mtime_ns == c.mtime_ns
+                and k.content_sha256 is not None):
+            self.stats.unchanged += 1
+            if k.job_id is not None and k.options_fp == c.options_fp and k.out_rel == c.out_rel:
+                self._progress(1)
+                return
+            self.pending.append((c, k.content_sha256))  # re-linked, not read again
+        elif (self.settle and c.problem is None
+              and not settled(c.abs_path, c.mtime_ns, self.settle, time.time())):
+            self.stats.deferred += 1
+            self._spoil(c.rel_path)
+            return
+        else:
+            self.pending.append((c, None))
+        if len(self.pending) >= BATCH:
+            self._flush()
+
+    def _spoil(self, rel_path: str) -> None:
+        folder = rel_path.rpartition("/")[0]
+        if folder in self.changed:
+            self.changed[folder] = None
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        files: list[ScannedFile] = []
+        to_hash: list[Candidate] = []
+        for c, known_sha in batch:
+            if known_sha is not None:
+                files.append(_scanned(c, known_sha, None))
+            elif c.problem is not None:
+                files.append(_scanned(c, None, c.problem))
+            else:
+                to_hash.append(c)
+        hashing = (self.hasher.submit([c.abs_path for c in to_hash],
+                                      sum(c.size_bytes for c in to_hash)) if to_hash else None)
+        self.in_flight.append(_Batch(files, to_hash, hashing))
+        while len(self.in_flight) > IN_FLIGHT:
+            self._record(self.in_flight.popleft())
+
+    def _record(self, batch: _Batch) -> None:
+        files = batch.files
+        if batch.hashing is not None:
+            for c, (digest, problem) in zip(batch.to_hash, batch.hashing.result(), strict=True):
+                files.append(_scanned(c, digest, problem))
+                if digest:
+                    self.stats.hashed += 1
+        for f in files:
+            if f.problem:
+                self.stats.problems += 1
+                self._spoil(f.rel_path)
+        self.stats.new_jobs += self.ledger.record_scan(files)
+        self._progress(len(files))
+
+    def _progress(self, n: int) -> None:
+        if self.on_progress:
+            self.on_progress(n)

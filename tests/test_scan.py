@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from pathlib import Path
 
 from batch.ledger import open_ledger
@@ -69,3 +71,58 @@ def test_symlinks_out_of_the_source_are_not_followed(tmp_path: Path) -> None:
     assert "outside the source" in reasons["link-out.jpg"]
     assert "looping" in reasons["loop.jpg"]
     assert "secret.jpg" not in reasons and ledger.counts()["pending"] == 1
+
+
+def test_rescan_skips_unchanged_folders_and_looks_into_changed_ones(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for folder in ("a", "b"):
+        for i in range(3):
+            write_portrait(src / folder / f"{i}.jpg", seed=i * 10 + ord(folder))
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    assert scan(ledger, [SourceRoot(src)], FP).hashed == 6
+    before = ledger.known_files(str(src.resolve()), "a")["a/0.jpg"].content_sha256
+    # Same size and mtime, other bytes: a stat-only re-scan must not read it (the ledger keeps
+    # the old hash), which proves the unchanged folder was skipped.
+    target = src / "a" / "0.jpg"
+    st = target.stat()
+    target.write_bytes(bytes(reversed(target.read_bytes())))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = scan(ledger, [SourceRoot(src)], FP)
+    assert (again.found, again.hashed, again.unchanged) == (6, 0, 6)
+    assert ledger.known_files(str(src.resolve()), "a")["a/0.jpg"].content_sha256 == before
+    write_portrait(src / "b" / "new.jpg", seed=50)
+    grown = scan(ledger, [SourceRoot(src)], FP)
+    assert (grown.found, grown.hashed, grown.unchanged, grown.new_jobs) == (7, 1, 6, 1)
+    # Other options: every folder is looked into again and its files re-linked (not re-read).
+    other = scan(ledger, [SourceRoot(src)], Options.of(["acne_removal"]))
+    assert (other.hashed, other.new_jobs) == (0, 7)
+
+
+def test_a_folder_with_a_file_still_settling_is_looked_into_again(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_portrait(src / "incoming" / "fresh.jpg")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    first = scan(ledger, [SourceRoot(src)], FP, settle=0.5)
+    assert (first.deferred, first.hashed) == (1, 0)
+    time.sleep(0.6)
+    # Same names, sizes and mtimes as before: only a folder never marked complete is re-read.
+    later = scan(ledger, [SourceRoot(src)], FP, settle=0.5)
+    assert (later.deferred, later.hashed, later.new_jobs) == (0, 1, 1)
+
+
+def test_many_small_files_are_hashed_in_worker_processes_correctly(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    expected = {}
+    for i in range(600):
+        data = os.urandom(100 + i)
+        (src / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 2}" / f"{i}.jpg").write_bytes(data)
+        expected[f"d{i % 2}/{i}.jpg"] = hashlib.sha256(data).hexdigest()
+    (src / "d0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    stats = scan(ledger, [SourceRoot(src)], FP)
+    assert (stats.found, stats.hashed, stats.problems) == (601, 600, 1)
+    root = str(src.resolve())
+    known = {**ledger.known_files(root, "d0"), **ledger.known_files(root, "d1")}
+    assert {rel: k.content_sha256 for rel, k in known.items() if k.problem is None} == expected
+    assert known["d0/gone.jpg"].problem == "broken or looping symbolic link"

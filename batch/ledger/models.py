@@ -116,7 +116,21 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class Folder(Base):
+    """A source folder as last scanned, summed up in one digest of its image files' names,
+    sizes, mtimes and inodes and the settings that apply there. A re-scan that computes the
+    same digest knows every file in it is already recorded, without a lookup per file. Only
+    folders whose every file was recorded without a problem get one."""
+
+    __tablename__ = "folders"
+
+    root: Mapped[str] = mapped_column(Text, primary_key=True)
+    rel_dir: Mapped[str] = mapped_column(Text, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+
+
 jobs = cast(Table, Job.__table__)
 files = cast(Table, SourceFile.__table__)
 events = cast(Table, Event.__table__)
 meta = cast(Table, Meta.__table__)
+folders = cast(Table, Folder.__table__)

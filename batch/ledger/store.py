@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch import crashpoints
-from batch.ledger.models import events, files, jobs, meta
+from batch.ledger.models import events, files, folders, jobs, meta
 from batch.states import FINAL, JobState, check_transition
 
 
@@ -85,7 +85,7 @@ class KnownFile:
     out_rel: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
 class ScannedFile:
     """A file as the scanner saw it; ``content_sha256`` is None when it could not be read."""
 
@@ -133,6 +133,19 @@ def _file(row: Any) -> FileRow:
     return FileRow(**{name: getattr(row, name) for name in FileRow.__slots__})
 
 
+_INSERT_JOBS = (
+    "INSERT INTO jobs (content_sha256, options_fp, size_bytes, state, created_at, updated_at, "
+    "next_attempt_at, attempts, charges) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (content_sha256, options_fp) DO NOTHING")
+_UPSERT_FILES = (
+    "INSERT INTO files (root, rel_path, out_rel, size_bytes, mtime_ns, content_sha256, job_id, "
+    "problem, seen_at) VALUES (?, ?, ?, ?, ?, ?, "
+    "(SELECT id FROM jobs WHERE content_sha256 = ? AND options_fp = ?), ?, ?) "
+    "ON CONFLICT (root, rel_path) DO UPDATE SET out_rel = excluded.out_rel, "
+    "size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns, "
+    "content_sha256 = excluded.content_sha256, job_id = excluded.job_id, "
+    "problem = excluded.problem, seen_at = excluded.seen_at")
+
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
 
@@ -151,15 +164,20 @@ class Ledger:
         self._state_query = select(jobs.c.state).where(jobs.c.id == bindparam("job_id"))
         self._event_insert = insert(events)
         self._reader = engine.execution_options(readonly=True)
+        self._relaxed = engine.execution_options(relaxed=True)
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _tx(self, *, relaxed: bool = False) -> Iterator[Connection]:
         """A write transaction (SQLite: BEGIN IMMEDIATE, so it never fails half-way on lock
-        upgrade)."""
-        with self.engine.begin() as conn:
+        upgrade). ``relaxed``: for what a later run redoes anyway (scan records), the commit
+        does not wait for the disk; a crash may lose it, never corrupt it, and any later
+        durable commit carries it to disk (SQLite WAL and PostgreSQL both write in order)."""
+        with (self._relaxed if relaxed else self.engine).begin() as conn:
+            if relaxed and self._dialect == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
 
     @contextmanager
@@ -180,9 +198,13 @@ class Ledger:
 
     # ---- scanning -----------------------------------------------------------------------
 
-    def known_files(self, root: str) -> dict[str, KnownFile]:
-        """Every file the ledger knows under ``root``, with its job's options, for a stat-only
-        re-scan. One joined query, read through the driver: this runs on every re-scan."""
+    def has_files(self, root: str) -> bool:
+        with self._read() as conn:
+            return conn.scalar(select(files.c.id).where(files.c.root == root).limit(1)) is not None
+
+    def known_files(self, root: str, rel_dir: str) -> dict[str, KnownFile]:
+        """The files the ledger knows directly in one folder (``rel_dir``, "" for the root),
+        with their jobs' options: what a re-scan of a changed folder compares against."""
         query = (
             select(files.c.rel_path, files.c.size_bytes, files.c.mtime_ns,
                    files.c.content_sha256, files.c.job_id, files.c.problem, jobs.c.options_fp,
@@ -190,50 +212,61 @@ class Ledger:
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(files.c.root == root)
         )
+        if not rel_dir:
+            query = query.where(files.c.rel_path.not_like("%/%"))
+        elif self._dialect == "sqlite":
+            # Binary collation: a range the (root, rel_path) index answers directly.
+            query = query.where(files.c.rel_path > rel_dir + "/", files.c.rel_path < rel_dir + "0")
+        else:
+            query = query.where(files.c.rel_path.startswith(rel_dir + "/", autoescape=True))
+        depth = len(rel_dir) + 1 if rel_dir else 0
         with self._read() as conn:
             return {rel: KnownFile(size, mtime, sha, job_id, problem, fp, out_rel)
                     for rel, size, mtime, sha, job_id, problem, fp, out_rel
-                    in conn.execute(query)}
+                    in conn.execute(query).fetchall() if "/" not in rel[depth:]}
+
+    def folder_digests(self, root: str) -> dict[str, str]:
+        with self._read() as conn:
+            return dict(conn.execute(select(folders.c.rel_dir, folders.c.digest)
+                                     .where(folders.c.root == root)).fetchall())
+
+    def save_folder_digests(self, root: str, clean: dict[str, str], dirty: list[str]) -> None:
+        """Record the folders found fully recorded (``clean``), and forget the digests of the
+        ones that were not, so they are looked at file by file next time."""
+        with self._tx() as conn:
+            if clean:
+                self._upsert(conn, folders, [{"root": root, "rel_dir": d, "digest": v}
+                                             for d, v in clean.items()],
+                             ["root", "rel_dir"], update_cols=["digest"])
+            for start in range(0, len(dirty), 500):
+                chunk = dirty[start : start + 500]
+                conn.execute(folders.delete().where(folders.c.root == root,
+                                                    folders.c.rel_dir.in_(chunk)))
 
     def record_scan(self, scanned: Sequence[ScannedFile]) -> int:
         """Upsert scanned files and link each readable one to its job (content + options),
-        creating jobs as needed. Returns how many new jobs were created. One transaction."""
+        creating jobs as needed. Returns how many new jobs were created. One transaction.
+
+        Straight to the driver's executemany (a first scan records every file of the tree):
+        the job of each file is found by a sub-select in the same statement."""
         now = time.time()
-        keys = {(f.content_sha256, f.options_fp): f.size_bytes for f in scanned
-                if f.content_sha256}
-        with self._tx() as conn:
-            before = conn.scalar(select(func.count()).select_from(jobs)) or 0
-            self._insert_ignore(
-                conn, jobs,
-                [{"content_sha256": sha, "options_fp": fp, "size_bytes": size,
-                  "state": JobState.PENDING.value, "created_at": now, "updated_at": now,
-                  "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
-                 for (sha, fp), size in keys.items()],
-                ["content_sha256", "options_fp"],
-            )
-            after = conn.scalar(select(func.count()).select_from(jobs)) or 0
-            job_ids: dict[tuple[str, str], int] = {}
-            shas = sorted({sha for sha, _ in keys})
-            for start in range(0, len(shas), 500):
-                query = select(jobs.c.id, jobs.c.content_sha256, jobs.c.options_fp).where(
-                    jobs.c.content_sha256.in_(shas[start : start + 500]))
-                job_ids.update({(r.content_sha256, r.options_fp): r.id
-                                for r in conn.execute(query)})
-            rows = [
-                {"root": f.root, "rel_path": f.rel_path, "out_rel": f.out_rel,
-                 "size_bytes": f.size_bytes, "mtime_ns": f.mtime_ns,
-                 "content_sha256": f.content_sha256,
-                 "job_id": job_ids.get((f.content_sha256, f.options_fp))
-                 if f.content_sha256 else None,
-                 "problem": f.problem, "seen_at": now}
-                for f in scanned
-            ]
-            self._upsert(
-                conn, files, rows, ["root", "rel_path"],
-                update_cols=["out_rel", "size_bytes", "mtime_ns", "content_sha256", "job_id",
-                             "problem", "seen_at"],
-            )
-        return after - before
+        pending = JobState.PENDING.value
+        job_rows = list({(f.content_sha256, f.options_fp): (
+            f.content_sha256, f.options_fp, f.size_bytes, pending, now, now, 0.0, 0, 0)
+            for f in scanned if f.content_sha256}.values())
+        file_rows = [(f.root, f.rel_path, f.out_rel, f.size_bytes, f.mtime_ns, f.content_sha256,
+                      f.content_sha256, f.options_fp, f.problem, now) for f in scanned]
+        with self._tx(relaxed=True) as conn:
+            top = conn.scalar(select(func.max(jobs.c.id))) or 0
+            if job_rows:
+                conn.exec_driver_sql(self._sql(_INSERT_JOBS), job_rows)
+            if file_rows:
+                conn.exec_driver_sql(self._sql(_UPSERT_FILES), file_rows)
+            return conn.scalar(select(func.count()).select_from(jobs).where(jobs.c.id > top)) or 0
+
+    def _sql(self, statement: str) -> str:
+        return statement if self.engine.dialect.paramstyle == "qmark" else \
+            statement.replace("?", "%s")
 
     def options_in_use(self) -> dict[str, int]:
         """Files per effective options (after per-folder presets)."""

@@ -16,6 +16,7 @@ from PIL import Image
 
 from batch import crashpoints, metadata
 from batch.api import ApiError, ErrorKind
+from batch.hashing import sha256_file
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
 from batch.outputs import (
@@ -28,7 +29,6 @@ from batch.outputs import (
     resolve_inside,
 )
 from batch.preflight import Rejected, inspect_image
-from batch.scan import sha256_file
 from batch.stages.runtime import Runtime, wait_any
 from batch.stages.submitter import info_of
 from batch.states import JobState

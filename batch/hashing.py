@@ -1,0 +1,186 @@
+"""Content hashes (SHA-256) of source files, as the scanner needs them.
+
+Many small files are hashed in worker processes: per file, Python's own overhead (open, read,
+hexdigest) holds the GIL, so threads would not use the second core. A few large files are hashed
+in threads, where hashlib releases the GIL. This module imports nothing from the rest of the
+package, so a worker process starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+#: A digest, or None and the reason the file could not be read.
+Hashed = tuple[str | None, str | None]
+
+BUFFER = 1024 * 1024
+#: Batches at least this long, of files this small on average, go to worker processes.
+PROCESS_MIN_FILES = 256
+PROCESS_MAX_MEAN_BYTES = 512 * 1024
+
+_local = threading.local()
+log = logging.getLogger("batch.scan")
+
+
+def _buffer() -> memoryview:
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(BUFFER))
+    return view
+
+
+def sha256_file(path: str) -> str:
+    """Read through one reused buffer: allocating a large read buffer per file costs more
+    than hashing a small photo."""
+    digest = hashlib.sha256()
+    view = _buffer()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while n := os.readv(fd, [view]):
+            digest.update(view[:n])
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def hash_one(path: str) -> Hashed:
+    try:
+        return sha256_file(path), None
+    except FileNotFoundError:
+        return None, "the file disappeared while it was being scanned"
+    except PermissionError:
+        return None, "permission denied: the file cannot be read"
+    except IsADirectoryError:
+        return None, "not a regular file"
+    except OSError as exc:
+        return None, f"cannot read the file: {exc.strerror or exc}"
+
+
+def hash_many(paths: Sequence[str]) -> list[Hashed]:
+    return [hash_one(p) for p in paths]
+
+
+class _WorkerProcess:
+    """``python -m batch.hashing``: takes batches of paths (pickled) on stdin, answers their
+    hashes on stdout. A plain child process rather than multiprocessing, which would re-import
+    the parent's ``__main__`` (the CLI) in every worker. Its own session, so Ctrl-C is the
+    parent's to handle; it exits when the parent goes away and its stdin closes."""
+
+    def __init__(self) -> None:
+        # -P: never import a "batch" folder from the current directory instead of this package.
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "batch.hashing"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     start_new_session=True)
+
+    def run(self, paths: list[str]) -> list[Hashed]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        pickle.dump(paths, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self.proc.stdin.flush()
+        answer: list[Hashed] = pickle.load(self.proc.stdout)
+        return answer
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Hasher:
+    """Hashes batches in the background: ``submit`` returns a future of the batch's results,
+    so the scanner walks and records one batch while the next is being hashed."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or max(2, os.cpu_count() or 2)
+        self._threads: ThreadPoolExecutor | None = None
+        self._feeders: ThreadPoolExecutor | None = None
+        self._processes: list[_WorkerProcess] = []
+        self._mine = threading.local()
+        self._lock = threading.Lock()
+
+    def submit(self, paths: list[str], total_bytes: int) -> Future[list[Hashed]]:
+        if len(paths) >= PROCESS_MIN_FILES and total_bytes / len(paths) <= PROCESS_MAX_MEAN_BYTES:
+            if self._feeders is None:
+                self._feeders = ThreadPoolExecutor(self.workers, thread_name_prefix="hash-feed")
+            return self._feeders.submit(self._in_process, paths)
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.workers + 1, thread_name_prefix="hash")
+        threads = self._threads
+        return _gather([threads.submit(hash_one, p) for p in paths])
+
+    def _in_process(self, paths: list[str]) -> list[Hashed]:
+        """Runs in a feeder thread, which owns one worker process."""
+        worker: _WorkerProcess | None = getattr(self._mine, "worker", None)
+        try:
+            if worker is None:
+                worker = self._mine.worker = _WorkerProcess()
+                with self._lock:
+                    self._processes.append(worker)
+            return worker.run(paths)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            log.warning("A hashing process failed (%s); hashing here instead.", exc)
+            self._mine.worker = None
+            if worker is not None:
+                worker.proc.kill()
+            return hash_many(paths)
+
+    def close(self) -> None:
+        for pool in (self._threads, self._feeders):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        for worker in self._processes:
+            worker.close()
+
+    def __enter__(self) -> Hasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            paths = pickle.load(stdin)
+        except EOFError:
+            return
+        pickle.dump(hash_many(paths), stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.flush()
+
+
+def _gather(futures: list[Future[Hashed]]) -> Future[list[Hashed]]:
+    """One future for a batch's per-file futures, in order."""
+    combined: Future[list[Hashed]] = Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[Hashed]) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            combined.set_result([f.result() for f in futures])
+
+    if not futures:
+        combined.set_result([])
+    for future in futures:
+        future.add_done_callback(one_done)
+    return combined
+
+
+if __name__ == "__main__":
+    _serve()

@@ -76,12 +76,11 @@ def active_states(config: RunConfig, submitting_allowed: bool) -> list[JobState]
 
 def forget_missing_outputs(ledger: Ledger, out_dir: Path) -> int:
     """Outputs the ledger wrote but that are gone from disk are written again (for free)."""
-    missing = 0
-    for f in ledger.written_outputs():
-        if f.written_rel and not (out_dir / f.written_rel).is_file():
-            ledger.set_file_output(f.id, written_rel=None, written_sha256=None)
-            missing += 1
-    return missing
+    gone = [file_id for file_id, rel in ledger.written_outputs()
+            if not (out_dir / rel).is_file()]
+    for file_id in gone:
+        ledger.set_file_output(file_id, written_rel=None, written_sha256=None)
+    return len(gone)
 
 
 def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunReport:
@@ -243,6 +242,9 @@ async def _clock(rt: Runtime) -> None:
         await asyncio.sleep(0.1)
 
 
+COUNT_EVERY = 0.05
+
+
 async def _drive(rt: Runtime, keep_running: bool = False) -> None:
     submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
@@ -259,15 +261,21 @@ async def _drive(rt: Runtime, keep_running: bool = False) -> None:
             if rt.flags.interrupted:
                 break
             busy = submitter.in_flight or downloader.in_flight or poller.in_flight
-            # Counting is a query: do it at most a few times a second, not per transition.
-            if not keep_running and not busy and time.monotonic() - last_count >= 0.2:
-                last_count = time.monotonic()
-                allowed = rt.flags.submits_stopped is None
-                if rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
-                    break
+            timeout = 0.25
+            # Counting is a query: at most every COUNT_EVERY seconds, and only when idle; a
+            # count put off is done as soon as it is due, so the run ends without a lag.
+            if not keep_running and not busy:
+                due = last_count + COUNT_EVERY - time.monotonic()
+                if due <= 0:
+                    last_count = time.monotonic()
+                    allowed = rt.flags.submits_stopped is None
+                    if rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
+                        break
+                else:
+                    timeout = due
             rt.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.changed.wait(), timeout=0.25)
+                await asyncio.wait_for(rt.changed.wait(), timeout=timeout)
     finally:
         await submitter.drain(0 if rt.flags.hard_stop else rt.config.interrupt_grace)
         for stage in stages:

@@ -127,6 +127,7 @@ class ApiHandler(_Handler):
             self._reject(Rejection(404, apispec.AI_NOT_EXISTS, "No such API."))
             return
         state.stats["submits"] += 1
+        state.timeline.append((time.time(), "submit"))
         if not self._common():
             return
         if state.chance(faults.submit_5xx):
@@ -196,6 +197,7 @@ class ApiHandler(_Handler):
             self._reject(Rejection(404, apispec.AI_NOT_EXISTS, "No such API."))
             return
         state.stats["queries"] += 1
+        state.timeline.append((time.time(), "query"))
         if not self._common():
             return
         if state.chance(faults.query_5xx):
@@ -241,6 +243,7 @@ class ResultHandler(_Handler):
         state, faults = self.state, self.state.config.faults
         with state.lock:
             state.result_host_headers.append({k.lower(): v for k, v in self.headers.items()})
+            state.timeline.append((time.time(), "download"))
             state.stats["downloads"] += 1
         if self.headers.get(apispec.KEY_HEADER) is not None:
             state.stats["key_sent_to_result_host"] += 1

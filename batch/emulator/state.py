@@ -90,6 +90,8 @@ class EmulatorState:
         self.by_token: dict[str, Task] = {}
         self.stats: Counter[str] = Counter()
         self.queries_per_task: Counter[str] = Counter()
+        #: (arrival time, "submit" | "query" | "download") of every request, for benchmarks.
+        self.timeline: list[tuple[float, str]] = []
         self.result_host_headers: list[dict[str, str]] = []
         self.submitted_digests: list[str] = []
         self.lock = threading.RLock()

@@ -467,10 +467,40 @@ class Ledger:
         with self._read() as conn:
             return [_file(r) for r in conn.execute(query)]
 
-    def written_outputs(self) -> list[FileRow]:
-        query = select(files).where(files.c.written_rel.is_not(None))
-        with self._read() as conn:
-            return [_file(r) for r in conn.execute(query)]
+    def written_outputs(self, page: int = 2000) -> Iterator[tuple[int, str]]:
+        """(file id, output path) of every output written, a page at a time (memory stays flat
+        however many there are; no read transaction is held between pages)."""
+        after = 0
+        while True:
+            query = (select(files.c.id, files.c.written_rel)
+                     .where(files.c.written_rel.is_not(None), files.c.id > after)
+                     .order_by(files.c.id).limit(page))
+            with self._read() as conn:
+                rows = conn.execute(query).fetchall()
+            yield from ((r.id, r.written_rel) for r in rows)
+            if len(rows) < page:
+                return
+            after = rows[-1].id
+
+    def open_tasks(self, states: Sequence[JobState], page: int = 2000
+                   ) -> Iterator[tuple[int, str, JobState, float | None, float | None]]:
+        """(job id, task id, state, submitted at, expires at) of jobs with a task in
+        ``states``, a page at a time."""
+        after = 0
+        wanted = [s.value for s in states]
+        while True:
+            query = (select(jobs.c.id, jobs.c.task_id, jobs.c.state, jobs.c.submitted_at,
+                            jobs.c.expires_at)
+                     .where(jobs.c.state.in_(wanted), jobs.c.task_id.is_not(None),
+                            jobs.c.id > after)
+                     .order_by(jobs.c.id).limit(page))
+            with self._read() as conn:
+                rows = conn.execute(query).fetchall()
+            yield from ((r.id, r.task_id, JobState(r.state), r.submitted_at, r.expires_at)
+                        for r in rows)
+            if len(rows) < page:
+                return
+            after = rows[-1].id
 
     def set_file_output(
         self, file_id: int, *, written_rel: str | None, written_sha256: str | None,

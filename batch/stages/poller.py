@@ -27,13 +27,15 @@ class TaskClock:
     completion instead of every poll interval from the start: fewer queries for the same
     results, and never more often than the documented cadence.
 
-    It keeps the times at which recent tasks were seen complete (an upper bound on their
-    duration) and starts polling at ``fraction`` of the ``quantile``: a little early, so it
-    also notices when the provider speeds up.
+    It keeps, for recent tasks, the time (since submit) of the poll that found them complete
+    (an upper bound on their duration) and starts polling at ``fraction`` of the ``quantile``:
+    a little early, so it also notices when the provider speeds up. The time is when that poll
+    was due, not when it went out: a poll that waited for the rate limit must not teach the
+    clock that tasks take longer, or first polls drift later and later behind the results.
     """
 
     def __init__(self, minimum: float, window: int = 200, quantile: float = 0.8,
-                 fraction: float = 0.9, warmup: int = 10) -> None:
+                 fraction: float = 1.0, warmup: int = 10) -> None:
         self.minimum = minimum
         self.window, self.quantile, self.fraction, self.warmup = window, quantile, fraction, warmup
         self.seen: list[float] = []
@@ -58,6 +60,8 @@ class Tracked:
     expires_at: float
     submitted_at: float
     attempts: int = 0
+    #: When the next query was scheduled for.
+    due: float = 0.0
 
 
 class Poller:
@@ -73,9 +77,9 @@ class Poller:
                expires_at: float) -> None:
         if job_id in self.tracked:
             return
-        self.tracked[job_id] = Tracked(task_id, state, expires_at, submitted_at)
-        first = submitted_at + self.clock.first_poll_after()
-        heapq.heappush(self.heap, (max(first, time.time()), job_id))
+        first = max(submitted_at + self.clock.first_poll_after(), time.time())
+        self.tracked[job_id] = Tracked(task_id, state, expires_at, submitted_at, due=first)
+        heapq.heappush(self.heap, (first, job_id))
 
     def _take_handoffs(self) -> None:
         handoffs, self.rt.newly_queued[:] = list(self.rt.newly_queued), []
@@ -85,10 +89,10 @@ class Poller:
     def _sync(self) -> None:
         """Pick up every open task from the ledger (at start, then now and then)."""
         now = time.time()
-        for job in self.rt.ledger.jobs_in(OPEN):
-            if job.task_id:
-                self._track(job.id, job.task_id, job.state, job.submitted_at or now,
-                            job.expires_at or now + apispec.RESULT_TTL_SECONDS)
+        for job_id, task_id, state, submitted_at, expires_at in self.rt.ledger.open_tasks(OPEN):
+            if job_id not in self.tracked:
+                self._track(job_id, task_id, state, submitted_at or now,
+                            expires_at or now + apispec.RESULT_TTL_SECONDS)
         self._last_sync = now
 
     async def run(self) -> None:
@@ -102,7 +106,7 @@ class Poller:
                 if job_id in self.tracked:
                     task = asyncio.create_task(self._poll(job_id), name=f"poll-{job_id}")
                     self.in_flight.add(task)
-                    task.add_done_callback(self.in_flight.discard)
+                    task.add_done_callback(self._forget)
             timeout = (self.heap[0][0] - now) if self.heap else 1.0
             if len(self.in_flight) >= limit:
                 timeout = 1.0
@@ -111,8 +115,15 @@ class Poller:
             if time.time() - self._last_sync > RESYNC_SECONDS:
                 self._sync()
 
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.discard(task)
+        self.rt.changed.set()
+
     def _again(self, job_id: int, delay: float) -> None:
-        heapq.heappush(self.heap, (time.time() + delay, job_id))
+        due = time.time() + delay
+        if (item := self.tracked.get(job_id)) is not None:
+            item.due = due
+        heapq.heappush(self.heap, (due, job_id))
 
     async def _poll(self, job_id: int) -> None:
         rt, item = self.rt, self.tracked[job_id]
@@ -129,7 +140,7 @@ class Poller:
                 self._error(job_id, item, error)
                 return
             if status.status == apispec.TASK_COMPLETED:
-                self.clock.observe(time.time() - item.submitted_at)
+                self.clock.observe(item.due - item.submitted_at)
                 self._move(job_id, JobState.READY, TransitionInfo(
                     http_status=200, request_id=status.request_id, log_id=status.log_id),
                     result_urls=status.result_urls, attempts=0, next_attempt_at=0.0)

@@ -43,6 +43,7 @@ class Submitter:
 
     def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
+        self.rt.changed.set()  # the run may be over: let the driver look now
 
     async def run(self) -> None:
         rt = self.rt

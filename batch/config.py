@@ -55,6 +55,8 @@ class RunConfig:
     #: Consecutive 5xx/timeouts on uploads that pause all uploads, and the first pause (s).
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
+    #: Open tasks the poller keeps in memory; the rest wait in the ledger, oldest polled first.
+    poll_window: int = 10_000
     #: Submit answers may take this long (generous: a slow upload is not a lost answer).
     submit_timeout: float = 180.0
     #: Results larger than this many bytes are refused.
@@ -102,7 +104,7 @@ FILE_KEYS = {
     "breaker_cooldown": float, "submit_timeout": float, "max_result_bytes": int,
     "budget": int, "credits_per_image": float, "on_short_balance": str,
     "stop_submitting_at": str, "deadline": str, "report": str, "fit": str, "max_side": int,
-    "jpeg_quality": int, "upscale_to_original": bool, "on_collision": str,
+    "jpeg_quality": int, "upscale_to_original": bool, "on_collision": str, "poll_window": int,
 }
 CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report"),
            "on_short_balance": ("partial", "stop"), "fit": ("resize", "reject"),

@@ -246,7 +246,8 @@ COUNT_EVERY = 0.05
 
 
 async def _drive(rt: Runtime, keep_running: bool = False) -> None:
-    submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
+    submitter, downloader = Submitter(rt), Downloader(rt)
+    poller = Poller(rt, rt.config.poll_window)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
               for s in (submitter, poller, downloader)]
     stages.append(asyncio.create_task(_clock(rt), name="clock"))

@@ -50,3 +50,16 @@ def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: 
     cfg = write(tmp_path / "c.toml", text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         build((tmp_path,), tmp_path / "o", file_values=load_file(cfg), env={})
+
+
+def test_sample_config_documents_every_key_and_loads() -> None:
+    from batch.config import FILE_KEYS
+
+    sample = Path(__file__).resolve().parent.parent / "sample_config.toml"
+    text = sample.read_text()
+    missing = [key for key in FILE_KEYS if key != "options"
+               and f"\n{key} =" not in text and f"\n# {key} =" not in text]
+    assert not missing, f"sample_config.toml does not document {missing}"
+    assert "[options]" in text
+    values = load_file(sample)
+    assert values["poll_interval"] == 5.0 and values["on_collision"] == "skip"

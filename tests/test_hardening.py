@@ -145,3 +145,18 @@ def test_ledger_rows_stay_legal(tmp_path: Path, emulator) -> None:  # type: igno
             check_transition(job.id, event["from_state"], JobState(event["to_state"]))
     ledger.close()
     assert_no_double_pay(out, emulator, 3)
+
+
+def test_more_open_tasks_than_the_poll_window_all_finish(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """The poller keeps a window of open tasks in memory; the rest wait in the ledger and are
+    taken in, oldest first, as the window frees up. Nothing is left behind."""
+    emulator = make_emulator(queue_seconds=0.3, process_seconds=0.3, jitter=0.5)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(16)}
+    config = tmp_path / "c.toml"
+    config.write_text("poll_window = 3\n")
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                      "--concurrency", "8", *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 16

@@ -20,6 +20,13 @@ from batch.states import JobState
 log = logging.getLogger("batch.poll")
 OPEN = (JobState.QUEUED, JobState.PROCESSING)
 RESYNC_SECONDS = 30.0
+#: Open tasks the poller keeps in memory at most (config ``poll_window``); the rest wait in
+#: the ledger (oldest first in), so memory stays flat however many tasks are open. No rate
+#: limit polls this many at the documented cadence anyway.
+WINDOW = 10_000
+#: A window with room left by finished tasks is topped up from the ledger this often at most
+#: (or every poll interval, if shorter).
+REFILL_SECONDS = 2.0
 
 
 class TaskClock:
@@ -65,17 +72,23 @@ class Tracked:
 
 
 class Poller:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, window: int = WINDOW) -> None:
         self.rt = rt
+        self.window = window
         self.tracked: dict[int, Tracked] = {}
         self.heap: list[tuple[float, int]] = []
         self.in_flight: set[asyncio.Task[None]] = set()
         self._last_sync = 0.0
+        #: Some open task is in the ledger only (the window was full when it came).
+        self._left_out = False
         self.clock = TaskClock(rt.config.poll_interval)
 
     def _track(self, job_id: int, task_id: str, state: JobState, submitted_at: float,
                expires_at: float) -> None:
         if job_id in self.tracked:
+            return
+        if len(self.tracked) >= self.window:
+            self._left_out = True
             return
         first = max(submitted_at + self.clock.first_poll_after(), time.time())
         self.tracked[job_id] = Tracked(task_id, state, expires_at, submitted_at, due=first)
@@ -87,13 +100,21 @@ class Poller:
             self._track(job_id, task_id, JobState.QUEUED, submitted_at, expires_at)
 
     def _sync(self) -> None:
-        """Pick up every open task from the ledger (at start, then now and then)."""
+        """Pick up open tasks from the ledger, oldest first, until the window is full (at
+        start, then now and then, and soon after finished tasks left room)."""
         now = time.time()
+        self._last_sync, self._left_out = now, False
         for job_id, task_id, state, submitted_at, expires_at in self.rt.ledger.open_tasks(OPEN):
-            if job_id not in self.tracked:
-                self._track(job_id, task_id, state, submitted_at or now,
-                            expires_at or now + apispec.RESULT_TTL_SECONDS)
-        self._last_sync = now
+            self._track(job_id, task_id, state, submitted_at or now,
+                        expires_at or now + apispec.RESULT_TTL_SECONDS)
+            if self._left_out:
+                return
+
+    def _sync_due(self) -> bool:
+        since = time.time() - self._last_sync
+        room = len(self.tracked) < self.window * 0.9
+        refill = min(REFILL_SECONDS, self.rt.config.poll_interval)
+        return since > RESYNC_SECONDS or (self._left_out and room and since > refill)
 
     async def run(self) -> None:
         rt = self.rt
@@ -112,7 +133,7 @@ class Poller:
                 timeout = 1.0
             await wait_any(rt.wake_poller, self.in_flight, min(timeout, 1.0))
             self._take_handoffs()
-            if time.time() - self._last_sync > RESYNC_SECONDS:
+            if self._sync_due():
                 self._sync()
 
     def _forget(self, task: asyncio.Task[None]) -> None:

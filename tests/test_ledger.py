@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,22 @@ def test_downloads_are_claimed_soonest_to_expire_first(ledger_location: str) -> 
                                                      soonest_expiry_first=True)]
     ledger.close()
     assert order == [100.0, 200.0, 300.0]
+
+
+def test_scan_records_skip_the_fsync_but_state_changes_never_do(tmp_path: Path) -> None:
+    """Scan records may be lost to a power cut (the next scan redoes them); a job's state
+    change may not: every write that is not a scan record commits with synchronous=FULL."""
+    ledger = open_ledger(tmp_path / "l.sqlite")
+
+    def synchronous() -> int:
+        raw = ledger.engine.raw_connection()
+        try:
+            return int(raw.driver_connection.execute("PRAGMA synchronous").fetchone()[0])
+        finally:
+            raw.close()
+
+    ledger.record_scan([ScannedFile("/r", "a.jpg", "a.jpg", 1, 1, "a" * 64)])
+    assert synchronous() == 1, "scan records: NORMAL"
+    [job] = ledger.claimable([JobState.PENDING], 1)
+    ledger.transition(job.id, JobState.SUBMITTING, expect=JobState.PENDING)
+    assert synchronous() == 2, "a state change: FULL"

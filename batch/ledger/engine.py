@@ -80,8 +80,11 @@ def _sqlite_engine(url: str) -> Engine:
         # Its pages also wait in the WAL a little longer before being checkpointed: a first scan
         # writes many batches that touch the same index pages.
         relaxed = options.get("relaxed", False)
-        connection.exec_driver_sql(f"PRAGMA synchronous={'NORMAL' if relaxed else 'FULL'}")
-        connection.exec_driver_sql(f"PRAGMA wal_autocheckpoint={10000 if relaxed else 1000}")
+        info = connection.connection.info
+        if info.get("relaxed", False) != relaxed:
+            connection.exec_driver_sql(f"PRAGMA synchronous={'NORMAL' if relaxed else 'FULL'}")
+            connection.exec_driver_sql(f"PRAGMA wal_autocheckpoint={10000 if relaxed else 1000}")
+            info["relaxed"] = relaxed
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

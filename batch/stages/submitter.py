@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 from batch import crashpoints
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
-from batch.ledger.store import FileRow
+from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
 from batch.stages.runtime import Runtime, wait_any
@@ -27,10 +29,15 @@ def info_of(error: ApiError) -> TransitionInfo:
                           message=error.describe())
 
 
+#: Jobs claimed from the ledger per query, waiting for an upload slot.
+PREFETCH = 64
+
+
 class Submitter:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.in_flight: dict[int, asyncio.Task[None]] = {}
+        self.waiting: deque[JobRow] = deque()
 
     @property
     def states(self) -> list[JobState]:
@@ -50,11 +57,23 @@ class Submitter:
         while not rt.flags.abort:
             free = rt.config.concurrency - len(self.in_flight)
             if free > 0 and rt.flags.submits_stopped is None:
-                for job in rt.ledger.claimable(self.states, free, exclude=set(self.in_flight)):
+                if len(self.waiting) < free:
+                    self._refill(free)
+                while free > 0 and self.waiting:
+                    job = self.waiting.popleft()
                     task = asyncio.create_task(self._submit(job), name=f"submit-{job.id}")
                     self.in_flight[job.id] = task
                     task.add_done_callback(functools.partial(self._forget, job.id))
+                    free -= 1
             await wait_any(rt.wake_submitter, set(self.in_flight.values()), 0.5)
+
+    def _refill(self, free: int) -> None:
+        """Claim the next jobs a few dozen at a time rather than one query per upload. They
+        stay pending in the ledger until their upload starts (a compare-and-set transition),
+        so a job that changed in between is simply skipped."""
+        exclude = set(self.in_flight) | {job.id for job in self.waiting}
+        self.waiting.extend(self.rt.ledger.claimable(self.states, max(free, PREFETCH),
+                                                     exclude=exclude))
 
     async def drain(self, grace: float) -> None:
         """Let uploads under way get their answer (so they are not left ambiguous)."""
@@ -72,9 +91,10 @@ class Submitter:
             prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
                                                          rt.config.prepare)
         except Rejected as rejected:
-            rt.ledger.transition(job.id, JobState.REJECTED, expect=job.state,
-                                 info=TransitionInfo(message=rejected.reason))
-            rt.progress.done()
+            with contextlib.suppress(StaleTransition):
+                rt.ledger.transition(job.id, JobState.REJECTED, expect=job.state,
+                                     info=TransitionInfo(message=rejected.reason))
+                rt.progress.done()
             rt.changed.set()
             return
         await rt.breaker.admit()
@@ -87,9 +107,16 @@ class Submitter:
             rt.budget_spent()
             return
         note = f" ({prepared.note})" if prepared.note else ""
-        rt.ledger.transition(job.id, JobState.SUBMITTING, expect=job.state,
-                             prepared=prepared.note,
-                             info=TransitionInfo(message=f"uploading {filename}{note}"))
+        try:
+            rt.ledger.transition(job.id, JobState.SUBMITTING, expect=job.state,
+                                 prepared=prepared.note,
+                                 info=TransitionInfo(message=f"uploading {filename}{note}"))
+        except StaleTransition:
+            log.debug("Job %d changed since it was claimed; not sent.", job.id)
+            rt.breaker.release()
+            if rt.budget is not None:
+                rt.budget.settle(charged=False)
+            return
         try:
             submitted = await rt.client.submit(prepared.payload, filename, prepared.content_type,
                                                Options.from_fingerprint(job.options_fp))

@@ -28,7 +28,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", "
                             ".heif"})
 TEMP_SUFFIXES = (".part", ".tmp", ".temp", ".crdownload", ".partial", ".download", "~")
 #: Files per ledger transaction (and per hashing batch).
-BATCH = 2048
+BATCH = 4096
 #: Batches being hashed while the scanner walks on.
 IN_FLIGHT = 2
 
@@ -83,20 +83,19 @@ class Candidate:
     problem: str | None = None
 
 
-def is_ignored_name(name: str) -> bool:
-    """Hidden, temporary and partial files are never taken (until renamed)."""
+IGNORED, IMAGE, OTHER = 0, 1, 2
+
+
+def name_kind(name: str) -> int:
+    """IGNORED for hidden, temporary and partial names (never taken until renamed), IMAGE for
+    an image extension, else OTHER. One pass per name: it runs for every entry of every scan."""
+    if name[:1] == "." or name[:2] == "~$":
+        return IGNORED
     lower = name.lower()
-    return (
-        name.startswith(".")
-        or name.startswith("~$")
-        or lower.endswith(TEMP_SUFFIXES)
-        or ".syncthing." in lower
-    )
-
-
-def is_image_name(name: str) -> bool:
-    dot = name.rfind(".")
-    return dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES
+    if lower.endswith(TEMP_SUFFIXES) or ".syncthing." in lower:
+        return IGNORED
+    dot = lower.rfind(".")
+    return IMAGE if dot > 0 and lower[dot:] in IMAGE_SUFFIXES else OTHER
 
 
 def _join(prefix: str, rel: str) -> str:
@@ -108,8 +107,12 @@ class Folder:
     path: str
     rel_dir: str
     settings: FolderSettings
-    #: The image-named files directly in it.
-    entries: list[os.DirEntry[str]]
+    #: Every file directly in it but dot-files: the folder digest sums them all up, so an
+    #: unchanged folder is skipped without even looking at the names.
+    files: list[os.DirEntry[str]]
+
+    def images(self) -> list[os.DirEntry[str]]:
+        return [entry for entry in self.files if name_kind(entry.name) == IMAGE]
 
 
 def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()) -> Iterator[Folder]:
@@ -125,35 +128,39 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()) 
                 listing = list(scanner)
         except OSError:
             continue
-        if any(e.name == PRESET_NAME for e in listing):
-            settings = apply_preset(settings, Path(directory) / PRESET_NAME)
-        images = []
+        files, subfolders = [], []
+        has_preset = False
         for entry in listing:
             name = entry.name
-            if is_ignored_name(name):
+            if name[0] == ".":
+                has_preset = has_preset or name == PRESET_NAME
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if entry.path not in excluded:
-                        stack.append((entry.path, f"{rel_dir}/{name}" if rel_dir else name,
-                                      settings))
+                    if name_kind(name) != IGNORED and entry.path not in excluded:
+                        subfolders.append(entry)
                     continue
             except OSError:
                 continue
-            if is_image_name(name):
-                images.append(entry)
-        yield Folder(directory, rel_dir, settings, images)
+            files.append(entry)
+        if has_preset:
+            settings = apply_preset(settings, Path(directory) / PRESET_NAME)
+        for sub in subfolders:
+            stack.append((sub.path, f"{rel_dir}/{sub.name}" if rel_dir else sub.name, settings))
+        yield Folder(directory, rel_dir, settings, files)
 
 
 def folder_digest(folder: Folder, out_prefix: str) -> str | None:
-    """One digest of what a re-scan compares file by file, or None when the folder must be
-    looked at file by file anyway (a symlink, a file that cannot be stat-ed)."""
+    """One digest of every file's name, size, mtime and inode and the folder's settings, or
+    None when the folder must be looked at file by file anyway (a symlink, a file that cannot
+    be stat-ed). Non-image files count too (a partial download renamed into place changes
+    it), so no name needs classifying to skip an unchanged folder."""
     settings = folder.settings
     lines = [f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
              f"{out_prefix}"]
     append = lines.append
     try:
-        for entry in folder.entries:
+        for entry in folder.files:
             if entry.is_symlink():
                 return None
             st = entry.stat()
@@ -246,8 +253,9 @@ class _RootScan:
         #: thread of its own was tried: SQLite drops the GIL per row, and the convoy with the
         #: walking thread made the scan slower.)
         self.in_flight: deque[_Batch] = deque()
-        #: Folders looked at file by file: their new digest, or None once a file is not fine.
-        self.changed: dict[str, str | None] = {}
+        #: Folders looked at file by file: their new digest and image count, or None once a
+        #: file there is not fine.
+        self.changed: dict[str, tuple[str, int] | None] = {}
         self.seen: set[str] = set()
 
     def run(self) -> None:
@@ -274,22 +282,25 @@ class _RootScan:
                                  str(path), st.st_size, st.st_mtime_ns, self.options.fingerprint),
                        known)
 
-    def _tree(self, stored: dict[str, str]) -> None:
+    def _tree(self, stored: dict[str, tuple[str, int]]) -> None:
         fresh = not stored and not self.ledger.has_files(self.base)
         for folder in folders(self.root, self.options, self.exclude):
             self.seen.add(folder.rel_dir)
-            if not folder.entries:
+            if not folder.files:
                 continue
-            self.stats.found += len(folder.entries)
             digest = folder_digest(folder, self.root.out_prefix)
-            if digest is not None and stored.get(folder.rel_dir) == digest:
-                self.stats.unchanged += len(folder.entries)
-                self._progress(len(folder.entries))
+            last = stored.get(folder.rel_dir)
+            if digest is not None and last is not None and last[0] == digest:
+                self.stats.found += last[1]
+                self.stats.unchanged += last[1]
+                self._progress(last[1])
                 continue
-            self.changed[folder.rel_dir] = digest
+            images = folder.images()
+            self.stats.found += len(images)
+            self.changed[folder.rel_dir] = (digest, len(images)) if digest is not None else None
             known = {} if fresh else self.ledger.known_files(self.base, folder.rel_dir)
             fp = folder.settings.options.fingerprint
-            for entry in folder.entries:
+            for entry in images:
                 candidate = _candidate(self.base, self.root, entry, folder.rel_dir,
                                        folder.settings, fp)
                 self._consider(candidate, known.get(candidate.rel_path))

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from batch.ledger import Ledger, TransitionInfo, open_ledger
 from batch.ledger.store import ScannedFile, StaleTransition
@@ -135,3 +136,7 @@ def test_scan_records_skip_the_fsync_but_state_changes_never_do(tmp_path: Path) 
     [job] = ledger.claimable([JobState.PENDING], 1)
     ledger.transition(job.id, JobState.SUBMITTING, expect=JobState.PENDING)
     assert synchronous() == 2, "a state change: FULL"
+    # ... and foreign keys are enforced again.
+    with pytest.raises(IntegrityError), ledger.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO events (job_id, at, to_state, attempt) "
+                             "VALUES (999, 0, 'done', 0)")

@@ -117,8 +117,8 @@ class Meta(Base):
 
 
 class Folder(Base):
-    """A source folder as last scanned, summed up in one digest of its image files' names,
-    sizes, mtimes and inodes and the settings that apply there. A re-scan that computes the
+    """A source folder as last scanned, summed up in one digest of its files' names, sizes,
+    mtimes and inodes and the settings that apply there. A re-scan that computes the
     same digest knows every file in it is already recorded, without a lookup per file. Only
     folders whose every file was recorded without a problem get one."""
 
@@ -127,6 +127,8 @@ class Folder(Base):
     root: Mapped[str] = mapped_column(Text, primary_key=True)
     rel_dir: Mapped[str] = mapped_column(Text, primary_key=True)
     digest: Mapped[str] = mapped_column(String(64))
+    #: Image files in it (what a skipped folder adds to the scan's counts).
+    images: Mapped[int] = mapped_column(Integer)
 
 
 jobs = cast(Table, Job.__table__)

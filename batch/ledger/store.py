@@ -225,19 +225,22 @@ class Ledger:
                     for rel, size, mtime, sha, job_id, problem, fp, out_rel
                     in conn.execute(query).fetchall() if "/" not in rel[depth:]}
 
-    def folder_digests(self, root: str) -> dict[str, str]:
+    def folder_digests(self, root: str) -> dict[str, tuple[str, int]]:
+        """Each folder's digest and image count, as the last complete scan left them."""
+        query = select(folders.c.rel_dir, folders.c.digest, folders.c.images).where(
+            folders.c.root == root)
         with self._read() as conn:
-            return dict(conn.execute(select(folders.c.rel_dir, folders.c.digest)
-                                     .where(folders.c.root == root)).fetchall())
+            return {d: (digest, n) for d, digest, n in conn.execute(query).fetchall()}
 
-    def save_folder_digests(self, root: str, clean: dict[str, str], dirty: list[str]) -> None:
-        """Record the folders found fully recorded (``clean``), and forget the digests of the
-        ones that were not, so they are looked at file by file next time."""
+    def save_folder_digests(self, root: str, clean: dict[str, tuple[str, int]],
+                            dirty: list[str]) -> None:
+        """Record the folders found fully recorded (``clean``: digest and image count), and
+        forget the digests of the ones that were not, so they are looked at file by file."""
         with self._tx() as conn:
             if clean:
-                self._upsert(conn, folders, [{"root": root, "rel_dir": d, "digest": v}
-                                             for d, v in clean.items()],
-                             ["root", "rel_dir"], update_cols=["digest"])
+                self._upsert(conn, folders, [{"root": root, "rel_dir": d, "digest": v,
+                                              "images": n} for d, (v, n) in clean.items()],
+                             ["root", "rel_dir"], update_cols=["digest", "images"])
             for start in range(0, len(dirty), 500):
                 chunk = dirty[start : start + 500]
                 conn.execute(folders.delete().where(folders.c.root == root,

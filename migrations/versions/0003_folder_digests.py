@@ -22,6 +22,7 @@ def upgrade() -> None:
         sa.Column("root", sa.Text(), nullable=False),
         sa.Column("rel_dir", sa.Text(), nullable=False),
         sa.Column("digest", sa.String(length=64), nullable=False),
+        sa.Column("images", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("root", "rel_dir", name=op.f("pk_folders")),
     )
 

@@ -153,13 +153,13 @@ class Hasher:
 def _serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        try:
+    try:
+        while True:
             paths = pickle.load(stdin)
-        except EOFError:
-            return
-        pickle.dump(hash_many(paths), stdout, protocol=pickle.HIGHEST_PROTOCOL)
-        stdout.flush()
+            pickle.dump(hash_many(paths), stdout, protocol=pickle.HIGHEST_PROTOCOL)
+            stdout.flush()
+    except (EOFError, BrokenPipeError):
+        return  # the scanner is done, or gone (killed): nothing to answer
 
 
 def _gather(futures: list[Future[Hashed]]) -> Future[list[Hashed]]:

@@ -23,8 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 Hashed = tuple[str | None, str | None]
 
 BUFFER = 1024 * 1024
-#: Batches at least this long, of files this small on average, go to worker processes.
-PROCESS_MIN_FILES = 256
+#: Batches at least this long, of files this small on average, go to worker processes (for
+#: fewer, starting the processes costs more than it saves).
+PROCESS_MIN_FILES = 2048
 PROCESS_MAX_MEAN_BYTES = 512 * 1024
 
 _local = threading.local()

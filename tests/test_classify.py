@@ -73,6 +73,14 @@ def test_the_task_clock_learns_when_to_poll_first() -> None:
     for _ in range(200):
         clock.observe(10.0)
     assert clock.first_poll_after() == pytest.approx(10.0), "it follows a faster provider"
+    learning = TaskClock(minimum=5.0, warmup=3)
+    learning.observe_unfinished(12.0)
+    assert learning.first_poll_after() == 12.0, "not before tasks were seen still running"
+    learning.observe_unfinished(600.0)
+    assert learning.first_poll_after() == 20.0, "a stuck task delays first polls only so far"
+    assert TaskClock(minimum=5.0).first_poll_after(busy=True) == 20.0, \
+        "rate-bound and still learning: the first polls wait (uploads need the tokens)"
+    assert clock.first_poll_after(busy=True) >= clock.first_poll_after()
     fast = TaskClock(minimum=5.0, warmup=1)
     fast.observe(2.0)
     assert fast.first_poll_after() == 5.0, "never sooner than the documented cadence"

@@ -35,3 +35,17 @@ def test_sqlite_ledger_is_wal_and_private(tmp_path) -> None:  # type: ignore[no-
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     ledger.close()
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_the_head_revision_the_fast_path_trusts_is_the_newest_migration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from alembic.script import ScriptDirectory
+
+    from batch.ledger.migrate import HEAD_REVISION, alembic_config, current_revision
+
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    try:
+        script = ScriptDirectory.from_config(alembic_config(ledger.engine))
+        assert script.get_current_head() == HEAD_REVISION
+        assert current_revision(ledger.engine) == HEAD_REVISION
+    finally:
+        ledger.close()

@@ -113,15 +113,15 @@ def test_a_folder_with_a_file_still_settling_is_looked_into_again(tmp_path: Path
 def test_many_small_files_are_hashed_in_worker_processes_correctly(tmp_path: Path) -> None:
     src = tmp_path / "src"
     expected = {}
-    for i in range(600):
-        data = os.urandom(100 + i)
+    for i in range(2100):
+        data = os.urandom(100 + i % 500)
         (src / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
         (src / f"d{i % 2}" / f"{i}.jpg").write_bytes(data)
         expected[f"d{i % 2}/{i}.jpg"] = hashlib.sha256(data).hexdigest()
     (src / "d0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     ledger = open_ledger(tmp_path / "l.sqlite")
     stats = scan(ledger, [SourceRoot(src)], FP)
-    assert (stats.found, stats.hashed, stats.problems) == (601, 600, 1)
+    assert (stats.found, stats.hashed, stats.problems) == (2101, 2100, 1)
     root = str(src.resolve())
     known = {**ledger.known_files(root, "d0"), **ledger.known_files(root, "d1")}
     assert {rel: k.content_sha256 for rel, k in known.items() if k.problem is None} == expected

@@ -14,6 +14,12 @@ class RateLimiter:
         self._updated = time.monotonic()
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    @property
+    def saturated(self) -> bool:
+        """Requests are queueing for tokens: the rate limit, not the work, sets the pace."""
+        return self._waiting > 0
 
     def pause(self, seconds: float) -> None:
         """Hold every caller back for ``seconds`` (the server asked us to slow down)."""
@@ -22,6 +28,13 @@ class RateLimiter:
     async def acquire(self) -> None:
         if self.rate <= 0:
             return
+        self._waiting += 1
+        try:
+            await self._take()
+        finally:
+            self._waiting -= 1
+
+    async def _take(self) -> None:
         async with self._lock:
             while True:
                 now = time.monotonic()

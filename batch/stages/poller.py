@@ -29,35 +29,51 @@ WINDOW = 10_000
 REFILL_SECONDS = 2.0
 
 
+#: While the clock is learning, first polls wait at most this many poll intervals.
+WARMUP_CAP = 4.0
+
+
 class TaskClock:
     """Learns how long tasks take, so a task's first status query lands near its likely
     completion instead of every poll interval from the start: fewer queries for the same
     results, and never more often than the documented cadence.
 
     It keeps, for recent tasks, the time (since submit) of the poll that found them complete
-    (an upper bound on their duration) and starts polling at ``fraction`` of the ``quantile``:
-    a little early, so it also notices when the provider speeds up. The time is when that poll
-    was due, not when it went out: a poll that waited for the rate limit must not teach the
-    clock that tasks take longer, or first polls drift later and later behind the results.
+    (an upper bound on their duration) and starts polling at a quantile of those: the
+    ``quantile`` when requests flow freely (results sooner), the higher ``busy_quantile`` when
+    the rate limit sets the pace (then a query that finds the task unfinished takes a token an
+    upload needed). The time is when that poll was due, not when it went out: a poll that
+    waited for the rate limit must not teach the clock that tasks take longer, or first polls
+    drift later and later behind the results.
     """
 
     def __init__(self, minimum: float, window: int = 200, quantile: float = 0.8,
-                 fraction: float = 1.0, warmup: int = 10) -> None:
+                 busy_quantile: float = 0.95, warmup: int = 10) -> None:
         self.minimum = minimum
-        self.window, self.quantile, self.fraction, self.warmup = window, quantile, fraction, warmup
+        self.window, self.warmup = window, warmup
+        self.quantile, self.busy_quantile = quantile, busy_quantile
         self.seen: list[float] = []
+        #: Before any estimate: the oldest age at which a task was still unfinished.
+        self.unfinished = 0.0
 
     def observe(self, seconds: float) -> None:
         self.seen.append(seconds)
         if len(self.seen) > self.window:
             del self.seen[: len(self.seen) - self.window]
 
-    def first_poll_after(self) -> float:
+    def observe_unfinished(self, seconds: float) -> None:
+        self.unfinished = max(self.unfinished, seconds)
+
+    def first_poll_after(self, busy: bool = False) -> float:
         if len(self.seen) < self.warmup:
-            return self.minimum
+            # While learning: not before the tasks seen so far were still running (a slow
+            # one moves it only so far), and, when the rate limit sets the pace anyway, as
+            # late as that allows: the first few tasks must not each cost several queries.
+            cap = WARMUP_CAP * self.minimum
+            return cap if busy else max(self.minimum, min(self.unfinished, cap))
         ordered = sorted(self.seen)
-        estimate = ordered[min(len(ordered) - 1, int(len(ordered) * self.quantile))]
-        return max(self.minimum, estimate * self.fraction)
+        quantile = self.busy_quantile if busy else self.quantile
+        return max(self.minimum, ordered[min(len(ordered) - 1, int(len(ordered) * quantile))])
 
 
 @dataclass(slots=True)
@@ -90,7 +106,8 @@ class Poller:
         if len(self.tracked) >= self.window:
             self._left_out = True
             return
-        first = max(submitted_at + self.clock.first_poll_after(), time.time())
+        busy = self.rt.client.limiter.saturated
+        first = max(submitted_at + self.clock.first_poll_after(busy), time.time())
         self.tracked[job_id] = Tracked(task_id, state, expires_at, submitted_at, due=first)
         heapq.heappush(self.heap, (first, job_id))
 
@@ -172,6 +189,7 @@ class Poller:
                            keep=True)
                 item.state = JobState.PROCESSING
             item.attempts = 0
+            self.clock.observe_unfinished(item.due - item.submitted_at)
             self._again(job_id, interval)
         except StaleTransition:
             self.tracked.pop(job_id, None)

@@ -106,7 +106,8 @@ class Poller:
         if len(self.tracked) >= self.window:
             self._left_out = True
             return
-        busy = self.rt.client.limiter.saturated
+        # Uploads still to come queue for the same tokens: a query spent too early delays one.
+        busy = self.rt.client.limiter.saturated and self.rt.uploads_waiting > 0
         first = max(submitted_at + self.clock.first_poll_after(busy), time.time())
         self.tracked[job_id] = Tracked(task_id, state, expires_at, submitted_at, due=first)
         heapq.heappush(self.heap, (first, job_id))

@@ -56,6 +56,8 @@ class Runtime:
     #: Tasks the submitter has just committed as queued (job id, task id, submitted, expires):
     #: a shortcut for the poller. The ledger stays the truth; the poller resyncs from it.
     newly_queued: list[tuple[int, str, float, float]] = field(default_factory=list)
+    #: Jobs claimed for upload that have not started yet (more uploads still to come).
+    uploads_waiting: int = 0
 
     def backoff(self, attempt: int) -> float:
         return backoff_delay(attempt, base=self.config.backoff_base, cap=self.config.backoff_cap,

@@ -65,6 +65,7 @@ class Submitter:
                     self.in_flight[job.id] = task
                     task.add_done_callback(functools.partial(self._forget, job.id))
                     free -= 1
+            rt.uploads_waiting = len(self.waiting)
             await wait_any(rt.wake_submitter, set(self.in_flight.values()), 0.5)
 
     def _refill(self, free: int) -> None:

@@ -126,3 +126,29 @@ def test_many_small_files_are_hashed_in_worker_processes_correctly(tmp_path: Pat
     known = {**ledger.known_files(root, "d0"), **ledger.known_files(root, "d1")}
     assert {rel: k.content_sha256 for rel, k in known.items() if k.problem is None} == expected
     assert known["d0/gone.jpg"].problem == "broken or looping symbolic link"
+
+
+def test_scans_and_folder_digests_on_both_ledger_backends(ledger_location: str,
+                                                          tmp_path: Path) -> None:
+    """The scan's fast paths (driver-level executemany, per-folder lookups, digests) on both
+    ledger back-ends, with folder names that need escaping in a LIKE pattern."""
+    src = tmp_path / "src"
+    for n, folder in enumerate(("100%_done", "a_b", "a_b/deeper")):
+        for i in range(3):
+            write_portrait(src / folder / f"{i}.jpg", seed=10 * n + i)
+    write_portrait(src / "top.jpg", seed=99)
+    ledger = open_ledger(ledger_location)
+    try:
+        first = scan(ledger, [SourceRoot(src)], FP)
+        assert (first.found, first.hashed, first.new_jobs) == (10, 10, 10)
+        again = scan(ledger, [SourceRoot(src)], FP)
+        assert (again.found, again.hashed, again.unchanged) == (10, 0, 10)
+        write_portrait(src / "a_b" / "new.jpg", seed=500)
+        grown = scan(ledger, [SourceRoot(src)], FP)
+        assert (grown.found, grown.hashed, grown.unchanged, grown.new_jobs) == (11, 1, 10, 1)
+        root = str(src.resolve())
+        assert sorted(ledger.known_files(root, "a_b")) == [
+            "a_b/0.jpg", "a_b/1.jpg", "a_b/2.jpg", "a_b/new.jpg"]
+        assert sorted(ledger.known_files(root, "")) == ["top.jpg"]
+    finally:
+        ledger.close()

@@ -205,6 +205,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("poll_interval must be positive")
     if config.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    if config.poll_window < 1:
+        raise ConfigError("poll_window must be at least 1")
     if not 256 <= config.max_side < 4096:
         raise ConfigError("max_side must be between 256 and 4095")
     if not 40 <= config.jpeg_quality <= 100:

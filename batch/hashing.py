@@ -112,14 +112,21 @@ class Hasher:
         self._lock = threading.Lock()
 
     def submit(self, paths: list[str], total_bytes: int) -> Future[list[Hashed]]:
+        """A batch is handed to a feeder thread, which passes it to its worker process (many
+        small files) or spreads it over the hashing threads (a few big ones)."""
+        if self._feeders is None:
+            self._feeders = ThreadPoolExecutor(self.workers, thread_name_prefix="hash-feed")
         if len(paths) >= PROCESS_MIN_FILES and total_bytes / len(paths) <= PROCESS_MAX_MEAN_BYTES:
-            if self._feeders is None:
-                self._feeders = ThreadPoolExecutor(self.workers, thread_name_prefix="hash-feed")
             return self._feeders.submit(self._in_process, paths)
+        return self._feeders.submit(self._in_threads, paths)
+
+    def _in_threads(self, paths: list[str]) -> list[Hashed]:
         if self._threads is None:
-            self._threads = ThreadPoolExecutor(self.workers + 1, thread_name_prefix="hash")
-        threads = self._threads
-        return _gather([threads.submit(hash_one, p) for p in paths])
+            with self._lock:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(self.workers + 1,
+                                                       thread_name_prefix="hash")
+        return list(self._threads.map(hash_one, paths))
 
     def _in_process(self, paths: list[str]) -> list[Hashed]:
         """Runs in a feeder thread, which owns one worker process."""
@@ -138,7 +145,7 @@ class Hasher:
             return hash_many(paths)
 
     def close(self) -> None:
-        for pool in (self._threads, self._feeders):
+        for pool in (self._feeders, self._threads):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         for worker in self._processes:
@@ -161,26 +168,6 @@ def _serve() -> None:
             stdout.flush()
     except (EOFError, BrokenPipeError):
         return  # the scanner is done, or gone (killed): nothing to answer
-
-
-def _gather(futures: list[Future[Hashed]]) -> Future[list[Hashed]]:
-    """One future for a batch's per-file futures, in order."""
-    combined: Future[list[Hashed]] = Future()
-    remaining = [len(futures)]
-    lock = threading.Lock()
-
-    def one_done(_: Future[Hashed]) -> None:
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            combined.set_result([f.result() for f in futures])
-
-    if not futures:
-        combined.set_result([])
-    for future in futures:
-        future.add_done_callback(one_done)
-    return combined
 
 
 if __name__ == "__main__":

@@ -70,30 +70,18 @@ def icc_segments(icc: bytes) -> list[bytes]:
 
 
 def source_segments(source: bytes) -> list[bytes]:
-    """The metadata segments to carry, from a JPEG (copied raw) or any other format."""
-    if source[:2] == b"\xff\xd8":
-        found = []
-        for marker, payload, _, _ in jpeg_segments(source):
-            if not _is_metadata(marker, payload):
-                continue
-            if payload.startswith(EXIF_HEADER):
-                payload = upright_exif(payload)
-            found.append(_segment(marker, payload))
-        return found
-    with Image.open(io.BytesIO(source)) as image:
-        segments = []
-        exif = image.getexif()
-        if len(exif):
-            segments.append(_segment(APP1, upright_exif(exif.tobytes())))
-        xmp = image.info.get("xmp")
-        if isinstance(xmp, str):
-            xmp = xmp.encode()
-        if isinstance(xmp, bytes) and xmp and len(xmp) + len(XMP_HEADER) <= MAX_SEGMENT:
-            segments.append(_segment(APP1, XMP_HEADER + xmp))
-        icc = image.info.get("icc_profile")
-        if isinstance(icc, bytes) and icc:
-            segments.extend(icc_segments(icc))
-        return segments
+    """The metadata segments to carry onto a JPEG: a JPEG source's are copied raw (IPTC too),
+    any other source's are built from what Pillow reads of it."""
+    if source[:2] != b"\xff\xd8":
+        return SourceMetadata.read(source).jpeg_segments()
+    found = []
+    for marker, payload, _, _ in jpeg_segments(source):
+        if not _is_metadata(marker, payload):
+            continue
+        if payload.startswith(EXIF_HEADER):
+            payload = upright_exif(payload)
+        found.append(_segment(marker, payload))
+    return found
 
 
 def splice_jpeg(result: bytes, segments: list[bytes]) -> bytes:
@@ -131,12 +119,12 @@ def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = F
                 scaled = image.resize(size, Image.Resampling.LANCZOS)
                 scaled.save(buffer, result_format, quality=jpeg_quality)
                 result = buffer.getvalue()
-    segments = source_segments(source)
-    if not segments:
-        return result
     if result_format == "JPEG":
-        return splice_jpeg(result, segments)
+        segments = source_segments(source)
+        return splice_jpeg(result, segments) if segments else result
     found = SourceMetadata.read(source)
+    if not found:
+        return result
     if result_format == "WEBP":
         return splice_webp(result, found)
     if result_format == "PNG":
@@ -152,7 +140,8 @@ def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = F
 
 @dataclass(frozen=True)
 class SourceMetadata:
-    """The source's metadata as raw blocks (EXIF as TIFF bytes with Orientation 1)."""
+    """The source's metadata as Pillow reads it: EXIF (with its "Exif" header, Orientation
+    reset to 1), XMP and the ICC profile, each empty when absent."""
 
     exif: bytes
     xmp: bytes
@@ -162,13 +151,20 @@ class SourceMetadata:
     def read(cls, source: bytes) -> SourceMetadata:
         with Image.open(io.BytesIO(source)) as image:
             exif = image.getexif()
-            if ORIENTATION in exif:
-                exif[ORIENTATION] = 1
             xmp = image.info.get("xmp") or b""
-            if isinstance(xmp, str):
-                xmp = xmp.encode()
             icc = image.info.get("icc_profile") or b""
-            return cls(exif.tobytes() if len(exif) else b"", bytes(xmp), bytes(icc))
+        if isinstance(xmp, str):
+            xmp = xmp.encode()
+        return cls(upright_exif(exif.tobytes()) if len(exif) else b"", bytes(xmp), bytes(icc))
+
+    def __bool__(self) -> bool:
+        return bool(self.exif or self.xmp or self.icc)
+
+    def jpeg_segments(self) -> list[bytes]:
+        segments = [_segment(APP1, self.exif)] if self.exif else []
+        if self.xmp and len(self.xmp) + len(XMP_HEADER) <= MAX_SEGMENT:
+            segments.append(_segment(APP1, XMP_HEADER + self.xmp))
+        return segments + (icc_segments(self.icc) if self.icc else [])
 
 
 def _riff_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -188,7 +184,7 @@ def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
 def splice_webp(result: bytes, meta: SourceMetadata) -> bytes:
     """``result`` (a WEBP) with the source's ICC, EXIF and XMP as RIFF chunks in the extended
     (VP8X) layout the WebP container spec orders them in; the image chunks are kept as they are."""
-    if result[:4] != b"RIFF" or result[8:12] != b"WEBP" or not (meta.exif or meta.xmp or meta.icc):
+    if result[:4] != b"RIFF" or result[8:12] != b"WEBP" or not meta:
         return result
     chunks = [(c, p) for c, p in _riff_chunks(result) if c not in (b"VP8X", b"ICCP", b"EXIF",
                                                                    b"XMP ")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ class Options:
     @property
     def fingerprint(self) -> str:
         """One character per option in API order, e.g. ``"110000000"``: stable and readable."""
-        return _fingerprint(self.enabled)
+        return "".join("1" if name in self.enabled else "0" for name in OPTION_NAMES)
 
     def form_fields(self) -> dict[str, str]:
         """The multipart form fields the submit endpoint expects: every option as "0" or "1"."""
@@ -50,8 +49,3 @@ class Options:
 
     def describe(self) -> str:
         return ", ".join(n for n in OPTION_NAMES if n in self.enabled) or "none"
-
-
-@functools.lru_cache(maxsize=64)
-def _fingerprint(enabled: frozenset[str]) -> str:
-    return "".join("1" if name in enabled else "0" for name in OPTION_NAMES)

@@ -246,8 +246,7 @@ COUNT_EVERY = 0.05
 
 
 async def _drive(rt: Runtime, keep_running: bool = False) -> None:
-    submitter, downloader = Submitter(rt), Downloader(rt)
-    poller = Poller(rt, rt.config.poll_window)
+    submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
               for s in (submitter, poller, downloader)]
     stages.append(asyncio.create_task(_clock(rt), name="clock"))

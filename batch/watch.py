@@ -56,10 +56,11 @@ def _start_observer(roots: list[SourceRoot], handler: _Nudge, polling: bool) -> 
             for root in roots:
                 observer.schedule(handler, str(root.path), recursive=True)
             observer.start()
-            _check_coverage(roots)
+            if (why := _uncovered(roots)) is not None:
+                raise OSError(errno.ENOSPC, why)
             return observer
         except OSError as exc:
-            _say_polling(exc)
+            _say_polling(exc.strerror or exc)
             if observer is not None:
                 observer.stop()
     observer = PollingObserver(timeout=2)
@@ -70,36 +71,31 @@ def _start_observer(roots: list[SourceRoot], handler: _Nudge, polling: bool) -> 
     return observer
 
 
-def _say_polling(exc: OSError) -> None:
+def _say_polling(why: object) -> None:
     log.warning("Cannot watch with inotify (%s); polling instead. For many folders raise "
-                "fs.inotify.max_user_watches (sysctl).", exc.strerror or exc)
+                "fs.inotify.max_user_watches (sysctl).", why)
 
 
-def _check_coverage(roots: list[SourceRoot]) -> None:
-    """Raise ENOSPC if some source folder has no inotify watch. watchdog skips a subfolder it
+def _uncovered(roots: list[SourceRoot]) -> str | None:
+    """Why some source folder has no inotify watch, or None. watchdog skips a subfolder it
     cannot watch without a word, which would leave new files there to the slow re-scan."""
     watches = inotify_watches()
     if watches is None:
-        return
+        return None
     folders = sum(folder_count(root.path) for root in roots)
-    if watches < folders:
-        raise OSError(errno.ENOSPC, f"inotify watch limit reached: {watches} of {folders} "
-                                    "folders watched")
+    return (f"inotify watch limit reached: {watches} of {folders} folders watched"
+            if watches < folders else None)
 
 
 def _still_covered(roots: list[SourceRoot]) -> bool:
     """Folders made since the start need watches too; the limit can be hit later on."""
-    try:
-        _check_coverage(roots)
+    if _uncovered(roots) is None:
         return True
-    except OSError:
-        time.sleep(1.0)  # a folder made a moment ago may not have its watch yet
-    try:
-        _check_coverage(roots)
-        return True
-    except OSError as exc:
-        _say_polling(exc)
-        return False
+    time.sleep(1.0)  # a folder made a moment ago may not have its watch yet
+    why = _uncovered(roots)
+    if why is not None:
+        _say_polling(why)
+    return why is None
 
 
 def inotify_watches() -> int | None:

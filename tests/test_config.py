@@ -45,6 +45,7 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
     ("[options]\nsmart_skin = 1\n", "must be true or false"),
     ("[options]\nglamour = true\n", "unknown retouching option"),
     ("this is = not toml [", "not valid TOML"),
+    ("poll_window = 0\n", "poll_window must be at least 1"),
 ])
 def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     cfg = write(tmp_path / "c.toml", text)

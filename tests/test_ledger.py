@@ -140,3 +140,17 @@ def test_scan_records_skip_the_fsync_but_state_changes_never_do(tmp_path: Path) 
     with pytest.raises(IntegrityError), ledger.engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO events (job_id, at, to_state, attempt) "
                              "VALUES (999, 0, 'done', 0)")
+
+
+@pytest.mark.postgres
+def test_postgresql_relaxed_writes_skip_the_flush_and_others_do_not(pg_url: str) -> None:
+    ledger = open_ledger(pg_url)
+    try:
+        with ledger.engine.execution_options(relaxed=True).begin() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+        with ledger.engine.begin() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+        ledger.record_scan([ScannedFile("/r", "a.jpg", "a.jpg", 1, 1, "a" * 64)])
+        assert ledger.counts()["pending"] == 1
+    finally:
+        ledger.close()

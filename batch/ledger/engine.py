@@ -108,7 +108,20 @@ def create_ledger_engine(location: str | Path) -> Engine:
                 path, fs_type,
             )
         return _sqlite_engine(url)
-    return create_engine(url, pool_pre_ping=True)
+    return _postgresql_engine(url)
+
+
+def _postgresql_engine(url: str) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # A relaxed write commits without waiting for the WAL flush; PostgreSQL flushes in
+        # order, so any later durable commit makes it durable too.
+        if connection.get_execution_options().get("relaxed", False):
+            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+    return engine
 
 
 def open_ledger(location: str | Path) -> Ledger:

@@ -173,11 +173,8 @@ class Ledger:
     def _tx(self, *, relaxed: bool = False) -> Iterator[Connection]:
         """A write transaction (SQLite: BEGIN IMMEDIATE, so it never fails half-way on lock
         upgrade). ``relaxed``: for what a later run redoes anyway (scan records), the commit
-        does not wait for the disk; a crash may lose it, never corrupt it, and any later
-        durable commit carries it to disk (SQLite WAL and PostgreSQL both write in order)."""
+        does not wait for the disk (see ``engine``); a crash may lose it, never corrupt it."""
         with (self._relaxed if relaxed else self.engine).begin() as conn:
-            if relaxed and self._dialect == "postgresql":
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
 
     @contextmanager
@@ -470,40 +467,34 @@ class Ledger:
         with self._read() as conn:
             return [_file(r) for r in conn.execute(query)]
 
-    def written_outputs(self, page: int = 2000) -> Iterator[tuple[int, str]]:
-        """(file id, output path) of every output written, a page at a time (memory stays flat
-        however many there are; no read transaction is held between pages)."""
-        after = 0
-        while True:
-            query = (select(files.c.id, files.c.written_rel)
-                     .where(files.c.written_rel.is_not(None), files.c.id > after)
-                     .order_by(files.c.id).limit(page))
-            with self._read() as conn:
-                rows = conn.execute(query).fetchall()
-            yield from ((r.id, r.written_rel) for r in rows)
-            if len(rows) < page:
-                return
-            after = rows[-1].id
+    def written_outputs(self) -> Iterator[tuple[int, str]]:
+        """(file id, output path) of every output written."""
+        query = select(files.c.id, files.c.written_rel).where(files.c.written_rel.is_not(None))
+        for row in self._pages(query, files.c.id):
+            yield row.id, row.written_rel
 
-    def open_tasks(self, states: Sequence[JobState], page: int = 2000
+    def open_tasks(self, states: Sequence[JobState]
                    ) -> Iterator[tuple[int, str, JobState, float | None, float | None]]:
         """(job id, task id, state, submitted at, expires at) of jobs with a task in
-        ``states``, a page at a time."""
+        ``states``, oldest first."""
+        query = (select(jobs.c.id, jobs.c.task_id, jobs.c.state, jobs.c.submitted_at,
+                        jobs.c.expires_at)
+                 .where(jobs.c.state.in_([s.value for s in states]),
+                        jobs.c.task_id.is_not(None)))
+        for row in self._pages(query, jobs.c.id):
+            yield row.id, row.task_id, JobState(row.state), row.submitted_at, row.expires_at
+
+    def _pages(self, query: Any, key: Any, page: int = 2000) -> Iterator[Any]:
+        """The rows of ``query`` in ``key`` order, a page at a time (keyset pagination):
+        memory stays flat however many there are, and no read is held open between pages."""
         after = 0
-        wanted = [s.value for s in states]
         while True:
-            query = (select(jobs.c.id, jobs.c.task_id, jobs.c.state, jobs.c.submitted_at,
-                            jobs.c.expires_at)
-                     .where(jobs.c.state.in_(wanted), jobs.c.task_id.is_not(None),
-                            jobs.c.id > after)
-                     .order_by(jobs.c.id).limit(page))
             with self._read() as conn:
-                rows = conn.execute(query).fetchall()
-            yield from ((r.id, r.task_id, JobState(r.state), r.submitted_at, r.expires_at)
-                        for r in rows)
+                rows = conn.execute(query.where(key > after).order_by(key).limit(page)).fetchall()
+            yield from rows
             if len(rows) < page:
                 return
-            after = rows[-1].id
+            after = getattr(rows[-1], key.name)
 
     def set_file_output(
         self, file_id: int, *, written_rel: str | None, written_sha256: str | None,

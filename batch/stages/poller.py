@@ -20,15 +20,9 @@ from batch.states import JobState
 log = logging.getLogger("batch.poll")
 OPEN = (JobState.QUEUED, JobState.PROCESSING)
 RESYNC_SECONDS = 30.0
-#: Open tasks the poller keeps in memory at most (config ``poll_window``); the rest wait in
-#: the ledger (oldest first in), so memory stays flat however many tasks are open. No rate
-#: limit polls this many at the documented cadence anyway.
-WINDOW = 10_000
 #: A window with room left by finished tasks is topped up from the ledger this often at most
 #: (or every poll interval, if shorter).
 REFILL_SECONDS = 2.0
-
-
 #: While the clock is learning, first polls wait at most this many poll intervals.
 WARMUP_CAP = 4.0
 
@@ -88,9 +82,13 @@ class Tracked:
 
 
 class Poller:
-    def __init__(self, rt: Runtime, window: int = WINDOW) -> None:
+    """Keeps at most ``poll_window`` open tasks in memory; the rest wait in the ledger and come
+    in oldest first as finished ones leave room, so memory stays flat however many tasks are
+    open (no rate limit polls that many at the documented cadence anyway)."""
+
+    def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.window = window
+        self.window = rt.config.poll_window
         self.tracked: dict[int, Tracked] = {}
         self.heap: list[tuple[float, int]] = []
         self.in_flight: set[asyncio.Task[None]] = set()

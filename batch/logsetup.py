@@ -33,5 +33,5 @@ def configure(level: int, secret: Secret | None = None, *, json_lines: bool = Fa
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "alembic", "filelock"):
+    for noisy in ("aiohttp", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

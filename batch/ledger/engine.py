@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from batch.ledger.driver import begin_sqlite
 from batch.ledger.migrate import upgrade_to_head
 from batch.ledger.store import Ledger
 
@@ -53,7 +54,10 @@ def filesystem_type(path: Path, mounts_table: str | None = None) -> str | None:
 
 
 def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url)
+    # No rollback when a connection goes back to the pool: every transaction, through
+    # SQLAlchemy or the driver path, has already ended by then, and the extra call was a
+    # measurable part of each of the pipeline's many short transactions.
+    engine = create_engine(url, pool_reset_on_return=None)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -70,25 +74,10 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        # Readers take no lock in WAL mode, so a read-only transaction begins deferred.
         options = connection.get_execution_options()
-        if options.get("readonly", False):
-            connection.exec_driver_sql("BEGIN")
-            return
-        # A relaxed write (scan records: redone by the next scan if lost) skips the fsync;
-        # the next durable commit's fsync of the WAL makes it durable too. Its pages wait in the
-        # WAL a little longer before being checkpointed (a first scan writes many batches that
-        # touch the same index pages), and it skips the foreign-key check (a scan record's job
-        # id comes from a sub-select of the jobs table in the same statement).
-        relaxed = options.get("relaxed", False)
-        info = connection.connection.info
-        if info.get("relaxed", False) != relaxed:
-            sync, checkpoint, keys = ("NORMAL", 10000, "OFF") if relaxed else ("FULL", 1000, "ON")
-            connection.exec_driver_sql(f"PRAGMA synchronous={sync}")
-            connection.exec_driver_sql(f"PRAGMA wal_autocheckpoint={checkpoint}")
-            connection.exec_driver_sql(f"PRAGMA foreign_keys={keys}")
-            info["relaxed"] = relaxed
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        begin_sqlite(connection.exec_driver_sql, connection.connection.info,
+                     readonly=options.get("readonly", False),
+                     relaxed=options.get("relaxed", False))
 
     return engine
 

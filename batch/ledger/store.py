@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -24,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch import crashpoints
+from batch.ledger.driver import Cursor, Statement, transaction
 from batch.ledger.models import events, files, folders, jobs, meta
 from batch.states import FINAL, JobState, check_transition
 
@@ -108,29 +111,24 @@ class Problem:
     http_status: int | None
 
 
-def _job(row: Any) -> JobRow:
-    return JobRow(
-        id=row.id,
-        content_sha256=row.content_sha256,
-        options_fp=row.options_fp,
-        size_bytes=row.size_bytes,
-        state=JobState(row.state),
-        attempts=row.attempts,
-        charges=row.charges,
-        task_id=row.task_id,
-        result_urls=json.loads(row.result_urls) if row.result_urls else [],
-        submitted_at=row.submitted_at,
-        expires_at=row.expires_at,
-        next_attempt_at=row.next_attempt_at,
-        result_sha256=row.result_sha256,
-        http_status=row.http_status,
-        error_code=row.error_code,
-        reason=row.reason,
-    )
+JOB_FIELDS = JobRow.__slots__
+FILE_FIELDS = FileRow.__slots__
+JOB_COLUMNS = [jobs.c[name] for name in JOB_FIELDS]
+FILE_COLUMNS = [files.c[name] for name in FILE_FIELDS]
 
 
-def _file(row: Any) -> FileRow:
-    return FileRow(**{name: getattr(row, name) for name in FileRow.__slots__})
+def _job(row: Sequence[Any]) -> JobRow:
+    """A JobRow from a row of ``JOB_COLUMNS``."""
+    (id_, sha, fp, size, state, attempts, charges, task_id, urls, submitted_at, expires_at,
+     next_attempt_at, result_sha, http_status, error_code, reason) = row
+    return JobRow(id_, sha, fp, size, JobState(state), attempts, charges, task_id,
+                  json.loads(urls) if urls else [], submitted_at, expires_at, next_attempt_at,
+                  result_sha, http_status, error_code, reason)
+
+
+def _file(row: Sequence[Any]) -> FileRow:
+    """A FileRow from a row of ``FILE_COLUMNS``."""
+    return FileRow(*row)
 
 
 _INSERT_JOBS = (
@@ -160,11 +158,27 @@ class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
-        self._updates: dict[tuple[tuple[str, ...], bool], Any] = {}
-        self._state_query = select(jobs.c.state).where(jobs.c.id == bindparam("job_id"))
-        self._event_insert = insert(events)
         self._reader = engine.execution_options(readonly=True)
         self._relaxed = engine.execution_options(relaxed=True)
+        self._updates: dict[tuple[tuple[str, ...], bool], Statement] = {}
+        self._claims: dict[tuple[tuple[str, ...], bool], Statement] = {}
+        prepare = functools.partial(Statement, engine)
+        self._state_of = prepare(select(jobs.c.state).where(jobs.c.id == bindparam("job_id")))
+        self._event_insert = prepare(insert(events).values(
+            {c: bindparam(c) for c in ("job_id", "at", "from_state", "to_state", "attempt",
+                                       "http_status", "error_code", "request_id", "log_id",
+                                       "message")}))
+        self._job_by_id = prepare(select(*JOB_COLUMNS).where(jobs.c.id == bindparam("job_id")))
+        self._files_of_job = prepare(select(*FILE_COLUMNS).where(
+            files.c.job_id == bindparam("job_id")).order_by(files.c.id))
+        self._set_output = prepare(update(files).where(files.c.id == bindparam("file_id")).values(
+            written_rel=bindparam("written_rel"), written_sha256=bindparam("written_sha256"),
+            problem=bindparam("problem")))
+        self._set_problem = prepare(update(files).where(files.c.id == bindparam("file_id"))
+                                    .values(problem=bindparam("problem")))
+        self._note_attempt = prepare(update(jobs).where(jobs.c.id == bindparam("job_id")).values(
+            {c: bindparam(c) for c in ("attempts", "next_attempt_at", "updated_at",
+                                       "http_status", "error_code")}))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -290,19 +304,19 @@ class Ledger:
         """Move one job to ``target``: checked against the legal transitions, compare-and-set
         against its current (or ``expect``-ed) state, with a history row, in one transaction.
         ``charge`` counts one more upload that may have cost credits."""
-        with self._tx() as conn:
+        with transaction(self.engine, write=True) as cur:
             if expect is None:
-                current = conn.execute(self._state_query, {"job_id": job_id}).scalar()
+                current = cur.scalar(self._state_of, {"job_id": job_id})
                 if current is None:
                     raise KeyError(f"no job {job_id}")
                 expect = JobState(current)
             check_transition(job_id, expect, target)
-            self._apply(conn, job_id, expect, target, info, fields, charge=charge)
+            self._apply(cur, job_id, expect, target, info, fields, charge=charge)
         crashpoints.reached(target.value)
 
     def _apply(
         self,
-        conn: Connection,
+        cur: Cursor,
         job_id: int,
         current: JobState,
         target: JobState,
@@ -324,31 +338,30 @@ class Ledger:
         if isinstance(values.get("result_urls"), list):
             values["result_urls"] = json.dumps(values["result_urls"])
         statement = self._update_statement(tuple(sorted(values)), charge)
-        result = conn.execute(statement, {**values, "_job_id": job_id, "_from": current.value})
-        if result.rowcount != 1:
-            actual = conn.execute(self._state_query, {"job_id": job_id}).scalar()
+        if cur.execute(statement, {**values, "_job_id": job_id, "_from": current.value}) != 1:
+            actual = cur.scalar(self._state_of, {"job_id": job_id})
             raise StaleTransition(f"job {job_id} is {actual}, expected {current.value}")
-        self._event(conn, job_id, current.value, target.value, fields.get("attempts", 0), info,
+        self._event(cur, job_id, current.value, target.value, fields.get("attempts", 0), info,
                     now)
 
-    def _update_statement(self, columns: tuple[str, ...], charge: bool) -> Any:
-        """Built once per column set, so SQLAlchemy reuses the compiled statement."""
+    def _update_statement(self, columns: tuple[str, ...], charge: bool) -> Statement:
+        """Compiled once per column set."""
         key = (columns, charge)
         statement = self._updates.get(key)
         if statement is None:
             assignments: dict[str, Any] = {c: bindparam(c) for c in columns}
             if charge:
                 assignments["charges"] = jobs.c.charges + 1
-            statement = (update(jobs)
-                         .where(jobs.c.id == bindparam("_job_id"),
-                                jobs.c.state == bindparam("_from"))
-                         .values(assignments))
+            statement = Statement(self.engine, update(jobs)
+                                  .where(jobs.c.id == bindparam("_job_id"),
+                                         jobs.c.state == bindparam("_from"))
+                                  .values(assignments))
             self._updates[key] = statement
         return statement
 
     def _event(
         self,
-        conn: Connection,
+        cur: Cursor,
         job_id: int,
         from_state: str | None,
         to_state: str,
@@ -357,7 +370,7 @@ class Ledger:
         now: float,
     ) -> None:
         info = info or TransitionInfo()
-        conn.execute(self._event_insert, {
+        cur.execute(self._event_insert, {
             "job_id": job_id, "at": now, "from_state": from_state, "to_state": to_state,
             "attempt": attempt, "http_status": info.http_status, "error_code": info.error_code,
             "request_id": info.request_id, "log_id": info.log_id, "message": info.message,
@@ -368,15 +381,13 @@ class Ledger:
     ) -> None:
         """Record a failed attempt that leaves the state as it is (e.g. a poll that hit a 5xx)."""
         now = time.time()
-        with self._tx() as conn:
-            state = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
-            conn.execute(
-                update(jobs).where(jobs.c.id == job_id).values(
-                    attempts=attempts, next_attempt_at=next_attempt_at, updated_at=now,
-                    http_status=info.http_status, error_code=info.error_code,
-                )
-            )
-            self._event(conn, job_id, state, str(state), attempts, info, now)
+        with transaction(self.engine, write=True) as cur:
+            state = cur.scalar(self._state_of, {"job_id": job_id})
+            cur.execute(self._note_attempt, {
+                "job_id": job_id, "attempts": attempts, "next_attempt_at": next_attempt_at,
+                "updated_at": now, "http_status": info.http_status,
+                "error_code": info.error_code})
+            self._event(cur, job_id, state, str(state), attempts, info, now)
 
     def recover_interrupted(self) -> dict[str, int]:
         """At start-up: work a dead process left half-done becomes explicit again.
@@ -392,15 +403,16 @@ class Ledger:
             JobState.READY: "the run stopped while downloading; the download will be redone",
         }
         for source, target in moves.items():
-            with self._tx() as conn:
-                ids = list(conn.scalars(select(jobs.c.id).where(jobs.c.state == source.value)))
+            with transaction(self.engine, write=True) as cur:
+                ids = [job_id for job_id, in cur.rows(Statement(
+                    self.engine, select(jobs.c.id).where(jobs.c.state == source.value)))]
                 for job_id in ids:
                     if target is JobState.AMBIGUOUS:
                         info = TransitionInfo(error_code="AMBIGUOUS_SUBMIT",
                                               message=messages[target])
                     else:
                         info = TransitionInfo(message=messages[target])
-                    self._apply(conn, job_id, source, target, info, {},
+                    self._apply(cur, job_id, source, target, info, {},
                                 charge=target is JobState.AMBIGUOUS)
             counts[target.value] = len(ids)
         return counts
@@ -418,24 +430,23 @@ class Ledger:
     ) -> list[JobRow]:
         """Jobs in ``states`` whose backoff has passed and that some file still wants."""
         now = time.time() if now is None else now
-        order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
-                 else (jobs.c.next_attempt_at, jobs.c.id))
-        query = (
-            select(jobs)
-            .where(
-                jobs.c.state.in_([s.value for s in states]),
-                jobs.c.next_attempt_at <= now,
-                WANTED,
-            )
-            .order_by(*order)
-            .limit(limit + len(exclude))
-        )
-        with self._read() as conn:
-            rows = [_job(r) for r in conn.execute(query)]
-        return [r for r in rows if r.id not in exclude][:limit]
+        values = [s.value for s in states]
+        key = (tuple(values), soonest_expiry_first)
+        statement = self._claims.get(key)
+        if statement is None:
+            order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
+                     else (jobs.c.next_attempt_at, jobs.c.id))
+            statement = Statement(self.engine, select(*JOB_COLUMNS).where(
+                jobs.c.state.in_([literal(v) for v in values]),
+                jobs.c.next_attempt_at <= bindparam("now"), WANTED,
+            ).order_by(*order).limit(bindparam("limit")))
+            self._claims[key] = statement
+        with transaction(self.engine, write=False) as cur:
+            rows = cur.rows(statement, {"now": now, "limit": limit + len(exclude)})
+        return [job for job in map(_job, rows) if job.id not in exclude][:limit]
 
     def jobs_in(self, states: Sequence[JobState], limit: int | None = None) -> list[JobRow]:
-        query = select(jobs).where(jobs.c.state.in_([s.value for s in states]))
+        query = select(*JOB_COLUMNS).where(jobs.c.state.in_([s.value for s in states]))
         query = query.order_by(func.coalesce(jobs.c.expires_at, 0), jobs.c.id)
         if limit is not None:
             query = query.limit(limit)
@@ -443,19 +454,20 @@ class Ledger:
             return [_job(r) for r in conn.execute(query)]
 
     def job(self, job_id: int) -> JobRow:
-        with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
-        return _job(row)
+        with transaction(self.engine, write=False) as cur:
+            rows = cur.rows(self._job_by_id, {"job_id": job_id})
+        if not rows:
+            raise KeyError(f"no job {job_id}")
+        return _job(rows[0])
 
     def files_for_job(self, job_id: int) -> list[FileRow]:
-        with self._read() as conn:
-            query = select(files).where(files.c.job_id == job_id).order_by(files.c.id)
-            return [_file(r) for r in conn.execute(query)]
+        with transaction(self.engine, write=False) as cur:
+            return [_file(row) for row in cur.rows(self._files_of_job, {"job_id": job_id})]
 
     def files_needing_output(self) -> list[FileRow]:
         """Files whose job is done but whose own output is not (yet, or any more) written."""
         query = (
-            select(files)
+            select(*FILE_COLUMNS)
             .join(jobs, jobs.c.id == files.c.job_id)
             .where(
                 jobs.c.state == JobState.DONE.value,
@@ -500,25 +512,22 @@ class Ledger:
         self, file_id: int, *, written_rel: str | None, written_sha256: str | None,
         problem: str | None = None,
     ) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                update(files).where(files.c.id == file_id).values(
-                    written_rel=written_rel, written_sha256=written_sha256, problem=problem
-                )
-            )
+        with transaction(self.engine, write=True) as cur:
+            cur.execute(self._set_output, {"file_id": file_id, "written_rel": written_rel,
+                                           "written_sha256": written_sha256, "problem": problem})
 
     def finish_download(
         self, job_id: int, result_sha256: str, outputs: dict[int, tuple[str, str | None]],
         problems: dict[int, str],
     ) -> None:
         """Record every output written for a job and mark it done, atomically."""
-        with self._tx() as conn:
+        with transaction(self.engine, write=True) as cur:
             for file_id, (rel, sha) in outputs.items():
-                conn.execute(update(files).where(files.c.id == file_id).values(
-                    written_rel=rel, written_sha256=sha, problem=None))
+                cur.execute(self._set_output, {"file_id": file_id, "written_rel": rel,
+                                               "written_sha256": sha, "problem": None})
             for file_id, problem in problems.items():
-                conn.execute(update(files).where(files.c.id == file_id).values(problem=problem))
-            self._apply(conn, job_id, JobState.DOWNLOADING, JobState.DONE,
+                cur.execute(self._set_problem, {"file_id": file_id, "problem": problem})
+            self._apply(cur, job_id, JobState.DOWNLOADING, JobState.DONE,
                         TransitionInfo(message=None), {"result_sha256": result_sha256,
                                                         "attempts": 0})
         crashpoints.reached(JobState.DONE.value)
@@ -613,15 +622,16 @@ class Ledger:
     def reset_jobs(self, states: Sequence[JobState], message: str,
                    paths: Sequence[str] = ()) -> int:
         """Put jobs in ``states`` back to pending (the ``retry`` command)."""
-        query = select(jobs.c.id, jobs.c.state).where(jobs.c.state.in_([s.value for s in states]))
+        query = select(jobs.c.id, jobs.c.state).where(
+            jobs.c.state.in_([literal(s.value) for s in states]))
         if paths:
             conds = [and_(files.c.root + "/" + files.c.rel_path == p) for p in paths]
             query = query.where(jobs.c.id.in_(select(files.c.job_id).where(or_(*conds))))
         moved = 0
-        with self._tx() as conn:
-            for row in conn.execute(query).all():
-                check_transition(row.id, row.state, JobState.PENDING)
-                self._apply(conn, row.id, JobState(row.state), JobState.PENDING,
+        with transaction(self.engine, write=True) as cur:
+            for job_id, state in cur.rows(Statement(self.engine, query)):
+                check_transition(job_id, state, JobState.PENDING)
+                self._apply(cur, job_id, JobState(state), JobState.PENDING,
                             TransitionInfo(message=message),
                             {"attempts": 0, "next_attempt_at": 0.0, "reason": None,
                              "error_code": None, "http_status": None})

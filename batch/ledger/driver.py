@@ -1,0 +1,111 @@
+"""The ledger's hot path: statements compiled once by SQLAlchemy, run on the driver's cursor.
+
+A job moves through five states per image, each a short transaction, and the stages read the
+job's files and claim work between them. Through SQLAlchemy's execution layer (pool events,
+the begin hook, execution context, result rows) a point read cost 170 us of CPU that the
+driver itself answers in 14 us, and a transition 275 us against 117 us: together about a third
+of the client's CPU per image. The statements are still written in SQLAlchemy Core against
+the models and compiled for the engine's dialect, so they follow the schema on SQLite and
+PostgreSQL alike; only their execution skips the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+from sqlalchemy import Engine
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
+
+
+def begin_sqlite(execute: Callable[[str], Any], info: dict[str, Any], *, readonly: bool,
+                 relaxed: bool = False) -> None:
+    """Begin a SQLite transaction on a connection whose ``info`` remembers its mode.
+
+    Readers take no lock in WAL mode, so a read-only transaction begins deferred; writers take
+    the lock up front (BEGIN IMMEDIATE) instead of failing mid-transaction on lock upgrade.
+    A relaxed write (scan records: redone by the next scan if lost) skips the fsync; the next
+    durable commit's fsync of the WAL makes it durable too. Its pages wait in the WAL a little
+    longer before being checkpointed (a first scan writes many batches that touch the same
+    index pages), and it skips the foreign-key check (a scan record's job id comes from a
+    sub-select of the jobs table in the same statement)."""
+    if readonly:
+        execute("BEGIN")
+        return
+    if info.get("relaxed", False) != relaxed:
+        sync, checkpoint, keys = ("NORMAL", 10000, "OFF") if relaxed else ("FULL", 1000, "ON")
+        execute(f"PRAGMA synchronous={sync}")
+        execute(f"PRAGMA wal_autocheckpoint={checkpoint}")
+        execute(f"PRAGMA foreign_keys={keys}")
+        info["relaxed"] = relaxed
+    execute("BEGIN IMMEDIATE")
+
+
+
+class Statement:
+    """A Core statement compiled once for ``engine``'s dialect, its parameters bound by name.
+    Values given when the statement was built are kept; an ``IN`` list must be given as
+    ``literal()`` elements (a plain list compiles to a form only SQLAlchemy can expand)."""
+
+    __slots__ = ("_defaults", "_order", "sql")
+
+    def __init__(self, engine: Engine, statement: ClauseElement) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=engine.dialect))
+        self.sql = str(compiled)
+        required = {name for name, bind in compiled.binds.items() if bind.required}
+        self._defaults = {name: value for name, value in compiled.params.items()
+                          if name not in required}
+        self._order = compiled.positiontup if compiled.positional else None
+
+    def bind(self, values: Mapping[str, Any]) -> Sequence[Any] | Mapping[str, Any]:
+        merged = {**self._defaults, **values} if self._defaults else values
+        if self._order is None:
+            return merged
+        return tuple(merged[name] for name in self._order)
+
+
+class Cursor:
+    """A driver cursor inside one transaction, taking :class:`Statement` objects."""
+
+    __slots__ = ("_cursor",)
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    def execute(self, statement: Statement, values: Mapping[str, Any] | None = None) -> int:
+        """Run it; returns the number of rows it changed."""
+        self._cursor.execute(statement.sql, statement.bind(values or {}))
+        return int(self._cursor.rowcount)
+
+    def rows(self, statement: Statement, values: Mapping[str, Any] | None = None
+             ) -> list[tuple[Any, ...]]:
+        self._cursor.execute(statement.sql, statement.bind(values or {}))
+        return list(self._cursor.fetchall())
+
+    def scalar(self, statement: Statement, values: Mapping[str, Any] | None = None) -> Any:
+        self._cursor.execute(statement.sql, statement.bind(values or {}))
+        row = self._cursor.fetchone()
+        return None if row is None else row[0]
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool) -> Iterator[Cursor]:
+    """One transaction on a pooled connection: committed on success, rolled back on error.
+    A SQLite write is durable (synchronous=FULL) and takes the write lock up front."""
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        try:
+            if engine.dialect.name == "sqlite":
+                begin_sqlite(cursor.execute, connection.info, readonly=not write)
+            yield Cursor(cursor)
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            cursor.close()
+    finally:
+        connection.close()

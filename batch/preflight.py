@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -68,8 +69,18 @@ def _register_heif() -> bool:
 HEIF_SUPPORT = _register_heif()
 
 
-def inspect_image(data: bytes) -> tuple[str, int, int, str, int]:
-    """Decode ``data`` fully (bounded) and return (format, width, height, mode, frames)."""
+class Inspection(NamedTuple):
+    format: str
+    width: int
+    height: int
+    mode: str
+    frames: int
+    #: The EXIF Orientation tag (1 = upright, also when there is none).
+    orientation: int
+
+
+def inspect_image(data: bytes) -> Inspection:
+    """Decode ``data`` fully (bounded) and say what it is."""
     if not data:
         raise Rejected("the file is empty")
     with warnings.catch_warnings():
@@ -86,6 +97,7 @@ def inspect_image(data: bytes) -> tuple[str, int, int, str, int]:
                     )
                 frames = getattr(image, "n_frames", 1)
                 mode = image.mode
+                orientation = image.getexif().get(0x0112, 1)
                 if fmt == "JPEG":
                     image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                 image.load()
@@ -103,13 +115,8 @@ def inspect_image(data: bytes) -> tuple[str, int, int, str, int]:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
                 from exc
-    return fmt, width, height, mode, frames
-
-
-def _orientation(data: bytes) -> int:
-    with Image.open(io.BytesIO(data)) as image:
-        value = image.getexif().get(0x0112, 1)
-    return value if isinstance(value, int) else 1
+    return Inspection(fmt, width, height, mode, frames,
+                      orientation if isinstance(orientation, int) else 1)
 
 
 def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Prepared:
@@ -119,7 +126,7 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     (``fit = "resize"``) a copy is made: EXIF orientation applied, scaled to ``max_side``,
     re-encoded as JPEG until it fits, and the note says what was done.
     """
-    fmt, width, height, mode, frames = inspect_image(data)
+    fmt, width, height, mode, frames, orientation = inspect_image(data)
     if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:
         raise Rejected(f"{fmt} images are not accepted by the API (only JPEG, PNG and WEBP; "
                        "TIFF and HEIC are converted)")
@@ -132,7 +139,6 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
                        "save it as an 8-bit RGB image")
     too_big = len(data) > MAX_UPLOAD_BYTES
     too_wide = width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE
-    orientation = _orientation(data)
     if not (too_big or too_wide or orientation != 1 or fmt not in ACCEPTED_FORMATS):
         return Prepared(data, fmt, width, height)
     if (too_big or too_wide) and settings.fit == "reject":

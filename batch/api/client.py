@@ -151,12 +151,19 @@ class ApiClient:
         await self._results.close()
 
     async def _call(self, method: str, path: str, endpoint: Endpoint, *,
-                    params: dict[str, str] | None = None, data: aiohttp.FormData | None = None,
+                    params: dict[str, str] | None = None, form: aiohttp.FormData | None = None,
                     timeout: aiohttp.ClientTimeout | None = None) -> dict[str, Any]:
         """One API request, its answer read whole and classified. Transport errors propagate
         for the caller to classify: what they mean depends on the call."""
+        data, headers = None, None
+        if form is not None:
+            # The multipart body assembled once: streamed, aiohttp sends each part's boundary,
+            # headers and value with a send() of their own (~40 per upload). At most 10 MB.
+            writer = form()
+            data, headers = await writer.as_bytes(), {"content-type": writer.content_type}
         async with self._api.request(method, self._base + path, params=params, data=data,
-                                     allow_redirects=False, proxy=self._api_proxy,
+                                     headers=headers, allow_redirects=False,
+                                     proxy=self._api_proxy,
                                      timeout=timeout or self._query_timeout) as response:
             raw = await response.read()
             status, header = response.status, response.headers.get("retry-after")
@@ -180,7 +187,7 @@ class ApiClient:
         for name, value in options.form_fields().items():
             form.add_field(name, value)
         try:
-            body = await self._call("POST", apispec.SUBMIT_PATH, "submit", data=form,
+            body = await self._call("POST", apispec.SUBMIT_PATH, "submit", form=form,
                                     timeout=self._submit_timeout)
         except NEVER_CONNECTED as exc:
             raise ApiError(ErrorKind.NOT_SENT, f"could not connect to the API: {exc}") from exc

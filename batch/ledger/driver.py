@@ -11,6 +11,7 @@ PostgreSQL alike; only their execution skips the layer.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -90,15 +91,46 @@ class Cursor:
         return None if row is None else row[0]
 
 
-@contextmanager
-def transaction(engine: Engine, *, write: bool) -> Iterator[Cursor]:
-    """One transaction on a pooled connection: committed on success, rolled back on error.
-    A SQLite write is durable (synchronous=FULL) and takes the write lock up front."""
-    connection = engine.raw_connection()
-    try:
+class Connections:
+    """Driver connections for the hot path. SQLite: one per thread that uses it, kept until
+    :meth:`close` (checking a connection out of SQLAlchemy's pool and back in for each
+    transaction cost as much CPU as the statements themselves; only the event loop's thread
+    and a few worker threads use it, far fewer than the pool holds). Other databases: from the
+    pool each time, so its pre-ping replaces a connection the server has dropped."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[Any] = []
+        self._sqlite = engine.dialect.name == "sqlite"
+
+    def _get(self) -> Any:
+        if not self._sqlite:
+            return self.engine.raw_connection()
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self.engine.raw_connection()
+            self._local.connection = connection
+            with self._lock:
+                self._all.append(connection)
+        return connection
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._all = self._all, []
+        for connection in held:
+            connection.close()
+        self._local = threading.local()
+
+    @contextmanager
+    def transaction(self, *, write: bool) -> Iterator[Cursor]:
+        """One transaction on this thread's connection: committed on success, rolled back on
+        error. A SQLite write is durable (synchronous=FULL) and takes the write lock up front."""
+        connection = self._get()
         cursor = connection.cursor()
         try:
-            if engine.dialect.name == "sqlite":
+            if self._sqlite:
                 begin_sqlite(cursor.execute, connection.info, readonly=not write)
             yield Cursor(cursor)
             connection.commit()
@@ -107,5 +139,5 @@ def transaction(engine: Engine, *, write: bool) -> Iterator[Cursor]:
             raise
         finally:
             cursor.close()
-    finally:
-        connection.close()
+            if not self._sqlite:
+                connection.close()

@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch import crashpoints
-from batch.ledger.driver import Cursor, Statement, transaction
+from batch.ledger.driver import Connections, Cursor, Statement
 from batch.ledger.models import events, files, folders, jobs, meta
 from batch.states import FINAL, JobState, check_transition
 
@@ -160,6 +160,7 @@ class Ledger:
         self._dialect = engine.dialect.name
         self._reader = engine.execution_options(readonly=True)
         self._relaxed = engine.execution_options(relaxed=True)
+        self._driver = Connections(engine)
         self._updates: dict[tuple[tuple[str, ...], bool], Statement] = {}
         self._claims: dict[tuple[tuple[str, ...], bool], Statement] = {}
         prepare = functools.partial(Statement, engine)
@@ -181,6 +182,7 @@ class Ledger:
                                        "http_status", "error_code")}))
 
     def close(self) -> None:
+        self._driver.close()
         self.engine.dispose()
 
     @contextmanager
@@ -304,7 +306,7 @@ class Ledger:
         """Move one job to ``target``: checked against the legal transitions, compare-and-set
         against its current (or ``expect``-ed) state, with a history row, in one transaction.
         ``charge`` counts one more upload that may have cost credits."""
-        with transaction(self.engine, write=True) as cur:
+        with self._driver.transaction(write=True) as cur:
             if expect is None:
                 current = cur.scalar(self._state_of, {"job_id": job_id})
                 if current is None:
@@ -381,7 +383,7 @@ class Ledger:
     ) -> None:
         """Record a failed attempt that leaves the state as it is (e.g. a poll that hit a 5xx)."""
         now = time.time()
-        with transaction(self.engine, write=True) as cur:
+        with self._driver.transaction(write=True) as cur:
             state = cur.scalar(self._state_of, {"job_id": job_id})
             cur.execute(self._note_attempt, {
                 "job_id": job_id, "attempts": attempts, "next_attempt_at": next_attempt_at,
@@ -403,7 +405,7 @@ class Ledger:
             JobState.READY: "the run stopped while downloading; the download will be redone",
         }
         for source, target in moves.items():
-            with transaction(self.engine, write=True) as cur:
+            with self._driver.transaction(write=True) as cur:
                 ids = [job_id for job_id, in cur.rows(Statement(
                     self.engine, select(jobs.c.id).where(jobs.c.state == source.value)))]
                 for job_id in ids:
@@ -441,7 +443,7 @@ class Ledger:
                 jobs.c.next_attempt_at <= bindparam("now"), WANTED,
             ).order_by(*order).limit(bindparam("limit")))
             self._claims[key] = statement
-        with transaction(self.engine, write=False) as cur:
+        with self._driver.transaction(write=False) as cur:
             rows = cur.rows(statement, {"now": now, "limit": limit + len(exclude)})
         return [job for job in map(_job, rows) if job.id not in exclude][:limit]
 
@@ -454,14 +456,14 @@ class Ledger:
             return [_job(r) for r in conn.execute(query)]
 
     def job(self, job_id: int) -> JobRow:
-        with transaction(self.engine, write=False) as cur:
+        with self._driver.transaction(write=False) as cur:
             rows = cur.rows(self._job_by_id, {"job_id": job_id})
         if not rows:
             raise KeyError(f"no job {job_id}")
         return _job(rows[0])
 
     def files_for_job(self, job_id: int) -> list[FileRow]:
-        with transaction(self.engine, write=False) as cur:
+        with self._driver.transaction(write=False) as cur:
             return [_file(row) for row in cur.rows(self._files_of_job, {"job_id": job_id})]
 
     def files_needing_output(self) -> list[FileRow]:
@@ -512,7 +514,7 @@ class Ledger:
         self, file_id: int, *, written_rel: str | None, written_sha256: str | None,
         problem: str | None = None,
     ) -> None:
-        with transaction(self.engine, write=True) as cur:
+        with self._driver.transaction(write=True) as cur:
             cur.execute(self._set_output, {"file_id": file_id, "written_rel": written_rel,
                                            "written_sha256": written_sha256, "problem": problem})
 
@@ -521,7 +523,7 @@ class Ledger:
         problems: dict[int, str],
     ) -> None:
         """Record every output written for a job and mark it done, atomically."""
-        with transaction(self.engine, write=True) as cur:
+        with self._driver.transaction(write=True) as cur:
             for file_id, (rel, sha) in outputs.items():
                 cur.execute(self._set_output, {"file_id": file_id, "written_rel": rel,
                                                "written_sha256": sha, "problem": None})
@@ -628,7 +630,7 @@ class Ledger:
             conds = [and_(files.c.root + "/" + files.c.rel_path == p) for p in paths]
             query = query.where(jobs.c.id.in_(select(files.c.job_id).where(or_(*conds))))
         moved = 0
-        with transaction(self.engine, write=True) as cur:
+        with self._driver.transaction(write=True) as cur:
             for job_id, state in cur.rows(Statement(self.engine, query)):
                 check_transition(job_id, state, JobState.PENDING)
                 self._apply(cur, job_id, JobState(state), JobState.PENDING,

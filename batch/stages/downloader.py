@@ -42,7 +42,7 @@ def verify_result(path: Path) -> str:
     """The result's image format, after decoding it fully; raises if it is not an image."""
     data = path.read_bytes()
     try:
-        fmt, *_ = inspect_image(data)
+        fmt = inspect_image(data).format
     except Rejected as exc:
         raise ApiError(ErrorKind.TRANSIENT, f"the downloaded result is not a valid image "
                                             f"({exc.reason})") from exc

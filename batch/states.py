@@ -55,6 +55,12 @@ TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
 FINAL: Final = frozenset({S.DONE, S.FAILED, S.REJECTED})
 #: States in which the provider holds (or may hold) a paid task for the job.
 PAID: Final = frozenset({S.QUEUED, S.PROCESSING, S.READY, S.DOWNLOADING})
+#: Moves into these states need not wait for the disk: if a power cut loses one, the job is
+#: back where it was and the next run redoes the step for free (a status query, a download
+#: whose link is still valid). Every other move (an upload about to start or answered, a
+#: result saved, a final verdict) is flushed before the run goes on. WAL order means the next
+#: flushed move makes the earlier ones durable too.
+REDONE_IF_LOST: Final = frozenset({S.PROCESSING, S.READY, S.DOWNLOADING})
 
 
 class IllegalTransition(RuntimeError):

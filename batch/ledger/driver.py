@@ -22,27 +22,30 @@ from sqlalchemy.sql.expression import ClauseElement
 
 
 def begin_sqlite(execute: Callable[[str], Any], info: dict[str, Any], *, readonly: bool,
-                 relaxed: bool = False) -> None:
-    """Begin a SQLite transaction on a connection whose ``info`` remembers its mode.
+                 bulk: bool = False, durable: bool = True) -> None:
+    """Begin a SQLite transaction on a connection whose ``info`` remembers its settings.
 
     Readers take no lock in WAL mode, so a read-only transaction begins deferred; writers take
     the lock up front (BEGIN IMMEDIATE) instead of failing mid-transaction on lock upgrade.
-    A relaxed write (scan records: redone by the next scan if lost) skips the fsync; the next
-    durable commit's fsync of the WAL makes it durable too. Its pages wait in the WAL a little
-    longer before being checkpointed (a first scan writes many batches that touch the same
-    index pages), and it skips the foreign-key check (a scan record's job id comes from a
+    A write that is not ``durable`` (synchronous=NORMAL) commits without an fsync; the next
+    durable commit's fsync of the WAL makes it durable too. A ``bulk`` write (scan records,
+    redone by the next scan if lost) is not durable either, and its pages wait in the WAL a
+    little longer before being checkpointed (a first scan writes many batches that touch the
+    same index pages), and it skips the foreign-key check (a scan record's job id comes from a
     sub-select of the jobs table in the same statement)."""
     if readonly:
         execute("BEGIN")
         return
-    if info.get("relaxed", False) != relaxed:
-        sync, checkpoint, keys = ("NORMAL", 10000, "OFF") if relaxed else ("FULL", 1000, "ON")
-        execute(f"PRAGMA synchronous={sync}")
+    if info.get("bulk", False) != bulk:
+        checkpoint, keys = (10000, "OFF") if bulk else (1000, "ON")
         execute(f"PRAGMA wal_autocheckpoint={checkpoint}")
         execute(f"PRAGMA foreign_keys={keys}")
-        info["relaxed"] = relaxed
+        info["bulk"] = bulk
+    synchronous = "FULL" if durable and not bulk else "NORMAL"
+    if info.get("synchronous", "FULL") != synchronous:
+        execute(f"PRAGMA synchronous={synchronous}")
+        info["synchronous"] = synchronous
     execute("BEGIN IMMEDIATE")
-
 
 
 class Statement:
@@ -124,14 +127,18 @@ class Connections:
         self._local = threading.local()
 
     @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[Cursor]:
-        """One transaction on this thread's connection: committed on success, rolled back on
-        error. A SQLite write is durable (synchronous=FULL) and takes the write lock up front."""
+    def transaction(self, *, write: bool, durable: bool = True) -> Iterator[Cursor]:
+        """One transaction: committed on success, rolled back on error. A write is flushed to
+        disk before the commit returns unless it is not ``durable`` (see :func:`begin_sqlite`;
+        PostgreSQL: ``synchronous_commit`` off for the transaction)."""
         connection = self._get()
         cursor = connection.cursor()
         try:
             if self._sqlite:
-                begin_sqlite(cursor.execute, connection.info, readonly=not write)
+                begin_sqlite(cursor.execute, connection.info, readonly=not write,
+                             durable=durable)
+            elif write and not durable:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
             yield Cursor(cursor)
             connection.commit()
         except BaseException:

@@ -77,7 +77,7 @@ def _sqlite_engine(url: str) -> Engine:
         options = connection.get_execution_options()
         begin_sqlite(connection.exec_driver_sql, connection.connection.info,
                      readonly=options.get("readonly", False),
-                     relaxed=options.get("relaxed", False))
+                     bulk=options.get("bulk", False))
 
     return engine
 
@@ -105,9 +105,9 @@ def _postgresql_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        # A relaxed write commits without waiting for the WAL flush; PostgreSQL flushes in
-        # order, so any later durable commit makes it durable too.
-        if connection.get_execution_options().get("relaxed", False):
+        # A bulk write (scan records) commits without waiting for the WAL flush; PostgreSQL
+        # flushes in order, so any later durable commit makes it durable too.
+        if connection.get_execution_options().get("bulk", False):
             connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
     return engine

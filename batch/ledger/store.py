@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from batch import crashpoints
 from batch.ledger.driver import Connections, Cursor, Statement
 from batch.ledger.models import events, files, folders, jobs, meta
-from batch.states import FINAL, JobState, check_transition
+from batch.states import FINAL, REDONE_IF_LOST, JobState, check_transition
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +159,7 @@ class Ledger:
         self.engine = engine
         self._dialect = engine.dialect.name
         self._reader = engine.execution_options(readonly=True)
-        self._relaxed = engine.execution_options(relaxed=True)
+        self._bulk = engine.execution_options(bulk=True)
         self._driver = Connections(engine)
         self._updates: dict[tuple[tuple[str, ...], bool], Statement] = {}
         self._claims: dict[tuple[tuple[str, ...], bool], Statement] = {}
@@ -186,11 +186,11 @@ class Ledger:
         self.engine.dispose()
 
     @contextmanager
-    def _tx(self, *, relaxed: bool = False) -> Iterator[Connection]:
+    def _tx(self, *, bulk: bool = False) -> Iterator[Connection]:
         """A write transaction (SQLite: BEGIN IMMEDIATE, so it never fails half-way on lock
-        upgrade). ``relaxed``: for what a later run redoes anyway (scan records), the commit
+        upgrade). ``bulk``: for what a later run redoes anyway (scan records), the commit
         does not wait for the disk (see ``engine``); a crash may lose it, never corrupt it."""
-        with (self._relaxed if relaxed else self.engine).begin() as conn:
+        with (self._bulk if bulk else self.engine).begin() as conn:
             yield conn
 
     @contextmanager
@@ -272,7 +272,7 @@ class Ledger:
             for f in scanned if f.content_sha256}.values())
         file_rows = [(f.root, f.rel_path, f.out_rel, f.size_bytes, f.mtime_ns, f.content_sha256,
                       f.content_sha256, f.options_fp, f.problem, now) for f in scanned]
-        with self._tx(relaxed=True) as conn:
+        with self._tx(bulk=True) as conn:
             top = conn.scalar(select(func.max(jobs.c.id))) or 0
             if job_rows:
                 conn.exec_driver_sql(self._sql(_INSERT_JOBS), job_rows)
@@ -305,8 +305,10 @@ class Ledger:
     ) -> None:
         """Move one job to ``target``: checked against the legal transitions, compare-and-set
         against its current (or ``expect``-ed) state, with a history row, in one transaction.
-        ``charge`` counts one more upload that may have cost credits."""
-        with self._driver.transaction(write=True) as cur:
+        ``charge`` counts one more upload that may have cost credits. A move whose loss the
+        next run redoes for free (``REDONE_IF_LOST``) does not wait for the disk."""
+        with self._driver.transaction(write=True,
+                                      durable=target not in REDONE_IF_LOST) as cur:
             if expect is None:
                 current = cur.scalar(self._state_of, {"job_id": job_id})
                 if current is None:

@@ -154,21 +154,34 @@ def test_only_what_the_next_run_redoes_for_free_skips_the_fsync(tmp_path: Path) 
                              "VALUES (999, 0, 'done', 0)")
 
 
-def test_closing_the_ledger_closes_every_connection_any_thread_opened(tmp_path: Path) -> None:
+def test_many_threads_share_the_ledger_and_closing_it_closes_every_connection(
+        tmp_path: Path) -> None:
+    """More threads than the connection pool holds (a dry run checks files in a thread pool as
+    wide as the machine) all get through, and closing the ledger leaves no file open."""
     path = tmp_path / "l.sqlite"
     ledger = open_ledger(path)
-    record(ledger, [scanned(f"{c}.jpg", c * 64) for c in "abcd"], "100000000")
-    jobs = ledger.claimable([JobState.PENDING], 4)
+    width = 24
+    record(ledger, [scanned(f"{i}.jpg", f"{i:064x}") for i in range(width)], "100000000")
+    jobs = ledger.claimable([JobState.PENDING], width)
+    together = threading.Barrier(width)
+    errors: list[BaseException] = []
 
     def submit(job_id: int) -> None:
-        ledger.transition(job_id, JobState.SUBMITTING, expect=JobState.PENDING)
+        try:
+            together.wait(timeout=10)
+            assert ledger.files_for_job(job_id)
+            ledger.transition(job_id, JobState.SUBMITTING, expect=JobState.PENDING)
+            together.wait(timeout=10)  # every thread still alive, holding what it holds
+        except BaseException as exc:
+            errors.append(exc)
 
     threads = [threading.Thread(target=submit, args=(job.id,)) for job in jobs]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert ledger.counts()["submitting"] == 4
+    assert errors == []
+    assert ledger.counts()["submitting"] == width
 
     def open_on_ledger() -> list[str]:
         names = []

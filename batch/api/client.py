@@ -39,6 +39,8 @@ USER_AGENT = "skinbatch/0.1 (+https://pypi.org/project/skinbatch)"
 #: A retouched result larger than this is refused (a portrait is a few MB at most).
 MAX_RESULT_BYTES = 64 * 1024 * 1024
 CHUNK = 256 * 1024
+#: Bytes a second an upload is allowed before it counts as stalled (256 kbit/s).
+MIN_UPLOAD_RATE = 32 * 1024
 #: Raised before any byte of the request can have left: the connection was never made (refused,
 #: DNS, TLS handshake, or no pooled connection free within the connect timeout).
 NEVER_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
@@ -120,8 +122,7 @@ class ApiClient:
         self.timeouts = timeouts
         self.max_result_bytes = max_result_bytes
         self._base = base_url.rstrip("/")
-        self._submit_timeout = self._timeout(timeouts.submit, capped=True)
-        self._query_timeout = self._timeout(timeouts.query, capped=True)
+        self._query_timeout = self._timeout(timeouts.query, cap=timeouts.query)
         self._api = aiohttp.ClientSession(
             headers={apispec.KEY_HEADER: key.reveal(), "user-agent": USER_AGENT},
             connector=aiohttp.TCPConnector(limit=max_connections),
@@ -136,15 +137,23 @@ class ApiClient:
             auto_decompress=False,
         )
 
-    def _timeout(self, read: float, *, capped: bool = False) -> aiohttp.ClientTimeout:
-        """A cap on getting a connection (pool wait included) and on every silence while
-        reading. API calls are also capped as a whole (aiohttp has no write timeout, so a
-        server that stops reading an upload would otherwise hold it for ever); a download is
-        not, as a large result on a slow link may take long while data keeps arriving."""
+    def _timeout(self, read: float, *, cap: float | None = None) -> aiohttp.ClientTimeout:
+        """A limit on getting a connection (pool wait included) and on every silence while
+        reading; ``cap`` also limits the request as a whole, after the connection. API calls
+        are capped (aiohttp has no write timeout: a server that stopped reading an upload would
+        hold it for ever); a download is not, as a large result on a slow link may take long
+        while data keeps arriving."""
         connect = self.timeouts.connect
-        return aiohttp.ClientTimeout(total=connect + read if capped else None,
+        return aiohttp.ClientTimeout(total=None if cap is None else connect + cap,
                                      connect=connect + read, sock_connect=connect,
                                      sock_read=read)
+
+    def _submit_timeout(self, size: int) -> aiohttp.ClientTimeout:
+        """The upload's own time at a slow uplink's pace (``MIN_UPLOAD_RATE``) on top of the
+        answer's: a 10 MB photo over a shared studio line must not be cut off and turned into
+        an ambiguous, maybe-charged upload."""
+        submit = self.timeouts.submit
+        return self._timeout(submit, cap=submit + size / MIN_UPLOAD_RATE)
 
     async def aclose(self) -> None:
         await self._api.close()
@@ -188,7 +197,7 @@ class ApiClient:
             form.add_field(name, value)
         try:
             body = await self._call("POST", apispec.SUBMIT_PATH, "submit", form=form,
-                                    timeout=self._submit_timeout)
+                                    timeout=self._submit_timeout(len(payload)))
         except NEVER_CONNECTED as exc:
             raise ApiError(ErrorKind.NOT_SENT, f"could not connect to the API: {exc}") from exc
         except TRANSPORT_ERRORS as exc:

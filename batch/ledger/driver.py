@@ -94,12 +94,18 @@ class Cursor:
         return None if row is None else row[0]
 
 
+#: Connections a ledger keeps for the threads that use its hot path: well under the SQLite
+#: pool's 5 + 10, so the rest of the ledger always finds one free.
+HELD = 4
+
+
 class Connections:
-    """Driver connections for the hot path. SQLite: one per thread that uses it, kept until
-    :meth:`close` (checking a connection out of SQLAlchemy's pool and back in for each
-    transaction cost as much CPU as the statements themselves; only the event loop's thread
-    and a few worker threads use it, far fewer than the pool holds). Other databases: from the
-    pool each time, so its pre-ping replaces a connection the server has dropped."""
+    """Driver connections for the hot path. SQLite: the first few threads that use it (the
+    event loop's first) keep one until :meth:`close`, as checking a connection out of
+    SQLAlchemy's pool and back in for each transaction cost as much CPU as the statements
+    themselves; any other thread (a dry run's checker pool, say) takes one from the pool per
+    transaction. Other databases: always from the pool, so its pre-ping replaces a connection
+    the server has dropped."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -108,16 +114,19 @@ class Connections:
         self._all: list[Any] = []
         self._sqlite = engine.dialect.name == "sqlite"
 
-    def _get(self) -> Any:
-        if not self._sqlite:
-            return self.engine.raw_connection()
+    def _get(self) -> tuple[Any, bool]:
+        """This thread's connection, and whether it is held (not returned after use)."""
         connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self.engine.raw_connection()
-            self._local.connection = connection
+        if connection is not None:
+            return connection, True
+        connection = self.engine.raw_connection()
+        if self._sqlite:
             with self._lock:
-                self._all.append(connection)
-        return connection
+                if len(self._all) < HELD:
+                    self._all.append(connection)
+                    self._local.connection = connection
+                    return connection, True
+        return connection, False
 
     def close(self) -> None:
         with self._lock:
@@ -131,7 +140,7 @@ class Connections:
         """One transaction: committed on success, rolled back on error. A write is flushed to
         disk before the commit returns unless it is not ``durable`` (see :func:`begin_sqlite`;
         PostgreSQL: ``synchronous_commit`` off for the transaction)."""
-        connection = self._get()
+        connection, held = self._get()
         cursor = connection.cursor()
         try:
             if self._sqlite:
@@ -146,5 +155,5 @@ class Connections:
             raise
         finally:
             cursor.close()
-            if not self._sqlite:
+            if not held:
                 connection.close()

@@ -38,9 +38,8 @@ log = logging.getLogger("batch.download")
 LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def verify_result(path: Path) -> str:
+def verify_result(data: bytes) -> str:
     """The result's image format, after decoding it fully; raises if it is not an image."""
-    data = path.read_bytes()
     try:
         fmt = inspect_image(data).format
     except Rejected as exc:
@@ -56,6 +55,8 @@ class Downloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.in_flight: dict[int, asyncio.Task[None]] = {}
+        #: No output may land inside a source folder (it would be scanned as a new photo).
+        self._source_dirs = [p.resolve() for p in rt.config.sources if p.is_dir()]
 
     def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -131,12 +132,13 @@ class Downloader:
         sink.flush()
         os.fsync(sink.fileno())
         crashpoints.reached("downloaded")
-        fmt = verify_result(temp)
-        sha256 = self._carry_metadata(targets, temp, fmt, downloaded_sha256)
+        result = temp.read_bytes()
+        fmt = verify_result(result)
+        sha256 = self._carry_metadata(targets, temp, result, fmt, downloaded_sha256)
         outputs, problems = self._place_all(targets, temp, temps, sha256, fmt)
         return outputs, problems, sha256
 
-    def _carry_metadata(self, targets: list[FileRow], temp: Path, fmt: str,
+    def _carry_metadata(self, targets: list[FileRow], temp: Path, result: bytes, fmt: str,
                         sha256: str) -> str:
         """Put the source's EXIF/XMP/IPTC/ICC on the result (and scale it back up if asked).
         Deterministic, so a download redone after a crash gives the same bytes."""
@@ -150,7 +152,6 @@ class Downloader:
         if source is None:
             log.warning("No source file left to copy metadata from for %s", temp.name)
             return sha256
-        result = temp.read_bytes()
         try:
             carried = metadata.carry(source, result, fmt,
                                      upscale=self.rt.config.upscale_to_original,
@@ -170,12 +171,11 @@ class Downloader:
                    fmt: str) -> tuple[dict[int, tuple[str, str | None]], dict[int, str]]:
         outputs: dict[int, tuple[str, str | None]] = {}
         problems: dict[int, str] = {}
-        sources = [p.resolve() for p in self.rt.config.sources]
         for index, target in enumerate(targets):
             rel = output_rel(target.out_rel, fmt)
             try:
                 final = resolve_inside(self.rt.out_dir, rel)
-                if any(final.is_relative_to(s) for s in sources if s.is_dir()):
+                if any(final.is_relative_to(s) for s in self._source_dirs):
                     raise OutputConflict(f"the output path {final} lies inside a source folder; "
                                          "refused (choose another --out)")
                 final.parent.mkdir(parents=True, exist_ok=True)

@@ -194,3 +194,18 @@ def test_credits_running_out_mid_run_stop_within_a_couple_of_requests(
     assert emulator.stats["charged"] == 8
     assert emulator.stats["rejected_ERROR_NOT_ENOUGH_CREDITS"] <= 3
     assert len(list(out.glob("*.jpg"))) == 8
+
+
+def test_progress_bars_count_uploads_and_saves_when_asked_for(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(3):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    flags = [f for f in FAST_FLAGS if f != "--no-progress"]
+    shown = run_cli(["run", str(src), "--out", str(out), *flags, "--progress"], emulator)
+    assert shown.returncode == 0, shown.stderr
+    assert "uploaded" in shown.stderr and "saved" in shown.stderr
+    assert "3/3" in shown.stderr
+    quiet = run_cli(["run", str(src), "--out", str(tmp_path / "out2"), *FAST_FLAGS], emulator)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "uploaded" not in quiet.stderr and "saved" not in quiet.stderr

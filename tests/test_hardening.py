@@ -160,3 +160,19 @@ def test_more_open_tasks_than_the_poll_window_all_finish(tmp_path: Path, make_em
     assert result.returncode == 0, result.stdout + result.stderr
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 16
+
+
+def test_a_max_qps_above_the_servers_limit_settles_under_it_after_a_429_or_two(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """--max-qps set four times what the server takes: the first 429s show the server's limit
+    and the run paces under it, instead of running into it after every pause."""
+    emulator = make_emulator(qps_limit=15.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(60)}
+    flags = ["--poll-interval", "0.2", "--max-qps", "60", "--concurrency", "8", "--no-progress"]
+    result = run_cli(["run", str(src), "--out", str(out), *flags], emulator)
+    assert result.returncode == 0, result.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, len(sources))
+    assert 1 <= emulator.stats["rate_limited"] <= 4, emulator.stats
+    assert "pacing at" in result.stderr and "--max-qps is 60" in result.stderr

@@ -181,7 +181,7 @@ class ApiClient:
         error = classify(status, body, endpoint, retry_after=retry_after)
         if error is not None:
             if error.kind is ErrorKind.RATE_LIMITED:
-                self.limiter.pause(retry_after if retry_after is not None else 1.0)
+                self.limiter.rate_limited(retry_after)
             raise error
         if body is None:
             kind = ErrorKind.AMBIGUOUS if endpoint == "submit" else ErrorKind.TRANSIENT

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import IntegrityError
 
 from batch.ledger import Ledger, TransitionInfo, open_ledger
 from batch.ledger.store import ScannedFile, StaleTransition
@@ -148,10 +148,10 @@ def test_only_what_the_next_run_redoes_for_free_skips_the_fsync(tmp_path: Path) 
     assert seen == [("scan", 1), ("submitting", 2), ("queued", 2), ("processing", 1),
                     ("ready", 1), ("downloading", 1), ("ready", 1), ("downloading", 1),
                     ("done", 2)]
-    # ... and foreign keys are enforced again after the scan.
-    with pytest.raises(IntegrityError), ledger.engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO events (job_id, at, to_state, attempt) "
-                             "VALUES (999, 0, 'done', 0)")
+    # ... and foreign keys are enforced again after the scan, on the connection it used.
+    with pytest.raises(sqlite3.IntegrityError), ledger._driver.transaction(write=True) as cur:
+        cur._cursor.execute("INSERT INTO events (job_id, at, to_state, attempt) "
+                            "VALUES (999, 0, 'done', 0)")
 
 
 def test_many_threads_share_the_ledger_and_closing_it_closes_every_connection(
@@ -202,12 +202,11 @@ def test_postgresql_bulk_and_redoable_writes_skip_the_flush_and_others_do_not(
         pg_url: str) -> None:
     ledger = open_ledger(pg_url)
     try:
-        with ledger.engine.execution_options(bulk=True).begin() as conn:
-            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
         with ledger.engine.begin() as conn:
             assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
-        for durable, expected in ((False, "off"), (True, "on")):
-            with ledger._driver.transaction(write=True, durable=durable) as cur:
+        for durable, bulk, expected in ((True, True, "off"), (False, False, "off"),
+                                        (True, False, "on")):
+            with ledger._driver.transaction(write=True, durable=durable, bulk=bulk) as cur:
                 cur._cursor.execute("SHOW synchronous_commit")
                 assert cur._cursor.fetchone()[0] == expected
         ledger.record_scan([ScannedFile("/r", "a.jpg", "a.jpg", 1, 1, "a" * 64)])

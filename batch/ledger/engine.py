@@ -74,10 +74,8 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        options = connection.get_execution_options()
         begin_sqlite(connection.exec_driver_sql, connection.connection.info,
-                     readonly=options.get("readonly", False),
-                     bulk=options.get("bulk", False))
+                     readonly=connection.get_execution_options().get("readonly", False))
 
     return engine
 
@@ -101,16 +99,7 @@ def create_ledger_engine(location: str | Path) -> Engine:
 
 
 def _postgresql_engine(url: str) -> Engine:
-    engine = create_engine(url, pool_pre_ping=True)
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        # A bulk write (scan records) commits without waiting for the WAL flush; PostgreSQL
-        # flushes in order, so any later durable commit makes it durable too.
-        if connection.get_execution_options().get("bulk", False):
-            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-
-    return engine
+    return create_engine(url, pool_pre_ping=True)
 
 
 def open_ledger(location: str | Path) -> Ledger:

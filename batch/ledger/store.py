@@ -131,19 +131,6 @@ def _file(row: Sequence[Any]) -> FileRow:
     return FileRow(*row)
 
 
-_INSERT_JOBS = (
-    "INSERT INTO jobs (content_sha256, options_fp, size_bytes, state, created_at, updated_at, "
-    "next_attempt_at, attempts, charges) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (content_sha256, options_fp) DO NOTHING")
-_UPSERT_FILES = (
-    "INSERT INTO files (root, rel_path, out_rel, size_bytes, mtime_ns, content_sha256, job_id, "
-    "problem, seen_at) VALUES (?, ?, ?, ?, ?, ?, "
-    "(SELECT id FROM jobs WHERE content_sha256 = ? AND options_fp = ?), ?, ?) "
-    "ON CONFLICT (root, rel_path) DO UPDATE SET out_rel = excluded.out_rel, "
-    "size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns, "
-    "content_sha256 = excluded.content_sha256, job_id = excluded.job_id, "
-    "problem = excluded.problem, seen_at = excluded.seen_at")
-
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
 
@@ -159,7 +146,6 @@ class Ledger:
         self.engine = engine
         self._dialect = engine.dialect.name
         self._reader = engine.execution_options(readonly=True)
-        self._bulk = engine.execution_options(bulk=True)
         self._driver = Connections(engine)
         self._updates: dict[tuple[tuple[str, ...], bool], Statement] = {}
         self._claims: dict[tuple[tuple[str, ...], bool], Statement] = {}
@@ -177,6 +163,25 @@ class Ledger:
             problem=bindparam("problem")))
         self._set_problem = prepare(update(files).where(files.c.id == bindparam("file_id"))
                                     .values(problem=bindparam("problem")))
+        self._top_job = prepare(select(func.max(jobs.c.id)))
+        self._jobs_after = prepare(select(func.count()).select_from(jobs).where(
+            jobs.c.id > bindparam("top")))
+        self._insert_jobs = prepare(self._insert(jobs).values(
+            {c: bindparam(c) for c in ("content_sha256", "options_fp", "size_bytes", "state",
+                                       "created_at", "updated_at", "next_attempt_at",
+                                       "attempts", "charges")}
+        ).on_conflict_do_nothing(index_elements=["content_sha256", "options_fp"]))
+        upsert = self._insert(files).values(
+            {**{c: bindparam(c) for c in ("root", "rel_path", "out_rel", "size_bytes",
+                                          "mtime_ns", "content_sha256", "problem", "seen_at")},
+             "job_id": select(jobs.c.id).where(
+                 jobs.c.content_sha256 == bindparam("content_sha256"),
+                 jobs.c.options_fp == bindparam("options_fp")).scalar_subquery()})
+        self._upsert_files = prepare(upsert.on_conflict_do_update(
+            index_elements=["root", "rel_path"],
+            set_={c: upsert.excluded[c] for c in ("out_rel", "size_bytes", "mtime_ns",
+                                                  "content_sha256", "job_id", "problem",
+                                                  "seen_at")}))
         self._note_attempt = prepare(update(jobs).where(jobs.c.id == bindparam("job_id")).values(
             {c: bindparam(c) for c in ("attempts", "next_attempt_at", "updated_at",
                                        "http_status", "error_code")}))
@@ -186,11 +191,10 @@ class Ledger:
         self.engine.dispose()
 
     @contextmanager
-    def _tx(self, *, bulk: bool = False) -> Iterator[Connection]:
-        """A write transaction (SQLite: BEGIN IMMEDIATE, so it never fails half-way on lock
-        upgrade). ``bulk``: for what a later run redoes anyway (scan records), the commit
-        does not wait for the disk (see ``engine``); a crash may lose it, never corrupt it."""
-        with (self._bulk if bulk else self.engine).begin() as conn:
+    def _tx(self) -> Iterator[Connection]:
+        """A durable write transaction (SQLite: BEGIN IMMEDIATE, so it never fails half-way on
+        lock upgrade)."""
+        with self.engine.begin() as conn:
             yield conn
 
     @contextmanager
@@ -261,28 +265,25 @@ class Ledger:
 
     def record_scan(self, scanned: Sequence[ScannedFile]) -> int:
         """Upsert scanned files and link each readable one to its job (content + options),
-        creating jobs as needed. Returns how many new jobs were created. One transaction.
-
-        Straight to the driver's executemany (a first scan records every file of the tree):
-        the job of each file is found by a sub-select in the same statement."""
+        creating jobs as needed. Returns how many new jobs were created. One bulk transaction
+        (a first scan records every file of the tree): the job of each file is found by a
+        sub-select in the same statement."""
         now = time.time()
         pending = JobState.PENDING.value
-        job_rows = list({(f.content_sha256, f.options_fp): (
-            f.content_sha256, f.options_fp, f.size_bytes, pending, now, now, 0.0, 0, 0)
+        job_rows = list({(f.content_sha256, f.options_fp): {
+            "content_sha256": f.content_sha256, "options_fp": f.options_fp,
+            "size_bytes": f.size_bytes, "state": pending, "created_at": now, "updated_at": now,
+            "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
             for f in scanned if f.content_sha256}.values())
-        file_rows = [(f.root, f.rel_path, f.out_rel, f.size_bytes, f.mtime_ns, f.content_sha256,
-                      f.content_sha256, f.options_fp, f.problem, now) for f in scanned]
-        with self._tx(bulk=True) as conn:
-            top = conn.scalar(select(func.max(jobs.c.id))) or 0
-            if job_rows:
-                conn.exec_driver_sql(self._sql(_INSERT_JOBS), job_rows)
-            if file_rows:
-                conn.exec_driver_sql(self._sql(_UPSERT_FILES), file_rows)
-            return conn.scalar(select(func.count()).select_from(jobs).where(jobs.c.id > top)) or 0
-
-    def _sql(self, statement: str) -> str:
-        return statement if self.engine.dialect.paramstyle == "qmark" else \
-            statement.replace("?", "%s")
+        file_rows = [{"root": f.root, "rel_path": f.rel_path, "out_rel": f.out_rel,
+                      "size_bytes": f.size_bytes, "mtime_ns": f.mtime_ns,
+                      "content_sha256": f.content_sha256, "options_fp": f.options_fp,
+                      "problem": f.problem, "seen_at": now} for f in scanned]
+        with self._driver.transaction(write=True, bulk=True) as cur:
+            top = cur.scalar(self._top_job) or 0
+            cur.executemany(self._insert_jobs, job_rows)
+            cur.executemany(self._upsert_files, file_rows)
+            return int(cur.scalar(self._jobs_after, {"top": top}) or 0)
 
     def options_in_use(self) -> dict[str, int]:
         """Files per effective options (after per-folder presets)."""
@@ -650,11 +651,6 @@ class Ledger:
     def _insert(self, table: Any) -> Any:
         return (postgresql.insert(table) if self._dialect == "postgresql"
                 else sqlite.insert(table))
-
-    def _insert_ignore(self, conn: Connection, table: Any, rows: list[dict[str, Any]],
-                       keys: list[str]) -> None:
-        if rows:
-            conn.execute(self._insert(table).on_conflict_do_nothing(index_elements=keys), rows)
 
     def _upsert(self, conn: Connection, table: Any, rows: list[dict[str, Any]], keys: list[str],
                 update_cols: list[str]) -> None:

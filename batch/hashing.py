@@ -13,14 +13,19 @@ import logging
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-#: A digest, or None and the reason the file could not be read.
-Hashed = tuple[str | None, str | None]
+#: A digest or None and the reason the file could not be read, then the size, mtime (ns) and
+#: inode of the file read, from the same open file (all 0 when it could not be read). The
+#: scanner records these rather than its own earlier look at the file, and a new folder is not
+#: looked at before its files are read: one metadata lookup per file fewer, on the main thread.
+#: (A plain tuple: the worker runs as ``__main__``, so no class of this module pickles across.)
+Hashed = tuple[str | None, str | None, int, int, int]
 
 BUFFER = 1024 * 1024
 #: Batches at least this long, of files this small on average, go to worker processes (for
@@ -39,31 +44,49 @@ def _buffer() -> memoryview:
     return view
 
 
-def sha256_file(path: str) -> str:
+def _sha256_fd(fd: int) -> str:
     """Read through one reused buffer: allocating a large read buffer per file costs more
     than hashing a small photo."""
     digest = hashlib.sha256()
     view = _buffer()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        while n := os.readv(fd, [view]):
-            digest.update(view[:n])
-    finally:
-        os.close(fd)
+    while n := os.readv(fd, [view]):
+        digest.update(view[:n])
     return digest.hexdigest()
 
 
-def hash_one(path: str) -> Hashed:
+def sha256_file(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return sha256_file(path), None
+        return _sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _unreadable(reason: str) -> Hashed:
+    return None, reason, 0, 0, 0
+
+
+def hash_one(path: str) -> Hashed:
+    """The file's metadata is taken before its content is read: if it changes while being
+    read, the next scan sees a newer mtime than the one recorded and reads it again.
+    O_NONBLOCK: a FIFO named like a photo must not hang the scan in open()."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return _unreadable("not a regular file")
+            return _sha256_fd(fd), None, st.st_size, st.st_mtime_ns, st.st_ino
+        finally:
+            os.close(fd)
     except FileNotFoundError:
-        return None, "the file disappeared while it was being scanned"
+        return _unreadable("the file disappeared while it was being scanned")
     except PermissionError:
-        return None, "permission denied: the file cannot be read"
+        return _unreadable("permission denied: the file cannot be read")
     except IsADirectoryError:
-        return None, "not a regular file"
+        return _unreadable("not a regular file")
     except OSError as exc:
-        return None, f"cannot read the file: {exc.strerror or exc}"
+        return _unreadable(f"cannot read the file: {exc.strerror or exc}")
 
 
 def hash_many(paths: Sequence[str]) -> list[Hashed]:
@@ -111,12 +134,16 @@ class Hasher:
         self._mine = threading.local()
         self._lock = threading.Lock()
 
-    def submit(self, paths: list[str], total_bytes: int) -> Future[list[Hashed]]:
+    def submit(self, paths: list[str], total_bytes: int | None) -> Future[list[Hashed]]:
         """A batch is handed to a feeder thread, which passes it to its worker process (many
-        small files) or spreads it over the hashing threads (a few big ones)."""
+        small files) or spreads it over the hashing threads (a few big ones). ``total_bytes``
+        is None when the files have not been looked at yet (a new folder): many files go to
+        a process then, whatever their size (a process hashes big files as fast as a thread;
+        only for a few is starting it not worth it)."""
         if self._feeders is None:
             self._feeders = ThreadPoolExecutor(self.workers, thread_name_prefix="hash-feed")
-        if len(paths) >= PROCESS_MIN_FILES and total_bytes / len(paths) <= PROCESS_MAX_MEAN_BYTES:
+        if len(paths) >= PROCESS_MIN_FILES and (
+                total_bytes is None or total_bytes / len(paths) <= PROCESS_MAX_MEAN_BYTES):
             return self._feeders.submit(self._in_process, paths)
         return self._feeders.submit(self._in_threads, paths)
 

@@ -2,9 +2,11 @@
 
 A first scan hashes in the background (worker processes for many small files, threads for big
 ones; see ``batch.hashing``) while it walks on and records the previous batch, so both cores
-work. A re-scan is cheap: a folder whose digest of names, sizes, mtimes and inodes matches the
-ledger's is skipped with no per-file lookup; in a changed folder, a file whose size and mtime
-match the ledger is not read again.
+work. The files of a folder seen for the first time are not even looked at here: the worker
+that reads one takes its size, mtime and inode from the open file, and the folder's digest is
+summed up from those once the last of its files is back. A re-scan is cheap: a folder whose
+digest of names, sizes, mtimes and inodes matches the ledger's is skipped with no per-file
+lookup; in a changed folder, a file whose size and mtime match the ledger is not read again.
 """
 
 from __future__ import annotations
@@ -71,6 +73,40 @@ def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:
     return True
 
 
+#: A candidate's size and mtime before its file is read (new folders are not looked at first).
+UNKNOWN = -1
+
+
+@dataclass(slots=True)
+class NewFolder:
+    """A folder seen for the first time, its digest summed up as its files are read. ``lines``
+    is None once it cannot have one (a symlink, a file that could not be read)."""
+
+    rel_dir: str
+    lines: list[str] | None
+    images: int = 0
+    waiting: int = 0
+    walked: bool = False
+
+    def add(self, name: str, size: int, mtime_ns: int, inode: int) -> None:
+        if self.lines is not None:
+            self.lines.append(_digest_line(name, size, mtime_ns, inode))
+
+    def add_entry(self, entry: os.DirEntry[str]) -> None:
+        try:
+            if entry.is_symlink():
+                self.lines = None
+                return
+            st = entry.stat()
+        except OSError:
+            self.lines = None
+            return
+        self.add(entry.name, st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def digest(self) -> str | None:
+        return None if self.lines is None else _digest_of(self.lines)
+
+
 @dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
 class Candidate:
     root: str
@@ -81,6 +117,8 @@ class Candidate:
     mtime_ns: int
     options_fp: str
     problem: str | None = None
+    #: Set when the file is in a new folder, whose digest waits for it to be read.
+    folder: NewFolder | None = None
 
 
 IGNORED, IMAGE, OTHER = 0, 1, 2
@@ -150,26 +188,37 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()) 
         yield Folder(directory, rel_dir, settings, files)
 
 
+def _digest_header(settings: FolderSettings, out_prefix: str) -> str:
+    return (f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
+            f"{out_prefix}")
+
+
+def _digest_line(name: str, size: int, mtime_ns: int, inode: int) -> str:
+    return f"{name}\0{size}\0{mtime_ns}\0{inode}"
+
+
+def _digest_of(lines: list[str]) -> str:
+    lines.sort()
+    data = "\n".join(lines).encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
 def folder_digest(folder: Folder, out_prefix: str) -> str | None:
     """One digest of every file's name, size, mtime and inode and the folder's settings, or
     None when the folder must be looked at file by file anyway (a symlink, a file that cannot
     be stat-ed). Non-image files count too (a partial download renamed into place changes
     it), so no name needs classifying to skip an unchanged folder."""
-    settings = folder.settings
-    lines = [f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
-             f"{out_prefix}"]
+    lines = [_digest_header(folder.settings, out_prefix)]
     append = lines.append
     try:
         for entry in folder.files:
             if entry.is_symlink():
                 return None
             st = entry.stat()
-            append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}")
+            append(_digest_line(entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
     except OSError:
         return None
-    lines.sort()
-    data = "\n".join(lines).encode("utf-8", "surrogateescape")
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
+    return _digest_of(lines)
 
 
 def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
@@ -288,8 +337,14 @@ class _RootScan:
             self.seen.add(folder.rel_dir)
             if not folder.files:
                 continue
-            digest = folder_digest(folder, self.root.out_prefix)
             last = stored.get(folder.rel_dir)
+            known: dict[str, KnownFile] | None = None
+            if last is None and not self.settle:
+                known = {} if fresh else self.ledger.known_files(self.base, folder.rel_dir)
+                if not known:
+                    self._new_folder(folder)
+                    continue
+            digest = folder_digest(folder, self.root.out_prefix)
             if digest is not None and last is not None and last[0] == digest:
                 self.stats.found += last[1]
                 self.stats.unchanged += last[1]
@@ -298,12 +353,52 @@ class _RootScan:
             images = folder.images()
             self.stats.found += len(images)
             self.changed[folder.rel_dir] = (digest, len(images)) if digest is not None else None
-            known = {} if fresh else self.ledger.known_files(self.base, folder.rel_dir)
+            if known is None:
+                known = {} if fresh else self.ledger.known_files(self.base, folder.rel_dir)
             fp = folder.settings.options.fingerprint
             for entry in images:
                 candidate = _candidate(self.base, self.root, entry, folder.rel_dir,
                                        folder.settings, fp)
                 self._consider(candidate, known.get(candidate.rel_path))
+
+    def _new_folder(self, folder: Folder) -> None:
+        """A folder the ledger knows nothing of: its plain files are not looked at before
+        they are read (the reader takes their metadata from the open file); the others
+        (symlinks, odd names, a folder whose settings are wrong) go the careful way."""
+        settings = folder.settings
+        new = NewFolder(folder.rel_dir, [_digest_header(settings, self.root.out_prefix)])
+        base, rel_dir, fp = self.base, folder.rel_dir, settings.options.fingerprint
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        careful = settings.problem is not None
+        for entry in folder.files:
+            if name_kind(entry.name) != IMAGE:
+                new.add_entry(entry)
+                continue
+            new.images += 1
+            name = entry.name
+            try:
+                plain = (not careful and entry.is_file(follow_symlinks=False)
+                         and "\n" not in name and "\r" not in name)
+            except OSError:
+                plain = False
+            if plain:
+                new.waiting += 1
+                out_name = settings.output_name(name)
+                c = Candidate(base, prefix + name,
+                              _join(self.root.out_prefix, prefix + out_name),
+                              entry.path, UNKNOWN, UNKNOWN, fp, None, new)
+            else:  # a symlink or a problem: the folder is looked at file by file every time
+                new.lines = None
+                c = _candidate(base, self.root, entry, rel_dir, settings, fp)
+            self._consider(c, None)
+        self.stats.found += new.images
+        new.walked = True
+        self._settle_folder(new)
+
+    def _settle_folder(self, new: NewFolder) -> None:
+        if new.walked and not new.waiting:
+            digest = new.digest()
+            self.changed[new.rel_dir] = None if digest is None else (digest, new.images)
 
     def _consider(self, c: Candidate, k: KnownFile | None) -> None:
         if (k is not None and c.problem is None and k.problem is None
@@ -342,8 +437,10 @@ class _RootScan:
                 files.append(_scanned(c, None, c.problem))
             else:
                 to_hash.append(c)
+        sizes = [c.size_bytes for c in to_hash]
         hashing = (self.hasher.submit([c.abs_path for c in to_hash],
-                                      sum(c.size_bytes for c in to_hash)) if to_hash else None)
+                                      None if UNKNOWN in sizes else sum(sizes))
+                   if to_hash else None)
         self.in_flight.append(_Batch(files, to_hash, hashing))
         while len(self.in_flight) > IN_FLIGHT:
             self._record(self.in_flight.popleft())
@@ -351,10 +448,22 @@ class _RootScan:
     def _record(self, batch: _Batch) -> None:
         files = batch.files
         if batch.hashing is not None:
-            for c, (digest, problem) in zip(batch.to_hash, batch.hashing.result(), strict=True):
-                files.append(_scanned(c, digest, problem))
-                if digest:
+            for c, (digest, problem, size, mtime_ns, inode) in zip(
+                    batch.to_hash, batch.hashing.result(), strict=True):
+                if digest is not None:
+                    c.size_bytes, c.mtime_ns = size, mtime_ns
                     self.stats.hashed += 1
+                elif c.size_bytes == UNKNOWN:
+                    c.size_bytes = c.mtime_ns = 0
+                new = c.folder
+                if new is not None:
+                    if digest is None:
+                        new.lines = None
+                    else:
+                        new.add(c.rel_path.rpartition("/")[2], size, mtime_ns, inode)
+                    new.waiting -= 1
+                    self._settle_folder(new)
+                files.append(_scanned(c, digest, problem))
         for f in files:
             if f.problem:
                 self.stats.problems += 1

@@ -5,6 +5,9 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
+from batch.hashing import hash_one
 from batch.ledger import open_ledger
 from batch.options import Options
 from batch.scan import SourceRoot, scan
@@ -152,3 +155,61 @@ def test_scans_and_folder_digests_on_both_ledger_backends(ledger_location: str,
         assert sorted(ledger.known_files(root, "")) == ["top.jpg"]
     finally:
         ledger.close()
+
+
+def test_a_first_scan_leaves_digests_that_let_the_rescan_skip_every_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new folder's files are not looked at before they are read: the size, mtime and
+    inode the reader saw make the folder's digest. It must be the digest a re-scan computes
+    from its own look at the folder, or every re-scan would fall back to per-file lookups."""
+    src = tmp_path / "src"
+    for i in range(2100):  # one folder big enough for the worker processes
+        (src / "many").mkdir(parents=True, exist_ok=True)
+        (src / "many" / f"{i}.jpg").write_bytes(os.urandom(200 + i))
+    write_portrait(src / "few" / "a.jpg")
+    write_portrait(src / "few" / "deeper" / "b.png", "PNG", seed=1)
+    (src / "few" / "a.CR2").write_bytes(b"raw next to the jpeg")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    first = scan(ledger, [SourceRoot(src)], FP)
+    assert (first.found, first.hashed, first.problems) == (2102, 2102, 0)
+    root = str(src.resolve())
+    for rel in ("many/7.jpg", "few/a.jpg"):
+        recorded, st = ledger.known_files(root, rel.rpartition("/")[0])[rel], (src / rel).stat()
+        assert (recorded.size_bytes, recorded.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert set(ledger.folder_digests(root)) == {"many", "few", "few/deeper"}
+
+    lookups: list[str] = []
+    real = ledger.known_files
+    monkeypatch.setattr(ledger, "known_files",
+                        lambda base, rel_dir: lookups.append(rel_dir) or real(base, rel_dir))
+    again = scan(ledger, [SourceRoot(src)], FP)
+    assert (again.found, again.hashed, again.unchanged) == (2102, 0, 2102)
+    assert lookups == []
+
+
+def test_a_new_folder_with_a_symlink_or_a_problem_gets_no_digest(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_portrait(src / "linked" / "a.jpg")
+    (src / "linked" / "b.jpg").symlink_to(src / "linked" / "a.jpg")
+    write_portrait(src / "odd" / "a.jpg", seed=1)
+    os.mkfifo(src / "odd" / "pipe.jpg")
+    write_portrait(src / "plain" / "a.jpg", seed=2)
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    stats = scan(ledger, [SourceRoot(src)], FP)
+    assert (stats.found, stats.problems) == (5, 1)
+    assert {p.reason for p in ledger.problems()} == {"not a regular file"}
+    assert set(ledger.folder_digests(str(src.resolve()))) == {"plain"}
+
+
+def test_the_reader_reports_a_fifo_or_a_vanished_file_instead_of_waiting(
+        tmp_path: Path) -> None:
+    """Between the walk and the read a photo may be replaced by a FIFO or deleted: the reader
+    must not block in open() nor raise."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "real.jpg").write_bytes(b"12345")
+    assert hash_one(str(tmp_path / "pipe.jpg")) == (None, "not a regular file", 0, 0, 0)
+    assert hash_one(str(tmp_path / "gone.jpg"))[:2] == (
+        None, "the file disappeared while it was being scanned")
+    st = (tmp_path / "real.jpg").stat()
+    assert hash_one(str(tmp_path / "real.jpg")) == (
+        hashlib.sha256(b"12345").hexdigest(), None, 5, st.st_mtime_ns, st.st_ino)

@@ -16,7 +16,7 @@ how durable a write is. Writes through SQLAlchemy are always durable.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
 from typing import Any, cast
@@ -53,11 +53,12 @@ def begin_sqlite(execute: Callable[[str], Any], info: dict[str, Any], *, readonl
     execute("BEGIN IMMEDIATE")
 
 
-def _picker(order: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
-    """The values of ``order``, as a tuple, picked in C (a first scan binds every file)."""
-    if len(order) > 1:
-        return itemgetter(*order)
-    return lambda values: tuple(values[name] for name in order)
+def _picker(keys: Sequence[str | int]) -> Callable[[Any], tuple[Any, ...]]:
+    """The values at ``keys`` (names of a mapping or positions in a tuple), as a tuple,
+    picked in C (a first scan binds every file)."""
+    if len(keys) > 1:
+        return itemgetter(*keys)
+    return lambda values: tuple(values[key] for key in keys)
 
 
 class Statement:
@@ -65,7 +66,7 @@ class Statement:
     Values given when the statement was built are kept; an ``IN`` list must be given as
     ``literal()`` elements (a plain list compiles to a form only SQLAlchemy can expand)."""
 
-    __slots__ = ("_defaults", "_pick", "sql")
+    __slots__ = ("_defaults", "_layouts", "_order", "_pick", "sql")
 
     def __init__(self, engine: Engine, statement: ClauseElement) -> None:
         compiled = cast(SQLCompiler, statement.compile(dialect=engine.dialect))
@@ -73,11 +74,35 @@ class Statement:
         required = {name for name, bind in compiled.binds.items() if bind.required}
         self._defaults = {name: value for name, value in compiled.params.items()
                           if name not in required}
-        self._pick = _picker(compiled.positiontup or []) if compiled.positional else None
+        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        self._pick = None if self._order is None else _picker(self._order)
+        self._layouts: dict[tuple[str, ...], Callable[[Sequence[Any]], Any]] = {}
 
     def bind(self, values: Mapping[str, Any]) -> Sequence[Any] | Mapping[str, Any]:
         merged = {**self._defaults, **values} if self._defaults else values
         return merged if self._pick is None else self._pick(merged)
+
+    def bind_rows(self, layout: tuple[str, ...], rows: Iterable[Sequence[Any]]
+                  ) -> Iterable[Any]:
+        """Rows given as tuples of the values named in ``layout``, in the form the driver
+        takes: as they are when the statement's parameters come in that order, else
+        reordered in C. No dict per row (a first scan binds two rows per file)."""
+        if layout == self._order:
+            return rows
+        pick = self._layouts.get(layout)
+        if pick is None:
+            if self._order is None:
+                defaults = self._defaults
+
+                def pick(row: Sequence[Any]) -> Mapping[str, Any]:
+                    return {**defaults, **dict(zip(layout, row, strict=True))}
+            else:
+                missing = set(self._order) - set(layout)
+                if missing:
+                    raise ValueError(f"layout lacks {sorted(missing)}")
+                pick = _picker([layout.index(name) for name in self._order])
+            self._layouts[layout] = pick
+        return map(pick, rows)
 
 
 class Cursor:
@@ -96,6 +121,12 @@ class Cursor:
     def executemany(self, statement: Statement, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
             self._cursor.executemany(statement.sql, [statement.bind(row) for row in rows])
+
+    def executemany_rows(self, statement: Statement, layout: tuple[str, ...],
+                         rows: Sequence[Sequence[Any]]) -> None:
+        """:meth:`executemany` for rows given as tuples laid out as ``layout``."""
+        if rows:
+            self._cursor.executemany(statement.sql, statement.bind_rows(layout, rows))
 
     def rows(self, statement: Statement, values: Mapping[str, Any] | None = None
              ) -> list[tuple[Any, ...]]:

@@ -88,6 +88,14 @@ class KnownFile:
     out_rel: str
 
 
+#: How :meth:`Ledger.record_scan` lays out its rows (no dict per row: a first scan makes two
+#: rows per file).
+_JOB_ROW = ("content_sha256", "options_fp", "size_bytes", "state", "created_at", "updated_at",
+            "next_attempt_at", "attempts", "charges")
+_FILE_ROW = ("root", "rel_path", "out_rel", "size_bytes", "mtime_ns", "content_sha256",
+             "options_fp", "problem", "seen_at")
+
+
 @dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
 class ScannedFile:
     """A file as the scanner saw it; ``content_sha256`` is None when it could not be read."""
@@ -270,19 +278,15 @@ class Ledger:
         sub-select in the same statement."""
         now = time.time()
         pending = JobState.PENDING.value
-        job_rows = list({(f.content_sha256, f.options_fp): {
-            "content_sha256": f.content_sha256, "options_fp": f.options_fp,
-            "size_bytes": f.size_bytes, "state": pending, "created_at": now, "updated_at": now,
-            "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
+        job_rows = list({(f.content_sha256, f.options_fp): (
+            f.content_sha256, f.options_fp, f.size_bytes, pending, now, now, 0.0, 0, 0)
             for f in scanned if f.content_sha256}.values())
-        file_rows = [{"root": f.root, "rel_path": f.rel_path, "out_rel": f.out_rel,
-                      "size_bytes": f.size_bytes, "mtime_ns": f.mtime_ns,
-                      "content_sha256": f.content_sha256, "options_fp": f.options_fp,
-                      "problem": f.problem, "seen_at": now} for f in scanned]
+        file_rows = [(f.root, f.rel_path, f.out_rel, f.size_bytes, f.mtime_ns, f.content_sha256,
+                      f.options_fp, f.problem, now) for f in scanned]
         with self._driver.transaction(write=True, bulk=True) as cur:
             top = cur.scalar(self._top_job) or 0
-            cur.executemany(self._insert_jobs, job_rows)
-            cur.executemany(self._upsert_files, file_rows)
+            cur.executemany_rows(self._insert_jobs, _JOB_ROW, job_rows)
+            cur.executemany_rows(self._upsert_files, _FILE_ROW, file_rows)
             return int(cur.scalar(self._jobs_after, {"top": top}) or 0)
 
     def options_in_use(self) -> dict[str, int]:

@@ -21,6 +21,7 @@ from batch.budget import Budget, Estimate
 from batch.config import RunConfig
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
+from batch.ledger.groupcommit import GroupCommit
 from batch.locking import RunLock
 from batch.outputs import clean_temp_files
 from batch.progress import Progress
@@ -126,7 +127,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                        max_downloads=max(2, config.concurrency),
                        max_result_bytes=config.max_result_bytes)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
-    rt = Runtime(ledger, client, config, out_dir, progress, breaker)
+    rt = Runtime(ledger, client, config, out_dir, progress, breaker, GroupCommit(ledger))
     loop = asyncio.get_running_loop()
 
     def interrupt() -> None:
@@ -285,6 +286,7 @@ async def _drive(rt: Runtime, keep_running: bool = False) -> None:
                 task.cancel()
         await asyncio.gather(*stages, *poller.in_flight, *downloader.in_flight.values(),
                              return_exceptions=True)
+        rt.writes.close()
 
 
 def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:

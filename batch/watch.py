@@ -159,7 +159,9 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
             if stats.hashed or stats.new_jobs:
                 log.info("Found %d new file(s).", stats.hashed)
                 rt.wake_submitter.set()
-                materialize_copies(rt)
+                # Off the loop: it copies files, and its few ledger writes may wait for the
+                # stages' writer to let go of the ledger.
+                await asyncio.to_thread(materialize_copies, rt)
             # Files still settling get another look soon; otherwise wait for events.
             wait = settings.settle if stats.deferred else settings.rescan
             next_pass = time.monotonic() + wait

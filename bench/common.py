@@ -44,10 +44,11 @@ class ChildRun:
     stderr: str
 
 
-def run_cli(args: list[str], emulator: Emulator, timeout: float = 1800) -> ChildRun:
+def run_cli(args: list[str], emulator: Emulator, extra_env: dict[str, str] | None = None,
+            timeout: float = 1800) -> ChildRun:
     """Run ``skinbatch`` in a child process; measure wall time, its CPU and its peak RSS."""
     env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), **(extra_env or {})}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True,

@@ -137,3 +137,19 @@ def ledger_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "ledger.sqlite")
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(scope="session")
+def slow_disk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for a child process whose every fsync takes 20 ms more (tests/slowdisk.c,
+    built with the machine's C compiler), as with a ledger on a spinning disk."""
+    library = tmp_path_factory.mktemp("slowdisk") / "slowdisk.so"
+    try:
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library),
+                        str(ROOT / "tests" / "slowdisk.c"), "-ldl"], check=True,
+                       capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot build the slow-disk shim: {exc}")
+        pytest.skip(f"no C compiler to build the slow-disk shim: {exc}")
+    return {"LD_PRELOAD": str(library), "SLOW_FSYNC_US": "20000"}

@@ -49,6 +49,31 @@ def test_kill_9_at_each_transition_then_rerun(tmp_path: Path, make_emulator,  # 
     assert assert_ledger_sound(out)["done"] == len(sources)
 
 
+@pytest.mark.parametrize("point", ["submitting:3", "answered:2", "queued:4", "done:5"])
+def test_kill_9_with_writes_committed_in_the_background_then_rerun(
+        tmp_path: Path, make_emulator, slow_disk: dict[str, str],  # type: ignore[no-untyped-def]
+        point: str) -> None:
+    """On a slow disk the stages' writes are committed by the ledger's writer thread, several
+    to a transaction: a kill right after such a commit loses nothing either."""
+    emulator = make_emulator()
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = tree(src, 10)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    crashed = popen_cli(args, emulator,
+                        extra_env={**slow_disk, "SKINBATCH_CRASH_AFTER": point})
+    _, stderr = crashed.communicate(timeout=120)
+    assert crashed.returncode == -signal.SIGKILL, f"{point} was never reached"
+    assert "made in the background" in stderr
+
+    rerun = run_cli(args, emulator, extra_env=slow_disk)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_outputs_right(out, sources, emulator)
+    ambiguous = assert_no_double_pay(out, emulator, len(sources))
+    if point == "answered:2":
+        assert ambiguous >= 1, "a charged upload whose answer was lost must be recorded"
+    assert assert_ledger_sound(out)["done"] == len(sources)
+
+
 @pytest.mark.parametrize(("images", "kills"), [
     (50, 10), pytest.param(500, 50, marks=pytest.mark.slow)])
 def test_kill_9_at_random_moments(tmp_path: Path, make_emulator, images: int,  # type: ignore[no-untyped-def]

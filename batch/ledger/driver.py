@@ -128,6 +128,16 @@ class Cursor:
         if rows:
             self._cursor.executemany(statement.sql, statement.bind_rows(layout, rows))
 
+    def savepoint(self) -> None:
+        self._cursor.execute("SAVEPOINT one_write")
+
+    def release(self) -> None:
+        self._cursor.execute("RELEASE SAVEPOINT one_write")
+
+    def rollback_to_savepoint(self) -> None:
+        self._cursor.execute("ROLLBACK TO SAVEPOINT one_write")
+        self.release()
+
     def rows(self, statement: Statement, values: Mapping[str, Any] | None = None
              ) -> list[tuple[Any, ...]]:
         self._cursor.execute(statement.sql, statement.bind(values or {}))

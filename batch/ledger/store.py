@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +141,17 @@ def _file(row: Sequence[Any]) -> FileRow:
 
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One ledger write, ready for :meth:`Ledger.commit`: ``run`` makes it on a cursor inside a
+    transaction it may share with other writes; ``durable`` says whether it must be on disk
+    before its caller goes on; ``point`` is the crash-test point reached once it is committed."""
+
+    run: Callable[[Cursor], None]
+    durable: bool = True
+    point: str | None = None
 
 
 class StaleTransition(RuntimeError):
@@ -298,6 +309,31 @@ class Ledger:
 
     # ---- the state machine ----------------------------------------------------------------
 
+    def commit(self, writes: Sequence[Write]) -> list[Exception | None]:
+        """Make ``writes`` in one transaction, with one flush to disk if any is durable.
+        Several writes share it each in its own savepoint: one that fails is rolled back alone
+        and its error returned in its place (``None`` for the others). A single write's error
+        is raised. An error of the transaction itself (the disk is full) is raised for all."""
+        outcomes: list[Exception | None] = [None] * len(writes)
+        with self._driver.transaction(write=True,
+                                      durable=any(w.durable for w in writes)) as cur:
+            if len(writes) == 1:
+                writes[0].run(cur)
+            else:
+                for index, write in enumerate(writes):
+                    cur.savepoint()
+                    try:
+                        write.run(cur)
+                    except Exception as exc:
+                        cur.rollback_to_savepoint()
+                        outcomes[index] = exc
+                    else:
+                        cur.release()
+        for write, outcome in zip(writes, outcomes, strict=True):
+            if outcome is None and write.point is not None:
+                crashpoints.reached(write.point)
+        return outcomes
+
     def transition(
         self,
         job_id: int,
@@ -312,16 +348,32 @@ class Ledger:
         against its current (or ``expect``-ed) state, with a history row, in one transaction.
         ``charge`` counts one more upload that may have cost credits. A move whose loss the
         next run redoes for free (``REDONE_IF_LOST``) does not wait for the disk."""
-        with self._driver.transaction(write=True,
-                                      durable=target not in REDONE_IF_LOST) as cur:
-            if expect is None:
-                current = cur.scalar(self._state_of, {"job_id": job_id})
-                if current is None:
+        self.commit([self.transition_write(job_id, target, expect=expect, info=info,
+                                           charge=charge, **fields)])
+
+    def transition_write(
+        self,
+        job_id: int,
+        target: JobState,
+        *,
+        expect: JobState | None = None,
+        info: TransitionInfo | None = None,
+        charge: bool = False,
+        **fields: Any,
+    ) -> Write:
+        """:meth:`transition`, as a write to commit (alone or with others)."""
+
+        def run(cur: Cursor) -> None:
+            current = expect
+            if current is None:
+                state = cur.scalar(self._state_of, {"job_id": job_id})
+                if state is None:
                     raise KeyError(f"no job {job_id}")
-                expect = JobState(current)
-            check_transition(job_id, expect, target)
-            self._apply(cur, job_id, expect, target, info, fields, charge=charge)
-        crashpoints.reached(target.value)
+                current = JobState(state)
+            check_transition(job_id, current, target)
+            self._apply(cur, job_id, current, target, info, fields, charge=charge)
+
+        return Write(run, durable=target not in REDONE_IF_LOST, point=target.value)
 
     def _apply(
         self,
@@ -389,14 +441,22 @@ class Ledger:
         self, job_id: int, info: TransitionInfo, *, attempts: int, next_attempt_at: float
     ) -> None:
         """Record a failed attempt that leaves the state as it is (e.g. a poll that hit a 5xx)."""
-        now = time.time()
-        with self._driver.transaction(write=True) as cur:
+        self.commit([self.note_attempt_write(job_id, info, attempts=attempts,
+                                             next_attempt_at=next_attempt_at)])
+
+    def note_attempt_write(
+        self, job_id: int, info: TransitionInfo, *, attempts: int, next_attempt_at: float
+    ) -> Write:
+        def run(cur: Cursor) -> None:
+            now = time.time()
             state = cur.scalar(self._state_of, {"job_id": job_id})
             cur.execute(self._note_attempt, {
                 "job_id": job_id, "attempts": attempts, "next_attempt_at": next_attempt_at,
                 "updated_at": now, "http_status": info.http_status,
                 "error_code": info.error_code})
             self._event(cur, job_id, state, str(state), attempts, info, now)
+
+        return Write(run)
 
     def recover_interrupted(self) -> dict[str, int]:
         """At start-up: work a dead process left half-done becomes explicit again.
@@ -530,7 +590,13 @@ class Ledger:
         problems: dict[int, str],
     ) -> None:
         """Record every output written for a job and mark it done, atomically."""
-        with self._driver.transaction(write=True) as cur:
+        self.commit([self.finish_download_write(job_id, result_sha256, outputs, problems)])
+
+    def finish_download_write(
+        self, job_id: int, result_sha256: str, outputs: dict[int, tuple[str, str | None]],
+        problems: dict[int, str],
+    ) -> Write:
+        def run(cur: Cursor) -> None:
             for file_id, (rel, sha) in outputs.items():
                 cur.execute(self._set_output, {"file_id": file_id, "written_rel": rel,
                                                "written_sha256": sha, "problem": None})
@@ -539,7 +605,8 @@ class Ledger:
             self._apply(cur, job_id, JobState.DOWNLOADING, JobState.DONE,
                         TransitionInfo(message=None), {"result_sha256": result_sha256,
                                                         "attempts": 0})
-        crashpoints.reached(JobState.DONE.value)
+
+        return Write(run, point=JobState.DONE.value)
 
     # ---- reporting ------------------------------------------------------------------------
 

@@ -79,19 +79,20 @@ class Downloader:
     async def _download(self, job: JobRow) -> None:
         rt = self.rt
         if job.expires_at is not None and time.time() > job.expires_at - rt.config.expiry_margin:
-            rt.ledger.transition(job.id, JobState.EXPIRED, expect=JobState.READY,
-                                 info=TransitionInfo(message="the result link expired before "
-                                                             "it could be downloaded"))
+            await rt.writes.transition(
+                job.id, JobState.EXPIRED, expect=JobState.READY,
+                info=TransitionInfo(message="the result link expired before it could be "
+                                            "downloaded"))
             rt.changed.set()
             return
-        rt.ledger.transition(job.id, JobState.DOWNLOADING, expect=JobState.READY)
+        await rt.writes.transition(job.id, JobState.DOWNLOADING, expect=JobState.READY)
         temps: list[Path] = []
         try:
             await self._save(job, temps)
         except ApiError as error:
-            self._failed(job, error)
+            await self._failed(job, error)
         except OSError as exc:
-            rt.ledger.transition(job.id, JobState.READY, info=TransitionInfo(
+            await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"could not write the output: {exc.strerror or exc}"))
             if exc.errno in LOCAL_DISK_ERRORS:
                 rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
@@ -99,8 +100,8 @@ class Downloader:
             else:
                 raise
         except asyncio.CancelledError:
-            rt.ledger.transition(job.id, JobState.READY,
-                                 info=TransitionInfo(message="interrupted during download"))
+            await rt.writes.transition(job.id, JobState.READY,
+                                       info=TransitionInfo(message="interrupted during download"))
             raise
         finally:
             for temp in temps:
@@ -121,7 +122,7 @@ class Downloader:
             # context switches, which added up to a good part of the client's CPU per image.
             outputs, problems, sha256 = await asyncio.to_thread(
                 self._store, sink, targets, temp, temps, downloaded.sha256)
-        rt.ledger.finish_download(job.id, sha256, outputs, problems)
+        await rt.writes.finish_download(job.id, sha256, outputs, problems)
         rt.progress.done()
 
     def _store(self, sink: IO[bytes], targets: list[FileRow], temp: Path, temps: list[Path],
@@ -189,22 +190,24 @@ class Downloader:
                 problems[target.id] = str(conflict)
         return outputs, problems
 
-    def _failed(self, job: JobRow, error: ApiError) -> None:
+    async def _failed(self, job: JobRow, error: ApiError) -> None:
         rt = self.rt
         attempts = job.attempts + 1
         if error.kind is ErrorKind.EXPIRED:
-            rt.ledger.transition(job.id, JobState.EXPIRED, info=info_of(error), attempts=attempts)
+            await rt.writes.transition(job.id, JobState.EXPIRED, info=info_of(error),
+                                       attempts=attempts)
         elif error.kind is ErrorKind.PERMANENT or attempts >= rt.config.max_attempts:
             message = error.describe() if error.kind is ErrorKind.PERMANENT else (
                 f"download gave up after {attempts} attempts: {error.describe()}")
-            rt.ledger.transition(job.id, JobState.FAILED, attempts=attempts,
-                                 info=TransitionInfo(http_status=error.http_status,
-                                                     error_code=error.code, message=message))
+            await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts,
+                                       info=TransitionInfo(http_status=error.http_status,
+                                                           error_code=error.code,
+                                                           message=message))
             rt.progress.done()
         else:
-            rt.ledger.transition(job.id, JobState.READY, attempts=attempts,
-                                 next_attempt_at=time.time() + rt.backoff(attempts),
-                                 info=info_of(error))
+            await rt.writes.transition(job.id, JobState.READY, attempts=attempts,
+                                       next_attempt_at=time.time() + rt.backoff(attempts),
+                                       info=info_of(error))
 
 
 def materialize_copies(rt: Runtime) -> int:

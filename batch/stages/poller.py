@@ -167,25 +167,25 @@ class Poller:
         interval = rt.config.poll_interval
         try:
             if time.time() > item.expires_at - rt.config.expiry_margin:
-                self._move(job_id, JobState.EXPIRED, TransitionInfo(
+                await self._move(job_id, JobState.EXPIRED, TransitionInfo(
                     message="the task did not finish before its result would expire"))
                 return
             await rt.client.limiter.acquire()
             try:
                 status = await rt.client.query(item.task_id)
             except ApiError as error:
-                self._error(job_id, item, error)
+                await self._error(job_id, item, error)
                 return
             if status.status == apispec.TASK_COMPLETED:
                 self.clock.observe(item.due - item.submitted_at)
-                self._move(job_id, JobState.READY, TransitionInfo(
+                await self._move(job_id, JobState.READY, TransitionInfo(
                     http_status=200, request_id=status.request_id, log_id=status.log_id),
                     result_urls=status.result_urls, attempts=0, next_attempt_at=0.0)
                 rt.wake_downloader.set()
                 return
             if status.status == apispec.TASK_PROCESSING and item.state is JobState.QUEUED:
-                self._move(job_id, JobState.PROCESSING, TransitionInfo(http_status=200),
-                           keep=True)
+                await self._move(job_id, JobState.PROCESSING, TransitionInfo(http_status=200),
+                                 keep=True)
                 item.state = JobState.PROCESSING
             item.attempts = 0
             self.clock.observe_unfinished(item.due - item.submitted_at)
@@ -193,29 +193,30 @@ class Poller:
         except StaleTransition:
             self.tracked.pop(job_id, None)
 
-    def _move(self, job_id: int, target: JobState, info: TransitionInfo, keep: bool = False,
-              **fields: Any) -> None:
+    async def _move(self, job_id: int, target: JobState, info: TransitionInfo,
+                    keep: bool = False, **fields: Any) -> None:
         item = self.tracked[job_id]
         try:
-            self.rt.ledger.transition(job_id, target, expect=item.state, info=info, **fields)
+            await self.rt.writes.transition(job_id, target, expect=item.state, info=info,
+                                            **fields)
         finally:
             if not keep:
                 self.tracked.pop(job_id, None)
         self.rt.changed.set()
 
-    def _error(self, job_id: int, item: Tracked, error: ApiError) -> None:
+    async def _error(self, job_id: int, item: Tracked, error: ApiError) -> None:
         rt = self.rt
         if error.kind is ErrorKind.ACCOUNT:
             rt.account_stop(error)
             self._again(job_id, rt.config.poll_interval)
             return
         if error.kind is ErrorKind.PERMANENT:
-            self._move(job_id, JobState.FAILED, info_of(error))
+            await self._move(job_id, JobState.FAILED, info_of(error))
             rt.progress.done()
             return
         item.attempts += 1
-        rt.ledger.note_attempt(job_id, info_of(error), attempts=item.attempts,
-                               next_attempt_at=0.0)
+        await rt.writes.note_attempt(job_id, info_of(error), attempts=item.attempts,
+                                     next_attempt_at=0.0)
         delay = max(rt.config.poll_interval, rt.backoff(item.attempts))
         if error.retry_after is not None:
             delay = max(delay, error.retry_after)

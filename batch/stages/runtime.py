@@ -15,6 +15,7 @@ from batch.api.retry import backoff_delay
 from batch.budget import Budget
 from batch.config import RunConfig
 from batch.ledger import Ledger
+from batch.ledger.groupcommit import GroupCommit
 from batch.progress import Progress
 
 log = logging.getLogger("batch")
@@ -46,6 +47,8 @@ class Runtime:
     out_dir: Path
     progress: Progress
     breaker: CircuitBreaker
+    #: Every ledger write the stages make goes through it, off the event loop's thread.
+    writes: GroupCommit
     budget: Budget | None = None
     flags: Flags = field(default_factory=Flags)
     rng: random.Random = field(default_factory=random.Random)

@@ -93,8 +93,8 @@ class Submitter:
                                                          rt.config.prepare)
         except Rejected as rejected:
             with contextlib.suppress(StaleTransition):
-                rt.ledger.transition(job.id, JobState.REJECTED, expect=job.state,
-                                     info=TransitionInfo(message=rejected.reason))
+                await rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
+                                           info=TransitionInfo(message=rejected.reason))
                 rt.progress.done()
             rt.changed.set()
             return
@@ -109,9 +109,9 @@ class Submitter:
             return
         note = f" ({prepared.note})" if prepared.note else ""
         try:
-            rt.ledger.transition(job.id, JobState.SUBMITTING, expect=job.state,
-                                 prepared=prepared.note,
-                                 info=TransitionInfo(message=f"uploading {filename}{note}"))
+            await rt.writes.transition(job.id, JobState.SUBMITTING, expect=job.state,
+                                       prepared=prepared.note,
+                                       info=TransitionInfo(message=f"uploading {filename}{note}"))
         except StaleTransition:
             log.debug("Job %d changed since it was claimed; not sent.", job.id)
             rt.breaker.release()
@@ -128,12 +128,12 @@ class Submitter:
                 rt.breaker.failure()
             else:
                 rt.breaker.success()
-            self._failed(job, error)
+            await self._failed(job, error)
             return
         except asyncio.CancelledError:
             if rt.budget is not None:
                 rt.budget.settle(charged=True)
-            rt.ledger.transition(
+            await rt.writes.transition(
                 job.id, JobState.AMBIGUOUS, charge=True, error_code="AMBIGUOUS_SUBMIT",
                 info=TransitionInfo(message="interrupted while waiting for the upload's answer: "
                                             "it may have been charged"))
@@ -143,7 +143,7 @@ class Submitter:
             rt.budget.settle(charged=True)
         crashpoints.reached("answered")
         now = time.time()
-        rt.ledger.transition(
+        await rt.writes.transition(
             job.id, JobState.QUEUED, task_id=submitted.task_id, submitted_at=now,
             expires_at=now + rt.config.result_ttl, attempts=0, next_attempt_at=0.0,
             charge=True, reason=None,
@@ -182,23 +182,23 @@ class Submitter:
                            "on the next run")
         raise Rejected("the file disappeared after it was scanned")
 
-    def _failed(self, job: JobRow, error: ApiError) -> None:
+    async def _failed(self, job: JobRow, error: ApiError) -> None:
         rt = self.rt
         info = info_of(error)
         attempts = job.attempts + 1
         if error.kind is ErrorKind.AMBIGUOUS:
             log.warning("Upload answer lost for job %s: %s", job.id, error.message)
-            rt.ledger.transition(job.id, JobState.AMBIGUOUS, charge=True, attempts=attempts,
+            await rt.writes.transition(job.id, JobState.AMBIGUOUS, charge=True, attempts=attempts,
                                  error_code="AMBIGUOUS_SUBMIT",
                                  next_attempt_at=time.time() + rt.backoff(attempts), info=info)
         elif error.kind is ErrorKind.ACCOUNT:
-            rt.ledger.transition(job.id, JobState.PENDING, info=info)
+            await rt.writes.transition(job.id, JobState.PENDING, info=info)
             rt.account_stop(error)
         elif error.kind is ErrorKind.PERMANENT:
-            rt.ledger.transition(job.id, JobState.FAILED, attempts=attempts, info=info)
+            await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts, info=info)
             rt.progress.done()
         elif attempts >= rt.config.max_attempts:
-            rt.ledger.transition(
+            await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,
                 info=TransitionInfo(http_status=error.http_status, error_code=error.code,
                                     request_id=error.request_id, log_id=error.log_id,
@@ -209,7 +209,7 @@ class Submitter:
             delay = rt.backoff(attempts)
             if error.retry_after is not None:
                 delay = max(delay, error.retry_after)
-            rt.ledger.transition(job.id, JobState.PENDING, attempts=attempts,
+            await rt.writes.transition(job.id, JobState.PENDING, attempts=attempts,
                                  next_attempt_at=time.time() + delay, info=info)
         rt.changed.set()
 

@@ -52,9 +52,6 @@ class GroupCommit:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._told = False
-        #: Writes made, and the transactions they took (inline ones count one each).
-        self.writes = 0
-        self.transactions = 0
 
     async def commit(self, write: Write) -> None:
         """Commit ``write``; raises its error. Cancelling the caller does not cancel the write
@@ -66,8 +63,6 @@ class GroupCommit:
             try:
                 self.ledger.commit([write])
             finally:
-                self.writes += 1
-                self.transactions += 1
                 if write.durable:
                     self._observe(time.perf_counter() - started)
             return
@@ -143,8 +138,6 @@ class GroupCommit:
             except BaseException as exc:  # no caller may wait for ever on a dead thread
                 outcomes = [RuntimeError(f"the ledger writer stopped: {exc!r}")] * len(batch)
                 stop = True
-            self.transactions += 1
-            self.writes += len(batch)
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 with contextlib.suppress(RuntimeError):  # the loop is gone (process exiting)
                     future.get_loop().call_soon_threadsafe(_settle, future, outcome)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import time
@@ -213,3 +214,15 @@ def test_the_reader_reports_a_fifo_or_a_vanished_file_instead_of_waiting(
     st = (tmp_path / "real.jpg").stat()
     assert hash_one(str(tmp_path / "real.jpg")) == (
         hashlib.sha256(b"12345").hexdigest(), None, 5, st.st_mtime_ns, st.st_ino)
+
+
+def test_a_scan_leaves_the_cycle_collector_on_even_when_it_fails(tmp_path: Path) -> None:
+    """The scan pauses Python's cycle collector for its own objects: the pause must not
+    outlive it (a run's event loop and a watch's later passes share the process)."""
+    write_portrait(tmp_path / "src" / "a.jpg")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    assert scan(ledger, [SourceRoot(tmp_path / "src")], FP).hashed == 1
+    assert gc.isenabled()
+    with pytest.raises(FileNotFoundError):
+        scan(ledger, [SourceRoot(tmp_path / "missing.jpg")], FP)
+    assert gc.isenabled()

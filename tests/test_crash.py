@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from batch.emulator import Emulator
 from tests.checks import (
     assert_ledger_sound,
     assert_no_double_pay,
@@ -33,20 +34,7 @@ def test_kill_9_at_each_transition_then_rerun(tmp_path: Path, make_emulator,  # 
     # query near the finish and would otherwise skip that state).
     emulator = make_emulator(process_seconds=1.0) if point.startswith("processing") \
         else make_emulator()
-    src, out = tmp_path / "src", tmp_path / "out"
-    sources = tree(src, 10)
-    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
-    crashed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": point})
-    crashed.communicate(timeout=120)
-    assert crashed.returncode == -signal.SIGKILL, f"{point} was never reached"
-
-    rerun = run_cli(args, emulator)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert_outputs_right(out, sources, emulator)
-    ambiguous = assert_no_double_pay(out, emulator, len(sources))
-    if point == "answered:2":
-        assert ambiguous >= 1, "a charged upload whose answer was lost must be recorded"
-    assert assert_ledger_sound(out)["done"] == len(sources)
+    kill_at_then_rerun(tmp_path, emulator, point)
 
 
 @pytest.mark.parametrize("point", ["submitting:3", "answered:2", "queued:4", "done:5"])
@@ -55,29 +43,47 @@ def test_kill_9_with_writes_committed_in_the_background_then_rerun(
         point: str) -> None:
     """On a slow disk the stages' writes are committed by the ledger's writer thread, several
     to a transaction: a kill right after such a commit loses nothing either."""
-    emulator = make_emulator()
+    stderr = kill_at_then_rerun(tmp_path, make_emulator(), point, slow_disk)
+    assert "made in the background" in stderr
+
+
+def kill_at_then_rerun(tmp_path: Path, emulator: Emulator, point: str,
+                       extra_env: dict[str, str] | None = None) -> str:
+    """SIGKILL right after ``point``, then a clean rerun; returns the killed run's stderr."""
     src, out = tmp_path / "src", tmp_path / "out"
     sources = tree(src, 10)
     args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
     crashed = popen_cli(args, emulator,
-                        extra_env={**slow_disk, "SKINBATCH_CRASH_AFTER": point})
+                        extra_env={**(extra_env or {}), "SKINBATCH_CRASH_AFTER": point})
     _, stderr = crashed.communicate(timeout=120)
     assert crashed.returncode == -signal.SIGKILL, f"{point} was never reached"
-    assert "made in the background" in stderr
 
-    rerun = run_cli(args, emulator, extra_env=slow_disk)
+    rerun = run_cli(args, emulator, extra_env=extra_env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_outputs_right(out, sources, emulator)
     ambiguous = assert_no_double_pay(out, emulator, len(sources))
     if point == "answered:2":
         assert ambiguous >= 1, "a charged upload whose answer was lost must be recorded"
     assert assert_ledger_sound(out)["done"] == len(sources)
+    return stderr
 
 
 @pytest.mark.parametrize(("images", "kills"), [
     (50, 10), pytest.param(500, 50, marks=pytest.mark.slow)])
 def test_kill_9_at_random_moments(tmp_path: Path, make_emulator, images: int,  # type: ignore[no-untyped-def]
                                   kills: int) -> None:
+    random_kills(tmp_path, make_emulator, images, kills)
+
+
+def test_kill_9_at_random_moments_while_writes_are_batched(  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator, slow_disk: dict[str, str]) -> None:
+    """On a slow disk the ledger's writes are committed several to a transaction by a thread
+    of their own: kills land mid-batch too."""
+    random_kills(tmp_path, make_emulator, 30, 8, slow_disk)
+
+
+def random_kills(tmp_path: Path, make_emulator, images: int, kills: int,  # type: ignore[no-untyped-def]
+                 extra_env: dict[str, str] | None = None) -> None:
     emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0, jitter=0.5)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = tree(src, images)
@@ -88,13 +94,13 @@ def test_kill_9_at_random_moments(tmp_path: Path, make_emulator, images: int,  #
     rng = random.Random(images)
     survived = 0
     for _ in range(kills):
-        proc = popen_cli(args, emulator)
+        proc = popen_cli(args, emulator, extra_env=extra_env)
         time.sleep(rng.uniform(0.6, 2.0))
         if proc.poll() is None:
             proc.kill()
             survived += 1
         proc.communicate(timeout=60)
-    final = run_cli(args, emulator, timeout=600)
+    final = run_cli(args, emulator, timeout=600, extra_env=extra_env)
     assert final.returncode == 0, final.stdout + final.stderr
     assert survived >= kills // 2
     assert_outputs_right(out, sources, emulator)

@@ -32,14 +32,12 @@ log = logging.getLogger("batch")
 
 #: Writes per transaction at most (a transaction holds the ledger's write lock).
 MAX_BATCH = 256
-
-_Item = tuple[Write, asyncio.Future[None]]
-
-
 #: Inline writes while durable commits take less than this on average (seconds).
 INLINE_BELOW = 0.002
 #: Weight of the latest durable commit in that average.
 _WEIGHT = 0.2
+
+_Item = tuple[Write, asyncio.Future[None]]
 
 
 class GroupCommit:

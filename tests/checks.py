@@ -42,14 +42,16 @@ def assert_outputs_right(out: Path, sources: dict[str, bytes], emulator: Emulato
     assert leftovers == [], f"temp files left: {leftovers}"
 
 
-def ledger_of(out: Path):  # type: ignore[no-untyped-def]
-    return open_ledger(out / ".skinbatch" / "ledger.sqlite")
+def ledger_of(out: Path, location: str | None = None):  # type: ignore[no-untyped-def]
+    """The run's ledger: ``location`` (a --ledger given) or the default one under ``out``."""
+    return open_ledger(location or out / ".skinbatch" / "ledger.sqlite")
 
 
-def assert_no_double_pay(out: Path, emulator: Emulator, distinct: int) -> int:
+def assert_no_double_pay(out: Path, emulator: Emulator, distinct: int,
+                         location: str | None = None) -> int:
     """Charges seen by the server never exceed images + uploads the ledger marks ambiguous
     (+ expired resubmits). Returns the ambiguous count."""
-    ledger = ledger_of(out)
+    ledger = ledger_of(out, location)
     try:
         ambiguous = ledger.ambiguous_events()
         expired = sum(1 for j in ledger.jobs_in(list(JobState))
@@ -63,14 +65,16 @@ def assert_no_double_pay(out: Path, emulator: Emulator, distinct: int) -> int:
     return ambiguous
 
 
-def assert_ledger_sound(out: Path) -> dict[str, int]:
-    """integrity_check ok, every job in a known state, every history row a legal transition."""
+def assert_ledger_sound(out: Path, location: str | None = None) -> dict[str, int]:
+    """integrity_check ok (SQLite), every job in a known state, every history row a legal
+    transition."""
     from batch.states import check_transition
 
-    ledger = ledger_of(out)
+    ledger = ledger_of(out, location)
     try:
-        with ledger.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        if ledger.engine.dialect.name == "sqlite":
+            with ledger.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
         transitions = 0
         for job in ledger.jobs_in(list(JobState)):
             for event in ledger.history(job.id):

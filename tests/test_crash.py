@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -47,12 +48,25 @@ def test_kill_9_with_writes_committed_in_the_background_then_rerun(
     assert "made in the background" in stderr
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("point", ["answered:2", "queued:4", "done:5"])
+def test_kill_9_with_a_postgresql_ledger_then_rerun(tmp_path: Path, make_emulator,  # type: ignore[no-untyped-def]
+                                                     pg_url: str, point: str) -> None:
+    """The whole run against a PostgreSQL ledger (--ledger URL), killed and run again."""
+    kill_at_then_rerun(tmp_path, make_emulator(), point, ledger=pg_url)
+    status = run_cli(["status", "--out", str(tmp_path / "out"), "--ledger", pg_url, "--json"],
+                     None)
+    assert status.returncode == 0 and json.loads(status.stdout)["counts"]["done"] == 10
+
+
 def kill_at_then_rerun(tmp_path: Path, emulator: Emulator, point: str,
-                       extra_env: dict[str, str] | None = None) -> str:
+                       extra_env: dict[str, str] | None = None, ledger: str | None = None) -> str:
     """SIGKILL right after ``point``, then a clean rerun; returns the killed run's stderr."""
     src, out = tmp_path / "src", tmp_path / "out"
     sources = tree(src, 10)
     args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    if ledger is not None:
+        args += ["--ledger", ledger]
     crashed = popen_cli(args, emulator,
                         extra_env={**(extra_env or {}), "SKINBATCH_CRASH_AFTER": point})
     _, stderr = crashed.communicate(timeout=120)
@@ -61,10 +75,10 @@ def kill_at_then_rerun(tmp_path: Path, emulator: Emulator, point: str,
     rerun = run_cli(args, emulator, extra_env=extra_env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_outputs_right(out, sources, emulator)
-    ambiguous = assert_no_double_pay(out, emulator, len(sources))
+    ambiguous = assert_no_double_pay(out, emulator, len(sources), ledger)
     if point == "answered:2":
         assert ambiguous >= 1, "a charged upload whose answer was lost must be recorded"
-    assert assert_ledger_sound(out)["done"] == len(sources)
+    assert assert_ledger_sound(out, ledger)["done"] == len(sources)
     return stderr
 
 

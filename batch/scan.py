@@ -79,34 +79,51 @@ def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:
 UNKNOWN = -1
 
 
-@dataclass(slots=True)
-class NewFolder:
-    """A folder seen for the first time, its digest summed up as its files are read. ``lines``
-    is None once it cannot have one (a symlink, a file that could not be read)."""
+class FolderDigest:
+    """One digest of a folder's settings and of every file's name, size, mtime and inode, or
+    None when the folder must be looked at file by file anyway (a symlink, a file that cannot
+    be stat-ed or read). Non-image files count too (a partial download renamed into place
+    changes it), so no name needs classifying to skip an unchanged folder."""
 
-    rel_dir: str
-    lines: list[str] | None
-    images: int = 0
-    waiting: int = 0
-    walked: bool = False
+    __slots__ = ("lines",)
+
+    def __init__(self, settings: FolderSettings, out_prefix: str) -> None:
+        self.lines: list[str] | None = [
+            f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
+            f"{out_prefix}"]
 
     def add(self, name: str, size: int, mtime_ns: int, inode: int) -> None:
         if self.lines is not None:
-            self.lines.append(_digest_line(name, size, mtime_ns, inode))
+            self.lines.append(f"{name}\0{size}\0{mtime_ns}\0{inode}")
 
     def add_entry(self, entry: os.DirEntry[str]) -> None:
+        """The file as the walk sees it (``lstat``)."""
         try:
-            if entry.is_symlink():
-                self.lines = None
+            if not entry.is_symlink():
+                st = entry.stat()
+                self.add(entry.name, st.st_size, st.st_mtime_ns, st.st_ino)
                 return
-            st = entry.stat()
         except OSError:
-            self.lines = None
-            return
-        self.add(entry.name, st.st_size, st.st_mtime_ns, st.st_ino)
+            pass
+        self.lines = None
 
-    def digest(self) -> str | None:
-        return None if self.lines is None else _digest_of(self.lines)
+    def value(self) -> str | None:
+        if self.lines is None:
+            return None
+        self.lines.sort()
+        data = "\n".join(self.lines).encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+@dataclass(slots=True)
+class NewFolder:
+    """A folder seen for the first time: its digest is summed up as its files are read."""
+
+    rel_dir: str
+    digest: FolderDigest
+    images: int = 0
+    waiting: int = 0
+    walked: bool = False
 
 
 @dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
@@ -190,41 +207,20 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()) 
         yield Folder(directory, rel_dir, settings, files)
 
 
-def _digest_header(settings: FolderSettings, out_prefix: str) -> str:
-    return (f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
-            f"{out_prefix}")
-
-
-def _digest_line(name: str, size: int, mtime_ns: int, inode: int) -> str:
-    return f"{name}\0{size}\0{mtime_ns}\0{inode}"
-
-
-def _digest_of(lines: list[str]) -> str:
-    lines.sort()
-    data = "\n".join(lines).encode("utf-8", "surrogateescape")
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
 def folder_digest(folder: Folder, out_prefix: str) -> str | None:
-    """One digest of every file's name, size, mtime and inode and the folder's settings, or
-    None when the folder must be looked at file by file anyway (a symlink, a file that cannot
-    be stat-ed). Non-image files count too (a partial download renamed into place changes
-    it), so no name needs classifying to skip an unchanged folder."""
-    lines = [_digest_header(folder.settings, out_prefix)]
-    append = lines.append
-    try:
-        for entry in folder.files:
-            if entry.is_symlink():
-                return None
-            st = entry.stat()  # the line as _digest_line makes it, inline: once per file
-            append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}")
-    except OSError:
-        return None
-    return _digest_of(lines)
+    """The :class:`FolderDigest` of ``folder`` as the walk sees it."""
+    digest = FolderDigest(folder.settings, out_prefix)
+    for entry in folder.files:
+        digest.add_entry(entry)
+        if digest.lines is None:
+            return None
+    return digest.value()
 
 
 def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
-               settings: FolderSettings, fp: str) -> Candidate:
+               settings: FolderSettings, fp: str, new: NewFolder | None = None) -> Candidate:
+    """The file, looked at (``stat``) unless it is a plain file in a ``new`` folder: that one
+    is looked at by the worker that reads it, and the candidate carries the folder along."""
     name = entry.name
     rel = f"{rel_dir}/{name}" if rel_dir else name
     out_name = settings.output_name(name)
@@ -245,6 +241,8 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
                 return problem("broken or looping symbolic link")
             if not target.is_relative_to(base):
                 return problem("symbolic link to a file outside the source folder; not followed")
+        elif new is not None and entry.is_file(follow_symlinks=False):
+            return Candidate(base, rel, out_rel, entry.path, UNKNOWN, UNKNOWN, fp, None, new)
         st = entry.stat(follow_symlinks=True)
     except OSError as exc:
         return problem(f"cannot read file information: {exc.strerror or exc}")
@@ -381,32 +379,21 @@ class _RootScan:
     def _new_folder(self, folder: Folder) -> None:
         """A folder the ledger knows nothing of: its plain files are not looked at before
         they are read (the reader takes their metadata from the open file); the others
-        (symlinks, odd names, a folder whose settings are wrong) go the careful way."""
+        (symlinks, odd names, a folder whose settings are wrong) go the careful way, and the
+        folder then gets no digest: it is looked at file by file every time."""
         settings = folder.settings
-        new = NewFolder(folder.rel_dir, [_digest_header(settings, self.root.out_prefix)])
-        base, rel_dir, fp = self.base, folder.rel_dir, settings.options.fingerprint
-        prefix = f"{rel_dir}/" if rel_dir else ""
-        careful = settings.problem is not None
+        new = NewFolder(folder.rel_dir, FolderDigest(settings, self.root.out_prefix))
+        fp = settings.options.fingerprint
         for entry in folder.files:
             if name_kind(entry.name) != IMAGE:
-                new.add_entry(entry)
+                new.digest.add_entry(entry)
                 continue
             new.images += 1
-            name = entry.name
-            try:
-                plain = (not careful and entry.is_file(follow_symlinks=False)
-                         and "\n" not in name and "\r" not in name)
-            except OSError:
-                plain = False
-            if plain:
+            c = _candidate(self.base, self.root, entry, folder.rel_dir, settings, fp, new)
+            if c.folder is None:
+                new.digest.lines = None
+            else:
                 new.waiting += 1
-                out_name = settings.output_name(name)
-                c = Candidate(base, prefix + name,
-                              _join(self.root.out_prefix, prefix + out_name),
-                              entry.path, UNKNOWN, UNKNOWN, fp, None, new)
-            else:  # a symlink or a problem: the folder is looked at file by file every time
-                new.lines = None
-                c = _candidate(base, self.root, entry, rel_dir, settings, fp)
             self._consider(c, None)
         self.stats.found += new.images
         new.walked = True
@@ -414,7 +401,7 @@ class _RootScan:
 
     def _settle_folder(self, new: NewFolder) -> None:
         if new.walked and not new.waiting:
-            digest = new.digest()
+            digest = new.digest.value()
             self.changed[new.rel_dir] = None if digest is None else (digest, new.images)
 
     def _consider(self, c: Candidate, k: KnownFile | None) -> None:
@@ -475,9 +462,9 @@ class _RootScan:
                 new = c.folder
                 if new is not None:
                     if digest is None:
-                        new.lines = None
+                        new.digest.lines = None
                     else:
-                        new.add(c.rel_path.rpartition("/")[2], size, mtime_ns, inode)
+                        new.digest.add(c.rel_path.rpartition("/")[2], size, mtime_ns, inode)
                     new.waiting -= 1
                     self._settle_folder(new)
                 files.append(_scanned(c, digest, problem))

@@ -29,6 +29,7 @@ from batch.scan import SourceRoot, scan
 from batch.states import JobState
 from bench.baseline import sequential_client
 from bench.common import KEY, ROOT, WRAPPER, make_images, run_cli
+from tests import slowdisk
 
 OPTIONS = Options.of(["smart_skin"])
 
@@ -52,7 +53,8 @@ def row(name: str, figure: str, target: str = "", ok: bool | None = None) -> Non
 
 # ---- 1 + 2: throughput against the theoretical bound, and query economy ---------------------
 
-THROUGHPUT = dict(qps=40.0, poll=0.5, concurrency=8, latency=0.03)
+#: The throughput runs' settings: QPS cap, poll interval, uploads at once, request latency.
+QPS, POLL, CONCURRENCY, LATENCY = 40.0, 0.5, 8, 0.03
 
 
 @dataclass
@@ -70,8 +72,7 @@ def throughput_run(work: Path, name: str, images: int,
                    baseline_sample: int = 0) -> tuple[ThroughputRun, float]:
     """One paced run of ``images`` against the emulator; with ``baseline_sample``, the
     sequential baseline's images/minute on that many of them too (else 0)."""
-    qps, poll = THROUGHPUT["qps"], THROUGHPUT["poll"]
-    concurrency, latency = int(THROUGHPUT["concurrency"]), THROUGHPUT["latency"]
+    qps, poll, concurrency, latency = QPS, POLL, CONCURRENCY, LATENCY
     config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.5,
                             process_seconds=0.8, jitter=0.3, latency=latency, qps_limit=qps)
     src = work / f"{name}-src"
@@ -110,14 +111,13 @@ def throughput_run(work: Path, name: str, images: int,
 def bench_throughput(work: Path, images: int, quick: bool) -> ThroughputRun:
     run, baseline = throughput_run(work, "throughput", images,
                                    baseline_sample=4 if quick else 8)
-    concurrency = THROUGHPUT["concurrency"]
     row("throughput", f"{run.achieved:.0f} img/min; bound {run.bound:.0f}; "
         f"achieved/bound {run.achieved / run.bound:.2f}; 429s: {run.rate_limited}", ">= 0.95",
         run.achieved / run.bound >= 0.95)
     row("speed-up vs sequential", f"{run.achieved / baseline:.1f}x ({baseline:.0f} img/min, "
-        f"measured on {4 if quick else 8} images)", f">= {concurrency:g}x",
-        run.achieved / baseline >= concurrency)
-    row("queries per task", f"{run.queries_per_task:.2f} (a fixed {THROUGHPUT['poll']:g}s "
+        f"measured on {4 if quick else 8} images)", f">= {CONCURRENCY}x",
+        run.achieved / baseline >= CONCURRENCY)
+    row("queries per task", f"{run.queries_per_task:.2f} (a fixed {POLL:g}s "
         f"schedule would need {run.fixed_schedule_queries:.2f}; the least possible is 1)",
         "<= 1.2", run.queries_per_task <= 1.2)
     return run
@@ -126,16 +126,12 @@ def bench_throughput(work: Path, images: int, quick: bool) -> ThroughputRun:
 def bench_slow_disk(work: Path, images: int, fast: ThroughputRun) -> None:
     """The same run with the ledger (and outputs) on a disk whose every flush takes 20 ms more
     (tests/slowdisk.c, preloaded): what a spinning disk or a slow share would do."""
-    library = work / "slowdisk.so"
     try:
-        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library),
-                        str(ROOT / "tests" / "slowdisk.c"), "-ldl"], check=True,
-                       capture_output=True)
+        library = slowdisk.build(work)
     except (OSError, subprocess.CalledProcessError) as exc:
         row("throughput, disk flush +20 ms", f"not measured: no C compiler ({exc})")
         return
-    run, _ = throughput_run(work, "slow-disk", images,
-                            {"LD_PRELOAD": str(library), "SLOW_FSYNC_US": "20000"})
+    run, _ = throughput_run(work, "slow-disk", images, slowdisk.environment(library, 20000))
     row("throughput, disk flush +20 ms", f"{run.achieved:.0f} img/min; achieved/bound "
         f"{run.achieved / run.bound:.2f}; {run.achieved / fast.achieved:.2f}x the run above; "
         f"429s: {run.rate_limited}", "(extra figure)")

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from batch.emulator import Emulator, EmulatorConfig, Faults
+from tests import slowdisk
 
 PG_ADMIN_URL = os.environ.get("SKINBATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 API_KEY = "sk-test-" + "c4n4ry" * 4
@@ -143,13 +144,10 @@ def ledger_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def slow_disk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment for a child process whose every fsync takes 20 ms more (tests/slowdisk.c,
     built with the machine's C compiler), as with a ledger on a spinning disk."""
-    library = tmp_path_factory.mktemp("slowdisk") / "slowdisk.so"
     try:
-        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library),
-                        str(ROOT / "tests" / "slowdisk.c"), "-ldl"], check=True,
-                       capture_output=True)
+        library = slowdisk.build(tmp_path_factory.mktemp("slowdisk"))
     except (OSError, subprocess.CalledProcessError) as exc:
         if os.environ.get("CI"):
             pytest.fail(f"cannot build the slow-disk shim: {exc}")
         pytest.skip(f"no C compiler to build the slow-disk shim: {exc}")
-    return {"LD_PRELOAD": str(library), "SLOW_FSYNC_US": "20000"}
+    return slowdisk.environment(library)

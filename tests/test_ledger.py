@@ -143,7 +143,7 @@ def test_only_what_the_next_run_redoes_for_free_skips_the_fsync(tmp_path: Path) 
                            (JobState.DOWNLOADING, {})]:
         ledger.transition(job.id, target, **fields)
         seen.append((target.value, synchronous()))
-    ledger.finish_download(job.id, "b" * 64, {}, {})
+    ledger.commit([ledger.finish_download_write(job.id, "b" * 64, {}, {})])
     seen.append(("done", synchronous()))
     assert seen == [("scan", 1), ("submitting", 2), ("queued", 2), ("processing", 1),
                     ("ready", 1), ("downloading", 1), ("ready", 1), ("downloading", 1),

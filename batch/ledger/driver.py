@@ -118,13 +118,9 @@ class Cursor:
         self._cursor.execute(statement.sql, statement.bind(values or {}))
         return int(self._cursor.rowcount)
 
-    def executemany(self, statement: Statement, rows: Sequence[Mapping[str, Any]]) -> None:
-        if rows:
-            self._cursor.executemany(statement.sql, [statement.bind(row) for row in rows])
-
-    def executemany_rows(self, statement: Statement, layout: tuple[str, ...],
-                         rows: Sequence[Sequence[Any]]) -> None:
-        """:meth:`executemany` for rows given as tuples laid out as ``layout``."""
+    def executemany(self, statement: Statement, layout: tuple[str, ...],
+                    rows: Sequence[Sequence[Any]]) -> None:
+        """Run it once per row, rows given as tuples laid out as ``layout``."""
         if rows:
             self._cursor.executemany(statement.sql, statement.bind_rows(layout, rows))
 

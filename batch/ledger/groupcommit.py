@@ -88,7 +88,8 @@ class GroupCommit:
         self.commit_seconds += _WEIGHT * (seconds - self.commit_seconds)
 
     async def transition(self, job_id: int, target: JobState, **kwargs: Any) -> None:
-        """:meth:`Ledger.transition`, committed here."""
+        """:meth:`Ledger.transition`, committed here (the stages' writes are made through
+        these three)."""
         await self.commit(self.ledger.transition_write(job_id, target, **kwargs))
 
     async def note_attempt(self, job_id: int, info: TransitionInfo, *, attempts: int,

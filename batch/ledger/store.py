@@ -296,8 +296,8 @@ class Ledger:
                       f.options_fp, f.problem, now) for f in scanned]
         with self._driver.transaction(write=True, bulk=True) as cur:
             top = cur.scalar(self._top_job) or 0
-            cur.executemany_rows(self._insert_jobs, _JOB_ROW, job_rows)
-            cur.executemany_rows(self._upsert_files, _FILE_ROW, file_rows)
+            cur.executemany(self._insert_jobs, _JOB_ROW, job_rows)
+            cur.executemany(self._upsert_files, _FILE_ROW, file_rows)
             return int(cur.scalar(self._jobs_after, {"top": top}) or 0)
 
     def options_in_use(self) -> dict[str, int]:
@@ -437,16 +437,11 @@ class Ledger:
             "request_id": info.request_id, "log_id": info.log_id, "message": info.message,
         })
 
-    def note_attempt(
-        self, job_id: int, info: TransitionInfo, *, attempts: int, next_attempt_at: float
-    ) -> None:
-        """Record a failed attempt that leaves the state as it is (e.g. a poll that hit a 5xx)."""
-        self.commit([self.note_attempt_write(job_id, info, attempts=attempts,
-                                             next_attempt_at=next_attempt_at)])
-
     def note_attempt_write(
         self, job_id: int, info: TransitionInfo, *, attempts: int, next_attempt_at: float
     ) -> Write:
+        """A failed attempt that leaves the state as it is (e.g. a poll that hit a 5xx)."""
+
         def run(cur: Cursor) -> None:
             now = time.time()
             state = cur.scalar(self._state_of, {"job_id": job_id})
@@ -585,17 +580,12 @@ class Ledger:
             cur.execute(self._set_output, {"file_id": file_id, "written_rel": written_rel,
                                            "written_sha256": written_sha256, "problem": problem})
 
-    def finish_download(
-        self, job_id: int, result_sha256: str, outputs: dict[int, tuple[str, str | None]],
-        problems: dict[int, str],
-    ) -> None:
-        """Record every output written for a job and mark it done, atomically."""
-        self.commit([self.finish_download_write(job_id, result_sha256, outputs, problems)])
-
     def finish_download_write(
         self, job_id: int, result_sha256: str, outputs: dict[int, tuple[str, str | None]],
         problems: dict[int, str],
     ) -> Write:
+        """Every output written for a job recorded and the job marked done, atomically."""
+
         def run(cur: Cursor) -> None:
             for file_id, (rel, sha) in outputs.items():
                 cur.execute(self._set_output, {"file_id": file_id, "written_rel": rel,

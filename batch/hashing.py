@@ -2,8 +2,9 @@
 
 Many small files are hashed in worker processes: per file, Python's own overhead (open, read,
 hexdigest) holds the GIL, so threads would not use the second core. A few large files are hashed
-in threads, where hashlib releases the GIL. This module imports nothing from the rest of the
-package, so a worker process starts in milliseconds.
+in threads, where hashlib releases the GIL. The workers also read whole new folders into ledger
+rows (``batch.folderread``). This module imports nothing from the rest of the package but that,
+so a worker process starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from batch.folderread import FolderJob, FolderRead, read_folders
 
 #: A digest or None and the reason the file could not be read, then the size, mtime (ns) and
 #: inode of the file read, from the same open file (all 0 when it could not be read). The
@@ -93,11 +97,19 @@ def hash_many(paths: Sequence[str]) -> list[Hashed]:
     return [hash_one(p) for p in paths]
 
 
+#: What a worker process is asked: a batch of paths to hash, or of new folders to read.
+_TASKS: dict[str, Callable[[Any], Any]] = {
+    "paths": hash_many,
+    "folders": lambda jobs: read_folders(jobs, hash_many),
+}
+
+
 class _WorkerProcess:
-    """``python -m batch.hashing``: takes batches of paths (pickled) on stdin, answers their
-    hashes on stdout. A plain child process rather than multiprocessing, which would re-import
-    the parent's ``__main__`` (the CLI) in every worker. Its own session, so Ctrl-C is the
-    parent's to handle; it exits when the parent goes away and its stdin closes."""
+    """``python -m batch.hashing``: takes requests (a name from ``_TASKS`` and its batch,
+    pickled) on stdin, answers on stdout. A plain child process rather than multiprocessing,
+    which would re-import the parent's ``__main__`` (the CLI) in every worker. Its own
+    session, so Ctrl-C is the parent's to handle; it exits when the parent goes away and its
+    stdin closes."""
 
     def __init__(self) -> None:
         # -P: never import a "batch" folder from the current directory instead of this package.
@@ -105,12 +117,11 @@ class _WorkerProcess:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      start_new_session=True)
 
-    def run(self, paths: list[str]) -> list[Hashed]:
+    def run(self, task: str, batch: Any) -> Any:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        pickle.dump(paths, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((task, batch), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         self.proc.stdin.flush()
-        answer: list[Hashed] = pickle.load(self.proc.stdout)
-        return answer
+        return pickle.load(self.proc.stdout)
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -123,8 +134,9 @@ class _WorkerProcess:
 
 
 class Hasher:
-    """Hashes batches in the background: ``submit`` returns a future of the batch's results,
-    so the scanner walks and records one batch while the next is being hashed."""
+    """Hashes batches, or reads new folders, in the background: ``submit`` and
+    ``read_folders`` return a future of the batch's results, so the scanner walks and records
+    one batch while the next ones are being read."""
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or max(2, os.cpu_count() or 2)
@@ -134,20 +146,28 @@ class Hasher:
         self._mine = threading.local()
         self._lock = threading.Lock()
 
-    def submit(self, paths: list[str], total_bytes: int | None) -> Future[list[Hashed]]:
+    def submit(self, paths: list[str], total_bytes: int) -> Future[list[Hashed]]:
         """A batch is handed to a feeder thread, which passes it to its worker process (many
-        small files) or spreads it over the hashing threads (a few big ones). ``total_bytes``
-        is None when the files have not been looked at yet (a new folder): many files go to
-        a process then, whatever their size (a process hashes big files as fast as a thread;
-        only for a few is starting it not worth it)."""
+        small files) or spreads it over the hashing threads (a few big ones)."""
+        if len(paths) >= PROCESS_MIN_FILES and total_bytes / len(paths) <= PROCESS_MAX_MEAN_BYTES:
+            return self._feed().submit(self._in_process, "paths", paths)
+        return self._feed().submit(self._hash_in_threads, paths)
+
+    def read_folders(self, jobs: list[FolderJob]) -> Future[list[FolderRead]]:
+        """New folders read into ledger rows in the background (see ``batch.folderread``):
+        in a worker process when they hold many files (their sizes are not known yet: a
+        process hashes big files as fast as a thread, only for a few is it not worth
+        starting), else here, their photos spread over the hashing threads."""
+        if sum(len(job.names) for job in jobs) >= PROCESS_MIN_FILES:
+            return self._feed().submit(self._in_process, "folders", jobs)
+        return self._feed().submit(read_folders, jobs, self._hash_in_threads)
+
+    def _feed(self) -> ThreadPoolExecutor:
         if self._feeders is None:
             self._feeders = ThreadPoolExecutor(self.workers, thread_name_prefix="hash-feed")
-        if len(paths) >= PROCESS_MIN_FILES and (
-                total_bytes is None or total_bytes / len(paths) <= PROCESS_MAX_MEAN_BYTES):
-            return self._feeders.submit(self._in_process, paths)
-        return self._feeders.submit(self._in_threads, paths)
+        return self._feeders
 
-    def _in_threads(self, paths: list[str]) -> list[Hashed]:
+    def _hash_in_threads(self, paths: list[str]) -> list[Hashed]:
         if self._threads is None:
             with self._lock:
                 if self._threads is None:
@@ -155,7 +175,7 @@ class Hasher:
                                                        thread_name_prefix="hash")
         return list(self._threads.map(hash_one, paths))
 
-    def _in_process(self, paths: list[str]) -> list[Hashed]:
+    def _in_process(self, task: str, batch: Any) -> Any:
         """Runs in a feeder thread, which owns one worker process."""
         worker: _WorkerProcess | None = getattr(self._mine, "worker", None)
         try:
@@ -163,13 +183,13 @@ class Hasher:
                 worker = self._mine.worker = _WorkerProcess()
                 with self._lock:
                     self._processes.append(worker)
-            return worker.run(paths)
+            return worker.run(task, batch)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             log.warning("A hashing process failed (%s); hashing here instead.", exc)
             self._mine.worker = None
             if worker is not None:
                 worker.proc.kill()
-            return hash_many(paths)
+            return _TASKS[task](batch)
 
     def close(self) -> None:
         for pool in (self._feeders, self._threads):
@@ -185,13 +205,32 @@ class Hasher:
         self.close()
 
 
+#: How much lower than the scanner's the workers' CPU priority is.
+WORKER_NICENESS = 10
+
+
+def _yield_to_the_scanner() -> None:
+    """The scanner's own thread makes the ledger's inserts, the critical path of a first scan
+    of many small files; the workers reading ahead of it are to take the CPU it leaves, not
+    share it evenly. Where the kernel groups processes by session for scheduling (autogroup,
+    on by default in most Linux distributions) a nice value counts only within the group,
+    and a worker has a session of its own: the group's is set too."""
+    os.nice(WORKER_NICENESS)
+    try:
+        with open("/proc/self/autogroup", "w") as autogroup:
+            autogroup.write(str(WORKER_NICENESS))
+    except OSError:
+        pass  # no autogroup here: the process's own nice value is what counts
+
+
 def _serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _yield_to_the_scanner()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     try:
         while True:
-            paths = pickle.load(stdin)
-            pickle.dump(hash_many(paths), stdout, protocol=pickle.HIGHEST_PROTOCOL)
+            task, batch = pickle.load(stdin)
+            pickle.dump(_TASKS[task](batch), stdout, protocol=pickle.HIGHEST_PROTOCOL)
             stdout.flush()
     except (EOFError, BrokenPipeError):
         return  # the scanner is done, or gone (killed): nothing to answer

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from batch.apispec import OPTION_NAMES
+from batch.names import DEFAULT_NAMING
 from batch.options import Options
 
 PRESET_NAME = ".skinbatch.toml"
-DEFAULT_NAMING = "{stem}{ext}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +27,6 @@ class FolderSettings:
     naming: str = DEFAULT_NAMING
     #: Why files here cannot be processed (an invalid preset), or None.
     problem: str | None = None
-
-    def output_name(self, name: str) -> str:
-        if self.naming == DEFAULT_NAMING:
-            return name
-        path = PurePosixPath(name)
-        return self.naming.format(stem=path.stem, ext=path.suffix, name=name)
 
 
 def check_naming(template: str) -> str:

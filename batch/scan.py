@@ -1,18 +1,17 @@
 """Finding the photos under the source folders and recording them in the ledger.
 
-A first scan hashes in the background (worker processes for many small files, threads for big
-ones; see ``batch.hashing``) while it walks on and records the previous batch, so both cores
-work. The files of a folder seen for the first time are not even looked at here: the worker
-that reads one takes its size, mtime and inode from the open file, and the folder's digest is
-summed up from those once the last of its files is back. A re-scan is cheap: a folder whose
-digest of names, sizes, mtimes and inodes matches the ledger's is skipped with no per-file
-lookup; in a changed folder, a file whose size and mtime match the ledger is not read again.
+A first scan reads in the background (worker processes for many small files, threads for big
+ones; see ``batch.hashing``) while it walks on and records what is back, so both cores work. A
+folder seen for the first time is only listed here: a worker reads it whole into the ledger's
+rows and its digest (``batch.folderread``), and this thread is left with the ledger's inserts,
+which only one writer can make. A re-scan is cheap: a folder whose digest of names, sizes,
+mtimes and inodes matches the ledger's is skipped with no per-file lookup; in a changed
+folder, a file whose size and mtime match the ledger is not read again.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import stat
 import time
@@ -23,18 +22,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batch.folderread import FolderDigest, FolderJob, FolderRead
 from batch.hashing import Hashed, Hasher
-from batch.ledger.store import KnownFile, Ledger, ScannedFile
+from batch.ledger.store import KnownFile, Ledger
+from batch.names import (
+    DEFAULT_NAMING,
+    IGNORED,
+    IMAGE,
+    LINE_BREAK_PROBLEM,
+    has_line_break,
+    name_kind,
+    output_rel,
+)
 from batch.options import Options
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
+from batch.scanrows import ScanRow
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
-                            ".heif"})
-TEMP_SUFFIXES = (".part", ".tmp", ".temp", ".crdownload", ".partial", ".download", "~")
-#: Files per ledger transaction (and per hashing batch).
+#: Files per hashing batch, and at least this many per batch of new folders read.
 BATCH = 4096
-#: Batches being hashed while the scanner walks on.
-IN_FLIGHT = 2
+#: Files being read while the scanner walks on and records: enough to keep the workers busy
+#: while this thread makes one ledger transaction.
+IN_FLIGHT_FILES = 6 * BATCH
+#: Rows per ledger transaction: a commit writes every page it changed, and a first scan's
+#: inserts touch pages all over the jobs' content index, so fewer, bigger ones cost less.
+RECORD_ROWS = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,55 +86,10 @@ def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:
     return True
 
 
-#: A candidate's size and mtime before its file is read (new folders are not looked at first).
-UNKNOWN = -1
-
-
-class FolderDigest:
-    """One digest of a folder's settings and of every file's name, size, mtime and inode, or
-    None when the folder must be looked at file by file anyway (a symlink, a file that cannot
-    be stat-ed or read). Non-image files count too (a partial download renamed into place
-    changes it), so no name needs classifying to skip an unchanged folder."""
-
-    __slots__ = ("lines",)
-
-    def __init__(self, settings: FolderSettings, out_prefix: str) -> None:
-        self.lines: list[str] | None = [
-            f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
-            f"{out_prefix}"]
-
-    def add(self, name: str, size: int, mtime_ns: int, inode: int) -> None:
-        if self.lines is not None:
-            self.lines.append(f"{name}\0{size}\0{mtime_ns}\0{inode}")
-
-    def add_entry(self, entry: os.DirEntry[str]) -> None:
-        """The file as the walk sees it (``lstat``)."""
-        try:
-            if not entry.is_symlink():
-                st = entry.stat()
-                self.add(entry.name, st.st_size, st.st_mtime_ns, st.st_ino)
-                return
-        except OSError:
-            pass
-        self.lines = None
-
-    def value(self) -> str | None:
-        if self.lines is None:
-            return None
-        self.lines.sort()
-        data = "\n".join(self.lines).encode("utf-8", "surrogateescape")
-        return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
-@dataclass(slots=True)
-class NewFolder:
-    """A folder seen for the first time: its digest is summed up as its files are read."""
-
-    rel_dir: str
-    digest: FolderDigest
-    images: int = 0
-    waiting: int = 0
-    walked: bool = False
+def _digest_header(settings: FolderSettings, out_prefix: str) -> str:
+    """The first line of a folder's digest: the settings its files are recorded with."""
+    return (f"{settings.options.fingerprint}\0{settings.naming}\0{settings.problem}\0"
+            f"{out_prefix}")
 
 
 @dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
@@ -136,27 +102,6 @@ class Candidate:
     mtime_ns: int
     options_fp: str
     problem: str | None = None
-    #: Set when the file is in a new folder, whose digest waits for it to be read.
-    folder: NewFolder | None = None
-
-
-IGNORED, IMAGE, OTHER = 0, 1, 2
-
-
-def name_kind(name: str) -> int:
-    """IGNORED for hidden, temporary and partial names (never taken until renamed), IMAGE for
-    an image extension, else OTHER. One pass per name: it runs for every entry of every scan."""
-    if name[:1] == "." or name[:2] == "~$":
-        return IGNORED
-    lower = name.lower()
-    if lower.endswith(TEMP_SUFFIXES) or ".syncthing." in lower:
-        return IGNORED
-    dot = lower.rfind(".")
-    return IMAGE if dot > 0 and lower[dot:] in IMAGE_SUFFIXES else OTHER
-
-
-def _join(prefix: str, rel: str) -> str:
-    return f"{prefix}/{rel}" if prefix else rel
 
 
 @dataclass(slots=True)
@@ -209,7 +154,7 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()) 
 
 def folder_digest(folder: Folder, out_prefix: str) -> str | None:
     """The :class:`FolderDigest` of ``folder`` as the walk sees it."""
-    digest = FolderDigest(folder.settings, out_prefix)
+    digest = FolderDigest(_digest_header(folder.settings, out_prefix))
     for entry in folder.files:
         digest.add_entry(entry)
         if digest.lines is None:
@@ -218,21 +163,19 @@ def folder_digest(folder: Folder, out_prefix: str) -> str | None:
 
 
 def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
-               settings: FolderSettings, fp: str, new: NewFolder | None = None) -> Candidate:
-    """The file, looked at (``stat``) unless it is a plain file in a ``new`` folder: that one
-    is looked at by the worker that reads it, and the candidate carries the folder along."""
+               settings: FolderSettings, fp: str) -> Candidate:
+    """The file, looked at (``stat``)."""
     name = entry.name
     rel = f"{rel_dir}/{name}" if rel_dir else name
-    out_name = settings.output_name(name)
-    out_rel = _join(root.out_prefix, f"{rel_dir}/{out_name}" if rel_dir else out_name)
+    out_rel = output_rel(root.out_prefix, rel_dir, settings.naming, name)
 
     def problem(reason: str, size: int = 0, mtime: int = 0) -> Candidate:
         return Candidate(base, rel, out_rel, entry.path, size, mtime, fp, reason)
 
     if settings.problem is not None:
         return problem(settings.problem)
-    if "\n" in rel or "\r" in rel:
-        return problem("the file name contains a line break; rename it to process it")
+    if has_line_break(rel):
+        return problem(LINE_BREAK_PROBLEM)
     try:
         if entry.is_symlink():
             try:
@@ -241,8 +184,6 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
                 return problem("broken or looping symbolic link")
             if not target.is_relative_to(base):
                 return problem("symbolic link to a file outside the source folder; not followed")
-        elif new is not None and entry.is_file(follow_symlinks=False):
-            return Candidate(base, rel, out_rel, entry.path, UNKNOWN, UNKNOWN, fp, None, new)
         st = entry.stat(follow_symlinks=True)
     except OSError as exc:
         return problem(f"cannot read file information: {exc.strerror or exc}")
@@ -251,9 +192,9 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
     return Candidate(base, rel, out_rel, entry.path, st.st_size, st.st_mtime_ns, fp)
 
 
-def _scanned(c: Candidate, digest: str | None, problem: str | None) -> ScannedFile:
-    return ScannedFile(c.root, c.rel_path, c.out_rel, c.size_bytes, c.mtime_ns, digest, problem,
-                       c.options_fp)
+def _row(c: Candidate, digest: str | None, problem: str | None, now: float) -> ScanRow:
+    return (c.root, c.rel_path, c.out_rel, c.size_bytes, c.mtime_ns, digest, c.options_fp,
+            problem, now)
 
 
 def scan(
@@ -289,15 +230,35 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Batch:
-    files: list[ScannedFile]
+    """Files looked at here: rows ready to record, and files being hashed."""
+
+    rows: list[ScanRow]
     to_hash: list[Candidate]
     hashing: Future[list[Hashed]] | None
 
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.to_hash)
+
+    def done(self) -> bool:
+        return self.hashing is None or self.hashing.done()
+
+
+@dataclass(slots=True)
+class _NewFolders:
+    """New folders being read whole by a worker."""
+
+    reading: Future[list[FolderRead]]
+    size: int
+
+    def done(self) -> bool:
+        return self.reading.done()
+
 
 class _RootScan:
-    """One source root: walk its folders, skip the unchanged ones, hash and record the rest.
+    """One source root: walk its folders, skip the unchanged ones, read and record the rest.
 
     A folder's new digest is saved only after all its files are recorded without a problem
     (none still settling), in the scan's last transaction: a scan killed half-way leaves the
@@ -313,10 +274,15 @@ class _RootScan:
         self.is_tree = path.is_dir()
         self.base = str(path if self.is_tree else path.parent)
         self.pending: list[tuple[Candidate, str | None]] = []
-        #: Batches being hashed while the walk goes on, recorded in order. (Recording in a
+        self.new_folders: list[FolderJob] = []
+        self.new_files = 0
+        #: Batches being read while the walk goes on, recorded in order. (Recording in a
         #: thread of its own was tried: SQLite drops the GIL per row, and the convoy with the
         #: walking thread made the scan slower.)
-        self.in_flight: deque[_Batch] = deque()
+        self.in_flight: deque[_Batch | _NewFolders] = deque()
+        self.in_flight_files = 0
+        #: Rows waiting for the next ledger transaction.
+        self.rows: list[ScanRow] = []
         #: Folders looked at file by file: their new digest and image count, or None once a
         #: file there is not fine.
         self.changed: dict[str, tuple[str, int] | None] = {}
@@ -329,8 +295,10 @@ class _RootScan:
         else:
             self._single_file()
         self._flush()
+        self._flush_new_folders()
         while self.in_flight:
-            self._record(self.in_flight.popleft())
+            self._take_oldest()
+        self._record_rows()
         if self.is_tree:
             clean = {d: v for d, v in self.changed.items() if v is not None}
             stale = [d for d in stored if d not in self.seen or self.changed.get(d, "") is None]
@@ -342,9 +310,9 @@ class _RootScan:
         st = path.stat()
         self.stats.found += 1
         known = self.ledger.known_files(self.base, "").get(path.name)
-        self._consider(Candidate(self.base, path.name, _join(self.root.out_prefix, path.name),
-                                 str(path), st.st_size, st.st_mtime_ns, self.options.fingerprint),
-                       known)
+        out_rel = output_rel(self.root.out_prefix, "", DEFAULT_NAMING, path.name)
+        self._consider(Candidate(self.base, path.name, out_rel, str(path), st.st_size,
+                                 st.st_mtime_ns, self.options.fingerprint), known)
 
     def _tree(self, stored: dict[str, tuple[str, int]]) -> None:
         fresh = not stored and not self.ledger.has_files(self.base)
@@ -370,39 +338,50 @@ class _RootScan:
             self.changed[folder.rel_dir] = (digest, len(images)) if digest is not None else None
             if known is None:
                 known = {} if fresh else self.ledger.known_files(self.base, folder.rel_dir)
-            fp = folder.settings.options.fingerprint
-            for entry in images:
-                candidate = _candidate(self.base, self.root, entry, folder.rel_dir,
-                                       folder.settings, fp)
-                self._consider(candidate, known.get(candidate.rel_path))
+            self._look_at(folder, images, known)
+
+    def _look_at(self, folder: Folder, images: list[os.DirEntry[str]],
+                 known: dict[str, KnownFile]) -> None:
+        fp = folder.settings.options.fingerprint
+        for entry in images:
+            candidate = _candidate(self.base, self.root, entry, folder.rel_dir, folder.settings,
+                                   fp)
+            self._consider(candidate, known.get(candidate.rel_path))
 
     def _new_folder(self, folder: Folder) -> None:
-        """A folder the ledger knows nothing of: its plain files are not looked at before
-        they are read (the reader takes their metadata from the open file); the others
-        (symlinks, odd names, a folder whose settings are wrong) go the careful way, and the
-        folder then gets no digest: it is looked at file by file every time."""
+        """A folder the ledger knows nothing of: its plain files are handed to a worker that
+        reads them into rows (taking their metadata from the open file) and sums up the
+        folder's digest. The others (symlinks, special files, every file of a folder whose
+        settings are wrong) are looked at here, and the folder then gets no digest: it is
+        looked at file by file every time."""
         settings = folder.settings
-        new = NewFolder(folder.rel_dir, FolderDigest(settings, self.root.out_prefix))
-        fp = settings.options.fingerprint
+        if settings.problem is not None:
+            images = folder.images()
+            self.stats.found += len(images)
+            self._look_at(folder, images, {})
+            return
+        plain: list[str] = []
+        others: list[os.DirEntry[str]] = []
         for entry in folder.files:
-            if name_kind(entry.name) != IMAGE:
-                new.digest.add_entry(entry)
-                continue
-            new.images += 1
-            c = _candidate(self.base, self.root, entry, folder.rel_dir, settings, fp, new)
-            if c.folder is None:
-                new.digest.lines = None
+            try:
+                is_plain = entry.is_file(follow_symlinks=False)
+            except OSError:
+                is_plain = False
+            if is_plain:
+                plain.append(entry.name)
             else:
-                new.waiting += 1
-            self._consider(c, None)
-        self.stats.found += new.images
-        new.walked = True
-        self._settle_folder(new)
-
-    def _settle_folder(self, new: NewFolder) -> None:
-        if new.walked and not new.waiting:
-            digest = new.digest.value()
-            self.changed[new.rel_dir] = None if digest is None else (digest, new.images)
+                others.append(entry)
+        if others:
+            images = [entry for entry in others if name_kind(entry.name) == IMAGE]
+            self.stats.found += len(images)
+            self._look_at(folder, images, {})
+        self.new_folders.append(FolderJob(
+            folder.path, folder.rel_dir, plain, self.base, self.root.out_prefix,
+            settings.naming, settings.options.fingerprint,
+            None if others else _digest_header(settings, self.root.out_prefix)))
+        self.new_files += len(plain)
+        if self.new_files >= BATCH:
+            self._flush_new_folders()
 
     def _consider(self, c: Candidate, k: KnownFile | None) -> None:
         if (k is not None and c.problem is None and k.problem is None
@@ -432,48 +411,74 @@ class _RootScan:
         if not self.pending:
             return
         batch, self.pending = self.pending, []
-        files: list[ScannedFile] = []
+        rows: list[ScanRow] = []
         to_hash: list[Candidate] = []
+        now = time.time()
         for c, known_sha in batch:
             if known_sha is not None:
-                files.append(_scanned(c, known_sha, None))
+                rows.append(_row(c, known_sha, None, now))
             elif c.problem is not None:
-                files.append(_scanned(c, None, c.problem))
+                rows.append(_row(c, None, c.problem, now))
             else:
                 to_hash.append(c)
-        sizes = [c.size_bytes for c in to_hash]
         hashing = (self.hasher.submit([c.abs_path for c in to_hash],
-                                      None if UNKNOWN in sizes else sum(sizes))
+                                      sum(c.size_bytes for c in to_hash))
                    if to_hash else None)
-        self.in_flight.append(_Batch(files, to_hash, hashing))
-        while len(self.in_flight) > IN_FLIGHT:
-            self._record(self.in_flight.popleft())
+        self._in_flight(_Batch(rows, to_hash, hashing))
 
-    def _record(self, batch: _Batch) -> None:
-        files = batch.files
-        if batch.hashing is not None:
-            for c, (digest, problem, size, mtime_ns, inode) in zip(
-                    batch.to_hash, batch.hashing.result(), strict=True):
-                if digest is not None:
-                    c.size_bytes, c.mtime_ns = size, mtime_ns
-                    self.stats.hashed += 1
-                elif c.size_bytes == UNKNOWN:
-                    c.size_bytes = c.mtime_ns = 0
-                new = c.folder
-                if new is not None:
-                    if digest is None:
-                        new.digest.lines = None
-                    else:
-                        new.digest.add(c.rel_path.rpartition("/")[2], size, mtime_ns, inode)
-                    new.waiting -= 1
-                    self._settle_folder(new)
-                files.append(_scanned(c, digest, problem))
-        for f in files:
-            if f.problem:
-                self.stats.problems += 1
-                self._spoil(f.rel_path)
-        self.stats.new_jobs += self.ledger.record_scan(files)
-        self._progress(len(files))
+    def _flush_new_folders(self) -> None:
+        if not self.new_folders:
+            return
+        jobs, self.new_folders = self.new_folders, []
+        self._in_flight(_NewFolders(self.hasher.read_folders(jobs), self.new_files))
+        self.new_files = 0
+
+    def _in_flight(self, item: _Batch | _NewFolders) -> None:
+        self.in_flight.append(item)
+        self.in_flight_files += item.size
+        while self.in_flight_files > IN_FLIGHT_FILES:
+            self._take_oldest()
+
+    def _take_oldest(self) -> None:
+        """Record the oldest batch in flight; while it is still being read, record the rows
+        already back instead of waiting (the ledger's inserts are the scan's critical path)."""
+        if self.rows and not self.in_flight[0].done():
+            self._record_rows()
+        self._record(self.in_flight.popleft())
+
+    def _record(self, item: _Batch | _NewFolders) -> None:
+        self.in_flight_files -= item.size
+        if isinstance(item, _NewFolders):
+            for read in item.reading.result():
+                self.rows.extend(read.rows)
+                self.stats.found += read.images
+                self.stats.hashed += read.hashed
+                self.stats.problems += read.problems
+                self.changed[read.rel_dir] = (None if read.digest is None
+                                              else (read.digest, read.images))
+        else:
+            rows = item.rows
+            if item.hashing is not None:
+                now = time.time()
+                for c, (digest, problem, size, mtime_ns, _) in zip(
+                        item.to_hash, item.hashing.result(), strict=True):
+                    if digest is not None:
+                        c.size_bytes, c.mtime_ns = size, mtime_ns
+                        self.stats.hashed += 1
+                    rows.append(_row(c, digest, problem, now))
+            for row in rows:
+                if row[7] is not None:
+                    self.stats.problems += 1
+                    self._spoil(row[1])
+            self.rows.extend(rows)
+        if len(self.rows) >= RECORD_ROWS:
+            self._record_rows()
+
+    def _record_rows(self) -> None:
+        if self.rows:
+            rows, self.rows = self.rows, []
+            self.stats.new_jobs += self.ledger.record_rows(rows)
+            self._progress(len(rows))
 
     def _progress(self, n: int) -> None:
         if self.on_progress:

@@ -226,3 +226,89 @@ def test_a_scan_leaves_the_cycle_collector_on_even_when_it_fails(tmp_path: Path)
     with pytest.raises(FileNotFoundError):
         scan(ledger, [SourceRoot(tmp_path / "missing.jpg")], FP)
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("files", [40, 2100], ids=["read-in-threads", "read-in-a-process"])
+def test_a_new_folder_read_by_a_worker_gets_its_output_names_and_reasons(
+        tmp_path: Path, files: int) -> None:
+    """A new folder is read whole by a worker (in a process when it holds many files): the
+    rows it makes must carry the preset's naming, the source's output prefix, a line-break
+    name's reason, and a digest the re-scan agrees with."""
+    src = tmp_path / "src"
+    named = src / "named"
+    named.mkdir(parents=True)
+    (named / ".skinbatch.toml").write_text('naming = "{stem}_retouched{ext}"\n')
+    expected = {}
+    for i in range(files):
+        data = os.urandom(64 + i)
+        (named / f"{i}.jpg").write_bytes(data)
+        expected[f"named/{i}.jpg"] = hashlib.sha256(data).hexdigest()
+    (named / "notes.txt").write_text("not a photo, but part of the folder's digest")
+    write_portrait(src / "odd" / "fine.jpg")
+    (src / "odd" / "line\nbreak.jpg").write_bytes(b"never read")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    first = scan(ledger, [SourceRoot(src, out_prefix="shoot")], FP)
+    assert (first.found, first.hashed, first.problems) == (files + 2, files + 1, 1)
+    root = str(src.resolve())
+    known = ledger.known_files(root, "named")
+    assert {rel: k.content_sha256 for rel, k in known.items()} == expected
+    assert known["named/7.jpg"].out_rel == "shoot/named/7_retouched.jpg"
+    odd = ledger.known_files(root, "odd")
+    assert odd["odd/fine.jpg"].out_rel == "shoot/odd/fine.jpg"
+    assert odd["odd/line\nbreak.jpg"].problem == "the file name contains a line break; " \
+        "rename it to process it"
+    assert odd["odd/line\nbreak.jpg"].content_sha256 is None
+    assert set(ledger.folder_digests(root)) == {"named"}
+    again = scan(ledger, [SourceRoot(src, out_prefix="shoot")], FP)
+    assert (again.found, again.hashed, again.unchanged, again.problems) == (
+        files + 2, 0, files + 1, 1)
+
+
+def test_a_first_scan_recorded_over_many_transactions_links_every_file_to_its_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small batches, transactions and in-flight limits, so that rows are recorded while
+    later folders are still being read, and duplicates span batches: every file must end up
+    recorded once, linked to the one job of its content."""
+    import batch.scan
+
+    monkeypatch.setattr(batch.scan, "BATCH", 64)
+    monkeypatch.setattr(batch.scan, "RECORD_ROWS", 100)
+    monkeypatch.setattr(batch.scan, "IN_FLIGHT_FILES", 150)
+    src = tmp_path / "src"
+    contents = [os.urandom(100 + i) for i in range(500)]
+    expected = {}
+    for i in range(1200):
+        folder = src / f"f{i % 30:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = contents[i % len(contents)]
+        (folder / f"{i}.jpg").write_bytes(data)
+        expected[f"f{i % 30:02d}/{i}.jpg"] = hashlib.sha256(data).hexdigest()
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    stats = scan(ledger, [SourceRoot(src)], FP)
+    assert (stats.found, stats.hashed, stats.new_jobs) == (1200, 1200, 500)
+    assert ledger.counts()["pending"] == 500 and ledger.file_count() == 1200
+    root = str(src.resolve())
+    recorded = {}
+    for n in range(30):
+        recorded.update(ledger.known_files(root, f"f{n:02d}"))
+    assert {rel: k.content_sha256 for rel, k in recorded.items()} == expected
+    jobs_of = {k.content_sha256: k.job_id for k in recorded.values()}
+    assert all(k.job_id == jobs_of[k.content_sha256] for k in recorded.values())
+    assert len(set(jobs_of.values())) == 500
+    assert len(ledger.folder_digests(root)) == 30
+
+
+def test_hashing_workers_run_below_the_scanners_priority(tmp_path: Path) -> None:
+    """The scanner's thread makes the ledger's inserts, a first scan's critical path; the
+    worker processes must not compete with it on equal terms."""
+    from batch.hashing import PROCESS_MIN_FILES, WORKER_NICENESS, Hasher
+
+    paths = []
+    for i in range(PROCESS_MIN_FILES):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x")
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    with Hasher(1) as hasher:
+        assert len(hasher.submit(paths, len(paths)).result()) == len(paths)
+        [worker] = hasher._processes
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, worker.proc.pid) == min(19, mine + WORKER_NICENESS)

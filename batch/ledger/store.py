@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from batch import crashpoints
 from batch.ledger.driver import Connections, Cursor, Statement
 from batch.ledger.models import events, files, folders, jobs, meta
+from batch.scanrows import SCAN_ROW, ScanRow
 from batch.states import FINAL, REDONE_IF_LOST, JobState, check_transition
 
 
@@ -92,8 +93,6 @@ class KnownFile:
 #: rows per file).
 _JOB_ROW = ("content_sha256", "options_fp", "size_bytes", "state", "created_at", "updated_at",
             "next_attempt_at", "attempts", "charges")
-_FILE_ROW = ("root", "rel_path", "out_rel", "size_bytes", "mtime_ns", "content_sha256",
-             "options_fp", "problem", "seen_at")
 
 
 @dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
@@ -283,21 +282,24 @@ class Ledger:
                                                     folders.c.rel_dir.in_(chunk)))
 
     def record_scan(self, scanned: Sequence[ScannedFile]) -> int:
+        """:meth:`record_rows` for files given as :class:`ScannedFile`."""
+        now = time.time()
+        return self.record_rows([(f.root, f.rel_path, f.out_rel, f.size_bytes, f.mtime_ns,
+                                  f.content_sha256, f.options_fp, f.problem, now)
+                                 for f in scanned])
+
+    def record_rows(self, rows: Sequence[ScanRow]) -> int:
         """Upsert scanned files and link each readable one to its job (content + options),
         creating jobs as needed. Returns how many new jobs were created. One bulk transaction
         (a first scan records every file of the tree): the job of each file is found by a
         sub-select in the same statement."""
-        now = time.time()
         pending = JobState.PENDING.value
-        job_rows = list({(f.content_sha256, f.options_fp): (
-            f.content_sha256, f.options_fp, f.size_bytes, pending, now, now, 0.0, 0, 0)
-            for f in scanned if f.content_sha256}.values())
-        file_rows = [(f.root, f.rel_path, f.out_rel, f.size_bytes, f.mtime_ns, f.content_sha256,
-                      f.options_fp, f.problem, now) for f in scanned]
+        job_rows = [(row[5], row[6], row[3], pending, row[8], row[8], 0.0, 0, 0)
+                    for row in rows if row[5] is not None]
         with self._driver.transaction(write=True, bulk=True) as cur:
             top = cur.scalar(self._top_job) or 0
             cur.executemany(self._insert_jobs, _JOB_ROW, job_rows)
-            cur.executemany(self._upsert_files, _FILE_ROW, file_rows)
+            cur.executemany(self._upsert_files, SCAN_ROW, rows)
             return int(cur.scalar(self._jobs_after, {"top": top}) or 0)
 
     def options_in_use(self) -> dict[str, int]:

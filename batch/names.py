@@ -1,0 +1,50 @@
+"""Which file names are photos to take, and what their outputs are called.
+
+Imports nothing from the rest of the package: the scanner's worker processes use it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
+                            ".heif"})
+TEMP_SUFFIXES = (".part", ".tmp", ".temp", ".crdownload", ".partial", ".download", "~")
+DEFAULT_NAMING = "{stem}{ext}"
+
+IGNORED, IMAGE, OTHER = 0, 1, 2
+
+
+def name_kind(name: str) -> int:
+    """IGNORED for hidden, temporary and partial names (never taken until renamed), IMAGE for
+    an image extension, else OTHER. One pass per name: it runs for every entry of every scan."""
+    if name[:1] == "." or name[:2] == "~$":
+        return IGNORED
+    lower = name.lower()
+    if lower.endswith(TEMP_SUFFIXES) or ".syncthing." in lower:
+        return IGNORED
+    dot = lower.rfind(".")
+    return IMAGE if dot > 0 and lower[dot:] in IMAGE_SUFFIXES else OTHER
+
+
+def output_name(naming: str, name: str) -> str:
+    """The output's file name for the source file ``name`` under a naming template."""
+    if naming == DEFAULT_NAMING:
+        return name
+    path = PurePosixPath(name)
+    return naming.format(stem=path.stem, ext=path.suffix, name=name)
+
+
+def output_rel(out_prefix: str, rel_dir: str, naming: str, name: str) -> str:
+    """Where the output of ``rel_dir/name`` goes, relative to ``--out``: derived from the
+    source's relative path alone."""
+    out_name = output_name(naming, name)
+    rel = f"{rel_dir}/{out_name}" if rel_dir else out_name
+    return f"{out_prefix}/{rel}" if out_prefix else rel
+
+
+def has_line_break(text: str) -> bool:
+    return "\n" in text or "\r" in text
+
+
+LINE_BREAK_PROBLEM = "the file name contains a line break; rename it to process it"

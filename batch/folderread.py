@@ -89,6 +89,9 @@ class FolderJob(NamedTuple):
     #: The digest's first line (the folder's settings), or None: the folder gets no digest
     #: (the walk found a symlink or a special file in it and looks at those itself).
     digest_header: str | None
+    #: False when ``names`` is one part of a big folder (its parts are read side by side):
+    #: the reader then answers the digest's lines, for the walk to sum up.
+    whole: bool = True
 
 
 class FolderRead(NamedTuple):
@@ -102,6 +105,8 @@ class FolderRead(NamedTuple):
     problems: int
     #: None when the folder must be looked at file by file next time.
     digest: str | None
+    #: For a part of a folder: its files' digest lines, or None as for ``digest``.
+    digest_lines: list[str] | None = None
 
 
 def read_folders(jobs: Sequence[FolderJob],
@@ -152,5 +157,8 @@ def _rows(job: FolderJob, images: list[str], digest: FolderDigest | None,
             if digest is not None:
                 digest.add(name, size, mtime_ns, inode)
         rows.append((root, rel, out_rel, size, mtime_ns, sha, fp, problem, now))
-    return FolderRead(rel_dir, rows, len(images), read, problems,
-                      None if digest is None else digest.value())
+    if digest is None or digest.lines is None:
+        return FolderRead(rel_dir, rows, len(images), read, problems, None)
+    if job.whole:
+        return FolderRead(rel_dir, rows, len(images), read, problems, digest.value())
+    return FolderRead(rel_dir, rows, len(images), read, problems, None, digest.lines[1:])

@@ -247,6 +247,23 @@ class _Batch:
 
 
 @dataclass(slots=True)
+class _SplitFolder:
+    """A big new folder read in parts side by side: its digest waits for every part."""
+
+    digest: FolderDigest
+    parts: int
+    images: int = 0
+
+    def add(self, part: FolderRead) -> None:
+        self.parts -= 1
+        self.images += part.images
+        if part.digest_lines is None:
+            self.digest.lines = None
+        elif self.digest.lines is not None:
+            self.digest.lines.extend(part.digest_lines)
+
+
+@dataclass(slots=True)
 class _NewFolders:
     """New folders being read whole by a worker."""
 
@@ -276,6 +293,7 @@ class _RootScan:
         self.pending: list[tuple[Candidate, str | None]] = []
         self.new_folders: list[FolderJob] = []
         self.new_files = 0
+        self.split: dict[str, _SplitFolder] = {}
         #: Batches being read while the walk goes on, recorded in order. (Recording in a
         #: thread of its own was tried: SQLite drops the GIL per row, and the convoy with the
         #: walking thread made the scan slower.)
@@ -351,9 +369,10 @@ class _RootScan:
     def _new_folder(self, folder: Folder) -> None:
         """A folder the ledger knows nothing of: its plain files are handed to a worker that
         reads them into rows (taking their metadata from the open file) and sums up the
-        folder's digest. The others (symlinks, special files, every file of a folder whose
-        settings are wrong) are looked at here, and the folder then gets no digest: it is
-        looked at file by file every time."""
+        folder's digest (a big folder in parts of ``BATCH`` files, read side by side, whose
+        digest is summed up here once every part is back). The others (symlinks, special
+        files, every file of a folder whose settings are wrong) are looked at here, and the
+        folder then gets no digest: it is looked at file by file every time."""
         settings = folder.settings
         if settings.problem is not None:
             images = folder.images()
@@ -375,13 +394,17 @@ class _RootScan:
             images = [entry for entry in others if name_kind(entry.name) == IMAGE]
             self.stats.found += len(images)
             self._look_at(folder, images, {})
-        self.new_folders.append(FolderJob(
-            folder.path, folder.rel_dir, plain, self.base, self.root.out_prefix,
-            settings.naming, settings.options.fingerprint,
-            None if others else _digest_header(settings, self.root.out_prefix)))
-        self.new_files += len(plain)
-        if self.new_files >= BATCH:
-            self._flush_new_folders()
+        header = None if others else _digest_header(settings, self.root.out_prefix)
+        parts = [plain[start:start + BATCH] for start in range(0, len(plain), BATCH)] or [[]]
+        if len(parts) > 1 and header is not None:
+            self.split[folder.rel_dir] = _SplitFolder(FolderDigest(header), len(parts))
+        for names in parts:
+            self.new_folders.append(FolderJob(
+                folder.path, folder.rel_dir, names, self.base, self.root.out_prefix,
+                settings.naming, settings.options.fingerprint, header, len(parts) == 1))
+            self.new_files += len(names)
+            if self.new_files >= BATCH:
+                self._flush_new_folders()
 
     def _consider(self, c: Candidate, k: KnownFile | None) -> None:
         if (k is not None and c.problem is None and k.problem is None
@@ -454,8 +477,7 @@ class _RootScan:
                 self.stats.found += read.images
                 self.stats.hashed += read.hashed
                 self.stats.problems += read.problems
-                self.changed[read.rel_dir] = (None if read.digest is None
-                                              else (read.digest, read.images))
+                self._folder_read(read)
         else:
             rows = item.rows
             if item.hashing is not None:
@@ -473,6 +495,18 @@ class _RootScan:
             self.rows.extend(rows)
         if len(self.rows) >= RECORD_ROWS:
             self._record_rows()
+
+    def _folder_read(self, read: FolderRead) -> None:
+        split = self.split.get(read.rel_dir)
+        if split is None:
+            self.changed[read.rel_dir] = (None if read.digest is None
+                                          else (read.digest, read.images))
+            return
+        split.add(read)
+        if not split.parts:
+            del self.split[read.rel_dir]
+            digest = split.digest.value()
+            self.changed[read.rel_dir] = None if digest is None else (digest, split.images)
 
     def _record_rows(self) -> None:
         if self.rows:

@@ -312,3 +312,41 @@ def test_hashing_workers_run_below_the_scanners_priority(tmp_path: Path) -> None
         [worker] = hasher._processes
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, worker.proc.pid) == min(19, mine + WORKER_NICENESS)
+
+
+def test_a_big_new_folder_is_read_in_parts_and_still_gets_its_digest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One folder holding a whole shoot is read in parts by several workers at once; its
+    digest, summed up from every part, must be the one the re-scan computes, and a part
+    with a file that cannot be taken must leave the folder without one."""
+    import batch.scan
+
+    monkeypatch.setattr(batch.scan, "BATCH", 64)
+    src = tmp_path / "src"
+    (src / "shoot").mkdir(parents=True)
+    (src / "spoiled").mkdir()
+    expected = {}
+    for i in range(300):
+        data = os.urandom(50 + i)
+        (src / "shoot" / f"{i:03d}.jpg").write_bytes(data)
+        (src / "spoiled" / f"{i:03d}.jpg").write_bytes(data)
+        expected[f"shoot/{i:03d}.jpg"] = hashlib.sha256(data).hexdigest()
+    (src / "shoot" / "contact-sheet.pdf").write_bytes(b"%PDF")
+    (src / "spoiled" / "line\nbreak.jpg").write_bytes(b"never read")
+    ledger = open_ledger(tmp_path / "l.sqlite")
+    first = scan(ledger, [SourceRoot(src)], FP)
+    root = str(src.resolve())
+    assert (first.found, first.hashed, first.problems) == (601, 600, 1)
+    known = ledger.known_files(root, "shoot")
+    assert {rel: k.content_sha256 for rel, k in known.items()} == expected
+    digests = ledger.folder_digests(root)
+    assert digests["shoot"][1] == 300
+    assert "spoiled" not in digests
+
+    lookups: list[str] = []
+    real = ledger.known_files
+    monkeypatch.setattr(ledger, "known_files",
+                        lambda base, rel_dir: lookups.append(rel_dir) or real(base, rel_dir))
+    again = scan(ledger, [SourceRoot(src)], FP)
+    assert (again.found, again.hashed) == (601, 0)
+    assert lookups == ["spoiled"]

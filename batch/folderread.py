@@ -3,8 +3,9 @@
 A first scan records every file of the tree. The walk (on the scanner's thread) only lists a
 new folder and hands its plain files' names over; the worker classifies the names, reads and
 hashes each photo, takes its size, mtime and inode from the open file, builds the rows laid out
-as the ledger takes them and sums up the folder's digest. The scanner's thread is left with the
-ledger's inserts: they are most of a first scan's work and only one writer can make them.
+as the ledger takes them and the lines of the folder's digest (a big folder comes in parts; the
+walk sums the digest up once all are back). The scanner's thread is left with the ledger's
+inserts: they are most of a first scan's work and only one writer can make them.
 
 Imports nothing from the rest of the package but what the workers need, so they start fast.
 """
@@ -14,17 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from batch.names import (
-    DEFAULT_NAMING,
-    IMAGE,
-    LINE_BREAK_PROBLEM,
-    has_line_break,
-    name_kind,
-    output_rel,
-)
+from batch.names import IMAGE, name_kind, output_rel
 from batch.scanrows import ScanRow
 
 if TYPE_CHECKING:
@@ -39,8 +33,9 @@ class FolderDigest:
 
     __slots__ = ("lines",)
 
-    def __init__(self, header: str) -> None:
-        self.lines: list[str] | None = [header]
+    def __init__(self, header: str | None = None) -> None:
+        """``header``: the folder's settings; a worker summing up part of a folder has none."""
+        self.lines: list[str] | None = [] if header is None else [header]
 
     def add(self, name: str, size: int, mtime_ns: int, inode: int) -> None:
         if self.lines is not None:
@@ -66,32 +61,36 @@ class FolderDigest:
         else:
             self.add(name, st.st_size, st.st_mtime_ns, st.st_ino)
 
+    def extend(self, lines: list[str] | None) -> None:
+        """Another part's lines (None: a file there was not fine)."""
+        if lines is None:
+            self.lines = None
+        elif self.lines is not None:
+            self.lines.extend(lines)
+
     def value(self) -> str | None:
         if self.lines is None:
             return None
-        self.lines.sort()
+        self.lines.sort()  # the parts' lines come sorted: this only merges them
         data = "\n".join(self.lines).encode("utf-8", "surrogateescape")
         return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
 class FolderJob(NamedTuple):
-    """A new folder, as the walk hands it over."""
+    """A new folder, or a part of a big one, as the walk hands it over."""
 
     path: str
     rel_dir: str
-    #: Every plain file directly in it (not a symlink, not a special file), dot-files left out.
+    #: Plain files directly in it (not symlinks, not special files, no line break in the
+    #: name), dot-files left out: the walk looks at any other file itself.
     names: list[str]
     #: The source root (the ledger's ``files.root``) and the prefix of its outputs.
     root: str
     out_prefix: str
     naming: str
     options_fp: str
-    #: The digest's first line (the folder's settings), or None: the folder gets no digest
-    #: (the walk found a symlink or a special file in it and looks at those itself).
-    digest_header: str | None
-    #: False when ``names`` is one part of a big folder (its parts are read side by side):
-    #: the reader then answers the digest's lines, for the walk to sum up.
-    whole: bool = True
+    #: Whether the folder gets a digest (not when the walk found a file it looks at itself).
+    digest: bool
 
 
 class FolderRead(NamedTuple):
@@ -103,10 +102,9 @@ class FolderRead(NamedTuple):
     images: int
     hashed: int
     problems: int
-    #: None when the folder must be looked at file by file next time.
-    digest: str | None
-    #: For a part of a folder: its files' digest lines, or None as for ``digest``.
-    digest_lines: list[str] | None = None
+    #: The files' lines of the folder's :class:`FolderDigest`, sorted (the walk sums up the
+    #: digest once every part of the folder is back), or None: no digest for the folder.
+    digest_lines: list[str] | None
 
 
 def read_folders(jobs: Sequence[FolderJob],
@@ -116,7 +114,7 @@ def read_folders(jobs: Sequence[FolderJob],
     plans: list[tuple[FolderJob, list[str], FolderDigest | None]] = []
     paths: list[str] = []
     for job in jobs:
-        digest = None if job.digest_header is None else FolderDigest(job.digest_header)
+        digest = FolderDigest() if job.digest else None
         images: list[str] = []
         prefix = f"{job.path}/"
         for name in job.names:
@@ -124,30 +122,25 @@ def read_folders(jobs: Sequence[FolderJob],
                 images.append(name)
             elif digest is not None:
                 digest.add_path(name, prefix + name)
-        if not has_line_break(job.rel_dir):  # else nothing is read: each row says why
-            paths.extend([prefix + name for name in images if not has_line_break(name)])
+        paths.extend([prefix + name for name in images])
         plans.append((job, images, digest))
-    hashed = iter(hash_paths(paths))
-    return [_rows(job, images, digest, hashed) for job, images, digest in plans]
+    hashed = hash_paths(paths)
+    reads, start = [], 0
+    for job, images, digest in plans:
+        reads.append(_rows(job, images, digest, hashed[start:start + len(images)]))
+        start += len(images)
+    return reads
 
 
 def _rows(job: FolderJob, images: list[str], digest: FolderDigest | None,
-          hashed: Iterator[Hashed]) -> FolderRead:
+          hashed: list[Hashed]) -> FolderRead:
     root, fp, rel_dir = job.root, job.options_fp, job.rel_dir
-    plain_names = job.naming == DEFAULT_NAMING and not job.out_prefix
-    bad_folder = has_line_break(rel_dir)
     rows: list[ScanRow] = []
     read = problems = 0
     now = time.time()
-    for name in images:
-        sha: str | None
-        problem: str | None
-        if bad_folder or has_line_break(name):
-            sha, problem, size, mtime_ns, inode = None, LINE_BREAK_PROBLEM, 0, 0, 0
-        else:
-            sha, problem, size, mtime_ns, inode = next(hashed)
+    for name, (sha, problem, size, mtime_ns, inode) in zip(images, hashed, strict=True):
         rel = f"{rel_dir}/{name}" if rel_dir else name
-        out_rel = rel if plain_names else output_rel(job.out_prefix, rel_dir, job.naming, name)
+        out_rel = output_rel(job.out_prefix, rel_dir, job.naming, name)
         if sha is None:
             problems += 1
             if digest is not None:
@@ -157,8 +150,7 @@ def _rows(job: FolderJob, images: list[str], digest: FolderDigest | None,
             if digest is not None:
                 digest.add(name, size, mtime_ns, inode)
         rows.append((root, rel, out_rel, size, mtime_ns, sha, fp, problem, now))
-    if digest is None or digest.lines is None:
-        return FolderRead(rel_dir, rows, len(images), read, problems, None)
-    if job.whole:
-        return FolderRead(rel_dir, rows, len(images), read, problems, digest.value())
-    return FolderRead(rel_dir, rows, len(images), read, problems, None, digest.lines[1:])
+    lines = None if digest is None else digest.lines
+    if lines is not None:
+        lines.sort()
+    return FolderRead(rel_dir, rows, len(images), read, problems, lines)

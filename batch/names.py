@@ -41,10 +41,3 @@ def output_rel(out_prefix: str, rel_dir: str, naming: str, name: str) -> str:
     out_name = output_name(naming, name)
     rel = f"{rel_dir}/{out_name}" if rel_dir else out_name
     return f"{out_prefix}/{rel}" if out_prefix else rel
-
-
-def has_line_break(text: str) -> bool:
-    return "\n" in text or "\r" in text
-
-
-LINE_BREAK_PROBLEM = "the file name contains a line break; rename it to process it"

@@ -25,15 +25,7 @@ from pathlib import Path
 from batch.folderread import FolderDigest, FolderJob, FolderRead
 from batch.hashing import Hashed, Hasher
 from batch.ledger.store import KnownFile, Ledger
-from batch.names import (
-    DEFAULT_NAMING,
-    IGNORED,
-    IMAGE,
-    LINE_BREAK_PROBLEM,
-    has_line_break,
-    name_kind,
-    output_rel,
-)
+from batch.names import DEFAULT_NAMING, IGNORED, IMAGE, name_kind, output_rel
 from batch.options import Options
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 from batch.scanrows import ScanRow
@@ -84,6 +76,10 @@ def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:
     except Exception:
         return False
     return True
+
+
+def _has_line_break(text: str) -> bool:
+    return "\n" in text or "\r" in text
 
 
 def _digest_header(settings: FolderSettings, out_prefix: str) -> str:
@@ -174,8 +170,8 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
 
     if settings.problem is not None:
         return problem(settings.problem)
-    if has_line_break(rel):
-        return problem(LINE_BREAK_PROBLEM)
+    if _has_line_break(rel):
+        return problem("the file name contains a line break; rename it to process it")
     try:
         if entry.is_symlink():
             try:
@@ -247,20 +243,12 @@ class _Batch:
 
 
 @dataclass(slots=True)
-class _SplitFolder:
-    """A big new folder read in parts side by side: its digest waits for every part."""
+class _NewDigest:
+    """A new folder's digest, summed up once every part of the folder is back."""
 
     digest: FolderDigest
     parts: int
     images: int = 0
-
-    def add(self, part: FolderRead) -> None:
-        self.parts -= 1
-        self.images += part.images
-        if part.digest_lines is None:
-            self.digest.lines = None
-        elif self.digest.lines is not None:
-            self.digest.lines.extend(part.digest_lines)
 
 
 @dataclass(slots=True)
@@ -293,7 +281,7 @@ class _RootScan:
         self.pending: list[tuple[Candidate, str | None]] = []
         self.new_folders: list[FolderJob] = []
         self.new_files = 0
-        self.split: dict[str, _SplitFolder] = {}
+        self.new_digests: dict[str, _NewDigest] = {}
         #: Batches being read while the walk goes on, recorded in order. (Recording in a
         #: thread of its own was tried: SQLite drops the GIL per row, and the convoy with the
         #: walking thread made the scan slower.)
@@ -367,23 +355,22 @@ class _RootScan:
             self._consider(candidate, known.get(candidate.rel_path))
 
     def _new_folder(self, folder: Folder) -> None:
-        """A folder the ledger knows nothing of: its plain files are handed to a worker that
-        reads them into rows (taking their metadata from the open file) and sums up the
-        folder's digest (a big folder in parts of ``BATCH`` files, read side by side, whose
-        digest is summed up here once every part is back). The others (symlinks, special
-        files, every file of a folder whose settings are wrong) are looked at here, and the
-        folder then gets no digest: it is looked at file by file every time."""
+        """A folder the ledger knows nothing of: its plain files are handed to workers that
+        read them into rows (taking their metadata from the open file) and the lines of the
+        folder's digest, a big folder in parts of ``BATCH`` files read side by side. The
+        others (symlinks, special files, names with a line break, every file of a folder
+        whose settings are wrong) are looked at here, and the folder then gets no digest: it
+        is looked at file by file every time."""
         settings = folder.settings
-        if settings.problem is not None:
-            images = folder.images()
-            self.stats.found += len(images)
-            self._look_at(folder, images, {})
+        if settings.problem is not None or _has_line_break(folder.rel_dir):
+            self._careful_new_folder(folder, folder.files)
             return
         plain: list[str] = []
         others: list[os.DirEntry[str]] = []
         for entry in folder.files:
             try:
-                is_plain = entry.is_file(follow_symlinks=False)
+                is_plain = entry.is_file(follow_symlinks=False) and not _has_line_break(
+                    entry.name)
             except OSError:
                 is_plain = False
             if is_plain:
@@ -391,20 +378,24 @@ class _RootScan:
             else:
                 others.append(entry)
         if others:
-            images = [entry for entry in others if name_kind(entry.name) == IMAGE]
-            self.stats.found += len(images)
-            self._look_at(folder, images, {})
-        header = None if others else _digest_header(settings, self.root.out_prefix)
-        parts = [plain[start:start + BATCH] for start in range(0, len(plain), BATCH)] or [[]]
-        if len(parts) > 1 and header is not None:
-            self.split[folder.rel_dir] = _SplitFolder(FolderDigest(header), len(parts))
+            self._careful_new_folder(folder, others)
+        parts = [plain[start:start + BATCH] for start in range(0, len(plain), BATCH)]
+        if parts and not others:
+            self.new_digests[folder.rel_dir] = _NewDigest(
+                FolderDigest(_digest_header(settings, self.root.out_prefix)), len(parts))
         for names in parts:
             self.new_folders.append(FolderJob(
                 folder.path, folder.rel_dir, names, self.base, self.root.out_prefix,
-                settings.naming, settings.options.fingerprint, header, len(parts) == 1))
+                settings.naming, settings.options.fingerprint, not others))
             self.new_files += len(names)
             if self.new_files >= BATCH:
                 self._flush_new_folders()
+
+    def _careful_new_folder(self, folder: Folder, entries: list[os.DirEntry[str]]) -> None:
+        self.changed[folder.rel_dir] = None
+        images = [entry for entry in entries if name_kind(entry.name) == IMAGE]
+        self.stats.found += len(images)
+        self._look_at(folder, images, {})
 
     def _consider(self, c: Candidate, k: KnownFile | None) -> None:
         if (k is not None and c.problem is None and k.problem is None
@@ -497,16 +488,16 @@ class _RootScan:
             self._record_rows()
 
     def _folder_read(self, read: FolderRead) -> None:
-        split = self.split.get(read.rel_dir)
-        if split is None:
-            self.changed[read.rel_dir] = (None if read.digest is None
-                                          else (read.digest, read.images))
-            return
-        split.add(read)
-        if not split.parts:
-            del self.split[read.rel_dir]
-            digest = split.digest.value()
-            self.changed[read.rel_dir] = None if digest is None else (digest, split.images)
+        new = self.new_digests.get(read.rel_dir)
+        if new is None:
+            return  # no digest for it: marked when it was walked
+        new.digest.extend(read.digest_lines)
+        new.images += read.images
+        new.parts -= 1
+        if not new.parts:
+            del self.new_digests[read.rel_dir]
+            digest = new.digest.value()
+            self.changed[read.rel_dir] = None if digest is None else (digest, new.images)
 
     def _record_rows(self) -> None:
         if self.rows:

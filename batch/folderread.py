@@ -141,6 +141,8 @@ def _rows(job: FolderJob, images: list[str], digest: FolderDigest | None,
     for name, (sha, problem, size, mtime_ns, inode) in zip(images, hashed, strict=True):
         rel = f"{rel_dir}/{name}" if rel_dir else name
         out_rel = output_rel(job.out_prefix, rel_dir, job.naming, name)
+        if out_rel == rel:
+            out_rel = rel  # one string object: pickled once, to the scanner's thread
         if sha is None:
             problems += 1
             if digest is not None:

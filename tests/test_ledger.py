@@ -47,6 +47,31 @@ class TestLedger:
         # the file now points at the new job only; the old one is no longer wanted
         assert ledger.counts()["pending"] == 1
 
+    def test_jobs_follow_the_scan_order_and_a_failed_record_leaves_nothing(
+            self, ledger: Ledger) -> None:
+        found = [scanned(f"{name}.jpg", name * 64) for name in "dcba"]
+        found.insert(2, replace(scanned("unreadable.jpg", "x"), content_sha256=None,
+                                problem="cannot be read"))
+        assert record(ledger, found, "100000000") == 4
+        jobs = ledger.jobs_in([JobState.PENDING])
+        assert [job.content_sha256[0] for job in sorted(jobs, key=lambda j: j.id)] == list("dcba")
+        assert [p.path for p in ledger.problems()] == ["/src/unreadable.jpg"]
+        # a file without a root cannot be recorded: its whole batch is rolled back...
+        broken = [scanned("e.jpg", "e" * 64), replace(scanned("f.jpg", "f" * 64), root=None)]
+        with pytest.raises(Exception, match=r"(?i)null"):
+            record(ledger, broken, "100000000")  # type: ignore[arg-type]
+        assert ledger.file_count() == 5 and ledger.counts()["pending"] == 4
+        # ...and nothing of it, or of the batch before, is left over for the next one (a
+        # leftover row would record its file again, and undo what happened to it since)
+        first = min(jobs, key=lambda j: j.id)
+        ledger.set_file_output(ledger.files_for_job(first.id)[0].id, written_rel=None,
+                               written_sha256=None, problem="output conflict")
+        assert record(ledger, [scanned("g.jpg", "g" * 64)], "100000000") == 1
+        assert sorted(p.path for p in ledger.problems()) == ["/src/d.jpg", "/src/unreadable.jpg"]
+        assert sorted(job.content_sha256[0] for job in ledger.jobs_in([JobState.PENDING])) \
+            == list("abcdg")
+        assert ledger.file_count() == 6
+
     def test_transitions_write_history_and_refuse_illegal_moves(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
         job = ledger.claimable([JobState.PENDING], 1)[0]

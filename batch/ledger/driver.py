@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -69,12 +69,15 @@ class Statement:
     __slots__ = ("_defaults", "_layouts", "_order", "_pick", "sql")
 
     def __init__(self, engine: Engine, statement: ClauseElement) -> None:
-        compiled = cast(SQLCompiler, statement.compile(dialect=engine.dialect))
+        compiled = statement.compile(dialect=engine.dialect)
         self.sql = str(compiled)
-        required = {name for name, bind in compiled.binds.items() if bind.required}
-        self._defaults = {name: value for name, value in compiled.params.items()
-                          if name not in required}
-        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        self._defaults: dict[str, Any] = {}
+        self._order: tuple[str, ...] | None = None
+        if isinstance(compiled, SQLCompiler):  # not DDL
+            required = {name for name, bind in compiled.binds.items() if bind.required}
+            self._defaults = {name: value for name, value in compiled.params.items()
+                              if name not in required}
+            self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
         self._pick = None if self._order is None else _picker(self._order)
         self._layouts: dict[tuple[str, ...], Callable[[Sequence[Any]], Any]] = {}
 

@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 
 from batch.ledger.driver import begin_sqlite
 from batch.ledger.migrate import upgrade_to_head
+from batch.ledger.scanrecord import attach_staging
 from batch.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA cache_size=-8192")  # 8 MiB: index inserts of a big scan stay hot
+        attach_staging(cursor.execute)
         cursor.close()
 
     @event.listens_for(engine, "begin")

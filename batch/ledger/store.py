@@ -28,7 +28,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from batch import crashpoints
 from batch.ledger.driver import Connections, Cursor, Statement
 from batch.ledger.models import events, files, folders, jobs, meta
-from batch.scanrows import SCAN_ROW, ScanRow
+from batch.ledger.scanrecord import ScanRecorder
+from batch.scanrows import ScanRow
 from batch.states import FINAL, REDONE_IF_LOST, JobState, check_transition
 
 
@@ -87,12 +88,6 @@ class KnownFile:
     problem: str | None
     options_fp: str | None
     out_rel: str
-
-
-#: How :meth:`Ledger.record_scan` lays out its rows (no dict per row: a first scan makes two
-#: rows per file).
-_JOB_ROW = ("content_sha256", "options_fp", "size_bytes", "state", "created_at", "updated_at",
-            "next_attempt_at", "attempts", "charges")
 
 
 @dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
@@ -181,25 +176,7 @@ class Ledger:
             problem=bindparam("problem")))
         self._set_problem = prepare(update(files).where(files.c.id == bindparam("file_id"))
                                     .values(problem=bindparam("problem")))
-        self._top_job = prepare(select(func.max(jobs.c.id)))
-        self._jobs_after = prepare(select(func.count()).select_from(jobs).where(
-            jobs.c.id > bindparam("top")))
-        self._insert_jobs = prepare(self._insert(jobs).values(
-            {c: bindparam(c) for c in ("content_sha256", "options_fp", "size_bytes", "state",
-                                       "created_at", "updated_at", "next_attempt_at",
-                                       "attempts", "charges")}
-        ).on_conflict_do_nothing(index_elements=["content_sha256", "options_fp"]))
-        upsert = self._insert(files).values(
-            {**{c: bindparam(c) for c in ("root", "rel_path", "out_rel", "size_bytes",
-                                          "mtime_ns", "content_sha256", "problem", "seen_at")},
-             "job_id": select(jobs.c.id).where(
-                 jobs.c.content_sha256 == bindparam("content_sha256"),
-                 jobs.c.options_fp == bindparam("options_fp")).scalar_subquery()})
-        self._upsert_files = prepare(upsert.on_conflict_do_update(
-            index_elements=["root", "rel_path"],
-            set_={c: upsert.excluded[c] for c in ("out_rel", "size_bytes", "mtime_ns",
-                                                  "content_sha256", "job_id", "problem",
-                                                  "seen_at")}))
+        self._scan_recorder = ScanRecorder(engine)
         self._note_attempt = prepare(update(jobs).where(jobs.c.id == bindparam("job_id")).values(
             {c: bindparam(c) for c in ("attempts", "next_attempt_at", "updated_at",
                                        "http_status", "error_code")}))
@@ -289,18 +266,11 @@ class Ledger:
                                  for f in scanned])
 
     def record_rows(self, rows: Sequence[ScanRow]) -> int:
-        """Upsert scanned files and link each readable one to its job (content + options),
-        creating jobs as needed. Returns how many new jobs were created. One bulk transaction
-        (a first scan records every file of the tree): the job of each file is found by a
-        sub-select in the same statement."""
-        pending = JobState.PENDING.value
-        job_rows = [(row[5], row[6], row[3], pending, row[8], row[8], 0.0, 0, 0)
-                    for row in rows if row[5] is not None]
+        """Upsert scanned files (each at most once in ``rows``) and link each readable one to
+        its job (content + options), creating jobs as needed. Returns how many new jobs were
+        created. One bulk transaction (see :mod:`batch.ledger.scanrecord`)."""
         with self._driver.transaction(write=True, bulk=True) as cur:
-            top = cur.scalar(self._top_job) or 0
-            cur.executemany(self._insert_jobs, _JOB_ROW, job_rows)
-            cur.executemany(self._upsert_files, SCAN_ROW, rows)
-            return int(cur.scalar(self._jobs_after, {"top": top}) or 0)
+            return self._scan_recorder.record(cur, rows)
 
     def options_in_use(self) -> dict[str, int]:
         """Files per effective options (after per-folder presets)."""

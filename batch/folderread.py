@@ -2,10 +2,11 @@
 
 A first scan records every file of the tree. The walk (on the scanner's thread) only lists a
 new folder and hands its plain files' names over; the worker classifies the names, reads and
-hashes each photo, takes its size, mtime and inode from the open file, builds the rows laid out
-as the ledger takes them and the lines of the folder's digest (a big folder comes in parts; the
-walk sums the digest up once all are back). The scanner's thread is left with the ledger's
-inserts: they are most of a first scan's work and only one writer can make them.
+hashes each photo, takes its size, mtime and inode from the open file, stages the rows as the
+ledger takes them (``StagedRows``) and makes the lines of the folder's digest (a big folder
+comes in parts; the walk sums the digest up once all are back). The scanner's thread is left
+with the ledger's inserts: they are most of a first scan's work and only one writer can make
+them.
 
 Imports nothing from the rest of the package but what the workers need, so they start fast.
 """
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from batch.names import IMAGE, name_kind, output_rel
-from batch.scanrows import ScanRow
+from batch.scanrows import ScanRow, StagedRows
 
 if TYPE_CHECKING:
     from batch.hashing import Hashed
@@ -94,10 +95,10 @@ class FolderJob(NamedTuple):
 
 
 class FolderRead(NamedTuple):
-    """What a reader made of a :class:`FolderJob`."""
+    """What a reader made of a :class:`FolderJob` (its rows are staged with the others read
+    in the same request: :class:`FoldersRead`)."""
 
     rel_dir: str
-    rows: list[ScanRow]
     #: Image-named files: each has a row.
     images: int
     hashed: int
@@ -107,8 +108,15 @@ class FolderRead(NamedTuple):
     digest_lines: list[str] | None
 
 
+class FoldersRead(NamedTuple):
+    """The folders of one request, and the rows of all their image files."""
+
+    staged: StagedRows
+    folders: list[FolderRead]
+
+
 def read_folders(jobs: Sequence[FolderJob],
-                 hash_paths: Callable[[list[str]], list[Hashed]]) -> list[FolderRead]:
+                 hash_paths: Callable[[list[str]], list[Hashed]]) -> FoldersRead:
     """Read ``jobs``; ``hash_paths`` hashes a list of paths (one after the other in a worker
     process, spread over threads for a few big files)."""
     plans: list[tuple[FolderJob, list[str], FolderDigest | None]] = []
@@ -125,24 +133,24 @@ def read_folders(jobs: Sequence[FolderJob],
         paths.extend([prefix + name for name in images])
         plans.append((job, images, digest))
     hashed = hash_paths(paths)
-    reads, start = [], 0
+    reads: list[FolderRead] = []
+    rows: list[ScanRow] = []
+    start = 0
     for job, images, digest in plans:
-        reads.append(_rows(job, images, digest, hashed[start:start + len(images)]))
+        reads.append(_rows(job, images, digest, hashed[start:start + len(images)], rows))
         start += len(images)
-    return reads
+    return FoldersRead(StagedRows.of(rows), reads)
 
 
 def _rows(job: FolderJob, images: list[str], digest: FolderDigest | None,
-          hashed: list[Hashed]) -> FolderRead:
+          hashed: list[Hashed], rows: list[ScanRow]) -> FolderRead:
+    """The folder's rows, added to ``rows``."""
     root, fp, rel_dir = job.root, job.options_fp, job.rel_dir
-    rows: list[ScanRow] = []
     read = problems = 0
     now = time.time()
     for name, (sha, problem, size, mtime_ns, inode) in zip(images, hashed, strict=True):
         rel = f"{rel_dir}/{name}" if rel_dir else name
         out_rel = output_rel(job.out_prefix, rel_dir, job.naming, name)
-        if out_rel == rel:
-            out_rel = rel  # one string object: pickled once, to the scanner's thread
         if sha is None:
             problems += 1
             if digest is not None:
@@ -155,4 +163,4 @@ def _rows(job: FolderJob, images: list[str], digest: FolderDigest | None,
     lines = None if digest is None else digest.lines
     if lines is not None:
         lines.sort()
-    return FolderRead(rel_dir, rows, len(images), read, problems, lines)
+    return FolderRead(rel_dir, len(images), read, problems, lines)

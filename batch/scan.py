@@ -22,16 +22,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batch.folderread import FolderDigest, FolderJob, FolderRead
+from batch.folderread import FolderDigest, FolderJob, FolderRead, FoldersRead
 from batch.hashing import Hashed, Hasher
 from batch.ledger.store import KnownFile, Ledger
 from batch.names import DEFAULT_NAMING, IGNORED, IMAGE, name_kind, output_rel
 from batch.options import Options
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
-from batch.scanrows import ScanRow
+from batch.scanrows import ScanRow, StagedRows
 
-#: Files per hashing batch, and at least this many per batch of new folders read.
+#: Files per hashing batch, and at least this many per batch of new folders read (but for
+#: the first ones: ``FIRST_READ``, doubled each time, so the ledger's inserts start early).
 BATCH = 4096
+FIRST_READ = 1024
 #: Files being read while the scanner walks on and records: enough to keep the workers busy
 #: while this thread makes one ledger transaction.
 IN_FLIGHT_FILES = 6 * BATCH
@@ -255,7 +257,7 @@ class _NewDigest:
 class _NewFolders:
     """New folders being read whole by a worker."""
 
-    reading: Future[list[FolderRead]]
+    reading: Future[FoldersRead]
     size: int
 
     def done(self) -> bool:
@@ -281,14 +283,18 @@ class _RootScan:
         self.pending: list[tuple[Candidate, str | None]] = []
         self.new_folders: list[FolderJob] = []
         self.new_files = 0
+        self.read_size = FIRST_READ
         self.new_digests: dict[str, _NewDigest] = {}
         #: Batches being read while the walk goes on, recorded in order. (Recording in a
         #: thread of its own was tried: SQLite drops the GIL per row, and the convoy with the
         #: walking thread made the scan slower.)
         self.in_flight: deque[_Batch | _NewFolders] = deque()
         self.in_flight_files = 0
-        #: Rows waiting for the next ledger transaction.
+        #: Rows waiting for the next ledger transaction: looked at here, and staged by the
+        #: workers that read new folders.
         self.rows: list[ScanRow] = []
+        self.staged: list[StagedRows] = []
+        self.staged_rows = 0
         #: Folders looked at file by file: their new digest and image count, or None once a
         #: file there is not fine.
         self.changed: dict[str, tuple[str, int] | None] = {}
@@ -388,7 +394,7 @@ class _RootScan:
                 folder.path, folder.rel_dir, names, self.base, self.root.out_prefix,
                 settings.naming, settings.options.fingerprint, not others))
             self.new_files += len(names)
-            if self.new_files >= BATCH:
+            if self.new_files >= self.read_size:
                 self._flush_new_folders()
 
     def _careful_new_folder(self, folder: Folder, entries: list[os.DirEntry[str]]) -> None:
@@ -446,6 +452,7 @@ class _RootScan:
         jobs, self.new_folders = self.new_folders, []
         self._in_flight(_NewFolders(self.hasher.read_folders(jobs), self.new_files))
         self.new_files = 0
+        self.read_size = min(2 * self.read_size, BATCH)
 
     def _in_flight(self, item: _Batch | _NewFolders) -> None:
         self.in_flight.append(item)
@@ -456,15 +463,17 @@ class _RootScan:
     def _take_oldest(self) -> None:
         """Record the oldest batch in flight; while it is still being read, record the rows
         already back instead of waiting (the ledger's inserts are the scan's critical path)."""
-        if self.rows and not self.in_flight[0].done():
+        if (self.rows or self.staged) and not self.in_flight[0].done():
             self._record_rows()
         self._record(self.in_flight.popleft())
 
     def _record(self, item: _Batch | _NewFolders) -> None:
         self.in_flight_files -= item.size
         if isinstance(item, _NewFolders):
-            for read in item.reading.result():
-                self.rows.extend(read.rows)
+            staged, reads = item.reading.result()
+            self.staged.append(staged)
+            self.staged_rows += staged.files
+            for read in reads:
                 self.stats.found += read.images
                 self.stats.hashed += read.hashed
                 self.stats.problems += read.problems
@@ -484,7 +493,7 @@ class _RootScan:
                     self.stats.problems += 1
                     self._spoil(row[1])
             self.rows.extend(rows)
-        if len(self.rows) >= RECORD_ROWS:
+        if len(self.rows) + self.staged_rows >= RECORD_ROWS:
             self._record_rows()
 
     def _folder_read(self, read: FolderRead) -> None:
@@ -500,10 +509,11 @@ class _RootScan:
             self.changed[read.rel_dir] = None if digest is None else (digest, new.images)
 
     def _record_rows(self) -> None:
-        if self.rows:
-            rows, self.rows = self.rows, []
-            self.stats.new_jobs += self.ledger.record_rows(rows)
-            self._progress(len(rows))
+        if self.rows or self.staged:
+            rows, staged, count = self.rows, self.staged, len(self.rows) + self.staged_rows
+            self.rows, self.staged, self.staged_rows = [], [], 0
+            self.stats.new_jobs += self.ledger.record_rows(rows, staged)
+            self._progress(count)
 
     def _progress(self, n: int) -> None:
         if self.on_progress:

@@ -7,9 +7,63 @@ nothing from the rest of the package (the workers use it).
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
 SCAN_ROW = ("root", "rel_path", "out_rel", "size_bytes", "mtime_ns", "content_sha256",
             "options_fp", "problem", "seen_at")
 
 #: root, rel_path, out_rel, size_bytes, mtime_ns, content_sha256 (None when the file could not
 #: be read), options_fp, problem (None, or why the file cannot be processed), seen_at.
 ScanRow = tuple[str, str, str, int, int, str | None, str, str | None, float]
+
+
+#: The table rows are staged in before the ledger takes them (see ``batch.ledger.scanrecord``),
+#: as SQLite creates it; ``seq`` numbers them in the order they came.
+STAGING_TABLE = "scan_rows"
+STAGING_DDL = (f"CREATE TABLE IF NOT EXISTS {{schema}}.{STAGING_TABLE} (seq INTEGER PRIMARY KEY, "
+               "root TEXT, rel_path TEXT, out_rel TEXT, size_bytes INTEGER, mtime_ns INTEGER, "
+               "content_sha256 TEXT, options_fp TEXT, problem TEXT, seen_at REAL)")
+_STAGE = (f"INSERT INTO {STAGING_TABLE} ({', '.join(SCAN_ROW)}) "
+          f"VALUES ({', '.join('?' * len(SCAN_ROW))})")
+
+
+class StagedRows(NamedTuple):
+    """Rows staged by a hashing worker: a SQLite database image holding the staging table.
+
+    A worker reading a new folder hands its rows over this way rather than as tuples: the
+    scanner's process, whose one thread makes the ledger's inserts, then neither unpickles nor
+    binds them one by one; a SQLite ledger attaches the image and moves its rows in one
+    statement (1.0 us per file instead of 3.4 us in that thread)."""
+
+    image: bytes
+    #: How many rows it holds.
+    files: int
+
+    @classmethod
+    def of(cls, rows: Sequence[ScanRow]) -> StagedRows:
+        with _memory_database() as db:
+            db.execute(STAGING_DDL.format(schema="main"))
+            db.execute("BEGIN")
+            db.executemany(_STAGE, rows)
+            db.execute("COMMIT")
+            return cls(db.serialize(), len(rows))
+
+    def rows(self) -> list[ScanRow]:
+        """The rows again, in order (for a ledger that cannot attach the image)."""
+        with _memory_database() as db:
+            db.deserialize(self.image)
+            return db.execute(f"SELECT {', '.join(SCAN_ROW)} FROM {STAGING_TABLE} "
+                              "ORDER BY seq").fetchall()
+
+
+@contextmanager
+def _memory_database() -> Iterator[sqlite3.Connection]:
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=OFF")
+        yield db
+    finally:
+        db.close()

@@ -70,7 +70,7 @@ def kill_at_then_rerun(tmp_path: Path, emulator: Emulator, point: str,
     crashed = popen_cli(args, emulator,
                         extra_env={**(extra_env or {}), "SKINBATCH_CRASH_AFTER": point})
     _, stderr = crashed.communicate(timeout=120)
-    assert crashed.returncode == -signal.SIGKILL, f"{point} was never reached"
+    assert crashed.returncode == -signal.SIGKILL, f"{point} was never reached: {stderr[-3000:]}"
 
     rerun = run_cli(args, emulator, extra_env=extra_env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

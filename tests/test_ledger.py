@@ -6,6 +6,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from batch.ledger import Ledger, TransitionInfo, open_ledger
 from batch.ledger.store import ScannedFile, StaleTransition
+from batch.scanrows import ScanRow, StagedRows
 from batch.states import IllegalTransition, JobState
 
 
@@ -71,6 +73,31 @@ class TestLedger:
         assert sorted(job.content_sha256[0] for job in ledger.jobs_in([JobState.PENDING])) \
             == list("abcdg")
         assert ledger.file_count() == 6
+
+    def test_rows_staged_by_workers_are_recorded_like_the_others(self, ledger: Ledger) -> None:
+        """More staged parts than SQLite attaches to one connection, duplicates across them."""
+        now = time.time()
+
+        def row(rel: str, sha: str | None) -> ScanRow:
+            return ("/src", rel, f"out/{rel}", 10, 1, sha, "100000000",
+                    None if sha else "cannot be read", now)
+
+        parts = [StagedRows.of([row(f"p{p}/{i}.jpg", f"{(p * 3 + i) % 40:064x}")
+                                for i in range(3)]) for p in range(20)]
+        parts.append(StagedRows.of([row("bad.jpg", None)]))
+        assert parts[3].rows() == [row(f"p3/{i}.jpg", f"{9 + i:064x}") for i in range(3)]
+        assert ledger.record_rows([row("own.jpg", "f" * 64)], parts) == 41
+        assert ledger.file_count() == 62
+        assert ledger.counts()["pending"] == 41
+        job = next(j for j in ledger.jobs_in([JobState.PENDING]) if j.content_sha256 == f"{5:064x}")
+        assert sorted(f.rel_path for f in ledger.files_for_job(job.id)) == [
+            "p1/2.jpg", "p15/0.jpg"]
+        assert [f.out_rel for f in ledger.files_for_job(job.id)] in (
+            ["out/p1/2.jpg", "out/p15/0.jpg"], ["out/p15/0.jpg", "out/p1/2.jpg"])
+        assert [p.path for p in ledger.problems()] == ["/src/bad.jpg"]
+        # recorded again (a re-scan): nothing new
+        assert ledger.record_rows([], parts) == 0
+        assert ledger.file_count() == 62
 
     def test_transitions_write_history_and_refuse_illegal_moves(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
@@ -161,6 +188,9 @@ def test_only_what_the_next_run_redoes_for_free_skips_the_fsync(tmp_path: Path) 
 
     ledger.record_scan([ScannedFile("/r", "a.jpg", "a.jpg", 1, 1, "a" * 64)])
     seen.append(("scan", synchronous()))
+    ledger.save_folder_digests("/r", {"": ("d" * 40, 1)}, [])
+    seen.append(("folders", synchronous()))
+    assert ledger.folder_digests("/r") == {"": ("d" * 40, 1)}
     [job] = ledger.claimable([JobState.PENDING], 1)
     for target, fields in [(JobState.SUBMITTING, {}), (JobState.QUEUED, {"task_id": "t"}),
                            (JobState.PROCESSING, {}), (JobState.READY, {"result_urls": ["u"]}),
@@ -170,9 +200,9 @@ def test_only_what_the_next_run_redoes_for_free_skips_the_fsync(tmp_path: Path) 
         seen.append((target.value, synchronous()))
     ledger.commit([ledger.finish_download_write(job.id, "b" * 64, {}, {})])
     seen.append(("done", synchronous()))
-    assert seen == [("scan", 1), ("submitting", 2), ("queued", 2), ("processing", 1),
-                    ("ready", 1), ("downloading", 1), ("ready", 1), ("downloading", 1),
-                    ("done", 2)]
+    assert seen == [("scan", 1), ("folders", 1), ("submitting", 2), ("queued", 2),
+                    ("processing", 1), ("ready", 1), ("downloading", 1), ("ready", 1),
+                    ("downloading", 1), ("done", 2)]
     # ... and foreign keys are enforced again after the scan, on the connection it used.
     with pytest.raises(sqlite3.IntegrityError), ledger._driver.transaction(write=True) as cur:
         cur._cursor.execute("INSERT INTO events (job_id, at, to_state, attempt) "

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from batch.ledger.driver import begin_sqlite
+from batch.ledger.driver import CACHE, WAL_SIZE_LIMIT, begin_sqlite
 from batch.ledger.migrate import upgrade_to_head
 from batch.ledger.scanrecord import attach_staging
 from batch.ledger.store import Ledger
@@ -70,7 +70,8 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA cache_size=-8192")  # 8 MiB: index inserts of a big scan stay hot
+        cursor.execute(f"PRAGMA cache_size=-{CACHE // 1024}")
+        cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         attach_staging(cursor.execute)
         cursor.close()
 

@@ -28,8 +28,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from batch import crashpoints
 from batch.ledger.driver import Connections, Cursor, Statement
 from batch.ledger.models import events, files, folders, jobs, meta
-from batch.ledger.scanrecord import ScanRecorder
-from batch.scanrows import ScanRow
+from batch.ledger.scanrecord import ATTACHED_PER_TRANSACTION, ScanRecorder
+from batch.scanrows import ScanRow, StagedRows
 from batch.states import FINAL, REDONE_IF_LOST, JobState, check_transition
 
 
@@ -177,6 +177,13 @@ class Ledger:
         self._set_problem = prepare(update(files).where(files.c.id == bindparam("file_id"))
                                     .values(problem=bindparam("problem")))
         self._scan_recorder = ScanRecorder(engine)
+        save_folder = self._insert(folders).values(
+            {c: bindparam(c) for c in ("root", "rel_dir", "digest", "images")})
+        self._save_folder = prepare(save_folder.on_conflict_do_update(
+            index_elements=["root", "rel_dir"],
+            set_={c: save_folder.excluded[c] for c in ("digest", "images")}))
+        self._forget_folder = prepare(folders.delete().where(
+            folders.c.root == bindparam("root"), folders.c.rel_dir == bindparam("rel_dir")))
         self._note_attempt = prepare(update(jobs).where(jobs.c.id == bindparam("job_id")).values(
             {c: bindparam(c) for c in ("attempts", "next_attempt_at", "updated_at",
                                        "http_status", "error_code")}))
@@ -247,16 +254,16 @@ class Ledger:
     def save_folder_digests(self, root: str, clean: dict[str, tuple[str, int]],
                             dirty: list[str]) -> None:
         """Record the folders found fully recorded (``clean``: digest and image count), and
-        forget the digests of the ones that were not, so they are looked at file by file."""
-        with self._tx() as conn:
-            if clean:
-                self._upsert(conn, folders, [{"root": root, "rel_dir": d, "digest": v,
-                                              "images": n} for d, (v, n) in clean.items()],
-                             ["root", "rel_dir"], update_cols=["digest", "images"])
-            for start in range(0, len(dirty), 500):
-                chunk = dirty[start : start + 500]
-                conn.execute(folders.delete().where(folders.c.root == root,
-                                                    folders.c.rel_dir.in_(chunk)))
+        forget the digests of the ones that were not, so they are looked at file by file.
+        A bulk write like the scan records it sums up: should a power cut undo it, the next
+        scan looks at those folders file by file (a folder's digest outlives neither the
+        records nor the forgetting that came before it: the WAL keeps commits in order)."""
+        with self._driver.transaction(write=True, bulk=True) as cur:
+            cur.executemany(self._save_folder, ("root", "rel_dir", "digest", "images"),
+                            [(root, rel_dir, digest, images)
+                             for rel_dir, (digest, images) in clean.items()])
+            cur.executemany(self._forget_folder, ("root", "rel_dir"),
+                            [(root, rel_dir) for rel_dir in dirty])
 
     def record_scan(self, scanned: Sequence[ScannedFile]) -> int:
         """:meth:`record_rows` for files given as :class:`ScannedFile`."""
@@ -265,12 +272,20 @@ class Ledger:
                                   f.content_sha256, f.options_fp, f.problem, now)
                                  for f in scanned])
 
-    def record_rows(self, rows: Sequence[ScanRow]) -> int:
-        """Upsert scanned files (each at most once in ``rows``) and link each readable one to
-        its job (content + options), creating jobs as needed. Returns how many new jobs were
-        created. One bulk transaction (see :mod:`batch.ledger.scanrecord`)."""
-        with self._driver.transaction(write=True, bulk=True) as cur:
-            return self._scan_recorder.record(cur, rows)
+    def record_rows(self, rows: Sequence[ScanRow], staged: Sequence[StagedRows] = ()) -> int:
+        """Upsert scanned files, given as rows and as rows a worker staged (each file at most
+        once in all), and link each readable one to its job (content + options), creating
+        jobs as needed. Returns how many new jobs were created. One bulk transaction (see
+        :mod:`batch.ledger.scanrecord`), or one per ``ATTACHED_PER_TRANSACTION`` staged parts."""
+        recorder = self._scan_recorder
+        if not recorder.attaches:
+            rows, staged = recorder.unattached(rows, staged), ()
+        created = 0
+        for start in range(0, max(len(staged), 1), ATTACHED_PER_TRANSACTION):
+            images = [part.image for part in staged[start:start + ATTACHED_PER_TRANSACTION]]
+            with self._driver.transaction(write=True, bulk=True, images=images) as cur:
+                created += recorder.record(cur, rows if start == 0 else ())
+        return created
 
     def options_in_use(self) -> dict[str, int]:
         """Files per effective options (after per-folder presets)."""

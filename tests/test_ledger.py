@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.ledger import Ledger, TransitionInfo, open_ledger
+from batch.ledger import Ledger, TransitionInfo, driver, open_ledger
 from batch.ledger.store import ScannedFile, StaleTransition
 from batch.scanrows import ScanRow, StagedRows
 from batch.states import IllegalTransition, JobState
@@ -172,6 +172,33 @@ def test_downloads_are_claimed_soonest_to_expire_first(ledger_location: str) -> 
                                                      soonest_expiry_first=True)]
     ledger.close()
     assert order == [100.0, 200.0, 300.0]
+
+
+def test_bulk_writes_are_checkpointed_in_the_background(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first scan's WAL is copied into the database by a thread of the ledger's own, not by
+    the scan's commits (SQLite's autocheckpoint, which would stall them, is far off)."""
+    monkeypatch.setattr(driver, "BULK_CHECKPOINT", 64)  # pages
+    path = tmp_path / "l.sqlite"
+    ledger = open_ledger(path)
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    empty = path.stat().st_size
+    for part in range(4):
+        record(ledger, [scanned(f"{part}/{i}.jpg", f"{part:08x}{i:056x}") for i in range(500)],
+               "100000000")
+    ledger._driver._checkpoint.close()  # type: ignore[union-attr]
+    assert "ledger-checkpoint" in started
+    assert path.stat().st_size > empty + 200_000  # the rows' pages are in the database file
+    assert ledger.file_count() == 2000
+    ledger.close()
+    assert open_ledger(path).file_count() == 2000
 
 
 def test_only_what_the_next_run_redoes_for_free_skips_the_fsync(tmp_path: Path) -> None:

@@ -25,9 +25,13 @@ from sqlalchemy import Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
+from batch.ledger.checkpoint import BackgroundCheckpoint
+
 #: Pages the WAL may hold before a commit checkpoints it: SQLite's default, and during bulk
-#: writes (about 100 MB: a first scan of 100,000 files writes 80 MB).
-WAL, BULK_WAL = 1000, 65536
+#: writes, when a thread of their own checkpoints every ``BULK_CHECKPOINT`` pages (see
+#: ``batch.ledger.checkpoint``; the bound is what the WAL grows to should it fall behind).
+WAL, BULK_WAL, BULK_CHECKPOINT = 1000, 65536, 8192
+PAGE = 4096  # SQLite's default page size (bytes)
 #: The page cache of a connection (bytes), and while it makes bulk writes: a first scan's
 #: transaction changes pages all over the jobs' content index, and a cache too small for them
 #: writes them out and reads them back before the commit writes them again.
@@ -49,11 +53,10 @@ def begin_sqlite(execute: Callable[[str], Any], info: dict[str, Any], *, readonl
     id comes from a sub-select of the jobs table in the same statement).
 
     The wait: a checkpoint run by a commit copies the WAL into the database and flushes both
-    to disk before the commit returns, stalling the scan's one writer (90 ms each here, twice
-    in a first scan of 100,000 files at 10,000 pages; far longer on a spinning disk). A first
-    scan rewrites the same index pages in every batch, so a checkpoint every ``BULK_WAL``
-    pages copies each of them once instead of once per few batches; the WAL shrinks back to
-    ``WAL_SIZE_LIMIT`` when it is next reused."""
+    to disk before the commit returns, stalling the scan's one writer (90-150 ms each here;
+    far longer on a spinning disk). During bulk writes a thread of their own checkpoints
+    instead (see :class:`Connections`); the WAL shrinks back to ``WAL_SIZE_LIMIT`` when it is
+    next reused."""
     if readonly:
         execute("BEGIN")
         return
@@ -181,7 +184,8 @@ class Connections:
     SQLAlchemy's pool and back in for each transaction cost as much CPU as the statements
     themselves; any other thread (a dry run's checker pool, say) takes one from the pool per
     transaction. Other databases: always from the pool, so its pre-ping replaces a connection
-    the server has dropped."""
+    the server has dropped. SQLite's WAL is checkpointed in the background after bulk commits
+    (:mod:`batch.ledger.checkpoint`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -189,6 +193,8 @@ class Connections:
         self._lock = threading.Lock()
         self._all: list[Any] = []
         self._sqlite = engine.dialect.name == "sqlite"
+        self._checkpoint = (BackgroundCheckpoint(engine, BULK_CHECKPOINT * PAGE)
+                            if self._sqlite else None)
 
     def _get(self) -> tuple[Any, bool]:
         """This thread's connection, and whether it is held (not returned after use)."""
@@ -205,6 +211,8 @@ class Connections:
         return connection, False
 
     def close(self) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint.close()
         with self._lock:
             held, self._all = self._all, []
         for connection in held:
@@ -235,6 +243,8 @@ class Connections:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
             yield Cursor(cursor, tuple(attached))
             connection.commit()
+            if bulk and self._checkpoint is not None:
+                self._checkpoint.after_bulk_commit()
         except BaseException:
             connection.rollback()
             raise

@@ -1,8 +1,8 @@
 """A scanned file as the ledger records it: one plain tuple laid out as :data:`SCAN_ROW`.
 
 The scanner, its worker processes and the ledger share this layout. A tuple, not an object:
-a first scan makes one per file, and the workers send them back through a pipe. Imports
-nothing from the rest of the package (the workers use it).
+a first scan makes one per file. The workers hand theirs over staged (:class:`StagedRows`).
+Imports nothing from the rest of the package (the workers use it).
 """
 
 from __future__ import annotations

@@ -30,25 +30,29 @@ class BackgroundCheckpoint:
         self._every = every_bytes
         self._last = 0
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def after_bulk_commit(self) -> None:
         """Start a checkpoint if the WAL has grown by ``every_bytes`` since the last one
         started, and none is running. (The WAL's file shrinks only when it is reused after a
         checkpoint and cut back; it is then measured from there.)"""
-        if self._wal is None or (self._thread is not None and self._thread.is_alive()):
+        if self._wal is None:
             return
-        try:
-            size = os.stat(self._wal).st_size
-        except OSError:
-            return
-        if size < self._last:
-            self._last = 0
-        if size - self._last < self._every:
-            return
-        self._last = size
-        self._thread = threading.Thread(target=self._checkpoint, name="ledger-checkpoint",
-                                        daemon=True)
-        self._thread.start()
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            try:
+                size = os.stat(self._wal).st_size
+            except OSError:
+                return
+            if size < self._last:
+                self._last = 0
+            if size - self._last < self._every:
+                return
+            self._last = size
+            self._thread = threading.Thread(target=self._checkpoint,
+                                            name="ledger-checkpoint", daemon=True)
+            self._thread.start()
 
     def _checkpoint(self) -> None:
         try:
@@ -65,5 +69,7 @@ class BackgroundCheckpoint:
 
     def close(self) -> None:
         """Wait for a checkpoint still running (before the engine's connections close)."""
-        if self._thread is not None:
-            self._thread.join()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()

@@ -227,6 +227,8 @@ class Connections:
         :func:`begin_sqlite`; PostgreSQL: ``synchronous_commit`` off for the transaction).
         SQLite only: each of ``images`` (a serialized database) is attached for the
         transaction, as the schema named in :attr:`Cursor.attached`."""
+        if images and not self._sqlite:
+            raise ValueError("only a SQLite ledger attaches databases")
         connection, held = self._get()
         cursor = connection.cursor()
         attached: list[str] = []

@@ -22,6 +22,7 @@ from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
@@ -71,6 +72,11 @@ def begin_sqlite(execute: Callable[[str], Any], info: dict[str, Any], *, readonl
         execute(f"PRAGMA synchronous={synchronous}")
         info["synchronous"] = synchronous
     execute("BEGIN IMMEDIATE")
+
+
+def dialect_insert(engine: Engine) -> Callable[[Any], Any]:
+    """``insert`` with the engine's dialect's ``ON CONFLICT`` clauses (SQLite, PostgreSQL)."""
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 def _picker(keys: Sequence[str | int]) -> Callable[[Any], tuple[Any, ...]]:

@@ -12,7 +12,6 @@ from sqlalchemy.engine import make_url
 
 from batch.ledger.driver import CACHE, WAL_SIZE_LIMIT, begin_sqlite
 from batch.ledger.migrate import upgrade_to_head
-from batch.ledger.scanrecord import attach_staging
 from batch.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,6 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA cache_size=-{CACHE // 1024}")
         cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-        attach_staging(cursor.execute)
         cursor.close()
 
     @event.listens_for(engine, "begin")

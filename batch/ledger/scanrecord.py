@@ -1,25 +1,22 @@
-"""Recording a scan's rows: staged in a scratch table, then moved by ``INSERT ... SELECT``.
+"""Recording a scan's rows: staged in a table of their own, then moved by ``INSERT ... SELECT``.
 
 A first scan records every file of the tree and creates a job for every distinct content:
 two inserts per file, the ledger's one writer busy with nothing else. Run once per row
 (``executemany``), each insert costs the driver a statement step and a parameter binding per
-row, and the files' insert a sub-select of the job for each. Bound once into a table with no
-index and moved by two ``INSERT ... SELECT`` statements, the rows are bound once and the rest
+row, and the files' insert a sub-select of the job for each. Staged in a table with no index
+and moved by two ``INSERT ... SELECT`` statements, the rows are bound once at most and the rest
 runs inside the database: 100,000 files in 0.72 s of CPU instead of 0.93 s on SQLite.
 
-Rows come two ways. Those the scanner looked at itself are bound into the connection's own
-scratch table: SQLite keeps it in an in-memory database attached to every connection as
-``staging`` (not ``temp``: ``PRAGMA temp_store=MEMORY`` would also keep every big sort in
-memory); PostgreSQL in a temporary table, emptied at each commit. Either way it is empty
-between transactions. Those a worker read (a new folder's) come staged already
-(:class:`~batch.scanrows.StagedRows`): SQLite attaches each image for the transaction and
-moves its rows from there, so they are never bound in the scanner's process at all (0.55 s
-per 100,000 files); PostgreSQL binds them like the others.
+SQLite: rows come staged (:class:`~batch.scanrows.StagedRows`, a SQLite image of the table):
+the workers that read new folders stage theirs, and rows given as tuples are staged here.
+Each image is attached to the transaction and its rows moved from there, so a worker's rows
+are never bound in the scanner's process at all (0.55 s per 100,000 files). PostgreSQL
+cannot attach an image: every row is bound into a temporary table, emptied at each commit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -36,33 +33,25 @@ from sqlalchemy import (
     select,
     true,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
-from batch.ledger.driver import Cursor, Statement
+from batch.ledger.driver import Cursor, Statement, dialect_insert
 from batch.ledger.models import files, jobs
-from batch.scanrows import SCAN_ROW, STAGING_DDL, STAGING_TABLE, ScanRow, StagedRows
+from batch.scanrows import SCAN_ROW, STAGING_COLUMNS, STAGING_TABLE, ScanRow, StagedRows
 from batch.states import JobState
 
-#: The schema of SQLite's in-memory scratch database (see :func:`attach_staging`).
-SQLITE_STAGING = "staging"
 #: Staged parts attached to one transaction: SQLite attaches at most 10 databases to a
-#: connection, and the scratch database is one.
-ATTACHED_PER_TRANSACTION = 8
+#: connection.
+ATTACHED_PER_TRANSACTION = 10
 
-
-def attach_staging(execute: Callable[[str], object]) -> None:
-    """Attach SQLite's scratch database to a new connection (outside any transaction)."""
-    execute(f"ATTACH DATABASE ':memory:' AS {SQLITE_STAGING}")
-    execute(STAGING_DDL.format(schema=SQLITE_STAGING))
+_TYPES = {"INTEGER": BigInteger, "REAL": Float, "TEXT": Text}
 
 
 def _staging_table(schema: str | None = None, **options: Any) -> Table:
-    """The staging table as SQLAlchemy compiles statements over it: rows laid out as
-    :data:`SCAN_ROW`, numbered in the order they came (the jobs' ids follow it, so photos are
-    sent in the order they were found)."""
-    types = {"size_bytes": BigInteger, "mtime_ns": BigInteger, "seen_at": Float}
-    columns: list[Column[Any]] = [Column(name, types.get(name, Text)) for name in SCAN_ROW]
+    """The staging table (:data:`~batch.scanrows.STAGING_COLUMNS`) as SQLAlchemy compiles
+    statements over it; ``seq`` numbers the rows in the order they came (the jobs' ids follow
+    it, so photos are sent in the order they were found)."""
+    columns: list[Column[Any]] = [Column(name, _TYPES[kind]) for name, kind in STAGING_COLUMNS]
     return Table(STAGING_TABLE, MetaData(), Column("seq", Integer, primary_key=True), *columns,
                  schema=schema, **options)
 
@@ -72,44 +61,45 @@ class ScanRecorder:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        #: Whether staged rows are attached as they come (SQLite) or bound here first.
+        self._insert = dialect_insert(engine)
+        #: Whether rows are staged and attached (SQLite) or bound into a temporary table.
         self.attaches = engine.dialect.name == "sqlite"
-        if self.attaches:
-            staging = _staging_table(SQLITE_STAGING)
-            self._create: Statement | None = None  # with each connection: attach_staging
-        else:
-            staging = _staging_table(prefixes=["TEMPORARY"], postgresql_on_commit="DELETE ROWS")
-            self._create = Statement(engine, CreateTable(staging, if_not_exists=True))
-        self._stage = Statement(engine, staging.insert().values(
-            {name: bindparam(name) for name in SCAN_ROW}))
-        self._clear = Statement(engine, staging.delete())
-        self._staging = self._moves(staging)
         self._attached: dict[str, tuple[Statement, Statement]] = {}
+        if not self.attaches:
+            temporary = _staging_table(prefixes=["TEMPORARY"],
+                                       postgresql_on_commit="DELETE ROWS")
+            self._create = Statement(engine, CreateTable(temporary, if_not_exists=True))
+            self._stage = Statement(engine, temporary.insert().values(
+                {name: bindparam(name) for name in SCAN_ROW}))
+            self._temporary = self._moves(temporary)
+
+    def transactions(self, rows: Sequence[ScanRow], staged: Sequence[StagedRows]
+                     ) -> Iterator[tuple[list[bytes], Sequence[ScanRow]]]:
+        """What each transaction of one record takes: the images to attach to it, and the
+        rows to bind (see :meth:`record`)."""
+        if not self.attaches:
+            yield [], [*rows, *(row for part in staged for row in part.rows())]
+            return
+        images = ([StagedRows.of(rows).image] if rows else []) + [part.image for part in staged]
+        for start in range(0, max(len(images), 1), ATTACHED_PER_TRANSACTION):
+            yield images[start:start + ATTACHED_PER_TRANSACTION], ()
 
     def record(self, cur: Cursor, rows: Sequence[ScanRow]) -> int:
-        """Record ``rows`` and the rows of the databases attached to ``cur`` (staged, see
-        :attr:`attaches`) in the transaction of ``cur``: upsert each file (by root and
-        relative path; each at most once in all) and link a readable one to its job (content
-        + options), creating jobs as needed. Returns how many were created."""
+        """Record ``rows`` and the rows of the images attached to ``cur``, in its transaction:
+        upsert each file (by root and relative path; each at most once in all) and link a
+        readable one to its job (content + options), creating jobs as needed. Returns how
+        many were created."""
         created = 0
         if rows:
-            if self._create is not None:
-                cur.execute(self._create)
+            cur.execute(self._create)
             cur.executemany(self._stage, SCAN_ROW, rows)
-            created += self._move(cur, self._staging)
-            cur.execute(self._clear)
+            created += self._move(cur, self._temporary)
         for schema in cur.attached:
             moves = self._attached.get(schema)
             if moves is None:
                 moves = self._attached[schema] = self._moves(_staging_table(schema))
             created += self._move(cur, moves)
         return created
-
-    @staticmethod
-    def unattached(rows: Sequence[ScanRow], staged: Sequence[StagedRows]) -> list[ScanRow]:
-        """All the rows, for a ledger that binds staged rows too."""
-        return [*rows, *(row for part in staged for row in part.rows())]
 
     @staticmethod
     def _move(cur: Cursor, moves: tuple[Statement, Statement]) -> int:

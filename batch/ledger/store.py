@@ -23,12 +23,11 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from batch import crashpoints
-from batch.ledger.driver import Connections, Cursor, Statement
+from batch.ledger.driver import Connections, Cursor, Statement, dialect_insert
 from batch.ledger.models import events, files, folders, jobs, meta
-from batch.ledger.scanrecord import ATTACHED_PER_TRANSACTION, ScanRecorder
+from batch.ledger.scanrecord import ScanRecorder
 from batch.scanrows import ScanRow, StagedRows
 from batch.states import FINAL, REDONE_IF_LOST, JobState, check_transition
 
@@ -176,6 +175,7 @@ class Ledger:
             problem=bindparam("problem")))
         self._set_problem = prepare(update(files).where(files.c.id == bindparam("file_id"))
                                     .values(problem=bindparam("problem")))
+        self._insert = dialect_insert(engine)
         self._scan_recorder = ScanRecorder(engine)
         save_folder = self._insert(folders).values(
             {c: bindparam(c) for c in ("root", "rel_dir", "digest", "images")})
@@ -276,15 +276,12 @@ class Ledger:
         """Upsert scanned files, given as rows and as rows a worker staged (each file at most
         once in all), and link each readable one to its job (content + options), creating
         jobs as needed. Returns how many new jobs were created. One bulk transaction (see
-        :mod:`batch.ledger.scanrecord`), or one per ``ATTACHED_PER_TRANSACTION`` staged parts."""
+        :mod:`batch.ledger.scanrecord`), or one per ten staged parts on SQLite."""
         recorder = self._scan_recorder
-        if not recorder.attaches:
-            rows, staged = recorder.unattached(rows, staged), ()
         created = 0
-        for start in range(0, max(len(staged), 1), ATTACHED_PER_TRANSACTION):
-            images = [part.image for part in staged[start:start + ATTACHED_PER_TRANSACTION]]
+        for images, bound in recorder.transactions(rows, staged):
             with self._driver.transaction(write=True, bulk=True, images=images) as cur:
-                created += recorder.record(cur, rows if start == 0 else ())
+                created += recorder.record(cur, bound)
         return created
 
     def options_in_use(self) -> dict[str, int]:
@@ -695,10 +692,6 @@ class Ledger:
         return state in FINAL
 
     # ---- dialect helpers ------------------------------------------------------------------
-
-    def _insert(self, table: Any) -> Any:
-        return (postgresql.insert(table) if self._dialect == "postgresql"
-                else sqlite.insert(table))
 
     def _upsert(self, conn: Connection, table: Any, rows: list[dict[str, Any]], keys: list[str],
                 update_cols: list[str]) -> None:

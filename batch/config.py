@@ -183,6 +183,15 @@ def build(
         key = Secret(env[KEY_ENV].strip())
     elif key_file:
         key = read_key_file(Path(key_file))
+    _parse_times_and_paths(values)
+    known = {f.name for f in fields(RunConfig)}
+    config = RunConfig(sources=sources, out=out, options=Options(frozenset(enabled)),
+                       api_key=key, **{k: v for k, v in values.items() if k in known})
+    validate(config)
+    return config
+
+
+def _parse_times_and_paths(values: dict[str, Any]) -> None:
     for name in ("stop_submitting_at", "deadline"):
         if isinstance(values.get(name), str):
             try:
@@ -191,11 +200,6 @@ def build(
                 raise ConfigError(f"{name.replace('_', '-')}: {exc}") from None
     if isinstance(values.get("report"), str):
         values["report"] = Path(values["report"]).expanduser()
-    known = {f.name for f in fields(RunConfig)}
-    config = RunConfig(sources=sources, out=out, options=Options(frozenset(enabled)),
-                       api_key=key, **{k: v for k, v in values.items() if k in known})
-    validate(config)
-    return config
 
 
 def validate(config: RunConfig) -> None:

@@ -15,10 +15,10 @@ from batch.api import ApiClient, ApiError
 from batch.config import RunConfig
 from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
-from batch.pipeline import source_roots, submittable_states
+from batch.pipeline import source_roots
 from batch.preflight import Rejected, preflight
 from batch.scan import scan
-from batch.states import JobState
+from batch.states import JobState, submittable
 
 
 @dataclass
@@ -85,7 +85,7 @@ def plan(config: RunConfig) -> Plan:
             scan(ledger, source_roots(config.sources), config.options,
                  exclude=(config.out.resolve(),))
             result = Plan(files=ledger.file_count())
-            jobs = ledger.jobs_in(submittable_states(config))
+            jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
             with ThreadPoolExecutor() as pool:
                 checks = pool.map(lambda j: _check(j, ledger.files_for_job(j.id)), jobs)
                 for path, reason in checks:

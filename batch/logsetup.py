@@ -33,5 +33,6 @@ def configure(level: int, secret: Secret | None = None, *, json_lines: bool = Fa
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiohttp", "alembic", "filelock"):
+    # httpx logs every request with its URL (signed result links among them) at INFO.
+    for noisy in ("httpx", "httpcore", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

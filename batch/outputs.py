@@ -7,18 +7,22 @@ server sends takes part in them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
-
-from batch.hashing import sha256_file
 
 TEMP_MARKER = ".skinbatch-"
 TEMP_SUFFIX = ".part"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
+
+
+def sha256_file(path: Path | str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class OutputConflict(Exception):
@@ -81,7 +85,7 @@ def place(temp: Path, final: Path, sha256: str, previous_sha256: str | None,
         except FileExistsError:
             if candidate.is_symlink() or not candidate.is_file():
                 raise OutputConflict(f"{candidate} exists and is not a regular file") from None
-            existing = sha256_file(str(candidate))
+            existing = sha256_file(candidate)
             if existing == sha256:
                 return candidate
             ours = previous_sha256 is not None and existing == previous_sha256

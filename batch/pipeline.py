@@ -19,19 +19,20 @@ from batch.api.client import Timeouts
 from batch.api.ratelimit import RateLimiter
 from batch.budget import Budget, Estimate
 from batch.config import RunConfig
+from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
-from batch.ledger.groupcommit import GroupCommit
+from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
 from batch.outputs import clean_temp_files
 from batch.progress import Progress
 from batch.report import write_report
 from batch.scan import ScanStats, SourceRoot, scan
-from batch.stages.downloader import Downloader, materialize_copies
+from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
-from batch.stages.runtime import Runtime
+from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
-from batch.states import JobState
+from batch.states import IN_FLIGHT, submittable
 from batch.status import StatusReport, collect_status
 from batch.watch import WatchSettings, watch_sources
 
@@ -61,18 +62,6 @@ def source_roots(sources: tuple[Path, ...]) -> list[SourceRoot]:
         prefix = name if used[name] == 1 else f"{name}-{used[name]}"
         roots.append(SourceRoot(source, prefix))
     return roots
-
-
-def active_states(config: RunConfig, submitting_allowed: bool) -> list[JobState]:
-    states = [JobState.SUBMITTING, JobState.QUEUED, JobState.PROCESSING, JobState.READY,
-              JobState.DOWNLOADING]
-    if submitting_allowed:
-        states.append(JobState.PENDING)
-        if config.on_ambiguous == "resubmit":
-            states.append(JobState.AMBIGUOUS)
-        if config.on_expired == "resubmit":
-            states.append(JobState.EXPIRED)
-    return states
 
 
 def forget_missing_outputs(ledger: Ledger, out_dir: Path) -> int:
@@ -127,14 +116,15 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                        max_downloads=max(2, config.concurrency),
                        max_result_bytes=config.max_result_bytes)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
-    rt = Runtime(ledger, client, config, out_dir, progress, breaker, GroupCommit(ledger))
+    rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger))
+    to_send = submittable(config.on_ambiguous, config.on_expired)
     loop = asyncio.get_running_loop()
 
     def interrupt() -> None:
         if rt.flags.interrupted:
             rt.flags.abort = rt.flags.hard_stop = True
         rt.flags.interrupted = True
-        rt.flags.submits_stopped = "interrupted"
+        rt.flags.submits_stopped = StopReason.INTERRUPTED
         rt.changed.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,8 +140,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             scan, ledger, source_roots(config.sources), config.options,
             exclude=(out_dir,), on_progress=progress.scanned)
         crashpoints.reached("scanned")
-        progress.set_total(ledger.unfinished(list(JobState)))
-        materialize_copies(rt)
+        progress.set_total(ledger.count_in(to_send | IN_FLIGHT))
+        materialize_copies(ledger, out_dir, config.expiry_margin)
         await _check_money(rt)
         if watch is None:
             await _drive(rt)
@@ -164,17 +154,17 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
         if not rt.flags.abort:
-            materialize_copies(rt)
+            materialize_copies(ledger, out_dir, config.expiry_margin)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await client.aclose()
         progress.close()
+        rt.writes.close()
     waiting = rt.flags.submits_stopped
-    if waiting in ("budget reached", "stop-submitting time reached", "balance too low") or \
-            rt.flags.deadline_reached:
-        ledger.annotate_waiting(submittable_states(config), f"not sent: {waiting or 'deadline'}")
-    status = collect_status(ledger, config.on_ambiguous)
+    if waiting in WAITING_STOPS:
+        ledger.annotate_waiting(to_send, f"not sent: {waiting}")
+    status = collect_status(ledger)
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
 
@@ -185,19 +175,10 @@ def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:
         rt.fail_run(f"Watching the sources stopped: {error}")
 
 
-def submittable_states(config: RunConfig) -> list[JobState]:
-    states = [JobState.PENDING]
-    if config.on_ambiguous == "resubmit":
-        states.append(JobState.AMBIGUOUS)
-    if config.on_expired == "resubmit":
-        states.append(JobState.EXPIRED)
-    return states
-
-
 async def _check_money(rt: Runtime) -> None:
     """Before any upload: estimate the credits the batch needs and read the balance."""
     config = rt.config
-    to_pay = rt.ledger.unfinished(submittable_states(config))
+    to_pay = rt.ledger.count_in(submittable(config.on_ambiguous, config.on_expired))
     limit = config.budget
     if to_pay:
         balance: float | None = None
@@ -234,11 +215,11 @@ async def _clock(rt: Runtime) -> None:
     while True:
         now = datetime.now().astimezone()
         if config.stop_submitting_at is not None and now >= config.stop_submitting_at:
-            rt.stop_submitting("stop-submitting time reached")
+            rt.stop_submitting(StopReason.CLOCK)
         if config.deadline is not None and now >= config.deadline:
             rt.flags.deadline_reached = True
             rt.flags.abort = True
-            rt.stop_submitting("deadline reached")
+            rt.stop_submitting(StopReason.DEADLINE)
             return
         await asyncio.sleep(0.1)
 
@@ -269,8 +250,9 @@ async def _drive(rt: Runtime, keep_running: bool = False) -> None:
                 due = last_count + COUNT_EVERY - time.monotonic()
                 if due <= 0:
                     last_count = time.monotonic()
-                    allowed = rt.flags.submits_stopped is None
-                    if rt.ledger.unfinished(active_states(rt.config, allowed)) == 0:
+                    active = IN_FLIGHT if rt.flags.submits_stopped else IN_FLIGHT | submittable(
+                        rt.config.on_ambiguous, rt.config.on_expired)
+                    if rt.ledger.count_in(active) == 0:
                         break
                 else:
                     timeout = due
@@ -286,7 +268,6 @@ async def _drive(rt: Runtime, keep_running: bool = False) -> None:
                 task.cancel()
         await asyncio.gather(*stages, *poller.in_flight, *downloader.in_flight.values(),
                              return_exceptions=True)
-        rt.writes.close()
 
 
 def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
@@ -311,15 +292,16 @@ def _stop_message(rt: Runtime) -> str | None:
     if rt.flags.fatal:
         return rt.flags.fatal
     if rt.flags.deadline_reached:
-        open_jobs = rt.ledger.jobs_in(active_states(rt.config, False))
+        open_jobs = rt.ledger.jobs_in(IN_FLIGHT)
         expiries = [j.expires_at for j in open_jobs if j.expires_at]
         first = datetime.fromtimestamp(min(expiries)).strftime("%Y-%m-%d %H:%M") \
             if expiries else "n/a"
         return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight; their result "
                 f"links expire from {first}. Run the same command again before then to save "
                 "them.")
-    if rt.flags.submits_stopped in ("budget reached", "stop-submitting time reached"):
-        return f"Uploads stopped: {rt.flags.submits_stopped}; the rest wait for the next run."
+    if rt.flags.submits_stopped in (StopReason.BUDGET, StopReason.CLOCK):
+        return (f"Uploads stopped: {rt.flags.submits_stopped.value}; the rest wait for the "
+                "next run.")
     if rt.flags.interrupted:
         return "Interrupted: progress is saved; run the same command again to carry on."
     return None

@@ -1,7 +1,9 @@
-"""Job states and the only table of legal transitions between them.
+"""Job states, the one table of legal transitions, and every named group of states.
 
 Every state change in the ledger goes through :meth:`batch.ledger.store.Ledger.transition`,
-which checks it against :data:`TRANSITIONS` and writes a history row.
+which checks it against :data:`TRANSITIONS` and writes a history row; the database refuses an
+unknown state (a CHECK constraint) and an illegal move (a trigger built from this table, see
+:mod:`batch.ledger.guards`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class JobState(StrEnum):
     REJECTED = "rejected"
     """Never sent: the input is unusable (not an image, corrupt, unreadable, over the limits)."""
     EXPIRED = "expired"
-    """The result links outlived their 24 hours before the result was saved."""
+    """The result links outlived their 24 hours (or the task was lost) before it was saved."""
 
 
 S = JobState
@@ -51,16 +53,38 @@ TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
     S.EXPIRED: frozenset({S.PENDING, S.SUBMITTING, S.FAILED, S.REJECTED}),
 }
 
-#: States a job can rest in when a run ends with nothing more to do for it.
+#: States a job rests in when a run has nothing more to do for it.
 FINAL: Final = frozenset({S.DONE, S.FAILED, S.REJECTED})
-#: States in which the provider holds (or may hold) a paid task for the job.
-PAID: Final = frozenset({S.QUEUED, S.PROCESSING, S.READY, S.DOWNLOADING})
+#: The provider holds a task for the job that the poller asks about.
+OPEN: Final = frozenset({S.QUEUED, S.PROCESSING})
+#: Paid work still to finish: a task to poll, a result to save, an answer awaited.
+IN_FLIGHT: Final = frozenset({S.SUBMITTING, S.QUEUED, S.PROCESSING, S.READY, S.DOWNLOADING})
+#: Needs a person or a policy before it can go on (listed as a problem).
+NEEDS_ATTENTION: Final = frozenset({S.FAILED, S.REJECTED, S.AMBIGUOUS, S.EXPIRED})
+#: What ``skinbatch retry`` may put back in line.
+RETRYABLE: Final = frozenset({S.FAILED, S.REJECTED, S.AMBIGUOUS, S.EXPIRED})
 #: Moves into these states need not wait for the disk: if a power cut loses one, the job is
 #: back where it was and the next run redoes the step for free (a status query, a download
 #: whose link is still valid). Every other move (an upload about to start or answered, a
 #: result saved, a final verdict) is flushed before the run goes on. WAL order means the next
 #: flushed move makes the earlier ones durable too.
 REDONE_IF_LOST: Final = frozenset({S.PROCESSING, S.READY, S.DOWNLOADING})
+
+
+def submittable(on_ambiguous: str, on_expired: str) -> frozenset[JobState]:
+    """States the submitter sends from, under the run's policies: a lost answer or an expired
+    result is sent again (a possible second charge, recorded) only when the policy says so."""
+    states = {S.PENDING}
+    if on_ambiguous == "resubmit":
+        states.add(S.AMBIGUOUS)
+    if on_expired == "resubmit":
+        states.add(S.EXPIRED)
+    return frozenset(states)
+
+
+def illegal_pairs() -> list[tuple[JobState, JobState]]:
+    """Every (from, to) move the table forbids (a state to itself is not a move)."""
+    return [(a, b) for a in JobState for b in JobState if a is not b and b not in TRANSITIONS[a]]
 
 
 class IllegalTransition(RuntimeError):

@@ -24,8 +24,7 @@ class StatusReport:
 
     @property
     def unfinished(self) -> int:
-        return sum(n for state, n in self.counts.items()
-                   if state in {s.value for s in JobState} and JobState(state) not in FINAL)
+        return sum(self.counts[state.value] for state in JobState if state not in FINAL)
 
     def to_json(self) -> str:
         payload: dict[str, Any] = {
@@ -59,7 +58,7 @@ class StatusReport:
         return "\n".join(lines)
 
 
-def collect_status(ledger: Ledger, on_ambiguous: str = "resubmit") -> StatusReport:
+def collect_status(ledger: Ledger) -> StatusReport:
     return StatusReport(
         counts=ledger.counts(),
         files=ledger.file_count(),

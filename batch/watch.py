@@ -20,8 +20,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from batch.copies import materialize_copies
 from batch.scan import SourceRoot, scan
-from batch.stages.downloader import materialize_copies
 from batch.stages.runtime import Runtime
 
 log = logging.getLogger("batch.watch")
@@ -161,7 +161,8 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 rt.wake_submitter.set()
                 # Off the loop: it copies files, and its few ledger writes may wait for the
                 # stages' writer to let go of the ledger.
-                await asyncio.to_thread(materialize_copies, rt)
+                await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir,
+                                        rt.config.expiry_margin)
             # Files still settling get another look soon; otherwise wait for events.
             wait = settings.settle if stats.deferred else settings.rescan
             next_pass = time.monotonic() + wait

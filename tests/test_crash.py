@@ -39,13 +39,12 @@ def test_kill_9_at_each_transition_then_rerun(tmp_path: Path, make_emulator,  # 
 
 
 @pytest.mark.parametrize("point", ["submitting:3", "answered:2", "queued:4", "done:5"])
-def test_kill_9_with_writes_committed_in_the_background_then_rerun(
+def test_kill_9_on_a_slow_disk_then_rerun(
         tmp_path: Path, make_emulator, slow_disk: dict[str, str],  # type: ignore[no-untyped-def]
         point: str) -> None:
-    """On a slow disk the stages' writes are committed by the ledger's writer thread, several
-    to a transaction: a kill right after such a commit loses nothing either."""
-    stderr = kill_at_then_rerun(tmp_path, make_emulator(), point, slow_disk)
-    assert "made in the background" in stderr
+    """On a slow disk the ledger's writer thread commits several of the stages' writes to a
+    transaction: a kill right after such a commit loses nothing either."""
+    kill_at_then_rerun(tmp_path, make_emulator(), point, slow_disk)
 
 
 @pytest.mark.postgres

@@ -81,6 +81,35 @@ ACCOUNT_CODES = frozenset({apispec.APPLICATION_NOT_EXISTS, apispec.USER_NOT_EXIS
                            apispec.USER_LOCKED, apispec.NOT_ENOUGH_CREDITS})
 
 
+def _effective_status(status: int, body: dict[str, Any], code: str) -> int:
+    """The HTTP status the answer means: older answers say 200 with an error in the body."""
+    legacy = body.get("error_code")
+    if status == 200 and isinstance(legacy, int) and legacy != 0:
+        status = legacy if 400 <= legacy < 600 else 400
+    if status == 200 and code in ACCOUNT_CODES:
+        status = 429 if code == apispec.NOT_ENOUGH_CREDITS else 401
+    return status
+
+
+def _kind(status: int, code: str, endpoint: Endpoint) -> tuple[ErrorKind, str]:
+    """What a failed answer means, and the words for it when the answer has none."""
+    if code == apispec.NOT_ENOUGH_CREDITS:
+        return ErrorKind.ACCOUNT, "the account is out of credits"
+    if status == 401 or code in (apispec.APPLICATION_NOT_EXISTS, apispec.USER_NOT_EXISTS):
+        return ErrorKind.ACCOUNT, "the API key was not accepted"
+    if status == 403:
+        return ErrorKind.ACCOUNT, "the account is locked or not allowed to use this API"
+    if status == 404 and endpoint == "query" and not code:
+        return ErrorKind.PERMANENT, "the task is unknown to the API (expired?)"
+    if status == 404 and (endpoint != "query" or code == apispec.AI_NOT_EXISTS):
+        return ErrorKind.ACCOUNT, "the API endpoint does not exist (check --api-base)"
+    if status == 429:
+        return ErrorKind.RATE_LIMITED, "rate limited by the API"
+    if status == 408 or status >= 500:
+        return ErrorKind.TRANSIENT, f"the API answered HTTP {status}"
+    return ErrorKind.PERMANENT, "the API refused the request"
+
+
 def classify(
     status: int,
     body: dict[str, Any] | None,
@@ -91,31 +120,10 @@ def classify(
     """None for success; otherwise the error, classified as API.md prescribes."""
     body = body or {}
     code, message, request_id, log_id = error_fields(body)
-    legacy = body.get("error_code")
-    if status == 200 and isinstance(legacy, int) and legacy != 0:
-        status = legacy if 400 <= legacy < 600 else 400
-    if status == 200 and code in ACCOUNT_CODES:
-        status = 429 if code == apispec.NOT_ENOUGH_CREDITS else 401
+    status = _effective_status(status, body, code)
     if status == 200:
         return None
-
-    def err(kind: ErrorKind, default: str) -> ApiError:
-        return ApiError(kind, message or default, http_status=status, code=code or None,
-                        request_id=request_id or None, log_id=log_id or None,
-                        retry_after=retry_after)
-
-    if code == apispec.NOT_ENOUGH_CREDITS:
-        return err(ErrorKind.ACCOUNT, "the account is out of credits")
-    if status == 401 or code in (apispec.APPLICATION_NOT_EXISTS, apispec.USER_NOT_EXISTS):
-        return err(ErrorKind.ACCOUNT, "the API key was not accepted")
-    if status == 403:
-        return err(ErrorKind.ACCOUNT, "the account is locked or not allowed to use this API")
-    if status == 404 and (endpoint != "query" or code == apispec.AI_NOT_EXISTS or not code):
-        if endpoint == "query" and not code:
-            return err(ErrorKind.PERMANENT, "the task is unknown to the API (expired?)")
-        return err(ErrorKind.ACCOUNT, "the API endpoint does not exist (check --api-base)")
-    if status == 429:
-        return err(ErrorKind.RATE_LIMITED, "rate limited by the API")
-    if status == 408 or status >= 500:
-        return err(ErrorKind.TRANSIENT, f"the API answered HTTP {status}")
-    return err(ErrorKind.PERMANENT, "the API refused the request")
+    kind, default = _kind(status, code, endpoint)
+    return ApiError(kind, message or default, http_status=status, code=code or None,
+                    request_id=request_id or None, log_id=log_id or None,
+                    retry_after=retry_after)

@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from batch.ledger.driver import CACHE, WAL_SIZE_LIMIT, begin_sqlite
 from batch.ledger.migrate import upgrade_to_head
 from batch.ledger.store import Ledger
 
@@ -20,6 +19,8 @@ NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "glusterfs",
      "fuse.glusterfs", "lustre", "davfs", "fuse.rclone", "fuse.s3fs"}
 )
+#: What the SQLite write-ahead log is cut back to when reused after a checkpoint (bytes).
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 def ledger_url(location: str | Path) -> str:
@@ -54,53 +55,66 @@ def filesystem_type(path: Path, mounts_table: str | None = None) -> str | None:
 
 
 def _sqlite_engine(url: str) -> Engine:
-    # No rollback when a connection goes back to the pool: every transaction, through
-    # SQLAlchemy or the driver path, has already ended by then, and the extra call was a
-    # measurable part of each of the pipeline's many short transactions.
-    engine = create_engine(url, pool_reset_on_return=None)
+    engine = create_engine(url)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" hook below issue BEGIN itself, so writers take the lock up
-        # front (BEGIN IMMEDIATE) instead of failing mid-transaction on lock upgrade.
+        # The begin hook below issues BEGIN itself, so writers take the lock up front
+        # (BEGIN IMMEDIATE) instead of failing mid-transaction on lock upgrade.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA cache_size=-{CACHE // 1024}")
         cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        begin_sqlite(connection.exec_driver_sql, connection.connection.info,
-                     readonly=connection.get_execution_options().get("readonly", False))
+        options = connection.get_execution_options()
+        if options.get("readonly", False):
+            connection.exec_driver_sql("BEGIN")
+            return
+        # Durability per transaction (Ledger._write decides it): NORMAL commits without an
+        # fsync; the next FULL commit's fsync of the WAL makes the earlier ones durable too.
+        synchronous = "FULL" if options.get("durable", True) else "NORMAL"
+        info = connection.connection.info
+        if info.get("synchronous", "FULL") != synchronous:
+            connection.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+            info["synchronous"] = synchronous
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _postgresql_engine(url: str) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        if not connection.get_execution_options().get("durable", True):
+            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
     return engine
 
 
 def create_ledger_engine(location: str | Path) -> Engine:
     url = ledger_url(location)
-    if url.startswith("sqlite"):
-        database = make_url(url).database
-        assert database is not None
-        path = Path(database)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fs_type = filesystem_type(path.parent)
-        if fs_type in NETWORK_FILESYSTEMS:
-            log.warning(
-                "The ledger %s is on a network filesystem (%s): SQLite's locking is unreliable "
-                "there. Put the ledger on a local disk (--ledger PATH) or use PostgreSQL.",
-                path, fs_type,
-            )
-        return _sqlite_engine(url)
-    return _postgresql_engine(url)
-
-
-def _postgresql_engine(url: str) -> Engine:
-    return create_engine(url, pool_pre_ping=True)
+    if not url.startswith("sqlite"):
+        return _postgresql_engine(url)
+    database = make_url(url).database
+    assert database is not None
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fs_type = filesystem_type(path.parent)
+    if fs_type in NETWORK_FILESYSTEMS:
+        log.warning(
+            "The ledger %s is on a network filesystem (%s): SQLite's locking is unreliable "
+            "there. Put the ledger on a local disk (--ledger PATH) or use PostgreSQL.",
+            path, fs_type,
+        )
+    return _sqlite_engine(url)
 
 
 def open_ledger(location: str | Path) -> Ledger:

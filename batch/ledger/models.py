@@ -6,6 +6,7 @@ from typing import cast
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Float,
     ForeignKey,
     Index,
@@ -18,11 +19,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from batch.ledger.guards import STATE_CHECK
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
 }
 
 
@@ -37,6 +41,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("content_sha256", "options_fp"),
         Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
+        CheckConstraint(STATE_CHECK, name="state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

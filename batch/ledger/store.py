@@ -1,35 +1,34 @@
-"""All reads and writes of the ledger. :meth:`Ledger.transition` owns every job state change."""
+"""All reads and writes of the ledger, on SQLAlchemy Core.
+
+:meth:`Ledger.transition` is the one way a job changes state: it checks the move against
+:data:`batch.states.TRANSITIONS` (the database checks it again, see :mod:`batch.ledger.guards`),
+compares and sets against the state the caller saw, and writes a history row. How durable a
+write is, is decided in :meth:`Ledger._write` and nowhere else.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    and_,
-    bindparam,
-    exists,
-    func,
-    insert,
-    literal,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import Connection, Engine, and_, exists, func, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from batch import crashpoints
-from batch.ledger.driver import Connections, Cursor, Statement, dialect_insert
+from batch.ledger.guards import REFUSAL
 from batch.ledger.models import events, files, folders, jobs, meta
-from batch.ledger.scanrecord import ScanRecorder
-from batch.scanrows import ScanRow, StagedRows
-from batch.states import FINAL, REDONE_IF_LOST, JobState, check_transition
+from batch.states import (
+    NEEDS_ATTENTION,
+    REDONE_IF_LOST,
+    IllegalTransition,
+    JobState,
+    check_transition,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +60,7 @@ class JobRow:
     http_status: int | None
     error_code: str | None
     reason: str | None
+    prepared: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +78,7 @@ class FileRow:
     problem: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class KnownFile:
+class KnownFile(NamedTuple):
     size_bytes: int
     mtime_ns: int
     content_sha256: str | None
@@ -89,9 +88,9 @@ class KnownFile:
     out_rel: str
 
 
-@dataclass(slots=True)  # not frozen: a first scan makes one per file, and frozen costs 3x
-class ScannedFile:
-    """A file as the scanner saw it; ``content_sha256`` is None when it could not be read."""
+class ScannedFile(NamedTuple):
+    """A file as a scan found it: what :meth:`Ledger.record_files` records. A file that
+    cannot be processed has no ``content_sha256`` and says why in ``problem``."""
 
     root: str
     rel_path: str
@@ -99,8 +98,8 @@ class ScannedFile:
     size_bytes: int
     mtime_ns: int
     content_sha256: str | None
+    options_fp: str
     problem: str | None = None
-    options_fp: str = "000000000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,37 +111,36 @@ class Problem:
     http_status: int | None
 
 
-JOB_FIELDS = JobRow.__slots__
-FILE_FIELDS = FileRow.__slots__
-JOB_COLUMNS = [jobs.c[name] for name in JOB_FIELDS]
-FILE_COLUMNS = [files.c[name] for name in FILE_FIELDS]
-
-
-def _job(row: Sequence[Any]) -> JobRow:
-    """A JobRow from a row of ``JOB_COLUMNS``."""
-    (id_, sha, fp, size, state, attempts, charges, task_id, urls, submitted_at, expires_at,
-     next_attempt_at, result_sha, http_status, error_code, reason) = row
-    return JobRow(id_, sha, fp, size, JobState(state), attempts, charges, task_id,
-                  json.loads(urls) if urls else [], submitted_at, expires_at, next_attempt_at,
-                  result_sha, http_status, error_code, reason)
-
-
-def _file(row: Sequence[Any]) -> FileRow:
-    """A FileRow from a row of ``FILE_COLUMNS``."""
-    return FileRow(*row)
-
-
+JOB_COLUMNS = [jobs.c[name] for name in JobRow.__slots__]
+FILE_COLUMNS = [files.c[name] for name in FileRow.__slots__]
+#: Columns a transition may set besides the state (never ``state``, ``id`` or the identity).
+TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expires_at",
+                               "attempts", "next_attempt_at", "reason", "error_code",
+                               "prepared", "result_sha256"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
+#: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
+RECORD_CHUNK = 1000
+
+
+def _job(row: Any) -> JobRow:
+    values = dict(row._mapping)
+    values["state"] = JobState(values["state"])
+    values["result_urls"] = json.loads(values["result_urls"]) if values["result_urls"] else []
+    return JobRow(**values)
+
+
+def _file(row: Any) -> FileRow:
+    return FileRow(**row._mapping)
 
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """One ledger write, ready for :meth:`Ledger.commit`: ``run`` makes it on a cursor inside a
+    """One ledger write, ready for :meth:`Ledger.commit`: ``run`` makes it inside a
     transaction it may share with other writes; ``durable`` says whether it must be on disk
     before its caller goes on; ``point`` is the crash-test point reached once it is committed."""
 
-    run: Callable[[Cursor], None]
+    run: Callable[[Connection], None]
     durable: bool = True
     point: str | None = None
 
@@ -151,58 +149,34 @@ class StaleTransition(RuntimeError):
     """The job was no longer in the expected state (another worker or process moved it)."""
 
 
+def _refused(exc: DBAPIError, job_id: int, current: str, target: str) -> Exception:
+    """The database's trigger refusing a move, as the error Python's check raises."""
+    return IllegalTransition(job_id, current, target) if REFUSAL in str(exc.orig) else exc
+
+
 class Ledger:
     """The job ledger. Safe to share between threads; every method is one short transaction."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._dialect = engine.dialect.name
-        self._reader = engine.execution_options(readonly=True)
-        self._driver = Connections(engine)
-        self._updates: dict[tuple[tuple[str, ...], bool], Statement] = {}
-        self._claims: dict[tuple[tuple[str, ...], bool], Statement] = {}
-        prepare = functools.partial(Statement, engine)
-        self._state_of = prepare(select(jobs.c.state).where(jobs.c.id == bindparam("job_id")))
-        self._event_insert = prepare(insert(events).values(
-            {c: bindparam(c) for c in ("job_id", "at", "from_state", "to_state", "attempt",
-                                       "http_status", "error_code", "request_id", "log_id",
-                                       "message")}))
-        self._job_by_id = prepare(select(*JOB_COLUMNS).where(jobs.c.id == bindparam("job_id")))
-        self._files_of_job = prepare(select(*FILE_COLUMNS).where(
-            files.c.job_id == bindparam("job_id")).order_by(files.c.id))
-        self._set_output = prepare(update(files).where(files.c.id == bindparam("file_id")).values(
-            written_rel=bindparam("written_rel"), written_sha256=bindparam("written_sha256"),
-            problem=bindparam("problem")))
-        self._set_problem = prepare(update(files).where(files.c.id == bindparam("file_id"))
-                                    .values(problem=bindparam("problem")))
-        self._insert = dialect_insert(engine)
-        self._scan_recorder = ScanRecorder(engine)
-        save_folder = self._insert(folders).values(
-            {c: bindparam(c) for c in ("root", "rel_dir", "digest", "images")})
-        self._save_folder = prepare(save_folder.on_conflict_do_update(
-            index_elements=["root", "rel_dir"],
-            set_={c: save_folder.excluded[c] for c in ("digest", "images")}))
-        self._forget_folder = prepare(folders.delete().where(
-            folders.c.root == bindparam("root"), folders.c.rel_dir == bindparam("rel_dir")))
-        self._note_attempt = prepare(update(jobs).where(jobs.c.id == bindparam("job_id")).values(
-            {c: bindparam(c) for c in ("attempts", "next_attempt_at", "updated_at",
-                                       "http_status", "error_code")}))
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
     def close(self) -> None:
-        self._driver.close()
         self.engine.dispose()
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        """A durable write transaction (SQLite: BEGIN IMMEDIATE, so it never fails half-way on
-        lock upgrade)."""
-        with self.engine.begin() as conn:
+    def _write(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction. ``durable``: on disk before it returns. A write whose loss
+        costs nothing (scan records the next scan makes again, moves the next run redoes for
+        free) skips the flush; the next durable commit makes it durable too (SQLite's WAL and
+        PostgreSQL's log keep commits in order). The engine's begin hook applies it."""
+        with self.engine.execution_options(durable=durable).begin() as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A read-only transaction: in WAL mode it waits for no writer."""
-        with self._reader.begin() as conn:
+        with self.engine.execution_options(readonly=True).begin() as conn:
             yield conn
 
     # ---- meta ---------------------------------------------------------------------------
@@ -212,8 +186,10 @@ class Ledger:
             return conn.scalar(select(meta.c.value).where(meta.c.key == key))
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._tx() as conn:
-            self._upsert(conn, meta, [{"key": key, "value": value}], ["key"], update_cols=["value"])
+        statement = self._insert(meta).values(key=key, value=value)
+        with self._write() as conn:
+            conn.execute(statement.on_conflict_do_update(
+                index_elements=["key"], set_={"value": statement.excluded.value}))
 
     # ---- scanning -----------------------------------------------------------------------
 
@@ -231,58 +207,95 @@ class Ledger:
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(files.c.root == root)
         )
-        if not rel_dir:
-            query = query.where(files.c.rel_path.not_like("%/%"))
-        elif self._dialect == "sqlite":
-            # Binary collation: a range the (root, rel_path) index answers directly.
+        if rel_dir and self.engine.dialect.name == "sqlite":
+            # A range in binary order: the (root, rel_path) index answers it, and unlike
+            # SQLite's LIKE it tells "A/" from "a/".
             query = query.where(files.c.rel_path > rel_dir + "/", files.c.rel_path < rel_dir + "0")
-        else:
+        elif rel_dir:
             query = query.where(files.c.rel_path.startswith(rel_dir + "/", autoescape=True))
+        else:
+            query = query.where(files.c.rel_path.not_like("%/%"))
         depth = len(rel_dir) + 1 if rel_dir else 0
         with self._read() as conn:
-            return {rel: KnownFile(size, mtime, sha, job_id, problem, fp, out_rel)
-                    for rel, size, mtime, sha, job_id, problem, fp, out_rel
-                    in conn.execute(query).fetchall() if "/" not in rel[depth:]}
+            return {row[0]: KnownFile(*row[1:]) for row in conn.execute(query)
+                    if "/" not in row[0][depth:]}
 
     def folder_digests(self, root: str) -> dict[str, tuple[str, int]]:
         """Each folder's digest and image count, as the last complete scan left them."""
         query = select(folders.c.rel_dir, folders.c.digest, folders.c.images).where(
             folders.c.root == root)
         with self._read() as conn:
-            return {d: (digest, n) for d, digest, n in conn.execute(query).fetchall()}
+            return {d: (digest, n) for d, digest, n in conn.execute(query)}
 
     def save_folder_digests(self, root: str, clean: dict[str, tuple[str, int]],
-                            dirty: list[str]) -> None:
+                            dirty: Iterable[str]) -> None:
         """Record the folders found fully recorded (``clean``: digest and image count), and
         forget the digests of the ones that were not, so they are looked at file by file.
-        A bulk write like the scan records it sums up: should a power cut undo it, the next
-        scan looks at those folders file by file (a folder's digest outlives neither the
-        records nor the forgetting that came before it: the WAL keeps commits in order)."""
-        with self._driver.transaction(write=True, bulk=True) as cur:
-            cur.executemany(self._save_folder, ("root", "rel_dir", "digest", "images"),
-                            [(root, rel_dir, digest, images)
-                             for rel_dir, (digest, images) in clean.items()])
-            cur.executemany(self._forget_folder, ("root", "rel_dir"),
-                            [(root, rel_dir) for rel_dir in dirty])
+        Not durable: should a power cut undo it, the next scan looks at those folders file
+        by file."""
+        dirty = list(dirty)
+        with self._write(durable=False) as conn:
+            if clean:
+                statement = self._insert(folders)
+                conn.execute(statement.on_conflict_do_update(
+                    index_elements=["root", "rel_dir"],
+                    set_={c: statement.excluded[c] for c in ("digest", "images")}),
+                    [{"root": root, "rel_dir": d, "digest": digest, "images": n}
+                     for d, (digest, n) in clean.items()])
+            for start in range(0, len(dirty), RECORD_CHUNK):
+                conn.execute(folders.delete().where(
+                    folders.c.root == root,
+                    folders.c.rel_dir.in_(dirty[start:start + RECORD_CHUNK])))
 
-    def record_scan(self, scanned: Sequence[ScannedFile]) -> int:
-        """:meth:`record_rows` for files given as :class:`ScannedFile`."""
-        now = time.time()
-        return self.record_rows([(f.root, f.rel_path, f.out_rel, f.size_bytes, f.mtime_ns,
-                                  f.content_sha256, f.options_fp, f.problem, now)
-                                 for f in scanned])
-
-    def record_rows(self, rows: Sequence[ScanRow], staged: Sequence[StagedRows] = ()) -> int:
-        """Upsert scanned files, given as rows and as rows a worker staged (each file at most
-        once in all), and link each readable one to its job (content + options), creating
-        jobs as needed. Returns how many new jobs were created. One bulk transaction (see
-        :mod:`batch.ledger.scanrecord`), or one per ten staged parts on SQLite."""
-        recorder = self._scan_recorder
+    def record_files(self, found: Sequence[ScannedFile]) -> int:
+        """Record scanned files (insert or update by root and relative path) and link each
+        readable one to its job (content + options), creating jobs in the order their first
+        file came. Returns how many jobs were created. One transaction, not durable: a scan
+        lost to a power cut is made again by the next scan, and no upload starts from a job
+        before a durable write (``submitting``) has made it durable."""
         created = 0
-        for images, bound in recorder.transactions(rows, staged):
-            with self._driver.transaction(write=True, bulk=True, images=images) as cur:
-                created += recorder.record(cur, bound)
+        with self._write(durable=False) as conn:
+            for start in range(0, len(found), RECORD_CHUNK):
+                created += self._record_chunk(conn, found[start:start + RECORD_CHUNK])
         return created
+
+    def _record_chunk(self, conn: Connection, found: Sequence[ScannedFile]) -> int:
+        now = time.time()
+        wanted: dict[tuple[str, str], int] = {}
+        for f in found:
+            if f.content_sha256 is not None:
+                wanted.setdefault((f.content_sha256, f.options_fp), f.size_bytes)
+        ids = self._job_ids(conn, list(wanted))
+        created = 0
+        missing = [{"content_sha256": sha, "options_fp": fp, "size_bytes": size,
+                    "state": JobState.PENDING.value, "created_at": now, "updated_at": now,
+                    "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
+                   for (sha, fp), size in wanted.items() if (sha, fp) not in ids]
+        if missing:
+            result = conn.execute(self._insert(jobs).on_conflict_do_nothing(), missing)
+            created = max(0, result.rowcount)
+            ids.update(self._job_ids(conn, [key for key in wanted if key not in ids]))
+        statement = self._insert(files)
+        columns = ("out_rel", "size_bytes", "mtime_ns", "content_sha256", "job_id", "problem",
+                   "seen_at")
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=["root", "rel_path"],
+            set_={c: statement.excluded[c] for c in columns}),
+            [{"root": f.root, "rel_path": f.rel_path, "out_rel": f.out_rel,
+              "size_bytes": f.size_bytes, "mtime_ns": f.mtime_ns,
+              "content_sha256": f.content_sha256, "problem": f.problem, "seen_at": now,
+              "job_id": (None if f.content_sha256 is None
+                         else ids[(f.content_sha256, f.options_fp)])}
+             for f in found])
+        return created
+
+    @staticmethod
+    def _job_ids(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        if not keys:
+            return {}
+        query = select(jobs.c.content_sha256, jobs.c.options_fp, jobs.c.id).where(
+            tuple_(jobs.c.content_sha256, jobs.c.options_fp).in_(keys))
+        return {(sha, fp): id_ for sha, fp, id_ in conn.execute(query)}
 
     def options_in_use(self) -> dict[str, int]:
         """Files per effective options (after per-folder presets)."""
@@ -294,146 +307,109 @@ class Ledger:
     # ---- the state machine ----------------------------------------------------------------
 
     def commit(self, writes: Sequence[Write]) -> list[Exception | None]:
-        """Make ``writes`` in one transaction, with one flush to disk if any is durable.
-        Several writes share it each in its own savepoint: one that fails is rolled back alone
-        and its error returned in its place (``None`` for the others). A single write's error
-        is raised. An error of the transaction itself (the disk is full) is raised for all."""
+        """Make ``writes`` in one transaction, flushed to disk if any is durable. Several
+        writes share it each in its own savepoint: one that fails is rolled back alone and its
+        error returned in its place (``None`` for the others). A single write's error is
+        raised. An error of the transaction itself (the disk is full) is raised for all."""
         outcomes: list[Exception | None] = [None] * len(writes)
-        with self._driver.transaction(write=True,
-                                      durable=any(w.durable for w in writes)) as cur:
+        with self._write(durable=any(w.durable for w in writes)) as conn:
             if len(writes) == 1:
-                writes[0].run(cur)
+                writes[0].run(conn)
             else:
                 for index, write in enumerate(writes):
-                    cur.savepoint()
+                    savepoint = conn.begin_nested()
                     try:
-                        write.run(cur)
+                        write.run(conn)
                     except Exception as exc:
-                        cur.rollback_to_savepoint()
+                        savepoint.rollback()
                         outcomes[index] = exc
                     else:
-                        cur.release()
+                        savepoint.commit()
         for write, outcome in zip(writes, outcomes, strict=True):
             if outcome is None and write.point is not None:
                 crashpoints.reached(write.point)
         return outcomes
 
-    def transition(
-        self,
-        job_id: int,
-        target: JobState,
-        *,
-        expect: JobState | None = None,
-        info: TransitionInfo | None = None,
-        charge: bool = False,
-        **fields: Any,
-    ) -> None:
-        """Move one job to ``target``: checked against the legal transitions, compare-and-set
-        against its current (or ``expect``-ed) state, with a history row, in one transaction.
-        ``charge`` counts one more upload that may have cost credits. A move whose loss the
-        next run redoes for free (``REDONE_IF_LOST``) does not wait for the disk."""
+    def transition(self, job_id: int, target: JobState, *, expect: JobState | None = None,
+                   info: TransitionInfo | None = None, charge: bool = False,
+                   **fields: Any) -> None:
+        """Move one job to ``target`` now (see :meth:`transition_write`)."""
         self.commit([self.transition_write(job_id, target, expect=expect, info=info,
                                            charge=charge, **fields)])
 
-    def transition_write(
-        self,
-        job_id: int,
-        target: JobState,
-        *,
-        expect: JobState | None = None,
-        info: TransitionInfo | None = None,
-        charge: bool = False,
-        **fields: Any,
-    ) -> Write:
-        """:meth:`transition`, as a write to commit (alone or with others)."""
+    def transition_write(self, job_id: int, target: JobState, *,
+                         expect: JobState | None = None, info: TransitionInfo | None = None,
+                         charge: bool = False, **fields: Any) -> Write:
+        """Move one job to ``target``: checked against the legal transitions, compare-and-set
+        against the ``expect``-ed state (or the one it is in), with a history row.
+        ``charge`` counts one more upload that may have cost credits; ``fields`` set other
+        columns (only :data:`TRANSITION_FIELDS`). A move whose loss the next run redoes for
+        free (``REDONE_IF_LOST``) does not wait for the disk."""
+        unknown = set(fields) - TRANSITION_FIELDS
+        if unknown:
+            raise TypeError(f"a transition cannot set {sorted(unknown)}")
 
-        def run(cur: Cursor) -> None:
-            current = expect
-            if current is None:
-                state = cur.scalar(self._state_of, {"job_id": job_id})
-                if state is None:
-                    raise KeyError(f"no job {job_id}")
-                current = JobState(state)
-            check_transition(job_id, current, target)
-            self._apply(cur, job_id, current, target, info, fields, charge=charge)
+        def run(conn: Connection) -> None:
+            self._move(conn, job_id, expect, target, info, fields, charge=charge)
 
         return Write(run, durable=target not in REDONE_IF_LOST, point=target.value)
 
-    def _apply(
-        self,
-        cur: Cursor,
-        job_id: int,
-        current: JobState,
-        target: JobState,
-        info: TransitionInfo | None,
-        fields: dict[str, Any],
-        *,
-        charge: bool = False,
-    ) -> None:
+    def _move(self, conn: Connection, job_id: int, expect: JobState | None, target: JobState,
+              info: TransitionInfo | None, fields: dict[str, Any], *,
+              charge: bool = False) -> None:
+        """The one place a job's state changes."""
+        current = expect if expect is not None else self._state_of(conn, job_id)
+        check_transition(job_id, current, target)
         now = time.time()
         values: dict[str, Any] = {"state": target.value, "updated_at": now}
         if info is not None:
-            values.update(
-                http_status=info.http_status, error_code=info.error_code,
-                request_id=info.request_id, log_id=info.log_id,
-            )
+            values.update(http_status=info.http_status, error_code=info.error_code,
+                          request_id=info.request_id, log_id=info.log_id)
             if info.message is not None:
                 values["reason"] = info.message
         values.update(fields)
         if isinstance(values.get("result_urls"), list):
             values["result_urls"] = json.dumps(values["result_urls"])
-        statement = self._update_statement(tuple(sorted(values)), charge)
-        if cur.execute(statement, {**values, "_job_id": job_id, "_from": current.value}) != 1:
-            actual = cur.scalar(self._state_of, {"job_id": job_id})
+        if charge:
+            values["charges"] = jobs.c.charges + 1
+        try:
+            changed = conn.execute(update(jobs).where(
+                jobs.c.id == job_id, jobs.c.state == current.value).values(values)).rowcount
+        except DBAPIError as exc:
+            raise _refused(exc, job_id, current.value, target.value) from exc
+        if changed != 1:
+            actual = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
             raise StaleTransition(f"job {job_id} is {actual}, expected {current.value}")
-        self._event(cur, job_id, current.value, target.value, fields.get("attempts", 0), info,
-                    now)
+        self._event(conn, job_id, current.value, target.value, fields.get("attempts", 0),
+                    info, now)
 
-    def _update_statement(self, columns: tuple[str, ...], charge: bool) -> Statement:
-        """Compiled once per column set."""
-        key = (columns, charge)
-        statement = self._updates.get(key)
-        if statement is None:
-            assignments: dict[str, Any] = {c: bindparam(c) for c in columns}
-            if charge:
-                assignments["charges"] = jobs.c.charges + 1
-            statement = Statement(self.engine, update(jobs)
-                                  .where(jobs.c.id == bindparam("_job_id"),
-                                         jobs.c.state == bindparam("_from"))
-                                  .values(assignments))
-            self._updates[key] = statement
-        return statement
+    @staticmethod
+    def _state_of(conn: Connection, job_id: int) -> JobState:
+        state = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
+        if state is None:
+            raise KeyError(f"no job {job_id}")
+        return JobState(state)
 
-    def _event(
-        self,
-        cur: Cursor,
-        job_id: int,
-        from_state: str | None,
-        to_state: str,
-        attempt: int,
-        info: TransitionInfo | None,
-        now: float,
-    ) -> None:
+    @staticmethod
+    def _event(conn: Connection, job_id: int, from_state: str | None, to_state: str,
+               attempt: int, info: TransitionInfo | None, now: float) -> None:
         info = info or TransitionInfo()
-        cur.execute(self._event_insert, {
-            "job_id": job_id, "at": now, "from_state": from_state, "to_state": to_state,
-            "attempt": attempt, "http_status": info.http_status, "error_code": info.error_code,
-            "request_id": info.request_id, "log_id": info.log_id, "message": info.message,
-        })
+        conn.execute(events.insert().values(
+            job_id=job_id, at=now, from_state=from_state, to_state=to_state, attempt=attempt,
+            http_status=info.http_status, error_code=info.error_code,
+            request_id=info.request_id, log_id=info.log_id, message=info.message))
 
-    def note_attempt_write(
-        self, job_id: int, info: TransitionInfo, *, attempts: int, next_attempt_at: float
-    ) -> Write:
+    def note_attempt_write(self, job_id: int, info: TransitionInfo, *, attempts: int,
+                           next_attempt_at: float) -> Write:
         """A failed attempt that leaves the state as it is (e.g. a poll that hit a 5xx)."""
 
-        def run(cur: Cursor) -> None:
+        def run(conn: Connection) -> None:
             now = time.time()
-            state = cur.scalar(self._state_of, {"job_id": job_id})
-            cur.execute(self._note_attempt, {
-                "job_id": job_id, "attempts": attempts, "next_attempt_at": next_attempt_at,
-                "updated_at": now, "http_status": info.http_status,
-                "error_code": info.error_code})
-            self._event(cur, job_id, state, str(state), attempts, info, now)
+            state = self._state_of(conn, job_id)
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                attempts=attempts, next_attempt_at=next_attempt_at, updated_at=now,
+                http_status=info.http_status, error_code=info.error_code))
+            self._event(conn, job_id, state.value, state.value, attempts, info, now)
 
         return Write(run)
 
@@ -443,87 +419,99 @@ class Ledger:
         ``submitting`` rows are uploads whose answer was never recorded: they become
         ``ambiguous`` (maybe charged). ``downloading`` rows go back to ``ready``.
         """
-        moves = {JobState.SUBMITTING: JobState.AMBIGUOUS, JobState.DOWNLOADING: JobState.READY}
-        counts: dict[str, int] = {}
-        messages = {
-            JobState.AMBIGUOUS: "the run stopped after the upload began and before its answer "
-                                "was recorded: it may have been charged",
-            JobState.READY: "the run stopped while downloading; the download will be redone",
+        moves = {
+            JobState.SUBMITTING: (JobState.AMBIGUOUS, TransitionInfo(
+                error_code="AMBIGUOUS_SUBMIT",
+                message="the run stopped after the upload began and before its answer was "
+                        "recorded: it may have been charged")),
+            JobState.DOWNLOADING: (JobState.READY, TransitionInfo(
+                message="the run stopped while downloading; the download will be redone")),
         }
-        for source, target in moves.items():
-            with self._driver.transaction(write=True) as cur:
-                ids = [job_id for job_id, in cur.rows(Statement(
-                    self.engine, select(jobs.c.id).where(jobs.c.state == source.value)))]
+        counts: dict[str, int] = {}
+        with self._write() as conn:
+            for source, (target, info) in moves.items():
+                ids = conn.scalars(select(jobs.c.id).where(jobs.c.state == source.value)).all()
                 for job_id in ids:
-                    if target is JobState.AMBIGUOUS:
-                        info = TransitionInfo(error_code="AMBIGUOUS_SUBMIT",
-                                              message=messages[target])
-                    else:
-                        info = TransitionInfo(message=messages[target])
-                    self._apply(cur, job_id, source, target, info, {},
-                                charge=target is JobState.AMBIGUOUS)
-            counts[target.value] = len(ids)
+                    self._move(conn, job_id, source, target, info, {},
+                               charge=target is JobState.AMBIGUOUS)
+                counts[target.value] = len(ids)
         return counts
+
+    def finish_download_write(self, job_id: int, result_sha256: str,
+                              outputs: dict[int, tuple[str, str | None]],
+                              problems: dict[int, str]) -> Write:
+        """Every output written for a job recorded and the job marked done, atomically."""
+
+        def run(conn: Connection) -> None:
+            for file_id, (rel, sha) in outputs.items():
+                self._set_output(conn, file_id, rel, sha, None)
+            for file_id, problem in problems.items():
+                conn.execute(update(files).where(files.c.id == file_id).values(problem=problem))
+            self._move(conn, job_id, JobState.DOWNLOADING, JobState.DONE, None,
+                       {"result_sha256": result_sha256, "attempts": 0})
+
+        return Write(run, point=JobState.DONE.value)
+
+    def reset_jobs(self, states: Iterable[JobState], message: str,
+                   paths: Sequence[str] = ()) -> int:
+        """Put jobs in ``states`` back to pending (the ``retry`` command); only jobs of the
+        files at ``paths`` (absolute) when given. Returns how many moved."""
+        query = select(jobs.c.id, jobs.c.state).where(
+            jobs.c.state.in_([s.value for s in states]))
+        if paths:
+            matches = or_(*[files.c.root + "/" + files.c.rel_path == p for p in paths])
+            query = query.where(jobs.c.id.in_(select(files.c.job_id).where(matches)))
+        with self._write() as conn:
+            found = conn.execute(query).all()
+            for job_id, state in found:
+                self._move(conn, job_id, JobState(state), JobState.PENDING,
+                           TransitionInfo(message=message),
+                           {"attempts": 0, "next_attempt_at": 0.0, "reason": None,
+                            "error_code": None})
+        return len(found)
 
     # ---- what the stages claim ----------------------------------------------------------
 
-    def claimable(
-        self,
-        states: Sequence[JobState],
-        limit: int,
-        *,
-        exclude: set[int] = frozenset(),  # type: ignore[assignment]
-        now: float | None = None,
-        soonest_expiry_first: bool = False,
-    ) -> list[JobRow]:
+    def claimable(self, states: Iterable[JobState], limit: int, *,
+                  exclude: Iterable[int] = (), now: float | None = None,
+                  soonest_expiry_first: bool = False) -> list[JobRow]:
         """Jobs in ``states`` whose backoff has passed and that some file still wants."""
         now = time.time() if now is None else now
-        values = [s.value for s in states]
-        key = (tuple(values), soonest_expiry_first)
-        statement = self._claims.get(key)
-        if statement is None:
-            order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
-                     else (jobs.c.next_attempt_at, jobs.c.id))
-            statement = Statement(self.engine, select(*JOB_COLUMNS).where(
-                jobs.c.state.in_([literal(v) for v in values]),
-                jobs.c.next_attempt_at <= bindparam("now"), WANTED,
-            ).order_by(*order).limit(bindparam("limit")))
-            self._claims[key] = statement
-        with self._driver.transaction(write=False) as cur:
-            rows = cur.rows(statement, {"now": now, "limit": limit + len(exclude)})
-        return [job for job in map(_job, rows) if job.id not in exclude][:limit]
+        skip = set(exclude)
+        order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
+                 else (jobs.c.next_attempt_at, jobs.c.id))
+        query = (select(*JOB_COLUMNS)
+                 .where(jobs.c.state.in_([s.value for s in states]),
+                        jobs.c.next_attempt_at <= now, WANTED)
+                 .order_by(*order).limit(limit + len(skip)))
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [job for job in map(_job, rows) if job.id not in skip][:limit]
 
-    def jobs_in(self, states: Sequence[JobState], limit: int | None = None) -> list[JobRow]:
-        query = select(*JOB_COLUMNS).where(jobs.c.state.in_([s.value for s in states]))
-        query = query.order_by(func.coalesce(jobs.c.expires_at, 0), jobs.c.id)
-        if limit is not None:
-            query = query.limit(limit)
+    def jobs_in(self, states: Iterable[JobState], limit: int | None = None) -> list[JobRow]:
+        query = (select(*JOB_COLUMNS).where(jobs.c.state.in_([s.value for s in states]))
+                 .order_by(func.coalesce(jobs.c.expires_at, 0), jobs.c.id).limit(limit))
         with self._read() as conn:
             return [_job(r) for r in conn.execute(query)]
 
     def job(self, job_id: int) -> JobRow:
-        with self._driver.transaction(write=False) as cur:
-            rows = cur.rows(self._job_by_id, {"job_id": job_id})
-        if not rows:
+        with self._read() as conn:
+            row = conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id)).first()
+        if row is None:
             raise KeyError(f"no job {job_id}")
-        return _job(rows[0])
+        return _job(row)
 
     def files_for_job(self, job_id: int) -> list[FileRow]:
-        with self._driver.transaction(write=False) as cur:
-            return [_file(row) for row in cur.rows(self._files_of_job, {"job_id": job_id})]
+        query = select(*FILE_COLUMNS).where(files.c.job_id == job_id).order_by(files.c.id)
+        with self._read() as conn:
+            return [_file(row) for row in conn.execute(query)]
 
     def files_needing_output(self) -> list[FileRow]:
         """Files whose job is done but whose own output is not (yet, or any more) written."""
-        query = (
-            select(*FILE_COLUMNS)
-            .join(jobs, jobs.c.id == files.c.job_id)
-            .where(
-                jobs.c.state == JobState.DONE.value,
-                files.c.problem.is_(None),
-                or_(files.c.written_sha256.is_(None),
-                    files.c.written_sha256 != jobs.c.result_sha256),
-            )
-        )
+        query = (select(*FILE_COLUMNS).join(jobs, jobs.c.id == files.c.job_id).where(
+            jobs.c.state == JobState.DONE.value, files.c.problem.is_(None),
+            or_(files.c.written_sha256.is_(None),
+                files.c.written_sha256 != jobs.c.result_sha256)))
         with self._read() as conn:
             return [_file(r) for r in conn.execute(query)]
 
@@ -533,7 +521,7 @@ class Ledger:
         for row in self._pages(query, files.c.id):
             yield row.id, row.written_rel
 
-    def open_tasks(self, states: Sequence[JobState]
+    def open_tasks(self, states: Iterable[JobState]
                    ) -> Iterator[tuple[int, str, JobState, float | None, float | None]]:
         """(job id, task id, state, submitted at, expires at) of jobs with a task in
         ``states``, oldest first."""
@@ -550,37 +538,22 @@ class Ledger:
         after = 0
         while True:
             with self._read() as conn:
-                rows = conn.execute(query.where(key > after).order_by(key).limit(page)).fetchall()
+                rows = conn.execute(query.where(key > after).order_by(key).limit(page)).all()
             yield from rows
             if len(rows) < page:
                 return
             after = getattr(rows[-1], key.name)
 
-    def set_file_output(
-        self, file_id: int, *, written_rel: str | None, written_sha256: str | None,
-        problem: str | None = None,
-    ) -> None:
-        with self._driver.transaction(write=True) as cur:
-            cur.execute(self._set_output, {"file_id": file_id, "written_rel": written_rel,
-                                           "written_sha256": written_sha256, "problem": problem})
+    @staticmethod
+    def _set_output(conn: Connection, file_id: int, written_rel: str | None,
+                    written_sha256: str | None, problem: str | None) -> None:
+        conn.execute(update(files).where(files.c.id == file_id).values(
+            written_rel=written_rel, written_sha256=written_sha256, problem=problem))
 
-    def finish_download_write(
-        self, job_id: int, result_sha256: str, outputs: dict[int, tuple[str, str | None]],
-        problems: dict[int, str],
-    ) -> Write:
-        """Every output written for a job recorded and the job marked done, atomically."""
-
-        def run(cur: Cursor) -> None:
-            for file_id, (rel, sha) in outputs.items():
-                cur.execute(self._set_output, {"file_id": file_id, "written_rel": rel,
-                                               "written_sha256": sha, "problem": None})
-            for file_id, problem in problems.items():
-                cur.execute(self._set_problem, {"file_id": file_id, "problem": problem})
-            self._apply(cur, job_id, JobState.DOWNLOADING, JobState.DONE,
-                        TransitionInfo(message=None), {"result_sha256": result_sha256,
-                                                        "attempts": 0})
-
-        return Write(run, point=JobState.DONE.value)
+    def set_file_output(self, file_id: int, *, written_rel: str | None,
+                        written_sha256: str | None, problem: str | None = None) -> None:
+        with self._write() as conn:
+            self._set_output(conn, file_id, written_rel, written_sha256, problem)
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -588,16 +561,19 @@ class Ledger:
         """Jobs per state (only jobs some file still points at), plus file-level problems."""
         with self._read() as conn:
             rows = conn.execute(
-                select(jobs.c.state, func.count()).where(WANTED).group_by(jobs.c.state)
-            ).all()
-            unreadable = conn.scalar(
-                select(func.count()).select_from(files).where(files.c.job_id.is_(None),
-                                                              files.c.problem.is_not(None))
-            )
+                select(jobs.c.state, func.count()).where(WANTED).group_by(jobs.c.state)).all()
+            unreadable = conn.scalar(select(func.count()).select_from(files).where(
+                files.c.job_id.is_(None), files.c.problem.is_not(None)))
         counts = {state.value: 0 for state in JobState}
         counts.update({state: n for state, n in rows})
         counts["unreadable_files"] = unreadable or 0
         return counts
+
+    def count_in(self, states: Iterable[JobState]) -> int:
+        """Jobs in ``states`` that some file still wants."""
+        with self._read() as conn:
+            return conn.scalar(select(func.count()).select_from(jobs).where(
+                jobs.c.state.in_([s.value for s in states]), WANTED)) or 0
 
     def charges(self) -> int:
         with self._read() as conn:
@@ -615,14 +591,13 @@ class Ledger:
 
     def problems(self) -> list[Problem]:
         """Every file that did not (or cannot) end retouched, with its reason."""
-        bad = [JobState.FAILED.value, JobState.REJECTED.value, JobState.AMBIGUOUS.value,
-               JobState.EXPIRED.value]
         waiting = and_(jobs.c.state == JobState.PENDING.value, jobs.c.reason.like("not sent:%"))
         query = (
             select(files.c.root, files.c.rel_path, files.c.problem, jobs.c.state, jobs.c.reason,
                    jobs.c.error_code, jobs.c.http_status)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
-            .where(or_(files.c.problem.is_not(None), jobs.c.state.in_(bad), waiting))
+            .where(or_(files.c.problem.is_not(None),
+                       jobs.c.state.in_([s.value for s in NEEDS_ATTENTION]), waiting))
             .order_by(files.c.root, files.c.rel_path)
         )
         with self._read() as conn:
@@ -650,53 +625,14 @@ class Ledger:
         with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
-    def annotate_waiting(self, states: Sequence[JobState], reason: str) -> int:
+    def annotate_waiting(self, states: Iterable[JobState], reason: str) -> int:
         """Say why jobs were left waiting (budget, clock) without changing their state."""
-        with self._tx() as conn:
-            result = conn.execute(update(jobs).where(
-                jobs.c.state.in_([s.value for s in states]), WANTED).values(reason=reason))
-            return result.rowcount or 0
+        with self._write() as conn:
+            return conn.execute(update(jobs).where(
+                jobs.c.state.in_([s.value for s in states]), WANTED).values(
+                reason=reason)).rowcount or 0
 
     def history(self, job_id: int) -> list[dict[str, Any]]:
         query = select(events).where(events.c.job_id == job_id).order_by(events.c.id)
         with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
-
-    def unfinished(self, states: Sequence[JobState]) -> int:
-        with self._read() as conn:
-            return conn.scalar(
-                select(func.count()).select_from(jobs).where(
-                    jobs.c.state.in_([s.value for s in states]), WANTED)
-            ) or 0
-
-    def reset_jobs(self, states: Sequence[JobState], message: str,
-                   paths: Sequence[str] = ()) -> int:
-        """Put jobs in ``states`` back to pending (the ``retry`` command)."""
-        query = select(jobs.c.id, jobs.c.state).where(
-            jobs.c.state.in_([literal(s.value) for s in states]))
-        if paths:
-            conds = [and_(files.c.root + "/" + files.c.rel_path == p) for p in paths]
-            query = query.where(jobs.c.id.in_(select(files.c.job_id).where(or_(*conds))))
-        moved = 0
-        with self._driver.transaction(write=True) as cur:
-            for job_id, state in cur.rows(Statement(self.engine, query)):
-                check_transition(job_id, state, JobState.PENDING)
-                self._apply(cur, job_id, JobState(state), JobState.PENDING,
-                            TransitionInfo(message=message),
-                            {"attempts": 0, "next_attempt_at": 0.0, "reason": None,
-                             "error_code": None, "http_status": None})
-                moved += 1
-        return moved
-
-    def is_final(self, state: JobState) -> bool:
-        return state in FINAL
-
-    # ---- dialect helpers ------------------------------------------------------------------
-
-    def _upsert(self, conn: Connection, table: Any, rows: list[dict[str, Any]], keys: list[str],
-                update_cols: list[str]) -> None:
-        if rows:
-            stmt = self._insert(table)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=keys, set_={c: stmt.excluded[c] for c in update_cols})
-            conn.execute(stmt, rows)

@@ -17,7 +17,6 @@ from PIL import Image
 
 from batch import crashpoints, metadata
 from batch.api import ApiError, ErrorKind
-from batch.hashing import sha256_file
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
 from batch.outputs import (
@@ -30,8 +29,7 @@ from batch.outputs import (
     resolve_inside,
 )
 from batch.preflight import Rejected, inspect_image
-from batch.stages.runtime import Runtime, wait_any
-from batch.stages.submitter import info_of
+from batch.stages.runtime import Runtime, info_of, wait_any
 from batch.states import JobState
 
 log = logging.getLogger("batch.download")
@@ -208,49 +206,3 @@ class Downloader:
             await rt.writes.transition(job.id, JobState.READY, attempts=attempts,
                                        next_attempt_at=time.time() + rt.backoff(attempts),
                                        info=info_of(error))
-
-
-def materialize_copies(rt: Runtime) -> int:
-    """Write outputs for files whose job is already done (a copy of an image found later, or an
-    output the user deleted): copied from a verified sibling output, or else downloaded again
-    while the link lives; past that, the job counts as expired. Never pays by itself."""
-    pending = rt.ledger.files_needing_output()
-    by_job: dict[int, list[FileRow]] = {}
-    for f in pending:
-        assert f.job_id is not None
-        by_job.setdefault(f.job_id, []).append(f)
-    written = 0
-    for job_id, needy in by_job.items():
-        job = rt.ledger.job(job_id)
-        source = _verified_sibling(rt, job)
-        if source is None:
-            usable = job.expires_at is not None and time.time() < job.expires_at - \
-                rt.config.expiry_margin and job.result_urls
-            target = JobState.READY if usable else JobState.EXPIRED
-            rt.ledger.transition(job_id, target, expect=JobState.DONE, info=TransitionInfo(
-                message="an output is missing and no saved copy is left"))
-            continue
-        for f in needy:
-            rel = output_rel(f.out_rel, source.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
-            try:
-                final = resolve_inside(rt.out_dir, rel)
-                temp = copy_to_temp(source, final.parent, final.name)
-                try:
-                    place(temp, final, job.result_sha256 or "", f.written_sha256)
-                finally:
-                    remove_quietly(temp)
-                rt.ledger.set_file_output(f.id, written_rel=rel, written_sha256=job.result_sha256)
-                written += 1
-            except OutputConflict as conflict:
-                rt.ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
-                                          problem=str(conflict))
-    return written
-
-
-def _verified_sibling(rt: Runtime, job: JobRow) -> Path | None:
-    for f in rt.ledger.files_for_job(job.id):
-        if f.written_rel and f.written_sha256 == job.result_sha256:
-            path = rt.out_dir / f.written_rel
-            if path.is_file() and sha256_file(str(path)) == job.result_sha256:
-                return path
-    return None

@@ -13,12 +13,10 @@ from batch import apispec
 from batch.api import ApiError, ErrorKind
 from batch.ledger import TransitionInfo
 from batch.ledger.store import StaleTransition
-from batch.stages.runtime import Runtime, wait_any
-from batch.stages.submitter import info_of
-from batch.states import JobState
+from batch.stages.runtime import Runtime, info_of, wait_any
+from batch.states import OPEN, JobState
 
 log = logging.getLogger("batch.poll")
-OPEN = (JobState.QUEUED, JobState.PROCESSING)
 RESYNC_SECONDS = 30.0
 #: A window with room left by finished tasks is topped up from the ledger this often at most
 #: (or every poll interval, if shorter).
@@ -111,9 +109,10 @@ class Poller:
         heapq.heappush(self.heap, (first, job_id))
 
     def _take_handoffs(self) -> None:
-        handoffs, self.rt.newly_queued[:] = list(self.rt.newly_queued), []
-        for job_id, task_id, submitted_at, expires_at in handoffs:
-            self._track(job_id, task_id, JobState.QUEUED, submitted_at, expires_at)
+        while not self.rt.queued.empty():
+            task = self.rt.queued.get_nowait()
+            self._track(task.job_id, task.task_id, JobState.QUEUED, task.submitted_at,
+                        task.expires_at)
 
     def _sync(self) -> None:
         """Pick up open tasks from the ledger, oldest first, until the window is full (at

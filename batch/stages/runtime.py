@@ -1,4 +1,5 @@
-"""What the stages share during one run: ledger, client, settings, stop flags, wake-ups."""
+"""What the stages share during one run: ledger, client, settings, why uploads stopped, the
+channel from the submitter to the poller, and wake-ups. Stages import this, never each other."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 from batch import apispec
 from batch.api import ApiClient, ApiError, ErrorKind
@@ -14,17 +17,33 @@ from batch.api.breaker import CircuitBreaker
 from batch.api.retry import backoff_delay
 from batch.budget import Budget
 from batch.config import RunConfig
-from batch.ledger import Ledger
-from batch.ledger.groupcommit import GroupCommit
+from batch.ledger import Ledger, TransitionInfo
+from batch.ledger.writer import LedgerWriter
 from batch.progress import Progress
 
 log = logging.getLogger("batch")
 
 
+class StopReason(StrEnum):
+    """Why no new upload may start. Paid work is still polled and saved unless the run is
+    aborting (see :attr:`Flags.abort`)."""
+
+    INTERRUPTED = "interrupted"
+    BUDGET = "budget reached"
+    CLOCK = "stop-submitting time reached"
+    DEADLINE = "deadline reached"
+    ACCOUNT = "account problem"
+    FATAL = "the run cannot go on"
+
+
+#: Stops that leave jobs waiting for a later run (their reason is written on them).
+WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE})
+
+
 @dataclass
 class Flags:
-    #: Why no new uploads may start (out of credits, interrupted...), or None.
-    submits_stopped: str | None = None
+    #: Why no new uploads may start, or None.
+    submits_stopped: StopReason | None = None
     #: The account-level error that stopped the run, if any.
     account_error: ApiError | None = None
     #: A local error that stops the run (e.g. the output folder cannot be written).
@@ -39,6 +58,23 @@ class Flags:
     deadline_reached: bool = False
 
 
+class QueuedTask(NamedTuple):
+    """A task the submitter has just committed as queued: the poller takes it from here at
+    once instead of waiting for its next look at the ledger (which stays the truth)."""
+
+    job_id: int
+    task_id: str
+    submitted_at: float
+    expires_at: float
+
+
+def info_of(error: ApiError) -> TransitionInfo:
+    """What an API error tells the ledger."""
+    return TransitionInfo(http_status=error.http_status, error_code=error.code,
+                          request_id=error.request_id, log_id=error.log_id,
+                          message=error.describe())
+
+
 @dataclass
 class Runtime:
     ledger: Ledger
@@ -48,7 +84,7 @@ class Runtime:
     progress: Progress
     breaker: CircuitBreaker
     #: Every ledger write the stages make goes through it, off the event loop's thread.
-    writes: GroupCommit
+    writes: LedgerWriter
     budget: Budget | None = None
     flags: Flags = field(default_factory=Flags)
     rng: random.Random = field(default_factory=random.Random)
@@ -56,9 +92,8 @@ class Runtime:
     wake_poller: asyncio.Event = field(default_factory=asyncio.Event)
     wake_downloader: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Tasks the submitter has just committed as queued (job id, task id, submitted, expires):
-    #: a shortcut for the poller. The ledger stays the truth; the poller resyncs from it.
-    newly_queued: list[tuple[int, str, float, float]] = field(default_factory=list)
+    #: Submitter -> poller.
+    queued: asyncio.Queue[QueuedTask] = field(default_factory=asyncio.Queue)
     #: Jobs claimed for upload that have not started yet (more uploads still to come).
     uploads_waiting: int = 0
 
@@ -71,16 +106,16 @@ class Runtime:
         if self.flags.account_error is None:
             self.flags.account_error = error
             log.error("Account problem: %s", error.describe())
-        self.flags.submits_stopped = error.message
+        self.flags.submits_stopped = StopReason.ACCOUNT
         if not error.out_of_credits:
             self.flags.abort = True
         self.changed.set()
 
-    def stop_submitting(self, reason: str) -> None:
+    def stop_submitting(self, reason: StopReason) -> None:
         """No new uploads (budget, clock); paid work is still polled and saved."""
         if self.flags.submits_stopped is None:
             self.flags.submits_stopped = reason
-            log.warning("No more uploads: %s.", reason)
+            log.warning("No more uploads: %s.", reason.value)
         self.changed.set()
 
     def budget_spent(self) -> None:
@@ -89,13 +124,13 @@ class Runtime:
             self.account_stop(ApiError(ErrorKind.ACCOUNT, "the account is out of credits",
                                        code=apispec.NOT_ENOUGH_CREDITS))
         else:
-            self.stop_submitting("budget reached")
+            self.stop_submitting(StopReason.BUDGET)
 
     def fail_run(self, message: str) -> None:
         if self.flags.fatal is None:
             self.flags.fatal = message
             log.error("%s", message)
-        self.flags.submits_stopped = message
+        self.flags.submits_stopped = StopReason.FATAL
         self.flags.abort = True
         self.changed.set()
 

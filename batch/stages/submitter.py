@@ -17,16 +17,10 @@ from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
-from batch.stages.runtime import Runtime, wait_any
-from batch.states import JobState
+from batch.stages.runtime import QueuedTask, Runtime, info_of, wait_any
+from batch.states import JobState, submittable
 
 log = logging.getLogger("batch.submit")
-
-
-def info_of(error: ApiError) -> TransitionInfo:
-    return TransitionInfo(http_status=error.http_status, error_code=error.code,
-                          request_id=error.request_id, log_id=error.log_id,
-                          message=error.describe())
 
 
 #: Jobs claimed from the ledger per query, waiting for an upload slot.
@@ -38,15 +32,7 @@ class Submitter:
         self.rt = rt
         self.in_flight: dict[int, asyncio.Task[None]] = {}
         self.waiting: deque[JobRow] = deque()
-
-    @property
-    def states(self) -> list[JobState]:
-        states = [JobState.PENDING]
-        if self.rt.config.on_ambiguous == "resubmit":
-            states.append(JobState.AMBIGUOUS)
-        if self.rt.config.on_expired == "resubmit":
-            states.append(JobState.EXPIRED)
-        return states
+        self.states = submittable(rt.config.on_ambiguous, rt.config.on_expired)
 
     def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -151,7 +137,8 @@ class Submitter:
                                 log_id=submitted.log_id),
         )
         rt.progress.sent()
-        rt.newly_queued.append((job.id, submitted.task_id, now, now + rt.config.result_ttl))
+        rt.queued.put_nowait(QueuedTask(job.id, submitted.task_id, now,
+                                        now + rt.config.result_ttl))
         rt.wake_poller.set()
 
     @staticmethod

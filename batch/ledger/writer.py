@@ -1,78 +1,42 @@
-"""The run's ledger writes, committed off the event loop, many to a transaction.
+"""The run's ledger writes, made by one thread of their own, several to a transaction.
 
-A stage used to commit each move of its job on the event loop's thread, waiting there for the
-disk's flush. On a disk whose flush takes 10-25 ms (a spinning disk, some network shares) those
-waits stopped the loop for most of every second: against the emulator, throughput fell from
-0.95 of the API's bound to 0.83 at 10 ms and 0.53 at 25 ms. Here a stage hands its write over
-and awaits it; one writer thread commits every write waiting at that moment in one transaction
-(each in its own savepoint, see :meth:`Ledger.commit`) with one flush for all of them, while the
-loop goes on with uploads, polls and downloads. A caller resumes only once its write is
-committed: "``submitting`` is on disk before the upload starts" holds as before.
-
-Where the disk flushes fast (this VM, most SSDs) a durable commit costs about a third of a
-millisecond, and handing it to a thread and back costs more CPU than waiting for it; so writes
-are made right there on the loop while durable commits keep taking under ``inline_below`` on
-average, and go to the writer thread as soon as they do not (or while it has work in hand).
+The stages run on the event loop; a durable commit waits for the disk's flush (a third of a
+millisecond on an SSD, tens on a spinning disk or a share). So every write a stage makes is
+handed to one writer thread and awaited: the loop goes on with uploads, polls and downloads
+meanwhile, and the writer commits every write waiting at that moment in one transaction (each
+in its own savepoint, see :meth:`Ledger.commit`) with one flush. A caller resumes only once its
+write is committed: "``submitting`` is on disk before the upload starts" holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import queue
 import threading
-import time
 from typing import Any
 
 from batch.ledger.store import Ledger, TransitionInfo, Write
 from batch.states import JobState
 
-log = logging.getLogger("batch")
-
 #: Writes per transaction at most (a transaction holds the ledger's write lock).
 MAX_BATCH = 256
-#: Inline writes while durable commits take less than this on average (seconds).
-INLINE_BELOW = 0.002
-#: Weight of the latest durable commit in that average.
-_WEIGHT = 0.2
 
 _Item = tuple[Write, asyncio.Future[None]]
 
 
-class GroupCommit:
-    def __init__(self, ledger: Ledger, *, inline_below: float = INLINE_BELOW) -> None:
+class LedgerWriter:
+    def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self.inline_below = inline_below
-        #: Moving average of a durable commit's time, inline or in the thread (seconds).
-        self.commit_seconds = 0.0
-        self._handed = 0
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._told = False
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
 
     async def commit(self, write: Write) -> None:
         """Commit ``write``; raises its error. Cancelling the caller does not cancel the write
-        once handed over: the caller then waits for it to be committed before the
-        cancellation goes on, as when the write was a plain call (a stage's clean-up after a
-        cancel must see the state it left)."""
-        if self._handed == 0 and self.commit_seconds < self.inline_below:
-            started = time.perf_counter()
-            try:
-                self.ledger.commit([write])
-            finally:
-                if write.durable:
-                    self._observe(time.perf_counter() - started)
-            return
-        if self._thread is None:
-            if not self._told:
-                log.info("Ledger commits take %.0f ms (a slow disk?): they are now made in the "
-                         "background, several at a time.", self.commit_seconds * 1000)
-                self._told = True
-            self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
-            self._thread.start()
+        once handed over: the caller waits for it to be committed before the cancellation
+        goes on (a stage's clean-up after a cancel must see the state it left)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._handed += 1
         self._queue.put((write, future))
         try:
             await asyncio.shield(future)
@@ -81,15 +45,9 @@ class GroupCommit:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(future)
             raise
-        finally:
-            self._handed -= 1
-
-    def _observe(self, seconds: float) -> None:
-        self.commit_seconds += _WEIGHT * (seconds - self.commit_seconds)
 
     async def transition(self, job_id: int, target: JobState, **kwargs: Any) -> None:
-        """:meth:`Ledger.transition`, committed here (the stages' writes are made through
-        these three)."""
+        """:meth:`Ledger.transition`, committed by the writer."""
         await self.commit(self.ledger.transition_write(job_id, target, **kwargs))
 
     async def note_attempt(self, job_id: int, info: TransitionInfo, *, attempts: int,
@@ -105,10 +63,9 @@ class GroupCommit:
 
     def close(self) -> None:
         """Commit what was handed over, then stop the thread."""
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-            self._thread = None
 
     def _run(self) -> None:
         stop = False
@@ -127,11 +84,8 @@ class GroupCommit:
                     break
                 batch.append(item)
             outcomes: list[BaseException | None]
-            started = time.perf_counter()
             try:
                 outcomes = list(self.ledger.commit([write for write, _ in batch]))
-                if any(write.durable for write, _ in batch):
-                    self._observe(time.perf_counter() - started)
             except Exception as exc:  # the transaction itself failed: every write did
                 outcomes = [exc] * len(batch)
             except BaseException as exc:  # no caller may wait for ever on a dead thread

@@ -1,0 +1,67 @@
+"""Outputs for files whose job is already done: a copy of a photo found later, or an output the
+user deleted. Never pays by itself."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from batch.ledger import JobRow, Ledger, TransitionInfo
+from batch.outputs import (
+    OutputConflict,
+    copy_to_temp,
+    output_rel,
+    place,
+    remove_quietly,
+    resolve_inside,
+    sha256_file,
+)
+from batch.states import JobState
+
+
+def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float) -> int:
+    """Write the missing outputs of done jobs, copied from a verified sibling output; with
+    none left, the job goes back to ``ready`` to be downloaded again while its link lives,
+    and past that counts as expired. Returns how many outputs were written."""
+    by_job: dict[int, list[int]] = {}
+    needy = {f.id: f for f in ledger.files_needing_output()}
+    for f in needy.values():
+        assert f.job_id is not None
+        by_job.setdefault(f.job_id, []).append(f.id)
+    written = 0
+    for job_id, file_ids in by_job.items():
+        job = ledger.job(job_id)
+        source = _verified_sibling(ledger, out_dir, job)
+        if source is None:
+            usable = (job.result_urls and job.expires_at is not None
+                      and time.time() < job.expires_at - expiry_margin)
+            ledger.transition(job_id, JobState.READY if usable else JobState.EXPIRED,
+                              expect=JobState.DONE, info=TransitionInfo(
+                                  message="an output is missing and no saved copy is left"))
+            continue
+        fmt = source.suffix.lstrip(".").upper().replace("JPG", "JPEG")
+        for file_id in file_ids:
+            f = needy[file_id]
+            rel = output_rel(f.out_rel, fmt)
+            try:
+                final = resolve_inside(out_dir, rel)
+                temp = copy_to_temp(source, final.parent, final.name)
+                try:
+                    place(temp, final, job.result_sha256 or "", f.written_sha256)
+                finally:
+                    remove_quietly(temp)
+                ledger.set_file_output(f.id, written_rel=rel, written_sha256=job.result_sha256)
+                written += 1
+            except OutputConflict as conflict:
+                ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
+                                       problem=str(conflict))
+    return written
+
+
+def _verified_sibling(ledger: Ledger, out_dir: Path, job: JobRow) -> Path | None:
+    for f in ledger.files_for_job(job.id):
+        if f.written_rel and f.written_sha256 == job.result_sha256:
+            path = out_dir / f.written_rel
+            if path.is_file() and sha256_file(path) == job.result_sha256:
+                return path
+    return None

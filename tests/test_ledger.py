@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import threading
-import time
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from batch.ledger import Ledger, TransitionInfo, driver, open_ledger
-from batch.ledger.store import ScannedFile, StaleTransition
-from batch.scanrows import ScanRow, StagedRows
-from batch.states import IllegalTransition, JobState
+from batch.ledger import Ledger, ScannedFile, TransitionInfo, open_ledger
+from batch.ledger.store import RECORD_CHUNK, StaleTransition
+from batch.states import TRANSITIONS, IllegalTransition, JobState, illegal_pairs
 
 
 @pytest.fixture
@@ -25,12 +24,13 @@ def ledger(ledger_location: str) -> Ledger:
     store.close()
 
 
-def scanned(rel: str, sha: str, root: str = "/src") -> ScannedFile:
-    return ScannedFile(root, rel, rel, 10, 1, sha)
+def scanned(rel: str, sha: str | None, root: str = "/src", problem: str | None = None,
+            options_fp: str = "100000000") -> ScannedFile:
+    return ScannedFile(root, rel, rel, 10, 1, sha, options_fp, problem)
 
 
 def record(ledger: Ledger, found: list[ScannedFile], options_fp: str) -> int:
-    return ledger.record_scan([replace(f, options_fp=options_fp) for f in found])
+    return ledger.record_files([f._replace(options_fp=options_fp) for f in found])
 
 
 class TestLedger:
@@ -52,14 +52,13 @@ class TestLedger:
     def test_jobs_follow_the_scan_order_and_a_failed_record_leaves_nothing(
             self, ledger: Ledger) -> None:
         found = [scanned(f"{name}.jpg", name * 64) for name in "dcba"]
-        found.insert(2, replace(scanned("unreadable.jpg", "x"), content_sha256=None,
-                                problem="cannot be read"))
+        found.insert(2, scanned("unreadable.jpg", None, problem="cannot be read"))
         assert record(ledger, found, "100000000") == 4
         jobs = ledger.jobs_in([JobState.PENDING])
         assert [job.content_sha256[0] for job in sorted(jobs, key=lambda j: j.id)] == list("dcba")
         assert [p.path for p in ledger.problems()] == ["/src/unreadable.jpg"]
         # a file without a root cannot be recorded: its whole batch is rolled back...
-        broken = [scanned("e.jpg", "e" * 64), replace(scanned("f.jpg", "f" * 64), root=None)]
+        broken = [scanned("e.jpg", "e" * 64), scanned("f.jpg", "f" * 64)._replace(root=None)]
         with pytest.raises(Exception, match=r"(?i)null"):
             record(ledger, broken, "100000000")  # type: ignore[arg-type]
         assert ledger.file_count() == 5 and ledger.counts()["pending"] == 4
@@ -74,30 +73,21 @@ class TestLedger:
             == list("abcdg")
         assert ledger.file_count() == 6
 
-    def test_rows_staged_by_workers_are_recorded_like_the_others(self, ledger: Ledger) -> None:
-        """More staged parts than SQLite attaches to one connection, duplicates across them."""
-        now = time.time()
-
-        def row(rel: str, sha: str | None) -> ScanRow:
-            return ("/src", rel, f"out/{rel}", 10, 1, sha, "100000000",
-                    None if sha else "cannot be read", now)
-
-        parts = [StagedRows.of([row(f"p{p}/{i}.jpg", f"{(p * 3 + i) % 40:064x}")
-                                for i in range(3)]) for p in range(20)]
-        parts.append(StagedRows.of([row("bad.jpg", None)]))
-        assert parts[3].rows() == [row(f"p3/{i}.jpg", f"{9 + i:064x}") for i in range(3)]
-        assert ledger.record_rows([row("own.jpg", "f" * 64)], parts) == 41
-        assert ledger.file_count() == 62
-        assert ledger.counts()["pending"] == 41
+    def test_a_scan_bigger_than_one_statement_links_every_file_to_its_job(
+            self, ledger: Ledger) -> None:
+        """Copies of one content spread over several statements' worth of rows: one job each
+        content, every file linked to it, and recording the same files again adds nothing."""
+        n = RECORD_CHUNK * 2 + 7
+        found = [scanned(f"p{i % 9}/{i}.jpg", f"{i % 700:064x}") for i in range(n)]
+        found.append(scanned("bad.jpg", None, problem="cannot be read"))
+        assert ledger.record_files(found) == 700
+        assert ledger.file_count() == n + 1
         job = next(j for j in ledger.jobs_in([JobState.PENDING]) if j.content_sha256 == f"{5:064x}")
-        assert sorted(f.rel_path for f in ledger.files_for_job(job.id)) == [
-            "p1/2.jpg", "p15/0.jpg"]
-        assert [f.out_rel for f in ledger.files_for_job(job.id)] in (
-            ["out/p1/2.jpg", "out/p15/0.jpg"], ["out/p15/0.jpg", "out/p1/2.jpg"])
+        assert sorted(f.rel_path for f in ledger.files_for_job(job.id)) == sorted(
+            f"p{i % 9}/{i}.jpg" for i in range(n) if i % 700 == 5)
         assert [p.path for p in ledger.problems()] == ["/src/bad.jpg"]
-        # recorded again (a re-scan): nothing new
-        assert ledger.record_rows([], parts) == 0
-        assert ledger.file_count() == 62
+        assert ledger.record_files(found) == 0
+        assert ledger.file_count() == n + 1
 
     def test_transitions_write_history_and_refuse_illegal_moves(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
@@ -107,6 +97,8 @@ class TestLedger:
                           info=TransitionInfo(http_status=200, request_id="r1", log_id="l1"))
         with pytest.raises(IllegalTransition):
             ledger.transition(job.id, JobState.SUBMITTING)
+        with pytest.raises(TypeError, match="state"):
+            ledger.transition(job.id, JobState.PROCESSING, state="done")
         ledger.transition(job.id, JobState.PROCESSING, expect=JobState.QUEUED)
         with pytest.raises(StaleTransition):
             ledger.transition(job.id, JobState.READY, expect=JobState.QUEUED)
@@ -141,9 +133,9 @@ class TestLedger:
 
     def test_problems_list_files_with_reasons(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64),
-                            ScannedFile("/src", "locked.jpg", "locked.jpg", 0, 0, None,
-                                        "permission denied: the file cannot be read")],
-                           "100000000")
+                        scanned("locked.jpg", None,
+                                problem="permission denied: the file cannot be read")],
+               "100000000")
         job = ledger.claimable([JobState.PENDING], 1)[0]
         ledger.transition(job.id, JobState.REJECTED,
                           info=TransitionInfo(message="not an image"))
@@ -174,66 +166,124 @@ def test_downloads_are_claimed_soonest_to_expire_first(ledger_location: str) -> 
     assert order == [100.0, 200.0, 300.0]
 
 
-def test_bulk_writes_are_checkpointed_in_the_background(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """A first scan's WAL is copied into the database by a thread of the ledger's own, not by
-    the scan's commits (SQLite's autocheckpoint, which would stall them, is far off)."""
-    monkeypatch.setattr(driver, "BULK_CHECKPOINT", 64)  # pages
-    path = tmp_path / "l.sqlite"
+def _a_job_in(ledger: Ledger, state: JobState, sha: str) -> int:
+    """A job brought to ``state`` through legal moves only."""
+    ledger.record_files([scanned(f"{sha[:6]}.jpg", sha)])
+    [job] = [j for j in ledger.jobs_in([JobState.PENDING]) if j.content_sha256 == sha]
+    path = {JobState.PENDING: [], JobState.SUBMITTING: [JobState.SUBMITTING],
+            JobState.AMBIGUOUS: [JobState.SUBMITTING, JobState.AMBIGUOUS],
+            JobState.QUEUED: [JobState.SUBMITTING, JobState.QUEUED],
+            JobState.PROCESSING: [JobState.SUBMITTING, JobState.QUEUED, JobState.PROCESSING],
+            JobState.READY: [JobState.SUBMITTING, JobState.QUEUED, JobState.READY],
+            JobState.DOWNLOADING: [JobState.SUBMITTING, JobState.QUEUED, JobState.READY,
+                                   JobState.DOWNLOADING],
+            JobState.DONE: [JobState.SUBMITTING, JobState.QUEUED, JobState.READY,
+                            JobState.DOWNLOADING, JobState.DONE],
+            JobState.FAILED: [JobState.FAILED], JobState.REJECTED: [JobState.REJECTED],
+            JobState.EXPIRED: [JobState.SUBMITTING, JobState.QUEUED, JobState.EXPIRED]}[state]
+    for target in path:
+        ledger.transition(job.id, target)
+    assert ledger.job(job.id).state is state
+    return job.id
+
+
+def test_the_database_refuses_every_illegal_transition_and_unknown_state(
+        ledger: Ledger) -> None:
+    """Written straight to the table, past the Python check: the trigger refuses every move
+    the table forbids, allows every move it allows, and the CHECK refuses unknown states."""
+    ids = {state: _a_job_in(ledger, state, f"{n:064x}") for n, state in enumerate(JobState)}
+
+    def move(job_id: int, target: str) -> None:
+        with ledger.engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET state = :s WHERE id = :id"),
+                         {"s": target, "id": job_id})
+
+    refused = 0
+    for current, target in illegal_pairs():
+        with pytest.raises((IntegrityError, DBAPIError), match="illegal job state transition"):
+            move(ids[current], target.value)
+        refused += 1
+    assert refused == len(illegal_pairs()) > 50
+    for job_id in ids.values():
+        with pytest.raises((IntegrityError, DBAPIError)):
+            move(job_id, "finished")
+    # the legal moves out of each state go through, and the job rests where it was put
+    for current, targets in TRANSITIONS.items():
+        for target in targets:
+            job_id = _a_job_in(ledger, current, f"{hash((current, target)) & (2**64 - 1):064x}")
+            move(job_id, target.value)
+            assert ledger.job(job_id).state is target
+
+
+def test_an_illegal_move_through_the_ledger_is_refused_before_the_database(
+        ledger: Ledger) -> None:
+    job_id = _a_job_in(ledger, JobState.DONE, "d" * 64)
+    with pytest.raises(IllegalTransition):
+        ledger.transition(job_id, JobState.SUBMITTING, expect=JobState.DONE)
+    assert ledger.job(job_id).state is JobState.DONE
+
+
+def test_an_existing_ledger_is_upgraded_with_its_rows_kept(tmp_path: Path) -> None:
+    """A ledger made by the previous release (revision 0003) gets the guards on open."""
+    from alembic import command
+
+    from batch.ledger.engine import create_ledger_engine
+    from batch.ledger.migrate import alembic_config
+
+    path = tmp_path / "old.sqlite"
+    engine = create_ledger_engine(path)
+    command.upgrade(alembic_config(engine), "0003")
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, content_sha256, options_fp, size_bytes, state, created_at, "
+            "updated_at, next_attempt_at, attempts, charges) "
+            "VALUES (1, :sha, '100000000', 5, 'done', 0, 0, 0, 0, 1)"), {"sha": "e" * 64})
+        conn.execute(text("UPDATE jobs SET state = 'submitting' WHERE id = 1"))  # unguarded
+        conn.execute(text("UPDATE jobs SET state = 'done' WHERE id = 1"))
+    engine.dispose()
     ledger = open_ledger(path)
-    started: list[str] = []
-    real_start = threading.Thread.start
-
-    def start(thread: threading.Thread) -> None:
-        started.append(thread.name)
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
-    empty = path.stat().st_size
-    for part in range(4):
-        record(ledger, [scanned(f"{part}/{i}.jpg", f"{part:08x}{i:056x}") for i in range(500)],
-               "100000000")
-    ledger._driver._checkpoint.close()  # type: ignore[union-attr]
-    assert "ledger-checkpoint" in started
-    assert path.stat().st_size > empty + 200_000  # the rows' pages are in the database file
-    assert ledger.file_count() == 2000
-    ledger.close()
-    assert open_ledger(path).file_count() == 2000
+    try:
+        assert ledger.job(1).state is JobState.DONE and ledger.charges() == 1
+        with pytest.raises(IntegrityError), ledger.engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET state = 'submitting' WHERE id = 1"))
+        with pytest.raises(IntegrityError), ledger.engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET state = 'bogus' WHERE id = 1"))
+    finally:
+        ledger.close()
 
 
-def test_only_what_the_next_run_redoes_for_free_skips_the_fsync(tmp_path: Path) -> None:
+def test_only_what_the_next_run_redoes_for_free_skips_the_flush(ledger: Ledger) -> None:
     """Scan records and moves a power cut could only undo to a step the next run repeats for
-    free (a status query, a download) may skip the fsync; every other state change (an upload
-    about to start or answered, a result saved) commits with synchronous=FULL."""
-    ledger = open_ledger(tmp_path / "l.sqlite")
-    ledger.engine.pool.dispose()  # one connection from here on, shared by both write paths
-    seen: list[tuple[str, int]] = []
+    free (a status query, a download) skip the flush; every other state change (an upload
+    about to start or answered, a result saved) waits for the disk. Read off the connection
+    at the moment each statement runs (SQLite: PRAGMA synchronous; PostgreSQL:
+    synchronous_commit)."""
+    sqlite = ledger.engine.dialect.name == "sqlite"
+    probe = "PRAGMA synchronous" if sqlite else "SHOW synchronous_commit"
+    seen: list[tuple[str, bool]] = []
 
-    def synchronous() -> int:
-        with ledger._driver.transaction(write=False) as cur:
-            return int(cur._cursor.execute("PRAGMA synchronous").fetchone()[0])
+    @event.listens_for(ledger.engine, "before_cursor_execute")
+    def watch(conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        words = statement.split()
+        what = " ".join(words[:3]).upper()
+        if what.startswith(("INSERT INTO FILES", "INSERT INTO FOLDERS", "UPDATE JOBS SET")):
+            value = cursor.connection.execute(probe).fetchone()[0]
+            seen.append((words[2 if what.startswith("INSERT") else 1].lower(), value in (2, "on")))
 
-    ledger.record_scan([ScannedFile("/r", "a.jpg", "a.jpg", 1, 1, "a" * 64)])
-    seen.append(("scan", synchronous()))
-    ledger.save_folder_digests("/r", {"": ("d" * 40, 1)}, [])
-    seen.append(("folders", synchronous()))
-    assert ledger.folder_digests("/r") == {"": ("d" * 40, 1)}
+    ledger.record_files([scanned("a.jpg", "a" * 64)])
+    ledger.save_folder_digests("/src", {"": ("d" * 40, 1)}, [])
     [job] = ledger.claimable([JobState.PENDING], 1)
-    for target, fields in [(JobState.SUBMITTING, {}), (JobState.QUEUED, {"task_id": "t"}),
-                           (JobState.PROCESSING, {}), (JobState.READY, {"result_urls": ["u"]}),
-                           (JobState.DOWNLOADING, {}), (JobState.READY, {}),
-                           (JobState.DOWNLOADING, {})]:
+    moves = [(JobState.SUBMITTING, {}), (JobState.QUEUED, {"task_id": "t"}),
+             (JobState.PROCESSING, {}), (JobState.READY, {"result_urls": ["u"]}),
+             (JobState.DOWNLOADING, {}), (JobState.READY, {}), (JobState.DOWNLOADING, {})]
+    for target, fields in moves:
         ledger.transition(job.id, target, **fields)
-        seen.append((target.value, synchronous()))
     ledger.commit([ledger.finish_download_write(job.id, "b" * 64, {}, {})])
-    seen.append(("done", synchronous()))
-    assert seen == [("scan", 1), ("folders", 1), ("submitting", 2), ("queued", 2),
-                    ("processing", 1), ("ready", 1), ("downloading", 1), ("ready", 1),
-                    ("downloading", 1), ("done", 2)]
-    # ... and foreign keys are enforced again after the scan, on the connection it used.
-    with pytest.raises(sqlite3.IntegrityError), ledger._driver.transaction(write=True) as cur:
-        cur._cursor.execute("INSERT INTO events (job_id, at, to_state, attempt) "
-                            "VALUES (999, 0, 'done', 0)")
+    event.remove(ledger.engine, "before_cursor_execute", watch)
+    assert seen == [("files", False), ("folders", False), ("jobs", True), ("jobs", True),
+                    ("jobs", False), ("jobs", False), ("jobs", False), ("jobs", False),
+                    ("jobs", False), ("jobs", True)]
+    assert ledger.job(job.id).state is JobState.DONE
 
 
 def test_many_threads_share_the_ledger_and_closing_it_closes_every_connection(
@@ -277,26 +327,3 @@ def test_many_threads_share_the_ledger_and_closing_it_closes_every_connection(
     assert open_on_ledger()
     ledger.close()
     assert open_on_ledger() == []
-
-
-@pytest.mark.postgres
-def test_postgresql_bulk_and_redoable_writes_skip_the_flush_and_others_do_not(
-        pg_url: str) -> None:
-    ledger = open_ledger(pg_url)
-    try:
-        with ledger.engine.begin() as conn:
-            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
-        for durable, bulk, expected in ((True, True, "off"), (False, False, "off"),
-                                        (True, False, "on")):
-            with ledger._driver.transaction(write=True, durable=durable, bulk=bulk) as cur:
-                cur._cursor.execute("SHOW synchronous_commit")
-                assert cur._cursor.fetchone()[0] == expected
-        ledger.record_scan([ScannedFile("/r", "a.jpg", "a.jpg", 1, 1, "a" * 64)])
-        assert ledger.counts()["pending"] == 1
-        [job] = ledger.claimable([JobState.PENDING], 1)
-        ledger.transition(job.id, JobState.SUBMITTING)
-        ledger.transition(job.id, JobState.QUEUED, task_id="t")
-        ledger.transition(job.id, JobState.READY, result_urls=["u"])
-        assert ledger.job(job.id).state is JobState.READY
-    finally:
-        ledger.close()

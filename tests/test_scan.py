@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import time
@@ -8,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from batch.hashing import hash_one
 from batch.ledger import open_ledger
 from batch.options import Options
-from batch.scan import SourceRoot, scan
+from batch.scan import SourceRoot, hash_file, scan
 from tests.imagegen import write_portrait
 
 FP = Options.of(["smart_skin"])
@@ -114,7 +112,7 @@ def test_a_folder_with_a_file_still_settling_is_looked_into_again(tmp_path: Path
     assert (later.deferred, later.hashed, later.new_jobs) == (0, 1, 1)
 
 
-def test_many_small_files_are_hashed_in_worker_processes_correctly(tmp_path: Path) -> None:
+def test_many_files_over_several_batches_are_hashed_correctly(tmp_path: Path) -> None:
     src = tmp_path / "src"
     expected = {}
     for i in range(2100):
@@ -134,7 +132,7 @@ def test_many_small_files_are_hashed_in_worker_processes_correctly(tmp_path: Pat
 
 def test_scans_and_folder_digests_on_both_ledger_backends(ledger_location: str,
                                                           tmp_path: Path) -> None:
-    """The scan's fast paths (driver-level executemany, per-folder lookups, digests) on both
+    """The scan's paths (batched inserts, per-folder lookups, digests) on both
     ledger back-ends, with folder names that need escaping in a LIKE pattern."""
     src = tmp_path / "src"
     for n, folder in enumerate(("100%_done", "a_b", "a_b/deeper")):
@@ -160,11 +158,10 @@ def test_scans_and_folder_digests_on_both_ledger_backends(ledger_location: str,
 
 def test_a_first_scan_leaves_digests_that_let_the_rescan_skip_every_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A new folder's files are not looked at before they are read: the size, mtime and
-    inode the reader saw make the folder's digest. It must be the digest a re-scan computes
-    from its own look at the folder, or every re-scan would fall back to per-file lookups."""
+    """The digest a first scan saves must be the one a re-scan computes from its own look
+    at the folder, or every re-scan would fall back to per-file lookups."""
     src = tmp_path / "src"
-    for i in range(2100):  # one folder big enough for the worker processes
+    for i in range(2100):  # more than two batches in one folder
         (src / "many").mkdir(parents=True, exist_ok=True)
         (src / "many" / f"{i}.jpg").write_bytes(os.urandom(200 + i))
     write_portrait(src / "few" / "a.jpg")
@@ -208,32 +205,18 @@ def test_the_reader_reports_a_fifo_or_a_vanished_file_instead_of_waiting(
     must not block in open() nor raise."""
     os.mkfifo(tmp_path / "pipe.jpg")
     (tmp_path / "real.jpg").write_bytes(b"12345")
-    assert hash_one(str(tmp_path / "pipe.jpg")) == (None, "not a regular file", 0, 0, 0)
-    assert hash_one(str(tmp_path / "gone.jpg"))[:2] == (
+    assert hash_file(str(tmp_path / "pipe.jpg")) == (None, "not a regular file", 0, 0)
+    assert hash_file(str(tmp_path / "gone.jpg"))[:2] == (
         None, "the file disappeared while it was being scanned")
     st = (tmp_path / "real.jpg").stat()
-    assert hash_one(str(tmp_path / "real.jpg")) == (
-        hashlib.sha256(b"12345").hexdigest(), None, 5, st.st_mtime_ns, st.st_ino)
+    assert hash_file(str(tmp_path / "real.jpg")) == (
+        hashlib.sha256(b"12345").hexdigest(), None, 5, st.st_mtime_ns)
 
 
-def test_a_scan_leaves_the_cycle_collector_on_even_when_it_fails(tmp_path: Path) -> None:
-    """The scan pauses Python's cycle collector for its own objects: the pause must not
-    outlive it (a run's event loop and a watch's later passes share the process)."""
-    write_portrait(tmp_path / "src" / "a.jpg")
-    ledger = open_ledger(tmp_path / "l.sqlite")
-    assert scan(ledger, [SourceRoot(tmp_path / "src")], FP).hashed == 1
-    assert gc.isenabled()
-    with pytest.raises(FileNotFoundError):
-        scan(ledger, [SourceRoot(tmp_path / "missing.jpg")], FP)
-    assert gc.isenabled()
-
-
-@pytest.mark.parametrize("files", [40, 2100], ids=["read-in-threads", "read-in-a-process"])
-def test_a_new_folder_read_by_a_worker_gets_its_output_names_and_reasons(
-        tmp_path: Path, files: int) -> None:
-    """A new folder is read whole by a worker (in a process when it holds many files): the
-    rows it makes must carry the preset's naming, the source's output prefix, a line-break
-    name's reason, and a digest the re-scan agrees with."""
+@pytest.mark.parametrize("files", [40, 2100], ids=["one-batch", "several-batches"])
+def test_a_new_folder_gets_its_output_names_and_reasons(tmp_path: Path, files: int) -> None:
+    """The rows of a new folder carry the preset's naming, the source's output prefix, a
+    line-break name's reason, and a digest the re-scan agrees with."""
     src = tmp_path / "src"
     named = src / "named"
     named.mkdir(parents=True)
@@ -266,14 +249,12 @@ def test_a_new_folder_read_by_a_worker_gets_its_output_names_and_reasons(
 
 def test_a_first_scan_recorded_over_many_transactions_links_every_file_to_its_job(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small batches, transactions and in-flight limits, so that rows are recorded while
-    later folders are still being read, and duplicates span batches: every file must end up
-    recorded once, linked to the one job of its content."""
+    """Small batches, so that rows are recorded while later files are still being hashed,
+    and duplicates span batches: every file must end up recorded once, linked to the one job
+    of its content."""
     import batch.scan
 
     monkeypatch.setattr(batch.scan, "BATCH", 64)
-    monkeypatch.setattr(batch.scan, "RECORD_ROWS", 100)
-    monkeypatch.setattr(batch.scan, "IN_FLIGHT_FILES", 150)
     src = tmp_path / "src"
     contents = [os.urandom(100 + i) for i in range(500)]
     expected = {}
@@ -298,27 +279,11 @@ def test_a_first_scan_recorded_over_many_transactions_links_every_file_to_its_jo
     assert len(ledger.folder_digests(root)) == 30
 
 
-def test_hashing_workers_run_below_the_scanners_priority(tmp_path: Path) -> None:
-    """The scanner's thread makes the ledger's inserts, a first scan's critical path; the
-    worker processes must not compete with it on equal terms."""
-    from batch.hashing import PROCESS_MIN_FILES, WORKER_NICENESS, Hasher
-
-    paths = []
-    for i in range(PROCESS_MIN_FILES):
-        (tmp_path / f"{i}.jpg").write_bytes(b"x")
-        paths.append(str(tmp_path / f"{i}.jpg"))
-    with Hasher(1) as hasher:
-        assert len(hasher.submit(paths, len(paths)).result()) == len(paths)
-        [worker] = hasher._processes
-        mine = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, worker.proc.pid) == min(19, mine + WORKER_NICENESS)
-
-
-def test_a_big_new_folder_is_read_in_parts_and_still_gets_its_digest(
+def test_a_big_folder_recorded_over_several_batches_still_gets_its_digest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One folder holding a whole shoot is read in parts by several workers at once; its
-    digest, summed up from every part, must be the one the re-scan computes, and a part
-    with a file that cannot be taken must leave the folder without one."""
+    """One folder holding a whole shoot spans several batches; its digest must be the one
+    the re-scan computes, and a file that cannot be taken must leave its folder without
+    one."""
     import batch.scan
 
     monkeypatch.setattr(batch.scan, "BATCH", 64)

@@ -272,9 +272,12 @@ class Ledger:
                     "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
                    for (sha, fp), size in wanted.items() if (sha, fp) not in ids]
         if missing:
-            result = conn.execute(self._insert(jobs).on_conflict_do_nothing(), missing)
-            created = max(0, result.rowcount)
-            ids.update(self._job_ids(conn, [key for key in wanted if key not in ids]))
+            inserted = conn.execute(self._insert(jobs).on_conflict_do_nothing().returning(
+                jobs.c.content_sha256, jobs.c.options_fp, jobs.c.id), missing).all()
+            created = len(inserted)
+            ids.update({(sha, fp): id_ for sha, fp, id_ in inserted})
+            if len(ids) < len(wanted):  # made meanwhile by another writer
+                ids.update(self._job_ids(conn, [key for key in wanted if key not in ids]))
         statement = self._insert(files)
         columns = ("out_rel", "size_bytes", "mtime_ns", "content_sha256", "job_id", "problem",
                    "seen_at")

@@ -14,7 +14,6 @@ class Budget:
     #: The limit comes from the account balance (running out is then an account-level stop).
     by_balance: bool = False
     reserved: int = 0
-    spent: int = 0
 
     def reserve(self) -> bool:
         if self.left - self.reserved <= 0:
@@ -26,7 +25,6 @@ class Budget:
         self.reserved -= 1
         if charged:
             self.left -= 1
-            self.spent += 1
 
     @property
     def exhausted(self) -> bool:

@@ -18,7 +18,7 @@ from batch.ledger.store import FileRow, JobRow
 from batch.pipeline import source_roots
 from batch.preflight import Rejected, preflight
 from batch.scan import scan
-from batch.states import JobState, submittable
+from batch.states import IN_FLIGHT, JobState, submittable
 
 
 @dataclass
@@ -95,8 +95,7 @@ def plan(config: RunConfig) -> Plan:
                         result.reject.append((path, reason))
             counts = ledger.counts()
             result.done = counts[JobState.DONE.value]
-            result.waiting = sum(counts[s.value] for s in (
-                JobState.QUEUED, JobState.PROCESSING, JobState.READY, JobState.DOWNLOADING))
+            result.waiting = sum(counts[s.value] for s in IN_FLIGHT)
             result.credits_needed = len(result.send) * config.credits_per_image
             result.reject += [(p.path, p.reason) for p in ledger.problems()
                               if p.state == "rejected" and (p.path, p.reason) not in result.reject]

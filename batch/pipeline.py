@@ -85,7 +85,8 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
         ledger = open_ledger(config.ledger_location)
         try:
             charges_before = ledger.charges()
-            report = asyncio.run(_run(config, ledger, out_dir, watch))
+            with ledger.pinned():  # the event loop's own reads and claims
+                report = asyncio.run(_run(config, ledger, out_dir, watch))
             report.seconds = time.monotonic() - started
             report.charged = ledger.charges() - charges_before
             _record_run(ledger, report, started_at)

@@ -17,13 +17,11 @@ from PIL import Image, ImageOps
 
 from batch.ledger import Ledger
 from batch.options import Options
-from batch.states import JobState
+from batch.states import IN_FLIGHT, JobState
 
 THUMB = 160
 #: Results whose links expire within this many seconds need a person's attention.
 EXPIRING_SOON = 6 * 3600
-IN_FLIGHT = {JobState.SUBMITTING.value, JobState.QUEUED.value, JobState.PROCESSING.value,
-             JobState.READY.value, JobState.DOWNLOADING.value}
 
 
 @dataclass

@@ -26,7 +26,6 @@ class CircuitBreaker:
         self.opened_until = 0.0
         self.cooldown = cooldown
         self.probing = False
-        self.times_opened = 0
 
     @property
     def state(self) -> str:
@@ -73,6 +72,5 @@ class CircuitBreaker:
             if was_probe:
                 self.cooldown = min(self.max_cooldown, self.cooldown * 2)
             self.opened_until = self.clock() + self.cooldown
-            self.times_opened += 1
             log.warning("The API failed %d times in a row; pausing uploads for %.0f s.",
                         self.failures, self.cooldown)

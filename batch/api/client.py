@@ -155,9 +155,15 @@ class ApiClient:
                     timeout: httpx.Timeout | None = None) -> dict[str, Any]:
         """One API request, its answer read whole and classified. Transport errors propagate
         for the caller to classify: what they mean depends on the call."""
-        response = await self._api.request(method, self._base + path, params=params,
-                                           files=files, data=data,
-                                           timeout=timeout or self._query_timeout)
+        request = self._api.build_request(method, self._base + path, params=params,
+                                          files=files, data=data,
+                                          timeout=timeout or self._query_timeout)
+        if files:
+            # The multipart body assembled once and sent in one write: streamed, each part's
+            # boundary, headers and value goes out as a write of its own, and each write
+            # through httpcore's anyio stream costs more CPU than the whole upload otherwise.
+            await request.aread()
+        response = await self._api.send(request)
         body = _json(response.content)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         error = classify(response.status_code, body, endpoint, retry_after=retry_after)

@@ -72,18 +72,21 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        # Straight on the driver's connection: these statements return nothing, and the
+        # stages begin several transactions per image.
+        driver = connection.connection.dbapi_connection
         options = connection.get_execution_options()
         if options.get("readonly", False):
-            connection.exec_driver_sql("BEGIN")
+            driver.execute("BEGIN")
             return
         # Durability per transaction (Ledger._write decides it): NORMAL commits without an
         # fsync; the next FULL commit's fsync of the WAL makes the earlier ones durable too.
         synchronous = "FULL" if options.get("durable", True) else "NORMAL"
         info = connection.connection.info
         if info.get("synchronous", "FULL") != synchronous:
-            connection.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+            driver.execute(f"PRAGMA synchronous={synchronous}")
             info["synchronous"] = synchronous
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        driver.execute("BEGIN IMMEDIATE")
 
     return engine
 

@@ -8,14 +8,29 @@ write is, is decided in :meth:`Ledger._write` and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, and_, exists, func, or_, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
@@ -123,6 +138,44 @@ WANTED = exists().where(files.c.job_id == jobs.c.id)
 RECORD_CHUNK = 1000
 
 
+# The statements the stages run for every image, built once: building one costs more CPU than
+# running it. Their SQL is compiled once too (SQLAlchemy's statement cache).
+_STATE_OF = select(jobs.c.state).where(jobs.c.id == bindparam("job_id"))
+_JOB = select(*JOB_COLUMNS).where(jobs.c.id == bindparam("job_id"))
+_FILES_OF_JOB = select(*FILE_COLUMNS).where(
+    files.c.job_id == bindparam("job_id")).order_by(files.c.id)
+_EVENT = events.insert()
+_SET_OUTPUT = update(files).where(files.c.id == bindparam("file_id")).values(
+    written_rel=bindparam("v_written_rel"), written_sha256=bindparam("v_written_sha256"),
+    problem=bindparam("v_problem"))
+
+
+@functools.cache
+def _move_statement(columns: tuple[str, ...], charge: bool) -> Update:
+    """The compare-and-set update of a move that sets ``columns`` (bound as ``v_<name>``)."""
+    values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in columns}
+    if charge:
+        values["charges"] = jobs.c.charges + 1
+    return update(jobs).where(jobs.c.id == bindparam("job_id"),
+                              jobs.c.state == bindparam("expected")).values(values)
+
+
+@functools.cache
+def _claim_statement(states: frozenset[JobState], soonest_expiry_first: bool) -> Select[Any]:
+    order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
+             else (jobs.c.next_attempt_at, jobs.c.id))
+    return (select(*JOB_COLUMNS)
+            .where(jobs.c.state.in_(sorted(s.value for s in states)),
+                   jobs.c.next_attempt_at <= bindparam("now"), WANTED)
+            .order_by(*order).limit(bindparam("limit")))
+
+
+@functools.cache
+def _count_statement(states: frozenset[JobState]) -> Select[Any]:
+    return select(func.count()).select_from(jobs).where(
+        jobs.c.state.in_(sorted(s.value for s in states)), WANTED)
+
+
 def _job(row: Any) -> JobRow:
     values = dict(row._mapping)
     values["state"] = JobState(values["state"])
@@ -160,9 +213,39 @@ class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._local = threading.local()
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Within the block, this thread's transactions share one connection. The stages make
+        several short transactions per image, and checking a connection out of the pool and
+        back in for each costs as much CPU as their statements. SQLite only: a PostgreSQL
+        connection comes from the pool each time, whose pre-ping replaces one the server
+        dropped."""
+        if self.engine.dialect.name != "sqlite" or getattr(self._local, "conn", None):
+            yield
+            return
+        self._local.conn = self.engine.connect()
+        try:
+            yield
+        finally:
+            self._local.conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def _transaction(self, *, readonly: bool, durable: bool) -> Iterator[Connection]:
+        """The engine's begin hook reads both options (see ``batch.ledger.engine``)."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            with self.engine.execution_options(readonly=readonly, durable=durable).begin() as c:
+                yield c
+            return
+        conn.execution_options(readonly=readonly, durable=durable)
+        with conn.begin():
+            yield conn
 
     @contextmanager
     def _write(self, *, durable: bool = True) -> Iterator[Connection]:
@@ -170,13 +253,13 @@ class Ledger:
         costs nothing (scan records the next scan makes again, moves the next run redoes for
         free) skips the flush; the next durable commit makes it durable too (SQLite's WAL and
         PostgreSQL's log keep commits in order). The engine's begin hook applies it."""
-        with self.engine.execution_options(durable=durable).begin() as conn:
+        with self._transaction(readonly=False, durable=durable) as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A read-only transaction: in WAL mode it waits for no writer."""
-        with self.engine.execution_options(readonly=True).begin() as conn:
+        with self._transaction(readonly=True, durable=True) as conn:
             yield conn
 
     # ---- meta ---------------------------------------------------------------------------
@@ -373,22 +456,22 @@ class Ledger:
         values.update(fields)
         if isinstance(values.get("result_urls"), list):
             values["result_urls"] = json.dumps(values["result_urls"])
-        if charge:
-            values["charges"] = jobs.c.charges + 1
+        statement = _move_statement(tuple(sorted(values)), charge)
+        params = {f"v_{c}": v for c, v in values.items()}
         try:
-            changed = conn.execute(update(jobs).where(
-                jobs.c.id == job_id, jobs.c.state == current.value).values(values)).rowcount
+            changed = conn.execute(statement, {**params, "job_id": job_id,
+                                               "expected": current.value}).rowcount
         except DBAPIError as exc:
             raise _refused(exc, job_id, current.value, target.value) from exc
         if changed != 1:
-            actual = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
+            actual = conn.scalar(_STATE_OF, {"job_id": job_id})
             raise StaleTransition(f"job {job_id} is {actual}, expected {current.value}")
         self._event(conn, job_id, current.value, target.value, fields.get("attempts", 0),
                     info, now)
 
     @staticmethod
     def _state_of(conn: Connection, job_id: int) -> JobState:
-        state = conn.scalar(select(jobs.c.state).where(jobs.c.id == job_id))
+        state = conn.scalar(_STATE_OF, {"job_id": job_id})
         if state is None:
             raise KeyError(f"no job {job_id}")
         return JobState(state)
@@ -397,10 +480,10 @@ class Ledger:
     def _event(conn: Connection, job_id: int, from_state: str | None, to_state: str,
                attempt: int, info: TransitionInfo | None, now: float) -> None:
         info = info or TransitionInfo()
-        conn.execute(events.insert().values(
-            job_id=job_id, at=now, from_state=from_state, to_state=to_state, attempt=attempt,
-            http_status=info.http_status, error_code=info.error_code,
-            request_id=info.request_id, log_id=info.log_id, message=info.message))
+        conn.execute(_EVENT, {
+            "job_id": job_id, "at": now, "from_state": from_state, "to_state": to_state,
+            "attempt": attempt, "http_status": info.http_status, "error_code": info.error_code,
+            "request_id": info.request_id, "log_id": info.log_id, "message": info.message})
 
     def note_attempt_write(self, job_id: int, info: TransitionInfo, *, attempts: int,
                            next_attempt_at: float) -> Write:
@@ -479,16 +562,11 @@ class Ledger:
                   exclude: Iterable[int] = (), now: float | None = None,
                   soonest_expiry_first: bool = False) -> list[JobRow]:
         """Jobs in ``states`` whose backoff has passed and that some file still wants."""
-        now = time.time() if now is None else now
         skip = set(exclude)
-        order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
-                 else (jobs.c.next_attempt_at, jobs.c.id))
-        query = (select(*JOB_COLUMNS)
-                 .where(jobs.c.state.in_([s.value for s in states]),
-                        jobs.c.next_attempt_at <= now, WANTED)
-                 .order_by(*order).limit(limit + len(skip)))
+        query = _claim_statement(frozenset(states), soonest_expiry_first)
+        params = {"now": time.time() if now is None else now, "limit": limit + len(skip)}
         with self._read() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(query, params).all()
         return [job for job in map(_job, rows) if job.id not in skip][:limit]
 
     def jobs_in(self, states: Iterable[JobState], limit: int | None = None) -> list[JobRow]:
@@ -499,15 +577,14 @@ class Ledger:
 
     def job(self, job_id: int) -> JobRow:
         with self._read() as conn:
-            row = conn.execute(select(*JOB_COLUMNS).where(jobs.c.id == job_id)).first()
+            row = conn.execute(_JOB, {"job_id": job_id}).first()
         if row is None:
             raise KeyError(f"no job {job_id}")
         return _job(row)
 
     def files_for_job(self, job_id: int) -> list[FileRow]:
-        query = select(*FILE_COLUMNS).where(files.c.job_id == job_id).order_by(files.c.id)
         with self._read() as conn:
-            return [_file(row) for row in conn.execute(query)]
+            return [_file(row) for row in conn.execute(_FILES_OF_JOB, {"job_id": job_id})]
 
     def files_needing_output(self) -> list[FileRow]:
         """Files whose job is done but whose own output is not (yet, or any more) written."""
@@ -550,8 +627,8 @@ class Ledger:
     @staticmethod
     def _set_output(conn: Connection, file_id: int, written_rel: str | None,
                     written_sha256: str | None, problem: str | None) -> None:
-        conn.execute(update(files).where(files.c.id == file_id).values(
-            written_rel=written_rel, written_sha256=written_sha256, problem=problem))
+        conn.execute(_SET_OUTPUT, {"file_id": file_id, "v_written_rel": written_rel,
+                                   "v_written_sha256": written_sha256, "v_problem": problem})
 
     def set_file_output(self, file_id: int, *, written_rel: str | None,
                         written_sha256: str | None, problem: str | None = None) -> None:
@@ -575,8 +652,7 @@ class Ledger:
     def count_in(self, states: Iterable[JobState]) -> int:
         """Jobs in ``states`` that some file still wants."""
         with self._read() as conn:
-            return conn.scalar(select(func.count()).select_from(jobs).where(
-                jobs.c.state.in_([s.value for s in states]), WANTED)) or 0
+            return conn.scalar(_count_statement(frozenset(states))) or 0
 
     def charges(self) -> int:
         with self._read() as conn:

@@ -68,6 +68,10 @@ class LedgerWriter:
             self._thread.join()
 
     def _run(self) -> None:
+        with self.ledger.pinned():
+            self._serve()
+
+    def _serve(self) -> None:
         stop = False
         while not stop:
             first = self._queue.get()

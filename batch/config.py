@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -86,6 +87,8 @@ class RunConfig:
     #: A different file already at an output path: "skip" it, write a "suffix"-ed name, or
     #: "overwrite" it. Outputs never land inside a source folder, whatever the policy.
     on_collision: CollisionPolicy = "skip"
+    #: Take a source that lies inside the output folder (its files may be earlier results).
+    allow_source_inside_out: bool = False
 
     @property
     def prepare(self) -> PrepareSettings:
@@ -105,6 +108,7 @@ FILE_KEYS = {
     "budget": int, "credits_per_image": float, "on_short_balance": str,
     "stop_submitting_at": str, "deadline": str, "report": str, "fit": str, "max_side": int,
     "jpeg_quality": int, "upscale_to_original": bool, "on_collision": str, "poll_window": int,
+    "allow_source_inside_out": bool,
 }
 CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report"),
            "on_short_balance": ("partial", "stop"), "fit": ("resize", "reject"),
@@ -222,11 +226,42 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("the report file must end in .html, .csv or .json")
     if not config.api_base.startswith(("http://", "https://")):
         raise ConfigError(f"api_base must be an http(s) URL, not {config.api_base!r}")
+    check_paths(config)
+
+
+def check_paths(config: RunConfig) -> None:
+    """Refuse, before anything is created or sent, an output folder that would make paid
+    results undeliverable or pay twice: inside a source (outputs there are refused, and would
+    be scanned as new photos), or a source inside the output (earlier results retouched and
+    paid for again, unless ``allow_source_inside_out``)."""
+    out = config.out.expanduser().resolve()
     for source in config.sources:
         if not source.exists():
             raise ConfigError(f"source {source} does not exist")
-    out = config.out.resolve()
-    for source in config.sources:
-        if source.resolve() == out:
+        src = source.resolve()
+        if src == out:
             raise ConfigError("--out must not be the source folder itself")
+        if src.is_dir() and out.is_relative_to(src):
+            raise ConfigError(f"--out {config.out} is inside the source folder {source}: "
+                              "outputs are never written inside a source; choose an output "
+                              "folder outside it")
+        if src.is_relative_to(out) and not config.allow_source_inside_out:
+            raise ConfigError(f"the source {source} is inside --out {config.out}: earlier "
+                              "results there would be retouched and paid for again; choose "
+                              "another --out (or set allow_source_inside_out = true)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {config.out} exists and is not a folder")
+
+
+def prepare_out(config: RunConfig) -> Path:
+    """Create the output folder and prove it can be written, before anything is sent."""
+    out = config.out.expanduser().resolve()
+    try:
+        (out / ".skinbatch").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out / ".skinbatch"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the output folder {config.out}: "
+                          f"{exc.strerror or exc}") from None
+    return out
 

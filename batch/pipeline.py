@@ -18,7 +18,7 @@ from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
 from batch.api.ratelimit import RateLimiter
 from batch.budget import Budget, Estimate
-from batch.config import RunConfig
+from batch.config import RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
@@ -78,8 +78,8 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
     ``watch``, keep running and take new files as they arrive, until interrupted."""
     if config.api_key is None:
         raise ValueError("no API key")
-    out_dir = config.out.expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_paths(config)
+    out_dir = prepare_out(config)
     started, started_at = time.monotonic(), datetime.now().astimezone()
     with RunLock(out_dir, config.ledger_location):
         ledger = open_ledger(config.ledger_location)

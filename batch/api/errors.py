@@ -24,7 +24,7 @@ class ErrorKind(StrEnum):
     NOT_SENT = "not_sent"
     """The request provably never reached the server: free to retry."""
     EXPIRED = "expired"
-    """The result link is past its life."""
+    """The result link is past its life, or the API no longer knows the task."""
 
 
 class ApiError(Exception):
@@ -99,8 +99,8 @@ def _kind(status: int, code: str, endpoint: Endpoint) -> tuple[ErrorKind, str]:
         return ErrorKind.ACCOUNT, "the API key was not accepted"
     if status == 403:
         return ErrorKind.ACCOUNT, "the account is locked or not allowed to use this API"
-    if status == 404 and endpoint == "query" and not code:
-        return ErrorKind.PERMANENT, "the task is unknown to the API (expired?)"
+    if status == 404 and endpoint == "query" and code != apispec.AI_NOT_EXISTS:
+        return ErrorKind.EXPIRED, "the API no longer knows this task (expired or lost)"
     if status == 404 and (endpoint != "query" or code == apispec.AI_NOT_EXISTS):
         return ErrorKind.ACCOUNT, "the API endpoint does not exist (check --api-base)"
     if status == 429:

@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from batch import apispec
@@ -212,6 +212,11 @@ class Poller:
         if error.kind is ErrorKind.PERMANENT:
             await self._move(job_id, JobState.FAILED, info_of(error))
             rt.progress.done()
+            return
+        if error.kind is ErrorKind.EXPIRED:  # a lost task: resubmitted or reported, as on_expired
+            info = info_of(error)
+            await self._move(job_id, JobState.EXPIRED, replace(
+                info, message=f"the API no longer knows this task: {info.message}"))
             return
         item.attempts += 1
         await rt.writes.note_attempt(job_id, info_of(error), attempts=item.attempts,

@@ -1,0 +1,112 @@
+"""What a newcomer hits in the first hour: anything that would make a paid result
+undeliverable is refused before the first upload (exit 2, nothing sent, nothing created)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from batch.emulator import Emulator
+from tests.conftest import FAST_FLAGS, run_cli
+from tests.imagegen import write_portrait
+
+
+def shoot(src: Path, n: int = 3) -> None:
+    for i in range(n):
+        write_portrait(src / f"portrait {i}.jpg", seed=i)
+
+
+def assert_refused(result, emulator: Emulator, words: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert words in result.stderr
+    assert emulator.stats.get("submits", 0) == 0 and emulator.stats.get("charged", 0) == 0
+
+
+def test_an_output_folder_inside_the_source_is_refused_before_anything_is_created(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src = tmp_path / "Studio Shoot"
+    shoot(src)
+    before = sorted(p.name for p in src.rglob("*"))
+    result = run_cli(["run", str(src), "--out", str(src / "retouched"), "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert_refused(result, emulator, "is inside the source folder")
+    assert sorted(p.name for p in src.rglob("*")) == before  # no ledger, no empty tree
+
+
+def test_a_source_inside_the_output_folder_is_refused_unless_asked_for(
+        tmp_path: Path, emulator: Emulator) -> None:
+    out = tmp_path / "out1"
+    shoot(out / "session-A")
+    result = run_cli(["run", str(out / "session-A"), "--out", str(out), "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert_refused(result, emulator, "is inside --out")
+    config = tmp_path / "on-purpose.toml"
+    config.write_text("allow_source_inside_out = true\n")
+    result = run_cli(["run", str(out / "session-A"), "--out", str(out), "--config", str(config),
+                      "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    assert emulator.stats["submits"] == 3
+
+
+def test_an_output_that_cannot_be_written_is_one_clear_sentence(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src = tmp_path / "shoot"
+    shoot(src, 1)
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    result = run_cli(["run", str(src), "--out", str(a_file), "--smart-skin", *FAST_FLAGS],
+                     emulator)
+    assert_refused(result, emulator, "exists and is not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    result = run_cli(["run", str(src), "--out", str(locked / "out"), "--smart-skin",
+                      *FAST_FLAGS], emulator, as_plain_user=True)
+    assert_refused(result, emulator, "cannot write to the output folder")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_retry_of_a_path_that_matches_nothing_says_so(tmp_path: Path,
+                                                       emulator: Emulator) -> None:
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 1)
+    assert run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                   emulator).returncode == 0
+    result = run_cli(["retry", "--out", str(out), "--failed", str(src / "nope.jpg")], None)
+    assert result.returncode == 1
+    assert "nothing was put back in line" in result.stderr
+
+
+def test_a_task_the_api_no_longer_knows_follows_on_expired(tmp_path: Path,
+                                                           make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """The ledger holds queued tasks a server that started anew has forgotten (404 on the
+    status query): a lost task, handled like an expired link, never a silent failure."""
+    from tests.checks import ledger_of
+    from tests.conftest import popen_cli
+
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 4)
+    first = make_emulator(queue_seconds=30.0)  # tasks stay queued until the kill
+    crashed = popen_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                        first, extra_env={"SKINBATCH_CRASH_AFTER": "queued:4"})
+    crashed.communicate(timeout=60)
+    assert first.stats["charged"] == 4
+    report = tmp_path / "report.toml"
+    report.write_text('on_expired = "report"\n')
+    forgetful = make_emulator()
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(report),
+                      "--smart-skin", *FAST_FLAGS], forgetful)
+    assert result.returncode == 1
+    assert "no longer knows this task" in result.stdout
+    assert forgetful.stats.get("submits", 0) == 0
+    ledger = ledger_of(out)
+    assert ledger.counts()["expired"] == 4
+    ledger.close()
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                     forgetful)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert forgetful.stats["charged"] == 4
+    ledger = ledger_of(out)
+    assert ledger.counts()["done"] == 4 and ledger.charges() == 8  # both charges recorded
+    ledger.close()

@@ -27,6 +27,7 @@ from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded.
 BATCH = 1000
+HASH_CHUNK = 32
 
 #: A file's content hash and problem, then size and mtime (ns) as read from the open file.
 Hashed = tuple[str | None, str | None, int, int]
@@ -223,7 +224,17 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     return stats
 
 
-_Batch = list[tuple[Candidate, "Future[Hashed] | None"]]
+def hash_files(paths: list[str]) -> list[Hashed]:
+    return [hash_file(path) for path in paths]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Files recorded in one transaction, and the ones among them being hashed (in chunks
+    of ``HASH_CHUNK``: one pool task per file costs more than hashing a small one)."""
+
+    files: list[Candidate]
+    hashing: list[Future[list[Hashed]]]
 
 
 class _RootScan:
@@ -240,7 +251,7 @@ class _RootScan:
         self.is_tree = path.is_dir()
         self.base = str(path if self.is_tree else path.parent)
         self.stats = ScanStats()
-        self.batch: _Batch = []
+        self.batch: list[Candidate] = []
         #: Batches being hashed, recorded oldest first while the walk goes on.
         self.in_flight: deque[_Batch] = deque()
         #: Folders looked at file by file: their new digest and image count, or None once a
@@ -307,42 +318,40 @@ class _RootScan:
                 self._progress(1)
                 return
             c.known_sha256 = k.content_sha256  # re-linked (new options or name), not read
-            self.batch.append((c, None))
         elif (self.settle and c.problem is None
               and not settled(c.abs_path, c.mtime_ns, self.settle, time.time())):
             self.stats.deferred += 1
             self._spoil(c.rel_path)
             return
-        elif c.problem is not None:
-            self.batch.append((c, None))
-        else:
-            self.batch.append((c, self.pool.submit(hash_file, c.abs_path)))
+        self.batch.append(c)
         if len(self.batch) >= BATCH:
             self._send()
 
     def _send(self) -> None:
         """The current batch is complete: record the one before it (mostly hashed by now)."""
         if self.batch:
-            self.in_flight.append(self.batch)
+            paths = [c.abs_path for c in self.batch if c.problem is None and not c.known_sha256]
+            self.in_flight.append(_Batch(self.batch, [
+                self.pool.submit(hash_files, paths[start:start + HASH_CHUNK])
+                for start in range(0, len(paths), HASH_CHUNK)]))
             self.batch = []
         while len(self.in_flight) > 1:
             self._record(self.in_flight.popleft())
 
     def _record(self, batch: _Batch) -> None:
+        hashed = iter([h for future in batch.hashing for h in future.result()])
         rows = []
-        for c, hashing in batch:
-            if hashing is None:
-                problem = c.problem
-                rows.append(c.row(c.known_sha256, problem))
-            else:
-                sha, problem, size, mtime_ns = hashing.result()
+        for c in batch.files:
+            sha, problem = c.known_sha256, c.problem
+            if problem is None and sha is None:
+                sha, problem, size, mtime_ns = next(hashed)
                 if sha is not None:
                     c.size_bytes, c.mtime_ns = size, mtime_ns
                     self.stats.hashed += 1
-                rows.append(c.row(sha, problem))
             if problem is not None:
                 self.stats.problems += 1
                 self._spoil(c.rel_path)
+            rows.append(c.row(sha, problem))
         self.stats.new_jobs += self.ledger.record_files(rows)
         self._progress(len(rows))
 

@@ -13,10 +13,15 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def source(tmp_path: Path) -> Path:
+    (tmp_path / "src").mkdir(exist_ok=True)
+    return tmp_path / "src"
+
+
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     cfg = write(tmp_path / "c.toml", 'api_base = "http://file"\nconcurrency = 2\n'
                                       "[options]\nsmart_skin = true\nacne_removal = true\n")
-    config = build((tmp_path,), tmp_path / "out", file_values=load_file(cfg),
+    config = build((source(tmp_path),), tmp_path / "out", file_values=load_file(cfg),
                    env={"AILAB_API_BASE": "http://env", "AILAB_API_KEY": "sk-canary-env"},
                    flags={"concurrency": 6, "poll_interval": None},
                    option_flags={"acne_removal": False, "pore_control": True})
@@ -32,9 +37,9 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
     cfg = write(tmp_path / "c.toml", 'api_key_file = "key"\n')
     os.chmod(key, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        build((tmp_path,), tmp_path / "o", file_values=load_file(cfg), env={})
+        build((source(tmp_path),), tmp_path / "o", file_values=load_file(cfg), env={})
     os.chmod(key, 0o600)
-    config = build((tmp_path,), tmp_path / "o", file_values=load_file(cfg), env={})
+    config = build((source(tmp_path),), tmp_path / "o", file_values=load_file(cfg), env={})
     assert config.api_key is not None and config.api_key.reveal() == "sk-from-file"
 
 
@@ -50,7 +55,7 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
 def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     cfg = write(tmp_path / "c.toml", text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        build((tmp_path,), tmp_path / "o", file_values=load_file(cfg), env={})
+        build((source(tmp_path),), tmp_path / "o", file_values=load_file(cfg), env={})
 
 
 def test_sample_config_documents_every_key_and_loads() -> None:

@@ -142,8 +142,8 @@ RECORD_CHUNK = 1000
 # running it. Their SQL is compiled once too (SQLAlchemy's statement cache).
 _STATE_OF = select(jobs.c.state).where(jobs.c.id == bindparam("job_id"))
 _JOB = select(*JOB_COLUMNS).where(jobs.c.id == bindparam("job_id"))
-_FILES_OF_JOB = select(*FILE_COLUMNS).where(
-    files.c.job_id == bindparam("job_id")).order_by(files.c.id)
+_FILES_OF_JOBS = select(*FILE_COLUMNS).where(
+    files.c.job_id.in_(bindparam("job_ids", expanding=True))).order_by(files.c.id)
 _EVENT = events.insert()
 _SET_OUTPUT = update(files).where(files.c.id == bindparam("file_id")).values(
     written_rel=bindparam("v_written_rel"), written_sha256=bindparam("v_written_sha256"),
@@ -583,8 +583,15 @@ class Ledger:
         return _job(row)
 
     def files_for_job(self, job_id: int) -> list[FileRow]:
+        return self.files_of([job_id]).get(job_id, [])
+
+    def files_of(self, job_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+        """The files of several jobs at once (a stage claims its jobs a few dozen at a time)."""
+        found: dict[int, list[FileRow]] = {}
         with self._read() as conn:
-            return [_file(row) for row in conn.execute(_FILES_OF_JOB, {"job_id": job_id})]
+            for row in conn.execute(_FILES_OF_JOBS, {"job_ids": list(job_ids)}):
+                found.setdefault(row.job_id, []).append(_file(row))
+        return found
 
     def files_needing_output(self) -> list[FileRow]:
         """Files whose job is done but whose own output is not (yet, or any more) written."""

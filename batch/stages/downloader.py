@@ -66,15 +66,17 @@ class Downloader:
         while not rt.flags.abort:
             free = limit - len(self.in_flight)
             if free > 0:
-                for job in rt.ledger.claimable([JobState.READY], free,
-                                               exclude=set(self.in_flight),
-                                               soonest_expiry_first=True):
-                    task = asyncio.create_task(self._download(job), name=f"download-{job.id}")
+                claimed = rt.ledger.claimable([JobState.READY], free, exclude=set(self.in_flight),
+                                              soonest_expiry_first=True)
+                files = rt.ledger.files_of([job.id for job in claimed]) if claimed else {}
+                for job in claimed:
+                    task = asyncio.create_task(self._download(job, files.get(job.id, [])),
+                                               name=f"download-{job.id}")
                     self.in_flight[job.id] = task
                     task.add_done_callback(functools.partial(self._forget, job.id))
             await wait_any(rt.wake_downloader, set(self.in_flight.values()), 0.5)
 
-    async def _download(self, job: JobRow) -> None:
+    async def _download(self, job: JobRow, files: list[FileRow]) -> None:
         rt = self.rt
         if job.expires_at is not None and time.time() > job.expires_at - rt.config.expiry_margin:
             await rt.writes.transition(
@@ -86,7 +88,7 @@ class Downloader:
         await rt.writes.transition(job.id, JobState.DOWNLOADING, expect=JobState.READY)
         temps: list[Path] = []
         try:
-            await self._save(job, temps)
+            await self._save(job, [f for f in files if f.problem is None], temps)
         except ApiError as error:
             await self._failed(job, error)
         except OSError as exc:
@@ -106,9 +108,8 @@ class Downloader:
                 remove_quietly(temp)
         rt.changed.set()
 
-    async def _save(self, job: JobRow, temps: list[Path]) -> None:
+    async def _save(self, job: JobRow, targets: list[FileRow], temps: list[Path]) -> None:
         rt = self.rt
-        targets = [f for f in rt.ledger.files_for_job(job.id) if f.problem is None]
         if not job.result_urls:
             raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
         first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir

@@ -31,7 +31,7 @@ class Submitter:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.in_flight: dict[int, asyncio.Task[None]] = {}
-        self.waiting: deque[JobRow] = deque()
+        self.waiting: deque[tuple[JobRow, list[FileRow]]] = deque()
         self.states = submittable(rt.config.on_ambiguous, rt.config.on_expired)
 
     def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
@@ -46,8 +46,9 @@ class Submitter:
                 if len(self.waiting) < free:
                     self._refill(free)
                 while free > 0 and self.waiting:
-                    job = self.waiting.popleft()
-                    task = asyncio.create_task(self._submit(job), name=f"submit-{job.id}")
+                    job, files = self.waiting.popleft()
+                    task = asyncio.create_task(self._submit(job, files),
+                                               name=f"submit-{job.id}")
                     self.in_flight[job.id] = task
                     task.add_done_callback(functools.partial(self._forget, job.id))
                     free -= 1
@@ -58,9 +59,11 @@ class Submitter:
         """Claim the next jobs a few dozen at a time rather than one query per upload. They
         stay pending in the ledger until their upload starts (a compare-and-set transition),
         so a job that changed in between is simply skipped."""
-        exclude = set(self.in_flight) | {job.id for job in self.waiting}
-        self.waiting.extend(self.rt.ledger.claimable(self.states, max(free, PREFETCH),
-                                                     exclude=exclude))
+        ledger = self.rt.ledger
+        exclude = set(self.in_flight) | {job.id for job, _ in self.waiting}
+        claimed = ledger.claimable(self.states, max(free, PREFETCH), exclude=exclude)
+        files = ledger.files_of([job.id for job in claimed]) if claimed else {}
+        self.waiting.extend((job, files.get(job.id, [])) for job in claimed)
 
     async def drain(self, grace: float) -> None:
         """Let uploads under way get their answer (so they are not left ambiguous)."""
@@ -71,10 +74,10 @@ class Submitter:
         if self.in_flight:
             await asyncio.wait(set(self.in_flight.values()), timeout=5)
 
-    async def _submit(self, job: JobRow) -> None:
+    async def _submit(self, job: JobRow, files: list[FileRow]) -> None:
         rt = self.rt
         try:
-            candidates = [f for f in rt.ledger.files_for_job(job.id) if f.problem is None]
+            candidates = [f for f in files if f.problem is None]
             prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
                                                          rt.config.prepare)
         except Rejected as rejected:
@@ -130,7 +133,8 @@ class Submitter:
         crashpoints.reached("answered")
         now = time.time()
         await rt.writes.transition(
-            job.id, JobState.QUEUED, task_id=submitted.task_id, submitted_at=now,
+            job.id, JobState.QUEUED, expect=JobState.SUBMITTING, task_id=submitted.task_id,
+            submitted_at=now,
             expires_at=now + rt.config.result_ttl, attempts=0, next_attempt_at=0.0,
             charge=True, reason=None,
             info=TransitionInfo(http_status=200, request_id=submitted.request_id,

@@ -10,15 +10,13 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from batch import config as config_mod
-from batch import dryrun
 from batch.apispec import OPTION_NAMES
 from batch.config import ConfigError, RunConfig
-from batch.emulator import Emulator, EmulatorConfig
 from batch.exitcodes import ExitCode
 from batch.ledger import open_ledger
 from batch.locking import LedgerBusy
@@ -30,6 +28,9 @@ from batch.secret import Secret
 from batch.states import JobState
 from batch.status import collect_status
 from batch.watch import WatchSettings
+
+if TYPE_CHECKING:  # the emulator is imported only by the commands that start one
+    from batch.emulator import Emulator
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEMO_KEY = "demo-key"
@@ -138,6 +139,8 @@ def run(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
     """
     config, emulator = _prepare(sources, out, quiet, verbose, params)
     if params["dry_run"]:
+        from batch import dryrun
+
         try:
             click.echo(dryrun.plan(config).to_text())
         finally:
@@ -195,6 +198,8 @@ def _run_and_exit(config: RunConfig, emulator: Emulator | None, quiet: bool,
 def _maybe_emulator(params: dict[str, Any], quiet: bool) -> Emulator | None:
     if not params["emulator"]:
         return None
+    from batch.emulator import Emulator, EmulatorConfig
+
     emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0)).start()
     if not quiet:
         click.echo(f"Using the bundled emulator at {emulator.api_base}: no credits are "
@@ -305,7 +310,7 @@ def emulate(host: str, port: int, result_port: int, key: str, credits: float,
             queue_seconds: float, process_seconds: float, result_ttl: float,
             qps_limit: float | None, fault_rate: float) -> None:
     """Serve a local emulator of the API (for trying things out, tests and benchmarks)."""
-    from batch.emulator import Faults
+    from batch.emulator import Emulator, EmulatorConfig, Faults
 
     faults = Faults(submit_5xx=fault_rate, query_5xx=fault_rate, download_truncate=fault_rate,
                     submit_drop_after=fault_rate / 2, query_drop=fault_rate)

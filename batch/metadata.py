@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin
 
+from batch.preflight import HEIF_BRANDS, heif_support
+
 SOI, SOS, EOI = 0xD8, 0xDA, 0xD9
 APP1, APP2, APP13 = 0xE1, 0xE2, 0xED
 EXIF_HEADER = b"Exif\x00\x00"
@@ -111,6 +113,8 @@ def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = F
           jpeg_quality: int = 92) -> bytes:
     """The result with the source's metadata and, if ``upscale``, scaled back to the source's
     (upright) dimensions when it came back smaller (a resized upload)."""
+    if source[4:12] in HEIF_BRANDS:
+        heif_support()
     size = upright_size(source) if upscale else None
     if size is not None:
         with Image.open(io.BytesIO(result)) as image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -57,16 +58,19 @@ def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
 
 
-def _register_heif() -> bool:
+HEIF_BRANDS = (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftyphevc")
+
+
+@functools.cache
+def heif_support() -> bool:
+    """Pillow's HEIC/HEIF opener, registered when the first such file comes (it takes longer
+    to import than the rest of the start-up's image code)."""
     try:
         from pillow_heif import register_heif_opener  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return False
     register_heif_opener()
     return True
-
-
-HEIF_SUPPORT = _register_heif()
 
 
 class Inspection(NamedTuple):
@@ -83,6 +87,7 @@ def inspect_image(data: bytes) -> Inspection:
     """Decode ``data`` fully (bounded) and say what it is."""
     if not data:
         raise Rejected("the file is empty")
+    heif = data[4:12] in HEIF_BRANDS and heif_support()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -107,8 +112,7 @@ def inspect_image(data: bytes) -> Inspection:
             raise Rejected("the image claims more pixels than this tool will decode: a corrupt "
                            f"file or a decompression bomb ({exc})") from exc
         except UnidentifiedImageError as exc:
-            if not HEIF_SUPPORT and data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1",
-                                                   b"ftyphevc"):
+            if not heif and data[4:12] in HEIF_BRANDS:
                 raise Rejected("HEIC/HEIF photo, but HEIC support is not installed "
                                "(pip install 'skinbatch[heic]')") from exc
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc

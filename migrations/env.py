@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Engine, create_engine
 
-from batch.ledger.models import Base
+from batch.ledger.models import metadata
 
 config = context.config
 engine: Engine | None = config.attributes.get("engine")
@@ -15,7 +15,7 @@ if engine is None:
 with engine.connect() as connection:
     context.configure(
         connection=connection,
-        target_metadata=Base.metadata,
+        target_metadata=metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )

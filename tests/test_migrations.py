@@ -5,14 +5,14 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from batch.ledger import open_ledger
-from batch.ledger.models import Base
+from batch.ledger.models import metadata
 
 
 def test_upgrade_head_on_an_empty_ledger_equals_the_models(ledger_location: str) -> None:
     ledger = open_ledger(ledger_location)
     try:
         with ledger.engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
             tables = set(inspect(conn).get_table_names())
     finally:
         ledger.close()

@@ -131,13 +131,14 @@ class ApiClient:
         self._base = base_url.rstrip("/")
         self._query_timeout = self._timeout(timeouts.query)
         self._submit_timeout = self._timeout(timeouts.submit)
+        tls = httpx.create_ssl_context()  # loading the CA bundle once, not per client
         self._api = httpx.AsyncClient(
             headers={apispec.KEY_HEADER: key.reveal(), "user-agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=max_connections),
+            limits=httpx.Limits(max_connections=max_connections), verify=tls,
             timeout=self._query_timeout, follow_redirects=False)
         self._results = httpx.AsyncClient(
             headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
-            limits=httpx.Limits(max_connections=max_downloads),
+            limits=httpx.Limits(max_connections=max_downloads), verify=tls,
             timeout=self._timeout(timeouts.download), follow_redirects=True, max_redirects=5)
 
     def _timeout(self, read: float) -> httpx.Timeout:

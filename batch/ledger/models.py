@@ -1,12 +1,12 @@
-"""The ledger's tables. Alembic migrations must produce exactly this schema (a test checks)."""
+"""The ledger's tables, in SQLAlchemy Core. Alembic migrations must produce exactly this schema
+(a test checks)."""
 
 from __future__ import annotations
-
-from typing import cast
 
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Column,
     Float,
     ForeignKey,
     Index,
@@ -17,7 +17,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from batch.ledger.guards import STATE_CHECK
 
@@ -28,116 +27,103 @@ NAMING = {
     "pk": "pk_%(table_name)s",
     "ck": "ck_%(table_name)s_%(constraint_name)s",
 }
+metadata = MetaData(naming_convention=NAMING)
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
+def _nullable(name: str, kind: type | object) -> Column[object]:
+    return Column(name, kind, nullable=True)  # type: ignore[arg-type]
 
 
-class Job(Base):
-    """One paid unit of work: a distinct image content under one set of options."""
-
-    __tablename__ = "jobs"
-    __table_args__ = (
-        UniqueConstraint("content_sha256", "options_fp"),
-        Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
-        CheckConstraint(STATE_CHECK, name="state"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    content_sha256: Mapped[str] = mapped_column(String(64))
-    options_fp: Mapped[str] = mapped_column(String(16))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[float] = mapped_column(Float)
-    updated_at: Mapped[float] = mapped_column(Float)
-    #: When a waiting job may be tried again (backoff after a transient error).
-    next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
-    #: Transient failures in the current stage; reset when the stage succeeds.
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    #: Uploads that reached (or may have reached) the provider: each may have cost credits.
-    charges: Mapped[int] = mapped_column(Integer, default=0)
-    task_id: Mapped[str | None] = mapped_column(String(128))
-    result_urls: Mapped[str | None] = mapped_column(Text)
-    submitted_at: Mapped[float | None] = mapped_column(Float)
-    expires_at: Mapped[float | None] = mapped_column(Float)
-    result_sha256: Mapped[str | None] = mapped_column(String(64))
-    http_status: Mapped[int | None] = mapped_column(Integer)
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    reason: Mapped[str | None] = mapped_column(Text)
-    request_id: Mapped[str | None] = mapped_column(String(128))
-    log_id: Mapped[str | None] = mapped_column(String(128))
-    #: What was done to the file before upload (resized, rotated, converted), if anything.
-    prepared: Mapped[str | None] = mapped_column(Text)
+def _required(name: str, kind: type | object, **kwargs: object) -> Column[object]:
+    return Column(name, kind, nullable=False, **kwargs)  # type: ignore[arg-type]
 
 
-class SourceFile(Base):
-    """A file found under a source folder, and where its output goes."""
+#: One paid unit of work: a distinct image content under one set of options.
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True),
+    _required("content_sha256", String(64)),
+    _required("options_fp", String(16)),
+    _required("size_bytes", BigInteger),
+    _required("state", String(16)),
+    _required("created_at", Float),
+    _required("updated_at", Float),
+    # When a waiting job may be tried again (backoff after a transient error).
+    _required("next_attempt_at", Float, default=0.0),
+    # Transient failures in the current stage; reset when the stage succeeds.
+    _required("attempts", Integer, default=0),
+    # Uploads that reached (or may have reached) the provider: each may have cost credits.
+    _required("charges", Integer, default=0),
+    _nullable("task_id", String(128)),
+    _nullable("result_urls", Text),
+    _nullable("submitted_at", Float),
+    _nullable("expires_at", Float),
+    _nullable("result_sha256", String(64)),
+    _nullable("http_status", Integer),
+    _nullable("error_code", String(64)),
+    _nullable("reason", Text),
+    _nullable("request_id", String(128)),
+    _nullable("log_id", String(128)),
+    # What was done to the file before upload (resized, rotated, converted), if anything.
+    _nullable("prepared", Text),
+    UniqueConstraint("content_sha256", "options_fp"),
+    Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
+    CheckConstraint(STATE_CHECK, name="state"),
+)
 
-    __tablename__ = "files"
-    __table_args__ = (UniqueConstraint("root", "rel_path"),)
+#: A file found under a source folder, and where its output goes.
+files = Table(
+    "files", metadata,
+    Column("id", Integer, primary_key=True),
+    _required("root", Text),
+    _required("rel_path", Text),
+    # Output path relative to --out, as planned at scan time (extension may follow the result).
+    _required("out_rel", Text),
+    _required("size_bytes", BigInteger),
+    _required("mtime_ns", BigInteger),
+    _nullable("content_sha256", String(64)),
+    Column("job_id", ForeignKey("jobs.id"), nullable=True, index=True),
+    # The output actually written (relative to --out) and its content hash.
+    _nullable("written_rel", Text),
+    _nullable("written_sha256", String(64)),
+    # A problem with this file itself (unreadable, output conflict), in plain words.
+    _nullable("problem", Text),
+    _required("seen_at", Float),
+    UniqueConstraint("root", "rel_path"),
+)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    root: Mapped[str] = mapped_column(Text)
-    rel_path: Mapped[str] = mapped_column(Text)
-    #: Output path relative to --out, as planned at scan time (extension may follow the result).
-    out_rel: Mapped[str] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    content_sha256: Mapped[str | None] = mapped_column(String(64))
-    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-    #: The output actually written (relative to --out) and its content hash.
-    written_rel: Mapped[str | None] = mapped_column(Text)
-    written_sha256: Mapped[str | None] = mapped_column(String(64))
-    #: A problem with this file itself (unreadable, output conflict), in plain words.
-    problem: Mapped[str | None] = mapped_column(Text)
-    seen_at: Mapped[float] = mapped_column(Float)
+#: History: one row per transition or attempt, never updated.
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", ForeignKey("jobs.id"), nullable=False, index=True),
+    _required("at", Float),
+    _nullable("from_state", String(16)),
+    _required("to_state", String(16)),
+    _required("attempt", Integer, default=0),
+    _nullable("http_status", Integer),
+    _nullable("error_code", String(64)),
+    _nullable("request_id", String(128)),
+    _nullable("log_id", String(128)),
+    _nullable("message", Text),
+)
 
+#: Small key/value facts about the ledger (the last run, etc.).
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    _required("value", Text),
+)
 
-class Event(Base):
-    """History: one row per transition or attempt, never updated."""
-
-    __tablename__ = "events"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    at: Mapped[float] = mapped_column(Float)
-    from_state: Mapped[str | None] = mapped_column(String(16))
-    to_state: Mapped[str] = mapped_column(String(16))
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
-    http_status: Mapped[int | None] = mapped_column(Integer)
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    request_id: Mapped[str | None] = mapped_column(String(128))
-    log_id: Mapped[str | None] = mapped_column(String(128))
-    message: Mapped[str | None] = mapped_column(Text)
-
-
-class Meta(Base):
-    """Small key/value facts about the ledger (which output folder it serves, etc.)."""
-
-    __tablename__ = "meta"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
-class Folder(Base):
-    """A source folder as last scanned, summed up in one digest of its files' names, sizes,
-    mtimes and inodes and the settings that apply there. A re-scan that computes the
-    same digest knows every file in it is already recorded, without a lookup per file. Only
-    folders whose every file was recorded without a problem get one."""
-
-    __tablename__ = "folders"
-
-    root: Mapped[str] = mapped_column(Text, primary_key=True)
-    rel_dir: Mapped[str] = mapped_column(Text, primary_key=True)
-    digest: Mapped[str] = mapped_column(String(64))
-    #: Image files in it (what a skipped folder adds to the scan's counts).
-    images: Mapped[int] = mapped_column(Integer)
-
-
-jobs = cast(Table, Job.__table__)
-files = cast(Table, SourceFile.__table__)
-events = cast(Table, Event.__table__)
-meta = cast(Table, Meta.__table__)
-folders = cast(Table, Folder.__table__)
+#: A source folder as last scanned, summed up in one digest of its files' names, sizes,
+#: mtimes and inodes and the settings that apply there. A re-scan that computes the same
+#: digest knows every file in it is already recorded, without a lookup per file. Only folders
+#: whose every file was recorded without a problem get one.
+folders = Table(
+    "folders", metadata,
+    Column("root", Text, primary_key=True),
+    Column("rel_dir", Text, primary_key=True),
+    _required("digest", String(64)),
+    # Image files in it (what a skipped folder adds to the scan's counts).
+    _required("images", Integer),
+)

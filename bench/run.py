@@ -289,28 +289,42 @@ def bench_memory_queued(work: Path, jobs: int) -> float:
 
 
 def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
+    """Peak RSS and the client's CPU per image, over ``RUNS`` runs of the same folder (this
+    VM's CPU time for the same work moves by a third from one minute to the next: the median
+    is the figure, the range is printed)."""
     src = work / "cpu-src"
     paths = make_images(src, images)
     config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.1,
                             process_seconds=0.1)
-    with Emulator(config) as emulator:
-        child = run_cli(["run", str(src), "--out", str(work / "cpu-out"), "--smart-skin",
-                         "--poll-interval", "0.2", "--max-qps", "1000", "--concurrency", "8",
-                         "--no-progress", "-q"], emulator)
-        assert child.returncode == 0, child.stderr[-3000:]
     started = time.process_time()
     for path in paths:
         hashlib.sha256(path.read_bytes()).hexdigest()
         hashlib.sha256(path.read_bytes()).hexdigest()  # scan + the re-read before upload
     hashing = time.process_time() - started
-    per_image = (child.cpu - hashing) / images * 1000
+    children = []
+    for run in range(CPU_RUNS):
+        out = work / f"cpu-out-{run}"
+        with Emulator(config) as emulator:
+            child = run_cli(["run", str(src), "--out", str(out), "--smart-skin",
+                             "--poll-interval", "0.2", "--max-qps", "1000", "--concurrency",
+                             "8", "--no-progress", "-q"], emulator)
+            assert child.returncode == 0, child.stderr[-3000:]
+        children.append(child)
+        shutil.rmtree(out)
+    per_image = sorted((c.cpu - hashing) / images * 1000 for c in children)
+    median = per_image[len(per_image) // 2]
     peak_queued = bench_memory_queued(work, queued)
-    row(f"peak RSS, {images}-image run", f"{child.peak_rss_mb:.0f} MB", "<= 150 MB",
-        child.peak_rss_mb <= 150)
+    peak = max(c.peak_rss_mb for c in children)
+    row(f"peak RSS, {images}-image run", f"{peak:.0f} MB", "<= 150 MB", peak <= 150)
     row(f"peak RSS, {queued} queued jobs", f"{peak_queued:.0f} MB", "<= 150 MB",
         peak_queued <= 150)
-    row("client CPU per image", f"{per_image:.2f} ms (user+sys {child.cpu:.1f}s, "
-        f"hashing {hashing:.2f}s, {images} images)", "<= 15 ms", per_image <= 15)
+    row("client CPU per image", f"{median:.2f} ms median of {CPU_RUNS} runs "
+        f"({per_image[0]:.2f}-{per_image[-1]:.2f}; hashing {hashing:.2f}s subtracted, "
+        f"{images} images)", "<= 15 ms", median <= 15)
+
+
+#: Runs of the CPU-per-image measurement.
+CPU_RUNS = 3
 
 
 def main() -> None:

@@ -94,6 +94,9 @@ def run_options(func: F) -> F:
                      help="Show what would be sent, rejected and skipped, and the cost."),
         click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                      help="json: one JSON object per line, for log collectors."),
+        click.option("--keep-upload-metadata", is_flag=True, default=None,
+                     help="Upload files with their EXIF/XMP/IPTC metadata (default: removed "
+                          "before upload, put back on the results)."),
         click.option("--emulator", is_flag=True,
                      help="Run against the bundled local emulator (no key, no credits)."),
         click.option("--progress/--no-progress", default=None,
@@ -119,6 +122,8 @@ def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) 
                                     "max_qps", "on_ambiguous", "on_expired", "budget",
                                     "stop_submitting_at", "deadline", "report")}
     flags["progress"] = params["progress"]
+    if params["keep_upload_metadata"]:
+        flags["upload_metadata"] = "keep"
     env = dict(os.environ)
     if params["emulator"]:
         env.pop(config_mod.KEY_ENV, None)

@@ -24,6 +24,7 @@ ExpiredPolicy = Literal["resubmit", "report"]
 ShortBalancePolicy = Literal["partial", "stop"]
 FitPolicy = Literal["resize", "reject"]
 CollisionPolicy = Literal["skip", "suffix", "overwrite"]
+UploadMetadata = Literal["strip", "keep"]
 
 
 class ConfigError(ValueError):
@@ -89,10 +90,12 @@ class RunConfig:
     on_collision: CollisionPolicy = "skip"
     #: Take a source that lies inside the output folder (its files may be earlier results).
     allow_source_inside_out: bool = False
+    #: "strip": uploads carry no EXIF/XMP/IPTC/comments (results get them back); "keep".
+    upload_metadata: UploadMetadata = "strip"
 
     @property
     def prepare(self) -> PrepareSettings:
-        return PrepareSettings(self.fit, self.max_side, self.jpeg_quality)
+        return PrepareSettings(self.fit, self.max_side, self.jpeg_quality, self.upload_metadata)
 
     @property
     def ledger_location(self) -> str:
@@ -108,11 +111,11 @@ FILE_KEYS = {
     "budget": int, "credits_per_image": float, "on_short_balance": str,
     "stop_submitting_at": str, "deadline": str, "report": str, "fit": str, "max_side": int,
     "jpeg_quality": int, "upscale_to_original": bool, "on_collision": str, "poll_window": int,
-    "allow_source_inside_out": bool,
+    "allow_source_inside_out": bool, "upload_metadata": str,
 }
 CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report"),
            "on_short_balance": ("partial", "stop"), "fit": ("resize", "reject"),
-           "on_collision": ("skip", "suffix", "overwrite")}
+           "on_collision": ("skip", "suffix", "overwrite"), "upload_metadata": ("strip", "keep")}
 
 
 def load_file(path: Path) -> dict[str, Any]:

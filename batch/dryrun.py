@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from batch.config import RunConfig
 from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
 from batch.pipeline import source_roots
-from batch.preflight import Rejected, preflight
+from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
 from batch.scan import scan
 from batch.states import IN_FLIGHT, JobState, submittable
 
@@ -31,6 +32,10 @@ class Plan:
     credits_needed: float = 0.0
     balance: float | None = None
     balance_error: str | None = None
+    #: Files that would be brought within the API's limits first, with what would be done.
+    resize: list[tuple[str, str]] = field(default_factory=list)
+    #: Blocks of metadata the uploads would leave behind, by kind.
+    stripped: Counter[str] = field(default_factory=Counter)
 
     def to_text(self) -> str:
         lines = [f"Dry run: {self.files} file(s); nothing was sent or written.",
@@ -38,13 +43,17 @@ class Plan:
                  "credit(s)",
                  f"  would reject: {len(self.reject)}",
                  f"  already done: {self.done}; in flight or waiting: {self.waiting}",
-                 "  would resize: 0"]
+                 f"  would resize: {len(self.resize)}"]
+        if self.stripped:
+            lines.append("  metadata removed before upload: " + ", ".join(
+                f"{kind} {n}" for kind, n in sorted(self.stripped.items())))
         if self.balance is not None:
             enough = "enough" if self.balance >= self.credits_needed else "NOT enough"
             lines.append(f"  balance: {self.balance:g} credit(s): {enough}")
         elif self.balance_error:
             lines.append(f"  balance: unknown ({self.balance_error})")
         lines += [f"  reject {path}: {reason}" for path, reason in self.reject]
+        lines += [f"  resize {path}: {note}" for path, note in self.resize]
         return "\n".join(lines)
 
 
@@ -64,16 +73,18 @@ def _copy_ledger(location: str, target: Path) -> str:
     return str(target)
 
 
-def _check(job: JobRow, candidates: list[FileRow]) -> tuple[str, str | None]:
+def _check(job: JobRow, candidates: list[FileRow], settings: PrepareSettings
+           ) -> tuple[str, str | Prepared]:
+    """The verdict a real run's preflight would give (its settings included): the reason it
+    would be rejected, or what would be sent."""
     for f in candidates:
         path = Path(f.root) / f.rel_path
         try:
-            preflight(path.read_bytes())
+            return str(path), preflight(path.read_bytes(), settings)
         except Rejected as rejected:
             return str(path), rejected.reason
         except OSError as exc:
             return str(path), f"cannot read the file: {exc.strerror}"
-        return str(path), None
     return "(no file)", "the file disappeared after it was scanned"
 
 
@@ -87,12 +98,19 @@ def plan(config: RunConfig) -> Plan:
             result = Plan(files=ledger.file_count())
             jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
             with ThreadPoolExecutor() as pool:
-                checks = pool.map(lambda j: _check(j, ledger.files_for_job(j.id)), jobs)
-                for path, reason in checks:
-                    if reason is None:
-                        result.send.append(path)
-                    else:
-                        result.reject.append((path, reason))
+                checks = pool.map(
+                    lambda j: _check(j, ledger.files_for_job(j.id), config.prepare), jobs)
+                for path, verdict in checks:
+                    if isinstance(verdict, str):
+                        result.reject.append((path, verdict))
+                        continue
+                    result.send.append(path)
+                    if verdict.note:
+                        result.resize.append((path, verdict.note))
+                    for part in (verdict.stripped or "").split(", "):
+                        kind, _, n = part.partition(" ")
+                        if kind:
+                            result.stripped[kind] += int(n or 1)
             counts = ledger.counts()
             result.done = counts[JobState.DONE.value]
             result.waiting = sum(counts[s.value] for s in IN_FLIGHT)

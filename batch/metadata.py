@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin
 
-from batch.preflight import HEIF_BRANDS, heif_support
+from batch.heif import HEIF_BRANDS, heif_support
 
 SOI, SOS, EOI = 0xD8, 0xDA, 0xD9
 APP1, APP2, APP13 = 0xE1, 0xE2, 0xED
@@ -171,7 +171,7 @@ class SourceMetadata:
         return segments + (icc_segments(self.icc) if self.icc else [])
 
 
-def _riff_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+def riff_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     pos = 12
     while pos + 8 <= len(data):
         fourcc = data[pos : pos + 4]
@@ -180,7 +180,7 @@ def _riff_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         pos += 8 + size + (size & 1)
 
 
-def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
+def riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
     padding = b"\x00" if len(payload) & 1 else b""
     return fourcc + struct.pack("<I", len(payload)) + payload + padding
 
@@ -190,7 +190,7 @@ def splice_webp(result: bytes, meta: SourceMetadata) -> bytes:
     (VP8X) layout the WebP container spec orders them in; the image chunks are kept as they are."""
     if result[:4] != b"RIFF" or result[8:12] != b"WEBP" or not meta:
         return result
-    chunks = [(c, p) for c, p in _riff_chunks(result) if c not in (b"VP8X", b"ICCP", b"EXIF",
+    chunks = [(c, p) for c, p in riff_chunks(result) if c not in (b"VP8X", b"ICCP", b"EXIF",
                                                                    b"XMP ")]
     if any(c in (b"ANIM", b"ANMF") for c, _ in chunks):
         return result
@@ -202,12 +202,12 @@ def splice_webp(result: bytes, meta: SourceMetadata) -> bytes:
     vp8x = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (
         height - 1).to_bytes(3, "little")
     exif = meta.exif[len(EXIF_HEADER):] if meta.exif.startswith(EXIF_HEADER) else meta.exif
-    body = _riff_chunk(b"VP8X", vp8x)
+    body = riff_chunk(b"VP8X", vp8x)
     if meta.icc:
-        body += _riff_chunk(b"ICCP", meta.icc)
-    body += b"".join(_riff_chunk(c, p) for c, p in chunks)
+        body += riff_chunk(b"ICCP", meta.icc)
+    body += b"".join(riff_chunk(c, p) for c, p in chunks)
     if exif:
-        body += _riff_chunk(b"EXIF", exif)
+        body += riff_chunk(b"EXIF", exif)
     if meta.xmp:
-        body += _riff_chunk(b"XMP ", meta.xmp)
+        body += riff_chunk(b"XMP ", meta.xmp)
     return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batch.apispec import ACCEPTED_FORMATS, MAX_SIDE_EXCLUSIVE, MAX_UPLOAD_BYTES
+from batch.heif import HEIF_BRANDS, heif_support
+from batch.stripping import describe, strip
 
 #: Anything larger than a 100-megapixel frame is refused before it is decoded (bomb guard).
 MAX_PIXELS = 100_000_000
@@ -27,6 +28,8 @@ class PrepareSettings:
     #: The longest side of a resized upload (each side must stay under 4096).
     max_side: int = 4095
     jpeg_quality: int = 92
+    #: Remove the metadata before upload (see ``batch.stripping``): "strip" or "keep".
+    upload_metadata: str = "strip"
 
 
 CONVERTIBLE = frozenset({"TIFF", "HEIF", "MPO"})
@@ -48,6 +51,8 @@ class Prepared:
     height: int
     #: What was done to the file before upload, in words (None: sent byte for byte).
     note: str | None = None
+    #: The metadata removed from it before upload, by kind ("EXIF, XMP 2"), or None.
+    stripped: str | None = None
 
     @property
     def content_type(self) -> str:
@@ -56,21 +61,6 @@ class Prepared:
 
 def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
-
-
-HEIF_BRANDS = (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftyphevc")
-
-
-@functools.cache
-def heif_support() -> bool:
-    """Pillow's HEIC/HEIF opener, registered when the first such file comes (it takes longer
-    to import than the rest of the start-up's image code)."""
-    try:
-        from pillow_heif import register_heif_opener  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return False
-    register_heif_opener()
-    return True
 
 
 class Inspection(NamedTuple):
@@ -144,13 +134,20 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     too_big = len(data) > MAX_UPLOAD_BYTES
     too_wide = width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE
     if not (too_big or too_wide or orientation != 1 or fmt not in ACCEPTED_FORMATS):
-        return Prepared(data, fmt, width, height)
+        return _stripped(Prepared(data, fmt, width, height), settings)
     if (too_big or too_wide) and settings.fit == "reject":
         if too_big:
             raise Rejected(f"the file is {_mb(len(data))}, over the API's 10 MB limit")
         raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
                        f"{MAX_SIDE_EXCLUSIVE} px")
-    return _resized(data, fmt, width, height, orientation, settings)
+    return _stripped(_resized(data, fmt, width, height, orientation, settings), settings)
+
+
+def _stripped(prepared: Prepared, settings: PrepareSettings) -> Prepared:
+    if settings.upload_metadata == "keep":
+        return prepared
+    payload, removed = strip(prepared.payload, prepared.format)
+    return replace(prepared, payload=payload, stripped=describe(removed) or None)
 
 
 def _resized(data: bytes, fmt: str, width: int, height: int, orientation: int,

@@ -21,6 +21,8 @@ class StatusReport:
     problems: list[Problem]
     #: Files per effective options (after per-folder presets).
     options: dict[str, int]
+    #: Blocks of metadata removed from uploads, by kind (EXIF, XMP, IPTC, comment, ...).
+    stripped: dict[str, int]
 
     @property
     def unfinished(self) -> int:
@@ -35,6 +37,7 @@ class StatusReport:
             "options": self.options,
             "unfinished": self.unfinished,
             "problems": [asdict(p) for p in self.problems],
+            "metadata_removed_from_uploads": self.stripped,
         }
         return json.dumps(payload, indent=2, ensure_ascii=False)
 
@@ -49,6 +52,9 @@ class StatusReport:
         ]
         for described, n in self.options.items():
             lines.append(f"options [{described}]: {n} file(s)")
+        if self.stripped:
+            lines.append("metadata removed before upload: " + ", ".join(
+                f"{kind} {n}" for kind, n in self.stripped.items()))
         if self.problems:
             lines.append(f"{len(self.problems)} file(s) need attention:")
             for p in self.problems:
@@ -67,4 +73,5 @@ def collect_status(ledger: Ledger) -> StatusReport:
         problems=ledger.problems(),
         options={Options.from_fingerprint(fp).describe(): n
                  for fp, n in sorted(ledger.options_in_use().items())},
+        stripped=ledger.stripped(),
     )

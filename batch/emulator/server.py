@@ -128,6 +128,9 @@ class ApiHandler(_Handler):
             return
         state.stats["submits"] += 1
         state.timeline.append((time.time(), "submit"))
+        if state.config.record_uploads:
+            with state.lock:
+                state.uploads.append(body)
         if not self._common():
             return
         if state.chance(faults.submit_5xx):

@@ -57,6 +57,8 @@ class EmulatorConfig:
     require_face: bool = True
     #: Answer "queued" for task ids it never issued (memory benchmarks with pre-filled ledgers).
     unknown_tasks_queued: bool = False
+    #: Keep every upload's raw request body (tests look for what left the client).
+    record_uploads: bool = False
     seed: int = 0
     faults: Faults = field(default_factory=Faults)
 
@@ -94,6 +96,7 @@ class EmulatorState:
         self.timeline: list[tuple[float, str]] = []
         self.result_host_headers: list[dict[str, str]] = []
         self.submitted_digests: list[str] = []
+        self.uploads: list[bytes] = []
         self.lock = threading.RLock()
         self._rng = random.Random(config.seed)
         self._window: list[float] = []

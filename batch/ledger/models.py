@@ -66,6 +66,8 @@ jobs = Table(
     _nullable("log_id", String(128)),
     # What was done to the file before upload (resized, rotated, converted), if anything.
     _nullable("prepared", Text),
+    # The metadata removed from it before upload, by kind ("EXIF, XMP 2"), if any.
+    _nullable("stripped", Text),
     UniqueConstraint("content_sha256", "options_fp"),
     Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
     CheckConstraint(STATE_CHECK, name="state"),

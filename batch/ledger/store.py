@@ -12,6 +12,7 @@ import functools
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,7 +132,7 @@ FILE_COLUMNS = [files.c[name] for name in FileRow.__slots__]
 #: Columns a transition may set besides the state (never ``state``, ``id`` or the identity).
 TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expires_at",
                                "attempts", "next_attempt_at", "reason", "error_code",
-                               "prepared", "result_sha256"})
+                               "prepared", "stripped", "result_sha256"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
@@ -660,6 +661,18 @@ class Ledger:
         """Jobs in ``states`` that some file still wants."""
         with self._read() as conn:
             return conn.scalar(_count_statement(frozenset(states))) or 0
+
+    def stripped(self) -> dict[str, int]:
+        """Blocks of metadata removed from uploads, by kind, over every job sent."""
+        totals: Counter[str] = Counter()
+        query = select(jobs.c.stripped, func.count()).where(
+            jobs.c.stripped.is_not(None)).group_by(jobs.c.stripped)
+        with self._read() as conn:
+            for described, n in conn.execute(query):
+                for part in described.split(", "):
+                    kind, _, count = part.partition(" ")
+                    totals[kind] += n * int(count or 1)
+        return dict(sorted(totals.items()))
 
     def charges(self) -> int:
         with self._read() as conn:

@@ -27,6 +27,11 @@ log = logging.getLogger("batch.submit")
 PREFETCH = 64
 
 
+def upload_name(job: JobRow, prepared: Prepared) -> str:
+    """The file name the upload carries: from the content, never from the user's names."""
+    return f"{job.content_sha256[:16]}.{prepared.format.lower().replace('jpeg', 'jpg')}"
+
+
 class Submitter:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -99,7 +104,7 @@ class Submitter:
         note = f" ({prepared.note})" if prepared.note else ""
         try:
             await rt.writes.transition(job.id, JobState.SUBMITTING, expect=job.state,
-                                       prepared=prepared.note,
+                                       prepared=prepared.note, stripped=prepared.stripped,
                                        info=TransitionInfo(message=f"uploading {filename}{note}"))
         except StaleTransition:
             log.debug("Job %d changed since it was claimed; not sent.", job.id)
@@ -108,7 +113,8 @@ class Submitter:
                 rt.budget.settle(charged=False)
             return
         try:
-            submitted = await rt.client.submit(prepared.payload, filename, prepared.content_type,
+            submitted = await rt.client.submit(prepared.payload, upload_name(job, prepared),
+                                               prepared.content_type,
                                                Options.from_fingerprint(job.options_fp))
         except ApiError as error:
             if rt.budget is not None:

@@ -1,0 +1,116 @@
+"""What leaves the machine with an upload: the pixels and what decoding them needs, nothing else.
+
+The API retouches pixels. A photo's metadata says far more than it needs: GPS coordinates,
+camera serial numbers, owner and client names in EXIF, XMP and IPTC captions, comments. Before
+upload they are removed without touching the image data (JPEG segments, PNG chunks, WEBP
+chunks are dropped; the compressed pixels are kept byte for byte). What decoding needs stays:
+the ICC profile, and the JPEG markers that describe the image. Orientation needs no EXIF: an
+upload is always upright (preflight rotates any other). The result gets the source's metadata
+back on the way in (:mod:`batch.metadata`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+
+from batch.metadata import (
+    APP1,
+    APP2,
+    APP13,
+    EXIF_HEADER,
+    ICC_HEADER,
+    jpeg_segments,
+    riff_chunk,
+    riff_chunks,
+)
+
+#: JPEG markers the decoder needs besides the frame and scan: JFIF (APP0) and Adobe (APP14,
+#: which says how to read the colour channels). Every other APPn and comment is metadata.
+APP0, APP14, COM = 0xE0, 0xEE, 0xFE
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_METADATA = {b"tEXt": "text", b"zTXt": "text", b"iTXt": "text", b"eXIf": "EXIF",
+                b"tIME": "time"}
+
+
+def strip(data: bytes, fmt: str) -> tuple[bytes, Counter[str]]:
+    """``data`` without its metadata, and what was removed (kind -> how many blocks)."""
+    if fmt == "JPEG":
+        return _strip_jpeg(data)
+    if fmt == "PNG":
+        return _strip_png(data)
+    if fmt == "WEBP":
+        return _strip_webp(data)
+    return data, Counter()
+
+
+def _jpeg_kind(marker: int, payload: bytes) -> str | None:
+    """The kind of metadata a segment holds, or None for one the decoder needs."""
+    if marker in (APP0, APP14) or (marker == APP2 and payload.startswith(ICC_HEADER)):
+        return None
+    if marker == APP1:
+        return "EXIF" if payload.startswith(EXIF_HEADER) else "XMP"
+    if marker == APP13:
+        return "IPTC"
+    if marker == COM:
+        return "comment"
+    if 0xE0 <= marker <= 0xEF:
+        return "other"
+    return None
+
+
+def _strip_jpeg(data: bytes) -> tuple[bytes, Counter[str]]:
+    removed: Counter[str] = Counter()
+    kept, done = [], 0
+    for marker, payload, start, end in jpeg_segments(data):
+        kind = _jpeg_kind(marker, payload)
+        if kind is not None:
+            kept.append(data[done:start])  # what came before it, byte for byte
+            done = end
+            removed[kind] += 1
+    if not removed:
+        return data, removed
+    return b"".join(kept) + data[done:], removed
+
+
+def _strip_png(data: bytes) -> tuple[bytes, Counter[str]]:
+    removed: Counter[str] = Counter()
+    if not data.startswith(PNG_SIGNATURE):
+        return data, removed
+    kept, pos = [PNG_SIGNATURE], len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, end = data[pos + 4:pos + 8], pos + 12 + length
+        name = PNG_METADATA.get(kind)
+        if name == "text" and data[pos + 8:pos + 8 + 17] == b"XML:com.adobe.xmp":
+            name = "XMP"
+        if name is None:
+            kept.append(data[pos:end])
+        else:
+            removed[name] += 1
+        pos = end
+        if kind == b"IEND":
+            break
+    return (b"".join(kept), removed) if removed else (data, removed)
+
+
+def _strip_webp(data: bytes) -> tuple[bytes, Counter[str]]:
+    removed: Counter[str] = Counter()
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return data, removed
+    body = b""
+    for fourcc, payload in riff_chunks(data):
+        if fourcc in (b"EXIF", b"XMP "):
+            removed["EXIF" if fourcc == b"EXIF" else "XMP"] += 1
+            continue
+        if fourcc == b"VP8X":  # the flags must no longer announce what was removed
+            payload = bytes([payload[0] & ~0x0C]) + payload[1:]
+        body += riff_chunk(fourcc, payload)
+    if not removed:
+        return data, removed
+    return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body, removed
+
+
+def describe(removed: Counter[str]) -> str:
+    return ", ".join(f"{kind} {n}" if n > 1 else kind for kind, n in sorted(removed.items()))
+

@@ -179,7 +179,7 @@ def _prepare(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
     config = _build_config(sources, out, params)
     configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
               config.api_key, json_lines=params["log_format"] == "json")
-    emulator = _maybe_emulator(params, quiet)
+    emulator = _maybe_emulator(params)
     if emulator is not None:
         config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
                          poll_interval=params["poll_interval"] or 1.0)
@@ -200,36 +200,44 @@ def _run_and_exit(config: RunConfig, emulator: Emulator | None, quiet: bool,
     sys.exit(int(report.exit_code))
 
 
-def _maybe_emulator(params: dict[str, Any], quiet: bool) -> Emulator | None:
+def _maybe_emulator(params: dict[str, Any]) -> Emulator | None:
     if not params["emulator"]:
         return None
     from batch.emulator import Emulator, EmulatorConfig
 
     emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0)).start()
-    if not quiet:
-        click.echo(f"Using the bundled emulator at {emulator.api_base}: no credits are "
-                   "spent and the retouch is a local imitation.", err=True)
+    logging.getLogger("batch").info(
+        "Using the bundled emulator at %s: no credits are spent and the retouch is a local "
+        "imitation.", emulator.api_base)
     return emulator
 
 
 def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
-    status = report.status
-    counts = status.counts
-    if not quiet or report.exit_code != ExitCode.OK:
-        click.echo(
-            f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
-            f"{counts['rejected']} rejected, {status.unfinished} unfinished "
-            f"({report.scan.found} files scanned, {report.scan.hashed} read) "
-            f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
-            f"(all runs: {status.charges})")
-        for problem in status.problems[:20]:
-            code = f" [{problem.error_code}]" if problem.error_code else ""
-            click.echo(f"  {problem.state:9} {problem.path}: {problem.reason}{code}")
-        if len(status.problems) > 20:
-            click.echo(f"  ... and {len(status.problems) - 20} more: "
-                       f"skinbatch status --out {config.out}")
+    """The run's summary, its problems and where the results are; with -q (cron) only what
+    went wrong as an error: the exit code and the report carry the rest."""
     if report.message:
         click.echo(f"skinbatch: {report.message}", err=True)
+    if quiet:
+        return
+    status = report.status
+    counts = status.counts
+    click.echo(
+        f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['rejected']} rejected, {status.unfinished} unfinished "
+        f"({report.scan.found} files scanned, {report.scan.hashed} read) "
+        f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
+        f"(all runs: {status.charges})")
+    for problem in status.problems[:20]:
+        code = f" [{problem.error_code}]" if problem.error_code else ""
+        click.echo(f"  {problem.state:9} {problem.path}: {problem.reason}{code}")
+    if len(status.problems) > 20:
+        click.echo(f"  ... and {len(status.problems) - 20} more: "
+                   f"skinbatch status --out {config.out}")
+    click.echo(f"Results are in {config.out.resolve()}.")
+    if config.report is not None:
+        click.echo(f"Report: open {config.report.resolve()} in a browser.")
+    else:
+        click.echo(f"Report: skinbatch report --out {config.out}")
 
 
 def _ledger_location(out: Path, ledger: str | None) -> str:

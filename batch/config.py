@@ -118,6 +118,11 @@ CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "rep
            "on_collision": ("skip", "suffix", "overwrite"), "upload_metadata": ("strip", "keep")}
 
 
+#: The settings' types in words, for messages.
+KINDS: dict[type, str] = {str: "text in quotes", int: "a whole number", float: "a number",
+                          bool: "true or false", dict: "a table ([options])"}
+
+
 def load_file(path: Path) -> dict[str, Any]:
     """Read and check a TOML config file (see sample_config.toml for every key)."""
     try:
@@ -136,7 +141,7 @@ def load_file(path: Path) -> dict[str, Any]:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = float(value)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            raise ConfigError(f"{path}: {key} must be a {expected.__name__}, not {value!r}")
+            raise ConfigError(f"{path}: {key} must be {KINDS[expected]}, not {value!r}")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{path}: {key} must be one of {', '.join(CHOICES[key])}")
     if "api_key_file" in values:

@@ -147,7 +147,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         if watch is None:
             await _drive(rt)
         else:
-            watcher = asyncio.create_task(watch_sources(rt, watch, source_roots(config.sources)))
+            watcher = asyncio.create_task(watch_sources(rt, watch, source_roots(config.sources),
+                                                        stats))
             watcher.add_done_callback(lambda task: _watcher_ended(rt, task))
             try:
                 await _drive(rt, keep_running=True)

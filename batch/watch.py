@@ -21,7 +21,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
-from batch.scan import SourceRoot, scan
+from batch.scan import ScanStats, SourceRoot, scan
 from batch.stages.runtime import Runtime
 
 log = logging.getLogger("batch.watch")
@@ -121,7 +121,9 @@ def folder_count(path: Path) -> int:
     return sum(1 for _ in os.walk(path)) if path.is_dir() else 0
 
 
-async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[SourceRoot]) -> None:
+async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[SourceRoot],
+                        totals: ScanStats) -> None:
+    """Take new files as they arrive until cancelled; each pass's counts go into ``totals``."""
     loop = asyncio.get_running_loop()
     nudged = asyncio.Event()
     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
@@ -156,6 +158,9 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 observer = _start_observer(roots, _Nudge(loop, nudged), polling=True)
             stats = await asyncio.to_thread(scan, rt.ledger, reachable, rt.config.options,
                                             exclude=(rt.out_dir,), settle=settings.settle)
+            totals.hashed += stats.hashed
+            totals.new_jobs += stats.new_jobs
+            totals.found = max(totals.found, stats.found)
             if stats.hashed or stats.new_jobs:
                 log.info("Found %d new file(s).", stats.hashed)
                 rt.wake_submitter.set()

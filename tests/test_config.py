@@ -45,7 +45,7 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("concurency = 3\n", "unknown setting 'concurency'"),
-    ("concurrency = 'many'\n", "concurrency must be a int"),
+    ("concurrency = 'many'\n", "concurrency must be a whole number"),
     ('on_ambiguous = "maybe"\n', "on_ambiguous must be one of resubmit, hold"),
     ("[options]\nsmart_skin = 1\n", "must be true or false"),
     ("[options]\nglamour = true\n", "unknown retouching option"),

@@ -110,3 +110,42 @@ def test_a_task_the_api_no_longer_knows_follows_on_expired(tmp_path: Path,
     ledger = ledger_of(out)
     assert ledger.counts()["done"] == 4 and ledger.charges() == 8  # both charges recorded
     ledger.close()
+
+
+def test_quiet_prints_errors_only_and_a_normal_run_says_where_results_are(
+        tmp_path: Path, emulator: Emulator) -> None:
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 2)
+    (src / "notes.jpg").write_text("not a photo")
+    quiet = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
+                    emulator)
+    assert quiet.returncode == 1  # the rejected file: the exit code says it
+    assert quiet.stdout == "" and "Traceback" not in quiet.stderr
+    loud = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert f"Results are in {out.resolve()}." in loud.stdout
+    assert f"skinbatch report --out {out}" in loud.stdout
+    assert "notes.jpg" in loud.stdout
+    assert "slow disk" not in loud.stderr  # no warning about a disk that is fine
+
+
+def test_every_log_line_is_json_with_the_bundled_emulator(tmp_path: Path) -> None:
+    import json
+
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 1)
+    result = run_cli(["run", str(src), "--out", str(out), "--emulator", "--log-format", "json",
+                      "--no-progress", "--poll-interval", "0.2"], None, key=None)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["message"] for line in lines)
+    assert any("bundled emulator" in json.loads(line)["message"] for line in lines)
+
+
+def test_config_messages_are_plain_english(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("concurrency = 'four'\n")
+    shoot(tmp_path / "shoot", 1)
+    result = run_cli(["run", str(tmp_path / "shoot"), "--out", str(tmp_path / "out"),
+                      "--config", str(config), "--emulator"], None, key=None)
+    assert result.returncode == 2
+    assert "concurrency must be a whole number, not 'four'" in result.stderr

@@ -67,6 +67,7 @@ def test_watch_takes_files_as_they_arrive(tmp_path: Path, emulator: Emulator,
     assert_outputs_right(out, expected, emulator)
     assert emulator.stats["charged"] == len(expected), "each file exactly once, none half-read"
     assert " 0 failed, 0 rejected" in stdout
+    assert f"({len(expected)} files scanned, {len(expected)} read)" in stdout, stdout
 
 
 def test_a_share_that_disappears_and_comes_back(tmp_path: Path, emulator: Emulator) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ import click
 
 from batch import config as config_mod
 from batch.apispec import OPTION_NAMES
-from batch.config import ConfigError, RunConfig
+from batch.config import ConfigError, RunConfig, prepare_out
 from batch.exitcodes import ExitCode
 from batch.ledger import open_ledger
 from batch.locking import LedgerBusy
@@ -179,7 +180,7 @@ def _prepare(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
     config = _build_config(sources, out, params)
     configure(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
               config.api_key, json_lines=params["log_format"] == "json")
-    emulator = _maybe_emulator(params)
+    emulator = _maybe_emulator(params, None if params["dry_run"] else config)
     if emulator is not None:
         config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
                          poll_interval=params["poll_interval"] or 1.0)
@@ -200,12 +201,25 @@ def _run_and_exit(config: RunConfig, emulator: Emulator | None, quiet: bool,
     sys.exit(int(report.exit_code))
 
 
-def _maybe_emulator(params: dict[str, Any]) -> Emulator | None:
+def _maybe_emulator(params: dict[str, Any], config: RunConfig | None) -> Emulator | None:
+    """The bundled emulator for --emulator. A run's keeps its tasks (and ports, where they are
+    free) beside the ledger, so that the same command run again finishes what it started; a
+    dry run's keeps nothing."""
     if not params["emulator"]:
         return None
     from batch.emulator import Emulator, EmulatorConfig
 
-    emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0)).start()
+    state_dir = None if config is None else prepare_out(config) / ".skinbatch" / "emulator"
+    settings = EmulatorConfig(queue_seconds=0.5, process_seconds=1.0, state_dir=state_dir)
+    ports_file = None if state_dir is None else state_dir / "ports.json"
+    try:
+        ports = json.loads(ports_file.read_text()) if ports_file else [0, 0]
+        emulator = Emulator(settings, api_port=ports[0], result_port=ports[1])
+    except (OSError, ValueError):  # no saved ports, or taken by now
+        emulator = Emulator(settings)
+    if ports_file is not None:
+        ports_file.write_text(json.dumps([emulator.api_port, emulator.result_port]))
+    emulator.start()
     logging.getLogger("batch").info(
         "Using the bundled emulator at %s: no credits are spent and the retouch is a local "
         "imitation.", emulator.api_base)

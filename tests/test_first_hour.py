@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from batch.emulator import Emulator
+from batch.states import JobState
 from tests.conftest import FAST_FLAGS, run_cli
 from tests.imagegen import write_portrait
 
@@ -149,3 +150,38 @@ def test_config_messages_are_plain_english(tmp_path: Path) -> None:
                       "--config", str(config), "--emulator"], None, key=None)
     assert result.returncode == 2
     assert "concurrency must be a whole number, not 'four'" in result.stderr
+
+
+def test_the_readme_command_resumes_after_a_kill_with_the_bundled_emulator(
+        tmp_path: Path) -> None:
+    """`skinbatch run ... --emulator`, killed with tasks queued, then the same command again:
+    the bundled emulator keeps its tasks beside the ledger, so the rerun polls and saves them
+    instead of finding them gone and paying again."""
+    from tests.checks import ledger_of
+    from tests.conftest import cli_env
+
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 6)
+    args = ["run", str(src), "--out", str(out), "--emulator", "--smart-skin", "--no-progress",
+            "--poll-interval", "0.2"]
+    env = cli_env(None, key=None, extra={"SKINBATCH_CRASH_AFTER": "queued:3"})
+    import subprocess
+    import sys
+
+    killed = subprocess.run([sys.executable, "-m", "batch", *args], env=env, timeout=120,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9
+    again = run_cli(args, None, key=None)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "ERROR_TASK_NOT_EXISTS" not in again.stdout + again.stderr
+    ledger = ledger_of(out)
+    try:
+        assert ledger.counts()["done"] == 6
+        # the three queued before the kill were polled, not sent again: at most the uploads
+        # under way at the kill (ambiguous, counted) were paid twice
+        assert ledger.charges() <= 6 + ledger.ambiguous_events()
+        assert not [e for j in ledger.jobs_in(list(JobState)) for e in ledger.history(j.id)
+                    if e["to_state"] == "expired"]
+    finally:
+        ledger.close()
+    assert sorted(p.name for p in out.glob("*.jpg")) == sorted(p.name for p in src.glob("*.jpg"))

@@ -292,6 +292,14 @@ class Emulator:
         self._threads: list[threading.Thread] = []
 
     @property
+    def api_port(self) -> int:
+        return int(self._api.server_address[1])
+
+    @property
+    def result_port(self) -> int:
+        return int(self._results.server_address[1])
+
+    @property
     def api_base(self) -> str:
         host, port = self._api.server_address[:2]
         return f"http://{host!s}:{port}"

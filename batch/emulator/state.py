@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import secrets
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
@@ -59,6 +61,10 @@ class EmulatorConfig:
     unknown_tasks_queued: bool = False
     #: Keep every upload's raw request body (tests look for what left the client).
     record_uploads: bool = False
+    #: Keep the account and its tasks in this folder, so that an emulator started again there
+    #: still knows them (the bundled one keeps them beside the ledger: a resumed run finishes
+    #: what it started instead of finding its tasks gone).
+    state_dir: Path | None = None
     seed: int = 0
     faults: Faults = field(default_factory=Faults)
 
@@ -100,6 +106,34 @@ class EmulatorState:
         self.lock = threading.RLock()
         self._rng = random.Random(config.seed)
         self._window: list[float] = []
+        if config.state_dir is not None:
+            self._load(config.state_dir)
+
+    def _load(self, folder: Path) -> None:
+        (folder / "sources").mkdir(parents=True, exist_ok=True)
+        journal = folder / "tasks.jsonl"
+        if not journal.exists():
+            return
+        for line in journal.read_text().splitlines():
+            record = json.loads(line)
+            self.credits = record.pop("credits_left")
+            record["enabled"] = frozenset(record["enabled"])
+            task = Task(**record, source=b"")
+            self.tasks[task.task_id] = task
+            self.by_token[task.token] = task
+
+    def _save(self, task: Task, data: bytes) -> None:
+        """The task and its source, on disk before the answer goes out."""
+        folder = self.config.state_dir
+        if folder is None:
+            return
+        source = folder / "sources" / task.source_sha256
+        if not source.exists():
+            source.write_bytes(data)
+        record = {k: v for k, v in asdict(task).items() if k not in ("source", "result")}
+        record.update(enabled=sorted(task.enabled), credits_left=self.credits)
+        with open(folder / "tasks.jsonl", "a") as journal:
+            journal.write(json.dumps(record) + "\n")
 
     def chance(self, probability: float) -> bool:
         if probability <= 0:
@@ -175,6 +209,7 @@ class EmulatorState:
                 task.outcome = "unknown"
             self.tasks[task.task_id] = task
             self.by_token[task.token] = task
+            self._save(task, data)
             return task
 
     def task_status(self, task: Task) -> int:
@@ -188,6 +223,9 @@ class EmulatorState:
     def result_of(self, task: Task) -> bytes:
         with self.lock:
             if task.result is None:
+                if not task.source and self.config.state_dir is not None:
+                    task.source = (self.config.state_dir / "sources" /
+                                   task.source_sha256).read_bytes()
                 image = Image.open(io.BytesIO(task.source))
                 task.result = retouch(image, task.enabled, task.fmt)
                 task.source = b""

@@ -94,7 +94,7 @@ def plan(config: RunConfig) -> Plan:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"))
         try:
             scan(ledger, source_roots(config.sources), config.options,
-                 exclude=(config.out.resolve(),))
+                 exclude=(config.out.resolve(),), prepare=config.prepare)
             result = Plan(files=ledger.file_count())
             jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
             with ThreadPoolExecutor() as pool:

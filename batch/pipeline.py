@@ -139,7 +139,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         forget_missing_outputs(ledger, out_dir)
         stats = await asyncio.to_thread(
             scan, ledger, source_roots(config.sources), config.options,
-            exclude=(out_dir,), on_progress=progress.scanned)
+            exclude=(out_dir,), on_progress=progress.scanned, prepare=config.prepare)
         crashpoints.reached("scanned")
         progress.set_total(ledger.count_in(to_send | IN_FLIGHT))
         materialize_copies(ledger, out_dir, config.expiry_margin)

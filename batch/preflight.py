@@ -120,7 +120,19 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     (``fit = "resize"``) a copy is made: EXIF orientation applied, scaled to ``max_side``,
     re-encoded as JPEG until it fits, and the note says what was done.
     """
-    fmt, width, height, mode, frames, orientation = inspect_image(data)
+    fmt, width, height, _, _, orientation = check(data, settings)
+    if not (len(data) > MAX_UPLOAD_BYTES or width >= MAX_SIDE_EXCLUSIVE
+            or height >= MAX_SIDE_EXCLUSIVE or orientation != 1 or fmt not in ACCEPTED_FORMATS):
+        return _stripped(Prepared(data, fmt, width, height), settings)
+    return _stripped(_resized(data, fmt, width, height, orientation, settings), settings)
+
+
+def check(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Inspection:
+    """The verdict alone, without preparing the upload: what the file is, or ``Rejected``
+    with the reason. The scan asks this of every new file, so a file that cannot be sent is
+    rejected (and left out of the credit estimate) before anything is paid for."""
+    inspection = inspect_image(data)
+    fmt, width, height, mode, frames, _ = inspection
     if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:
         raise Rejected(f"{fmt} images are not accepted by the API (only JPEG, PNG and WEBP; "
                        "TIFF and HEIC are converted)")
@@ -131,16 +143,13 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     if mode not in SENDABLE_MODES and fmt not in CONVERTIBLE:
         raise Rejected(f"unsupported pixel format {mode} (16-bit or high-dynamic-range); "
                        "save it as an 8-bit RGB image")
-    too_big = len(data) > MAX_UPLOAD_BYTES
-    too_wide = width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE
-    if not (too_big or too_wide or orientation != 1 or fmt not in ACCEPTED_FORMATS):
-        return _stripped(Prepared(data, fmt, width, height), settings)
-    if (too_big or too_wide) and settings.fit == "reject":
-        if too_big:
+    if settings.fit == "reject":
+        if len(data) > MAX_UPLOAD_BYTES:
             raise Rejected(f"the file is {_mb(len(data))}, over the API's 10 MB limit")
-        raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
-                       f"{MAX_SIDE_EXCLUSIVE} px")
-    return _stripped(_resized(data, fmt, width, height, orientation, settings), settings)
+        if width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE:
+            raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
+                           f"{MAX_SIDE_EXCLUSIVE} px")
+    return inspection
 
 
 def _stripped(prepared: Prepared, settings: PrepareSettings) -> Prepared:

@@ -23,6 +23,7 @@ from pathlib import Path
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
 from batch.names import DEFAULT_NAMING, IGNORED, IMAGE, name_kind, output_rel
 from batch.options import Options
+from batch.preflight import PrepareSettings, Rejected, check
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded.
@@ -175,9 +176,10 @@ class Candidate:
     problem: str | None = None
     known_sha256: str | None = None
 
-    def row(self, sha256: str | None, problem: str | None) -> ScannedFile:
+    def row(self, sha256: str | None, problem: str | None,
+            rejected: str | None = None) -> ScannedFile:
         return ScannedFile(self.root, self.rel_path, self.out_rel, self.size_bytes,
-                           self.mtime_ns, sha256, self.options_fp, problem)
+                           self.mtime_ns, sha256, self.options_fp, problem, rejected)
 
 
 def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
@@ -213,19 +215,39 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
 
 def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
          exclude: tuple[Path, ...] = (), on_progress: Callable[[int], None] | None = None,
-         settle: float = 0.0, workers: int | None = None) -> ScanStats:
+         settle: float = 0.0, workers: int | None = None,
+         prepare: PrepareSettings | None = None) -> ScanStats:
     """Walk the sources and bring the ledger up to date. ``settle`` (watch mode): a new or
-    changed file is taken only once it has been still that long and decodes."""
+    changed file is taken only once it has been still that long and decodes. ``prepare``: a
+    new file preflight would refuse makes a rejected job, with the reason, never a pending
+    one (so it is in no credit estimate and no budget)."""
     stats = ScanStats()
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
         for root in roots:
             stats.add(_RootScan(ledger, pool, root, options, exclude, on_progress,
-                                settle).run())
+                                settle, prepare).run())
     return stats
 
 
-def hash_files(paths: list[str]) -> list[Hashed]:
-    return [hash_file(path) for path in paths]
+def read_files(paths: list[str], prepare: PrepareSettings | None
+               ) -> list[tuple[Hashed, str | None]]:
+    """Each file hashed and, with ``prepare``, preflight's verdict on it: None when it can be
+    sent, else why not."""
+    return [(hashed, _verdict(path, hashed, prepare)) for path in paths
+            for hashed in (hash_file(path),)]
+
+
+def _verdict(path: str, hashed: Hashed, prepare: PrepareSettings | None) -> str | None:
+    if prepare is None or hashed[0] is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            check(handle.read(), prepare)
+    except Rejected as rejected:
+        return rejected.reason
+    except OSError:
+        return None  # the upload will find out, and say so
+    return None
 
 
 @dataclass(slots=True)
@@ -234,7 +256,7 @@ class _Batch:
     of ``HASH_CHUNK``: one pool task per file costs more than hashing a small one)."""
 
     files: list[Candidate]
-    hashing: list[Future[list[Hashed]]]
+    hashing: list[Future[list[tuple[Hashed, str | None]]]]
 
 
 class _RootScan:
@@ -244,9 +266,11 @@ class _RootScan:
 
     def __init__(self, ledger: Ledger, pool: ThreadPoolExecutor, root: SourceRoot,
                  options: Options, exclude: tuple[Path, ...],
-                 on_progress: Callable[[int], None] | None, settle: float) -> None:
+                 on_progress: Callable[[int], None] | None, settle: float,
+                 prepare: PrepareSettings | None) -> None:
         self.ledger, self.pool, self.root, self.options = ledger, pool, root, options
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
+        self.prepare = prepare
         path = root.path.resolve()
         self.is_tree = path.is_dir()
         self.base = str(path if self.is_tree else path.parent)
@@ -332,7 +356,7 @@ class _RootScan:
         if self.batch:
             paths = [c.abs_path for c in self.batch if c.problem is None and not c.known_sha256]
             self.in_flight.append(_Batch(self.batch, [
-                self.pool.submit(hash_files, paths[start:start + HASH_CHUNK])
+                self.pool.submit(read_files, paths[start:start + HASH_CHUNK], self.prepare)
                 for start in range(0, len(paths), HASH_CHUNK)]))
             self.batch = []
         while len(self.in_flight) > 1:
@@ -342,16 +366,16 @@ class _RootScan:
         hashed = iter([h for future in batch.hashing for h in future.result()])
         rows = []
         for c in batch.files:
-            sha, problem = c.known_sha256, c.problem
+            sha, problem, rejected = c.known_sha256, c.problem, None
             if problem is None and sha is None:
-                sha, problem, size, mtime_ns = next(hashed)
+                (sha, problem, size, mtime_ns), rejected = next(hashed)
                 if sha is not None:
                     c.size_bytes, c.mtime_ns = size, mtime_ns
                     self.stats.hashed += 1
             if problem is not None:
                 self.stats.problems += 1
                 self._spoil(c.rel_path)
-            rows.append(c.row(sha, problem))
+            rows.append(c.row(sha, problem, rejected))
         self.stats.new_jobs += self.ledger.record_files(rows)
         self._progress(len(rows))
 

@@ -157,7 +157,8 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 observer.stop()
                 observer = _start_observer(roots, _Nudge(loop, nudged), polling=True)
             stats = await asyncio.to_thread(scan, rt.ledger, reachable, rt.config.options,
-                                            exclude=(rt.out_dir,), settle=settings.settle)
+                                            exclude=(rt.out_dir,), settle=settings.settle,
+                                            prepare=rt.config.prepare)
             totals.hashed += stats.hashed
             totals.new_jobs += stats.new_jobs
             totals.found = max(totals.found, stats.found)

@@ -185,3 +185,32 @@ def test_the_readme_command_resumes_after_a_kill_with_the_bundled_emulator(
     finally:
         ledger.close()
     assert sorted(p.name for p in out.glob("*.jpg")) == sorted(p.name for p in src.glob("*.jpg"))
+
+
+def test_files_preflight_refuses_are_rejected_at_scan_and_the_estimate_is_the_charge(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Corrupt, empty and not-an-image files are rejected when scanned: they are in no credit
+    estimate and no budget, and the estimate (dry run and run) equals what is charged."""
+    import re
+
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 5)
+    good = (src / "portrait 0.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "notes.jpg").write_text("a text file named like a photo")
+    dry = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--dry-run",
+                   *FAST_FLAGS], emulator)
+    assert "would send:   5 image(s)" in dry.stdout, dry.stdout
+    assert "would reject: 3" in dry.stdout
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--max-credits", "5",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 1  # the three rejected, listed with their reasons
+    estimate = re.search(r"Credits: (\d+) image\(s\) to pay for", result.stderr)
+    assert estimate is not None and int(estimate.group(1)) == 5 == emulator.stats["charged"]
+    assert "budget reached" not in result.stdout + result.stderr
+    for name, why in (("truncated.jpg", "damaged or truncated"), ("empty.jpg", "empty"),
+                      ("notes.jpg", "not an image")):
+        assert re.search(rf"rejected +{re.escape(str(src))}/{name}: .*{why}", result.stdout), \
+            result.stdout
+    assert emulator.stats["submits"] == 5

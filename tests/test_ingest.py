@@ -85,9 +85,11 @@ def test_files_within_limits_go_byte_for_byte_and_keep_their_metadata(
     src.mkdir()
     data = camera_jpeg((300, 400))
     (src / "small.jpg").write_bytes(data)
-    assert preflight(data).payload is data
+    assert preflight(data, PrepareSettings(upload_metadata="keep")).payload is data
+    sent = preflight(data).payload  # the same image data, its metadata left behind
+    assert sent[sent.index(b"\xff\xda"):] == data[data.index(b"\xff\xda"):]
     assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
-    assert emulator.state.submitted_digests == [__import__("hashlib").sha256(data).hexdigest()]
+    assert emulator.state.submitted_digests == [__import__("hashlib").sha256(sent).hexdigest()]
     assert_metadata_kept(out / "small.jpg")
 
 

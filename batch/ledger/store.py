@@ -116,6 +116,8 @@ class ScannedFile(NamedTuple):
     content_sha256: str | None
     options_fp: str
     problem: str | None = None
+    #: Preflight's reason to refuse the content (a new job for it starts rejected).
+    rejected: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,21 +347,26 @@ class Ledger:
 
     def _record_chunk(self, conn: Connection, found: Sequence[ScannedFile]) -> int:
         now = time.time()
-        wanted: dict[tuple[str, str], int] = {}
+        wanted: dict[tuple[str, str], ScannedFile] = {}
         for f in found:
             if f.content_sha256 is not None:
-                wanted.setdefault((f.content_sha256, f.options_fp), f.size_bytes)
+                wanted.setdefault((f.content_sha256, f.options_fp), f)
         ids = self._job_ids(conn, list(wanted))
         created = 0
-        missing = [{"content_sha256": sha, "options_fp": fp, "size_bytes": size,
-                    "state": JobState.PENDING.value, "created_at": now, "updated_at": now,
+        missing = [{"content_sha256": sha, "options_fp": fp, "size_bytes": f.size_bytes,
+                    "state": (JobState.REJECTED if f.rejected else JobState.PENDING).value,
+                    "reason": f.rejected, "created_at": now, "updated_at": now,
                     "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
-                   for (sha, fp), size in wanted.items() if (sha, fp) not in ids]
+                   for (sha, fp), f in wanted.items() if (sha, fp) not in ids]
         if missing:
             inserted = conn.execute(self._insert(jobs).on_conflict_do_nothing().returning(
                 jobs.c.content_sha256, jobs.c.options_fp, jobs.c.id), missing).all()
             created = len(inserted)
             ids.update({(sha, fp): id_ for sha, fp, id_ in inserted})
+            for sha, fp, id_ in inserted:  # a job that starts rejected says why in its history
+                if wanted[(sha, fp)].rejected:
+                    self._event(conn, id_, None, JobState.REJECTED.value, 0,
+                                TransitionInfo(message=wanted[(sha, fp)].rejected), now)
             if len(ids) < len(wanted):  # made meanwhile by another writer
                 ids.update(self._job_ids(conn, [key for key in wanted if key not in ids]))
         statement = self._insert(files)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -210,16 +209,8 @@ def _maybe_emulator(params: dict[str, Any], config: RunConfig | None) -> Emulato
     from batch.emulator import Emulator, EmulatorConfig
 
     state_dir = None if config is None else prepare_out(config) / ".skinbatch" / "emulator"
-    settings = EmulatorConfig(queue_seconds=0.5, process_seconds=1.0, state_dir=state_dir)
-    ports_file = None if state_dir is None else state_dir / "ports.json"
-    try:
-        ports = json.loads(ports_file.read_text()) if ports_file else [0, 0]
-        emulator = Emulator(settings, api_port=ports[0], result_port=ports[1])
-    except (OSError, ValueError):  # no saved ports, or taken by now
-        emulator = Emulator(settings)
-    if ports_file is not None:
-        ports_file.write_text(json.dumps([emulator.api_port, emulator.result_port]))
-    emulator.start()
+    emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0,
+                                       state_dir=state_dir)).start()
     logging.getLogger("batch").info(
         "Using the bundled emulator at %s: no credits are spent and the retouch is a local "
         "imitation.", emulator.api_base)

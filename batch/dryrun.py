@@ -20,6 +20,7 @@ from batch.pipeline import source_roots
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
 from batch.scan import scan
 from batch.states import IN_FLIGHT, JobState, submittable
+from batch.stripping import tally
 
 
 @dataclass
@@ -107,10 +108,7 @@ def plan(config: RunConfig) -> Plan:
                     result.send.append(path)
                     if verdict.note:
                         result.resize.append((path, verdict.note))
-                    for part in (verdict.stripped or "").split(", "):
-                        kind, _, n = part.partition(" ")
-                        if kind:
-                            result.stripped[kind] += int(n or 1)
+                    result.stripped += tally(verdict.stripped)
             counts = ledger.counts()
             result.done = counts[JobState.DONE.value]
             result.waiting = sum(counts[s.value] for s in IN_FLIGHT)

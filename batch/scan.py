@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
 from batch.names import DEFAULT_NAMING, IGNORED, IMAGE, name_kind, output_rel
@@ -30,8 +31,6 @@ from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 BATCH = 1000
 HASH_CHUNK = 32
 
-#: A file's content hash and problem, then size and mtime (ns) as read from the open file.
-Hashed = tuple[str | None, str | None, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,27 +56,49 @@ class ScanStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def hash_file(path: str) -> Hashed:
-    """SHA-256 of a file, with the size and mtime of the file read (taken from the open file
-    before reading: a change while it is read shows as a newer mtime next time). O_NONBLOCK:
-    a FIFO named like a photo must not hang the scan in open()."""
+class FileRead(NamedTuple):
+    """A file as the scan read it: its content hash, or why it could not be read; its size and
+    mtime (ns) from the open file; and preflight's reason to refuse the content, if asked."""
+
+    sha256: str | None
+    problem: str | None
+    size: int
+    mtime_ns: int
+    rejected: str | None = None
+
+
+def read_file(path: str, prepare: PrepareSettings | None = None) -> FileRead:
+    """Hash a file and, with ``prepare``, ask preflight's verdict of the same bytes (the file
+    is read once). Size and mtime are taken from the open file before reading: a change while
+    it is read shows as a newer mtime next time. O_NONBLOCK: a FIFO named like a photo must
+    not hang the scan in open()."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        return None, "the file disappeared while it was being scanned", 0, 0
+        return FileRead(None, "the file disappeared while it was being scanned", 0, 0)
     except PermissionError:
-        return None, "permission denied: the file cannot be read", 0, 0
+        return FileRead(None, "permission denied: the file cannot be read", 0, 0)
     except OSError as exc:
-        return None, f"cannot read the file: {exc.strerror or exc}", 0, 0
+        return FileRead(None, f"cannot read the file: {exc.strerror or exc}", 0, 0)
     with open(fd, "rb", buffering=0) as handle:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return None, "not a regular file", 0, 0
+            return FileRead(None, "not a regular file", 0, 0)
         try:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            if prepare is None:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            else:
+                data = handle.readall()
+                digest = hashlib.sha256(data).hexdigest()
         except OSError as exc:
-            return None, f"cannot read the file: {exc.strerror or exc}", 0, 0
-    return digest, None, st.st_size, st.st_mtime_ns
+            return FileRead(None, f"cannot read the file: {exc.strerror or exc}", 0, 0)
+    rejected = None
+    if prepare is not None:
+        try:
+            check(data, prepare)
+        except Rejected as refusal:
+            rejected = refusal.reason
+    return FileRead(digest, None, st.st_size, st.st_mtime_ns, rejected)
 
 
 def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:
@@ -162,36 +183,16 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()
         yield Folder(directory, rel_dir, settings, files)
 
 
-@dataclass(slots=True)
-class Candidate:
-    """An image file as the walk saw it, and its known content hash if it is unchanged."""
-
-    root: str
-    rel_path: str
-    out_rel: str
-    abs_path: str
-    size_bytes: int
-    mtime_ns: int
-    options_fp: str
-    problem: str | None = None
-    known_sha256: str | None = None
-
-    def row(self, sha256: str | None, problem: str | None,
-            rejected: str | None = None) -> ScannedFile:
-        return ScannedFile(self.root, self.rel_path, self.out_rel, self.size_bytes,
-                           self.mtime_ns, sha256, self.options_fp, problem, rejected)
-
-
 def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
-               settings: FolderSettings) -> Candidate:
+               settings: FolderSettings) -> ScannedFile:
     """The file, looked at (``stat``), with the reason it cannot be taken if there is one."""
     name = entry.name
     rel = f"{rel_dir}/{name}" if rel_dir else name
     out_rel = output_rel(root.out_prefix, rel_dir, settings.naming, name)
     fp = settings.options.fingerprint
 
-    def problem(reason: str) -> Candidate:
-        return Candidate(base, rel, out_rel, entry.path, 0, 0, fp, reason)
+    def problem(reason: str) -> ScannedFile:
+        return ScannedFile(base, rel, out_rel, 0, 0, None, fp, reason)
 
     if settings.problem is not None:
         return problem(settings.problem)
@@ -210,7 +211,7 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
         return problem(f"cannot read file information: {exc.strerror or exc}")
     if not stat.S_ISREG(st.st_mode):
         return problem("not a regular file")
-    return Candidate(base, rel, out_rel, entry.path, st.st_size, st.st_mtime_ns, fp)
+    return ScannedFile(base, rel, out_rel, st.st_size, st.st_mtime_ns, None, fp)
 
 
 def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
@@ -229,34 +230,18 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     return stats
 
 
-def read_files(paths: list[str], prepare: PrepareSettings | None
-               ) -> list[tuple[Hashed, str | None]]:
-    """Each file hashed and, with ``prepare``, preflight's verdict on it: None when it can be
-    sent, else why not."""
-    return [(hashed, _verdict(path, hashed, prepare)) for path in paths
-            for hashed in (hash_file(path),)]
-
-
-def _verdict(path: str, hashed: Hashed, prepare: PrepareSettings | None) -> str | None:
-    if prepare is None or hashed[0] is None:
-        return None
-    try:
-        with open(path, "rb") as handle:
-            check(handle.read(), prepare)
-    except Rejected as rejected:
-        return rejected.reason
-    except OSError:
-        return None  # the upload will find out, and say so
-    return None
+def read_files(paths: list[str], prepare: PrepareSettings | None) -> list[FileRead]:
+    return [read_file(path, prepare) for path in paths]
 
 
 @dataclass(slots=True)
 class _Batch:
-    """Files recorded in one transaction, and the ones among them being hashed (in chunks
-    of ``HASH_CHUNK``: one pool task per file costs more than hashing a small one)."""
+    """Files recorded in one transaction (as the walk saw them, with their paths), and the
+    ones among them being read (in chunks of ``HASH_CHUNK``: one pool task per file costs
+    more than hashing a small one)."""
 
-    files: list[Candidate]
-    hashing: list[Future[list[tuple[Hashed, str | None]]]]
+    files: list[tuple[ScannedFile, str]]
+    reading: list[Future[list[FileRead]]]
 
 
 class _RootScan:
@@ -275,7 +260,7 @@ class _RootScan:
         self.is_tree = path.is_dir()
         self.base = str(path if self.is_tree else path.parent)
         self.stats = ScanStats()
-        self.batch: list[Candidate] = []
+        self.batch: list[tuple[ScannedFile, str]] = []
         #: Batches being hashed, recorded oldest first while the walk goes on.
         self.in_flight: deque[_Batch] = deque()
         #: Folders looked at file by file: their new digest and image count, or None once a
@@ -305,8 +290,8 @@ class _RootScan:
         st = path.stat()
         self.stats.found += 1
         out_rel = output_rel(self.root.out_prefix, "", DEFAULT_NAMING, path.name)
-        self._consider(Candidate(self.base, path.name, out_rel, str(path), st.st_size,
-                                 st.st_mtime_ns, self.options.fingerprint),
+        self._consider(ScannedFile(self.base, path.name, out_rel, st.st_size, st.st_mtime_ns,
+                                   None, self.options.fingerprint), str(path),
                        self.ledger.known_files(self.base, "").get(path.name))
 
     def _tree(self, stored: dict[str, tuple[str, int]]) -> set[str]:
@@ -330,10 +315,10 @@ class _RootScan:
             for entry in images:
                 candidate = _candidate(self.base, self.root, entry, folder.rel_dir,
                                        folder.settings)
-                self._consider(candidate, known.get(candidate.rel_path))
+                self._consider(candidate, entry.path, known.get(candidate.rel_path))
         return seen
 
-    def _consider(self, c: Candidate, k: KnownFile | None) -> None:
+    def _consider(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:
         if (k is not None and c.problem is None and k.problem is None
                 and k.size_bytes == c.size_bytes and k.mtime_ns == c.mtime_ns
                 and k.content_sha256 is not None):
@@ -341,20 +326,21 @@ class _RootScan:
             if k.job_id is not None and k.options_fp == c.options_fp and k.out_rel == c.out_rel:
                 self._progress(1)
                 return
-            c.known_sha256 = k.content_sha256  # re-linked (new options or name), not read
+            c = c._replace(content_sha256=k.content_sha256)  # re-linked, not read again
         elif (self.settle and c.problem is None
-              and not settled(c.abs_path, c.mtime_ns, self.settle, time.time())):
+              and not settled(path, c.mtime_ns, self.settle, time.time())):
             self.stats.deferred += 1
             self._spoil(c.rel_path)
             return
-        self.batch.append(c)
+        self.batch.append((c, path))
         if len(self.batch) >= BATCH:
             self._send()
 
     def _send(self) -> None:
         """The current batch is complete: record the one before it (mostly hashed by now)."""
         if self.batch:
-            paths = [c.abs_path for c in self.batch if c.problem is None and not c.known_sha256]
+            paths = [path for c, path in self.batch
+                     if c.problem is None and c.content_sha256 is None]
             self.in_flight.append(_Batch(self.batch, [
                 self.pool.submit(read_files, paths[start:start + HASH_CHUNK], self.prepare)
                 for start in range(0, len(paths), HASH_CHUNK)]))
@@ -363,19 +349,21 @@ class _RootScan:
             self._record(self.in_flight.popleft())
 
     def _record(self, batch: _Batch) -> None:
-        hashed = iter([h for future in batch.hashing for h in future.result()])
+        reads = iter([read for future in batch.reading for read in future.result()])
         rows = []
-        for c in batch.files:
-            sha, problem, rejected = c.known_sha256, c.problem, None
-            if problem is None and sha is None:
-                (sha, problem, size, mtime_ns), rejected = next(hashed)
-                if sha is not None:
-                    c.size_bytes, c.mtime_ns = size, mtime_ns
+        for c, _ in batch.files:
+            if c.problem is None and c.content_sha256 is None:
+                read = next(reads)
+                if read.sha256 is None:
+                    c = c._replace(problem=read.problem)
+                else:
+                    c = c._replace(content_sha256=read.sha256, size_bytes=read.size,
+                                   mtime_ns=read.mtime_ns, rejected=read.rejected)
                     self.stats.hashed += 1
-            if problem is not None:
+            if c.problem is not None:
                 self.stats.problems += 1
                 self._spoil(c.rel_path)
-            rows.append(c.row(sha, problem, rejected))
+            rows.append(c)
         self.stats.new_jobs += self.ledger.record_files(rows)
         self._progress(len(rows))
 

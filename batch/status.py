@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from batch.ledger import Ledger
 from batch.ledger.store import Problem
 from batch.options import Options
 from batch.states import FINAL, JobState
+from batch.stripping import tally
 
 
 @dataclass
@@ -73,5 +75,14 @@ def collect_status(ledger: Ledger) -> StatusReport:
         problems=ledger.problems(),
         options={Options.from_fingerprint(fp).describe(): n
                  for fp, n in sorted(ledger.options_in_use().items())},
-        stripped=ledger.stripped(),
+        stripped=_removed(ledger.stripped()),
     )
+
+
+def _removed(by_record: dict[str, int]) -> dict[str, int]:
+    """Blocks of metadata removed from uploads, by kind, over every job sent."""
+    totals: Counter[str] = Counter()
+    for described, jobs in by_record.items():
+        for kind, n in tally(described).items():
+            totals[kind] += n * jobs
+    return dict(sorted(totals.items()))

@@ -103,7 +103,7 @@ def _strip_webp(data: bytes) -> tuple[bytes, Counter[str]]:
         if fourcc in (b"EXIF", b"XMP "):
             removed["EXIF" if fourcc == b"EXIF" else "XMP"] += 1
             continue
-        if fourcc == b"VP8X":  # the flags must no longer announce what was removed
+        if fourcc == b"VP8X":  # its flags list the EXIF and XMP chunks present: clear both
             payload = bytes([payload[0] & ~0x0C]) + payload[1:]
         body += riff_chunk(fourcc, payload)
     if not removed:
@@ -112,5 +112,16 @@ def _strip_webp(data: bytes) -> tuple[bytes, Counter[str]]:
 
 
 def describe(removed: Counter[str]) -> str:
+    """How a job records what was removed from its upload: "EXIF, XMP 2"."""
     return ", ".join(f"{kind} {n}" if n > 1 else kind for kind, n in sorted(removed.items()))
+
+
+def tally(described: str | None) -> Counter[str]:
+    """What :func:`describe` wrote, as counts by kind again."""
+    found: Counter[str] = Counter()
+    for part in (described or "").split(", "):
+        kind, _, n = part.partition(" ")
+        if kind:
+            found[kind] += int(n or 1)
+    return found
 

@@ -9,7 +9,7 @@ import pytest
 
 from batch.ledger import open_ledger
 from batch.options import Options
-from batch.scan import SourceRoot, hash_file, scan
+from batch.scan import SourceRoot, read_file, scan
 from tests.imagegen import write_portrait
 
 FP = Options.of(["smart_skin"])
@@ -205,12 +205,18 @@ def test_the_reader_reports_a_fifo_or_a_vanished_file_instead_of_waiting(
     must not block in open() nor raise."""
     os.mkfifo(tmp_path / "pipe.jpg")
     (tmp_path / "real.jpg").write_bytes(b"12345")
-    assert hash_file(str(tmp_path / "pipe.jpg")) == (None, "not a regular file", 0, 0)
-    assert hash_file(str(tmp_path / "gone.jpg"))[:2] == (
+    assert read_file(str(tmp_path / "pipe.jpg"))[:4] == (None, "not a regular file", 0, 0)
+    assert read_file(str(tmp_path / "gone.jpg"))[:2] == (
         None, "the file disappeared while it was being scanned")
     st = (tmp_path / "real.jpg").stat()
-    assert hash_file(str(tmp_path / "real.jpg")) == (
+    assert read_file(str(tmp_path / "real.jpg"))[:4] == (
         hashlib.sha256(b"12345").hexdigest(), None, 5, st.st_mtime_ns)
+    # asked for preflight's verdict too, the same read gives it
+    from batch.preflight import PrepareSettings
+
+    judged = read_file(str(tmp_path / "real.jpg"), PrepareSettings())
+    assert judged[:4] == (hashlib.sha256(b"12345").hexdigest(), None, 5, st.st_mtime_ns)
+    assert judged.rejected is not None and "not an image" in judged.rejected
 
 
 @pytest.mark.parametrize("files", [40, 2100], ids=["one-batch", "several-batches"])

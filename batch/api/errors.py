@@ -24,7 +24,8 @@ class ErrorKind(StrEnum):
     NOT_SENT = "not_sent"
     """The request provably never reached the server: free to retry."""
     EXPIRED = "expired"
-    """The result link is past its life, or the API no longer knows the task."""
+    """The result link is past its life, or the API does not know the task (lost on its side):
+    either way the result is out of reach, and ``on_expired`` decides."""
 
 
 class ApiError(Exception):
@@ -124,6 +125,8 @@ def classify(
     if status == 200:
         return None
     kind, default = _kind(status, code, endpoint)
+    if kind is ErrorKind.EXPIRED and message:  # the server's words say too little alone
+        message = f"{default}: {message}"
     return ApiError(kind, message or default, http_status=status, code=code or None,
                     request_id=request_id or None, log_id=log_id or None,
                     retry_after=retry_after)

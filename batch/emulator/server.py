@@ -279,6 +279,17 @@ class ResultHandler(_Handler):
         self._send(200, body, "image/" + {"JPEG": "jpeg"}.get(task.fmt, task.fmt.lower()))
 
 
+def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler],
+          emulator: Emulator) -> _Server:
+    """A server on ``port``, or on a free one if that is taken by now."""
+    try:
+        return _Server((host, port), handler, emulator)
+    except OSError:
+        if not port:
+            raise
+        return _Server((host, 0), handler, emulator)
+
+
 class Emulator:
     """Both servers on loopback, started in daemon threads. Use as a context manager."""
 
@@ -287,8 +298,15 @@ class Emulator:
         self.config = config or EmulatorConfig()
         self.state = EmulatorState(self.config)
         self.result_redirect: str | None = None
-        self._api = _Server((host, api_port), ApiHandler, self)
-        self._results = _Server((host, result_port), ResultHandler, self)
+        folder = self.config.state_dir
+        saved = folder / "ports.json" if folder is not None else None
+        if saved is not None and saved.exists() and not (api_port or result_port):
+            # The ports of the emulator before it: the result links in a ledger name them.
+            api_port, result_port = json.loads(saved.read_text())
+        self._api = _bind(host, api_port, ApiHandler, self)
+        self._results = _bind(host, result_port, ResultHandler, self)
+        if saved is not None:
+            saved.write_text(json.dumps([self.api_port, self.result_port]))
         self._threads: list[threading.Thread] = []
 
     @property

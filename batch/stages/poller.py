@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from batch import apispec
@@ -214,9 +214,7 @@ class Poller:
             rt.progress.done()
             return
         if error.kind is ErrorKind.EXPIRED:  # a lost task: resubmitted or reported, as on_expired
-            info = info_of(error)
-            await self._move(job_id, JobState.EXPIRED, replace(
-                info, message=f"the API no longer knows this task: {info.message}"))
+            await self._move(job_id, JobState.EXPIRED, info_of(error))
             return
         item.attempts += 1
         await rt.writes.note_attempt(job_id, info_of(error), attempts=item.attempts,

@@ -32,7 +32,7 @@ from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
-from batch.states import IN_FLIGHT, submittable
+from batch.states import IN_FLIGHT, JobState, submittable
 from batch.status import StatusReport, collect_status
 from batch.watch import WatchSettings, watch_sources
 
@@ -98,6 +98,7 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
 
 
 def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:
+    ledger.set_meta("runs", str(int(ledger.get_meta("runs") or 0) + 1))
     ledger.set_meta("last_run", json.dumps({
         "started": started_at.isoformat(timespec="seconds"),
         "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -141,7 +142,9 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             scan, ledger, source_roots(config.sources), config.options,
             exclude=(out_dir,), on_progress=progress.scanned, prepare=config.prepare)
         crashpoints.reached("scanned")
-        progress.set_total(ledger.count_in(to_send | IN_FLIGHT))
+        to_upload = ledger.count_in(to_send)
+        progress.add_work(to_upload, to_upload + ledger.count_in(IN_FLIGHT))
+        progress.rejected(ledger.count_in({JobState.REJECTED}))
         materialize_copies(ledger, out_dir, config.expiry_margin)
         await _check_money(rt)
         if watch is None:

@@ -1,25 +1,33 @@
-"""The morning report: a self-contained HTML page (before/after thumbnails), CSV or JSON."""
+"""The morning report: an HTML page (the batch at a glance, problems, before/after pairs),
+CSV or JSON.
+
+The page fetches nothing from the network. Its previews are the files the downloader keeps
+under ``OUT/.skinbatch/thumbs`` and its full-size views the outputs and sources themselves,
+linked relative to the page, so the page stays small and opens at once at any batch size.
+"""
 
 from __future__ import annotations
 
-import base64
 import csv
+import functools
 import html
 import io
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from PIL import Image, ImageOps
-
+from batch import thumbnails
 from batch.ledger import Ledger
 from batch.options import Options
-from batch.states import IN_FLIGHT, JobState
+from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
 
-THUMB = 160
 #: Results whose links expire within this many seconds need a person's attention.
 EXPIRING_SOON = 6 * 3600
 
@@ -32,17 +40,26 @@ class ReportData:
     last_run: dict[str, Any]
     rows: list[dict[str, Any]]
     attention: list[dict[str, Any]]
+    out_dir: Path
+    #: Files in the batch, when its first job was made, and how many runs it has had.
+    files: int
+    since: str
+    runs: int
 
 
-def collect(ledger: Ledger) -> ReportData:
+@functools.cache
+def _described(options_fp: str) -> str:
+    return Options.from_fingerprint(options_fp).describe()
+
+
+def collect(ledger: Ledger, out_dir: Path) -> ReportData:
     rows = ledger.report_rows()
     now = time.time()
     attention = []
     for row in rows:
         path = f"{row['root'].rstrip('/')}/{row['rel_path']}"
         row["source"] = path
-        row["options"] = Options.from_fingerprint(row["options_fp"]).describe() \
-            if row["options_fp"] else ""
+        row["options"] = _described(row["options_fp"]) if row["options_fp"] else ""
         row["state"] = row["state"] or "rejected"
         row["reason"] = row["problem"] or row["reason"] or ""
         expires = row["expires_at"]
@@ -59,13 +76,16 @@ def collect(ledger: Ledger) -> ReportData:
         elif row["state"] == JobState.EXPIRED.value:
             attention.append({"source": path, "why": "result link expired before it was saved"})
     last_run = json.loads(ledger.get_meta("last_run") or "{}")
+    first = ledger.first_job_at()
     return ReportData(datetime.now().astimezone().isoformat(timespec="seconds"),
                       {k: v for k, v in ledger.counts().items() if v}, ledger.charges(),
-                      last_run, rows, attention)
+                      last_run, rows, attention, out_dir, len(rows),
+                      datetime.fromtimestamp(first).astimezone().isoformat(timespec="minutes")
+                      if first else "", int(ledger.get_meta("runs") or 0))
 
 
 CSV_FIELDS = ["source", "written_rel", "state", "reason", "error_code", "http_status",
-              "request_id", "log_id", "charges", "expires", "options"]
+              "request_id", "log_id", "charges", "expires", "options", "prepared"]
 
 
 def to_csv(data: ReportData) -> str:
@@ -80,47 +100,102 @@ def to_csv(data: ReportData) -> str:
 def to_json(data: ReportData) -> str:
     return json.dumps({
         "generated": data.generated, "counts": data.counts, "credits_total": data.credits_total,
+        "batch": {"files": data.files, "since": data.since, "runs": data.runs},
         "last_run": data.last_run, "needs_attention": data.attention,
         "files": [{k: row.get(k) for k in CSV_FIELDS} for row in data.rows],
     }, indent=2, ensure_ascii=False)
 
 
-def thumbnail(path: Path) -> str | None:
-    """A small JPEG as a data: URI, or None when the file cannot be read."""
+def _link(target: Path, page_dir: Path) -> str:
+    """A URL the page can load ``target`` by: relative to the page where one exists, so the
+    report and its folder can be moved together."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMB * 2, THUMB * 2))
-            small = ImageOps.exif_transpose(image).convert("RGB")
-            small.thumbnail((THUMB, THUMB))
-            buffer = io.BytesIO()
-            small.save(buffer, "JPEG", quality=70)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return quote(os.path.relpath(target, page_dir).replace(os.sep, "/"))
+    except ValueError:  # another drive
+        return target.as_uri()
 
 
-STYLE = """
-body{font:14px system-ui,sans-serif;margin:24px;color:#222}
-h1{font-size:22px} table{border-collapse:collapse;margin:8px 0 24px}
-td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-.counts td{font-size:18px} .pair{display:inline-block;margin:6px;text-align:center;width:340px}
-.pair img{width:160px;height:auto;margin:2px;border:1px solid #ccc}
-.pair .name{font-size:12px;word-break:break-all} .bad{color:#a00} .warn{background:#fff4d6}
-"""
+def _previews(data: ReportData, out_dir: Path) -> list[dict[str, Any]]:
+    """Each saved pair, with its previews made here only where the save did not make them."""
+    done = [r for r in data.rows if r["state"] == "done" and r["written_rel"]]
+    missing: dict[str, Path] = {}
+    for r in done:
+        r["out_path"] = out_dir / r["written_rel"]
+        for sha, path in ((r["content_sha256"], Path(r["source"])),
+                          (r["written_sha256"], r["out_path"])):
+            if sha and not thumbnails.path_for(out_dir, sha).exists():
+                missing.setdefault(sha, path)
+    if missing:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            list(pool.map(lambda item: thumbnails.ensure(out_dir, *item), missing.items()))
+    return done
 
 
-def to_html(data: ReportData, out_dir: Path) -> str:
+def _pairs(done: list[dict[str, Any]], out_dir: Path, page_dir: Path) -> list[dict[str, str]]:
+    return [{
+        "name": r["rel_path"], "note": r["prepared"] or "",
+        "before": _link(thumbnails.path_for(out_dir, r["content_sha256"] or ""), page_dir),
+        "after": _link(thumbnails.path_for(out_dir, r["written_sha256"] or ""), page_dir),
+        "full_before": Path(r["source"]).as_uri(),
+        "full_after": _link(r["out_path"], page_dir),
+    } for r in done]
+
+
+def _batch_header(data: ReportData) -> str:
+    """The batch as a whole: every run since its first, what is done, open and lost."""
     e = html.escape
+    counts = data.counts
+    still_open = sum(counts.get(s.value, 0) for s in JobState
+                     if s not in FINAL | NEEDS_ATTENTION)
+    bad = sum(counts.get(s.value, 0) for s in NEEDS_ATTENTION) + \
+        counts.get("unreadable_files", 0)
+    since = f" since {e(data.since)}" if data.since else ""
+    figures = [("done", counts.get(JobState.DONE.value, 0), ""),
+               ("still open", still_open, " open" if still_open else ""),
+               ("failed, rejected or lost", bad, " bad" if bad else ""),
+               ("credits charged in all", data.credits_total, "")]
+    parts = [f"<p id='batch-summary'>The batch in {e(str(data.out_dir))}: {data.files} "
+             f"file(s){since}, {data.runs} run(s).</p><div class='batch' id='batch'>"]
+    parts += [f"<div class='figure{cls}'><b>{n}</b>{e(label)}</div>"
+              for label, n, cls in figures]
+    parts.append("</div>")
     run = data.last_run
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>skinbatch report</title>"
-             f"<style>{STYLE}</style></head><body><h1>skinbatch report</h1>",
-             f"<p>Generated {e(data.generated)}."]
     if run:
-        parts.append(f" Last run: {e(str(run.get('started', '')))} to "
+        parts.append(f"<p class='lastrun'>Last run: {e(str(run.get('started', '')))} to "
                      f"{e(str(run.get('finished', '')))} ({run.get('seconds', 0):.0f} s), "
                      f"exit code {run.get('exit_code')}, credits charged in that run "
-                     f"{run.get('charged', 0)}. {e(str(run.get('message') or ''))}")
-    parts.append("</p><table class='counts' id='counts'><tr>"
+                     f"{run.get('charged', 0)}. {e(str(run.get('message') or ''))}</p>")
+    return "".join(parts)
+
+
+def _asset(name: str) -> str:
+    return resources.files("batch").joinpath(name).read_text(encoding="utf-8")
+
+
+VIEWER = (
+    "<div id='viewer' role='dialog' aria-label='before and after'><div class='bar'>"
+    "<span class='title'></span>"
+    "<button type='button' class='mode-side' aria-pressed='true'>side by side</button>"
+    "<button type='button' class='mode-slider' aria-pressed='false'>slider</button>"
+    "<button type='button' class='prev'>\u2190</button>"
+    "<button type='button' class='next'>\u2192</button>"
+    "<button type='button' class='close'>close</button></div><div class='stage'>"
+    "<div class='side'><div class='label'>before</div><img class='before' alt='before'></div>"
+    "<div class='side'><div class='label'>after</div><img class='after' alt='after'></div>"
+    "<div class='slider'><img class='before' alt='before'><img class='after' alt='after'>"
+    "<span class='label left'>before</span><span class='label right'>after</span>"
+    "<input type='range' min='0' max='100' value='50' aria-label='before and after'>"
+    "</div></div></div>")
+
+
+def to_html(data: ReportData, out_dir: Path, page_dir: Path) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>"
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>skinbatch report</title><style>{_asset('report_page.css')}</style>"
+             "</head><body><h1>skinbatch report</h1>",
+             f"<p>Generated {e(data.generated)}.</p>", _batch_header(data)]
+    parts.append("<table class='counts' id='counts'><tr>"
                  + "".join(f"<th>{e(k)}</th>" for k in data.counts)
                  + "<th>credits charged (all runs)</th></tr><tr>"
                  + "".join(f"<td data-state='{e(k)}'>{v}</td>" for k, v in data.counts.items())
@@ -139,25 +214,25 @@ def to_html(data: ReportData, out_dir: Path) -> str:
                          f"<td>{e(r['reason'])}</td><td>{e(str(r['error_code'] or ''))}</td>"
                          f"<td>{e(str(r['request_id'] or ''))}</td></tr>")
         parts.append("</table>")
-    done = [r for r in data.rows if r["state"] == "done" and r["written_rel"]]
-    parts.append(f"<h2>Before and after ({len(done)})</h2><div id='pairs'>")
-    for r in done:
-        before = thumbnail(Path(r["source"]))
-        after = thumbnail(out_dir / r["written_rel"])
-        images = "".join(f"<img class='thumb' alt='{label}' src='{uri}'>"
-                         for label, uri in (("before", before), ("after", after)) if uri)
-        parts.append(f"<div class='pair'>{images}<div class='name'>{e(r['rel_path'])}</div>"
-                     "</div>")
-    parts.append("</div></body></html>")
+    pairs = _pairs(_previews(data, out_dir), out_dir, page_dir)
+    # JSON inside a script element: only "</" could end it early.
+    payload = json.dumps(pairs, ensure_ascii=False).replace("</", "<\\/")
+    parts.append(
+        "<h2>Before and after (<span id='shown'></span>)</h2>"
+        "<div class='tools'><input id='filter' type='search' placeholder='filter by name'>"
+        "<span>Click a pair to compare it at full size (\u2190 \u2192 to move, Esc to close)."
+        "</span><span id='pager'></span></div><div id='pairs'></div>"
+        f"<script id='pairs-data' type='application/json'>{payload}</script>{VIEWER}"
+        f"<script>{_asset('report_page.js')}</script></body></html>")
     return "".join(parts)
 
 
 def write_report(ledger: Ledger, target: Path, out_dir: Path, fmt: str | None = None) -> Path:
     """Write the report atomically; the format follows ``fmt`` or the file's suffix."""
     fmt = (fmt or target.suffix.lstrip(".") or "html").lower()
-    data = collect(ledger)
+    data = collect(ledger, out_dir)
     text = {"csv": to_csv, "json": to_json}.get(fmt)
-    content = text(data) if text else to_html(data, out_dir)
+    content = text(data) if text else to_html(data, out_dir, target.resolve().parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.tmp")
     temp.write_text(content, encoding="utf-8")

@@ -47,6 +47,7 @@ class ScanStats:
     hashed: int = 0
     unchanged: int = 0
     problems: int = 0
+    #: New jobs waiting to be sent (not those that start rejected).
     new_jobs: int = 0
     #: New or changed files left for a later pass (still being written, or not decodable yet).
     deferred: int = 0

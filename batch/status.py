@@ -13,6 +13,9 @@ from batch.options import Options
 from batch.states import FINAL, JobState
 from batch.stripping import tally
 
+#: Prepared files named one by one in ``status``: a camera shoot is often all resized.
+PREPARED_SHOWN = 20
+
 
 @dataclass
 class StatusReport:
@@ -25,6 +28,8 @@ class StatusReport:
     options: dict[str, int]
     #: Blocks of metadata removed from uploads, by kind (EXIF, XMP, IPTC, comment, ...).
     stripped: dict[str, int]
+    #: Files sent as a prepared copy (resized, turned upright, converted): path, what was done.
+    prepared: list[tuple[str, str]]
 
     @property
     def unfinished(self) -> int:
@@ -40,6 +45,8 @@ class StatusReport:
             "unfinished": self.unfinished,
             "problems": [asdict(p) for p in self.problems],
             "metadata_removed_from_uploads": self.stripped,
+            "prepared_before_upload": [{"path": path, "note": note}
+                                       for path, note in self.prepared],
         }
         return json.dumps(payload, indent=2, ensure_ascii=False)
 
@@ -57,6 +64,13 @@ class StatusReport:
         if self.stripped:
             lines.append("metadata removed before upload: " + ", ".join(
                 f"{kind} {n}" for kind, n in self.stripped.items()))
+        if self.prepared:
+            lines.append(f"{len(self.prepared)} file(s) sent as a prepared copy"
+                         " (the originals are untouched):")
+            lines += [f"  {path}: {note}" for path, note in self.prepared[:PREPARED_SHOWN]]
+            if len(self.prepared) > PREPARED_SHOWN:
+                lines.append(f"  ... and {len(self.prepared) - PREPARED_SHOWN} more "
+                             "(status --json or the report lists them all)")
         if self.problems:
             lines.append(f"{len(self.problems)} file(s) need attention:")
             for p in self.problems:
@@ -76,6 +90,7 @@ def collect_status(ledger: Ledger) -> StatusReport:
         options={Options.from_fingerprint(fp).describe(): n
                  for fp, n in sorted(ledger.options_in_use().items())},
         stripped=_removed(ledger.stripped()),
+        prepared=ledger.prepared_files(),
     )
 
 

@@ -161,6 +161,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                                             prepare=rt.config.prepare)
             totals.hashed += stats.hashed
             totals.new_jobs += stats.new_jobs
+            rt.progress.add_work(stats.new_jobs, stats.new_jobs)
             totals.found = max(totals.found, stats.found)
             if stats.hashed or stats.new_jobs:
                 log.info("Found %d new file(s).", stats.hashed)

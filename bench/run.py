@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from batch import thumbnails
 from batch.emulator import Emulator, EmulatorConfig
 from batch.ledger import ScannedFile, open_ledger
 from batch.options import Options
@@ -31,6 +32,7 @@ from batch.states import JobState
 from bench.baseline import sequential_client
 from bench.common import KEY, ROOT, WRAPPER, make_images, run_cli
 from tests import slowdisk
+from tests.imagegen import encode, portrait
 
 OPTIONS = Options.of(["smart_skin"])
 
@@ -327,6 +329,69 @@ def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
 CPU_RUNS = 3
 
 
+# ---- 7: the morning report ------------------------------------------------------------------
+
+def done_ledger(out: Path, src: Path, images: int) -> None:
+    """A ledger of ``images`` saved results, as a night's run leaves it (with the previews the
+    downloader keeps), made directly: the report reads nothing else."""
+    ledger = open_ledger(out / ".skinbatch" / "ledger.sqlite")
+    root = str(src.resolve())
+    for start in range(0, images, 1000):
+        ledger.record_files([ScannedFile(root, f"shoot{i // 500:02d}/IMG_{i:05d}.jpg",
+                                         f"shoot{i // 500:02d}/IMG_{i:05d}.jpg", 9_000_000, 1,
+                                         f"{i:064x}", "100000000")
+                             for i in range(start, min(images, start + 1000))])
+    now = time.time()
+    with ledger.engine.begin() as conn:  # legal moves only: the ledger's trigger checks
+        for state in ("submitting", "queued", "ready", "downloading", "done"):
+            conn.exec_driver_sql(f"UPDATE jobs SET state='{state}'")
+        conn.exec_driver_sql("UPDATE jobs SET charges=1, task_id='t' || id, submitted_at=?, "
+                             "expires_at=?", (now, now + 86400))
+        conn.exec_driver_sql("UPDATE files SET written_rel=rel_path, "
+                             "written_sha256=printf('%064x', id + 1000000000)")
+        written = [sha for (sha,) in conn.exec_driver_sql("SELECT written_sha256 FROM files")]
+    ledger.set_meta("runs", "1")
+    ledger.close()
+    preview = thumbnails.render(encode(portrait(600, 400, seed=1, grain=12), "JPEG"))
+    for sha in [f"{i:064x}" for i in range(images)] + written:
+        target = thumbnails.path_for(out, sha)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(preview)
+
+
+def bench_report(work: Path, images: int) -> None:
+    """The report of a batch of ``images`` saved results: written in under 30 s at 20,000,
+    the page small, and how long a browser takes to draw it; and what the previews cost the
+    downloader on a 24-megapixel photo."""
+    out, src = work / "report-out", work / "report-src"
+    done_ledger(out, src, images)
+    page = out / "report.html"
+    started = time.perf_counter()
+    made = subprocess.run([sys.executable, "-m", "batch", "report", "--out", str(out), "-o",
+                           str(page)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - started
+    assert made.returncode == 0, made.stderr
+    target = 30 * images / 20_000
+    row(f"report of {images} saved images", f"{seconds:.2f}s, page "
+        f"{page.stat().st_size / 1e6:.1f} MB", f"< {target:g}s", seconds < target)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is not None:
+        started = time.perf_counter()
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                        f"--user-data-dir={work / 'chrome'}", "--dump-dom", page.as_uri()],
+                       capture_output=True, timeout=300)
+        row("  the page drawn by headless Chromium", f"{time.perf_counter() - started:.2f}s "
+            "(browser start included)")
+    photo = encode(portrait(6000, 4000, seed=3, grain=12), "JPEG", quality=92)
+    started = time.process_time()
+    for _ in range(5):
+        thumbnails.render(photo)
+    each = (time.process_time() - started) / 5 * 1000
+    row("  previews made at save time, 24 MP JPEG", f"{each:.0f} ms CPU each, two per image "
+        f"({len(photo) / 1e6:.1f} MB file)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: proves it works")
@@ -347,6 +412,8 @@ def main() -> None:
         bench_ledger(work, 5_000 if quick else 100_000)
         print("5-6. memory and CPU")
         bench_memory_and_cpu(work, 100 if quick else 2_000, 5_000 if quick else 100_000)
+        print("7. the morning report")
+        bench_report(work, 500 if quick else 20_000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n| benchmark | figure | target | |\n|---|---|---|---|")

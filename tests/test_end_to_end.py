@@ -175,8 +175,8 @@ def test_the_key_never_reaches_the_result_host_or_the_ledger(
     assert emulator.state.result_host_headers
     assert all("ailabapi-api-key" not in h for h in emulator.state.result_host_headers)
     assert not any(API_KEY in v for h in emulator.state.result_host_headers for v in h.values())
-    for path in (out / ".skinbatch").iterdir():
-        assert API_KEY.encode() not in path.read_bytes()
+    for path in (out / ".skinbatch").rglob("*"):
+        assert path.is_dir() or API_KEY.encode() not in path.read_bytes()
 
 
 def test_credits_running_out_mid_run_stop_within_a_couple_of_requests(

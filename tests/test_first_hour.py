@@ -214,3 +214,58 @@ def test_files_preflight_refuses_are_rejected_at_scan_and_the_estimate_is_the_ch
         assert re.search(rf"rejected +{re.escape(str(src))}/{name}: .*{why}", result.stdout), \
             result.stdout
     assert emulator.stats["submits"] == 5
+
+
+def test_progress_totals_count_what_is_really_uploaded_and_saved(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """Rejected files and failed tasks are counted on their own: the bars end at 100 % of
+    what was really uploaded and saved."""
+    import json
+    import re
+
+    emulator = make_emulator(faults={"failed_task": 0.4})
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 6)
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "notes.jpg").write_text("a text file named like a photo")
+    flags = [f for f in FAST_FLAGS if f != "--no-progress"]
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--progress", *flags],
+                     emulator)
+    assert result.returncode == 1  # the rejected files and the failed tasks
+    counts = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)["counts"]
+    failed, saved = counts["failed"], counts["done"]
+    assert failed >= 1 and saved + failed == 6 and counts["rejected"] == 2
+    final = {name: re.findall(rf"{name}\s*:?\s*(\d+)%\|[^|]*\|\s*(\d+)/(\d+)", result.stderr)
+             for name in ("uploaded", "saved")}
+    assert final["uploaded"] and final["uploaded"][-1] == ("100", "6", "6"), result.stderr
+    assert final["saved"] and final["saved"][-1] == ("100", str(saved), str(saved)), \
+        result.stderr
+    assert f"failed or rejected: {failed}" in result.stderr
+    assert "rejected: 2" in result.stderr
+    assert len(list(out.glob("*.jpg"))) == saved
+
+
+def test_resizing_is_shown_in_status_the_report_and_the_dry_run(
+        tmp_path: Path, emulator: Emulator) -> None:
+    import csv
+    import json
+
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 2)
+    write_portrait(src / "big.jpg", size=(5200, 3500), seed=9)
+    dry = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--dry-run",
+                   *FAST_FLAGS], emulator)
+    assert "would resize: 1" in dry.stdout and "resized from 5200x3500" in dry.stdout, dry.stdout
+    assert run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                   emulator).returncode == 0
+    status = run_cli(["status", "--out", str(out)], None)
+    assert "1 file(s) sent as a prepared copy" in status.stdout, status.stdout
+    assert f"{src}/big.jpg: resized from 5200x3500" in status.stdout
+    listed = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert [p["path"] for p in listed["prepared_before_upload"]] == [f"{src}/big.jpg"]
+    assert run_cli(["report", "--out", str(out), "--format", "csv"], None).returncode == 0
+    rows = {r["source"]: r for r in csv.DictReader((out / "skinbatch-report.csv").open())}
+    assert "resized from 5200x3500" in rows[f"{src}/big.jpg"]["prepared"]
+    assert rows[f"{src}/portrait 0.jpg"]["prepared"] == ""
+    assert run_cli(["report", "--out", str(out)], None).returncode == 0
+    assert "resized from 5200x3500" in (out / "skinbatch-report.html").read_text()

@@ -7,11 +7,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
+from PIL import Image
 
 from tests.checks import assert_no_double_pay, assert_outputs_right
 from tests.conftest import FAST_FLAGS, run_cli
@@ -117,33 +120,87 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_the_html_report_renders_in_a_real_browser(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
-    src, out = tmp_path / "src", tmp_path / "out"
-    shoot(src, 5)
-    (src / "bad.jpg").write_bytes(b"")
-    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 1
-    made = run_cli(["report", "--out", str(out), "--format", "html", "-o",
-                    str(tmp_path / "report.html")], None)
-    assert made.returncode == 0, made.stderr
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def browser_or_skip() -> str:
     browser = chromium()
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("Chromium is missing in CI (.ci/run installs Debian's chromium)")
         pytest.skip("Chromium not installed")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome'}"]
-    url = (tmp_path / "report.html").as_uri()
+    return browser
+
+
+def test_the_html_report_renders_in_a_real_browser(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    """The batch as a whole in the header (a no-op rerun does not hide it), labelled pairs,
+    a name in Japanese, previews made when the results were saved, and a click-through
+    full-size comparison; nothing fetched from the network."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 4)
+    write_portrait(src / "花子の肖像.jpg", seed=11)
+    (src / "bad.jpg").write_bytes(b"")
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 1
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 1
+    previews = sorted((out / ".skinbatch" / "thumbs").rglob("*.jpg"))
+    assert len(previews) == 10, "a before and an after preview per image, made at save time"
+    made = {p: p.stat().st_mtime_ns for p in previews}
+    page = tmp_path / "report.html"
+    result = run_cli(["report", "--out", str(out), "--format", "html", "-o", str(page)], None)
+    assert result.returncode == 0, result.stderr
+    assert {p: p.stat().st_mtime_ns for p in previews} == made, "the report made none again"
+    source = page.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//|url\(|@import""", source)
+    assert "base64" not in source, "previews are files beside the ledger, not inlined"
+    browser = browser_or_skip()
+    flags = [*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}"]
+    url = page.as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True,
                          timeout=120).stdout
-    assert dom.count("class=\"thumb\"") == 10, "a before/after pair for each of 5 images"
+    assert dom.count('class="thumb"') == 10, "a before/after pair for each of 5 images"
+    assert dom.count("<figcaption>before</figcaption>") == 5
+    assert dom.count("<figcaption>after</figcaption>") == 5
     assert 'data-state="done">5<' in dom and 'data-state="rejected">1<' in dom
     assert "bad.jpg" in dom and "the file is empty" in dom
+    assert "花子の肖像.jpg" in dom
+    summary = re.search(r'id="batch-summary">(.*?)</p>', dom)
+    assert summary and "6 file(s)" in summary.group(1) and "2 run(s)" in summary.group(1)
+    assert re.search(r"<b>5</b>credits charged in all", dom)
+    assert "credits charged in that run 0" in dom  # the no-op rerun, below the batch figures
+    for thumb in re.findall(r'class="thumb" alt="\w+" loading="lazy" src="([^"]+)"', dom):
+        assert (page.parent / unquote(thumb)).resolve().is_file(), thumb
+    viewed = subprocess.run([browser, *flags, "--dump-dom", url + "#view=4"],
+                            capture_output=True, text=True, timeout=120).stdout
+    assert 'id="viewer" role="dialog" aria-label="before and after" class="open"' in viewed
+    full = dict(re.findall(r'<img class="(before|after)" alt="\w+"[^>]* src="([^"]+)"', viewed))
+    assert full["before"] == (src / "花子の肖像.jpg").as_uri()
+    assert (page.parent / unquote(full["after"])).resolve() == (out / "花子の肖像.jpg").resolve()
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1400", url],
-                   capture_output=True, timeout=120)
-    assert shot.is_file() and shot.stat().st_size > 10_000
+    for name, address, size in (("report.png", url, "1200,1000"),
+                                 ("report-pair.png", url + "#view=4", "1400,800"),
+                                 ("report-slider.png", url + "#view=0&slider", "1000,700")):
+        shot = ARTIFACTS / name
+        shot.unlink(missing_ok=True)
+        subprocess.run([browser, *flags, f"--screenshot={shot}", f"--window-size={size}",
+                        address], capture_output=True, timeout=120)
+        assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_a_report_makes_the_previews_a_save_did_not(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    """Results saved without previews (an older ledger, a deleted folder) get them from the
+    files, once."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 3)
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
+    shutil.rmtree(out / ".skinbatch" / "thumbs")
+    assert run_cli(["report", "--out", str(out)], None).returncode == 0
+    previews = list((out / ".skinbatch" / "thumbs").rglob("*.jpg"))
+    assert len(previews) == 6
+    for preview in previews:
+        with Image.open(preview) as image:
+            assert image.format == "JPEG" and max(image.size) <= 240
 
 
 def test_csv_and_json_reports_parse_back(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]

@@ -335,7 +335,8 @@ class Ledger:
     def record_files(self, found: Sequence[ScannedFile]) -> int:
         """Record scanned files (insert or update by root and relative path) and link each
         readable one to its job (content + options), creating jobs in the order their first
-        file came. Returns how many jobs were created. One transaction, not durable: a scan
+        file came. Returns how many new jobs wait to be sent (a job whose content preflight
+        refused starts rejected and is not counted). One transaction, not durable: a scan
         lost to a power cut is made again by the next scan, and no upload starts from a job
         before a durable write (``submitting``) has made it durable."""
         created = 0
@@ -360,9 +361,9 @@ class Ledger:
         if missing:
             inserted = conn.execute(self._insert(jobs).on_conflict_do_nothing().returning(
                 jobs.c.content_sha256, jobs.c.options_fp, jobs.c.id), missing).all()
-            created = len(inserted)
             ids.update({(sha, fp): id_ for sha, fp, id_ in inserted})
             for sha, fp, id_ in inserted:  # a job that starts rejected says why in its history
+                created += not wanted[(sha, fp)].rejected
                 if wanted[(sha, fp)].rejected:
                     self._event(conn, id_, None, JobState.REJECTED.value, 0,
                                 TransitionInfo(message=wanted[(sha, fp)].rejected), now)
@@ -686,6 +687,12 @@ class Ledger:
             return conn.scalar(select(func.count()).select_from(events).where(
                 events.c.to_state == JobState.AMBIGUOUS.value)) or 0
 
+    def first_job_at(self) -> float | None:
+        """When the batch began: its oldest job's creation time."""
+        with self._read() as conn:
+            first: float | None = conn.scalar(select(func.min(jobs.c.created_at)))
+            return first
+
     def file_count(self) -> int:
         with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(files)) or 0
@@ -713,13 +720,26 @@ class Ledger:
                                       r.error_code, r.http_status))
         return result
 
+    def prepared_files(self) -> list[tuple[str, str]]:
+        """Files whose upload was a prepared copy (resized, turned upright, converted), with
+        what was done, by path."""
+        query = (
+            select(files.c.root, files.c.rel_path, jobs.c.prepared)
+            .select_from(files.join(jobs, jobs.c.id == files.c.job_id))
+            .where(jobs.c.prepared.is_not(None))
+            .order_by(files.c.root, files.c.rel_path)
+        )
+        with self._read() as conn:
+            return [(f"{r.root.rstrip('/')}/{r.rel_path}", r.prepared) for r in conn.execute(query)]
+
     def report_rows(self) -> list[dict[str, Any]]:
         """One row per file with its job's state, reason and result-link expiry."""
         query = (
             select(files.c.root, files.c.rel_path, files.c.out_rel, files.c.written_rel,
                    files.c.problem, jobs.c.state, jobs.c.reason, jobs.c.error_code,
                    jobs.c.http_status, jobs.c.request_id, jobs.c.log_id, jobs.c.expires_at,
-                   jobs.c.charges, jobs.c.options_fp)
+                   jobs.c.charges, jobs.c.options_fp, jobs.c.prepared, files.c.content_sha256,
+                   files.c.written_sha256)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .order_by(files.c.root, files.c.rel_path)
         )

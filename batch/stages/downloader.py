@@ -15,7 +15,7 @@ from typing import IO
 
 from PIL import Image
 
-from batch import crashpoints, metadata
+from batch import crashpoints, metadata, thumbnails
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
@@ -83,6 +83,7 @@ class Downloader:
                 job.id, JobState.EXPIRED, expect=JobState.READY,
                 info=TransitionInfo(message="the result link expired before it could be "
                                             "downloaded"))
+            rt.expired()
             rt.changed.set()
             return
         await rt.writes.transition(job.id, JobState.DOWNLOADING, expect=JobState.READY)
@@ -120,52 +121,60 @@ class Downloader:
             # The disk work in one hop to a thread, not one per step: each hop costs a few
             # context switches, which added up to a good part of the client's CPU per image.
             outputs, problems, sha256 = await asyncio.to_thread(
-                self._store, sink, targets, temp, temps, downloaded.sha256)
+                self._store, sink, job, targets, temp, temps, downloaded.sha256)
         await rt.writes.finish_download(job.id, sha256, outputs, problems)
-        rt.progress.done()
+        rt.progress.saved()
 
-    def _store(self, sink: IO[bytes], targets: list[FileRow], temp: Path, temps: list[Path],
-               downloaded_sha256: str
+    def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
+               temps: list[Path], downloaded_sha256: str
                ) -> tuple[dict[int, tuple[str, str | None]], dict[int, str], str]:
         """Make the downloaded bytes durable, check they are an image, carry the metadata
-        over and place the outputs."""
+        over, place the outputs and keep the report's previews of the pair."""
         sink.flush()
         os.fsync(sink.fileno())
         crashpoints.reached("downloaded")
         result = temp.read_bytes()
         fmt = verify_result(result)
-        sha256 = self._carry_metadata(targets, temp, result, fmt, downloaded_sha256)
+        source = self._source_bytes(targets)
+        final, sha256 = self._carry_metadata(source, temp, result, fmt, downloaded_sha256)
         outputs, problems = self._place_all(targets, temp, temps, sha256, fmt)
+        if outputs:
+            if source is not None:
+                thumbnails.save(self.rt.out_dir, job.content_sha256, source)
+            thumbnails.save(self.rt.out_dir, sha256, final)
         return outputs, problems, sha256
 
-    def _carry_metadata(self, targets: list[FileRow], temp: Path, result: bytes, fmt: str,
-                        sha256: str) -> str:
-        """Put the source's EXIF/XMP/IPTC/ICC on the result (and scale it back up if asked).
-        Deterministic, so a download redone after a crash gives the same bytes."""
-        source = None
+    @staticmethod
+    def _source_bytes(targets: list[FileRow]) -> bytes | None:
         for target in targets:
             try:
-                source = (Path(target.root) / target.rel_path).read_bytes()
-                break
+                return (Path(target.root) / target.rel_path).read_bytes()
             except OSError:
                 continue
+        return None
+
+    def _carry_metadata(self, source: bytes | None, temp: Path, result: bytes, fmt: str,
+                        sha256: str) -> tuple[bytes, str]:
+        """Put the source's EXIF/XMP/IPTC/ICC on the result (and scale it back up if asked);
+        the output's bytes and hash. Deterministic, so a download redone after a crash gives
+        the same bytes."""
         if source is None:
             log.warning("No source file left to copy metadata from for %s", temp.name)
-            return sha256
+            return result, sha256
         try:
             carried = metadata.carry(source, result, fmt,
                                      upscale=self.rt.config.upscale_to_original,
                                      jpeg_quality=self.rt.config.jpeg_quality)
         except (OSError, ValueError, SyntaxError) as exc:
             log.warning("Could not copy metadata onto %s: %s", temp.name, exc)
-            return sha256
+            return result, sha256
         if carried == result:
-            return sha256
+            return result, sha256
         with open(temp, "wb") as sink:
             sink.write(carried)
             sink.flush()
             os.fsync(sink.fileno())
-        return hashlib.sha256(carried).hexdigest()
+        return carried, hashlib.sha256(carried).hexdigest()
 
     def _place_all(self, targets: list[FileRow], temp: Path, temps: list[Path], sha256: str,
                    fmt: str) -> tuple[dict[int, tuple[str, str | None]], dict[int, str]]:
@@ -195,6 +204,7 @@ class Downloader:
         if error.kind is ErrorKind.EXPIRED:
             await rt.writes.transition(job.id, JobState.EXPIRED, info=info_of(error),
                                        attempts=attempts)
+            rt.expired()
         elif error.kind is ErrorKind.PERMANENT or attempts >= rt.config.max_attempts:
             message = error.describe() if error.kind is ErrorKind.PERMANENT else (
                 f"download gave up after {attempts} attempts: {error.describe()}")
@@ -202,7 +212,7 @@ class Downloader:
                                        info=TransitionInfo(http_status=error.http_status,
                                                            error_code=error.code,
                                                            message=message))
-            rt.progress.done()
+            rt.progress.dropped(uploaded=True)
         else:
             await rt.writes.transition(job.id, JobState.READY, attempts=attempts,
                                        next_attempt_at=time.time() + rt.backoff(attempts),

@@ -168,6 +168,7 @@ class Poller:
             if time.time() > item.expires_at - rt.config.expiry_margin:
                 await self._move(job_id, JobState.EXPIRED, TransitionInfo(
                     message="the task did not finish before its result would expire"))
+                rt.expired()
                 return
             await rt.client.limiter.acquire()
             try:
@@ -211,10 +212,11 @@ class Poller:
             return
         if error.kind is ErrorKind.PERMANENT:
             await self._move(job_id, JobState.FAILED, info_of(error))
-            rt.progress.done()
+            rt.progress.dropped(uploaded=True)
             return
         if error.kind is ErrorKind.EXPIRED:  # a lost task: resubmitted or reported, as on_expired
             await self._move(job_id, JobState.EXPIRED, info_of(error))
+            rt.expired()
             return
         item.attempts += 1
         await rt.writes.note_attempt(job_id, info_of(error), attempts=item.attempts,

@@ -126,6 +126,13 @@ class Runtime:
         else:
             self.stop_submitting(StopReason.BUDGET)
 
+    def expired(self) -> None:
+        """A paid result lost before it was saved: sent again, or out of this run's totals."""
+        if self.config.on_expired == "resubmit":
+            self.progress.add_work(1, 0)
+        else:
+            self.progress.dropped(uploaded=True)
+
     def fail_run(self, message: str) -> None:
         if self.flags.fatal is None:
             self.flags.fatal = message

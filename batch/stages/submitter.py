@@ -89,7 +89,7 @@ class Submitter:
             with contextlib.suppress(StaleTransition):
                 await rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
                                            info=TransitionInfo(message=rejected.reason))
-                rt.progress.done()
+                rt.progress.dropped(uploaded=False)
             rt.changed.set()
             return
         await rt.breaker.admit()
@@ -193,7 +193,7 @@ class Submitter:
             rt.account_stop(error)
         elif error.kind is ErrorKind.PERMANENT:
             await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts, info=info)
-            rt.progress.done()
+            rt.progress.dropped(uploaded=False)
         elif attempts >= rt.config.max_attempts:
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,
@@ -201,7 +201,7 @@ class Submitter:
                                     request_id=error.request_id, log_id=error.log_id,
                                     message=f"gave up after {attempts} attempts: "
                                             f"{error.describe()}"))
-            rt.progress.done()
+            rt.progress.dropped(uploaded=False)
         else:
             delay = rt.backoff(attempts)
             if error.retry_after is not None:

@@ -1,0 +1,75 @@
+"""Small previews for the morning report, made once and kept beside the ledger.
+
+A thumbnail is named by the content it shows (the SHA-256 of a source, or of a saved
+output), so copies share one and a re-run never makes it again. The downloader makes both of
+a job's previews when it saves the result, from the bytes it already holds; the report only
+makes those that are missing (results saved before thumbnails existed, or a lost folder).
+A thumbnail is a convenience: failing to make one never fails a download.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+log = logging.getLogger("batch.thumbnails")
+
+#: Longest side in pixels: sharp at the report's 160 CSS pixels on a high-density screen.
+SIZE = 240
+QUALITY = 72
+FOLDER = Path(".skinbatch") / "thumbs"
+
+
+def path_for(out_dir: Path, sha256: str) -> Path:
+    return out_dir / FOLDER / sha256[:2] / f"{sha256}.jpg"
+
+
+def render(image_bytes: bytes) -> bytes:
+    """A JPEG preview, turned upright; the JPEG decoder is asked for a reduced size."""
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        image.draft("RGB", (SIZE * 2, SIZE * 2))
+        small = ImageOps.exif_transpose(image).convert("RGB")
+    small.thumbnail((SIZE, SIZE))
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=QUALITY, optimize=True)
+    return buffer.getvalue()
+
+
+def save(out_dir: Path, sha256: str, image_bytes: bytes) -> Path | None:
+    """Make and keep the preview of ``image_bytes`` unless it exists; None if it cannot be
+    made. Written whole or not at all (a temp file renamed), but not fsynced: a preview lost
+    to a power cut is made again by the next report."""
+    target = path_for(out_dir, sha256)
+    if target.exists():
+        return target
+    temp = None
+    try:
+        data = render(image_bytes)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".thumb-", dir=target.parent)
+        with os.fdopen(fd, "wb") as sink:
+            sink.write(data)
+        os.replace(temp, target)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        log.debug("No preview for %s: %s", sha256[:12], exc)
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
+        return None
+    return target
+
+
+def ensure(out_dir: Path, sha256: str, image_file: Path) -> Path | None:
+    """The preview of a file on disk, made now if it is missing."""
+    target = path_for(out_dir, sha256)
+    if target.exists():
+        return target
+    try:
+        data = image_file.read_bytes()
+    except OSError:
+        return None
+    return save(out_dir, sha256, data)

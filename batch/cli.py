@@ -78,7 +78,9 @@ def run_options(func: F) -> F:
         click.option("--concurrency", type=int, help="Uploads under way at once (default 4)."),
         click.option("--poll-interval", type=float,
                      help="Seconds between status queries per task (default 5, as documented)."),
-        click.option("--max-qps", type=float, help="Requests per second to the API (default 10)."),
+        click.option("--max-qps", type=float,
+                     help="A ceiling on requests per second to the API (default: none; the "
+                          "pace the API takes is found by asking)."),
         click.option("--on-ambiguous", type=click.Choice(["resubmit", "hold"]),
                      help="What to do with uploads whose answer was lost (default resubmit)."),
         click.option("--on-expired", type=click.Choice(["resubmit", "report"]),

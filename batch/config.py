@@ -42,8 +42,9 @@ class RunConfig:
     ledger: str | None = None
     concurrency: int = 4
     poll_interval: float = apispec.DOCUMENTED_POLL_INTERVAL
-    #: Requests per second to the API host, shared by submits, queries and credit checks.
-    max_qps: float = 10.0
+    #: A ceiling on requests per second to the API host (submits, queries and credit checks
+    #: together); None: no ceiling, the pace the server takes is found by asking.
+    max_qps: float | None = None
     on_ambiguous: AmbiguousPolicy = "resubmit"
     on_expired: ExpiredPolicy = "resubmit"
     #: Transient failures a job may have in one stage before it fails with the last reason.
@@ -219,6 +220,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("concurrency must be between 1 and 64")
     if config.poll_interval <= 0:
         raise ConfigError("poll_interval must be positive")
+    if config.max_qps is not None and config.max_qps <= 0:
+        raise ConfigError("max_qps must be positive (leave it out for no ceiling)")
     if config.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
     if config.poll_window < 1:

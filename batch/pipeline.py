@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -12,11 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from batch import apispec, crashpoints
+from batch import apispec, crashpoints, pace
 from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
-from batch.api.ratelimit import RateLimiter
 from batch.budget import Budget, Estimate
 from batch.config import RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
@@ -112,7 +112,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     assert config.api_key is not None
     progress = Progress(config.progress)
     client = ApiClient(config.api_base, config.api_key,
-                       limiter=RateLimiter(config.max_qps, burst=1),
+                       limiter=pace.limiter_for(ledger, config.api_base, config.max_qps),
                        timeouts=Timeouts(submit=config.submit_timeout),
                        max_connections=config.concurrency + 4,
                        max_downloads=max(2, config.concurrency),
@@ -138,18 +138,19 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             if n:
                 log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
         forget_missing_outputs(ledger, out_dir)
-        stats = await asyncio.to_thread(
-            scan, ledger, source_roots(config.sources), config.options,
-            exclude=(out_dir,), on_progress=progress.scanned, prepare=config.prepare)
-        crashpoints.reached("scanned")
-        to_upload = ledger.count_in(to_send)
-        progress.add_work(to_upload, to_upload + ledger.count_in(IN_FLIGHT))
-        progress.rejected(ledger.count_in({JobState.REJECTED}))
-        materialize_copies(ledger, out_dir, config.expiry_margin)
-        await _check_money(rt)
+        already = ledger.count_in(to_send)
+        progress.add_work(already, already + ledger.count_in(IN_FLIGHT))
+        scanning = asyncio.create_task(_scan(rt, loop))
+        if config.on_short_balance == "stop":  # the whole estimate decides: scan first
+            stats = await scanning
+            await _check_money(rt, ledger.count_in(to_send))
+        else:  # upload while the scan goes on: the balance bounds the uploads from the first
+            rt.check_money = functools.partial(_check_money, rt, None)
+            scanning.add_done_callback(lambda task: _scanned(rt, task, already))
         if watch is None:
-            await _drive(rt)
+            await _drive(rt, scanning=scanning)
         else:
+            stats = await scanning
             watcher = asyncio.create_task(watch_sources(rt, watch, source_roots(config.sources),
                                                         stats))
             watcher.add_done_callback(lambda task: _watcher_ended(rt, task))
@@ -158,12 +159,14 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             finally:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
+        stats = await scanning
         if not rt.flags.abort:
             materialize_copies(ledger, out_dir, config.expiry_margin)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await client.aclose()
+        pace.remember(ledger, config.api_base, client.limiter)
         progress.close()
         rt.writes.close()
     waiting = rt.flags.submits_stopped
@@ -180,37 +183,75 @@ def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:
         rt.fail_run(f"Watching the sources stopped: {error}")
 
 
-async def _check_money(rt: Runtime) -> None:
-    """Before any upload: estimate the credits the batch needs and read the balance."""
+async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
+    """The sources into the ledger (in a thread), rows recorded a batch at a time, each batch
+    waking the submitter: the ledger is the queue, so uploads start with the first batch."""
     config = rt.config
-    to_pay = rt.ledger.count_in(submittable(config.on_ambiguous, config.on_expired))
+
+    def recorded(n: int) -> None:
+        rt.progress.scanned(n)
+        loop.call_soon_threadsafe(rt.wake_submitter.set)
+
+    stats = await asyncio.to_thread(
+        scan, rt.ledger, source_roots(config.sources), config.options, exclude=(rt.out_dir,),
+        on_progress=recorded, prepare=config.prepare,
+        should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
+    crashpoints.reached("scanned")
+    rt.progress.add_work(stats.new_jobs, stats.new_jobs)
+    rt.progress.rejected(rt.ledger.count_in({JobState.REJECTED}))
+    await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin)
+    rt.changed.set()
+    return stats
+
+
+def _scanned(rt: Runtime, task: asyncio.Task[ScanStats], already: int) -> None:
+    """The scan that ran beside the uploads is over: now the estimate can be told."""
+    if task.cancelled() or task.exception() is not None or rt.flags.interrupted:
+        return
+    config = rt.config
+    to_pay = already + task.result().new_jobs
+    estimate = Estimate(to_pay, to_pay * config.credits_per_image, rt.balance)
+    log.info("Credits: %s.", estimate.describe())
+    if estimate.short:
+        log.warning("The balance pays for %d of %d image(s); sending those.",
+                    estimate.affordable(config.credits_per_image), to_pay)
+
+
+async def _check_money(rt: Runtime, to_pay: int | None) -> None:
+    """Before any upload: read the balance and set what the run may spend. ``to_pay``: the
+    uploads the batch needs, or None while the scan that finds them is still going (the
+    balance alone bounds the uploads then, and the estimate is told when the scan ends)."""
+    config = rt.config
     limit = config.budget
-    if to_pay:
-        balance: float | None = None
+    if to_pay is None or to_pay:
         await rt.client.limiter.acquire()
         try:
-            balance = await rt.client.credits()
+            rt.balance = await rt.client.credits()
         except ApiError as error:
             if error.kind is ErrorKind.ACCOUNT:
                 rt.account_stop(error)
                 return
             log.warning("Could not read the credit balance (%s); going on.", error.describe())
-        estimate = Estimate(to_pay, to_pay * config.credits_per_image, balance)
-        log.info("Credits: %s.", estimate.describe())
-        if estimate.short:
-            if config.on_short_balance == "stop":
+    if rt.balance is not None:
+        affordable = Estimate(0, 0, rt.balance).affordable(config.credits_per_image)
+        if to_pay is not None:
+            estimate = Estimate(to_pay, to_pay * config.credits_per_image, rt.balance)
+            log.info("Credits: %s.", estimate.describe())
+            if estimate.short and config.on_short_balance == "stop":
                 rt.account_stop(ApiError(
                     ErrorKind.ACCOUNT, f"the balance is too low for this batch "
                     f"({estimate.describe()})", code=apispec.NOT_ENOUGH_CREDITS))
                 return
-            affordable = estimate.affordable(config.credits_per_image)
-            log.warning("The balance pays for %d of %d image(s); sending those.", affordable,
-                        to_pay)
-            if limit is None or affordable < limit:
-                rt.budget = Budget(affordable, by_balance=True)
+            if estimate.short:
+                log.warning("The balance pays for %d of %d image(s); sending those.",
+                            affordable, to_pay)
+        if (to_pay is None or affordable < to_pay) and (limit is None or affordable < limit):
+            rt.budget = Budget(affordable, by_balance=True)
     if rt.budget is None and limit is not None:
         rt.budget = Budget(limit)
-    if rt.budget is not None and rt.budget.exhausted:
+    # With the scan still going, nothing may be left to pay for: the first upload that
+    # finds the allowance spent says so.
+    if to_pay is not None and rt.budget is not None and rt.budget.exhausted:
         rt.budget_spent()
 
 
@@ -232,7 +273,10 @@ async def _clock(rt: Runtime) -> None:
 COUNT_EVERY = 0.05
 
 
-async def _drive(rt: Runtime, keep_running: bool = False) -> None:
+async def _drive(rt: Runtime, keep_running: bool = False,
+                 scanning: asyncio.Task[ScanStats] | None = None) -> None:
+    """Run the stages until every job is final (or a stop); while ``scanning``, more jobs
+    may still come."""
     submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
               for s in (submitter, poller, downloader)]
@@ -240,7 +284,7 @@ async def _drive(rt: Runtime, keep_running: bool = False) -> None:
     last_count = 0.0
     try:
         while True:
-            for stage in stages[:3]:
+            for stage in [*stages[:3], *([scanning] if scanning else [])]:
                 if stage.done() and not stage.cancelled() and stage.exception():
                     raise stage.exception()  # type: ignore[misc]
             if rt.flags.abort:
@@ -251,7 +295,8 @@ async def _drive(rt: Runtime, keep_running: bool = False) -> None:
             timeout = 0.25
             # Counting is a query: at most every COUNT_EVERY seconds, and only when idle; a
             # count put off is done as soon as it is due, so the run ends without a lag.
-            if not keep_running and not busy:
+            more_coming = scanning is not None and not scanning.done()
+            if not keep_running and not busy and not more_coming:
                 due = last_count + COUNT_EVERY - time.monotonic()
                 if due <= 0:
                     last_count = time.monotonic()

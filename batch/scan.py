@@ -27,8 +27,12 @@ from batch.options import Options
 from batch.preflight import PrepareSettings, Rejected, check
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
-#: Files per ledger transaction; one batch is hashed while the one before is recorded.
+#: Files per ledger transaction; one batch is hashed while the one before is recorded. The
+#: first batches are smaller (from FIRST_BATCH, doubling), so the first rows, and with them
+#: the first uploads, come within a fraction of a second on any tree.
 BATCH = 1000
+FIRST_BATCH = 8
+#: Files per pool task at most (one pool task per small file costs more than hashing it).
 HASH_CHUNK = 32
 
 
@@ -218,16 +222,19 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
 def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
          exclude: tuple[Path, ...] = (), on_progress: Callable[[int], None] | None = None,
          settle: float = 0.0, workers: int | None = None,
-         prepare: PrepareSettings | None = None) -> ScanStats:
+         prepare: PrepareSettings | None = None,
+         should_stop: Callable[[], bool] | None = None) -> ScanStats:
     """Walk the sources and bring the ledger up to date. ``settle`` (watch mode): a new or
     changed file is taken only once it has been still that long and decodes. ``prepare``: a
     new file preflight would refuse makes a rejected job, with the reason, never a pending
-    one (so it is in no credit estimate and no budget)."""
+    one (so it is in no credit estimate and no budget). ``should_stop`` (asked between
+    folders): end early, recording what was read and trusting no folder digest."""
     stats = ScanStats()
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
         for root in roots:
-            stats.add(_RootScan(ledger, pool, root, options, exclude, on_progress,
-                                settle, prepare).run())
+            stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,
+                                settle, prepare, should_stop or (lambda: False)).run())
     return stats
 
 
@@ -250,13 +257,16 @@ class _RootScan:
     without a problem (none still settling), at the end: a scan killed half-way leaves the
     folder to be looked at file by file next time, never skipped on trust."""
 
-    def __init__(self, ledger: Ledger, pool: ThreadPoolExecutor, root: SourceRoot,
+    def __init__(self, ledger: Ledger, pool: ThreadPoolExecutor, workers: int, root: SourceRoot,
                  options: Options, exclude: tuple[Path, ...],
                  on_progress: Callable[[int], None] | None, settle: float,
-                 prepare: PrepareSettings | None) -> None:
+                 prepare: PrepareSettings | None, should_stop: Callable[[], bool]) -> None:
         self.ledger, self.pool, self.root, self.options = ledger, pool, root, options
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
-        self.prepare = prepare
+        self.prepare, self.should_stop = prepare, should_stop
+        self.batch_size = FIRST_BATCH
+        self.workers = workers
+        self.stopped = False
         path = root.path.resolve()
         self.is_tree = path.is_dir()
         self.base = str(path if self.is_tree else path.parent)
@@ -279,7 +289,7 @@ class _RootScan:
         self._send()
         while self.in_flight:
             self._record(self.in_flight.popleft())
-        if self.is_tree:
+        if self.is_tree and not self.stopped:
             clean = {d: v for d, v in self.changed.items() if v is not None}
             stale = [d for d in stored if d not in seen or self.changed.get(d, "") is None]
             if clean or stale:
@@ -299,6 +309,9 @@ class _RootScan:
         fresh = not stored and not self.ledger.has_files(self.base)
         seen: set[str] = set()
         for folder in folders(self.root, self.options, self.exclude):
+            if self.should_stop():
+                self.stopped = True
+                break
             seen.add(folder.rel_dir)
             if not folder.files:
                 continue
@@ -334,7 +347,8 @@ class _RootScan:
             self._spoil(c.rel_path)
             return
         self.batch.append((c, path))
-        if len(self.batch) >= BATCH:
+        if len(self.batch) >= self.batch_size:
+            self.batch_size = min(BATCH, self.batch_size * 2)
             self._send()
 
     def _send(self) -> None:
@@ -342,9 +356,11 @@ class _RootScan:
         if self.batch:
             paths = [path for c, path in self.batch
                      if c.problem is None and c.content_sha256 is None]
+            # A small batch is spread over every worker, not read by one.
+            chunk = max(1, min(HASH_CHUNK, len(paths) // self.workers))
             self.in_flight.append(_Batch(self.batch, [
-                self.pool.submit(read_files, paths[start:start + HASH_CHUNK], self.prepare)
-                for start in range(0, len(paths), HASH_CHUNK)]))
+                self.pool.submit(read_files, paths[start:start + chunk], self.prepare)
+                for start in range(0, len(paths), chunk)]))
             self.batch = []
         while len(self.in_flight) > 1:
             self._record(self.in_flight.popleft())

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +125,134 @@ def bench_throughput(work: Path, images: int, quick: bool) -> ThroughputRun:
         f"schedule would need {run.fixed_schedule_queries:.2f}; the least possible is 1)",
         "<= 1.2", run.queries_per_task <= 1.2)
     return run
+
+
+# ---- 1b: finding the pace the API takes ----------------------------------------------------
+
+@dataclass
+class PacedRun:
+    wall: float
+    mean_task: float
+    #: Requests the emulator let through, when (monotonic), and the 429s it answered.
+    accepted: list[float]
+    rate_limited: int
+    rate_limited_uploads: int
+
+
+def paced_run(work: Path, name: str, images: int, qps_limit: float, flags: list[str],
+              schedule: list[tuple[float, float]] | None = None) -> PacedRun:
+    """A run with default flags but the poll interval, against an emulator that allows
+    ``qps_limit`` requests a second without saying so; ``schedule`` moves the limit to each
+    value that many seconds after the first upload."""
+    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.5,
+                            process_seconds=0.8, jitter=0.3, latency=LATENCY,
+                            qps_limit=qps_limit)
+    src = work / f"{name}-src"
+    make_images(src, images)
+    with Emulator(config) as emulator:
+        stop = threading.Event()
+
+        def move_limit() -> None:
+            while not emulator.state.accepted and not stop.wait(0.01):
+                pass
+            if not emulator.state.accepted:
+                return
+            start = emulator.state.accepted[0]
+            for at, limit in schedule or []:
+                if stop.wait(max(0.0, start + at - time.monotonic())):
+                    return
+                emulator.state.config.qps_limit = limit
+
+        mover = threading.Thread(target=move_limit, daemon=True)
+        mover.start()
+        child = run_cli(["run", str(src), "--out", str(work / f"{name}-out"), "--smart-skin",
+                         "--poll-interval", str(POLL), "--no-progress", "-q", *flags], emulator)
+        stop.set()
+        mover.join()
+        assert child.returncode == 0, child.stderr[-3000:]
+        tasks = list(emulator.state.tasks.values())
+        return PacedRun(child.wall, sum(t.ready_at - t.created for t in tasks) / len(tasks),
+                        list(emulator.state.accepted), emulator.stats.get("rate_limited", 0),
+                        emulator.stats.get("rate_limited_uploads", 0))
+
+
+def per_second(accepted: list[float]) -> list[int]:
+    """Requests let through in each whole second from the first."""
+    counts = [0] * (int(accepted[-1] - accepted[0]) + 1)
+    for moment in accepted:
+        counts[int(moment - accepted[0])] += 1
+    return counts
+
+
+def bench_discovery(work: Path, quick: bool) -> None:
+    """Default flags (no --max-qps) against limits nobody told the client: a fixed 30/s, a
+    low 3/s, and one that moves 40 -> 10 -> 40 during the run."""
+    images = 60 if quick else 240
+    run = paced_run(work, "unknown-30", images, 30.0, [])
+    bound = 2 * images / 30.0 + run.mean_task
+    row(f"unknown limit 30/s, {images} images", f"{run.wall:.1f}s vs bound {bound:.1f}s; "
+        f"achieved/bound {bound / run.wall:.2f}; 429s {run.rate_limited} "
+        f"({run.rate_limited_uploads} on uploads)", ">= 0.9", bound / run.wall >= 0.9)
+    low = paced_run(work, "low-3", 20 if quick else 150, 3.0, [])
+    share = low.rate_limited / (len(low.accepted) + low.rate_limited)
+    row("low limit 3/s", f"{share * 100:.1f} % of requests answered 429 ({low.rate_limited} of "
+        f"{len(low.accepted) + low.rate_limited}; {low.rate_limited_uploads} on uploads)",
+        "< 2 %", share < 0.02)
+    phases = [(0.0, 40.0), (8.0, 10.0), (20.0, 40.0)]
+    moving = paced_run(work, "moving", 150 if quick else 500, 40.0, [], schedule=phases[1:])
+    counts = per_second(moving.accepted)
+    follow = []
+    for (at, limit), (end, _) in zip(phases, [*phases[1:], (len(counts), 0.0)], strict=True):
+        inside = [i for i in range(int(at), min(int(end), len(counts)))
+                  if 0.8 * limit <= counts[i] <= limit]
+        follow.append(f"{limit:g}/s: {inside[0] - at:.0f}s" if inside else f"{limit:g}/s: -")
+    needed, remaining, t = 2 * (150 if quick else 500), 0.0, 0.0
+    while remaining < needed:  # the fastest any client could send them under the schedule
+        remaining += next(limit for at, limit in reversed(phases) if t >= at) * 0.1
+        t += 0.1
+    bound = t + moving.mean_task
+    row("moving limit 40 -> 10 -> 40/s", f"within 80-100 % of each limit after "
+        f"{', '.join(follow)}; achieved/bound {bound / moving.wall:.2f}; 429s "
+        f"{moving.rate_limited}", "each within 10 s",
+        all(not f.endswith("-") and float(f.split(": ")[1][:-1]) <= 10 for f in follow))
+
+
+def make_jpegs(root: Path, count: int, seed: int = 11) -> None:
+    """``count`` distinct photo-sized JPEGs of 2-8 MB: a few real camera-like pictures, each
+    copy made distinct (and sized) by bytes after its end marker, which decoders ignore."""
+    rng = random.Random(seed)
+    bases = [encode(portrait(1600, 1200, seed=i, grain=20), "JPEG", quality=95)
+             for i in range(8)]
+    filler = os.urandom(8 * 1024 * 1024)
+    for i in range(count):
+        folder = root / f"shoot{i // 200:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = bases[i % len(bases)]
+        size = rng.randint(2, 8) * 1024 * 1024
+        (folder / f"IMG_{i:05d}.jpg").write_bytes(
+            base + i.to_bytes(8, "big") + filler[:max(0, size - len(base))])
+
+
+def bench_quick_start(work: Path, files: int) -> None:
+    """Time from the command's start to its first upload, on a first run over ``files``
+    photo-sized JPEGs; against the same run with the policy that scans everything first."""
+    src = work / "quick-src"
+    make_jpegs(src, files)
+    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.2,
+                            process_seconds=0.2)
+    stop_first = work / "stop-first.toml"
+    stop_first.write_text('on_short_balance = "stop"\n')
+    figures = {}
+    for name, extra in (("default", []), ("scan first", ["--config", str(stop_first)])):
+        with Emulator(config) as emulator:
+            started = time.time()
+            run_cli(["run", str(src), "--out", str(work / f"quick-out-{name}"), "--smart-skin",
+                     "--max-credits", "20", "--no-progress", "-q", *extra], emulator)
+            figures[name] = min(t for t, kind in emulator.state.timeline
+                                if kind == "submit") - started
+    row(f"time to first upload, first run over {files} JPEGs of 2-8 MB",
+        f"{figures['default']:.2f}s (the whole scan first: {figures['scan first']:.2f}s)",
+        "< 1 s", figures["default"] < 1.0)
 
 
 def bench_slow_disk(work: Path, images: int, fast: ThroughputRun) -> None:
@@ -406,6 +535,8 @@ def main() -> None:
         print("1-2. throughput and query economy")
         fast = bench_throughput(work, 40 if quick else 500, quick)
         bench_slow_disk(work, 40 if quick else 500, fast)
+        bench_discovery(work, quick)
+        bench_quick_start(work, 200 if quick else 2_000)
         print("3. scan")
         bench_scan(work, 3_000 if quick else 100_000, 20 if quick else 1_000)
         print("4. ledger")

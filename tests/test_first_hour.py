@@ -269,3 +269,38 @@ def test_resizing_is_shown_in_status_the_report_and_the_dry_run(
     assert rows[f"{src}/portrait 0.jpg"]["prepared"] == ""
     assert run_cli(["report", "--out", str(out)], None).returncode == 0
     assert "resized from 5200x3500" in (out / "skinbatch-report.html").read_text()
+
+
+def test_uploads_start_while_a_big_tree_is_still_being_scanned(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The ledger is the queue: the first rows recorded are uploaded while the scan goes on;
+    a policy that needs the whole estimate first (on_short_balance = "stop") scans first."""
+    import sqlite3
+
+    src = tmp_path / "shoot"
+    for i in range(600):
+        write_portrait(src / f"set{i // 100}" / f"{i:03d}.jpg", seed=i)
+
+    def scan_end_and_first_upload(out: Path) -> tuple[float, float]:
+        with sqlite3.connect(out / ".skinbatch" / "ledger.sqlite") as db:
+            files, last_recorded = db.execute("SELECT count(*), max(seen_at) FROM files").fetchone()
+        assert files == 600
+        first = min(t for t, kind in emulator.state.timeline if kind == "submit")
+        return last_recorded, first
+
+    out = tmp_path / "out"
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--max-credits", "40",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 1 and emulator.stats["charged"] == 40
+    last_recorded, first_upload = scan_end_and_first_upload(out)
+    assert first_upload < last_recorded, "the first upload came before the scan's last rows"
+    assert "Credits: 600 image(s) to pay for" in result.stderr  # told once the scan ends
+
+    emulator.state.timeline.clear()
+    config = tmp_path / "stop.toml"
+    config.write_text('on_short_balance = "stop"\n')
+    out2 = tmp_path / "out2"
+    result = run_cli(["run", str(src), "--out", str(out2), "--config", str(config),
+                      "--smart-skin", "--max-credits", "40", *FAST_FLAGS], emulator)
+    last_recorded, first_upload = scan_end_and_first_upload(out2)
+    assert first_upload > last_recorded, "the whole estimate came first"

@@ -1,39 +1,89 @@
-"""The shared pacer: under a 429 it learns the server's limit, and climbs back when it can."""
+"""Finding the pace the API takes, by its behaviour against the emulator: quiet raises the pace,
+a 429 lowers it under the limit, a ceiling holds, and what was learned is where the next run
+starts. Nothing here asserts how long anything took."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
-import pytest
+import json
+from pathlib import Path
 
 from batch.api import ratelimit
-from batch.api.ratelimit import RateLimiter
+from batch.ledger import open_ledger
+from tests.checks import assert_no_double_pay, assert_outputs_right
+from tests.conftest import run_cli
+from tests.imagegen import write_portrait
+
+#: FAST_FLAGS without a ceiling: the default is to find the pace.
+FLAGS = ["--poll-interval", "0.05", "--no-progress", "--concurrency", "8"]
 
 
-def test_a_429_paces_under_what_the_server_took_and_quiet_brings_the_ceiling_back(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ratelimit, "RECOVERY_SECONDS", 0.2)
+def photos(src: Path, n: int, first: int = 0) -> dict[str, bytes]:
+    return {f"{i:03d}.jpg": write_portrait(src / f"{i:03d}.jpg", seed=i)
+            for i in range(first, first + n)}
 
-    async def scenario() -> list[float]:
-        limiter = RateLimiter(100.0, burst=1)
-        seen = []
-        for _ in range(31):  # 30 taken, the 31st refused
-            await limiter.acquire()
-        limiter.rate_limited(0.05)
-        seen.append(limiter.rate)  # one 429 takes at most half the pace
-        started = time.monotonic()
-        await limiter.acquire()
-        seen.append(time.monotonic() - started)  # the Retry-After is waited out
-        limiter.rate_limited(0.0)  # again: 31 taken in the last second, the 32nd refused
-        seen.append(limiter.rate)
-        await asyncio.sleep(0.25)  # quiet for longer than RECOVERY_SECONDS
-        await limiter.acquire()
-        seen.append(limiter.rate)
-        return seen
 
-    halved, waited, learned, recovered = asyncio.run(scenario())
-    assert halved == 50.0
-    assert waited >= 0.05
-    assert learned == pytest.approx(31 * ratelimit.HEADROOM)
-    assert recovered == pytest.approx(learned + ratelimit.RECOVERY_STEP * 100.0)
+def learned(out: Path) -> tuple[float, bool]:
+    """The pace the ledger keeps for the next run, and whether a 429 bounded it."""
+    ledger = open_ledger(out / ".skinbatch" / "ledger.sqlite")
+    try:
+        pace = json.loads(ledger.get_meta("api_pace") or "{}")
+    finally:
+        ledger.close()
+    return float(pace["rate"]), bool(pace["limited"])
+
+
+def test_without_a_limit_the_pace_grows_past_where_it_starts(tmp_path: Path,
+                                                             emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = photos(src, 60)
+    result = run_cli(["run", str(src), "--out", str(out), *FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.state.busiest_second() > 2 * ratelimit.START
+    rate, limited = learned(out)
+    assert not limited and rate > 2 * ratelimit.START
+    assert emulator.stats.get("rate_limited", 0) == 0
+
+
+def test_a_limit_nobody_told_us_is_found_kept_under_and_remembered(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(qps_limit=12.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = photos(src, 80)
+    result = run_cli(["run", str(src), "--out", str(out), *FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, len(sources))
+    refused = emulator.stats.get("rate_limited", 0)
+    assert refused >= 1, "the limit is found by running into it"
+    assert "pacing at" in result.stderr
+    rate, limited = learned(out)
+    assert limited and 12 * 0.5 <= rate <= 12 * 1.2
+
+    more = photos(src, 20, first=80)
+    again = run_cli(["run", str(src), "--out", str(out), *FLAGS], emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, {**sources, **more}, emulator)
+    assert f"starting at {rate:.1f} requests a second" in again.stderr
+
+
+def test_a_ceiling_holds_and_caps_what_is_learned(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = photos(src, 30)
+    result = run_cli(["run", str(src), "--out", str(out), *FLAGS, "--max-qps", "6"], emulator)
+    assert result.returncode == 0, result.stderr
+    assert_outputs_right(out, sources, emulator)
+    # One token in hand plus six a second; a request may reach the server a little late.
+    assert emulator.state.busiest_second() <= 8
+    assert learned(out)[0] <= 6
+
+
+def test_an_out_of_credits_429_is_not_taken_for_a_rate_limit(tmp_path: Path,
+                                                             make_emulator) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_emulator(credits=3)
+    src, out = tmp_path / "src", tmp_path / "out"
+    photos(src, 8)
+    result = run_cli(["run", str(src), "--out", str(out), *FLAGS], emulator)
+    assert result.returncode == 3, result.stderr
+    assert "pacing at" not in result.stderr
+    assert learned(out)[1] is False

@@ -125,7 +125,7 @@ class ApiClient:
         max_downloads: int = 4,
         max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
-        self.limiter = limiter or RateLimiter(10.0)
+        self.limiter = limiter or RateLimiter()
         self.timeouts = timeouts
         self.max_result_bytes = max_result_bytes
         self._base = base_url.rstrip("/")

@@ -1,74 +1,158 @@
-"""A token bucket shared by every request to the API host, that learns the server's own limit.
+"""One pace for every request to the API host, found by asking.
 
-The configured rate (``--max-qps``) is a ceiling, not a promise that the server takes that many.
-When the server answers 429 it has just shown its limit: the requests it accepted in the second
-before. The pace drops to just under that (``HEADROOM``; by at most half per 429, so one 429 in
-a quiet second cannot stall the run) instead of running into the limit again after every
-pause, and climbs back towards the ceiling while no 429 comes, in case the server was only
-briefly overloaded.
+The provider publishes no rate limit, so the client discovers it as TCP discovers what a path
+carries (additive/multiplicative steps, a slow start):
+
+- **Start** at the rate the last run learned (kept in the ledger), else at ``--max-qps`` when
+  the user gave one, else at :data:`START`. ``--max-qps`` is only ever a ceiling.
+- **Slow start**: until the first 429, while requests queue for tokens, the pace doubles every
+  :data:`DOUBLE_EVERY` seconds.
+- **A 429 shows the limit.** A lone 429 just after a probing step says the step went too far:
+  the pace goes back to the step before, which passed. Otherwise the pace drops to
+  :data:`HEADROOM` of the requests the server took in the second before (those sent less those
+  refused). One cut a second, as the 429s that follow a cut were sent at the old pace. When
+  the client was not filling its pace, the count says little about the limit, and one cut at
+  most halves the pace.
+- **Probing**: once :data:`SETTLE_REQUESTS` requests have passed since a cut, and then after
+  each :data:`PROBE_REQUESTS` (or :data:`PROBE_SECONDS` worth) more, all without a 429 and with
+  requests queueing, the pace rises by a step that starts at :data:`PROBE_FIRST` and triples
+  with every step. A steady limit is touched once in about sixty requests. A step that passes
+  the pace the last 429 came at shows the limit went up: the pace doubles again as in the slow
+  start, so a raised limit is found within seconds.
+- **Probes cost little**: a probe is the same requests at a slightly faster pace, and a 429
+  refuses whichever request finds the server's window full (an upload as often as a status
+  query), costing that request a retry and no credits.
+- **Retry-After**: the refused request waits it out (its stage schedules the retry, as for any
+  error). When the pace was well over the limit (:data:`OVER`), whose window then stays full
+  for a while, every request waits it out; and one longer than :data:`PAUSE_ABOVE` always
+  holds every request back, as an overloaded server asks.
+
+Growth needs demand: a pace the last second did not fill at least half of proves nothing, so
+it does not grow; and a 429 then says little about the limit, so it at most halves the pace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-#: After a 429, pace at this share of what the server accepted in the second before it.
-HEADROOM = 0.95
-#: While no 429 comes, every ``RECOVERY_SECONDS`` the pace climbs by ``RECOVERY_STEP`` of the
-#: ceiling, back up to the ceiling.
-RECOVERY_SECONDS = 30.0
-RECOVERY_STEP = 0.1
-#: The pace never drops below this many requests a second.
+#: Requests a second before anything is known.
+START = 4.0
+#: The pace never goes above this without a ceiling from the user, nor below FLOOR.
+MAX_RATE = 1000.0
 FLOOR = 0.2
+#: After a 429, pace at this share of what the server took in the second before it.
+HEADROOM = 0.95
+DOUBLE_EVERY = 0.25
+SETTLE_REQUESTS = 55
+PROBE_FIRST = 0.05
+PROBE_GROWTH = 3.0
+PROBE_LAST = 1.5
+PROBE_REQUESTS = 8
+PROBE_SECONDS = 1.5
+PAUSE_ABOVE = 2.0
+#: A pace this many times what the server took (or several 429s in a second) is well over
+#: the limit.
+OVER = 1.5
+#: The share of the pace the last second must have carried for it to count as tested.
+FILLED = 0.5
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What a run found out: its last pace, and whether a 429 ever bounded it (if not, the
+    pace only went as far as the run's demand took it, and the next run keeps growing it)."""
+
+    rate: float
+    limited: bool
 
 
 class RateLimiter:
-    def __init__(self, rate: float, burst: int | None = None) -> None:
-        self.ceiling = rate
-        self.rate = rate
-        self.capacity = float(burst if burst is not None else max(1, int(rate)))
+    def __init__(self, ceiling: float | None = None, *, learned: Learned | None = None,
+                 burst: int = 1) -> None:
+        self.ceiling = ceiling if ceiling is not None else MAX_RATE
+        if learned is not None:
+            rate, self.limited = learned.rate, learned.limited
+        elif ceiling is not None:  # the user says what the server takes: start there
+            rate, self.limited = ceiling, True
+        else:
+            rate, self.limited = START, False
+        self.rate = max(FLOOR, min(self.ceiling, rate))
+        #: The pace of the last probing step that passed without a 429.
+        self.proven = self.rate if self.limited else math.inf
+        #: Doubling (no limit known, or the last one was passed) rather than probing.
+        self.slow_start = not self.limited
+        #: The pace at which the last 429 came (for a learned pace: just above it).
+        self._failed_at = self.rate / HEADROOM if learned and learned.limited else math.inf
+        self.capacity = float(burst)
         self._tokens = self.capacity
         self._updated = time.monotonic()
+        self._started = math.inf
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._granted: deque[float] = deque()
-        self._settled_at = 0.0
+        self._refused: deque[float] = deque()
+        self._changed_at = self._updated
+        self._cut_at = -math.inf
+        self._since_change = 0
+        self._queued_since_change = False
+        self._step = PROBE_FIRST
 
     @property
     def saturated(self) -> bool:
         """Requests are queueing for tokens: the rate limit, not the work, sets the pace."""
         return self._waiting > 0
 
+    def learned(self) -> Learned:
+        return Learned(round(self.rate, 2), self.limited)
+
     def pause(self, seconds: float) -> None:
-        """Hold every caller back for ``seconds`` (the server asked us to slow down)."""
+        """Hold every caller back for ``seconds`` (the server asked everyone to wait)."""
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     def rate_limited(self, retry_after: float | None) -> None:
-        """The server answered 429: wait as it asks, then pace under the limit it showed."""
+        """The server answered 429: pace under the limit it showed."""
         now = time.monotonic()
-        self.pause(retry_after if retry_after is not None else 1.0)
-        if self.rate <= 0:
-            return
+        if retry_after is not None and retry_after > PAUSE_ABOVE:
+            self.pause(retry_after)
+        self._refused.append(now)
         self._forget_before(now - 1.0)
-        # The refused request is among the ones granted in the last second.
-        accepted = len(self._granted) - 1
+        if now - self._cut_at < 1.0:
+            return
+        accepted = max(0, len(self._granted) - len(self._refused))
         before = self.rate
-        self.rate = max(FLOOR, before / 2, min(before, accepted * HEADROOM))
-        self._settled_at = now
-        if self.rate < before:
-            log.warning("The API answered 429 (too many requests) after %d in a second: pacing "
-                        "at %.1f requests a second from now on (--max-qps is %g).", accepted,
-                        self.rate, self.ceiling)
+        if len(self._refused) == 1 and self.proven < before:
+            # The last probing step went too far: back to the one before, which passed.
+            self.rate = max(self.proven, min(before, accepted) * HEADROOM)
+        else:
+            self.rate = max(FLOOR, min(before, accepted) * HEADROOM)
+            if not self._filled(now):  # a quiet second: its count says little about the limit
+                self.rate = max(self.rate, before / 2)
+            if before > OVER * accepted or len(self._refused) > 2:
+                # Well over the limit, the server's window stays full for a while: wait as
+                # asked rather than be refused until it empties.
+                self.pause(retry_after if retry_after is not None else 1.0)
+        self.proven = self.rate
+        self.limited = True
+        self.slow_start = False
+        self._failed_at = before
+        self._cut_at = now
+        self._step = PROBE_FIRST
+        self._reset(now)
+        self._since_change = -SETTLE_REQUESTS
+        log.warning("The API answered 429 (too many requests) after %d in a second: pacing at "
+                    "%.1f requests a second%s.", accepted, self.rate,
+                    f" (--max-qps is {self.ceiling:g})" if self.ceiling < MAX_RATE else "")
 
     async def acquire(self) -> None:
-        if self.rate <= 0:
-            return
+        """Wait for a request's turn."""
         self._waiting += 1
         try:
             await self._take()
@@ -76,14 +160,37 @@ class RateLimiter:
             self._waiting -= 1
 
     def _forget_before(self, moment: float) -> None:
-        granted = self._granted
-        while granted and granted[0] < moment:
-            granted.popleft()
+        for times in (self._granted, self._refused):
+            while times and times[0] < moment:
+                times.popleft()
 
-    def _recover(self, now: float) -> None:
-        if self.rate < self.ceiling and now - self._settled_at >= RECOVERY_SECONDS:
-            self.rate = min(self.ceiling, self.rate + RECOVERY_STEP * self.ceiling)
-            self._settled_at = now
+    def _filled(self, now: float) -> bool:
+        """The last second (or the time since the first request, if shorter) carried at
+        least half the pace: the pace was put to the test."""
+        span = min(1.0, now - self._started)
+        return len(self._granted) >= FILLED * self.rate * span
+
+    def _reset(self, now: float) -> None:
+        self._changed_at = now
+        self._since_change = 0
+        self._queued_since_change = False
+
+    def _grow(self, now: float) -> None:
+        """More pace, where requests queued for it and no 429 came."""
+        if not self._queued_since_change or self.rate >= self.ceiling or not self._filled(now):
+            return
+        if self.slow_start:
+            if now - self._changed_at >= DOUBLE_EVERY:
+                self.rate = min(self.ceiling, self.rate * 2)
+                self._reset(now)
+        elif self._since_change >= max(PROBE_REQUESTS, self.rate * PROBE_SECONDS):
+            self.proven = max(self.proven, self.rate)
+            # Past the pace the last 429 came at: the limit went up, so look for it as fast
+            # as at the start.
+            self.slow_start = self.proven > self._failed_at
+            self.rate = min(self.ceiling, self.rate * (1 + self._step))
+            self._step = min(PROBE_LAST, self._step * PROBE_GROWTH)
+            self._reset(now)
 
     async def _take(self) -> None:
         async with self._lock:
@@ -92,12 +199,14 @@ class RateLimiter:
                 if now < self._paused_until:
                     await asyncio.sleep(self._paused_until - now)
                     continue
-                self._recover(now)
                 self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
                 self._updated = now
                 if self._tokens >= 1.0:
+                    self._started = min(self._started, now)
                     self._tokens -= 1.0
                     self._granted.append(now)
-                    self._forget_before(now - 1.0)
+                    self._since_change += 1
+                    self._grow(now)
                     return
+                self._queued_since_change = True
                 await asyncio.sleep((1.0 - self._tokens) / self.rate)

@@ -109,7 +109,7 @@ class ApiHandler(_Handler):
             state.stats["unauthorized"] += 1
             self._reject(problem)
             return False
-        if state.over_rate() or state.chance(faults.rate_limit):
+        if state.over_rate(self.command == "POST") or state.chance(faults.rate_limit):
             headers: dict[str, str] = {}
             if faults.retry_after == "seconds":
                 headers["Retry-After"] = "1"

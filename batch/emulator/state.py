@@ -106,6 +106,8 @@ class EmulatorState:
         self.lock = threading.RLock()
         self._rng = random.Random(config.seed)
         self._window: list[float] = []
+        #: When each API request the rate limit let through arrived (time.monotonic()).
+        self.accepted: list[float] = []
         if config.state_dir is not None:
             self._load(config.state_dir)
 
@@ -148,7 +150,7 @@ class EmulatorState:
             return Rejection(403, apispec.USER_LOCKED, "The account has been locked.")
         return None
 
-    def over_rate(self) -> bool:
+    def over_rate(self, upload: bool = False) -> bool:
         """A sliding one-second window over all API requests."""
         limit = self.config.qps_limit
         now = time.monotonic()
@@ -156,9 +158,22 @@ class EmulatorState:
             self._window = [t for t in self._window if now - t < 1.0]
             if limit is not None and len(self._window) >= limit:
                 self.stats["rate_limited"] += 1
+                self.stats["rate_limited_uploads"] += upload
                 return True
             self._window.append(now)
+            self.accepted.append(now)
             return False
+
+    def busiest_second(self) -> int:
+        """The most requests let through in any one second."""
+        with self.lock:
+            times = sorted(self.accepted)
+        most, first = 0, 0
+        for last, moment in enumerate(times):
+            while moment - times[first] >= 1.0:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
 
     def validate_image(self, data: bytes) -> tuple[Image.Image, str]:
         if len(data) > apispec.MAX_UPLOAD_BYTES:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +87,12 @@ class Runtime:
     #: Every ledger write the stages make goes through it, off the event loop's thread.
     writes: LedgerWriter
     budget: Budget | None = None
+    #: The account's balance as read before the first upload (None: not read).
+    balance: float | None = None
+    #: Reads the balance and sets what the run may spend, if that waits for the first upload
+    #: (the pipeline's; run once, by :meth:`before_upload`).
+    check_money: Callable[[], Awaitable[None]] | None = None
+    _money_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     flags: Flags = field(default_factory=Flags)
     rng: random.Random = field(default_factory=random.Random)
     wake_submitter: asyncio.Event = field(default_factory=asyncio.Event)
@@ -96,6 +103,16 @@ class Runtime:
     queued: asyncio.Queue[QueuedTask] = field(default_factory=asyncio.Queue)
     #: Jobs claimed for upload that have not started yet (more uploads still to come).
     uploads_waiting: int = 0
+
+    async def before_upload(self) -> None:
+        """Money is decided before the first upload: a run with nothing to send reads no
+        balance."""
+        if self.check_money is None:
+            return
+        async with self._money_lock:
+            if self.check_money is not None:
+                await self.check_money()
+                self.check_money = None
 
     def backoff(self, attempt: int) -> float:
         return backoff_delay(attempt, base=self.config.backoff_base, cap=self.config.backoff_cap,

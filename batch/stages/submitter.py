@@ -92,6 +92,7 @@ class Submitter:
                 rt.progress.dropped(uploaded=False)
             rt.changed.set()
             return
+        await rt.before_upload()
         await rt.breaker.admit()
         await rt.client.limiter.acquire()
         if rt.flags.submits_stopped is not None:

@@ -324,11 +324,13 @@ def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous
 @click.option("--process-seconds", default=3.0, show_default=True, type=float)
 @click.option("--result-ttl", default=24 * 3600.0, show_default=True, type=float)
 @click.option("--qps-limit", default=None, type=float, help="Answer 429 above this rate.")
+@click.option("--upload-bandwidth", default=None, type=float,
+              help="Bytes a second it reads of uploads, across all connections (an uplink).")
 @click.option("--fault-rate", default=0.0, show_default=True, type=float,
               help="Probability of each fault (5xx, drops, truncation) per request.")
 def emulate(host: str, port: int, result_port: int, key: str, credits: float,
             queue_seconds: float, process_seconds: float, result_ttl: float,
-            qps_limit: float | None, fault_rate: float) -> None:
+            qps_limit: float | None, upload_bandwidth: float | None, fault_rate: float) -> None:
     """Serve a local emulator of the API (for trying things out, tests and benchmarks)."""
     from batch.emulator import Emulator, EmulatorConfig, Faults
 
@@ -337,7 +339,8 @@ def emulate(host: str, port: int, result_port: int, key: str, credits: float,
     emulator = Emulator(EmulatorConfig(api_keys=frozenset({key}), credits=credits,
                                        queue_seconds=queue_seconds,
                                        process_seconds=process_seconds, result_ttl=result_ttl,
-                                       qps_limit=qps_limit, faults=faults),
+                                       qps_limit=qps_limit, upload_bandwidth=upload_bandwidth,
+                                       faults=faults),
                         host=host, api_port=port, result_port=result_port)
     emulator.start()
     click.echo(f"API at {emulator.api_base}, results at {emulator.result_base}. "

@@ -205,16 +205,27 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
 
 
 def _scanned(rt: Runtime, task: asyncio.Task[ScanStats], already: int) -> None:
-    """The scan that ran beside the uploads is over: now the estimate can be told."""
+    """The scan that ran beside the uploads is over: now the estimate can be told (with the
+    balance, read now if no upload has read it yet)."""
     if task.cancelled() or task.exception() is not None or rt.flags.interrupted:
         return
-    config = rt.config
     to_pay = already + task.result().new_jobs
-    estimate = Estimate(to_pay, to_pay * config.credits_per_image, rt.balance)
+    if to_pay and rt.check_money is not None:
+        told = asyncio.create_task(rt.before_upload())
+        told.add_done_callback(lambda _: _tell_estimate(rt, to_pay))
+        rt.background.add(told)
+        told.add_done_callback(rt.background.discard)
+    else:
+        _tell_estimate(rt, to_pay)
+
+
+def _tell_estimate(rt: Runtime, to_pay: int) -> None:
+    per_image = rt.config.credits_per_image
+    estimate = Estimate(to_pay, to_pay * per_image, rt.balance)
     log.info("Credits: %s.", estimate.describe())
     if estimate.short:
         log.warning("The balance pays for %d of %d image(s); sending those.",
-                    estimate.affordable(config.credits_per_image), to_pay)
+                    estimate.affordable(per_image), to_pay)
 
 
 async def _check_money(rt: Runtime, to_pay: int | None) -> None:

@@ -8,11 +8,12 @@ carries (additive/multiplicative steps, a slow start):
 - **Slow start**: until the first 429, while requests queue for tokens, the pace doubles every
   :data:`DOUBLE_EVERY` seconds.
 - **A 429 shows the limit.** A lone 429 just after a probing step says the step went too far:
-  the pace goes back to the step before, which passed. Otherwise the pace drops to
-  :data:`HEADROOM` of the requests the server took in the second before (those sent less those
-  refused). One cut a second, as the 429s that follow a cut were sent at the old pace. When
-  the client was not filling its pace, the count says little about the limit, and one cut at
-  most halves the pace.
+  the pace goes back to the step before, which passed. A lone one far below the pace says
+  nothing (a stray). Otherwise, and whenever 429s come :data:`STORM` in a second, the pace
+  drops to :data:`HEADROOM` of the requests the server took in the second before (those sent
+  less those refused). One cut a second, as the 429s that follow a cut were sent at the old
+  pace. A 429 while no request was waiting for the pace says nothing about it (the server is
+  busy, or the key is shared): it cuts nothing.
 - **Probing**: once :data:`SETTLE_REQUESTS` requests have passed since a cut, and then after
   each :data:`PROBE_REQUESTS` (or :data:`PROBE_SECONDS` worth) more, all without a 429 and with
   requests queueing, the pace rises by a step that starts at :data:`PROBE_FIRST` and triples
@@ -28,7 +29,7 @@ carries (additive/multiplicative steps, a slow start):
   holds every request back, as an overloaded server asks.
 
 Growth needs demand: a pace the last second did not fill at least half of proves nothing, so
-it does not grow; and a 429 then says little about the limit, so it at most halves the pace.
+it does not grow.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ PROBE_LAST = 1.5
 PROBE_REQUESTS = 8
 PROBE_SECONDS = 1.5
 PAUSE_ABOVE = 2.0
-#: A pace this many times what the server took (or several 429s in a second) is well over
+#: A pace this many times what the server took, or this many 429s in a second, is well over
 #: the limit.
 OVER = 1.5
+STORM = 3
 #: The share of the pace the last second must have carried for it to count as tested.
 FILLED = 0.5
 
@@ -128,14 +130,21 @@ class RateLimiter:
             return
         accepted = max(0, len(self._granted) - len(self._refused))
         before = self.rate
-        if len(self._refused) == 1 and self.proven < before:
+        if not (self.saturated or self._queued_since_change):
+            # Nobody was waiting for the pace: the 429 says nothing about it (the server is
+            # busy, or the key is shared). The refused request waits; the pace stays.
+            return
+        storm = len(self._refused) >= STORM
+        if not storm and self.proven < before:
             # The last probing step went too far: back to the one before, which passed.
             self.rate = max(self.proven, min(before, accepted) * HEADROOM)
+        elif not storm and accepted < before / 2:
+            # A stray 429 far below the pace that has been passing: not the limit (one that
+            # really fell sends more of them within the second).
+            return
         else:
             self.rate = max(FLOOR, min(before, accepted) * HEADROOM)
-            if not self._filled(now):  # a quiet second: its count says little about the limit
-                self.rate = max(self.rate, before / 2)
-            if before > OVER * accepted or len(self._refused) > 2:
+            if before > OVER * accepted or storm:
                 # Well over the limit, the server's window stays full for a while: wait as
                 # asked rather than be refused until it empties.
                 self.pause(retry_after if retry_after is not None else 1.0)

@@ -92,7 +92,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        uplink = self.state.uplink
+        if not length or uplink is None:
+            return self.rfile.read(length) if length else b""
+        started, parts, left = time.monotonic(), [], length
+        while left:
+            part = self.rfile.read(min(64 * 1024, left))
+            if not part:
+                break
+            uplink.carry(len(part))
+            parts.append(part)
+            left -= len(part)
+        with self.state.lock:
+            self.state.upload_spans.append((started, time.monotonic(), length - left))
+        return b"".join(parts)
 
 
 class ApiHandler(_Handler):

@@ -56,7 +56,13 @@ class EmulatorConfig:
     result_ttl: float = apispec.RESULT_TTL_SECONDS
     #: Requests per second the API host accepts before answering 429 (None: unlimited).
     qps_limit: float | None = None
+    #: Bytes per second the API host reads of request bodies, across all connections (None:
+    #: as fast as loopback goes): the studio's uplink, for benchmarks.
+    upload_bandwidth: float | None = None
     require_face: bool = True
+    #: Retouch results with Pillow (False: the result is the upload itself, so that a
+    #: benchmark's server spends no CPU the client on the same machine would miss).
+    retouch: bool = True
     #: Answer "queued" for task ids it never issued (memory benchmarks with pre-filled ledgers).
     unknown_tasks_queued: bool = False
     #: Keep every upload's raw request body (tests look for what left the client).
@@ -67,6 +73,24 @@ class EmulatorConfig:
     state_dir: Path | None = None
     seed: int = 0
     faults: Faults = field(default_factory=Faults)
+
+
+class Uplink:
+    """One line shared by every upload: each chunk read occupies it for its size over the
+    bandwidth, and a reader waits until the line has carried it (TCP's flow control then
+    holds the client back, as a real line would)."""
+
+    def __init__(self, bandwidth: float) -> None:
+        self.bandwidth = bandwidth
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def carry(self, size: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + size / self.bandwidth
+            done = self._free_at
+        time.sleep(max(0.0, done - time.monotonic()))
 
 
 @dataclass
@@ -108,6 +132,9 @@ class EmulatorState:
         self._window: list[float] = []
         #: When each API request the rate limit let through arrived (time.monotonic()).
         self.accepted: list[float] = []
+        self.uplink = Uplink(config.upload_bandwidth) if config.upload_bandwidth else None
+        #: Each request body read through the uplink: (start, end, bytes), time.monotonic().
+        self.upload_spans: list[tuple[float, float, int]] = []
         if config.state_dir is not None:
             self._load(config.state_dir)
 
@@ -241,8 +268,8 @@ class EmulatorState:
                 if not task.source and self.config.state_dir is not None:
                     task.source = (self.config.state_dir / "sources" /
                                    task.source_sha256).read_bytes()
-                image = Image.open(io.BytesIO(task.source))
-                task.result = retouch(image, task.enabled, task.fmt)
+                task.result = retouch(Image.open(io.BytesIO(task.source)), task.enabled,
+                                      task.fmt) if self.config.retouch else task.source
                 task.source = b""
             return task.result
 

@@ -154,6 +154,8 @@ def test_the_html_report_renders_in_a_real_browser(tmp_path: Path, emulator) -> 
     source = page.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//|url\(|@import""", source)
     assert "base64" not in source, "previews are files beside the ledger, not inlined"
+    fonts = re.search(r"font:[^;]*;", source)
+    assert fonts and "Noto Sans CJK" in fonts.group(0) and "Microsoft YaHei" in fonts.group(0)
     browser = browser_or_skip()
     flags = [*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}"]
     url = page.as_uri()

@@ -206,26 +206,20 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
 
 def _scanned(rt: Runtime, task: asyncio.Task[ScanStats], already: int) -> None:
     """The scan that ran beside the uploads is over: now the estimate can be told (with the
-    balance, read now if no upload has read it yet)."""
+    balance, once the first upload has read it)."""
     if task.cancelled() or task.exception() is not None or rt.flags.interrupted:
         return
-    to_pay = already + task.result().new_jobs
-    if to_pay and rt.check_money is not None:
-        told = asyncio.create_task(rt.before_upload())
-        told.add_done_callback(lambda _: _tell_estimate(rt, to_pay))
-        rt.background.add(told)
-        told.add_done_callback(rt.background.discard)
-    else:
-        _tell_estimate(rt, to_pay)
+    _tell_estimate(rt, already + task.result().new_jobs)
 
 
-def _tell_estimate(rt: Runtime, to_pay: int) -> None:
+def _tell_estimate(rt: Runtime, to_pay: int) -> Estimate:
     per_image = rt.config.credits_per_image
     estimate = Estimate(to_pay, to_pay * per_image, rt.balance)
     log.info("Credits: %s.", estimate.describe())
     if estimate.short:
         log.warning("The balance pays for %d of %d image(s); sending those.",
                     estimate.affordable(per_image), to_pay)
+    return estimate
 
 
 async def _check_money(rt: Runtime, to_pay: int | None) -> None:
@@ -243,19 +237,15 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
                 rt.account_stop(error)
                 return
             log.warning("Could not read the credit balance (%s); going on.", error.describe())
+    if to_pay:
+        estimate = _tell_estimate(rt, to_pay)
+        if estimate.short and config.on_short_balance == "stop":
+            rt.account_stop(ApiError(
+                ErrorKind.ACCOUNT, f"the balance is too low for this batch "
+                f"({estimate.describe()})", code=apispec.NOT_ENOUGH_CREDITS))
+            return
     if rt.balance is not None:
         affordable = Estimate(0, 0, rt.balance).affordable(config.credits_per_image)
-        if to_pay is not None:
-            estimate = Estimate(to_pay, to_pay * config.credits_per_image, rt.balance)
-            log.info("Credits: %s.", estimate.describe())
-            if estimate.short and config.on_short_balance == "stop":
-                rt.account_stop(ApiError(
-                    ErrorKind.ACCOUNT, f"the balance is too low for this batch "
-                    f"({estimate.describe()})", code=apispec.NOT_ENOUGH_CREDITS))
-                return
-            if estimate.short:
-                log.warning("The balance pays for %d of %d image(s); sending those.",
-                            affordable, to_pay)
         if (to_pay is None or affordable < to_pay) and (limit is None or affordable < limit):
             rt.budget = Budget(affordable, by_balance=True)
     if rt.budget is None and limit is not None:

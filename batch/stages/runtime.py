@@ -93,8 +93,6 @@ class Runtime:
     #: (the pipeline's; run once, by :meth:`before_upload`).
     check_money: Callable[[], Awaitable[None]] | None = None
     _money_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: Tasks started on the side, kept referenced until done (asyncio holds them weakly).
-    background: set[asyncio.Task[None]] = field(default_factory=set)
     flags: Flags = field(default_factory=Flags)
     rng: random.Random = field(default_factory=random.Random)
     wake_submitter: asyncio.Event = field(default_factory=asyncio.Event)

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from batch import apispec
 from batch.deadlines import parse_when
@@ -103,20 +103,23 @@ class RunConfig:
         return self.ledger or str(self.out / ".skinbatch" / "ledger.sqlite")
 
 
-FILE_KEYS = {
-    "api_base": str, "api_key_file": str, "ledger": str, "concurrency": int,
-    "poll_interval": float, "max_qps": float, "on_ambiguous": str, "on_expired": str,
-    "max_attempts": int, "backoff_base": float, "backoff_cap": float, "expiry_margin": float,
-    "result_ttl": float, "interrupt_grace": float, "options": dict, "breaker_threshold": int,
-    "breaker_cooldown": float, "submit_timeout": float, "max_result_bytes": int,
-    "budget": int, "credits_per_image": float, "on_short_balance": str,
-    "stop_submitting_at": str, "deadline": str, "report": str, "fit": str, "max_side": int,
-    "jpeg_quality": int, "upscale_to_original": bool, "on_collision": str, "poll_window": int,
-    "allow_source_inside_out": bool, "upload_metadata": str,
-}
-CHOICES = {"on_ambiguous": ("resubmit", "hold"), "on_expired": ("resubmit", "report"),
-           "on_short_balance": ("partial", "stop"), "fit": ("resize", "reject"),
-           "on_collision": ("skip", "suffix", "overwrite"), "upload_metadata": ("strip", "keep")}
+def _file_settings() -> tuple[dict[str, type], dict[str, tuple[str, ...]]]:
+    """What a config file may set and the words it may use, read off RunConfig's fields so
+    that a new setting needs no second list."""
+    kinds: dict[str, type] = {"api_key_file": str}
+    choices: dict[str, tuple[str, ...]] = {}
+    for name, hint in get_type_hints(RunConfig).items():
+        if name in ("sources", "out", "api_key", "progress"):
+            continue
+        if get_origin(hint) is Literal:
+            choices[name], kinds[name] = get_args(hint), str
+            continue
+        base = next((a for a in get_args(hint) if a is not type(None)), hint)
+        kinds[name] = {Options: dict, datetime: str, Path: str}.get(base, base)
+    return kinds, choices
+
+
+FILE_KEYS, CHOICES = _file_settings()
 
 
 #: The settings' types in words, for messages.

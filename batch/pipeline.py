@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from batch import apispec, crashpoints, pace
 from batch.api import ApiClient, ApiError, ErrorKind
@@ -281,17 +282,12 @@ async def _drive(rt: Runtime, keep_running: bool = False,
     submitter, poller, downloader = Submitter(rt), Poller(rt), Downloader(rt)
     stages = [asyncio.create_task(s.run(), name=type(s).__name__)
               for s in (submitter, poller, downloader)]
+    watched = [*stages, *([scanning] if scanning else [])]
     stages.append(asyncio.create_task(_clock(rt), name="clock"))
     last_count = 0.0
     try:
-        while True:
-            for stage in [*stages[:3], *([scanning] if scanning else [])]:
-                if stage.done() and not stage.cancelled() and stage.exception():
-                    raise stage.exception()  # type: ignore[misc]
-            if rt.flags.abort:
-                break
-            if rt.flags.interrupted:
-                break
+        while not (rt.flags.abort or rt.flags.interrupted):
+            _raise_failure(watched)
             busy = submitter.in_flight or downloader.in_flight or poller.in_flight
             timeout = 0.25
             # Counting is a query: at most every COUNT_EVERY seconds, and only when idle; a
@@ -299,26 +295,34 @@ async def _drive(rt: Runtime, keep_running: bool = False,
             more_coming = scanning is not None and not scanning.done()
             if not keep_running and not busy and not more_coming:
                 due = last_count + COUNT_EVERY - time.monotonic()
-                if due <= 0:
-                    last_count = time.monotonic()
-                    active = IN_FLIGHT if rt.flags.submits_stopped else IN_FLIGHT | submittable(
-                        rt.config.on_ambiguous, rt.config.on_expired)
-                    if rt.ledger.count_in(active) == 0:
-                        break
-                else:
+                if due > 0:
                     timeout = due
+                else:
+                    last_count = time.monotonic()
+                    if _all_final(rt):
+                        break
             rt.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.changed.wait(), timeout=timeout)
     finally:
         await submitter.drain(0 if rt.flags.hard_stop else rt.config.interrupt_grace)
-        for stage in stages:
-            stage.cancel()
-        for group in (poller.in_flight, set(downloader.in_flight.values())):
-            for task in list(group):
-                task.cancel()
-        await asyncio.gather(*stages, *poller.in_flight, *downloader.in_flight.values(),
-                             return_exceptions=True)
+        requests = [*poller.in_flight, *downloader.in_flight.values()]
+        for task in [*stages, *requests]:
+            task.cancel()
+        await asyncio.gather(*stages, *requests, return_exceptions=True)
+
+
+def _raise_failure(tasks: list[asyncio.Task[Any]]) -> None:
+    """A stage (or the scan) that died takes the run with it, with its own error."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+
+def _all_final(rt: Runtime) -> bool:
+    active = IN_FLIGHT if rt.flags.submits_stopped else IN_FLIGHT | submittable(
+        rt.config.on_ambiguous, rt.config.on_expired)
+    return rt.ledger.count_in(active) == 0
 
 
 def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:

@@ -94,6 +94,12 @@ def run_options(func: F) -> F:
                      help="Write the report here at the end (.html, .csv or .json)."),
         click.option("--dry-run", is_flag=True,
                      help="Show what would be sent, rejected and skipped, and the cost."),
+        click.option("--worker-name",
+                     help="This run's name among the workers of a shared PostgreSQL ledger "
+                          "(default: host:pid)."),
+        click.option("--lease-seconds", type=float,
+                     help="A worker silent this long loses its jobs to the others "
+                          "(default 30)."),
         click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                      help="json: one JSON object per line, for log collectors."),
         click.option("--keep-upload-metadata", is_flag=True, default=None,
@@ -122,7 +128,8 @@ def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) 
     file_values = config_mod.load_file(params["config_file"]) if params["config_file"] else {}
     flags = {k: params[k] for k in ("ledger", "api_base", "concurrency", "poll_interval",
                                     "max_qps", "on_ambiguous", "on_expired", "budget",
-                                    "stop_submitting_at", "deadline", "report")}
+                                    "stop_submitting_at", "deadline", "report", "worker_name",
+                                    "lease_seconds")}
     flags["progress"] = params["progress"]
     if params["keep_upload_metadata"]:
         flags["upload_metadata"] = "keep"

@@ -93,6 +93,10 @@ class RunConfig:
     allow_source_inside_out: bool = False
     #: "strip": uploads carry no EXIF/XMP/IPTC/comments (results get them back); "keep".
     upload_metadata: UploadMetadata = "strip"
+    #: This run's name among the workers of a shared ledger (default: host:pid).
+    worker_name: str | None = None
+    #: A worker silent this long (no heartbeat) has lost its jobs to the others.
+    lease_seconds: float = 30.0
 
     @property
     def prepare(self) -> PrepareSettings:
@@ -225,6 +229,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("poll_interval must be positive")
     if config.max_qps is not None and config.max_qps <= 0:
         raise ConfigError("max_qps must be positive (leave it out for no ceiling)")
+    if config.lease_seconds < 2:
+        raise ConfigError("lease_seconds must be at least 2 (a heartbeat goes every second)")
+    if config.worker_name is not None and not 0 < len(config.worker_name) <= 128:
+        raise ConfigError("the worker name must be 1 to 128 characters")
     if config.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
     if config.poll_window < 1:

@@ -19,12 +19,15 @@ from batch.outputs import (
 from batch.states import JobState
 
 
-def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float) -> int:
+def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
+                       roots: tuple[str, ...] = ()) -> int:
     """Write the missing outputs of done jobs, copied from a verified sibling output; with
     none left, the job goes back to ``ready`` to be downloaded again while its link lives,
-    and past that counts as expired. Returns how many outputs were written."""
+    and past that counts as expired. Returns how many outputs were written. On a shared
+    ledger only files under ``roots`` (another site's are that site's to write)."""
     by_job: dict[int, list[int]] = {}
-    needy = {f.id: f for f in ledger.files_needing_output()}
+    needy = {f.id: f for f in ledger.files_needing_output()
+             if not ledger.shared or f.root in roots}
     for f in needy.values():
         assert f.job_id is not None
         by_job.setdefault(f.job_id, []).append(f.id)

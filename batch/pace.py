@@ -17,8 +17,12 @@ log = logging.getLogger("batch.pace")
 KEY = "api_pace"
 
 
-def limiter_for(ledger: Ledger, api_base: str, ceiling: float | None) -> RateLimiter:
+def limiter_for(ledger: Ledger, api_base: str, ceiling: float | None,
+                workers: int = 1) -> RateLimiter:
+    """A limiter starting at this worker's share of the pace the ledger remembers."""
     learned = _load(ledger, api_base)
+    if learned is not None:
+        learned = Learned(learned.rate / workers, learned.limited)
     limiter = RateLimiter(ceiling, learned=learned)
     if learned is not None:
         log.info("API pace: starting at %.1f requests a second, as the last run learned%s.",
@@ -26,10 +30,11 @@ def limiter_for(ledger: Ledger, api_base: str, ceiling: float | None) -> RateLim
     return limiter
 
 
-def remember(ledger: Ledger, api_base: str, limiter: RateLimiter) -> None:
+def remember(ledger: Ledger, api_base: str, limiter: RateLimiter, workers: int = 1) -> None:
+    """What the workers found together: this one's pace times how many share the key."""
     learned = limiter.learned()
     ledger.set_meta(KEY, json.dumps({
-        "api_base": api_base, "rate": learned.rate, "limited": learned.limited,
+        "api_base": api_base, "rate": learned.rate * workers, "limited": learned.limited,
         "at": datetime.now().astimezone().isoformat(timespec="seconds")}))
 
 

@@ -33,9 +33,10 @@ from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
-from batch.states import IN_FLIGHT, JobState, submittable
+from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
 from batch.status import StatusReport, collect_status
 from batch.watch import WatchSettings, watch_sources
+from batch.worker import SharedPace, Worker
 
 log = logging.getLogger("batch")
 
@@ -85,9 +86,14 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
     with RunLock(out_dir, config.ledger_location):
         ledger = open_ledger(config.ledger_location)
         try:
+            worker = Worker(ledger, config.worker_name, config.lease_seconds)
+            worker.register()
             charges_before = ledger.charges()
-            with ledger.pinned():  # the event loop's own reads and claims
-                report = asyncio.run(_run(config, ledger, out_dir, watch))
+            try:
+                with ledger.pinned():  # the event loop's own reads and claims
+                    report = asyncio.run(_run(config, ledger, out_dir, watch, worker))
+            finally:
+                worker.stop()
             report.seconds = time.monotonic() - started
             report.charged = ledger.charges() - charges_before
             _record_run(ledger, report, started_at)
@@ -109,19 +115,25 @@ def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None
 
 
 async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
-               watch: WatchSettings | None = None) -> RunReport:
+               watch: WatchSettings | None, worker: Worker) -> RunReport:
     assert config.api_key is not None
     progress = Progress(config.progress)
     client = ApiClient(config.api_base, config.api_key,
-                       limiter=pace.limiter_for(ledger, config.api_base, config.max_qps),
+                       limiter=pace.limiter_for(ledger, config.api_base, config.max_qps,
+                                                worker.live),
                        timeouts=Timeouts(submit=config.submit_timeout),
                        max_connections=config.concurrency + 4,
                        max_downloads=max(2, config.concurrency),
                        max_result_bytes=config.max_result_bytes)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
-    rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger))
+    rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger),
+                 worker=worker.name,
+                 roots=tuple(root.base for root in source_roots(config.sources)))
     to_send = submittable(config.on_ambiguous, config.on_expired)
     loop = asyncio.get_running_loop()
+    shared_pace = None
+    if ledger.shared and config.max_qps is not None:
+        client.limiter.shared = shared_pace = SharedPace(ledger, config.api_base, config.max_qps)
 
     def interrupt() -> None:
         if rt.flags.interrupted:
@@ -133,18 +145,20 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt)
     try:
-        clean_temp_files(out_dir)
-        recovered = ledger.recover_interrupted()
+        recovered = worker.recover()
+        if worker.alone():  # another worker's downloads under way are not leftovers
+            clean_temp_files(out_dir)
         for state, n in recovered.items():
             if n:
                 log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
+        _start_heartbeat(rt, worker, loop, rescale=shared_pace is None)
         forget_missing_outputs(ledger, out_dir)
-        already = ledger.count_in(to_send)
-        progress.add_work(already, already + ledger.count_in(IN_FLIGHT))
+        already = ledger.count_in(to_send, rt.roots)
+        progress.add_work(already, already + ledger.count_in(IN_FLIGHT, rt.roots))
         scanning = asyncio.create_task(_scan(rt, loop))
         if config.on_short_balance == "stop":  # the whole estimate decides: scan first
             stats = await scanning
-            await _check_money(rt, ledger.count_in(to_send))
+            await _check_money(rt, ledger.count_in(to_send, rt.roots))
         else:  # upload while the scan goes on: the balance bounds the uploads from the first
             rt.check_money = functools.partial(_check_money, rt, None)
             scanning.add_done_callback(lambda task: _scanned(rt, task, already))
@@ -162,12 +176,14 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                 await asyncio.gather(watcher, return_exceptions=True)
         stats = await scanning
         if not rt.flags.abort:
-            materialize_copies(ledger, out_dir, config.expiry_margin)
+            materialize_copies(ledger, out_dir, config.expiry_margin, rt.roots)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await client.aclose()
-        pace.remember(ledger, config.api_base, client.limiter)
+        if shared_pace is not None:
+            shared_pace.close()
+        pace.remember(ledger, config.api_base, client.limiter, worker.live)
         progress.close()
         rt.writes.close()
     waiting = rt.flags.submits_stopped
@@ -176,6 +192,24 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     status = collect_status(ledger)
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
+
+
+def _start_heartbeat(rt: Runtime, worker: Worker, loop: asyncio.AbstractEventLoop,
+                     rescale: bool) -> None:
+    """The worker's heartbeat thread tells the event loop what it saw. Without a shared
+    ceiling, each worker's pace becomes its share of what they found together."""
+
+    def taken() -> None:
+        loop.call_soon_threadsafe(rt.took_over)
+
+    def lost(why: str) -> None:
+        loop.call_soon_threadsafe(rt.fail_run, why[0].upper() + why[1:])
+
+    def live(before: int, now: int) -> None:
+        if rescale:
+            loop.call_soon_threadsafe(rt.client.limiter.rescale, before, now)
+
+    worker.start(on_taken=taken, on_lost=lost, on_live=live)
 
 
 def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:
@@ -200,7 +234,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
     crashpoints.reached("scanned")
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
     rt.progress.rejected(rt.ledger.count_in({JobState.REJECTED}))
-    await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin)
+    await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,
+                            rt.roots)
     rt.changed.set()
     return stats
 
@@ -273,6 +308,8 @@ async def _clock(rt: Runtime) -> None:
 
 
 COUNT_EVERY = 0.05
+#: On a shared ledger the count waits on other workers' jobs too: ask less often.
+SHARED_COUNT_EVERY = 0.5
 
 
 async def _drive(rt: Runtime, keep_running: bool = False,
@@ -294,7 +331,8 @@ async def _drive(rt: Runtime, keep_running: bool = False,
             # count put off is done as soon as it is due, so the run ends without a lag.
             more_coming = scanning is not None and not scanning.done()
             if not keep_running and not busy and not more_coming:
-                due = last_count + COUNT_EVERY - time.monotonic()
+                every = SHARED_COUNT_EVERY if rt.ledger.shared else COUNT_EVERY
+                due = last_count + every - time.monotonic()
                 if due > 0:
                     timeout = due
                 else:
@@ -322,7 +360,7 @@ def _raise_failure(tasks: list[asyncio.Task[Any]]) -> None:
 def _all_final(rt: Runtime) -> bool:
     active = IN_FLIGHT if rt.flags.submits_stopped else IN_FLIGHT | submittable(
         rt.config.on_ambiguous, rt.config.on_expired)
-    return rt.ledger.count_in(active) == 0
+    return rt.ledger.count_in(active, rt.roots) == 0
 
 
 def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
@@ -330,8 +368,12 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
         return ExitCode.ACCOUNT
     if rt.flags.interrupted:
         return ExitCode.INTERRUPTED
-    if (rt.flags.deadline_reached or rt.flags.fatal is not None or status.unfinished
-            or status.problems):
+    unfinished, problems = status.unfinished, status.problems
+    if rt.ledger.shared:  # a worker answers for the files under its own roots
+        unfinished = rt.ledger.count_in(UNFINISHED, rt.roots)
+        mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
+        problems = [p for p in problems if p.path.startswith(mine)]
+    if rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems:
         return ExitCode.SOME_FAILED
     return ExitCode.OK
 

@@ -44,6 +44,12 @@ class SourceRoot:
     path: Path
     out_prefix: str = ""
 
+    @property
+    def base(self) -> str:
+        """The folder its files are recorded under in the ledger (``files.root``)."""
+        path = self.path.resolve()
+        return str(path if path.is_dir() else path.parent)
+
 
 @dataclass(slots=True)
 class ScanStats:
@@ -267,9 +273,8 @@ class _RootScan:
         self.batch_size = FIRST_BATCH
         self.workers = workers
         self.stopped = False
-        path = root.path.resolve()
-        self.is_tree = path.is_dir()
-        self.base = str(path if self.is_tree else path.parent)
+        self.is_tree = root.path.resolve().is_dir()
+        self.base = root.base
         self.stats = ScanStats()
         self.batch: list[tuple[ScannedFile, str]] = []
         #: Batches being hashed, recorded oldest first while the walk goes on.

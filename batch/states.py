@@ -55,6 +55,8 @@ TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
 
 #: States a job rests in when a run has nothing more to do for it.
 FINAL: Final = frozenset({S.DONE, S.FAILED, S.REJECTED})
+#: Anything else: the batch is not finished while a job rests here.
+UNFINISHED: Final = frozenset(JobState) - FINAL
 #: The provider holds a task for the job that the poller asks about.
 OPEN: Final = frozenset({S.QUEUED, S.PROCESSING})
 #: Paid work still to finish: a task to poll, a result to save, an answer awaited.

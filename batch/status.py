@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from batch.ledger import Ledger
-from batch.ledger.store import Problem
+from batch.ledger.store import Problem, WorkerRow
 from batch.options import Options
-from batch.states import FINAL, JobState
+from batch.states import UNFINISHED
 from batch.stripping import tally
 
 #: Prepared files named one by one in ``status``: a camera shoot is often all resized.
@@ -30,10 +31,14 @@ class StatusReport:
     stripped: dict[str, int]
     #: Files sent as a prepared copy (resized, turned upright, converted): path, what was done.
     prepared: list[tuple[str, str]]
+    #: The runs that share the ledger (listed for a shared PostgreSQL ledger only).
+    workers: list[WorkerRow] = field(default_factory=list)
+    #: Per worker: uploads accepted and results saved.
+    work: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def unfinished(self) -> int:
-        return sum(self.counts[state.value] for state in JobState if state not in FINAL)
+        return sum(self.counts[state.value] for state in UNFINISHED)
 
     def to_json(self) -> str:
         payload: dict[str, Any] = {
@@ -47,6 +52,8 @@ class StatusReport:
             "metadata_removed_from_uploads": self.stripped,
             "prepared_before_upload": [{"path": path, "note": note}
                                        for path, note in self.prepared],
+            "workers": [{**asdict(w), "live": w.live, **self.work.get(w.name, {})}
+                        for w in self.workers],
         }
         return json.dumps(payload, indent=2, ensure_ascii=False)
 
@@ -71,6 +78,9 @@ class StatusReport:
             if len(self.prepared) > PREPARED_SHOWN:
                 lines.append(f"  ... and {len(self.prepared) - PREPARED_SHOWN} more "
                              "(status --json or the report lists them all)")
+        if self.workers:
+            lines.append("workers:")
+            lines += [f"  {describe_worker(w, self.work.get(w.name, {}))}" for w in self.workers]
         if self.problems:
             lines.append(f"{len(self.problems)} file(s) need attention:")
             for p in self.problems:
@@ -78,6 +88,22 @@ class StatusReport:
                 code = f" [{p.error_code}{http}]" if p.error_code else ""
                 lines.append(f"  {p.state:9} {p.path}: {p.reason}{code}")
         return "\n".join(lines)
+
+
+def describe_worker(w: WorkerRow, work: dict[str, int]) -> str:
+    if w.taken_over_by is not None:
+        state = (f"lease lapsed; its {w.taken_over_jobs or 0} job(s) taken over by "
+                 f"{w.taken_over_by}")
+    elif w.stopped_at is not None:
+        state = f"stopped {datetime.fromtimestamp(w.stopped_at):%Y-%m-%d %H:%M}"
+    elif w.live:
+        state = f"live, last heartbeat {w.silent_for:.1f} s ago"
+    else:
+        state = f"silent for {w.silent_for:.0f} s (lease {w.lease_seconds:g} s): lapsing"
+    holding = ", ".join(f"{state} {n}" for state, n in sorted(w.holding.items()))
+    done = ", ".join(f"{what} {n}" for what, n in sorted(work.items()))
+    return (f"{w.name} ({w.host}, pid {w.pid}): {state}"
+            + (f"; holds {holding}" if holding else "") + (f"; {done}" if done else ""))
 
 
 def collect_status(ledger: Ledger) -> StatusReport:
@@ -91,6 +117,8 @@ def collect_status(ledger: Ledger) -> StatusReport:
                  for fp, n in sorted(ledger.options_in_use().items())},
         stripped=_removed(ledger.stripped()),
         prepared=ledger.prepared_files(),
+        workers=ledger.workers() if ledger.shared else [],
+        work=ledger.work_by_worker() if ledger.shared else {},
     )
 
 

@@ -277,14 +277,17 @@ def test_uploads_start_while_a_big_tree_is_still_being_scanned(
     a policy that needs the whole estimate first (on_short_balance = "stop") scans first."""
     import sqlite3
 
+    # Enough files that the scan outlasts the start-up to the first upload several times over
+    # on a loaded machine, and fewer than the account's 1,000 credits (the second run's
+    # policy stops a batch the balance cannot pay).
     src = tmp_path / "shoot"
-    for i in range(600):
-        write_portrait(src / f"set{i // 100}" / f"{i:03d}.jpg", seed=i)
+    for i in range(900):
+        write_portrait(src / f"set{i // 100}" / f"{i:04d}.jpg", seed=i)
 
     def scan_end_and_first_upload(out: Path) -> tuple[float, float]:
         with sqlite3.connect(out / ".skinbatch" / "ledger.sqlite") as db:
             files, last_recorded = db.execute("SELECT count(*), max(seen_at) FROM files").fetchone()
-        assert files == 600
+        assert files == 900
         first = min(t for t, kind in emulator.state.timeline if kind == "submit")
         return last_recorded, first
 
@@ -293,8 +296,8 @@ def test_uploads_start_while_a_big_tree_is_still_being_scanned(
                       *FAST_FLAGS], emulator)
     assert result.returncode == 1 and emulator.stats["charged"] == 40
     last_recorded, first_upload = scan_end_and_first_upload(out)
-    assert first_upload < last_recorded, "the first upload came before the scan's last rows"
-    assert "Credits: 600 image(s) to pay for" in result.stderr  # told once the scan ends
+    assert first_upload < last_recorded, "the first upload came after the scan's last rows"
+    assert "Credits: 900 image(s) to pay for" in result.stderr  # told once the scan ends
 
     emulator.state.timeline.clear()
     config = tmp_path / "stop.toml"

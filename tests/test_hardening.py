@@ -116,39 +116,6 @@ def test_a_second_run_on_the_same_ledger_exits_at_once(
     assert emulator.stats["charged"] == 4
 
 
-@pytest.mark.postgres
-def test_a_second_machine_on_the_same_postgresql_ledger_exits_at_once(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
-    """Another --out (another machine's folder) gives another file lock; the lock in the
-    database still stops the second run before its start-up could take the first one's
-    uploads under way for interrupted ones (and make them ambiguous)."""
-    emulator = make_emulator(queue_seconds=1.0, process_seconds=1.0)
-    src = tmp_path / "src"
-    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(4)}
-    first = popen_cli(["run", str(src), "--out", str(tmp_path / "out-a"), "--ledger", pg_url,
-                       *FAST_FLAGS], emulator)
-    deadline = time.time() + 20
-    while emulator.stats.get("charged", 0) == 0 and time.time() < deadline:
-        time.sleep(0.05)
-    second = run_cli(["run", str(src), "--out", str(tmp_path / "out-b"), "--ledger", pg_url,
-                      *FAST_FLAGS], emulator)
-    assert second.returncode == 2
-    assert "holds its lock in the database" in second.stderr
-    first.communicate(timeout=60)
-    assert first.returncode == 0
-    assert_outputs_right(tmp_path / "out-a", sources, emulator)
-    assert emulator.stats["charged"] == 4
-    ledger = ledger_of(tmp_path / "out-a", pg_url)
-    try:
-        assert ledger.ambiguous_events() == 0
-    finally:
-        ledger.close()
-    # The lock went with the first run: the next one starts (and has nothing left to send).
-    assert run_cli(["run", str(src), "--out", str(tmp_path / "out-a"), "--ledger", pg_url,
-                    *FAST_FLAGS], emulator).returncode == 0
-    assert emulator.stats["charged"] == 4
-
-
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0
 server:/export /mnt/studio nfs4 rw,relatime 0 0

@@ -39,6 +39,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class RateLimiter:
         self._since_change = 0
         self._queued_since_change = False
         self._step = PROBE_FIRST
+        #: Books each request among every worker of a shared ledger (see batch.worker).
+        self.shared: Callable[[], Awaitable[None]] | None = None
 
     @property
     def saturated(self) -> bool:
@@ -161,12 +164,20 @@ class RateLimiter:
                     f" (--max-qps is {self.ceiling:g})" if self.ceiling < MAX_RATE else "")
 
     async def acquire(self) -> None:
-        """Wait for a request's turn."""
+        """Wait for a request's turn (here, then among the ledger's workers if shared)."""
         self._waiting += 1
         try:
             await self._take()
+            if self.shared is not None:
+                await self.shared()
         finally:
             self._waiting -= 1
+
+    def rescale(self, workers_before: int, workers_now: int) -> None:
+        """Workers sharing the key came or went: this one's pace becomes its new share."""
+        self.rate = max(FLOOR, min(self.ceiling, self.rate * workers_before / workers_now))
+        if self.limited:
+            self.proven = self.rate
 
     def _forget_before(self, moment: float) -> None:
         for times in (self._granted, self._refused):

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 #: The newest migration in ``migrations/versions`` (a test keeps the two in step).
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 
 def migrations_dir() -> Path:
@@ -44,9 +44,25 @@ def current_revision(engine: Engine) -> str | None:
         return None  # a new, empty ledger
 
 
+#: The advisory lock that lets one worker at a time migrate a shared PostgreSQL ledger.
+MIGRATION_LOCK = 0x736B696E6D696772  # "skinmigr"
+
+
 def upgrade_to_head(engine: Engine) -> None:
     if current_revision(engine) == HEAD_REVISION:
         return
     from alembic import command
 
-    command.upgrade(alembic_config(engine), "head")
+    if engine.dialect.name != "postgresql":  # SQLite: the run's file lock is held already
+        command.upgrade(alembic_config(engine), "head")
+        return
+    # Workers started together on a new ledger: the first migrates, the others wait for it.
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+        conn.commit()
+        try:
+            if current_revision(engine) != HEAD_REVISION:
+                command.upgrade(alembic_config(engine), "head")
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            conn.commit()

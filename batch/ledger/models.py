@@ -68,8 +68,11 @@ jobs = Table(
     _nullable("prepared", Text),
     # The metadata removed from it before upload, by kind ("EXIF, XMP 2"), if any.
     _nullable("stripped", Text),
+    # The worker holding the job on a shared (PostgreSQL) ledger; None: anyone may take it.
+    _nullable("owner", String(128)),
     UniqueConstraint("content_sha256", "options_fp"),
     Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
+    Index("ix_jobs_owner", "owner"),
     CheckConstraint(STATE_CHECK, name="state"),
 )
 
@@ -108,6 +111,8 @@ events = Table(
     _nullable("request_id", String(128)),
     _nullable("log_id", String(128)),
     _nullable("message", Text),
+    # The worker that made the move (on a shared ledger: which machine did what).
+    _nullable("worker", String(128)),
 )
 
 #: Small key/value facts about the ledger (the last run, etc.).
@@ -128,4 +133,30 @@ folders = Table(
     _required("digest", String(64)),
     # Image files in it (what a skipped folder adds to the scan's counts).
     _required("images", Integer),
+)
+
+#: A run working on the ledger (several on one PostgreSQL ledger share the jobs). Its lease
+#: lives while ``heartbeat_at`` (the database's clock) is younger than ``lease_seconds``.
+workers = Table(
+    "workers", metadata,
+    Column("name", String(128), primary_key=True),
+    _required("host", Text),
+    _required("pid", Integer),
+    _required("started_at", Float),
+    _required("heartbeat_at", Float),
+    _required("lease_seconds", Float),
+    # A clean end; its jobs were handed back.
+    _nullable("stopped_at", Float),
+    # The worker that took this one's jobs over once its lease lapsed, when, and how many.
+    _nullable("taken_over_by", String(128)),
+    _nullable("taken_over_at", Float),
+    _nullable("taken_over_jobs", Integer),
+)
+
+#: The API's requests shared by every worker of a ledger under one ``--max-qps``: the next free
+#: moment (the database's clock) for a request to the API host, as in a virtual-time scheduler.
+api_slots = Table(
+    "api_slots", metadata,
+    Column("api_base", String(255), primary_key=True),
+    _required("next_at", Float),
 )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Select,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
+    literal_column,
     or_,
     select,
     tuple_,
@@ -36,8 +38,9 @@ from sqlalchemy.exc import DBAPIError
 
 from batch import crashpoints
 from batch.ledger.guards import REFUSAL
-from batch.ledger.models import events, files, folders, jobs, meta
+from batch.ledger.models import api_slots, events, files, folders, jobs, meta, workers
 from batch.states import (
+    IN_FLIGHT,
     NEEDS_ATTENTION,
     REDONE_IF_LOST,
     IllegalTransition,
@@ -136,6 +139,8 @@ TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expire
                                "prepared", "stripped", "result_sha256"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
+#: Workers that ended longer ago than this (seconds) leave the list (history keeps their work).
+WORKERS_KEPT = 7 * 86400
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
 RECORD_CHUNK = 1000
 
@@ -162,20 +167,51 @@ def _move_statement(columns: tuple[str, ...], charge: bool) -> Update:
                               jobs.c.state == bindparam("expected")).values(values)
 
 
+def _claim_order(soonest_expiry_first: bool) -> tuple[Any, ...]:
+    return ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
+            else (jobs.c.next_attempt_at, jobs.c.id))
+
+
 @functools.cache
 def _claim_statement(states: frozenset[JobState], soonest_expiry_first: bool) -> Select[Any]:
-    order = ((func.coalesce(jobs.c.expires_at, 0), jobs.c.id) if soonest_expiry_first
-             else (jobs.c.next_attempt_at, jobs.c.id))
     return (select(*JOB_COLUMNS)
             .where(jobs.c.state.in_(sorted(s.value for s in states)),
                    jobs.c.next_attempt_at <= bindparam("now"), WANTED)
-            .order_by(*order).limit(bindparam("limit")))
+            .order_by(*_claim_order(soonest_expiry_first)).limit(bindparam("limit")))
 
 
 @functools.cache
-def _count_statement(states: frozenset[JobState]) -> Select[Any]:
+def _owned_claim_statement(states: frozenset[JobState], soonest_expiry_first: bool) -> Update:
+    """Take jobs nobody holds (or this worker already holds) whose files lie under the worker's
+    roots: row locks held by another worker's claim are skipped, not waited for, so two
+    workers never take the same job and never queue behind each other."""
+    chosen = (select(jobs.c.id)
+              .where(jobs.c.state.in_(sorted(s.value for s in states)),
+                     jobs.c.next_attempt_at <= bindparam("now"), REACHABLE,
+                     or_(jobs.c.owner.is_(None), jobs.c.owner == bindparam("me")))
+              .order_by(*_claim_order(soonest_expiry_first)).limit(bindparam("limit"))
+              .with_for_update(skip_locked=True, of=jobs))
+    return (update(jobs).where(jobs.c.id.in_(chosen)).values(owner=bindparam("me"))
+            .returning(*JOB_COLUMNS))
+
+
+def _db_now(dialect: str) -> ColumnElement[float]:
+    """The database's clock in seconds since the epoch: leases are judged by one clock, not by
+    each machine's own."""
+    if dialect == "postgresql":
+        return literal_column("extract(epoch from clock_timestamp())::float8")
+    return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+
+
+#: The job has a file under one of the worker's roots.
+REACHABLE = exists().where(files.c.job_id == jobs.c.id,
+                           files.c.root.in_(bindparam("roots", expanding=True)))
+
+
+@functools.cache
+def _count_statement(states: frozenset[JobState], by_root: bool = False) -> Select[Any]:
     return select(func.count()).select_from(jobs).where(
-        jobs.c.state.in_(sorted(s.value for s in states)), WANTED)
+        jobs.c.state.in_(sorted(s.value for s in states)), REACHABLE if by_root else WANTED)
 
 
 def _job(row: Any) -> JobRow:
@@ -200,6 +236,31 @@ class Write:
     point: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    name: str
+    host: str
+    pid: int
+    started_at: float
+    #: Seconds since its last heartbeat, by the database's clock.
+    silent_for: float
+    lease_seconds: float
+    stopped_at: float | None
+    taken_over_by: str | None
+    taken_over_jobs: int | None
+    #: Jobs it holds now, by state.
+    holding: dict[str, int]
+
+    @property
+    def live(self) -> bool:
+        return (self.stopped_at is None and self.taken_over_by is None
+                and self.silent_for < self.lease_seconds)
+
+
+class WorkerNameTaken(RuntimeError):
+    """A live worker of that name already works on the ledger."""
+
+
 class StaleTransition(RuntimeError):
     """The job was no longer in the expected state (another worker or process moved it)."""
 
@@ -216,6 +277,8 @@ class Ledger:
         self.engine = engine
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._local = threading.local()
+        #: The worker this ledger object writes for (recorded on every history row it writes).
+        self.worker: str | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -484,14 +547,14 @@ class Ledger:
             raise KeyError(f"no job {job_id}")
         return JobState(state)
 
-    @staticmethod
-    def _event(conn: Connection, job_id: int, from_state: str | None, to_state: str,
+    def _event(self, conn: Connection, job_id: int, from_state: str | None, to_state: str,
                attempt: int, info: TransitionInfo | None, now: float) -> None:
         info = info or TransitionInfo()
         conn.execute(_EVENT, {
             "job_id": job_id, "at": now, "from_state": from_state, "to_state": to_state,
             "attempt": attempt, "http_status": info.http_status, "error_code": info.error_code,
-            "request_id": info.request_id, "log_id": info.log_id, "message": info.message})
+            "request_id": info.request_id, "log_id": info.log_id, "message": info.message,
+            "worker": self.worker})
 
     def note_attempt_write(self, job_id: int, info: TransitionInfo, *, attempts: int,
                            next_attempt_at: float) -> Write:
@@ -507,28 +570,33 @@ class Ledger:
 
         return Write(run)
 
-    def recover_interrupted(self) -> dict[str, int]:
-        """At start-up: work a dead process left half-done becomes explicit again.
+    def recover_interrupted(self, owner: str | None = None, taker: str | None = None,
+                            why: str = "the run stopped") -> dict[str, int]:
+        """Work a dead run left half-done becomes explicit again: its ``submitting`` rows are
+        uploads whose answer was never recorded and become ``ambiguous`` (maybe charged), its
+        ``downloading`` rows go back to ``ready``. ``owner``: the dead worker whose jobs these
+        are (None: jobs nobody holds, as on a SQLite ledger, which one run has at a time)."""
+        with self._write() as conn:
+            return self._recover(conn, owner, why)
 
-        ``submitting`` rows are uploads whose answer was never recorded: they become
-        ``ambiguous`` (maybe charged). ``downloading`` rows go back to ``ready``.
-        """
+    def _recover(self, conn: Connection, owner: str | None, why: str) -> dict[str, int]:
+        held = jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
         moves = {
             JobState.SUBMITTING: (JobState.AMBIGUOUS, TransitionInfo(
                 error_code="AMBIGUOUS_SUBMIT",
-                message="the run stopped after the upload began and before its answer was "
-                        "recorded: it may have been charged")),
+                message=f"{why} after the upload began and before its answer was recorded: "
+                        "it may have been charged")),
             JobState.DOWNLOADING: (JobState.READY, TransitionInfo(
-                message="the run stopped while downloading; the download will be redone")),
+                message=f"{why} while downloading; the download will be redone")),
         }
         counts: dict[str, int] = {}
-        with self._write() as conn:
-            for source, (target, info) in moves.items():
-                ids = conn.scalars(select(jobs.c.id).where(jobs.c.state == source.value)).all()
-                for job_id in ids:
-                    self._move(conn, job_id, source, target, info, {},
-                               charge=target is JobState.AMBIGUOUS)
-                counts[target.value] = len(ids)
+        for source, (target, info) in moves.items():
+            ids = conn.scalars(select(jobs.c.id).where(jobs.c.state == source.value,
+                                                       held)).all()
+            for job_id in ids:
+                self._move(conn, job_id, source, target, info, {},
+                           charge=target is JobState.AMBIGUOUS)
+            counts[target.value] = len(ids)
         return counts
 
     def finish_download_write(self, job_id: int, result_sha256: str,
@@ -566,16 +634,35 @@ class Ledger:
 
     # ---- what the stages claim ----------------------------------------------------------
 
+    @property
+    def shared(self) -> bool:
+        """Several runs may work on this ledger at once (PostgreSQL); a SQLite ledger has one
+        run at a time (its file lock), so nothing there is claimed against another."""
+        return self.engine.dialect.name == "postgresql"
+
     def claimable(self, states: Iterable[JobState], limit: int, *,
                   exclude: Iterable[int] = (), now: float | None = None,
-                  soonest_expiry_first: bool = False) -> list[JobRow]:
-        """Jobs in ``states`` whose backoff has passed and that some file still wants."""
+                  soonest_expiry_first: bool = False, owner: str | None = None,
+                  roots: Sequence[str] = ()) -> list[JobRow]:
+        """Jobs in ``states`` whose backoff has passed and that some file still wants. On a
+        shared ledger with an ``owner``, the jobs are taken for that worker (only those with a
+        file under one of its ``roots``); a claim lost to a power cut costs nothing."""
         skip = set(exclude)
-        query = _claim_statement(frozenset(states), soonest_expiry_first)
-        params = {"now": time.time() if now is None else now, "limit": limit + len(skip)}
-        with self._read() as conn:
-            rows = conn.execute(query, params).all()
-        return [job for job in map(_job, rows) if job.id not in skip][:limit]
+        params: dict[str, Any] = {"now": time.time() if now is None else now,
+                                  "limit": limit + len(skip)}
+        if self.shared and owner is not None:
+            statement = _owned_claim_statement(frozenset(states), soonest_expiry_first)
+            with self._write(durable=False) as conn:
+                rows = conn.execute(statement, {**params, "me": owner,
+                                                "roots": list(roots)}).all()
+            key = ((lambda j: (j.expires_at or 0, j.id)) if soonest_expiry_first
+                   else (lambda j: (j.next_attempt_at, j.id)))
+            claimed = sorted(map(_job, rows), key=key)
+        else:
+            with self._read() as conn:
+                claimed = [_job(row) for row in conn.execute(
+                    _claim_statement(frozenset(states), soonest_expiry_first), params)]
+        return [job for job in claimed if job.id not in skip][:limit]
 
     def jobs_in(self, states: Iterable[JobState], limit: int | None = None) -> list[JobRow]:
         query = (select(*JOB_COLUMNS).where(jobs.c.state.in_([s.value for s in states]))
@@ -616,14 +703,21 @@ class Ledger:
         for row in self._pages(query, files.c.id):
             yield row.id, row.written_rel
 
-    def open_tasks(self, states: Iterable[JobState]
+    def open_tasks(self, states: Iterable[JobState], owner: str | None = None
                    ) -> Iterator[tuple[int, str, JobState, float | None, float | None]]:
         """(job id, task id, state, submitted at, expires at) of jobs with a task in
-        ``states``, oldest first."""
+        ``states``, oldest first. On a shared ledger with an ``owner``: that worker's tasks,
+        after it has taken the ones nobody holds."""
         query = (select(jobs.c.id, jobs.c.task_id, jobs.c.state, jobs.c.submitted_at,
                         jobs.c.expires_at)
                  .where(jobs.c.state.in_([s.value for s in states]),
                         jobs.c.task_id.is_not(None)))
+        if self.shared and owner is not None:
+            with self._write(durable=False) as conn:
+                conn.execute(update(jobs).where(
+                    jobs.c.state.in_([s.value for s in states]), jobs.c.owner.is_(None))
+                    .values(owner=owner))
+            query = query.where(jobs.c.owner == owner)
         for row in self._pages(query, jobs.c.id):
             yield row.id, row.task_id, JobState(row.state), row.submitted_at, row.expires_at
 
@@ -664,9 +758,13 @@ class Ledger:
         counts["unreadable_files"] = unreadable or 0
         return counts
 
-    def count_in(self, states: Iterable[JobState]) -> int:
-        """Jobs in ``states`` that some file still wants."""
+    def count_in(self, states: Iterable[JobState], roots: Sequence[str] = ()) -> int:
+        """Jobs in ``states`` that some file still wants (on a shared ledger with ``roots``:
+        a file under one of them, whichever worker holds the job)."""
         with self._read() as conn:
+            if self.shared and roots:
+                return conn.scalar(_count_statement(frozenset(states), True),
+                                   {"roots": list(roots)}) or 0
             return conn.scalar(_count_statement(frozenset(states))) or 0
 
     def stripped(self) -> dict[str, int]:
@@ -757,3 +855,128 @@ class Ledger:
         query = select(events).where(events.c.job_id == job_id).order_by(events.c.id)
         with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
+
+    # ---- workers sharing the ledger -------------------------------------------------------
+
+    def register_worker(self, name: str, host: str, pid: int, lease_seconds: float) -> None:
+        """Start a worker's lease; refused while a live worker of that name holds one."""
+        now = _db_now(self.engine.dialect.name)
+        with self._write() as conn:
+            row = conn.execute(select(
+                workers.c.stopped_at, workers.c.taken_over_by,
+                (now - workers.c.heartbeat_at).label("silent"), workers.c.lease_seconds)
+                .where(workers.c.name == name)).first()
+            if row is not None and row.stopped_at is None and row.taken_over_by is None \
+                    and row.silent < row.lease_seconds:
+                raise WorkerNameTaken(name)
+            conn.execute(workers.delete().where(workers.c.name == name))
+            ended = func.coalesce(workers.c.stopped_at, workers.c.taken_over_at)
+            conn.execute(workers.delete().where(ended < time.time() - WORKERS_KEPT))
+            conn.execute(workers.insert().values(
+                name=name, host=host, pid=pid, started_at=time.time(), heartbeat_at=now,
+                lease_seconds=lease_seconds))
+        self.worker = name
+
+    def beat(self, name: str) -> bool:
+        """Renew the worker's lease. False: it lapsed and another worker took its jobs."""
+        with self._write(durable=False) as conn:
+            return bool(conn.execute(update(workers).where(
+                workers.c.name == name, workers.c.taken_over_by.is_(None),
+                workers.c.stopped_at.is_(None)).values(
+                heartbeat_at=_db_now(self.engine.dialect.name))).rowcount)
+
+    def _unended(self) -> ColumnElement[bool]:
+        return and_(workers.c.stopped_at.is_(None), workers.c.taken_over_by.is_(None))
+
+    def _leased(self) -> ColumnElement[bool]:
+        return workers.c.heartbeat_at >= (_db_now(self.engine.dialect.name)
+                                          - workers.c.lease_seconds)
+
+    def lapsed_workers(self, me: str, *, all_others: bool = False) -> list[str]:
+        """Workers whose lease ran out without a clean stop and whose jobs nobody took yet
+        (``all_others``: every other one that did not stop cleanly, lease or not)."""
+        query = select(workers.c.name).where(workers.c.name != me, self._unended())
+        if not all_others:
+            query = query.where(~self._leased())
+        with self._read() as conn:
+            return list(conn.scalars(query))
+
+    def live_workers(self) -> int:
+        query = select(func.count()).select_from(workers).where(self._unended(), self._leased())
+        with self._read() as conn:
+            return conn.scalar(query) or 0
+
+    def take_over(self, dead: str, taker: str) -> int | None:
+        """Take a lapsed worker's jobs: an upload it had under way becomes ambiguous, a half
+        download ready again, and its tasks are the taker's to poll and save (a history row on
+        each says so); the rest go back to anyone. None: another worker took them first."""
+        why = f"worker {dead}'s lease lapsed"
+        with self._write() as conn:
+            lock = select(workers.c.name).where(workers.c.name == dead,
+                                                workers.c.taken_over_by.is_(None))
+            if conn.scalar(lock.with_for_update()) is None:
+                return None
+            self._recover(conn, dead, why)
+            held = conn.execute(select(jobs.c.id, jobs.c.state).where(
+                jobs.c.owner == dead)).all()
+            now = time.time()
+            for job_id, state in held:
+                if JobState(state) in IN_FLIGHT:
+                    self._event(conn, job_id, state, state, 0, TransitionInfo(
+                        message=f"{why}; taken over by {taker}"), now)
+            conn.execute(update(jobs).where(
+                jobs.c.owner == dead, jobs.c.state.in_([s.value for s in IN_FLIGHT]))
+                .values(owner=taker))
+            conn.execute(update(jobs).where(jobs.c.owner == dead).values(owner=None))
+            conn.execute(update(workers).where(workers.c.name == dead).values(
+                taken_over_by=taker, taken_over_at=now, taken_over_jobs=len(held)))
+        return len(held)
+
+    def stop_worker(self, name: str) -> None:
+        """A clean end: the worker's jobs go back to anyone (a half download to ``ready``)."""
+        with self._write() as conn:
+            self._recover(conn, name, f"worker {name} stopped")
+            conn.execute(update(jobs).where(jobs.c.owner == name).values(owner=None))
+            conn.execute(update(workers).where(workers.c.name == name).values(
+                stopped_at=time.time()))
+
+    def workers(self) -> list[WorkerRow]:
+        silent = (_db_now(self.engine.dialect.name) - workers.c.heartbeat_at).label("silent")
+        with self._read() as conn:
+            rows = conn.execute(select(workers, silent).order_by(workers.c.started_at)).all()
+            holding: dict[str, dict[str, int]] = {}
+            for owner, state, n in conn.execute(
+                    select(jobs.c.owner, jobs.c.state, func.count())
+                    .where(jobs.c.owner.is_not(None)).group_by(jobs.c.owner, jobs.c.state)):
+                holding.setdefault(owner, {})[state] = n
+        return [WorkerRow(r.name, r.host, r.pid, r.started_at, r.silent, r.lease_seconds,
+                          r.stopped_at, r.taken_over_by, r.taken_over_jobs,
+                          holding.get(r.name, {})) for r in rows]
+
+    def work_by_worker(self) -> dict[str, dict[str, int]]:
+        """Per worker: uploads it had accepted and results it saved, from the history."""
+        moves = {("submitting", "queued"): "uploaded", ("downloading", "done"): "saved"}
+        query = (select(events.c.worker, events.c.from_state, events.c.to_state, func.count())
+                 .where(events.c.worker.is_not(None),
+                        or_(*[and_(events.c.from_state == a, events.c.to_state == b)
+                              for a, b in moves]))
+                 .group_by(events.c.worker, events.c.from_state, events.c.to_state))
+        found: dict[str, dict[str, int]] = {}
+        with self._read() as conn:
+            for worker, a, b, n in conn.execute(query):
+                found.setdefault(worker, {})[moves[(a, b)]] = n
+        return found
+
+    def next_api_slot(self, api_base: str, interval: float) -> float:
+        """Book the next request to the API host among all workers sharing one rate: returns
+        how long to wait for the booked moment (virtual scheduling on the database's clock)."""
+        now = _db_now(self.engine.dialect.name)
+        statement = self._insert(api_slots).values(api_base=api_base, next_at=now + interval)
+        statement = statement.on_conflict_do_update(
+            index_elements=["api_base"],
+            set_={"next_at": func.greatest(api_slots.c.next_at, now) + interval
+                  if self.shared else func.max(api_slots.c.next_at, now) + interval})
+        with self._write(durable=False) as conn:
+            booked = conn.execute(statement.returning(
+                api_slots.c.next_at - interval - now)).scalar()
+        return max(0.0, float(booked or 0.0))

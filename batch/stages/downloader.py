@@ -67,10 +67,12 @@ class Downloader:
             free = limit - len(self.in_flight)
             if free > 0:
                 claimed = rt.ledger.claimable([JobState.READY], free, exclude=set(self.in_flight),
-                                              soonest_expiry_first=True)
+                                              soonest_expiry_first=True, owner=rt.worker,
+                                              roots=rt.roots)
                 files = rt.ledger.files_of([job.id for job in claimed]) if claimed else {}
                 for job in claimed:
-                    task = asyncio.create_task(self._download(job, files.get(job.id, [])),
+                    mine = [f for f in files.get(job.id, []) if rt.reaches(f.root)]
+                    task = asyncio.create_task(self._download(job, mine),
                                                name=f"download-{job.id}")
                     self.in_flight[job.id] = task
                     task.add_done_callback(functools.partial(self._forget, job.id))

@@ -91,6 +91,7 @@ class Poller:
         self.heap: list[tuple[float, int]] = []
         self.in_flight: set[asyncio.Task[None]] = set()
         self._last_sync = 0.0
+        self._takeovers = 0
         #: Some open task is in the ledger only (the window was full when it came).
         self._left_out = False
         self.clock = TaskClock(rt.config.poll_interval)
@@ -119,7 +120,9 @@ class Poller:
         start, then now and then, and soon after finished tasks left room)."""
         now = time.time()
         self._last_sync, self._left_out = now, False
-        for job_id, task_id, state, submitted_at, expires_at in self.rt.ledger.open_tasks(OPEN):
+        self._takeovers = self.rt.takeovers
+        for job_id, task_id, state, submitted_at, expires_at in self.rt.ledger.open_tasks(
+                OPEN, owner=self.rt.worker):
             self._track(job_id, task_id, state, submitted_at or now,
                         expires_at or now + apispec.RESULT_TTL_SECONDS)
             if self._left_out:
@@ -129,7 +132,8 @@ class Poller:
         since = time.time() - self._last_sync
         room = len(self.tracked) < self.window * 0.9
         refill = min(REFILL_SECONDS, self.rt.config.poll_interval)
-        return since > RESYNC_SECONDS or (self._left_out and room and since > refill)
+        return (since > RESYNC_SECONDS or self._takeovers != self.rt.takeovers
+                or (self._left_out and room and since > refill))
 
     async def run(self) -> None:
         rt = self.rt

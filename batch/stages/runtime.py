@@ -86,6 +86,11 @@ class Runtime:
     breaker: CircuitBreaker
     #: Every ledger write the stages make goes through it, off the event loop's thread.
     writes: LedgerWriter
+    #: This run's name among the ledger's workers: the owner of the jobs it claims.
+    worker: str | None = None
+    #: The source roots this worker reaches (as the ledger names them): on a shared ledger it
+    #: claims only jobs with a file under one of them.
+    roots: tuple[str, ...] = ()
     budget: Budget | None = None
     #: The account's balance as read before the first upload (None: not read).
     balance: float | None = None
@@ -103,6 +108,8 @@ class Runtime:
     queued: asyncio.Queue[QueuedTask] = field(default_factory=asyncio.Queue)
     #: Jobs claimed for upload that have not started yet (more uploads still to come).
     uploads_waiting: int = 0
+    #: Bumped when this worker took over a dead one's jobs (the poller looks for its tasks).
+    takeovers: int = 0
 
     async def before_upload(self) -> None:
         """Money is decided before the first upload: a run with nothing to send reads no
@@ -113,6 +120,16 @@ class Runtime:
             if self.check_money is not None:
                 await self.check_money()
                 self.check_money = None
+
+    def reaches(self, root: str) -> bool:
+        """Whether this worker writes outputs for files under ``root`` (on a shared ledger,
+        another site's files are that site's to save)."""
+        return not self.ledger.shared or root in self.roots
+
+    def took_over(self) -> None:
+        self.takeovers += 1
+        for event in (self.wake_submitter, self.wake_poller, self.wake_downloader, self.changed):
+            event.set()
 
     def backoff(self, attempt: int) -> float:
         return backoff_delay(attempt, base=self.config.backoff_base, cap=self.config.backoff_cap,

@@ -66,7 +66,8 @@ class Submitter:
         so a job that changed in between is simply skipped."""
         ledger = self.rt.ledger
         exclude = set(self.in_flight) | {job.id for job, _ in self.waiting}
-        claimed = ledger.claimable(self.states, max(free, PREFETCH), exclude=exclude)
+        claimed = ledger.claimable(self.states, max(free, PREFETCH), exclude=exclude,
+                                   owner=self.rt.worker, roots=self.rt.roots)
         files = ledger.files_of([job.id for job in claimed]) if claimed else {}
         self.waiting.extend((job, files.get(job.id, [])) for job in claimed)
 
@@ -139,14 +140,20 @@ class Submitter:
             rt.budget.settle(charged=True)
         crashpoints.reached("answered")
         now = time.time()
-        await rt.writes.transition(
-            job.id, JobState.QUEUED, expect=JobState.SUBMITTING, task_id=submitted.task_id,
-            submitted_at=now,
-            expires_at=now + rt.config.result_ttl, attempts=0, next_attempt_at=0.0,
-            charge=True, reason=None,
-            info=TransitionInfo(http_status=200, request_id=submitted.request_id,
-                                log_id=submitted.log_id),
-        )
+        try:
+            await rt.writes.transition(
+                job.id, JobState.QUEUED, expect=JobState.SUBMITTING, task_id=submitted.task_id,
+                submitted_at=now,
+                expires_at=now + rt.config.result_ttl, attempts=0, next_attempt_at=0.0,
+                charge=True, reason=None,
+                info=TransitionInfo(http_status=200, request_id=submitted.request_id,
+                                    log_id=submitted.log_id),
+            )
+        except StaleTransition:  # this worker's lease lapsed meanwhile: the job is ambiguous
+            log.error("Job %d was taken over by another worker before its upload's answer "
+                      "(task %s, request %s) could be recorded.", job.id, submitted.task_id,
+                      submitted.request_id)
+            return
         rt.progress.sent()
         rt.queued.put_nowait(QueuedTask(job.id, submitted.task_id, now,
                                         now + rt.config.result_ttl))

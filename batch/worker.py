@@ -1,0 +1,183 @@
+"""This run as one worker of its ledger: a name, a lease its heartbeat renews every second, the
+jobs of workers whose lease lapsed taken over, and the API's request rate shared with the
+others.
+
+Several runs on one PostgreSQL ledger are several workers; a SQLite ledger has one at a time
+(its file lock), which takes over whatever the last one left. Leases are judged by the
+database's clock, so machines whose clocks disagree still agree on who is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from batch.ledger import Ledger
+from batch.ledger.store import WorkerNameTaken
+from batch.locking import LedgerBusy
+
+log = logging.getLogger("batch.worker")
+#: How often the lease is renewed and the other workers looked at.
+BEAT_SECONDS = 1.0
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class Worker:
+    """Register with :meth:`register`, :meth:`recover` what dead workers left, run the heartbeat
+    with :meth:`start`, and hand the jobs back with :meth:`stop`."""
+
+    def __init__(self, ledger: Ledger, name: str | None, lease_seconds: float) -> None:
+        self.ledger, self.lease = ledger, lease_seconds
+        self.name = name or default_name()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.live = 1
+
+    def register(self) -> None:
+        try:
+            self.ledger.register_worker(self.name, socket.gethostname(), os.getpid(),
+                                        self.lease)
+        except WorkerNameTaken:
+            raise LedgerBusy(f"A worker named {self.name!r} is already working on this ledger; "
+                             "give this run another --worker-name. Nothing was sent by this "
+                             "one.") from None
+        self.live = self._count_live()
+
+    def recover(self) -> dict[str, int]:
+        """At start: what dead runs left half-done. On a SQLite ledger every earlier run is
+        dead (this one holds the file lock); on a shared ledger, those whose lease lapsed and
+        those of this machine whose process is gone (a restart after a crash need not wait
+        for the lease)."""
+        counts = self.ledger.recover_interrupted()  # jobs no worker held
+        dead = set(self.ledger.lapsed_workers(self.name, all_others=not self.ledger.shared))
+        host = socket.gethostname()
+        dead |= {w.name for w in self.ledger.workers()
+                 if w.live and w.host == host and w.name != self.name and not _running(w.pid)}
+        for name in sorted(dead):
+            self._take_over(name)
+        self.live = self._count_live()
+        return counts
+
+    def alone(self) -> bool:
+        return self.live <= 1
+
+    def start(self, on_taken: Callable[[], None], on_lost: Callable[[str], None],
+              on_live: Callable[[int, int], None]) -> None:
+        """The heartbeat, in a thread of its own so that a busy event loop never lets the lease
+        lapse. ``on_taken``: jobs were taken over from a dead worker; ``on_lost``: this worker
+        must stop (its lease lapsed); ``on_live(before, now)``: the count of live workers
+        changed."""
+        self._thread = threading.Thread(target=self._beat, args=(on_taken, on_lost, on_live),
+                                        name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self, on_taken: Callable[[], None], on_lost: Callable[[str], None],
+              on_live: Callable[[int, int], None]) -> None:
+        last_ok = time.monotonic()
+        healthy_since = last_ok - self.lease  # a new worker may take over lapsed ones at once
+        while not self._stop.wait(BEAT_SECONDS):
+            now = time.monotonic()
+            try:
+                if not self.ledger.beat(self.name):
+                    on_lost(f"this worker ({self.name}) was silent longer than its lease and "
+                            "another worker took its jobs over; stopping")
+                    return
+                if now - last_ok > 2 * BEAT_SECONDS:
+                    log.warning("The ledger database answers again.")
+                    # Others could not renew their leases either: give them a lease's time
+                    # to do so before taking theirs for lapsed.
+                    healthy_since = now
+                last_ok = now
+                if now - healthy_since >= self.lease and any(
+                        self._take_over(dead) for dead in self.ledger.lapsed_workers(self.name)):
+                    on_taken()
+                live = self._count_live()
+                if live != self.live:
+                    on_live(self.live, live)
+                    self.live = live
+            except SQLAlchemyError as error:
+                if now - last_ok > self.lease:
+                    on_lost(f"the ledger database has been unreachable for longer than the "
+                            f"lease ({self.lease:g} s): stopping, so that another worker may "
+                            f"take this one's jobs over ({error.__class__.__name__})")
+                    return
+                if now - last_ok <= 2 * BEAT_SECONDS:
+                    log.warning("Cannot reach the ledger database (%s); retrying.",
+                                error.__class__.__name__)
+
+    def _take_over(self, dead: str) -> bool:
+        taken = self.ledger.take_over(dead, self.name)
+        if taken is not None:
+            log.warning("Worker %s stopped renewing its lease; took over its %d job(s).",
+                        dead, taken)
+        return taken is not None
+
+    def _count_live(self) -> int:
+        """Live workers, this one included (a SQLite ledger's is the only one: its file lock)."""
+        return max(1, self.ledger.live_workers()) if self.ledger.shared else 1
+
+    def stop(self) -> None:
+        """Hand this worker's jobs back (a clean end needs no lease to lapse)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            self.ledger.stop_worker(self.name)
+        except SQLAlchemyError as error:
+            log.warning("Could not hand this worker's jobs back (%s); the others take them "
+                        "once its lease lapses.", error.__class__.__name__)
+
+
+#: Booked moments lie this much further apart than the ceiling's spacing: a request leaves its
+#: worker a little after its moment (the database's answer, the event loop's timers), and
+#: any second must still hold no more than the ceiling's count.
+SLACK = 0.03
+
+
+class SharedPace:
+    """Requests to the API host booked in the ledger, so that every worker together stays under
+    one ``--max-qps``: each request takes the next free moment, 1/max_qps (plus SLACK) after
+    the last one booked."""
+
+    def __init__(self, ledger: Ledger, api_base: str, max_qps: float) -> None:
+        self.ledger, self.api_base = ledger, api_base
+        self.interval = (1.0 + SLACK) / max_qps
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pace")
+
+    async def __call__(self) -> None:
+        loop, delay = asyncio.get_running_loop(), 0.25
+        while True:
+            asked = time.monotonic()
+            try:
+                wait = await loop.run_in_executor(self._pool, self.ledger.next_api_slot,
+                                                  self.api_base, self.interval)
+                break
+            except SQLAlchemyError:  # the database is away: a pause, not a failure
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        # The wait counts from when the moment was booked, not from when the answer got here.
+        await asyncio.sleep(max(0.0, asked + wait - time.monotonic()))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

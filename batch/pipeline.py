@@ -308,8 +308,6 @@ async def _clock(rt: Runtime) -> None:
 
 
 COUNT_EVERY = 0.05
-#: On a shared ledger the count waits on other workers' jobs too: ask less often.
-SHARED_COUNT_EVERY = 0.5
 
 
 async def _drive(rt: Runtime, keep_running: bool = False,
@@ -331,8 +329,7 @@ async def _drive(rt: Runtime, keep_running: bool = False,
             # count put off is done as soon as it is due, so the run ends without a lag.
             more_coming = scanning is not None and not scanning.done()
             if not keep_running and not busy and not more_coming:
-                every = SHARED_COUNT_EVERY if rt.ledger.shared else COUNT_EVERY
-                due = last_count + every - time.monotonic()
+                due = last_count + COUNT_EVERY - time.monotonic()
                 if due > 0:
                     timeout = due
                 else:

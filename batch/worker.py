@@ -152,7 +152,7 @@ class Worker:
 #: Booked moments lie this much further apart than the ceiling's spacing: a request leaves its
 #: worker a little after its moment (the database's answer, the event loop's timers), and
 #: any second must still hold no more than the ceiling's count.
-SLACK = 0.03
+SLACK = 0.02
 
 
 class SharedPace:

@@ -301,6 +301,79 @@ def bench_uplink(work: Path, images: int) -> None:
         f"{os.cpu_count()} cores", ">= 90 % busy", busy >= 0.9)
 
 
+PG_ADMIN = os.environ.get("SKINBATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def fresh_pg_database() -> tuple[str, Callable[[], None]]:
+    """A new PostgreSQL database for one measurement, and how to drop it."""
+    from sqlalchemy import create_engine, text
+
+    name = f"skinbatch_bench_{os.getpid()}_{random.randrange(10**6)}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :n"), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+    return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def workers_run(work: Path, name: str, images: int, workers: int) -> tuple[float, float, int]:
+    """``workers`` runs on one PostgreSQL ledger sharing the API's cap (QPS, given as
+    --max-qps); returns achieved images/min, the bound, and the 429s seen."""
+    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.5,
+                            process_seconds=0.8, jitter=0.3, latency=LATENCY, qps_limit=QPS)
+    src = work / f"{name}-src"
+    make_images(src, images)
+    url, drop = fresh_pg_database()
+    try:
+        with Emulator(config) as emulator:
+            env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
+                   "PYTHONPATH": str(ROOT)}
+            started, started_at = time.perf_counter(), time.time()
+            children = [subprocess.Popen(
+                [sys.executable, "-m", "batch", "run", str(src), "--out",
+                 str(work / f"{name}-out"), "--ledger", url, "--smart-skin", "--max-qps",
+                 str(QPS), "--poll-interval", str(POLL), "--concurrency", str(CONCURRENCY),
+                 "--worker-name", f"w{i}", "--no-progress", "-q"], env=env,
+                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for i in range(workers)]
+            for child in children:
+                _, err = child.communicate(timeout=1800)
+                assert child.returncode == 0, err[-3000:]
+            wall = time.perf_counter() - started
+            tasks = list(emulator.state.tasks.values())
+            assert len(tasks) == images, (len(tasks), images)
+            first = min(t for t, kind in emulator.state.timeline if kind == "submit")
+            last_ready = max(t.ready_at for t in tasks)
+            print(f"  ({name}: start-up to the first upload {first - started_at:.2f}s, last "
+                  f"result ready to exit {started_at + wall - last_ready:.2f}s, status "
+                  f"queries per task {emulator.stats['queries'] / images:.2f})")
+            mean_task = sum(t.ready_at - t.created for t in tasks) / len(tasks)
+            bound = images / (2 * images / QPS + mean_task) * 60
+            return images / wall * 60, bound, emulator.stats.get("rate_limited", 0)
+    finally:
+        drop()
+
+
+def bench_workers(work: Path, images: int) -> None:
+    """One ceiling shared: three workers on one PostgreSQL ledger against the same QPS cap as
+    one worker on it, in the same run."""
+    one, bound_one, limited_one = workers_run(work, "workers-1", images, 1)
+    three, bound_three, limited_three = workers_run(work, "workers-3", images, 3)
+    row(f"1 worker on a PostgreSQL ledger, {images} images, QPS cap {QPS:g}",
+        f"{one:.0f} img/min; achieved/bound {one / bound_one:.3f}; 429s {limited_one}")
+    row(f"3 workers sharing that cap, {images} images",
+        f"{three:.0f} img/min; achieved/bound {three / bound_three:.3f} "
+        f"({three / one:.2f}x one worker); 429s {limited_three}", ">= 0.95",
+        three / bound_three >= 0.95)
+
+
 def bench_slow_disk(work: Path, images: int, fast: ThroughputRun) -> None:
     """The same run with the ledger (and outputs) on a disk whose every flush takes 20 ms more
     (tests/slowdisk.c, preloaded): what a spinning disk or a slow share would do."""
@@ -584,6 +657,7 @@ def main() -> None:
         bench_discovery(work, quick)
         bench_quick_start(work, 200 if quick else 2_000)
         bench_uplink(work, 6 if quick else 100)
+        bench_workers(work, 60 if quick else 1_000)
         print("3. scan")
         bench_scan(work, 3_000 if quick else 100_000, 20 if quick else 1_000)
         print("4. ledger")

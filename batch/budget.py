@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from batch.ledger import Ledger
+
+
+class Allowance(Protocol):
+    by_balance: bool
+
+    def reserve(self) -> bool: ...
+
+    def settle(self, charged: bool) -> None: ...
+
+    @property
+    def exhausted(self) -> bool: ...
 
 
 @dataclass
@@ -29,6 +44,28 @@ class Budget:
     @property
     def exhausted(self) -> bool:
         return self.left - self.reserved <= 0
+
+
+class BatchBudget:
+    """``--max-credits`` for a batch several workers share: one count in the ledger, taken and
+    given back atomically, so the workers together start at most that many paid uploads."""
+
+    by_balance = False
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def reserve(self) -> bool:
+        return self.ledger.take_budget(1)
+
+    def settle(self, charged: bool) -> None:
+        if not charged:
+            self.ledger.take_budget(-1)
+
+    @property
+    def exhausted(self) -> bool:
+        left = self.ledger.budget_left()
+        return left is not None and left <= 0
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ def run_options(func: F) -> F:
                      help="Write the report here at the end (.html, .csv or .json)."),
         click.option("--dry-run", is_flag=True,
                      help="Show what would be sent, rejected and skipped, and the cost."),
+        click.option("--max-upload-rate",
+                     help="At most this many bytes a second of uploads, e.g. 800k or 5M "
+                          "(MiB/s; 5M is about 42 Mbit/s). Default: no cap."),
         click.option("--worker-name",
                      help="This run's name among the workers of a shared PostgreSQL ledger "
                           "(default: host:pid)."),
@@ -129,7 +132,7 @@ def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) 
     flags = {k: params[k] for k in ("ledger", "api_base", "concurrency", "poll_interval",
                                     "max_qps", "on_ambiguous", "on_expired", "budget",
                                     "stop_submitting_at", "deadline", "report", "worker_name",
-                                    "lease_seconds")}
+                                    "lease_seconds", "max_upload_rate")}
     flags["progress"] = params["progress"]
     if params["keep_upload_metadata"]:
         flags["upload_metadata"] = "keep"

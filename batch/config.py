@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from batch import apispec
+from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
 from batch.options import Options
 from batch.preflight import PrepareSettings
@@ -93,6 +94,8 @@ class RunConfig:
     allow_source_inside_out: bool = False
     #: "strip": uploads carry no EXIF/XMP/IPTC/comments (results get them back); "keep".
     upload_metadata: UploadMetadata = "strip"
+    #: At most this many bytes a second of uploads ("800k", "5M"; None: no cap).
+    max_upload_rate: str | None = None
     #: This run's name among the workers of a shared ledger (default: host:pid).
     worker_name: str | None = None
     #: A worker silent this long (no heartbeat) has lost its jobs to the others.
@@ -101,6 +104,10 @@ class RunConfig:
     @property
     def prepare(self) -> PrepareSettings:
         return PrepareSettings(self.fit, self.max_side, self.jpeg_quality, self.upload_metadata)
+
+    @property
+    def upload_rate(self) -> float | None:
+        return None if self.max_upload_rate is None else parse_rate(self.max_upload_rate)
 
     @property
     def ledger_location(self) -> str:
@@ -229,6 +236,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("poll_interval must be positive")
     if config.max_qps is not None and config.max_qps <= 0:
         raise ConfigError("max_qps must be positive (leave it out for no ceiling)")
+    try:
+        _ = config.upload_rate
+    except ValueError as exc:
+        raise ConfigError(f"max_upload_rate: {exc}") from None
     if config.lease_seconds < 2:
         raise ConfigError("lease_seconds must be at least 2 (a heartbeat goes every second)")
     if config.worker_name is not None and not 0 < len(config.worker_name) <= 128:

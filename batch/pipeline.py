@@ -14,11 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from batch import apispec, crashpoints, pace
 from batch.api import ApiClient, ApiError, ErrorKind
+from batch.api.bandwidth import UploadPace
 from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
-from batch.budget import Budget, Estimate
+from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
@@ -87,7 +90,10 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
         ledger = open_ledger(config.ledger_location)
         try:
             worker = Worker(ledger, config.worker_name, config.lease_seconds)
-            worker.register()
+            in_force = worker.register(config.budget if ledger.shared else None)
+            if in_force is not None and in_force != config.budget:
+                log.warning("This worker joins a batch whose --max-credits is %d (not %s): "
+                            "the workers share that one.", in_force, config.budget)
             charges_before = ledger.charges()
             try:
                 with ledger.pinned():  # the event loop's own reads and claims
@@ -95,8 +101,9 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
             finally:
                 worker.stop()
             report.seconds = time.monotonic() - started
-            report.charged = ledger.charges() - charges_before
-            _record_run(ledger, report, started_at)
+            # The database may be coming back from a restart: the run's end waits for it too.
+            report.charged = ledger.patiently(ledger.charges) - charges_before
+            ledger.patiently(lambda: _record_run(ledger, report, started_at))
             if config.report is not None:
                 write_report(ledger, config.report, out_dir)
         finally:
@@ -125,6 +132,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                        max_connections=config.concurrency + 4,
                        max_downloads=max(2, config.concurrency),
                        max_result_bytes=config.max_result_bytes)
+    if config.upload_rate is not None:
+        client.upload_pace = UploadPace(config.upload_rate)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
     rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger),
                  worker=worker.name,
@@ -188,8 +197,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         rt.writes.close()
     waiting = rt.flags.submits_stopped
     if waiting in WAITING_STOPS:
-        ledger.annotate_waiting(to_send, f"not sent: {waiting}")
-    status = collect_status(ledger)
+        ledger.patiently(lambda: ledger.annotate_waiting(to_send, f"not sent: {waiting}"))
+    status = ledger.patiently(lambda: collect_status(ledger))
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
 
@@ -285,7 +294,7 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
         if (to_pay is None or affordable < to_pay) and (limit is None or affordable < limit):
             rt.budget = Budget(affordable, by_balance=True)
     if rt.budget is None and limit is not None:
-        rt.budget = Budget(limit)
+        rt.budget = BatchBudget(rt.ledger) if rt.ledger.shared else Budget(limit)
     # With the scan still going, nothing may be left to pay for: the first upload that
     # finds the allowance spent says so.
     if to_pay is not None and rt.budget is not None and rt.budget.exhausted:
@@ -334,8 +343,11 @@ async def _drive(rt: Runtime, keep_running: bool = False,
                     timeout = due
                 else:
                     last_count = time.monotonic()
-                    if _all_final(rt):
-                        break
+                    try:
+                        if _all_final(rt):
+                            break
+                    except DBAPIError as error:
+                        await rt.wait_for_ledger(error)
             rt.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.changed.wait(), timeout=timeout)

@@ -50,19 +50,23 @@ class Worker:
     def __init__(self, ledger: Ledger, name: str | None, lease_seconds: float) -> None:
         self.ledger, self.lease = ledger, lease_seconds
         self.name = name or default_name()
+        ledger.patience = lease_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.live = 1
 
-    def register(self) -> None:
+    def register(self, budget: int | None = None) -> int | None:
+        """Join the ledger's workers; with a ``budget`` (--max-credits), returns the one in
+        force for the batch this worker joins (its own, if it is the first)."""
         try:
-            self.ledger.register_worker(self.name, socket.gethostname(), os.getpid(),
-                                        self.lease)
+            in_force = self.ledger.register_worker(self.name, socket.gethostname(), os.getpid(),
+                                                   self.lease, budget)
         except WorkerNameTaken:
             raise LedgerBusy(f"A worker named {self.name!r} is already working on this ledger; "
                              "give this run another --worker-name. Nothing was sent by this "
                              "one.") from None
         self.live = self._count_live()
+        return in_force
 
     def recover(self) -> dict[str, int]:
         """At start: what dead runs left half-done. On a SQLite ledger every earlier run is

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import httpx
 
 from batch import apispec
+from batch.api.bandwidth import UploadPace
 from batch.api.errors import ApiError, Endpoint, ErrorKind, classify, error_fields
 from batch.api.ratelimit import RateLimiter
 from batch.api.retry import parse_retry_after
@@ -126,6 +127,8 @@ class ApiClient:
         max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
         self.limiter = limiter or RateLimiter()
+        #: Caps the bytes a second this client's uploads send together (None: no cap).
+        self.upload_pace: UploadPace | None = None
         self.timeouts = timeouts
         self.max_result_bytes = max_result_bytes
         self._base = base_url.rstrip("/")
@@ -163,6 +166,10 @@ class ApiClient:
             # boundary, headers and value goes out as a write of its own, and each write
             # through httpcore's anyio stream costs more CPU than the whole upload otherwise.
             await request.aread()
+            if self.upload_pace is not None:  # the length stays declared: no chunked encoding
+                request = httpx.Request(method, request.url, headers=request.headers,
+                                        content=self.upload_pace.stream(request.content),
+                                        extensions=request.extensions)
         response = await self._api.send(request)
         body = _json(response.content)
         retry_after = parse_retry_after(response.headers.get("retry-after"))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -30,11 +31,12 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from batch import crashpoints
 from batch.ledger.guards import REFUSAL
@@ -47,6 +49,9 @@ from batch.states import (
     JobState,
     check_transition,
 )
+
+log = logging.getLogger("batch.ledger")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,10 @@ TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expire
                                "prepared", "stripped", "result_sha256"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
+#: The batch's --max-credits shared by its workers (meta key): {"limit": n, "used": k}.
+BUDGET_KEY = "batch_budget"
+#: The advisory lock that makes workers register one at a time on a shared ledger.
+REGISTER_LOCK = 0x736B696E72656731  # "skinreg1"
 #: Workers that ended longer ago than this (seconds) leave the list (history keeps their work).
 WORKERS_KEPT = 7 * 86400
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
@@ -279,6 +288,9 @@ class Ledger:
         self._local = threading.local()
         #: The worker this ledger object writes for (recorded on every history row it writes).
         self.worker: str | None = None
+        #: How long (seconds) a write waits for a shared ledger's database that went away
+        #: (restarted, network gone) before it fails; its worker's lease, once it has one.
+        self.patience = 0.0
 
     def close(self) -> None:
         self.engine.dispose()
@@ -299,6 +311,27 @@ class Ledger:
         finally:
             self._local.conn.close()
             self._local.conn = None
+
+    def away(self, error: BaseException) -> bool:
+        """The error says the shared ledger's database cannot be reached (not that a
+        statement was wrong): worth waiting for."""
+        return self.shared and isinstance(error, DBAPIError) and (
+            error.connection_invalidated or isinstance(error, OperationalError))
+
+    def patiently(self, attempt: Callable[[], T]) -> T:
+        """Run one whole transaction, again while the database is away (a failed transaction
+        left nothing behind), for up to :attr:`patience` seconds."""
+        deadline, delay = time.monotonic() + self.patience, 0.25
+        while True:
+            try:
+                return attempt()
+            except DBAPIError as error:
+                if not self.away(error) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("The ledger database cannot be reached (%s); trying again in "
+                            "%.2g s.", type(error.orig).__name__, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     @contextmanager
     def _transaction(self, *, readonly: bool, durable: bool) -> Iterator[Connection]:
@@ -334,10 +367,13 @@ class Ledger:
             return conn.scalar(select(meta.c.value).where(meta.c.key == key))
 
     def set_meta(self, key: str, value: str) -> None:
-        statement = self._insert(meta).values(key=key, value=value)
         with self._write() as conn:
-            conn.execute(statement.on_conflict_do_update(
-                index_elements=["key"], set_={"value": statement.excluded.value}))
+            self._set_meta(conn, key, value)
+
+    def _set_meta(self, conn: Connection, key: str, value: str) -> None:
+        statement = self._insert(meta).values(key=key, value=value)
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=["key"], set_={"value": statement.excluded.value}))
 
     # ---- scanning -----------------------------------------------------------------------
 
@@ -402,11 +438,14 @@ class Ledger:
         refused starts rejected and is not counted). One transaction, not durable: a scan
         lost to a power cut is made again by the next scan, and no upload starts from a job
         before a durable write (``submitting``) has made it durable."""
-        created = 0
-        with self._write(durable=False) as conn:
-            for start in range(0, len(found), RECORD_CHUNK):
-                created += self._record_chunk(conn, found[start:start + RECORD_CHUNK])
-        return created
+        def record() -> int:
+            created = 0
+            with self._write(durable=False) as conn:
+                for start in range(0, len(found), RECORD_CHUNK):
+                    created += self._record_chunk(conn, found[start:start + RECORD_CHUNK])
+            return created
+
+        return self.patiently(record)
 
     def _record_chunk(self, conn: Connection, found: Sequence[ScannedFile]) -> int:
         now = time.time()
@@ -468,6 +507,13 @@ class Ledger:
         writes share it each in its own savepoint: one that fails is rolled back alone and its
         error returned in its place (``None`` for the others). A single write's error is
         raised. An error of the transaction itself (the disk is full) is raised for all."""
+        outcomes = self.patiently(lambda: self._commit(writes))
+        for write, outcome in zip(writes, outcomes, strict=True):
+            if outcome is None and write.point is not None:
+                crashpoints.reached(write.point)
+        return outcomes
+
+    def _commit(self, writes: Sequence[Write]) -> list[Exception | None]:
         outcomes: list[Exception | None] = [None] * len(writes)
         with self._write(durable=any(w.durable for w in writes)) as conn:
             if len(writes) == 1:
@@ -478,13 +524,12 @@ class Ledger:
                     try:
                         write.run(conn)
                     except Exception as exc:
+                        if self.away(exc):
+                            raise  # the connection is gone: the whole transaction again
                         savepoint.rollback()
                         outcomes[index] = exc
                     else:
                         savepoint.commit()
-        for write, outcome in zip(writes, outcomes, strict=True):
-            if outcome is None and write.point is not None:
-                crashpoints.reached(write.point)
         return outcomes
 
     def transition(self, job_id: int, target: JobState, *, expect: JobState | None = None,
@@ -858,10 +903,16 @@ class Ledger:
 
     # ---- workers sharing the ledger -------------------------------------------------------
 
-    def register_worker(self, name: str, host: str, pid: int, lease_seconds: float) -> None:
-        """Start a worker's lease; refused while a live worker of that name holds one."""
+    def register_worker(self, name: str, host: str, pid: int, lease_seconds: float,
+                        budget: int | None = None) -> int | None:
+        """Start a worker's lease; refused while a live worker of that name holds one. With a
+        ``budget`` (--max-credits), join the batch's: a worker that finds no other live one
+        opens a new batch with its own; one that joins keeps the batch's. Returns the batch's
+        budget in force (None: no budget)."""
         now = _db_now(self.engine.dialect.name)
         with self._write() as conn:
+            if self.shared:  # one registration at a time: the first of a batch knows it is
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTER_LOCK})
             row = conn.execute(select(
                 workers.c.stopped_at, workers.c.taken_over_by,
                 (now - workers.c.heartbeat_at).label("silent"), workers.c.lease_seconds)
@@ -869,13 +920,47 @@ class Ledger:
             if row is not None and row.stopped_at is None and row.taken_over_by is None \
                     and row.silent < row.lease_seconds:
                 raise WorkerNameTaken(name)
+            alone = not conn.scalar(select(func.count()).select_from(workers).where(
+                self._unended(), self._leased(), workers.c.name != name))
             conn.execute(workers.delete().where(workers.c.name == name))
             ended = func.coalesce(workers.c.stopped_at, workers.c.taken_over_at)
             conn.execute(workers.delete().where(ended < time.time() - WORKERS_KEPT))
             conn.execute(workers.insert().values(
                 name=name, host=host, pid=pid, started_at=time.time(), heartbeat_at=now,
                 lease_seconds=lease_seconds))
+            in_force = self._batch_budget(conn)
+            if budget is not None and (alone or in_force is None):
+                self._set_meta(conn, BUDGET_KEY, json.dumps({"limit": budget, "used": 0}))
+                in_force = (budget, 0)
         self.worker = name
+        return None if budget is None or in_force is None else in_force[0]
+
+    def _batch_budget(self, conn: Connection, lock: bool = False) -> tuple[int, int] | None:
+        query = select(meta.c.value).where(meta.c.key == BUDGET_KEY)
+        value = conn.scalar(query.with_for_update() if lock else query)
+        if value is None:
+            return None
+        found = json.loads(value)
+        return int(found["limit"]), int(found["used"])
+
+    def take_budget(self, units: int) -> bool:
+        """Take ``units`` (1, or -1 to give one back) of the batch's --max-credits, atomically
+        among its workers; False when none is left."""
+        with self._write() as conn:
+            budget = self._batch_budget(conn, lock=True)
+            if budget is None:
+                return True
+            limit, used = budget
+            if units > 0 and used + units > limit:
+                return False
+            self._set_meta(conn, BUDGET_KEY, json.dumps(
+                {"limit": limit, "used": max(0, used + units)}))
+        return True
+
+    def budget_left(self) -> int | None:
+        with self._read() as conn:
+            budget = self._batch_budget(conn)
+        return None if budget is None else budget[0] - budget[1]
 
     def beat(self, name: str) -> bool:
         """Renew the worker's lease. False: it lapsed and another worker took its jobs."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from PIL import Image
+from sqlalchemy.exc import DBAPIError
 
 from batch import crashpoints, metadata, thumbnails
 from batch.api import ApiError, ErrorKind
@@ -66,10 +67,14 @@ class Downloader:
         while not rt.flags.abort:
             free = limit - len(self.in_flight)
             if free > 0:
-                claimed = rt.ledger.claimable([JobState.READY], free, exclude=set(self.in_flight),
-                                              soonest_expiry_first=True, owner=rt.worker,
-                                              roots=rt.roots)
-                files = rt.ledger.files_of([job.id for job in claimed]) if claimed else {}
+                try:
+                    claimed = rt.ledger.claimable(
+                        [JobState.READY], free, exclude=set(self.in_flight),
+                        soonest_expiry_first=True, owner=rt.worker, roots=rt.roots)
+                    files = rt.ledger.files_of([job.id for job in claimed]) if claimed else {}
+                except DBAPIError as error:
+                    await rt.wait_for_ledger(error)
+                    continue
                 for job in claimed:
                     mine = [f for f in files.get(job.id, []) if rt.reaches(f.root)]
                     task = asyncio.create_task(self._download(job, mine),

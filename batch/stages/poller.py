@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from batch import apispec
 from batch.api import ApiError, ErrorKind
 from batch.ledger import TransitionInfo
@@ -132,14 +134,20 @@ class Poller:
         since = time.time() - self._last_sync
         room = len(self.tracked) < self.window * 0.9
         refill = min(REFILL_SECONDS, self.rt.config.poll_interval)
-        return (since > RESYNC_SECONDS or self._takeovers != self.rt.takeovers
+        return (not self._last_sync or since > RESYNC_SECONDS
+                or self._takeovers != self.rt.takeovers
                 or (self._left_out and room and since > refill))
 
     async def run(self) -> None:
         rt = self.rt
         limit = max(2, rt.config.concurrency * 2)
-        self._sync()
         while not rt.flags.abort:
+            if self._sync_due():
+                try:
+                    self._sync()
+                except DBAPIError as error:
+                    await rt.wait_for_ledger(error)
+                    continue
             now = time.time()
             while self.heap and self.heap[0][0] <= now and len(self.in_flight) < limit:
                 _, job_id = heapq.heappop(self.heap)
@@ -152,8 +160,6 @@ class Poller:
                 timeout = 1.0
             await wait_any(rt.wake_poller, self.in_flight, min(timeout, 1.0))
             self._take_handoffs()
-            if self._sync_due():
-                self._sync()
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self.in_flight.discard(task)

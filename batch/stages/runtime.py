@@ -16,7 +16,7 @@ from batch import apispec
 from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.breaker import CircuitBreaker
 from batch.api.retry import backoff_delay
-from batch.budget import Budget
+from batch.budget import Allowance
 from batch.config import RunConfig
 from batch.ledger import Ledger, TransitionInfo
 from batch.ledger.writer import LedgerWriter
@@ -91,7 +91,7 @@ class Runtime:
     #: The source roots this worker reaches (as the ledger names them): on a shared ledger it
     #: claims only jobs with a file under one of them.
     roots: tuple[str, ...] = ()
-    budget: Budget | None = None
+    budget: Allowance | None = None
     #: The account's balance as read before the first upload (None: not read).
     balance: float | None = None
     #: Reads the balance and sets what the run may spend, if that waits for the first upload
@@ -125,6 +125,15 @@ class Runtime:
         """Whether this worker writes outputs for files under ``root`` (on a shared ledger,
         another site's files are that site's to save)."""
         return not self.ledger.shared or root in self.roots
+
+    async def wait_for_ledger(self, error: Exception) -> None:
+        """A stage's read found the shared ledger's database away (restarted, network gone):
+        a pause, not a failure. The heartbeat stops the worker if it stays away longer than
+        the lease. Any other error is raised."""
+        if not self.ledger.away(error):
+            raise error
+        log.warning("The ledger database cannot be reached; waiting for it.")
+        await asyncio.sleep(1.0)
 
     def took_over(self) -> None:
         self.takeovers += 1

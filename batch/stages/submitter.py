@@ -11,6 +11,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from batch import crashpoints
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
@@ -49,7 +51,11 @@ class Submitter:
             free = rt.config.concurrency - len(self.in_flight)
             if free > 0 and rt.flags.submits_stopped is None:
                 if len(self.waiting) < free:
-                    self._refill(free)
+                    try:
+                        self._refill(free)
+                    except DBAPIError as error:
+                        await rt.wait_for_ledger(error)
+                        continue
                 while free > 0 and self.waiting:
                     job, files = self.waiting.popleft()
                     task = asyncio.create_task(self._submit(job, files),

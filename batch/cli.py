@@ -97,6 +97,9 @@ def run_options(func: F) -> F:
         click.option("--max-upload-rate",
                      help="At most this many bytes a second of uploads, e.g. 800k or 5M "
                           "(MiB/s; 5M is about 42 Mbit/s). Default: no cap."),
+        click.option("--root", "root_flags", multiple=True, metavar="NAME=PATH",
+                     help="Name a source tree for a shared ledger, with its path on this "
+                          "machine (repeatable; config [roots])."),
         click.option("--worker-name",
                      help="This run's name among the workers of a shared PostgreSQL ledger "
                           "(default: host:pid)."),
@@ -134,6 +137,11 @@ def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) 
                                     "stop_submitting_at", "deadline", "report", "worker_name",
                                     "lease_seconds", "max_upload_rate")}
     flags["progress"] = params["progress"]
+    if params["root_flags"]:
+        roots = [pair.partition("=") for pair in params["root_flags"]]
+        if any(not name or not sep or not path for name, sep, path in roots):
+            raise ConfigError("--root takes NAME=PATH, e.g. --root shoots=/mnt/nas/shoots")
+        flags["roots"] = {**file_values.get("roots", {}), **{n: p for n, _, p in roots}}
     if params["keep_upload_metadata"]:
         flags["upload_metadata"] = "keep"
     env = dict(os.environ)

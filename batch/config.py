@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tempfile
@@ -16,6 +17,7 @@ from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
 from batch.options import Options
 from batch.preflight import PrepareSettings
+from batch.roots import RootMap
 from batch.secret import Secret
 
 KEY_ENV = "AILAB_API_KEY"
@@ -96,6 +98,9 @@ class RunConfig:
     upload_metadata: UploadMetadata = "strip"
     #: At most this many bytes a second of uploads ("800k", "5M"; None: no cap).
     max_upload_rate: str | None = None
+    #: Names of source trees that machines sharing a ledger mount at different paths, each
+    #: with this machine's mount point (see ``batch.roots``).
+    roots: dict[str, str] = field(default_factory=dict)
     #: This run's name among the workers of a shared ledger (default: host:pid).
     worker_name: str | None = None
     #: A worker silent this long (no heartbeat) has lost its jobs to the others.
@@ -104,6 +109,10 @@ class RunConfig:
     @property
     def prepare(self) -> PrepareSettings:
         return PrepareSettings(self.fit, self.max_side, self.jpeg_quality, self.upload_metadata)
+
+    @functools.cached_property
+    def root_map(self) -> RootMap:
+        return RootMap.of(self.roots)
 
     @property
     def upload_rate(self) -> float | None:
@@ -125,6 +134,9 @@ def _file_settings() -> tuple[dict[str, type], dict[str, tuple[str, ...]]]:
         if get_origin(hint) is Literal:
             choices[name], kinds[name] = get_args(hint), str
             continue
+        if get_origin(hint) is dict:
+            kinds[name] = dict
+            continue
         base = next((a for a in get_args(hint) if a is not type(None)), hint)
         kinds[name] = {Options: dict, datetime: str, Path: str}.get(base, base)
     return kinds, choices
@@ -135,7 +147,7 @@ FILE_KEYS, CHOICES = _file_settings()
 
 #: The settings' types in words, for messages.
 KINDS: dict[type, str] = {str: "text in quotes", int: "a whole number", float: "a number",
-                          bool: "true or false", dict: "a table ([options])"}
+                          bool: "true or false", dict: "a table ([name])"}
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -240,6 +252,10 @@ def validate(config: RunConfig) -> None:
         _ = config.upload_rate
     except ValueError as exc:
         raise ConfigError(f"max_upload_rate: {exc}") from None
+    try:
+        _ = config.root_map
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"[roots]: {exc}") from None
     if config.lease_seconds < 2:
         raise ConfigError("lease_seconds must be at least 2 (a heartbeat goes every second)")
     if config.worker_name is not None and not 0 < len(config.worker_name) <= 128:

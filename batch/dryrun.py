@@ -94,13 +94,14 @@ def plan(config: RunConfig) -> Plan:
     try:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"))
         try:
-            scan(ledger, source_roots(config.sources), config.options,
+            scan(ledger, source_roots(config.sources, config.root_map), config.options,
                  exclude=(config.out.resolve(),), prepare=config.prepare)
             result = Plan(files=ledger.file_count())
             jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
             with ThreadPoolExecutor() as pool:
                 checks = pool.map(
-                    lambda j: _check(j, ledger.files_for_job(j.id), config.prepare), jobs)
+                    lambda j: _check(j, config.root_map.localize(ledger.files_for_job(j.id)),
+                                     config.prepare), jobs)
                 for path, verdict in checks:
                     if isinstance(verdict, str):
                         result.reject.append((path, verdict))

@@ -31,6 +31,7 @@ from batch.locking import RunLock
 from batch.outputs import clean_temp_files
 from batch.progress import Progress
 from batch.report import write_report
+from batch.roots import RootMap
 from batch.scan import ScanStats, SourceRoot, scan
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
@@ -55,17 +56,21 @@ class RunReport:
     charged: int = 0
 
 
-def source_roots(sources: tuple[Path, ...]) -> list[SourceRoot]:
-    """One source maps straight onto --out; several each get a subfolder named after them."""
-    if len(sources) == 1:
-        return [SourceRoot(sources[0])]
+def source_roots(sources: tuple[Path, ...], root_map: RootMap | None = None
+                 ) -> list[SourceRoot]:
+    """One source maps straight onto --out; several each get a subfolder named after them.
+    A source under a tree the root map names is recorded under that name."""
+    root_map = root_map or RootMap()
     used: dict[str, int] = {}
     roots = []
     for source in sources:
-        name = source.resolve().name or "source"
-        used[name] = used.get(name, 0) + 1
-        prefix = name if used[name] == 1 else f"{name}-{used[name]}"
-        roots.append(SourceRoot(source, prefix))
+        prefix = ""
+        if len(sources) > 1:
+            name = source.resolve().name or "source"
+            used[name] = used.get(name, 0) + 1
+            prefix = name if used[name] == 1 else f"{name}-{used[name]}"
+        root = SourceRoot(source, prefix)
+        roots.append(SourceRoot(source, prefix, root_map.key_for(root.base)))
     return roots
 
 
@@ -137,7 +142,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
     rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger),
                  worker=worker.name,
-                 roots=tuple(root.base for root in source_roots(config.sources)))
+                 roots=tuple(root.ledger_root
+                             for root in source_roots(config.sources, config.root_map)))
     to_send = submittable(config.on_ambiguous, config.on_expired)
     loop = asyncio.get_running_loop()
     shared_pace = None
@@ -175,8 +181,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             await _drive(rt, scanning=scanning)
         else:
             stats = await scanning
-            watcher = asyncio.create_task(watch_sources(rt, watch, source_roots(config.sources),
-                                                        stats))
+            roots = source_roots(config.sources, config.root_map)
+            watcher = asyncio.create_task(watch_sources(rt, watch, roots, stats))
             watcher.add_done_callback(lambda task: _watcher_ended(rt, task))
             try:
                 await _drive(rt, keep_running=True)
@@ -237,8 +243,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
         loop.call_soon_threadsafe(rt.wake_submitter.set)
 
     stats = await asyncio.to_thread(
-        scan, rt.ledger, source_roots(config.sources), config.options, exclude=(rt.out_dir,),
-        on_progress=recorded, prepare=config.prepare,
+        scan, rt.ledger, source_roots(config.sources, config.root_map), config.options,
+        exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
         should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
     crashpoints.reached("scanned")
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)

@@ -27,6 +27,7 @@ from batch import thumbnails
 from batch.ledger import Ledger
 from batch.options import Options
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
+from batch.status import describe_worker, worker_entry
 
 #: Results whose links expire within this many seconds need a person's attention.
 EXPIRING_SOON = 6 * 3600
@@ -45,6 +46,9 @@ class ReportData:
     files: int
     since: str
     runs: int
+    #: The workers of a shared ledger, each in one line (see ``batch.status``), and as rows.
+    workers: list[str]
+    worker_rows: list[dict[str, Any]]
 
 
 @functools.cache
@@ -65,23 +69,34 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
         expires = row["expires_at"]
         row["expires"] = datetime.fromtimestamp(expires).isoformat(timespec="minutes") \
             if expires else ""
-        if row["state"] == JobState.AMBIGUOUS.value:
-            attention.append({"source": path, "why": "upload answer lost (may be charged): "
-                                                     "skinbatch retry --ambiguous to resend"})
-        elif row["state"] in IN_FLIGHT:
-            soon = " (soon!)" if expires and expires - now < EXPIRING_SOON else ""
-            attention.append({"source": path, "why": f"paid, result not saved yet: run again "
-                                                     f"before its link expires {row['expires']}"
-                                                     f"{soon}"})
-        elif row["state"] == JobState.EXPIRED.value:
-            attention.append({"source": path, "why": "result link expired before it was saved"})
+        why = _why_attention(row, now)
+        if why is not None:
+            attention.append({"source": path, "why": why})
     last_run = json.loads(ledger.get_meta("last_run") or "{}")
     first = ledger.first_job_at()
+    workers = ledger.workers() if ledger.shared else []
+    work = ledger.work_by_worker() if workers else {}
     return ReportData(datetime.now().astimezone().isoformat(timespec="seconds"),
                       {k: v for k, v in ledger.counts().items() if v}, ledger.charges(),
                       last_run, rows, attention, out_dir, len(rows),
                       datetime.fromtimestamp(first).astimezone().isoformat(timespec="minutes")
-                      if first else "", int(ledger.get_meta("runs") or 0))
+                      if first else "", int(ledger.get_meta("runs") or 0),
+                      [describe_worker(w, work.get(w.name, {})) for w in workers],
+                      [worker_entry(w, work.get(w.name, {})) for w in workers])
+
+
+def _why_attention(row: dict[str, Any], now: float) -> str | None:
+    """Why a person should look at this file in the morning, if they should."""
+    if row["state"] == JobState.AMBIGUOUS.value:
+        return "upload answer lost (may be charged): skinbatch retry --ambiguous to resend"
+    if row["state"] in IN_FLIGHT:
+        expires = row["expires_at"]
+        soon = " (soon!)" if expires and expires - now < EXPIRING_SOON else ""
+        return (f"paid, result not saved yet: run again before its link expires "
+                f"{row['expires']}{soon}")
+    if row["state"] == JobState.EXPIRED.value:
+        return "result link expired before it was saved"
+    return None
 
 
 CSV_FIELDS = ["source", "written_rel", "state", "reason", "error_code", "http_status",
@@ -102,6 +117,7 @@ def to_json(data: ReportData) -> str:
         "generated": data.generated, "counts": data.counts, "credits_total": data.credits_total,
         "batch": {"files": data.files, "since": data.since, "runs": data.runs},
         "last_run": data.last_run, "needs_attention": data.attention,
+        "workers": data.worker_rows,
         "files": [{k: row.get(k) for k in CSV_FIELDS} for row in data.rows],
     }, indent=2, ensure_ascii=False)
 
@@ -200,6 +216,9 @@ def to_html(data: ReportData, out_dir: Path, page_dir: Path) -> str:
                  + "<th>credits charged (all runs)</th></tr><tr>"
                  + "".join(f"<td data-state='{e(k)}'>{v}</td>" for k, v in data.counts.items())
                  + f"<td id='credits'>{data.credits_total}</td></tr></table>")
+    if data.workers:
+        parts.append("<h2>Workers</h2><ul id='workers'>"
+                     + "".join(f"<li>{e(w)}</li>" for w in data.workers) + "</ul>")
     if data.attention:
         parts.append("<h2>Needs a person</h2><table id='attention'><tr><th>file</th><th>why</th>"
                      "</tr>" + "".join(f"<tr class='warn'><td>{e(a['source'])}</td>"

@@ -43,12 +43,19 @@ class SourceRoot:
 
     path: Path
     out_prefix: str = ""
+    #: The ledger's name for it where a root map names it (see ``batch.roots``).
+    key: str | None = None
 
     @property
     def base(self) -> str:
-        """The folder its files are recorded under in the ledger (``files.root``)."""
+        """The local folder its files lie in."""
         path = self.path.resolve()
         return str(path if path.is_dir() else path.parent)
+
+    @property
+    def ledger_root(self) -> str:
+        """What the ledger records its files under (``files.root``)."""
+        return self.key or self.base
 
 
 @dataclass(slots=True)
@@ -194,7 +201,7 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()
         yield Folder(directory, rel_dir, settings, files)
 
 
-def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
+def _candidate(key: str, base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
                settings: FolderSettings) -> ScannedFile:
     """The file, looked at (``stat``), with the reason it cannot be taken if there is one."""
     name = entry.name
@@ -203,7 +210,7 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
     fp = settings.options.fingerprint
 
     def problem(reason: str) -> ScannedFile:
-        return ScannedFile(base, rel, out_rel, 0, 0, None, fp, reason)
+        return ScannedFile(key, rel, out_rel, 0, 0, None, fp, reason)
 
     if settings.problem is not None:
         return problem(settings.problem)
@@ -222,7 +229,7 @@ def _candidate(base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: st
         return problem(f"cannot read file information: {exc.strerror or exc}")
     if not stat.S_ISREG(st.st_mode):
         return problem("not a regular file")
-    return ScannedFile(base, rel, out_rel, st.st_size, st.st_mtime_ns, None, fp)
+    return ScannedFile(key, rel, out_rel, st.st_size, st.st_mtime_ns, None, fp)
 
 
 def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
@@ -274,7 +281,7 @@ class _RootScan:
         self.workers = workers
         self.stopped = False
         self.is_tree = root.path.resolve().is_dir()
-        self.base = root.base
+        self.base, self.key = root.base, root.ledger_root
         self.stats = ScanStats()
         self.batch: list[tuple[ScannedFile, str]] = []
         #: Batches being hashed, recorded oldest first while the walk goes on.
@@ -287,7 +294,7 @@ class _RootScan:
         stored: dict[str, tuple[str, int]] = {}
         seen: set[str] = set()
         if self.is_tree:
-            stored = self.ledger.folder_digests(self.base)
+            stored = self.ledger.folder_digests(self.key)
             seen = self._tree(stored)
         else:
             self._single_file()
@@ -298,7 +305,7 @@ class _RootScan:
             clean = {d: v for d, v in self.changed.items() if v is not None}
             stale = [d for d in stored if d not in seen or self.changed.get(d, "") is None]
             if clean or stale:
-                self.ledger.save_folder_digests(self.base, clean, stale)
+                self.ledger.save_folder_digests(self.key, clean, stale)
         return self.stats
 
     def _single_file(self) -> None:
@@ -306,12 +313,12 @@ class _RootScan:
         st = path.stat()
         self.stats.found += 1
         out_rel = output_rel(self.root.out_prefix, "", DEFAULT_NAMING, path.name)
-        self._consider(ScannedFile(self.base, path.name, out_rel, st.st_size, st.st_mtime_ns,
+        self._consider(ScannedFile(self.key, path.name, out_rel, st.st_size, st.st_mtime_ns,
                                    None, self.options.fingerprint), str(path),
-                       self.ledger.known_files(self.base, "").get(path.name))
+                       self.ledger.known_files(self.key, "").get(path.name))
 
     def _tree(self, stored: dict[str, tuple[str, int]]) -> set[str]:
-        fresh = not stored and not self.ledger.has_files(self.base)
+        fresh = not stored and not self.ledger.has_files(self.key)
         seen: set[str] = set()
         for folder in folders(self.root, self.options, self.exclude):
             if self.should_stop():
@@ -330,9 +337,9 @@ class _RootScan:
             images = folder.images()
             self.stats.found += len(images)
             self.changed[folder.rel_dir] = None if digest is None else (digest, len(images))
-            known = {} if fresh else self.ledger.known_files(self.base, folder.rel_dir)
+            known = {} if fresh else self.ledger.known_files(self.key, folder.rel_dir)
             for entry in images:
-                candidate = _candidate(self.base, self.root, entry, folder.rel_dir,
+                candidate = _candidate(self.key, self.base, self.root, entry, folder.rel_dir,
                                        folder.settings)
                 self._consider(candidate, entry.path, known.get(candidate.rel_path))
         return seen

@@ -52,8 +52,7 @@ class StatusReport:
             "metadata_removed_from_uploads": self.stripped,
             "prepared_before_upload": [{"path": path, "note": note}
                                        for path, note in self.prepared],
-            "workers": [{**asdict(w), "live": w.live, **self.work.get(w.name, {})}
-                        for w in self.workers],
+            "workers": [worker_entry(w, self.work.get(w.name, {})) for w in self.workers],
         }
         return json.dumps(payload, indent=2, ensure_ascii=False)
 
@@ -88,6 +87,11 @@ class StatusReport:
                 code = f" [{p.error_code}{http}]" if p.error_code else ""
                 lines.append(f"  {p.state:9} {p.path}: {p.reason}{code}")
         return "\n".join(lines)
+
+
+def worker_entry(w: WorkerRow, work: dict[str, int]) -> dict[str, Any]:
+    """A worker as the JSON of ``status`` and of the report has it."""
+    return {**asdict(w), "live": w.live, **work}
 
 
 def describe_worker(w: WorkerRow, work: dict[str, int]) -> str:

@@ -63,9 +63,28 @@ def test_sample_config_documents_every_key_and_loads() -> None:
 
     sample = Path(__file__).resolve().parent.parent / "sample_config.toml"
     text = sample.read_text()
-    missing = [key for key in FILE_KEYS if key != "options"
+    tables = [key for key, kind in FILE_KEYS.items() if kind is dict]
+    missing = [key for key in FILE_KEYS if key not in tables
                and f"\n{key} =" not in text and f"\n# {key} =" not in text]
     assert not missing, f"sample_config.toml does not document {missing}"
-    assert "[options]" in text
+    assert all(f"\n[{table}]\n" in text for table in tables), tables
     values = load_file(sample)
     assert values["poll_interval"] == 5.0 and values["on_collision"] == "skip"
+
+
+def test_roots_name_a_shared_tree_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    nas = tmp_path / "nas"
+    (nas / "2026" / "wedding").mkdir(parents=True)
+    cfg = write(tmp_path / "c.toml", f'[roots]\nshoots = "{nas}"\n')
+    config = build((nas / "2026",), tmp_path / "out", file_values=load_file(cfg), env={})
+    assert config.root_map.key_for(str(nas / "2026" / "wedding")) == "@shoots/2026/wedding"
+    assert config.root_map.key_for(str(nas)) == "@shoots"
+    assert config.root_map.key_for(str(tmp_path)) is None
+    assert config.root_map.local("@shoots/2026") == nas / "2026"
+    assert config.root_map.local("@elsewhere/x") is None
+    for bad, message in (('"../x" = "/mnt"', "not a root name"),
+                         ('shoots = "relative/path"', "must be absolute"),
+                         ("shoots = 3", "must be text in quotes")):
+        cfg = write(tmp_path / "bad.toml", f"[roots]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            build((nas,), tmp_path / "out", file_values=load_file(cfg), env={})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -98,6 +99,14 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     listed = {w["name"]: w for w in json.loads(status.stdout)["workers"]}
     assert {name: w["uploaded"] for name, w in listed.items()} == by_worker
     assert all(w["saved"] > 0 and not w["live"] for w in listed.values())
+    # The morning report, asked from any machine, names them too.
+    assert run_cli(["report", "--out", str(out), "--ledger", pg_url, "--format", "json"],
+                   None).returncode == 0
+    reported = json.loads((out / "skinbatch-report.json").read_text())["workers"]
+    assert {w["name"]: w["uploaded"] for w in reported} == by_worker
+    assert run_cli(["report", "--out", str(out), "--ledger", pg_url], None).returncode == 0
+    page = (out / "skinbatch-report.html").read_text()
+    assert all(f"<li>{name} (" in page for name in by_worker)
 
 
 @pytest.mark.parametrize("seed", [
@@ -285,3 +294,38 @@ def test_max_credits_is_one_number_for_the_whole_batch(
     assert again.returncode == 0, again.stderr
     assert emulator.stats["charged"] == 40
     assert_outputs_right(out, sources, emulator)
+
+
+def test_a_tree_mounted_at_different_paths_is_one_root_by_its_name(
+        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Two machines see one NAS at /mnt/nas/shoots and /Volumes/shoots (here: two copies of
+    one tree): each maps the name "shoots" to its own path, so the ledger holds one file row
+    per photo under "@shoots", the work is shared, and nothing is paid twice."""
+    emulator = make_emulator(queue_seconds=0.2, process_seconds=0.4)
+    mount_a, mount_b, out = tmp_path / "a" / "shoots", tmp_path / "b" / "shoots", tmp_path / "out"
+    sources = shoot(mount_a, 60)
+    shutil.copytree(mount_a, mount_b)
+    procs = [popen_cli(["run", str(mount), "--out", str(out), "--ledger", pg_url,
+                        "--root", f"shoots={mount}", "--worker-name", name, "--max-qps", "100",
+                        *WORKER_FLAGS], emulator)
+             for mount, name in ((mount_a, "a"), (mount_b, "b"))]
+    assert finish(procs) == [0, 0]
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 60
+    ledger = ledger_of(out, pg_url)
+    try:
+        assert ledger.file_count() == 60
+        assert {f.root for job in ledger.jobs_in(list(JobState))
+                for f in ledger.files_for_job(job.id)} == {"@shoots"}
+    finally:
+        ledger.close()
+    assert sum(uploads_by_worker(out, pg_url).values()) == 60
+    # A machine that names no "shoots" never takes those jobs: with nothing of its own to do,
+    # it exits at once having sent nothing.
+    other = tmp_path / "c" / "own"
+    own = shoot(other, 3, first_seed=900)
+    alone = run_cli(["run", str(other), "--out", str(tmp_path / "out-c"), "--ledger", pg_url,
+                     "--max-qps", "100", *WORKER_FLAGS], emulator)
+    assert alone.returncode == 0, alone.stderr
+    assert emulator.stats["charged"] == 63
+    assert_outputs_right(tmp_path / "out-c", own, emulator)

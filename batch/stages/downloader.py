@@ -64,6 +64,7 @@ class Downloader:
     async def run(self) -> None:
         rt = self.rt
         limit = max(2, rt.config.concurrency)
+        root_map = rt.config.root_map
         while not rt.flags.abort:
             free = limit - len(self.in_flight)
             if free > 0:
@@ -76,7 +77,8 @@ class Downloader:
                     await rt.wait_for_ledger(error)
                     continue
                 for job in claimed:
-                    mine = [f for f in files.get(job.id, []) if rt.reaches(f.root)]
+                    mine = root_map.localize(
+                        [f for f in files.get(job.id, []) if rt.reaches(f.root)])
                     task = asyncio.create_task(self._download(job, mine),
                                                name=f"download-{job.id}")
                     self.in_flight[job.id] = task

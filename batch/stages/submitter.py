@@ -75,7 +75,8 @@ class Submitter:
         claimed = ledger.claimable(self.states, max(free, PREFETCH), exclude=exclude,
                                    owner=self.rt.worker, roots=self.rt.roots)
         files = ledger.files_of([job.id for job in claimed]) if claimed else {}
-        self.waiting.extend((job, files.get(job.id, [])) for job in claimed)
+        local = self.rt.config.root_map.localize
+        self.waiting.extend((job, local(files.get(job.id, []))) for job in claimed)
 
     async def drain(self, grace: float) -> None:
         """Let uploads under way get their answer (so they are not left ambiguous)."""

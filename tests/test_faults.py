@@ -128,3 +128,20 @@ def test_slow_answers_are_waited_for(tmp_path: Path, make_emulator) -> None:  # 
     assert emulator.stats["stalls"] > 0
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == len(sources)
+
+
+def test_uploads_under_a_bandwidth_cap_survive_dropped_connections(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """Under --max-upload-rate one body at a time has the line: an upload whose connection
+    drops or that gets a 5xx gives the line back, and the others go on."""
+    emulator = make_emulator(faults=Faults(submit_drop_before=0.3, submit_drop_after=0.1,
+                                           submit_5xx=0.2), upload_bandwidth=1e9)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i, size=(600, 800), grain=30)
+               for i in range(10)}
+    result = run_cli(["run", str(src), "--out", str(out), "--max-upload-rate", "2M",
+                      "--concurrency", "4", *FAST_FLAGS], emulator, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, len(sources))
+    assert emulator.stats.get("submits", 0) > len(sources)  # the faults did happen

@@ -1,7 +1,11 @@
-"""A worker's cap on upload bandwidth (``--max-upload-rate``, as rclone's ``--bwlimit``): every
-upload's body goes out in chunks, each at the next free moment of one schedule shared by the
-worker's uploads, so together they send at most ``rate`` bytes a second and a studio's line
-stays usable during business hours."""
+"""A worker's cap on upload bandwidth (``--max-upload-rate``, as rclone's ``--bwlimit``): upload
+bodies go out in chunks at ``rate`` bytes a second, so a studio's line stays usable during
+business hours.
+
+One body at a time has the line: the others wait, prepared, for their turn. Shared evenly,
+every upload under way would finish at the same moment and the line would stand idle while
+the next ones are prepared; one at a time, each finishes as soon as it can and the next is
+ready when it does."""
 
 from __future__ import annotations
 
@@ -24,17 +28,40 @@ def parse_rate(text: str) -> float:
     return float(found.group(1)) * _UNITS[found.group(2).lower()]
 
 
+class Turn:
+    """One upload's hold on the line, given back once (when its body is sent, or when its
+    request ends without sending it)."""
+
+    def __init__(self, line: asyncio.Lock) -> None:
+        self._line, self._held = line, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._line.release()
+
+
 class UploadPace:
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self._next = time.monotonic()
+        self._line = asyncio.Lock()
 
-    async def stream(self, body: bytes) -> AsyncIterator[bytes]:
-        for start in range(0, len(body), CHUNK):
-            chunk = body[start:start + CHUNK]
-            now = time.monotonic()
-            at = max(now, self._next)
-            self._next = at + len(chunk) / self.rate
-            if at > now:
-                await asyncio.sleep(at - now)
-            yield chunk
+    async def turn(self) -> Turn:
+        """Wait for the line before the request goes out (a server would not wait for a
+        body whose headers it has)."""
+        await self._line.acquire()
+        return Turn(self._line)
+
+    async def stream(self, body: bytes, turn: Turn) -> AsyncIterator[bytes]:
+        try:
+            for start in range(0, len(body), CHUNK):
+                chunk = body[start:start + CHUNK]
+                now = time.monotonic()
+                at = max(now, self._next)
+                self._next = at + len(chunk) / self.rate
+                if at > now:
+                    await asyncio.sleep(at - now)
+                yield chunk
+        finally:
+            turn.release()  # the next upload goes while this one waits for its answer

@@ -166,11 +166,17 @@ class ApiClient:
             # boundary, headers and value goes out as a write of its own, and each write
             # through httpcore's anyio stream costs more CPU than the whole upload otherwise.
             await request.aread()
-            if self.upload_pace is not None:  # the length stays declared: no chunked encoding
-                request = httpx.Request(method, request.url, headers=request.headers,
-                                        content=self.upload_pace.stream(request.content),
-                                        extensions=request.extensions)
-        response = await self._api.send(request)
+        turn = None
+        if files and self.upload_pace is not None:  # the length stays declared: not chunked
+            turn = await self.upload_pace.turn()
+            request = httpx.Request(method, request.url, headers=request.headers,
+                                    content=self.upload_pace.stream(request.content, turn),
+                                    extensions=request.extensions)
+        try:
+            response = await self._api.send(request)
+        finally:
+            if turn is not None:
+                turn.release()
         body = _json(response.content)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         error = classify(response.status_code, body, endpoint, retry_after=retry_after)

@@ -25,7 +25,9 @@ from batch.states import JobState, submittable
 log = logging.getLogger("batch.submit")
 
 
-#: Jobs claimed from the ledger per query, waiting for an upload slot.
+#: Jobs claimed from the ledger per query, waiting for an upload slot (on a ledger one run
+#: has to itself: on a shared one a worker takes only what it can start now, and leaves the
+#: rest to the others).
 PREFETCH = 64
 
 
@@ -72,7 +74,8 @@ class Submitter:
         so a job that changed in between is simply skipped."""
         ledger = self.rt.ledger
         exclude = set(self.in_flight) | {job.id for job, _ in self.waiting}
-        claimed = ledger.claimable(self.states, max(free, PREFETCH), exclude=exclude,
+        wanted = free if ledger.shared else max(free, PREFETCH)
+        claimed = ledger.claimable(self.states, wanted, exclude=exclude,
                                    owner=self.rt.worker, roots=self.rt.roots)
         files = ledger.files_of([job.id for job in claimed]) if claimed else {}
         local = self.rt.config.root_map.localize

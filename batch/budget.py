@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from batch.ledger import Ledger
+    from batch.ledger.workers import WorkerRecords
 
 
 class Allowance(Protocol):
@@ -52,19 +52,19 @@ class BatchBudget:
 
     by_balance = False
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+    def __init__(self, records: WorkerRecords) -> None:
+        self.records = records
 
     def reserve(self) -> bool:
-        return self.ledger.take_budget(1)
+        return self.records.take_budget(1)
 
     def settle(self, charged: bool) -> None:
         if not charged:
-            self.ledger.take_budget(-1)
+            self.records.take_budget(-1)
 
     @property
     def exhausted(self) -> bool:
-        left = self.ledger.budget_left()
+        left = self.records.budget_left()
         return left is not None and left <= 0
 
 

@@ -15,6 +15,9 @@ from pathlib import Path, PurePosixPath
 
 TEMP_MARKER = ".skinbatch-"
 TEMP_SUFFIX = ".part"
+#: This process's worker, in its temp files' names: when a worker dies, the one that takes its
+#: jobs over removes its partial files from a shared output folder (see :func:`worker_tag`).
+_temp_tag = ""
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
@@ -45,10 +48,20 @@ def resolve_inside(out_dir: Path, rel: str) -> Path:
     return target
 
 
+def worker_tag(worker: str) -> str:
+    return hashlib.sha256(worker.encode()).hexdigest()[:8]
+
+
+def tag_temp_files(worker: str) -> None:
+    """Name this process's temp files after its worker."""
+    global _temp_tag
+    _temp_tag = worker_tag(worker) + "-"
+
+
 def new_temp(directory: Path, name: str) -> tuple[int, Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=f".{name[:80]}{TEMP_MARKER}", suffix=TEMP_SUFFIX,
-                                dir=directory)
+    fd, path = tempfile.mkstemp(prefix=f".{name[:80]}{TEMP_MARKER}{_temp_tag}",
+                                suffix=TEMP_SUFFIX, dir=directory)
     os.fchmod(fd, 0o666 & ~_UMASK)
     return fd, Path(path)
 
@@ -115,15 +128,17 @@ def remove_quietly(path: Path) -> None:
         path.unlink()
 
 
-def clean_temp_files(out_dir: Path) -> int:
-    """Remove partial files a killed run left behind (only our own temp names)."""
+def clean_temp_files(out_dir: Path, worker: str | None = None) -> int:
+    """Remove partial files a killed run left behind (only our own temp names); with
+    ``worker``, only that worker's."""
+    marker = TEMP_MARKER + (worker_tag(worker) + "-" if worker is not None else "")
     removed = 0
     if not out_dir.is_dir():
         return 0
     for directory, dirnames, filenames in os.walk(out_dir):
         dirnames[:] = [d for d in dirnames if d != ".skinbatch"]
         for name in filenames:
-            if TEMP_MARKER in name and name.endswith(TEMP_SUFFIX):
+            if marker in name and name.endswith(TEMP_SUFFIX):
                 remove_quietly(Path(directory) / name)
                 removed += 1
     return removed

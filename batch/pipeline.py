@@ -26,9 +26,10 @@ from batch.config import RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
+from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
-from batch.outputs import clean_temp_files
+from batch.outputs import clean_temp_files, tag_temp_files
 from batch.progress import Progress
 from batch.report import write_report
 from batch.roots import RootMap
@@ -163,6 +164,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         recovered = worker.recover()
         if worker.alone():  # another worker's downloads under way are not leftovers
             clean_temp_files(out_dir)
+        tag_temp_files(worker.name)
+        _clean_after_dead(worker, out_dir)
         for state, n in recovered.items():
             if n:
                 log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
@@ -216,6 +219,7 @@ def _start_heartbeat(rt: Runtime, worker: Worker, loop: asyncio.AbstractEventLoo
 
     def taken() -> None:
         loop.call_soon_threadsafe(rt.took_over)
+        _clean_after_dead(worker, rt.out_dir)
 
     def lost(why: str) -> None:
         loop.call_soon_threadsafe(rt.fail_run, why[0].upper() + why[1:])
@@ -225,6 +229,12 @@ def _start_heartbeat(rt: Runtime, worker: Worker, loop: asyncio.AbstractEventLoo
             loop.call_soon_threadsafe(rt.client.limiter.rescale, before, now)
 
     worker.start(on_taken=taken, on_lost=lost, on_live=live)
+
+
+def _clean_after_dead(worker: Worker, out_dir: Path) -> None:
+    """Partial outputs of the workers this one took over (their downloads are redone)."""
+    while worker.taken:
+        clean_temp_files(out_dir, worker.taken.pop())
 
 
 def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:
@@ -300,7 +310,8 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
         if (to_pay is None or affordable < to_pay) and (limit is None or affordable < limit):
             rt.budget = Budget(affordable, by_balance=True)
     if rt.budget is None and limit is not None:
-        rt.budget = BatchBudget(rt.ledger) if rt.ledger.shared else Budget(limit)
+        rt.budget = (BatchBudget(WorkerRecords(rt.ledger)) if rt.ledger.shared
+                     else Budget(limit))
     # With the scan still going, nothing may be left to pay for: the first upload that
     # finds the allowance spent says so.
     if to_pay is not None and rt.budget is not None and rt.budget.exhausted:

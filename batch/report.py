@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from batch import thumbnails
 from batch.ledger import Ledger
+from batch.ledger.workers import WorkerRecords
 from batch.options import Options
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
 from batch.status import describe_worker, worker_entry
@@ -74,8 +75,8 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
             attention.append({"source": path, "why": why})
     last_run = json.loads(ledger.get_meta("last_run") or "{}")
     first = ledger.first_job_at()
-    workers = ledger.workers() if ledger.shared else []
-    work = ledger.work_by_worker() if workers else {}
+    workers = WorkerRecords(ledger).listing() if ledger.shared else []
+    work = WorkerRecords(ledger).work() if workers else {}
     return ReportData(datetime.now().astimezone().isoformat(timespec="seconds"),
                       {k: v for k, v in ledger.counts().items() if v}, ledger.charges(),
                       last_run, rows, attention, out_dir, len(rows),

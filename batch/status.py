@@ -9,7 +9,8 @@ from datetime import datetime
 from typing import Any
 
 from batch.ledger import Ledger
-from batch.ledger.store import Problem, WorkerRow
+from batch.ledger.store import Problem
+from batch.ledger.workers import WorkerRecords, WorkerRow
 from batch.options import Options
 from batch.states import UNFINISHED
 from batch.stripping import tally
@@ -121,8 +122,8 @@ def collect_status(ledger: Ledger) -> StatusReport:
                  for fp, n in sorted(ledger.options_in_use().items())},
         stripped=_removed(ledger.stripped()),
         prepared=ledger.prepared_files(),
-        workers=ledger.workers() if ledger.shared else [],
-        work=ledger.work_by_worker() if ledger.shared else {},
+        workers=WorkerRecords(ledger).listing() if ledger.shared else [],
+        work=WorkerRecords(ledger).work() if ledger.shared else {},
     )
 
 

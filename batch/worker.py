@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy.exc import SQLAlchemyError
 
 from batch.ledger import Ledger
-from batch.ledger.store import WorkerNameTaken
+from batch.ledger.workers import WorkerNameTaken, WorkerRecords
 from batch.locking import LedgerBusy
 
 log = logging.getLogger("batch.worker")
@@ -49,7 +49,10 @@ class Worker:
 
     def __init__(self, ledger: Ledger, name: str | None, lease_seconds: float) -> None:
         self.ledger, self.lease = ledger, lease_seconds
+        self.records = WorkerRecords(ledger)
         self.name = name or default_name()
+        #: Workers whose jobs this one took over (their partial files are its to remove).
+        self.taken: list[str] = []
         ledger.patience = lease_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -59,7 +62,7 @@ class Worker:
         """Join the ledger's workers; with a ``budget`` (--max-credits), returns the one in
         force for the batch this worker joins (its own, if it is the first)."""
         try:
-            in_force = self.ledger.register_worker(self.name, socket.gethostname(), os.getpid(),
+            in_force = self.records.register(self.name, socket.gethostname(), os.getpid(),
                                                    self.lease, budget)
         except WorkerNameTaken:
             raise LedgerBusy(f"A worker named {self.name!r} is already working on this ledger; "
@@ -74,9 +77,9 @@ class Worker:
         those of this machine whose process is gone (a restart after a crash need not wait
         for the lease)."""
         counts = self.ledger.recover_interrupted()  # jobs no worker held
-        dead = set(self.ledger.lapsed_workers(self.name, all_others=not self.ledger.shared))
+        dead = set(self.records.lapsed(self.name, all_others=not self.ledger.shared))
         host = socket.gethostname()
-        dead |= {w.name for w in self.ledger.workers()
+        dead |= {w.name for w in self.records.listing()
                  if w.live and w.host == host and w.name != self.name and not _running(w.pid)}
         for name in sorted(dead):
             self._take_over(name)
@@ -103,7 +106,7 @@ class Worker:
         while not self._stop.wait(BEAT_SECONDS):
             now = time.monotonic()
             try:
-                if not self.ledger.beat(self.name):
+                if not self.records.beat(self.name):
                     on_lost(f"this worker ({self.name}) was silent longer than its lease and "
                             "another worker took its jobs over; stopping")
                     return
@@ -114,7 +117,7 @@ class Worker:
                     healthy_since = now
                 last_ok = now
                 if now - healthy_since >= self.lease and any(
-                        self._take_over(dead) for dead in self.ledger.lapsed_workers(self.name)):
+                        self._take_over(dead) for dead in self.records.lapsed(self.name)):
                     on_taken()
                 live = self._count_live()
                 if live != self.live:
@@ -131,15 +134,16 @@ class Worker:
                                 error.__class__.__name__)
 
     def _take_over(self, dead: str) -> bool:
-        taken = self.ledger.take_over(dead, self.name)
+        taken = self.records.take_over(dead, self.name)
         if taken is not None:
             log.warning("Worker %s stopped renewing its lease; took over its %d job(s).",
                         dead, taken)
+            self.taken.append(dead)
         return taken is not None
 
     def _count_live(self) -> int:
         """Live workers, this one included (a SQLite ledger's is the only one: its file lock)."""
-        return max(1, self.ledger.live_workers()) if self.ledger.shared else 1
+        return max(1, self.records.live()) if self.ledger.shared else 1
 
     def stop(self) -> None:
         """Hand this worker's jobs back (a clean end needs no lease to lapse)."""
@@ -147,7 +151,7 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
-            self.ledger.stop_worker(self.name)
+            self.records.stop(self.name)
         except SQLAlchemyError as error:
             log.warning("Could not hand this worker's jobs back (%s); the others take them "
                         "once its lease lapses.", error.__class__.__name__)
@@ -165,7 +169,7 @@ class SharedPace:
     the last one booked."""
 
     def __init__(self, ledger: Ledger, api_base: str, max_qps: float) -> None:
-        self.ledger, self.api_base = ledger, api_base
+        self.records, self.api_base = WorkerRecords(ledger), api_base
         self.interval = (1.0 + SLACK) / max_qps
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pace")
 
@@ -174,7 +178,7 @@ class SharedPace:
         while True:
             asked = time.monotonic()
             try:
-                wait = await loop.run_in_executor(self._pool, self.ledger.next_api_slot,
+                wait = await loop.run_in_executor(self._pool, self.records.next_api_slot,
                                                   self.api_base, self.interval)
                 break
             except SQLAlchemyError:  # the database is away: a pause, not a failure

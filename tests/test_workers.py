@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from batch.emulator import Emulator
+from batch.ledger.workers import WorkerRecords
 from batch.states import JobState
 from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right, ledger_of
 from tests.conftest import popen_cli, run_cli
@@ -90,7 +91,7 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     ledger = ledger_of(out, pg_url)
     try:
         assert ledger.counts()["done"] == 300 and ledger.file_count() == 300
-        assert {w.name: w.stopped_at is not None for w in ledger.workers()} == {
+        assert {w.name: w.stopped_at is not None for w in WorkerRecords(ledger).listing()} == {
             "w0": True, "w1": True, "w2": True}
     finally:
         ledger.close()
@@ -134,7 +135,7 @@ def test_a_worker_killed_at_a_random_moment_loses_nothing(
     assert_ledger_sound(out, pg_url)
     ledger = ledger_of(out, pg_url)
     try:
-        dead = {w.name: w for w in ledger.workers()}[f"w{victim}"]
+        dead = {w.name: w for w in WorkerRecords(ledger).listing()}[f"w{victim}"]
         assert dead.stopped_at is None
         assert dead.taken_over_by in {f"w{i}" for i in range(3) if i != victim}
         assert ledger.counts()["done"] == 120

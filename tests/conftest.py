@@ -118,7 +118,7 @@ def pg_url() -> Iterator[str]:
             pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (CI needs it)")
         pytest.skip("PostgreSQL not reachable")
     name = f"skinbatch_{secrets.token_hex(6)}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

@@ -330,3 +330,34 @@ def test_a_tree_mounted_at_different_paths_is_one_root_by_its_name(
     assert alone.returncode == 0, alone.stderr
     assert emulator.stats["charged"] == 63
     assert_outputs_right(tmp_path / "out-c", own, emulator)
+
+
+def _restart_postgresql() -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+                   check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.skipif(not shutil.which("pg_ctlcluster") or os.geteuid() != 0,
+                    reason="restarts the machine's PostgreSQL server (root, Debian's tools)")
+def test_a_real_postgresql_restart_mid_run_is_a_pause(
+        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    """The server itself restarted (not a proxy) under three workers: they wait, reconnect and
+    finish. Every other test's connections are new ones, so the restart costs them nothing."""
+    emulator = make_emulator(qps_limit=CEILING, queue_seconds=0.2, process_seconds=0.4)
+    src, out = tmp_path / "nas" / "shoots", tmp_path / "nas" / "retouched"
+    sources = shoot(src, 150)
+    workers = [popen_cli(["run", str(src), "--out", str(out), "--ledger", pg_url,
+                          "--worker-name", f"w{i}", "--max-qps", str(CEILING), "--poll-interval",
+                          "0.05", "--no-progress", "--lease-seconds", "20"], emulator)
+               for i in range(3)]
+    deadline = time.time() + 60
+    while emulator.stats.get("charged", 0) < 40 and time.time() < deadline:
+        time.sleep(0.01)
+    _restart_postgresql()
+    ended = [worker.communicate(timeout=240) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0, 0], ended
+    assert any("ledger database cannot be reached" in err for _, err in ended)
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 150
+    assert_ledger_sound(out, pg_url)

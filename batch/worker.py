@@ -63,7 +63,7 @@ class Worker:
         force for the batch this worker joins (its own, if it is the first)."""
         try:
             in_force = self.records.register(self.name, socket.gethostname(), os.getpid(),
-                                                   self.lease, budget)
+                                             self.lease, budget)
         except WorkerNameTaken:
             raise LedgerBusy(f"A worker named {self.name!r} is already working on this ledger; "
                              "give this run another --worker-name. Nothing was sent by this "
@@ -116,8 +116,8 @@ class Worker:
                     # to do so before taking theirs for lapsed.
                     healthy_since = now
                 last_ok = now
-                if now - healthy_since >= self.lease and any(
-                        self._take_over(dead) for dead in self.records.lapsed(self.name)):
+                if now - healthy_since >= self.lease and [
+                        dead for dead in self.records.lapsed(self.name) if self._take_over(dead)]:
                     on_taken()
                 live = self._count_live()
                 if live != self.live:

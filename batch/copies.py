@@ -4,6 +4,7 @@ user deleted. Never pays by itself."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from batch.ledger import JobRow, Ledger, TransitionInfo
@@ -20,14 +21,13 @@ from batch.states import JobState
 
 
 def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
-                       roots: tuple[str, ...] = ()) -> int:
+                       reaches: Callable[[str], bool] = lambda _root: True) -> int:
     """Write the missing outputs of done jobs, copied from a verified sibling output; with
     none left, the job goes back to ``ready`` to be downloaded again while its link lives,
-    and past that counts as expired. Returns how many outputs were written. On a shared
-    ledger only files under ``roots`` (another site's are that site's to write)."""
+    and past that counts as expired. Returns how many outputs were written. Only files under
+    roots the run ``reaches`` (on a shared ledger, another site's are that site's to write)."""
     by_job: dict[int, list[int]] = {}
-    needy = {f.id: f for f in ledger.files_needing_output()
-             if not ledger.shared or f.root in roots}
+    needy = {f.id: f for f in ledger.files_needing_output() if reaches(f.root)}
     for f in needy.values():
         assert f.job_id is not None
         by_job.setdefault(f.job_id, []).append(f.id)

@@ -9,7 +9,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ def source_roots(sources: tuple[Path, ...], root_map: RootMap | None = None
             used[name] = used.get(name, 0) + 1
             prefix = name if used[name] == 1 else f"{name}-{used[name]}"
         root = SourceRoot(source, prefix)
-        roots.append(SourceRoot(source, prefix, root_map.key_for(root.base)))
+        roots.append(replace(root, key=root_map.key_for(root.base)))
     return roots
 
 
@@ -143,8 +143,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
     rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger),
                  worker=worker.name,
-                 roots=tuple(root.ledger_root
-                             for root in source_roots(config.sources, config.root_map)))
+                 sources=tuple(source_roots(config.sources, config.root_map)))
     to_send = submittable(config.on_ambiguous, config.on_expired)
     loop = asyncio.get_running_loop()
     shared_pace = None
@@ -184,8 +183,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             await _drive(rt, scanning=scanning)
         else:
             stats = await scanning
-            roots = source_roots(config.sources, config.root_map)
-            watcher = asyncio.create_task(watch_sources(rt, watch, roots, stats))
+            watcher = asyncio.create_task(watch_sources(rt, watch, list(rt.sources), stats))
             watcher.add_done_callback(lambda task: _watcher_ended(rt, task))
             try:
                 await _drive(rt, keep_running=True)
@@ -194,7 +192,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                 await asyncio.gather(watcher, return_exceptions=True)
         stats = await scanning
         if not rt.flags.abort:
-            materialize_copies(ledger, out_dir, config.expiry_margin, rt.roots)
+            materialize_copies(ledger, out_dir, config.expiry_margin, rt.reaches)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -253,14 +251,14 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
         loop.call_soon_threadsafe(rt.wake_submitter.set)
 
     stats = await asyncio.to_thread(
-        scan, rt.ledger, source_roots(config.sources, config.root_map), config.options,
+        scan, rt.ledger, list(rt.sources), config.options,
         exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
         should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
     crashpoints.reached("scanned")
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
     rt.progress.rejected(rt.ledger.count_in({JobState.REJECTED}))
     await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,
-                            rt.roots)
+                            rt.reaches)
     rt.changed.set()
     return stats
 

@@ -169,7 +169,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 # Off the loop: it copies files, and its few ledger writes may wait for the
                 # stages' writer to let go of the ledger.
                 await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir,
-                                        rt.config.expiry_margin)
+                                        rt.config.expiry_margin, rt.reaches)
             # Files still settling get another look soon; otherwise wait for events.
             wait = settings.settle if stats.deferred else settings.rescan
             next_pass = time.monotonic() + wait

@@ -176,7 +176,6 @@ class SharedPace:
     async def __call__(self) -> None:
         loop, delay = asyncio.get_running_loop(), 0.25
         while True:
-            asked = time.monotonic()
             try:
                 wait = await loop.run_in_executor(self._pool, self.records.next_api_slot,
                                                   self.api_base, self.interval)
@@ -184,8 +183,8 @@ class SharedPace:
             except SQLAlchemyError:  # the database is away: a pause, not a failure
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
-        # The wait counts from when the moment was booked, not from when the answer got here.
-        await asyncio.sleep(max(0.0, asked + wait - time.monotonic()))
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

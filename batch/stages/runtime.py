@@ -21,6 +21,7 @@ from batch.config import RunConfig
 from batch.ledger import Ledger, TransitionInfo
 from batch.ledger.writer import LedgerWriter
 from batch.progress import Progress
+from batch.scan import SourceRoot
 
 log = logging.getLogger("batch")
 
@@ -88,9 +89,9 @@ class Runtime:
     writes: LedgerWriter
     #: This run's name among the ledger's workers: the owner of the jobs it claims.
     worker: str | None = None
-    #: The source roots this worker reaches (as the ledger names them): on a shared ledger it
-    #: claims only jobs with a file under one of them.
-    roots: tuple[str, ...] = ()
+    #: The run's sources: the scan walks them, and on a shared ledger the worker claims only
+    #: jobs with a file under one of them.
+    sources: tuple[SourceRoot, ...] = ()
     budget: Allowance | None = None
     #: The account's balance as read before the first upload (None: not read).
     balance: float | None = None
@@ -120,6 +121,11 @@ class Runtime:
             if self.check_money is not None:
                 await self.check_money()
                 self.check_money = None
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """The sources as the ledger names them (``files.root``)."""
+        return tuple(source.ledger_root for source in self.sources)
 
     def reaches(self, root: str) -> bool:
         """Whether this worker writes outputs for files under ``root`` (on a shared ledger,

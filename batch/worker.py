@@ -157,21 +157,36 @@ class Worker:
                         "once its lease lapses.", error.__class__.__name__)
 
 
-#: Booked moments lie this much further apart than the ceiling's spacing: a request leaves its
-#: worker a little after its moment (the database's answer, the event loop's timers), and
-#: any second must still hold no more than the ceiling's count.
+#: Booked moments lie a margin further apart than the ceiling's spacing: a request leaves its
+#: worker a little after its moment (the database's answer, the event loop's timers, a busy
+#: machine's scheduler), and the server counts any one second, so a request sent late shares
+#: a second with the ones booked a full spacing after it. The margin starts at SLACK; each 429
+#: widens it by SLACK_STEP (up to SLACK_MAX, a tenth of a second of lateness), and every
+#: SLACK_CLEAN requests without one narrow it by half a step: it settles at what this machine's
+#: lateness needs, as a rate discovered by AIMD settles at what the server takes.
 SLACK = 0.02
+SLACK_MAX = 0.10
+SLACK_STEP = 0.01
+SLACK_CLEAN = 100
 
 
 class SharedPace:
     """Requests to the API host booked in the ledger, so that every worker together stays under
-    one ``--max-qps``: each request takes the next free moment, 1/max_qps (plus SLACK) after
-    the last one booked."""
+    one ``--max-qps``: each request takes the next free moment, 1/max_qps (plus this worker's
+    margin) after the last one booked."""
 
     def __init__(self, ledger: Ledger, api_base: str, max_qps: float) -> None:
-        self.records, self.api_base = WorkerRecords(ledger), api_base
-        self.interval = (1.0 + SLACK) / max_qps
+        self.records, self.api_base, self.max_qps = WorkerRecords(ledger), api_base, max_qps
+        self.slack, self._clean = SLACK, 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pace")
+
+    @property
+    def interval(self) -> float:
+        return (1.0 + self.slack) / self.max_qps
+
+    def refused(self) -> None:
+        """The server answered 429 to a booked request: it left too late for the margin."""
+        self.slack, self._clean = min(SLACK_MAX, self.slack + SLACK_STEP), 0
 
     async def __call__(self) -> None:
         loop, delay = asyncio.get_running_loop(), 0.25
@@ -183,6 +198,9 @@ class SharedPace:
             except SQLAlchemyError:  # the database is away: a pause, not a failure
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
+        self._clean += 1
+        if self._clean >= SLACK_CLEAN:
+            self.slack, self._clean = max(SLACK, self.slack - SLACK_STEP / 2), 0
         if wait > 0:
             await asyncio.sleep(wait)
 

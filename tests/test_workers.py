@@ -3,6 +3,7 @@ emulator over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -13,10 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete, func, select
 
 from batch.emulator import Emulator
+from batch.ledger import open_ledger
+from batch.ledger.models import api_slots
 from batch.ledger.workers import WorkerRecords
 from batch.states import JobState
+from batch.worker import SLACK, SLACK_CLEAN, SLACK_MAX, SLACK_STEP, SharedPace
 from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right, ledger_of
 from tests.conftest import popen_cli, run_cli
 from tests.dbproxy import DatabaseProxy
@@ -79,11 +84,14 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     assert codes == [0, 0, 0]
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 300
-    # The server takes CEILING a second: any second that held more was refused. Requests
-    # leave their workers a few milliseconds after their booked moments, so one now and
-    # then lands in a crowded second; under 2 % of them (a 429 costs a retry, no credit).
+    # The server takes CEILING in any one second and refuses the rest. Every request was
+    # booked in the ledger's one pace for the API host; a request that leaves its worker late
+    # (a busy machine) shares a second with the one booked a spacing after it, and the 429
+    # widens the margin. Here 0.2-1.5 % of requests, with both cores and the disk loaded;
+    # the bound leaves room for a slower machine (a 429 costs a retry, no credit).
     requests = emulator.stats["submits"] + emulator.stats["queries"]
-    assert emulator.stats.get("rate_limited", 0) <= 0.02 * requests, emulator.stats
+    assert emulator.stats.get("rate_limited", 0) <= 0.05 * requests, emulator.stats
+    assert emulator.state.busiest_second(offered=True) <= 1.25 * CEILING
     assert emulator.state.busiest_second() <= CEILING
     by_worker = uploads_by_worker(out, pg_url)
     assert sum(by_worker.values()) == 300
@@ -91,6 +99,9 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     ledger = ledger_of(out, pg_url)
     try:
         assert ledger.counts()["done"] == 300 and ledger.file_count() == 300
+        with ledger.engine.connect() as conn:  # the workers booked their requests in one row
+            assert conn.scalar(select(func.count()).select_from(api_slots).where(
+                api_slots.c.api_base == emulator.api_base)) == 1
         assert {w.name: w.stopped_at is not None for w in WorkerRecords(ledger).listing()} == {
             "w0": True, "w1": True, "w2": True}
     finally:
@@ -108,6 +119,50 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     assert run_cli(["report", "--out", str(out), "--ledger", pg_url], None).returncode == 0
     page = (out / "skinbatch-report.html").read_text()
     assert all(f"<li>{name} (" in page for name in by_worker)
+
+
+def test_a_429_widens_the_margin_between_booked_moments_and_quiet_narrows_it(
+        pg_url: str) -> None:
+    """A request sent late shares a second with the one booked a spacing after it; the 429 it
+    brings widens this worker's margin, and requests that pass narrow it back."""
+    ledger = open_ledger(pg_url)
+    pace = SharedPace(ledger, "http://api.example", max_qps=10.0)
+
+    def free_line() -> None:
+        """Nothing booked ahead: the next request goes at once."""
+        with ledger.engine.begin() as conn:
+            conn.execute(delete(api_slots))
+
+    def spacing() -> float:
+        """The gap between two moments booked back to back, in the ledger."""
+        free_line()
+        booked = []
+        for _ in range(2):
+            asyncio.run(pace())
+            with ledger.engine.connect() as conn:
+                booked.append(conn.execute(select(api_slots.c.next_at)).scalar_one())
+        return float(booked[1] - booked[0])
+
+    async def pass_quietly(count: int) -> None:
+        for _ in range(count):
+            free_line()
+            await pace()
+
+    try:
+        assert spacing() == pytest.approx((1 + SLACK) / 10)
+        for _ in range(3):
+            pace.refused()
+        assert spacing() == pytest.approx((1 + SLACK + 3 * SLACK_STEP) / 10)
+        asyncio.run(pass_quietly(2 * SLACK_CLEAN))
+        assert spacing() == pytest.approx((1 + SLACK + 2 * SLACK_STEP) / 10)
+        for _ in range(60):
+            pace.refused()
+        assert spacing() == pytest.approx((1 + SLACK_MAX) / 10)  # at most a tenth of a second
+        asyncio.run(pass_quietly(round(2 * (SLACK_MAX - SLACK) / SLACK_STEP) * SLACK_CLEAN))
+        assert spacing() == pytest.approx((1 + SLACK) / 10)  # and never under the first margin
+    finally:
+        pace.close()
+        ledger.close()
 
 
 @pytest.mark.parametrize("seed", [

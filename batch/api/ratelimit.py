@@ -39,8 +39,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,15 @@ OVER = 1.5
 STORM = 3
 #: The share of the pace the last second must have carried for it to count as tested.
 FILLED = 0.5
+
+
+class SharedBooking(Protocol):
+    """The pace among the workers of a shared ledger: awaited for each request's moment, and
+    told of each 429."""
+
+    def __call__(self) -> Awaitable[None]: ...
+
+    def refused(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,7 @@ class RateLimiter:
         self._queued_since_change = False
         self._step = PROBE_FIRST
         #: Books each request among every worker of a shared ledger (see batch.worker).
-        self.shared: Callable[[], Awaitable[None]] | None = None
+        self.shared: SharedBooking | None = None
 
     @property
     def saturated(self) -> bool:
@@ -129,6 +139,8 @@ class RateLimiter:
             self.pause(retry_after)
         self._refused.append(now)
         self._forget_before(now - 1.0)
+        if self.shared is not None:
+            self.shared.refused()
         if now - self._cut_at < 1.0:
             return
         accepted = max(0, len(self._granted) - len(self._refused))

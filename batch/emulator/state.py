@@ -132,6 +132,8 @@ class EmulatorState:
         self._window: list[float] = []
         #: When each API request the rate limit let through arrived (time.monotonic()).
         self.accepted: list[float] = []
+        #: When each API request arrived, refused or not: what the clients offered.
+        self.arrived: list[float] = []
         self.uplink = Uplink(config.upload_bandwidth) if config.upload_bandwidth else None
         #: Each request body read through the uplink: (start, end, bytes), time.monotonic().
         self.upload_spans: list[tuple[float, float, int]] = []
@@ -182,6 +184,7 @@ class EmulatorState:
         limit = self.config.qps_limit
         now = time.monotonic()
         with self.lock:
+            self.arrived.append(now)
             self._window = [t for t in self._window if now - t < 1.0]
             if limit is not None and len(self._window) >= limit:
                 self.stats["rate_limited"] += 1
@@ -191,10 +194,11 @@ class EmulatorState:
             self.accepted.append(now)
             return False
 
-    def busiest_second(self) -> int:
-        """The most requests let through in any one second."""
+    def busiest_second(self, offered: bool = False) -> int:
+        """The most requests let through in any one second (``offered``: the most that
+        arrived, those the rate limit refused included)."""
         with self.lock:
-            times = sorted(self.accepted)
+            times = sorted(self.arrived if offered else self.accepted)
         most, first = 0, 0
         for last, moment in enumerate(times):
             while moment - times[first] >= 1.0:

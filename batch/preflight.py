@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -73,42 +75,51 @@ class Inspection(NamedTuple):
     orientation: int
 
 
-def inspect_image(data: bytes) -> Inspection:
-    """Decode ``data`` fully (bounded) and say what it is."""
-    if not data:
-        raise Rejected("the file is empty")
-    heif = data[4:12] in HEIF_BRANDS and heif_support()
+@contextmanager
+def _decoding(missing_heif: bool = False) -> Iterator[None]:
+    """Decoding a file the API would be sent: any way it fails becomes a reason in words, and
+    a frame larger than a decompression bomb's is refused rather than decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                fmt = image.format or "unknown"
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise Rejected(
-                        f"the image claims {width}x{height} pixels, more than the "
-                        f"{MAX_PIXELS // 1_000_000} megapixels this tool will decode "
-                        "(a corrupt file or a decompression bomb)"
-                    )
-                frames = getattr(image, "n_frames", 1)
-                mode = image.mode
-                orientation = image.getexif().get(0x0112, 1)
-                if fmt == "JPEG":
-                    image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                image.load()
+            yield
         except Rejected:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise Rejected("the image claims more pixels than this tool will decode: a corrupt "
                            f"file or a decompression bomb ({exc})") from exc
         except UnidentifiedImageError as exc:
-            if not heif and data[4:12] in HEIF_BRANDS:
+            if missing_heif:
                 raise Rejected("HEIC/HEIF photo, but HEIC support is not installed "
                                "(pip install 'skinbatch[heic]')") from exc
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
                 from exc
+
+
+def inspect_image(data: bytes, decode: bool = True) -> Inspection:
+    """Say what ``data`` is, from its header; ``decode``: decode it too (bounded: a JPEG at an
+    eighth of its size, which still reads every byte), so a damaged file is found now."""
+    if not data:
+        raise Rejected("the file is empty")
+    missing_heif = data[4:12] in HEIF_BRANDS and not heif_support()
+    with _decoding(missing_heif), Image.open(io.BytesIO(data)) as image:
+        fmt = image.format or "unknown"
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise Rejected(
+                f"the image claims {width}x{height} pixels, more than the "
+                f"{MAX_PIXELS // 1_000_000} megapixels this tool will decode "
+                "(a corrupt file or a decompression bomb)"
+            )
+        frames = getattr(image, "n_frames", 1)
+        mode = image.mode
+        orientation = image.getexif().get(0x0112, 1)
+        if decode:
+            if fmt == "JPEG":
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
     return Inspection(fmt, width, height, mode, frames,
                       orientation if isinstance(orientation, int) else 1)
 
@@ -116,22 +127,28 @@ def inspect_image(data: bytes) -> Inspection:
 def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Prepared:
     """Check ``data`` against everything the API would refuse; return what to send.
 
-    A file within the limits, upright and in an accepted format goes byte for byte. Otherwise
-    (``fit = "resize"``) a copy is made: EXIF orientation applied, scaled to ``max_side``,
-    re-encoded as JPEG until it fits, and the note says what was done.
+    A file within the limits, upright and in an accepted format goes byte for byte (less its
+    metadata). Otherwise (``fit = "resize"``) a copy is made: EXIF orientation applied, scaled
+    to ``max_side``, re-encoded as JPEG until it fits, and the note says what was done. Either
+    way the file is decoded once here: a copy's full decode is its check.
     """
-    fmt, width, height, _, _, orientation = check(data, settings)
+    fmt, width, height, _, _, orientation = check(data, settings, decode=False)
     if not (len(data) > MAX_UPLOAD_BYTES or width >= MAX_SIDE_EXCLUSIVE
             or height >= MAX_SIDE_EXCLUSIVE or orientation != 1 or fmt not in ACCEPTED_FORMATS):
+        inspect_image(data)
         return _stripped(Prepared(data, fmt, width, height), settings)
-    return _stripped(_resized(data, fmt, width, height, orientation, settings), settings)
+    with _decoding():
+        resized = _resized(data, fmt, width, height, orientation, settings)
+    return _stripped(resized, settings)
 
 
-def check(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Inspection:
+def check(data: bytes, settings: PrepareSettings = PrepareSettings(),
+          decode: bool = True) -> Inspection:
     """The verdict alone, without preparing the upload: what the file is, or ``Rejected``
     with the reason. The scan asks this of every new file, so a file that cannot be sent is
-    rejected (and left out of the credit estimate) before anything is paid for."""
-    inspection = inspect_image(data)
+    rejected (and left out of the credit estimate) before anything is paid for. ``decode``:
+    see :func:`inspect_image`."""
+    inspection = inspect_image(data, decode)
     fmt, width, height, mode, frames, _ = inspection
     if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:
         raise Rejected(f"{fmt} images are not accepted by the API (only JPEG, PNG and WEBP; "

@@ -62,3 +62,17 @@ def test_decompression_bomb_is_refused_without_decoding() -> None:
     bomb = header[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) \
         + header[33:]
     assert "decompression bomb" in reason(bomb)
+
+
+def test_a_file_that_needs_a_copy_is_checked_by_decoding_it_for_the_copy() -> None:
+    """A rotated or oversized file is decoded once, for its copy: damage found there is a
+    reason like any other, not a crash."""
+    wide = encode(portrait(4200, 300), "JPEG")
+    prepared = preflight(wide)
+    assert (prepared.width, prepared.height) == (4095, 293) and prepared.note
+    assert "truncated" in reason(wide[: len(wide) // 2])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(portrait(300, 200), "JPEG", exif=exif.tobytes())
+    assert (preflight(rotated).width, preflight(rotated).height) == (200, 300)
+    assert "truncated" in reason(rotated[: len(rotated) // 2])

@@ -33,7 +33,12 @@ def render(image_bytes: bytes) -> bytes:
     """A JPEG preview, turned upright; the JPEG decoder is asked for a reduced size."""
     with Image.open(io.BytesIO(image_bytes)) as image:
         image.draft("RGB", (SIZE * 2, SIZE * 2))
-        small = ImageOps.exif_transpose(image).convert("RGB")
+        return render_image(ImageOps.exif_transpose(image))
+
+
+def render_image(image: Image.Image) -> bytes:
+    """A JPEG preview of pixels already decoded (and upright)."""
+    small = image.convert("RGB") if image.mode != "RGB" else image.copy()
     small.thumbnail((SIZE, SIZE))
     buffer = io.BytesIO()
     small.save(buffer, "JPEG", quality=QUALITY, optimize=True)
@@ -42,20 +47,32 @@ def render(image_bytes: bytes) -> bytes:
 
 def save(out_dir: Path, sha256: str, image_bytes: bytes) -> Path | None:
     """Make and keep the preview of ``image_bytes`` unless it exists; None if it cannot be
-    made. Written whole or not at all (a temp file renamed), but not fsynced: a preview lost
-    to a power cut is made again by the next report."""
+    made."""
+    if path_for(out_dir, sha256).exists():
+        return path_for(out_dir, sha256)
+    try:
+        preview = render(image_bytes)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        log.debug("No preview for %s: %s", sha256[:12], exc)
+        return None
+    return keep(out_dir, sha256, preview)
+
+
+def keep(out_dir: Path, sha256: str, preview: bytes) -> Path | None:
+    """Keep a preview made elsewhere unless one exists. Written whole or not at all (a temp
+    file renamed), but not fsynced: a preview lost to a power cut is made again by the next
+    report."""
     target = path_for(out_dir, sha256)
     if target.exists():
         return target
     temp = None
     try:
-        data = render(image_bytes)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=".thumb-", dir=target.parent)
         with os.fdopen(fd, "wb") as sink:
-            sink.write(data)
+            sink.write(preview)
         os.replace(temp, target)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except OSError as exc:
         log.debug("No preview for %s: %s", sha256[:12], exc)
         if temp is not None:
             Path(temp).unlink(missing_ok=True)

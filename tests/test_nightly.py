@@ -242,3 +242,21 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator) -> None:  #
     assert result.returncode == 0
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
+
+
+def test_a_photo_sent_as_a_copy_has_an_upright_preview_of_each_side(
+        tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    """A sideways camera file (EXIF orientation 6) and a TIFF go to the API as upright JPEG
+    copies; their previews, made from the copies' pixels, stand upright too."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = write_portrait(src / "sideways.jpg", size=(300, 200), exif=exif.tobytes())
+    tiff = write_portrait(src / "scan.tif", fmt="TIFF", size=(200, 300), seed=3)
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
+    thumbs = out / ".skinbatch" / "thumbs"
+    for data in (sideways, tiff):
+        sha = hashlib.sha256(data).hexdigest()
+        with Image.open(thumbs / sha[:2] / f"{sha}.jpg") as preview:
+            assert preview.format == "JPEG" and preview.size == (160, 240)
+    assert len(list(thumbs.rglob("*.jpg"))) == 4

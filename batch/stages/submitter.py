@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from batch import crashpoints
+from batch import crashpoints, thumbnails
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
@@ -95,7 +95,7 @@ class Submitter:
         try:
             candidates = [f for f in files if f.problem is None]
             prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
-                                                         rt.config.prepare)
+                                                         rt.config.prepare, rt.out_dir)
         except Rejected as rejected:
             with contextlib.suppress(StaleTransition):
                 await rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
@@ -170,9 +170,10 @@ class Submitter:
         rt.wake_poller.set()
 
     @staticmethod
-    def _prepare(job: JobRow, candidates: list[FileRow],
-                 settings: PrepareSettings) -> tuple[Prepared, str]:
-        """Read the job's bytes from any linked file that still holds exactly that content."""
+    def _prepare(job: JobRow, candidates: list[FileRow], settings: PrepareSettings,
+                 out_dir: Path) -> tuple[Prepared, str]:
+        """Read the job's bytes from any linked file that still holds exactly that content;
+        keep the report's preview of a copy, made from its pixels."""
         changed = 0
         for f in candidates:
             path = Path(f.root) / f.rel_path
@@ -188,6 +189,8 @@ class Submitter:
                 changed += 1
                 continue
             prepared = preflight(data, settings)
+            if prepared.preview is not None:
+                thumbnails.keep(out_dir, job.content_sha256, prepared.preview)
             name = Path(f.rel_path).name
             if prepared.format == "JPEG" and prepared.note:
                 name = str(Path(name).with_suffix(".jpg"))

@@ -145,3 +145,20 @@ def test_uploads_under_a_bandwidth_cap_survive_dropped_connections(
     assert_outputs_right(out, sources, emulator)
     assert_no_double_pay(out, emulator, len(sources))
     assert emulator.stats.get("submits", 0) > len(sources)  # the faults did happen
+
+
+def test_a_429_costs_an_upload_no_attempt(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """Meeting the rate limit is how the pace is found: an upload refused with a 429 waits
+    and goes again, without using up its attempts (here only one is allowed)."""
+    emulator = make_emulator(qps_limit=15.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(40)}
+    config = tmp_path / "skinbatch.toml"
+    config.write_text("max_attempts = 1\n")
+    flags = ["--poll-interval", "0.2", "--max-qps", "60", "--concurrency", "8", "--no-progress"]
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config), *flags],
+                     emulator)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert emulator.stats["rate_limited_uploads"] > 0
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 40

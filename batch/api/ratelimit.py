@@ -23,10 +23,14 @@ carries (additive/multiplicative steps, a slow start):
 - **Probes cost little**: a probe is the same requests at a slightly faster pace, and a 429
   refuses whichever request finds the server's window full (an upload as often as a status
   query), costing that request a retry and no credits.
+- **The second after a cut**: the server counts requests over a second, and the last second
+  may hold more of them than the new pace allows (the slow start's last doubling, a ceiling
+  far above the limit). A request waits until fewer than the pace's count of requests were
+  granted in the second before it, so sending resumes as fast as those leave the server's
+  window: no blind pause, and no run of 429s into a full window.
 - **Retry-After**: the refused request waits it out (its stage schedules the retry, as for any
-  error). When the pace was well over the limit (:data:`OVER`), whose window then stays full
-  for a while, every request waits it out; and one longer than :data:`PAUSE_ABOVE` always
-  holds every request back, as an overloaded server asks.
+  error); one longer than :data:`PAUSE_ABOVE` holds every request back, as an overloaded
+  server asks.
 
 Growth needs demand: a pace the last second did not fill at least half of proves nothing, so
 it does not grow.
@@ -60,9 +64,7 @@ PROBE_LAST = 1.5
 PROBE_REQUESTS = 8
 PROBE_SECONDS = 1.5
 PAUSE_ABOVE = 2.0
-#: A pace this many times what the server took, or this many 429s in a second, is well over
-#: the limit.
-OVER = 1.5
+#: This many 429s in a second show the limit even far below the pace.
 STORM = 3
 #: The share of the pace the last second must have carried for it to count as tested.
 FILLED = 0.5
@@ -159,10 +161,6 @@ class RateLimiter:
             return
         else:
             self.rate = max(FLOOR, min(before, accepted) * HEADROOM)
-            if before > OVER * accepted or storm:
-                # Well over the limit, the server's window stays full for a while: wait as
-                # asked rather than be refused until it empties.
-                self.pause(retry_after if retry_after is not None else 1.0)
         self.proven = self.rate
         self.limited = True
         self.slow_start = False
@@ -233,6 +231,13 @@ class RateLimiter:
                     continue
                 self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
                 self._updated = now
+                self._forget_before(now - 1.0)
+                if self._tokens >= 1.0 and len(self._granted) >= self.rate:
+                    # The second before holds the pace's count already (a cut just came):
+                    # the server's window has room when the oldest of them leaves it.
+                    self._queued_since_change = True
+                    await asyncio.sleep(self._granted[0] + 1.0 - now)
+                    continue
                 if self._tokens >= 1.0:
                     self._started = min(self._started, now)
                     self._tokens -= 1.0

@@ -228,6 +228,11 @@ class Poller:
             await self._move(job_id, JobState.EXPIRED, info_of(error))
             rt.expired()
             return
+        if error.kind is ErrorKind.RATE_LIMITED:
+            # The pace has slowed for it already: ask again as the server says, without the
+            # backoff of a failing request (an unknown limit is met now and then).
+            self._again(job_id, max(rt.config.poll_interval, error.retry_after or 0.0))
+            return
         item.attempts += 1
         await rt.writes.note_attempt(job_id, info_of(error), attempts=item.attempts,
                                      next_attempt_at=0.0)

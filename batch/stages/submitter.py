@@ -215,6 +215,12 @@ class Submitter:
         elif error.kind is ErrorKind.PERMANENT:
             await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts, info=info)
             rt.progress.dropped(uploaded=False)
+        elif error.kind is ErrorKind.RATE_LIMITED:
+            # The pace has slowed for it already; the upload is not at fault, so it keeps its
+            # attempts (finding an unknown limit means meeting it now and then).
+            delay = error.retry_after if error.retry_after is not None else rt.backoff(1)
+            await rt.writes.transition(job.id, JobState.PENDING,
+                                       next_attempt_at=time.time() + delay, info=info)
         elif attempts >= rt.config.max_attempts:
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,

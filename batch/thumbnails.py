@@ -48,23 +48,26 @@ def render_image(image: Image.Image) -> bytes:
 def save(out_dir: Path, sha256: str, image_bytes: bytes) -> Path | None:
     """Make and keep the preview of ``image_bytes`` unless it exists; None if it cannot be
     made."""
-    if path_for(out_dir, sha256).exists():
-        return path_for(out_dir, sha256)
+    target = path_for(out_dir, sha256)
+    if target.exists():
+        return target
     try:
         preview = render(image_bytes)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         log.debug("No preview for %s: %s", sha256[:12], exc)
         return None
-    return keep(out_dir, sha256, preview)
+    return _write(target, preview)
 
 
-def keep(out_dir: Path, sha256: str, preview: bytes) -> Path | None:
-    """Keep a preview made elsewhere unless one exists. Written whole or not at all (a temp
-    file renamed), but not fsynced: a preview lost to a power cut is made again by the next
-    report."""
+def save_pixels(out_dir: Path, sha256: str, image: Image.Image) -> Path | None:
+    """Make and keep the preview of pixels already decoded, unless it exists."""
     target = path_for(out_dir, sha256)
-    if target.exists():
-        return target
+    return target if target.exists() else _write(target, render_image(image))
+
+
+def _write(target: Path, preview: bytes) -> Path | None:
+    """Written whole or not at all (a temp file renamed), but not fsynced: a preview lost to
+    a power cut is made again by the next report."""
     temp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,7 @@ def keep(out_dir: Path, sha256: str, preview: bytes) -> Path | None:
             sink.write(preview)
         os.replace(temp, target)
     except OSError as exc:
-        log.debug("No preview for %s: %s", sha256[:12], exc)
+        log.debug("No preview at %s: %s", target.name[:12], exc)
         if temp is not None:
             Path(temp).unlink(missing_ok=True)
         return None

@@ -174,8 +174,8 @@ def test_a_max_qps_above_the_servers_limit_settles_under_it_after_a_429_or_two(
     assert result.returncode == 0, result.stderr
     assert_outputs_right(out, sources, emulator)
     assert_no_double_pay(out, emulator, len(sources))
-    # The pace drops once a second, and what was sent in that second at the old pace is
-    # refused too: 4-5 here, loaded or not; pacing at the ceiling after every pause gives
-    # several times that.
+    # The pace drops once a second, so what went out at the old pace before the cut is
+    # refused too: a handful. Going back to the ceiling after every pause would be refused
+    # again each time, several times as many.
     assert 1 <= emulator.stats["rate_limited"] <= 8, emulator.stats
     assert "pacing at" in result.stderr and "--max-qps is 60" in result.stderr

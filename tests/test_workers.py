@@ -87,8 +87,8 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     # The server takes CEILING in any one second and refuses the rest. Every request was
     # booked in the ledger's one pace for the API host; a request that leaves its worker late
     # (a busy machine) shares a second with the one booked a spacing after it, and the 429
-    # widens the margin. Here 0.2-1.5 % of requests, with both cores and the disk loaded;
-    # the bound leaves room for a slower machine (a 429 costs a retry, no credit).
+    # widens the margin. A few in a hundred at most, even on a loaded machine (a 429 costs a
+    # retry, no credit).
     requests = emulator.stats["submits"] + emulator.stats["queries"]
     assert emulator.stats.get("rate_limited", 0) <= 0.05 * requests, emulator.stats
     assert emulator.state.busiest_second(offered=True) <= 1.25 * CEILING

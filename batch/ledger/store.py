@@ -419,8 +419,8 @@ class Ledger:
     def _analyze(self) -> None:
         """PostgreSQL plans by the row counts ANALYZE last saw, and autovacuum runs it about
         once a minute: a claim planned for the empty tables of a first scan, over thousands of
-        rows since, looked through every file for every job (tens of milliseconds a claim,
-        one claim per upload). Analyzing as the scan doubles the tables keeps plans right."""
+        rows since, looks through every file for every job, and a worker claims once per
+        upload. Analyzing as the scan doubles the tables keeps plans right."""
         with self._write(durable=False) as conn:
             conn.exec_driver_sql("ANALYZE jobs, files")
 

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
@@ -189,8 +190,9 @@ class Submitter:
                 changed += 1
                 continue
             prepared = preflight(data, settings)
-            if prepared.preview is not None:
-                thumbnails.keep(out_dir, job.content_sha256, prepared.preview)
+            if prepared.pixels is not None:
+                thumbnails.save_pixels(out_dir, job.content_sha256, prepared.pixels)
+                prepared = replace(prepared, pixels=None)
             name = Path(f.rel_path).name
             if prepared.format == "JPEG" and prepared.note:
                 name = str(Path(name).with_suffix(".jpg"))

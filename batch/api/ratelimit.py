@@ -242,7 +242,6 @@ class RateLimiter:
                     self._started = min(self._started, now)
                     self._tokens -= 1.0
                     self._granted.append(now)
-                    self._forget_before(now - 1.0)
                     self._since_change += 1
                     self._grow(now)
                     return

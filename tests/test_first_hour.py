@@ -9,7 +9,7 @@ from pathlib import Path
 from batch.emulator import Emulator
 from batch.states import JobState
 from tests.conftest import FAST_FLAGS, run_cli
-from tests.imagegen import write_portrait
+from tests.imagegen import encode, portrait, write_portrait
 
 
 def shoot(src: Path, n: int = 3) -> None:
@@ -277,12 +277,17 @@ def test_uploads_start_while_a_big_tree_is_still_being_scanned(
     a policy that needs the whole estimate first (on_short_balance = "stop") scans first."""
     import sqlite3
 
-    # Enough files that the scan outlasts the start-up to the first upload several times over
-    # on a loaded machine, and fewer than the account's 1,000 credits (the second run's
-    # policy stops a batch the balance cannot pay).
+    # Enough files, each large enough for the scan's check to take a few milliseconds, that
+    # the scan outlasts the start-up to the first upload several times over on a loaded
+    # machine; fewer than the account's 1,000 credits (the second run's policy stops a batch
+    # the balance cannot pay). Copies of a few pictures, each made distinct by bytes after
+    # its end marker, which decoders ignore.
     src = tmp_path / "shoot"
+    pictures = [encode(portrait(1000, 1250, seed=i, grain=8), "JPEG") for i in range(3)]
     for i in range(900):
-        write_portrait(src / f"set{i // 100}" / f"{i:04d}.jpg", seed=i)
+        folder = src / f"set{i // 100}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.jpg").write_bytes(pictures[i % 3] + i.to_bytes(8, "big"))
 
     def scan_end_and_first_upload(out: Path) -> tuple[float, float]:
         with sqlite3.connect(out / ".skinbatch" / "ledger.sqlite") as db:

@@ -135,23 +135,29 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     to ``max_side``, re-encoded as JPEG until it fits, and the note says what was done. Either
     way the file is decoded once here: a copy's full decode is its check.
     """
-    fmt, width, height, _, _, orientation = check(data, settings, decode=False)
-    if not (len(data) > MAX_UPLOAD_BYTES or width >= MAX_SIDE_EXCLUSIVE
-            or height >= MAX_SIDE_EXCLUSIVE or orientation != 1 or fmt not in ACCEPTED_FORMATS):
-        inspect_image(data)
+    inspection = check(data, settings)
+    fmt, width, height, _, _, orientation = inspection
+    if not needs_copy(inspection, len(data)):
         return _stripped(Prepared(data, fmt, width, height), settings)
     with _decoding():
         resized = _resized(data, fmt, width, height, orientation, settings)
     return _stripped(resized, settings)
 
 
-def check(data: bytes, settings: PrepareSettings = PrepareSettings(),
-          decode: bool = True) -> Inspection:
+def needs_copy(inspection: Inspection, size: int) -> bool:
+    """The file cannot go as it is: too big, not upright, or in a format the API refuses."""
+    fmt, width, height, _, _, orientation = inspection
+    return (size > MAX_UPLOAD_BYTES or width >= MAX_SIDE_EXCLUSIVE
+            or height >= MAX_SIDE_EXCLUSIVE or orientation != 1 or fmt not in ACCEPTED_FORMATS)
+
+
+def check(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Inspection:
     """The verdict alone, without preparing the upload: what the file is, or ``Rejected``
     with the reason. The scan asks this of every new file, so a file that cannot be sent is
-    rejected (and left out of the credit estimate) before anything is paid for. ``decode``:
-    see :func:`inspect_image`."""
-    inspection = inspect_image(data, decode)
+    rejected (and left out of the credit estimate) before anything is paid for. A file sent as
+    it is gets decoded here; one that needs a copy does not, as decoding it for the copy is
+    its check (still before its upload), and a camera file costs a second decode otherwise."""
+    inspection = inspect_image(data, decode=False)
     fmt, width, height, mode, frames, _ = inspection
     if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:
         raise Rejected(f"{fmt} images are not accepted by the API (only JPEG, PNG and WEBP; "
@@ -169,6 +175,8 @@ def check(data: bytes, settings: PrepareSettings = PrepareSettings(),
         if width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE:
             raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
                            f"{MAX_SIDE_EXCLUSIVE} px")
+    if not needs_copy(inspection, len(data)):
+        inspect_image(data)
     return inspection
 
 

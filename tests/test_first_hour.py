@@ -216,6 +216,36 @@ def test_files_preflight_refuses_are_rejected_at_scan_and_the_estimate_is_the_ch
     assert emulator.stats["submits"] == 5
 
 
+def test_a_damaged_file_that_needs_a_copy_is_rejected_before_its_upload(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """An oversized or sideways file is decoded once, for the copy that is sent: damage found
+    then is a rejection with its reason, as at scan time, and nothing is sent or charged."""
+    import re
+
+    from PIL import Image
+
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 2)
+    wide = encode(portrait(4200, 300), "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = encode(portrait(300, 200), "JPEG", exif=exif.tobytes())
+    (src / "wide cut.jpg").write_bytes(wide[: len(wide) // 2])
+    (src / "sideways cut.jpg").write_bytes(sideways[: len(sideways) // 2])
+    (src / "wide.jpg").write_bytes(wide)
+    dry = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--dry-run",
+                   *FAST_FLAGS], emulator)
+    assert "would send:   3 image(s)" in dry.stdout and "would reject: 2" in dry.stdout, dry.stdout
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 1
+    for name in ("wide cut.jpg", "sideways cut.jpg"):
+        assert re.search(rf"rejected +{re.escape(str(src))}/{name}: .*damaged or truncated",
+                         result.stdout), result.stdout
+    assert emulator.stats["submits"] == 3 == emulator.stats["charged"]
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["portrait 0.jpg", "portrait 1.jpg",
+                                                        "wide.jpg"]
+
+
 def test_progress_totals_count_what_is_really_uploaded_and_saved(
         tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
     """Rejected files and failed tasks are counted on their own: the bars end at 100 % of

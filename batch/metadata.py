@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from batch.heif import HEIF_BRANDS, heif_support
 
-SOI, SOS, EOI = 0xD8, 0xDA, 0xD9
+SOS, EOI = 0xDA, 0xD9
 APP1, APP2, APP13 = 0xE1, 0xE2, 0xED
 EXIF_HEADER = b"Exif\x00\x00"
 XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"

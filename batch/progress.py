@@ -22,7 +22,6 @@ class Progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.file = file
         self._bars: dict[str, tqdm[Any]] = {}
-        self.rejected_at_scan = 0
         self.not_delivered = 0
 
     def _bar(self, name: str) -> tqdm[Any] | None:
@@ -52,7 +51,6 @@ class Progress:
 
     def rejected(self, n: int) -> None:
         """Files the scan refused (not images, corrupt, over the limits): no upload, no save."""
-        self.rejected_at_scan = n
         bar = self._bar(SCAN)
         if bar is not None and n:
             bar.set_postfix_str(f"rejected: {n}")

@@ -4,8 +4,11 @@ starts. Nothing here asserts how long anything took."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+
+import pytest
 
 from batch.api import ratelimit
 from batch.ledger import open_ledger
@@ -87,3 +90,35 @@ def test_an_out_of_credits_429_is_not_taken_for_a_rate_limit(tmp_path: Path,
     assert result.returncode == 3, result.stderr
     assert "pacing at" not in result.stderr
     assert learned(out)[1] is False
+
+
+def _refused_while_one_waits(limiter: ratelimit.RateLimiter, granted: int) -> float:
+    """``granted`` requests through ``limiter``, then a 429 while another waits for the pace
+    (the pace, not the work, is the bound): the pace after it."""
+
+    async def scenario() -> float:
+        for _ in range(granted):
+            await limiter.acquire()
+        waiting = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0)
+        limiter.rate_limited(None)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        return limiter.rate
+
+    return asyncio.run(scenario())
+
+
+def test_the_first_429_ends_the_slow_start_at_what_the_server_took() -> None:
+    """Nothing is known yet and the pace has been doubling: the first 429 shows the limit
+    (three taken, the fourth refused), not a stray to be ignored until more follow."""
+    rate = _refused_while_one_waits(ratelimit.RateLimiter(), 4)
+    assert rate == pytest.approx(3 * ratelimit.HEADROOM)
+
+
+def test_a_429_at_a_pace_that_has_been_passing_steps_just_under_it() -> None:
+    """A known pace that touches the limit goes a step under it, not down to the count of the
+    last second (which says less than the pace that has been passing: 15 of 20 here)."""
+    limiter = ratelimit.RateLimiter(learned=ratelimit.Learned(20.0, True))
+    rate = _refused_while_one_waits(limiter, 16)
+    assert rate == pytest.approx(20.0 * ratelimit.HEADROOM)

@@ -7,12 +7,14 @@ carries (additive/multiplicative steps, a slow start):
   the user gave one, else at :data:`START`. ``--max-qps`` is only ever a ceiling.
 - **Slow start**: until the first 429, while requests queue for tokens, the pace doubles every
   :data:`DOUBLE_EVERY` seconds.
-- **A 429 shows the limit.** A lone 429 just after a probing step says the step went too far:
-  the pace goes back to the step before, which passed. A lone one far below the pace says
-  nothing (a stray). Otherwise, and whenever 429s come :data:`STORM` in a second, the pace
-  drops to :data:`HEADROOM` of the requests the server took in the second before (those sent
-  less those refused). One cut a second, as the 429s that follow a cut were sent at the old
-  pace. A 429 while no request was waiting for the pace says nothing about it (the server is
+- **A 429 shows the limit.** The first one ends the slow start, and :data:`STORM` of them in
+  a second show a limit that fell: the pace drops to :data:`HEADROOM` of the requests the
+  server took in the second before (those sent less those refused). A lone 429 just after a
+  probing step says the step went too far: the pace goes back to the step before, which
+  passed. A lone one at a pace that has been passing says it touched the limit: a step
+  (:data:`HEADROOM`) under it, unless the last second carried less than half the pace (a
+  stray, which says nothing). One cut a second, as the 429s that follow a cut were sent at
+  the old pace. A 429 while no request was waiting for the pace says nothing about it (the server is
   busy, or the key is shared): it cuts nothing.
 - **Probing**: once :data:`SETTLE_REQUESTS` requests have passed since a cut, and then after
   each :data:`PROBE_REQUESTS` (or :data:`PROBE_SECONDS` worth) more, all without a 429 and with
@@ -155,10 +157,15 @@ class RateLimiter:
         if not storm and self.proven < before:
             # The last probing step went too far: back to the one before, which passed.
             self.rate = max(self.proven, min(before, accepted) * HEADROOM)
-        elif not storm and accepted < before / 2:
-            # A stray 429 far below the pace that has been passing: not the limit (one that
-            # really fell sends more of them within the second).
-            return
+        elif not storm and self.limited:
+            if accepted < before / 2:
+                # A stray 429 far below the pace that has been passing: not the limit (one
+                # that really fell sends more of them within the second).
+                return
+            # The pace that has been passing touched the limit: a step under it. The count of
+            # the last second is no better measure (at a few requests a second it is too
+            # coarse to cut to: two of three is a third less).
+            self.rate = max(FLOOR, before * HEADROOM)
         else:
             self.rate = max(FLOOR, min(before, accepted) * HEADROOM)
         self.proven = self.rate

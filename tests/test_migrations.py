@@ -1,23 +1,65 @@
-"""Migrations from empty must yield exactly the declared schema (as procrastinate checks)."""
+"""Migrations from empty must yield exactly the declared schema (as procrastinate checks), and a
+new ledger, made from the declared schema without Alembic, exactly what the migrations make."""
 
+from typing import Any
+
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Connection, inspect, text
 
 from batch.ledger import open_ledger
+from batch.ledger.engine import create_ledger_engine
+from batch.ledger.migrate import HEAD_REVISION, alembic_config, current_revision
 from batch.ledger.models import metadata
 
 
-def test_upgrade_head_on_an_empty_ledger_equals_the_models(ledger_location: str) -> None:
-    ledger = open_ledger(ledger_location)
+def _beyond_the_models(conn: Connection) -> dict[str, Any]:
+    """What a comparison with the models does not see: CHECK constraints, the trigger that
+    guards job states (and its function), the revision Alembic goes on from."""
+    inspector = inspect(conn)
+    checks = {table: sorted((c["name"], c["sqltext"])
+                            for c in inspector.get_check_constraints(table))
+              for table in inspector.get_table_names()}
+    if conn.dialect.name == "sqlite":
+        triggers = conn.execute(text(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name")).all()
+    else:
+        triggers = conn.execute(text(
+            "SELECT tgname, pg_get_triggerdef(t.oid), p.prosrc FROM pg_trigger t "
+            "JOIN pg_proc p ON p.oid = t.tgfoid WHERE NOT tgisinternal ORDER BY tgname")).all()
+    version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return {"checks": checks, "triggers": [tuple(row) for row in triggers], "version": version}
+
+
+def test_migrations_from_empty_equal_the_models_and_a_new_ledger(ledger_location: str) -> None:
+    engine = create_ledger_engine(ledger_location)
+    command.upgrade(alembic_config(engine), "head")
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        migrated = _beyond_the_models(conn)
+        tables = set(inspect(conn).get_table_names())
+    if engine.dialect.name == "sqlite":
+        fresh_location = ledger_location + ".new"
+    else:  # the same database, emptied
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+        fresh_location = ledger_location
+    engine.dispose()
+    assert {"jobs", "files", "events", "meta", "alembic_version"} <= tables
+    assert migrated["version"] == HEAD_REVISION and migrated["triggers"]
+    assert migrated["checks"]["jobs"], "the CHECK on job states"
+
+    ledger = open_ledger(fresh_location)
     try:
         with ledger.engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), metadata)
-            tables = set(inspect(conn).get_table_names())
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+            assert _beyond_the_models(conn) == migrated
+            assert set(inspect(conn).get_table_names()) == tables
+        assert current_revision(ledger.engine) == HEAD_REVISION
     finally:
         ledger.close()
-    assert diff == []
-    assert {"jobs", "files", "events", "meta", "alembic_version"} <= tables
 
 
 def test_opening_twice_is_a_no_op(ledger_location: str) -> None:
@@ -39,8 +81,6 @@ def test_sqlite_ledger_is_wal_and_private(tmp_path) -> None:  # type: ignore[no-
 
 def test_the_head_revision_the_fast_path_trusts_is_the_newest_migration(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from alembic.script import ScriptDirectory
-
-    from batch.ledger.migrate import HEAD_REVISION, alembic_config, current_revision
 
     ledger = open_ledger(tmp_path / "l.sqlite")
     try:

@@ -122,3 +122,22 @@ def test_a_429_at_a_pace_that_has_been_passing_steps_just_under_it() -> None:
     limiter = ratelimit.RateLimiter(learned=ratelimit.Learned(20.0, True))
     rate = _refused_while_one_waits(limiter, 16)
     assert rate == pytest.approx(20.0 * ratelimit.HEADROOM)
+
+
+def test_with_no_limit_known_the_balance_and_the_first_upload_go_together() -> None:
+    """The run's first two requests need not wait a turn of the pace for each other; where a
+    limit is known (or a ceiling given) the second waits its turn as every later one does.
+    (A turn of the pace here is more than 0.8 s: the bounds below leave room for a busy
+    machine.)"""
+    import time
+
+    async def two_requests(limiter: ratelimit.RateLimiter) -> float:
+        started = time.monotonic()
+        await limiter.acquire()
+        await limiter.acquire()
+        return time.monotonic() - started
+
+    unknown = ratelimit.RateLimiter(learned=ratelimit.Learned(1.2, False))
+    known = ratelimit.RateLimiter(learned=ratelimit.Learned(1.2, True))
+    assert asyncio.run(two_requests(unknown)) < 0.5
+    assert asyncio.run(two_requests(known)) >= 0.7

@@ -108,7 +108,10 @@ class RateLimiter:
         #: The pace at which the last 429 came (for a learned pace: just above it).
         self._failed_at = self.rate / HEADROOM if learned and learned.limited else math.inf
         self.capacity = float(burst)
-        self._tokens = self.capacity
+        # With no limit known, the run's first two requests (the balance, then the first
+        # upload) go together rather than a quarter of a second apart at START; the slow
+        # start meets any limit within its first second anyway.
+        self._tokens = self.capacity + (0.0 if self.limited or ceiling is not None else 1.0)
         self._updated = time.monotonic()
         self._started = math.inf
         self._paused_until = 0.0
@@ -236,7 +239,9 @@ class RateLimiter:
                 if now < self._paused_until:
                     await asyncio.sleep(self._paused_until - now)
                     continue
-                self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+                if self._tokens < self.capacity:
+                    self._tokens = min(self.capacity,
+                                       self._tokens + (now - self._updated) * self.rate)
                 self._updated = now
                 self._forget_before(now - 1.0)
                 if self._tokens >= 1.0 and len(self._granted) >= self.rate:

@@ -16,8 +16,12 @@ from batch.ledger.models import metadata
 
 def _beyond_the_models(conn: Connection) -> dict[str, Any]:
     """What a comparison with the models does not see: CHECK constraints, the trigger that
-    guards job states (and its function), the revision Alembic goes on from."""
+    guards job states (and its function), Alembic's own table and the revision it goes on
+    from."""
     inspector = inspect(conn)
+    versions = ([(c["name"], str(c["type"]), c["nullable"])
+                 for c in inspector.get_columns("alembic_version")],
+                inspector.get_pk_constraint("alembic_version"))
     checks = {table: sorted((c["name"], c["sqltext"])
                             for c in inspector.get_check_constraints(table))
               for table in inspector.get_table_names()}
@@ -29,7 +33,8 @@ def _beyond_the_models(conn: Connection) -> dict[str, Any]:
             "SELECT tgname, pg_get_triggerdef(t.oid), p.prosrc FROM pg_trigger t "
             "JOIN pg_proc p ON p.oid = t.tgfoid WHERE NOT tgisinternal ORDER BY tgname")).all()
     version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    return {"checks": checks, "triggers": [tuple(row) for row in triggers], "version": version}
+    return {"checks": checks, "triggers": [tuple(row) for row in triggers],
+            "versions table": versions, "version": version}
 
 
 def test_migrations_from_empty_equal_the_models_and_a_new_ledger(ledger_location: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,6 @@ def test_with_no_limit_known_the_balance_and_the_first_upload_go_together() -> N
     limit is known (or a ceiling given) the second waits its turn as every later one does.
     (A turn of the pace here is more than 0.8 s: the bounds below leave room for a busy
     machine.)"""
-    import time
 
     async def two_requests(limiter: ratelimit.RateLimiter) -> float:
         started = time.monotonic()

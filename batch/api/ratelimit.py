@@ -14,8 +14,8 @@ carries (additive/multiplicative steps, a slow start):
   passed. A lone one at a pace that has been passing says it touched the limit: a step
   (:data:`HEADROOM`) under it, unless the last second carried less than half the pace (a
   stray, which says nothing). One cut a second, as the 429s that follow a cut were sent at
-  the old pace. A 429 while no request was waiting for the pace says nothing about it (the server is
-  busy, or the key is shared): it cuts nothing.
+  the old pace. A 429 while no request was waiting for the pace says nothing about it (the
+  server is busy, or the key is shared): it cuts nothing.
 - **Probing**: once :data:`SETTLE_REQUESTS` requests have passed since a cut, and then after
   each :data:`PROBE_REQUESTS` (or :data:`PROBE_SECONDS` worth) more, all without a 429 and with
   requests queueing, the pace rises by a step that starts at :data:`PROBE_FIRST` and triples

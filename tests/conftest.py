@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +113,28 @@ def pg_available() -> bool:
         return False
 
 
+@contextmanager
+def _server_in_use(exclusive: bool) -> Iterator[None]:
+    """Tests run in parallel (pytest-xdist, and any other checkout's suite on this machine):
+    every test that uses the PostgreSQL server holds this lock shared, and the one that
+    restarts the server holds it alone."""
+    path = Path(tempfile.gettempdir()) / "skinbatch-tests-postgresql.lock"
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    with _server_in_use(request.node.get_closest_marker("restarts_postgresql") is not None):
+        yield from _fresh_database()
+
+
+def _fresh_database() -> Iterator[str]:
     if not pg_available():
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 (CI needs it)")

@@ -393,12 +393,13 @@ def _restart_postgresql() -> None:
                    check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.restarts_postgresql
 @pytest.mark.skipif(not shutil.which("pg_ctlcluster") or os.geteuid() != 0,
                     reason="restarts the machine's PostgreSQL server (root, Debian's tools)")
 def test_a_real_postgresql_restart_mid_run_is_a_pause(
         tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
     """The server itself restarted (not a proxy) under three workers: they wait, reconnect and
-    finish. Every other test's connections are new ones, so the restart costs them nothing."""
+    finish. No other test uses the server meanwhile (the ``restarts_postgresql`` mark)."""
     emulator = make_emulator(qps_limit=CEILING, queue_seconds=0.2, process_seconds=0.4)
     src, out = tmp_path / "nas" / "shoots", tmp_path / "nas" / "retouched"
     sources = shoot(src, 150)

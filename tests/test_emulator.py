@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 import httpx
 
 from batch import apispec
@@ -73,3 +77,32 @@ def test_credits_run_out(make_emulator) -> None:  # type: ignore[no-untyped-def]
     credits = httpx.get(emulator.api_base + apispec.CREDITS_PATH,
                         headers={apispec.KEY_HEADER: API_KEY}).json()
     assert credits["data"]["credits"] == 0
+
+
+
+def test_the_rate_limit_holds_in_every_second_however_threads_interleave(
+        make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """The benchmarks and the pace tests judge the client by the emulator's own count of what
+    it let through, so that count must never exceed the limit, however the server's request
+    threads interleave (each request asks the limiter from a thread of its own)."""
+    state = make_emulator(qps_limit=20).state
+    stop = time.monotonic() + 2.5
+
+    def ask() -> None:
+        while time.monotonic() < stop:
+            state.over_rate()
+
+    # Threads switch far more often than by default, as on a loaded machine where a request's
+    # thread may lose the processor at any instruction.
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switching)
+    assert len(state.accepted) >= 40  # the limit was reached in each second
+    assert state.busiest_second() <= 20

@@ -180,10 +180,12 @@ class EmulatorState:
         return None
 
     def over_rate(self, upload: bool = False) -> bool:
-        """A sliding one-second window over all API requests."""
+        """A sliding one-second window over all API requests. The moment is read under the
+        lock: a thread preempted between reading it and taking the lock would otherwise be
+        judged against a window another thread had already moved past it."""
         limit = self.config.qps_limit
-        now = time.monotonic()
         with self.lock:
+            now = time.monotonic()
             self.arrived.append(now)
             self._window = [t for t in self._window if now - t < 1.0]
             if limit is not None and len(self._window) >= limit:

@@ -79,7 +79,6 @@ def test_credits_run_out(make_emulator) -> None:  # type: ignore[no-untyped-def]
     assert credits["data"]["credits"] == 0
 
 
-
 def test_the_rate_limit_holds_in_every_second_however_threads_interleave(
         make_emulator) -> None:  # type: ignore[no-untyped-def]
     """The benchmarks and the pace tests judge the client by the emulator's own count of what

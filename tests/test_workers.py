@@ -285,7 +285,9 @@ def test_a_worker_claims_only_jobs_under_its_own_roots(
 
 def test_two_live_workers_may_not_share_a_name(
         tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
-    emulator = make_emulator(queue_seconds=1.0, process_seconds=1.0)
+    # Tasks long enough that the first worker is still at work (its lease alive) however long
+    # a busy machine takes to start the second one.
+    emulator = make_emulator(queue_seconds=1.0, process_seconds=8.0)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 6)
     first = popen_cli(["run", str(src), "--out", str(out), "--ledger", pg_url,

@@ -41,11 +41,15 @@ class Submitter:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.in_flight: dict[int, asyncio.Task[None]] = {}
+        #: The jobs of ``in_flight`` past the point of no return: their upload is recorded as
+        #: begun (or about to be), so they may already be charged.
+        self.committed: set[int] = set()
         self.waiting: deque[tuple[JobRow, list[FileRow]]] = deque()
         self.states = submittable(rt.config.on_ambiguous, rt.config.on_expired)
 
     def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
+        self.committed.discard(job_id)
         self.rt.changed.set()  # the run may be over: let the driver look now
 
     async def run(self) -> None:
@@ -83,7 +87,13 @@ class Submitter:
         self.waiting.extend((job, local(files.get(job.id, []))) for job in claimed)
 
     async def drain(self, grace: float) -> None:
-        """Let uploads under way get their answer (so they are not left ambiguous)."""
+        """Let uploads under way get their answer (so they are not left ambiguous). Those
+        still waiting for their turn (a pace, a breaker's cooldown, the file's preparation)
+        would not be sent anyway once the run stops: they end at once rather than keep the
+        user waiting out the grace."""
+        for job_id, task in self.in_flight.items():
+            if job_id not in self.committed:
+                task.cancel()
         if self.in_flight:
             await asyncio.wait(set(self.in_flight.values()), timeout=grace)
         for task in list(self.in_flight.values()):
@@ -115,6 +125,7 @@ class Submitter:
             rt.budget_spent()
             return
         note = f" ({prepared.note})" if prepared.note else ""
+        self.committed.add(job.id)
         try:
             await rt.writes.transition(job.id, JobState.SUBMITTING, expect=job.state,
                                        prepared=prepared.note, stripped=prepared.stripped,

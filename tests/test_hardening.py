@@ -69,6 +69,26 @@ def test_a_sick_api_is_not_hammered(tmp_path: Path, make_emulator) -> None:  # t
     assert emulator.stats["submits"] <= 4, emulator.stats
 
 
+def test_uploads_stopped_by_the_clock_during_an_outage_end_the_run_at_once(
+        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+    """The breaker holds uploads back for a long cooldown when --stop-submitting-at comes:
+    those uploads will not be sent, so the run ends then (nothing paid is in flight) rather
+    than when the cooldown would have let them through."""
+    emulator = make_emulator(faults=Faults(submit_5xx=1.0))
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(10):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    config = tmp_path / "c.toml"
+    config.write_text("breaker_threshold = 3\nbreaker_cooldown = 90.0\nbackoff_base = 0.01\n"
+                      "backoff_cap = 0.02\nmax_attempts = 50\n")
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                      "--concurrency", "2", "--stop-submitting-at", "3s", *FAST_FLAGS],
+                     emulator, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "stop-submitting time reached" in result.stderr
+    assert emulator.stats["submits"] <= 4, emulator.stats
+    assert emulator.stats.get("charged", 0) == 0
+
 def test_a_read_timeout_after_upload_is_ambiguous_not_retried_blindly(
         tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
     emulator = make_emulator(faults=Faults(stall=1.0, stall_seconds=1.5))

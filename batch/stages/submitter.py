@@ -55,6 +55,8 @@ class Submitter:
     async def run(self) -> None:
         rt = self.rt
         while not rt.flags.abort:
+            if rt.flags.submits_stopped is not None:
+                self._drop_unsent()
             free = rt.config.concurrency - len(self.in_flight)
             if free > 0 and rt.flags.submits_stopped is None:
                 if len(self.waiting) < free:
@@ -86,14 +88,18 @@ class Submitter:
         local = self.rt.config.root_map.localize
         self.waiting.extend((job, local(files.get(job.id, []))) for job in claimed)
 
-    async def drain(self, grace: float) -> None:
-        """Let uploads under way get their answer (so they are not left ambiguous). Those
-        still waiting for their turn (a pace, a breaker's cooldown, the file's preparation)
-        would not be sent anyway once the run stops: they end at once rather than keep the
-        user waiting out the grace."""
+    def _drop_unsent(self) -> None:
+        """Uploads have stopped (budget, clock, Ctrl-C, deadline): the ones still waiting for
+        their turn (a pace, a breaker's cooldown that may last minutes, their file's
+        preparation) will not be sent, so they end now rather than hold the run open. Those
+        past the point of no return go on to their answer."""
         for job_id, task in self.in_flight.items():
             if job_id not in self.committed:
                 task.cancel()
+
+    async def drain(self, grace: float) -> None:
+        """Let uploads under way get their answer (so they are not left ambiguous)."""
+        self._drop_unsent()
         if self.in_flight:
             await asyncio.wait(set(self.in_flight.values()), timeout=grace)
         for task in list(self.in_flight.values()):

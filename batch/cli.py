@@ -27,10 +27,10 @@ from batch.requeue import requeue
 from batch.secret import Secret
 from batch.states import JobState
 from batch.status import collect_status
-from batch.watch import WatchSettings
 
-if TYPE_CHECKING:  # the emulator is imported only by the commands that start one
+if TYPE_CHECKING:  # imported only by the commands that need them
     from batch.emulator import Emulator
+    from batch.watch import WatchSettings
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEMO_KEY = "demo-key"
@@ -189,6 +189,8 @@ def watch(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool, sett
 
     Stop with Ctrl-C or SIGTERM: uploads under way get their answer, state is saved, exit 130.
     """
+    from batch.watch import WatchSettings
+
     config, emulator = _prepare(sources, out, quiet, verbose, params)
     _run_and_exit(config, emulator, quiet, WatchSettings(settle, rescan, polling))
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
@@ -40,8 +40,10 @@ from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
 from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
 from batch.status import StatusReport, collect_status
-from batch.watch import WatchSettings, watch_sources
 from batch.worker import SharedPace, Worker
+
+if TYPE_CHECKING:  # watch mode's module (and watchdog) is imported by watch runs only
+    from batch.watch import WatchSettings
 
 log = logging.getLogger("batch")
 
@@ -182,6 +184,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         if watch is None:
             await _drive(rt, scanning=scanning)
         else:
+            from batch.watch import watch_sources
+
             stats = await scanning
             watcher = asyncio.create_task(watch_sources(rt, watch, list(rt.sources), stats))
             watcher.add_done_callback(lambda task: _watcher_ended(rt, task))

@@ -7,9 +7,10 @@ rejected leaves them and is counted on its own, so the bars end at 100 % of what
 from __future__ import annotations
 
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:  # imported when a bar is first drawn: an unattended run draws none
+    from tqdm import tqdm
 
 SCAN, SENT, SAVED = "scan", "sent", "saved"
 _BARS = {SCAN: ("scanned ", 0), SENT: ("uploaded", 1), SAVED: ("saved   ", 2)}
@@ -29,6 +30,8 @@ class Progress:
             return None
         bar = self._bars.get(name)
         if bar is None:
+            from tqdm import tqdm
+
             desc, position = _BARS[name]
             bar = tqdm(desc=desc, unit="img", position=position, leave=True,
                        dynamic_ncols=True, file=self.file)

@@ -33,7 +33,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from batch import crashpoints
@@ -240,12 +239,23 @@ def _refused(exc: DBAPIError, job_id: int, current: str, target: str) -> Excepti
     return IllegalTransition(job_id, current, target) if REFUSAL in str(exc.orig) else exc
 
 
+def _upsert_for(dialect: str) -> Any:
+    """The back-end's INSERT with ON CONFLICT. Imported here, for the back-end in use only:
+    PostgreSQL's dialect module is among the heaviest imports of a run, and a SQLite ledger
+    never needs it."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+    return sqlite.insert
+
+
 class Ledger:
     """The job ledger. Safe to share between threads; every method is one short transaction."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._insert = _upsert_for(engine.dialect.name)
         self._local = threading.local()
         #: The worker this ledger object writes for (recorded on every history row it writes).
         self.worker: str | None = None

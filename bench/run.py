@@ -189,12 +189,14 @@ def per_second(accepted: list[float]) -> list[int]:
 def bench_discovery(work: Path, quick: bool) -> None:
     """Default flags (no --max-qps) against limits nobody told the client: a fixed 30/s, a
     low 3/s, and one that moves 40 -> 10 -> 40 during the run."""
-    images = 60 if quick else 240
-    run = paced_run(work, "unknown-30", images, 30.0, [])
-    bound = 2 * images / 30.0 + run.mean_task
-    row(f"unknown limit 30/s, {images} images", f"{run.wall:.1f}s vs bound {bound:.1f}s; "
-        f"achieved/bound {bound / run.wall:.2f}; 429s {run.rate_limited} "
-        f"({run.rate_limited_uploads} on uploads)", ">= 0.9", bound / run.wall >= 0.9)
+    # The issue's least batch (240) and a shoot's worth (600): a run's fixed start-up (Python,
+    # imports, the first files) weighs twice as much in the first.
+    for images in (60,) if quick else (240, 600):
+        run = paced_run(work, f"unknown-30-{images}", images, 30.0, [])
+        bound = 2 * images / 30.0 + run.mean_task
+        row(f"unknown limit 30/s, {images} images", f"{run.wall:.1f}s vs bound {bound:.1f}s; "
+            f"achieved/bound {bound / run.wall:.2f}; 429s {run.rate_limited} "
+            f"({run.rate_limited_uploads} on uploads)", ">= 0.9", bound / run.wall >= 0.9)
     low = paced_run(work, "low-3", 20 if quick else 150, 3.0, [])
     share = low.rate_limited / (len(low.accepted) + low.rate_limited)
     row("low limit 3/s", f"{share * 100:.1f} % of requests answered 429 ({low.rate_limited} of "
@@ -240,6 +242,7 @@ def bench_quick_start(work: Path, files: int) -> None:
     photo-sized JPEGs; against the same run with the policy that scans everything first."""
     src = work / "quick-src"
     make_jpegs(src, files)
+    os.sync()  # a shoot is on disk already: the run must not read while it is written back
     config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.2,
                             process_seconds=0.2)
     stop_first = work / "stop-first.toml"
@@ -283,6 +286,7 @@ def bench_uplink(work: Path, images: int) -> None:
     busy the line is while uploads go on, and the bytes each image sends."""
     src = work / "camera-src"
     original = make_camera_files(src, images)
+    os.sync()
     bandwidth = 100e6 / 8
     config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.5,
                             process_seconds=0.8, upload_bandwidth=bandwidth, retouch=False)

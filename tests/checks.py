@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from batch.emulator import Emulator
-from batch.ledger import open_ledger
+from batch.ledger import Ledger, open_ledger
 from batch.states import JobState
 
 
@@ -42,7 +42,7 @@ def assert_outputs_right(out: Path, sources: dict[str, bytes], emulator: Emulato
     assert leftovers == [], f"temp files left: {leftovers}"
 
 
-def ledger_of(out: Path, location: str | None = None):  # type: ignore[no-untyped-def]
+def ledger_of(out: Path, location: str | None = None) -> Ledger:
     """The run's ledger: ``location`` (a --ledger given) or the default one under ``out``."""
     return open_ledger(location or out / ".skinbatch" / "ledger.sqlite")
 

@@ -22,6 +22,8 @@ from tests import slowdisk
 PG_ADMIN_URL = os.environ.get("SKINBATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 API_KEY = "sk-test-" + "c4n4ry" * 4
 ROOT = Path(__file__).resolve().parent.parent
+#: The ``make_emulator`` fixture: an emulator started with these EmulatorConfig fields.
+MakeEmulator = Callable[..., Emulator]
 
 
 def fast_config(**overrides: Any) -> EmulatorConfig:
@@ -32,7 +34,7 @@ def fast_config(**overrides: Any) -> EmulatorConfig:
 
 
 @pytest.fixture
-def make_emulator() -> Iterator[Callable[..., Emulator]]:
+def make_emulator() -> Iterator[MakeEmulator]:
     started: list[Emulator] = []
 
     def factory(**overrides: Any) -> Emulator:
@@ -50,7 +52,7 @@ def make_emulator() -> Iterator[Callable[..., Emulator]]:
 
 
 @pytest.fixture
-def emulator(make_emulator: Callable[..., Emulator]) -> Emulator:
+def emulator(make_emulator: MakeEmulator) -> Emulator:
     return make_emulator()
 
 

@@ -6,12 +6,12 @@ import signal
 from pathlib import Path
 
 from batch.emulator import Faults
-from tests.conftest import API_KEY, FAST_FLAGS, popen_cli, run_cli
+from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, popen_cli, run_cli
 from tests.imagegen import write_portrait
 
 
 def test_the_key_leaks_nowhere_even_with_faults_and_a_crash(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(faults=Faults(submit_5xx=0.2, query_5xx=0.2, query_drop=0.1,
                                            download_truncate=0.2, submit_drop_after=0.1,
                                            malformed_json=0.05), seed=5)

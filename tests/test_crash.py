@@ -16,7 +16,7 @@ from tests.checks import (
     assert_no_double_pay,
     assert_outputs_right,
 )
-from tests.conftest import FAST_FLAGS, popen_cli, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
 from tests.imagegen import write_portrait
 
 POINTS = ["submitting:3", "answered:2", "queued:4", "processing:2", "ready:3", "downloading:2",
@@ -29,7 +29,7 @@ def tree(src: Path, n: int) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_kill_9_at_each_transition_then_rerun(tmp_path: Path, make_emulator,  # type: ignore[no-untyped-def]
+def test_kill_9_at_each_transition_then_rerun(tmp_path: Path, make_emulator: MakeEmulator,
                                                point: str) -> None:
     # Tasks that take a while, so polls see them processing (the poller aims its first
     # query near the finish and would otherwise skip that state).
@@ -40,7 +40,7 @@ def test_kill_9_at_each_transition_then_rerun(tmp_path: Path, make_emulator,  # 
 
 @pytest.mark.parametrize("point", ["submitting:3", "answered:2", "queued:4", "done:5"])
 def test_kill_9_on_a_slow_disk_then_rerun(
-        tmp_path: Path, make_emulator, slow_disk: dict[str, str],  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, slow_disk: dict[str, str],
         point: str) -> None:
     """On a slow disk the ledger's writer thread commits several of the stages' writes to a
     transaction: a kill right after such a commit loses nothing either."""
@@ -49,7 +49,7 @@ def test_kill_9_on_a_slow_disk_then_rerun(
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("point", ["answered:2", "queued:4", "done:5"])
-def test_kill_9_with_a_postgresql_ledger_then_rerun(tmp_path: Path, make_emulator,  # type: ignore[no-untyped-def]
+def test_kill_9_with_a_postgresql_ledger_then_rerun(tmp_path: Path, make_emulator: MakeEmulator,
                                                      pg_url: str, point: str) -> None:
     """The whole run against a PostgreSQL ledger (--ledger URL), killed and run again."""
     kill_at_then_rerun(tmp_path, make_emulator(), point, ledger=pg_url)
@@ -83,19 +83,19 @@ def kill_at_then_rerun(tmp_path: Path, emulator: Emulator, point: str,
 
 @pytest.mark.parametrize(("images", "kills"), [
     (50, 10), pytest.param(500, 50, marks=pytest.mark.slow)])
-def test_kill_9_at_random_moments(tmp_path: Path, make_emulator, images: int,  # type: ignore[no-untyped-def]
+def test_kill_9_at_random_moments(tmp_path: Path, make_emulator: MakeEmulator, images: int,
                                   kills: int) -> None:
     random_kills(tmp_path, make_emulator, images, kills)
 
 
-def test_kill_9_at_random_moments_while_writes_are_batched(  # type: ignore[no-untyped-def]
-        tmp_path: Path, make_emulator, slow_disk: dict[str, str]) -> None:
+def test_kill_9_at_random_moments_while_writes_are_batched(
+        tmp_path: Path, make_emulator: MakeEmulator, slow_disk: dict[str, str]) -> None:
     """On a slow disk the ledger's writes are committed several to a transaction by a thread
     of their own: kills land mid-batch too."""
     random_kills(tmp_path, make_emulator, 30, 8, slow_disk)
 
 
-def random_kills(tmp_path: Path, make_emulator, images: int, kills: int,  # type: ignore[no-untyped-def]
+def random_kills(tmp_path: Path, make_emulator: MakeEmulator, images: int, kills: int,
                  extra_env: dict[str, str] | None = None) -> None:
     emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0, jitter=0.5)
     src, out = tmp_path / "src", tmp_path / "out"
@@ -125,7 +125,7 @@ def random_kills(tmp_path: Path, make_emulator, images: int, kills: int,  # type
           f"ambiguous={ambiguous} transitions={sound['transitions']}")
 
 
-def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = tree(src, 8)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
 from batch import apispec
 from batch.emulator import Emulator
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, MakeEmulator
 from tests.imagegen import encode, portrait
 
 
-def submit(emulator: Emulator, files: dict[str, object] | None, data: dict[str, str] | None = None,
+def submit(emulator: Emulator, files: Mapping[str, Any] | None, data: dict[str, str] | None = None,
            key: str | None = API_KEY) -> httpx.Response:
     headers = {apispec.KEY_HEADER: key} if key else {}
     return httpx.post(emulator.api_base + apispec.SUBMIT_PATH, files=files, data=data,
@@ -43,7 +45,7 @@ def test_validation_and_error_bodies(emulator: Emulator) -> None:
 
 
 def test_tasks_move_through_states_and_results_live_on_another_host(
-        make_emulator) -> None:  # type: ignore[no-untyped-def]
+        make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(queue_seconds=0.2, process_seconds=0.2, result_ttl=1.0)
     image = {"image": ("a.png", encode(portrait(), "PNG"), "image/png")}
     task_id = submit(emulator, image).json()["task_id"]
@@ -68,7 +70,7 @@ def test_tasks_move_through_states_and_results_live_on_another_host(
     assert gone.status_code == 404
 
 
-def test_credits_run_out(make_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_credits_run_out(make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(credits=1)
     image = {"image": ("a.jpg", encode(portrait(), "JPEG"), "image/jpeg")}
     assert submit(emulator, image).status_code == 200
@@ -80,7 +82,7 @@ def test_credits_run_out(make_emulator) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_the_rate_limit_holds_in_every_second_however_threads_interleave(
-        make_emulator) -> None:  # type: ignore[no-untyped-def]
+        make_emulator: MakeEmulator) -> None:
     """The benchmarks and the pace tests judge the client by the emulator's own count of what
     it let through, so that count must never exceed the limit, however the server's request
     threads interleave (each request asks the limiter from a thread of its own)."""

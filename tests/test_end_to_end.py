@@ -8,7 +8,7 @@ from pathlib import Path
 
 from batch.emulator import Emulator
 from tests.checks import assert_outputs_right, ledger_of, sha
-from tests.conftest import API_KEY, FAST_FLAGS, run_cli
+from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, run_cli
 from tests.imagegen import mixed_tree, write_portrait
 
 
@@ -95,7 +95,8 @@ def test_a_photo_without_a_face_fails_with_the_api_code(
         tmp_path: Path, emulator: Emulator) -> None:
     from PIL import Image
     src, out = tmp_path / "src", tmp_path / "out"
-    Image.new("RGB", (120, 120), (20, 40, 200)).save(src.mkdir() or src / "sky.png")
+    src.mkdir()
+    Image.new("RGB", (120, 120), (20, 40, 200)).save(src / "sky.png")
     result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert result.returncode == 1
     assert "ERROR_NO_FACE_IN_FILE" in result.stdout
@@ -144,7 +145,7 @@ def test_no_key_is_a_configuration_error(tmp_path: Path) -> None:
 
 
 def test_out_of_credits_stops_keeps_paid_work_and_resumes_after_top_up(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(credits=8)
     src, out = tmp_path / "src", tmp_path / "out"
     tree = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(20)}
@@ -180,7 +181,7 @@ def test_the_key_never_reaches_the_result_host_or_the_ledger(
 
 
 def test_credits_running_out_mid_run_stop_within_a_couple_of_requests(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(credits=8)
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(20):

@@ -11,7 +11,7 @@ import pytest
 from batch.emulator import Faults
 from batch.states import JobState
 from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
-from tests.conftest import FAST_FLAGS, popen_cli, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
 from tests.imagegen import write_portrait
 
 FAST_RETRIES = """
@@ -28,7 +28,7 @@ def config_file(tmp_path: Path, extra: str = "") -> Path:
 
 
 @pytest.mark.parametrize("retry_after", ["seconds", "date", ""])
-def test_5xx_resets_429s_and_truncated_downloads(tmp_path: Path, make_emulator,  # type: ignore[no-untyped-def]
+def test_5xx_resets_429s_and_truncated_downloads(tmp_path: Path, make_emulator: MakeEmulator,
                                                   retry_after: str) -> None:
     faults = Faults(submit_5xx=0.15, submit_drop_before=0.05, submit_drop_after=0.05,
                     query_5xx=0.15, query_drop=0.05, rate_limit=0.05, malformed_json=0.03,
@@ -48,7 +48,7 @@ def test_5xx_resets_429s_and_truncated_downloads(tmp_path: Path, make_emulator, 
 
 
 def test_failed_and_unknown_status_tasks_are_recorded_not_retried(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(faults=Faults(failed_task=0.3, unknown_status=0.2), seed=3)
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(12):
@@ -69,7 +69,7 @@ def test_failed_and_unknown_status_tasks_are_recorded_not_retried(
 
 @pytest.mark.parametrize("policy", ["resubmit", "report"])
 def test_results_left_past_their_life_are_noticed_before_download(
-        tmp_path: Path, make_emulator, policy: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, policy: str) -> None:
     emulator = make_emulator(result_ttl=1.5)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(3)}
@@ -101,7 +101,7 @@ def test_results_left_past_their_life_are_noticed_before_download(
 
 
 def test_a_job_fails_with_the_last_reason_after_its_attempt_limit(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(faults=Faults(submit_5xx=1.0))
     src, out = tmp_path / "src", tmp_path / "out"
     write_portrait(src / "a.jpg")
@@ -119,7 +119,7 @@ def test_a_job_fails_with_the_last_reason_after_its_attempt_limit(
     assert "gave up after 3 attempts" in problem.reason
 
 
-def test_slow_answers_are_waited_for(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_slow_answers_are_waited_for(tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(faults=Faults(stall=0.3, stall_seconds=0.8), seed=2)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(8)}
@@ -131,7 +131,7 @@ def test_slow_answers_are_waited_for(tmp_path: Path, make_emulator) -> None:  # 
 
 
 def test_uploads_under_a_bandwidth_cap_survive_dropped_connections(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """Under --max-upload-rate one body at a time has the line: an upload whose connection
     drops or that gets a 5xx gives the line back, and the others go on."""
     emulator = make_emulator(faults=Faults(submit_drop_before=0.3, submit_drop_after=0.1,
@@ -147,7 +147,7 @@ def test_uploads_under_a_bandwidth_cap_survive_dropped_connections(
     assert emulator.stats.get("submits", 0) > len(sources)  # the faults did happen
 
 
-def test_a_429_costs_an_upload_no_attempt(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_a_429_costs_an_upload_no_attempt(tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """Meeting the rate limit is how the pace is found: an upload refused with a 429 waits
     and goes again, without using up its attempts (here only one is allowed)."""
     emulator = make_emulator(qps_limit=15.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from batch.emulator import Emulator
 from batch.states import JobState
-from tests.conftest import FAST_FLAGS, run_cli
+from tests.conftest import FAST_FLAGS, CliResult, MakeEmulator, run_cli
 from tests.imagegen import encode, portrait, write_portrait
 
 
@@ -17,7 +17,7 @@ def shoot(src: Path, n: int = 3) -> None:
         write_portrait(src / f"portrait {i}.jpg", seed=i)
 
 
-def assert_refused(result, emulator: Emulator, words: str) -> None:  # type: ignore[no-untyped-def]
+def assert_refused(result: CliResult, emulator: Emulator, words: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert words in result.stderr
@@ -80,7 +80,7 @@ def test_retry_of_a_path_that_matches_nothing_says_so(tmp_path: Path,
 
 
 def test_a_task_the_api_no_longer_knows_follows_on_expired(tmp_path: Path,
-                                                           make_emulator) -> None:  # type: ignore[no-untyped-def]
+                                                           make_emulator: MakeEmulator) -> None:
     """The ledger holds queued tasks a server that started anew has forgotten (404 on the
     status query): a lost task, handled like an expired link, never a silent failure."""
     from tests.checks import ledger_of
@@ -247,7 +247,7 @@ def test_a_damaged_file_that_needs_a_copy_is_rejected_before_its_upload(
 
 
 def test_progress_totals_count_what_is_really_uploaded_and_saved(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """Rejected files and failed tasks are counted on their own: the bars end at 100 % of
     what was really uploaded and saved."""
     import json

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from batch.api.breaker import CircuitBreaker
-from batch.emulator import Faults
+from batch.emulator import Emulator, Faults
 from batch.ledger.engine import create_ledger_engine, filesystem_type
 from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
-from tests.conftest import FAST_FLAGS, popen_cli, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
 from tests.imagegen import write_portrait
 
 
@@ -49,7 +49,7 @@ def test_breaker_opens_after_a_run_of_failures_probes_and_backs_off() -> None:
     assert breaker.state == "closed" and breaker.delay() == 0.0
 
 
-def test_a_sick_api_is_not_hammered(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_a_sick_api_is_not_hammered(tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(faults=Faults(submit_5xx=1.0))
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(10):
@@ -70,7 +70,7 @@ def test_a_sick_api_is_not_hammered(tmp_path: Path, make_emulator) -> None:  # t
 
 
 def test_uploads_stopped_by_the_clock_during_an_outage_end_the_run_at_once(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """The breaker holds uploads back for a long cooldown when --stop-submitting-at comes:
     those uploads will not be sent, so the run ends then (nothing paid is in flight) rather
     than when the cooldown would have let them through."""
@@ -90,7 +90,7 @@ def test_uploads_stopped_by_the_clock_during_an_outage_end_the_run_at_once(
     assert emulator.stats.get("charged", 0) == 0
 
 def test_a_read_timeout_after_upload_is_ambiguous_not_retried_blindly(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(faults=Faults(stall=1.0, stall_seconds=1.5))
     src, out = tmp_path / "src", tmp_path / "out"
     sources = {"a.jpg": write_portrait(src / "a.jpg")}
@@ -119,7 +119,7 @@ def test_a_read_timeout_after_upload_is_ambiguous_not_retried_blindly(
 
 
 def test_a_second_run_on_the_same_ledger_exits_at_once(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(queue_seconds=1.0, process_seconds=1.0)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(4)}
@@ -162,7 +162,7 @@ def test_network_filesystems_are_recognised(tmp_path: Path,
     assert "network filesystem" not in caplog.text
 
 
-def test_ledger_rows_stay_legal(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_ledger_rows_stay_legal(tmp_path: Path, emulator: Emulator) -> None:
     from batch.states import JobState, check_transition
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(3):
@@ -176,7 +176,8 @@ def test_ledger_rows_stay_legal(tmp_path: Path, emulator) -> None:  # type: igno
     assert_no_double_pay(out, emulator, 3)
 
 
-def test_more_open_tasks_than_the_poll_window_all_finish(tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+def test_more_open_tasks_than_the_poll_window_all_finish(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """The poller keeps a window of open tasks in memory; the rest wait in the ledger and are
     taken in, oldest first, as the window frees up. Nothing is left behind."""
     emulator = make_emulator(queue_seconds=0.3, process_seconds=0.3, jitter=0.5)
@@ -192,7 +193,7 @@ def test_more_open_tasks_than_the_poll_window_all_finish(tmp_path: Path, make_em
 
 
 def test_a_max_qps_above_the_servers_limit_settles_under_it_after_a_429_or_two(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """--max-qps set four times what the server takes: the first 429s show the server's limit
     and the run paces under it, instead of running into it after every pause."""
     emulator = make_emulator(qps_limit=15.0)

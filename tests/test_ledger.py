@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ from batch.states import TRANSITIONS, IllegalTransition, JobState, illegal_pairs
 
 
 @pytest.fixture
-def ledger(ledger_location: str) -> Ledger:
+def ledger(ledger_location: str) -> Iterator[Ledger]:
     store = open_ledger(ledger_location)
-    yield store  # type: ignore[misc]
+    yield store
     store.close()
 
 
@@ -58,9 +59,9 @@ class TestLedger:
         assert [job.content_sha256[0] for job in sorted(jobs, key=lambda j: j.id)] == list("dcba")
         assert [p.path for p in ledger.problems()] == ["/src/unreadable.jpg"]
         # a file without a root cannot be recorded: its whole batch is rolled back...
-        broken = [scanned("e.jpg", "e" * 64), scanned("f.jpg", "f" * 64)._replace(root=None)]
+        broken = [scanned("e.jpg", "e" * 64), scanned("f.jpg", "f" * 64)._replace(root=None)]  # type: ignore[arg-type]
         with pytest.raises(Exception, match=r"(?i)null"):
-            record(ledger, broken, "100000000")  # type: ignore[arg-type]
+            record(ledger, broken, "100000000")
         assert ledger.file_count() == 5 and ledger.counts()["pending"] == 4
         # ...and nothing of it, or of the batch before, is left over for the next one (a
         # leftover row would record its file again, and undo what happened to it since)
@@ -273,7 +274,8 @@ def test_only_what_the_next_run_redoes_for_free_skips_the_flush(ledger: Ledger) 
     ledger.record_files([scanned("a.jpg", "a" * 64)])
     ledger.save_folder_digests("/src", {"": ("d" * 40, 1)}, [])
     [job] = ledger.claimable([JobState.PENDING], 1)
-    moves = [(JobState.SUBMITTING, {}), (JobState.QUEUED, {"task_id": "t"}),
+    moves: list[tuple[JobState, dict[str, Any]]] = [
+             (JobState.SUBMITTING, {}), (JobState.QUEUED, {"task_id": "t"}),
              (JobState.PROCESSING, {}), (JobState.READY, {"result_urls": ["u"]}),
              (JobState.DOWNLOADING, {}), (JobState.READY, {}), (JobState.DOWNLOADING, {})]
     for target, fields in moves:

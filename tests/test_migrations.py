@@ -1,6 +1,7 @@
 """Migrations from empty must yield exactly the declared schema (as procrastinate checks), and a
 new ledger, made from the declared schema without Alembic, exactly what the migrations make."""
 
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -74,7 +75,7 @@ def test_opening_twice_is_a_no_op(ledger_location: str) -> None:
     ledger.close()
 
 
-def test_sqlite_ledger_is_wal_and_private(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sqlite_ledger_is_wal_and_private(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
     ledger = open_ledger(str(path))
     with ledger.engine.connect() as conn:
@@ -84,7 +85,7 @@ def test_sqlite_ledger_is_wal_and_private(tmp_path) -> None:  # type: ignore[no-
     assert path.stat().st_mode & 0o077 == 0
 
 
-def test_the_head_revision_the_fast_path_trusts_is_the_newest_migration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_head_revision_the_fast_path_trusts_is_the_newest_migration(tmp_path: Path) -> None:
     from alembic.script import ScriptDirectory
 
     ledger = open_ledger(tmp_path / "l.sqlite")

@@ -16,8 +16,9 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
+from batch.emulator import Emulator
 from tests.checks import assert_no_double_pay, assert_outputs_right
-from tests.conftest import FAST_FLAGS, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, run_cli
 from tests.imagegen import write_portrait
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -28,7 +29,7 @@ def shoot(src: Path, n: int) -> dict[str, bytes]:
 
 
 def test_max_credits_caps_uploads_and_the_rest_wait_with_a_reason(tmp_path: Path,
-                                                                  emulator) -> None:  # type: ignore[no-untyped-def]
+                                                                  emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 8)
     capped = run_cli(["run", str(src), "--out", str(out), "--max-credits", "3", *FAST_FLAGS],
@@ -45,7 +46,7 @@ def test_max_credits_caps_uploads_and_the_rest_wait_with_a_reason(tmp_path: Path
 
 
 def test_a_short_balance_with_the_stop_policy_sends_nothing(tmp_path: Path,
-                                                            make_emulator) -> None:  # type: ignore[no-untyped-def]
+                                                            make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(credits=2)
     src, out = tmp_path / "src", tmp_path / "out"
     shoot(src, 5)
@@ -62,7 +63,7 @@ def ledger_digest(out: Path) -> str:
     return hashlib.sha256((out / ".skinbatch" / "ledger.sqlite").read_bytes()).hexdigest()
 
 
-def test_dry_run_reports_and_changes_nothing(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_dry_run_reports_and_changes_nothing(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     shoot(src, 3)
     assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
@@ -81,7 +82,7 @@ def test_dry_run_reports_and_changes_nothing(tmp_path: Path, emulator) -> None: 
 
 
 def test_stop_submitting_at_still_saves_everything_paid(tmp_path: Path,
-                                                        make_emulator) -> None:  # type: ignore[no-untyped-def]
+                                                        make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(queue_seconds=1.0, process_seconds=1.0)
     src, out = tmp_path / "src", tmp_path / "out"
     shoot(src, 30)
@@ -97,7 +98,7 @@ def test_stop_submitting_at_still_saves_everything_paid(tmp_path: Path,
 
 
 def test_the_deadline_ends_the_run_and_says_what_is_in_flight(tmp_path: Path,
-                                                              make_emulator) -> None:  # type: ignore[no-untyped-def]
+                                                              make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(queue_seconds=1.0, process_seconds=6.0)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 4)
@@ -134,7 +135,7 @@ def browser_or_skip() -> str:
     return browser
 
 
-def test_the_html_report_renders_in_a_real_browser(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_the_html_report_renders_in_a_real_browser(tmp_path: Path, emulator: Emulator) -> None:
     """The batch as a whole in the header (a no-op rerun does not hide it), labelled pairs,
     a name in Japanese, previews made when the results were saved, and a click-through
     full-size comparison; nothing fetched from the network."""
@@ -190,7 +191,7 @@ def test_the_html_report_renders_in_a_real_browser(tmp_path: Path, emulator) -> 
         assert shot.is_file() and shot.stat().st_size > 10_000
 
 
-def test_a_report_makes_the_previews_a_save_did_not(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_a_report_makes_the_previews_a_save_did_not(tmp_path: Path, emulator: Emulator) -> None:
     """Results saved without previews (an older ledger, a deleted folder) get them from the
     files, once."""
     src, out = tmp_path / "src", tmp_path / "out"
@@ -205,7 +206,7 @@ def test_a_report_makes_the_previews_a_save_did_not(tmp_path: Path, emulator) ->
             assert image.format == "JPEG" and max(image.size) <= 240
 
 
-def test_csv_and_json_reports_parse_back(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_csv_and_json_reports_parse_back(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     shoot(src, 3)
     (src / "bad.jpg").write_text("nope")
@@ -220,7 +221,7 @@ def test_csv_and_json_reports_parse_back(tmp_path: Path, emulator) -> None:  # t
     assert data["last_run"]["charged"] == 3 and data["last_run"]["exit_code"] == 1
 
 
-def test_retry_puts_chosen_jobs_back_in_line(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_retry_puts_chosen_jobs_back_in_line(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     (src / "a").mkdir(parents=True)
     (src / "a" / "one.jpg").write_text("not yet a photo")
@@ -234,7 +235,7 @@ def test_retry_puts_chosen_jobs_back_in_line(tmp_path: Path, emulator) -> None: 
     assert nothing.returncode == 2
 
 
-def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     shoot(src, 2)
     result = run_cli(["run", str(src), "--out", str(out), "--log-format", "json", "-v",
@@ -245,7 +246,7 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator) -> None:  #
 
 
 def test_a_photo_sent_as_a_copy_has_an_upright_preview_of_each_side(
-        tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, emulator: Emulator) -> None:
     """A sideways camera file (EXIF orientation 6) and a TIFF go to the API as upright JPEG
     copies; their previews, made from the copies' pixels, stand upright too."""
     src, out = tmp_path / "src", tmp_path / "out"

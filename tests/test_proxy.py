@@ -31,7 +31,7 @@ class _Forwarder(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items()
                    if k.lower() not in ("proxy-connection", "connection", "host")}
         self.seen.append((self.command, self.path, self.headers.get(apispec.KEY_HEADER)))
-        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=30)
         try:
             query = f"?{target.query}" if target.query else ""
             upstream.request(self.command, target.path + query, body=body, headers=headers)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from batch.api import ratelimit
+from batch.emulator import Emulator
 from batch.ledger import open_ledger
 from tests.checks import assert_no_double_pay, assert_outputs_right
-from tests.conftest import run_cli
+from tests.conftest import MakeEmulator, run_cli
 from tests.imagegen import write_portrait
 
 #: FAST_FLAGS without a ceiling: the default is to find the pace.
@@ -37,7 +38,7 @@ def learned(out: Path) -> tuple[float, bool]:
 
 
 def test_without_a_limit_the_pace_grows_past_where_it_starts(tmp_path: Path,
-                                                             emulator) -> None:  # type: ignore[no-untyped-def]
+                                                             emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     sources = photos(src, 60)
     result = run_cli(["run", str(src), "--out", str(out), *FLAGS], emulator)
@@ -50,7 +51,7 @@ def test_without_a_limit_the_pace_grows_past_where_it_starts(tmp_path: Path,
 
 
 def test_a_limit_nobody_told_us_is_found_kept_under_and_remembered(
-        tmp_path: Path, make_emulator) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(qps_limit=12.0)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = photos(src, 80)
@@ -71,7 +72,7 @@ def test_a_limit_nobody_told_us_is_found_kept_under_and_remembered(
     assert f"starting at {rate:.1f} requests a second" in again.stderr
 
 
-def test_a_ceiling_holds_and_caps_what_is_learned(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_a_ceiling_holds_and_caps_what_is_learned(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     sources = photos(src, 30)
     result = run_cli(["run", str(src), "--out", str(out), *FLAGS, "--max-qps", "6"], emulator)
@@ -83,7 +84,7 @@ def test_a_ceiling_holds_and_caps_what_is_learned(tmp_path: Path, emulator) -> N
 
 
 def test_an_out_of_credits_429_is_not_taken_for_a_rate_limit(tmp_path: Path,
-                                                             make_emulator) -> None:  # type: ignore[no-untyped-def]
+                                                             make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(credits=3)
     src, out = tmp_path / "src", tmp_path / "out"
     photos(src, 8)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from batch.ledger import open_ledger
+from batch.ledger.store import KnownFile
 from batch.options import Options
 from batch.scan import SourceRoot, read_file, scan
 from tests.imagegen import write_portrait
@@ -178,8 +179,12 @@ def test_a_first_scan_leaves_digests_that_let_the_rescan_skip_every_folder(
 
     lookups: list[str] = []
     real = ledger.known_files
-    monkeypatch.setattr(ledger, "known_files",
-                        lambda base, rel_dir: lookups.append(rel_dir) or real(base, rel_dir))
+
+    def counted(base: str, rel_dir: str) -> dict[str, KnownFile]:
+        lookups.append(rel_dir)
+        return real(base, rel_dir)
+
+    monkeypatch.setattr(ledger, "known_files", counted)
     again = scan(ledger, [SourceRoot(src)], FP)
     assert (again.found, again.hashed, again.unchanged) == (2102, 0, 2102)
     assert lookups == []
@@ -316,8 +321,12 @@ def test_a_big_folder_recorded_over_several_batches_still_gets_its_digest(
 
     lookups: list[str] = []
     real = ledger.known_files
-    monkeypatch.setattr(ledger, "known_files",
-                        lambda base, rel_dir: lookups.append(rel_dir) or real(base, rel_dir))
+
+    def counted(base: str, rel_dir: str) -> dict[str, KnownFile]:
+        lookups.append(rel_dir)
+        return real(base, rel_dir)
+
+    monkeypatch.setattr(ledger, "known_files", counted)
     again = scan(ledger, [SourceRoot(src)], FP)
     assert (again.found, again.hashed) == (601, 0)
     assert lookups == ["spoiled"]

@@ -13,7 +13,7 @@ from PIL import Image, ImageCms, IptcImagePlugin, PngImagePlugin
 
 from batch.emulator import Emulator
 from tests.checks import ledger_of
-from tests.conftest import FAST_FLAGS, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, run_cli
 from tests.imagegen import portrait
 
 CLIENT = "Jane Doe"
@@ -91,7 +91,7 @@ def pixels(data: bytes) -> bytes:
 
 
 @pytest.fixture
-def studio(tmp_path: Path, make_emulator) -> tuple[Path, Path, Emulator]:  # type: ignore[no-untyped-def]
+def studio(tmp_path: Path, make_emulator: MakeEmulator) -> tuple[Path, Path, Emulator]:
     src = tmp_path / f"{CLIENT} wedding"
     src.mkdir()
     for name, make in SOURCES.items():
@@ -99,7 +99,7 @@ def studio(tmp_path: Path, make_emulator) -> tuple[Path, Path, Emulator]:  # typ
     return src, tmp_path / "out", make_emulator(record_uploads=True)
 
 
-def test_uploads_carry_pixels_colour_and_nothing_else(studio) -> None:  # type: ignore[no-untyped-def]
+def test_uploads_carry_pixels_colour_and_nothing_else(studio: tuple[Path, Path, Emulator]) -> None:
     src, out, emulator = studio
     result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
     assert result.returncode == 0, result.stderr
@@ -110,7 +110,7 @@ def test_uploads_carry_pixels_colour_and_nothing_else(studio) -> None:  # type: 
             assert secret not in body, secret  # the file name is in the body too
         image = uploaded_image(body)
         with Image.open(io.BytesIO(image)) as sent:
-            fmt = sent.format
+            fmt = sent.format or ""
             assert sent.info.get("icc_profile") == ICC
             assert not sent.getexif()
         source = sources[{"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]]
@@ -122,14 +122,14 @@ def test_uploads_carry_pixels_colour_and_nothing_else(studio) -> None:  # type: 
 
     # The results on disk carry the studio's metadata again.
     for name in SOURCES:
-        with Image.open(out / name) as result:
-            assert result.getexif()[0x013B] == CLIENT
-            assert result.getexif().get_ifd(0x8825)[1] == "N"
-            assert result.info.get("icc_profile") == ICC
-            xmp = result.info.get("xmp") or result.info.get("XML:com.adobe.xmp") or b""
+        with Image.open(out / name) as saved:
+            assert saved.getexif()[0x013B] == CLIENT
+            assert saved.getexif().get_ifd(0x8825)[1] == "N"
+            assert saved.info.get("icc_profile") == ICC
+            xmp = saved.info.get("xmp") or saved.info.get("XML:com.adobe.xmp") or b""
             assert CLIENT.encode() in (xmp if isinstance(xmp, bytes) else xmp.encode())
-            if result.format == "JPEG":
-                iptc = IptcImagePlugin.getiptcinfo(result) or {}
+            if saved.format == "JPEG":
+                iptc = IptcImagePlugin.getiptcinfo(saved) or {}
                 assert iptc.get((2, 120)) == f"{CLIENT} at the altar".encode()
 
     # What was removed is said, by kind.
@@ -139,7 +139,7 @@ def test_uploads_carry_pixels_colour_and_nothing_else(studio) -> None:  # type: 
 
 
 def test_a_rotated_source_is_sent_upright_without_its_exif(tmp_path: Path,
-                                                           make_emulator) -> None:  # type: ignore[no-untyped-def]
+                                                           make_emulator: MakeEmulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     (src / "sideways.jpg").write_bytes(jpeg_source(orientation=6))
@@ -157,7 +157,7 @@ def test_a_rotated_source_is_sent_upright_without_its_exif(tmp_path: Path,
         assert saved.getexif()[0x0112] == 1 and saved.getexif()[0x013B] == CLIENT
 
 
-def test_keep_upload_metadata_sends_the_original_bytes(studio) -> None:  # type: ignore[no-untyped-def]
+def test_keep_upload_metadata_sends_the_original_bytes(studio: tuple[Path, Path, Emulator]) -> None:
     src, out, emulator = studio
     result = run_cli(["run", str(src), "--out", str(out), "--keep-upload-metadata",
                       *FAST_FLAGS], emulator)
@@ -169,7 +169,7 @@ def test_keep_upload_metadata_sends_the_original_bytes(studio) -> None:  # type:
     ledger.close()
 
 
-def test_the_dry_run_says_what_would_be_removed(studio) -> None:  # type: ignore[no-untyped-def]
+def test_the_dry_run_says_what_would_be_removed(studio: tuple[Path, Path, Emulator]) -> None:
     src, out, emulator = studio
     result = run_cli(["run", str(src), "--out", str(out), "--dry-run", *FAST_FLAGS], emulator)
     assert result.returncode == 0, result.stderr

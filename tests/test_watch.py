@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from tests.conftest import API_KEY, FAST_FLAGS, cli_env, popen_cli
 from tests.imagegen import encode, portrait
 
 
-def wait_for(condition, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():

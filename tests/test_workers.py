@@ -23,7 +23,7 @@ from batch.ledger.workers import WorkerRecords
 from batch.states import JobState
 from batch.worker import SLACK, SLACK_CLEAN, SLACK_MAX, SLACK_STEP, SharedPace
 from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right, ledger_of
-from tests.conftest import popen_cli, run_cli
+from tests.conftest import MakeEmulator, popen_cli, run_cli
 from tests.dbproxy import DatabaseProxy
 from tests.imagegen import write_portrait
 
@@ -74,7 +74,7 @@ def uploads_by_worker(out: Path, pg_url: str) -> dict[str | None, int]:
 
 
 def test_three_workers_share_one_ledger_and_one_ceiling(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     """All three scan the same shared tree at once: one job per distinct image, each uploaded
     by one worker, the API's ceiling held by all of them together."""
     emulator = make_emulator(qps_limit=CEILING)
@@ -168,7 +168,7 @@ def test_a_429_widens_the_margin_between_booked_moments_and_quiet_narrows_it(
 @pytest.mark.parametrize("seed", [
     1, 2, *[pytest.param(s, marks=pytest.mark.slow) for s in range(3, 11)]])
 def test_a_worker_killed_at_a_random_moment_loses_nothing(
-        tmp_path: Path, make_emulator, pg_url: str, seed: int) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str, seed: int) -> None:
     emulator = make_emulator(qps_limit=CEILING, queue_seconds=0.2, process_seconds=0.4)
     src, out = tmp_path / "nas" / "shoots", tmp_path / "nas" / "retouched"
     sources = shoot(src, 120, first_seed=seed * 1000)
@@ -201,7 +201,7 @@ def test_a_worker_killed_at_a_random_moment_loses_nothing(
 
 
 def test_the_database_going_away_mid_run_is_a_pause(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     """Every connection to PostgreSQL dropped and new ones refused for 3 s while three workers
     are at work (as a restart of the server looks to them): they wait, reconnect and finish,
     with nothing lost and nothing paid twice."""
@@ -232,7 +232,7 @@ def test_the_database_going_away_mid_run_is_a_pause(
 
 
 def test_a_worker_cut_off_from_the_database_longer_than_its_lease_stops_and_says_why(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     emulator = make_emulator(queue_seconds=0.2, process_seconds=0.4)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 60)
@@ -262,7 +262,7 @@ def test_a_worker_cut_off_from_the_database_longer_than_its_lease_stops_and_says
 
 
 def test_a_worker_claims_only_jobs_under_its_own_roots(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     """Two sites on one ledger, each with its own shoots: neither takes the other's jobs."""
     emulator = make_emulator()
     site_a, site_b = tmp_path / "a", tmp_path / "b"
@@ -284,7 +284,7 @@ def test_a_worker_claims_only_jobs_under_its_own_roots(
 
 
 def test_two_live_workers_may_not_share_a_name(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     # Tasks long enough that the first worker is still at work (its lease alive) however long
     # a busy machine takes to start the second one.
     emulator = make_emulator(queue_seconds=1.0, process_seconds=8.0)
@@ -306,7 +306,7 @@ def test_two_live_workers_may_not_share_a_name(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_max_upload_rate_caps_what_each_worker_sends(
-        tmp_path: Path, make_emulator, pg_url: str, workers: int) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str, workers: int) -> None:
     """--max-upload-rate 512k: the server receives the uploads of each worker at that pace at
     most (two workers together at twice it), and every image still arrives whole."""
     emulator = make_emulator(upload_bandwidth=1e9)  # an uplink that records each upload's span
@@ -328,7 +328,7 @@ def test_max_upload_rate_caps_what_each_worker_sends(
 
 
 def test_max_credits_is_one_number_for_the_whole_batch(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     emulator = make_emulator(queue_seconds=0.2, process_seconds=0.4)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 40)
@@ -355,7 +355,7 @@ def test_max_credits_is_one_number_for_the_whole_batch(
 
 
 def test_a_tree_mounted_at_different_paths_is_one_root_by_its_name(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     """Two machines see one NAS at /mnt/nas/shoots and /Volumes/shoots (here: two copies of
     one tree): each maps the name "shoots" to its own path, so the ledger holds one file row
     per photo under "@shoots", the work is shared, and nothing is paid twice."""
@@ -399,7 +399,7 @@ def _restart_postgresql() -> None:
 @pytest.mark.skipif(not shutil.which("pg_ctlcluster") or os.geteuid() != 0,
                     reason="restarts the machine's PostgreSQL server (root, Debian's tools)")
 def test_a_real_postgresql_restart_mid_run_is_a_pause(
-        tmp_path: Path, make_emulator, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     """The server itself restarted (not a proxy) under three workers: they wait, reconnect and
     finish. No other test uses the server meanwhile (the ``restarts_postgresql`` mark)."""
     emulator = make_emulator(qps_limit=CEILING, queue_seconds=0.2, process_seconds=0.4)

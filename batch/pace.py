@@ -10,7 +10,7 @@ import json
 import logging
 from datetime import datetime
 
-from batch.api.ratelimit import Learned, RateLimiter
+from batch.api.ratelimit import START, Learned, RateLimiter
 from batch.ledger import Ledger
 
 log = logging.getLogger("batch.pace")
@@ -20,13 +20,13 @@ KEY = "api_pace"
 def limiter_for(ledger: Ledger, api_base: str, ceiling: float | None,
                 workers: int = 1) -> RateLimiter:
     """A limiter starting at this worker's share of the pace the ledger remembers."""
-    learned = _load(ledger, api_base)
-    if learned is not None:
-        learned = Learned(learned.rate / workers, learned.limited)
+    saved = _load(ledger, api_base)
+    learned = None if saved is None else Learned(saved.rate / workers, saved.limited)
     limiter = RateLimiter(ceiling, learned=learned)
-    if learned is not None:
+    if saved is not None and (saved.limited or saved.rate > START):
+        # (A run that never needed more than the starting pace learned nothing to tell.)
         log.info("API pace: starting at %.1f requests a second, as the last run learned%s.",
-                 limiter.rate, "" if learned.limited else " (no limit seen yet: still growing)")
+                 limiter.rate, "" if saved.limited else " (no limit seen yet: still growing)")
     return limiter
 
 

@@ -72,6 +72,25 @@ def test_a_limit_nobody_told_us_is_found_kept_under_and_remembered(
     assert f"starting at {rate:.1f} requests a second" in again.stderr
 
 
+def test_a_run_that_never_grew_the_pace_says_nothing_learned(tmp_path: Path,
+                                                              emulator: Emulator) -> None:
+    """The README's first command: one photo, the provider's poll interval. The pace never
+    needs to leave where it starts, so the runs after it do not claim to start where the last
+    one learned to."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    photos(src, 1)
+    flags = ["--no-progress", "--smart-skin"]
+    for _ in range(2):
+        result = run_cli(["run", str(src), "--out", str(out), *flags], emulator)
+        assert result.returncode == 0, result.stderr
+        assert "API pace" not in result.stderr
+    photos(src, 1, first=1)
+    result = run_cli(["run", str(src), "--out", str(out), *flags], emulator)
+    assert result.returncode == 0, result.stderr
+    assert "API pace" not in result.stderr
+    assert emulator.stats.get("charged", 0) == 2
+
+
 def test_a_ceiling_holds_and_caps_what_is_learned(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     sources = photos(src, 30)

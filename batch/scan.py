@@ -28,10 +28,11 @@ from batch.preflight import PrepareSettings, Rejected, check
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded. The
-#: first batches are smaller (from FIRST_BATCH, doubling), so the first rows, and with them
-#: the first uploads, come within a fraction of a second on any tree.
+#: first batches are smaller (from FIRST_BATCH, doubling): the first upload waits until every
+#: file of the first batch is hashed and judged, so that batch holds only two (the cores are
+#: shared with the run's first requests).
 BATCH = 1000
-FIRST_BATCH = 8
+FIRST_BATCH = 2
 #: Files per pool task at most (one pool task per small file costs more than hashing it).
 HASH_CHUNK = 32
 

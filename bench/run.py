@@ -493,7 +493,7 @@ def plain_hash(paths: list[Path]) -> float:
 def bench_scan(work: Path, files: int, photos: int) -> None:
     photo_tree = work / "photo-tree"
     paths = make_photos(photo_tree, photos)
-    subprocess.run(["sync"], check=False)
+    os.sync()
     plain_hash(paths)  # the files' pages in the cache for every reader alike
     plain = plain_hash(paths)
     ledger = open_ledger(work / "photo-scan.sqlite")

@@ -49,16 +49,25 @@ def test_breaker_opens_after_a_run_of_failures_probes_and_backs_off() -> None:
     assert breaker.state == "closed" and breaker.delay() == 0.0
 
 
-def test_a_sick_api_is_not_hammered(tmp_path: Path, make_emulator: MakeEmulator) -> None:
+def sick_api_run(tmp_path: Path, make_emulator: MakeEmulator,
+                 extra_config: str = "") -> tuple[Emulator, list[str]]:
+    """Ten photos against an API that answers every upload 503, with a breaker that opens
+    after three failures and then holds uploads back for 90 s: the emulator and the run's
+    arguments."""
     emulator = make_emulator(faults=Faults(submit_5xx=1.0))
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(10):
         write_portrait(src / f"{i}.jpg", seed=i)
     config = tmp_path / "c.toml"
     config.write_text("breaker_threshold = 3\nbreaker_cooldown = 90.0\nbackoff_base = 0.01\n"
-                      "backoff_cap = 0.02\nmax_attempts = 50\ninterrupt_grace = 60.0\n")
-    proc = popen_cli(["run", str(src), "--out", str(out), "--config", str(config),
-                      "--concurrency", "2", *FAST_FLAGS], emulator)
+                      "backoff_cap = 0.02\nmax_attempts = 50\n" + extra_config)
+    return emulator, ["run", str(src), "--out", str(out), "--config", str(config),
+                      "--concurrency", "2", *FAST_FLAGS]
+
+
+def test_a_sick_api_is_not_hammered(tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    emulator, args = sick_api_run(tmp_path, make_emulator, "interrupt_grace = 60.0\n")
+    proc = popen_cli(args, emulator)
     time.sleep(3)
     proc.terminate()
     # The uploads waiting out the breaker's cooldown were never sent: the run ends without
@@ -74,20 +83,13 @@ def test_uploads_stopped_by_the_clock_during_an_outage_end_the_run_at_once(
     """The breaker holds uploads back for a long cooldown when --stop-submitting-at comes:
     those uploads will not be sent, so the run ends then (nothing paid is in flight) rather
     than when the cooldown would have let them through."""
-    emulator = make_emulator(faults=Faults(submit_5xx=1.0))
-    src, out = tmp_path / "src", tmp_path / "out"
-    for i in range(10):
-        write_portrait(src / f"{i}.jpg", seed=i)
-    config = tmp_path / "c.toml"
-    config.write_text("breaker_threshold = 3\nbreaker_cooldown = 90.0\nbackoff_base = 0.01\n"
-                      "backoff_cap = 0.02\nmax_attempts = 50\n")
-    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
-                      "--concurrency", "2", "--stop-submitting-at", "3s", *FAST_FLAGS],
-                     emulator, timeout=60)
+    emulator, args = sick_api_run(tmp_path, make_emulator)
+    result = run_cli([*args, "--stop-submitting-at", "3s"], emulator, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "stop-submitting time reached" in result.stderr
     assert emulator.stats["submits"] <= 4, emulator.stats
     assert emulator.stats.get("charged", 0) == 0
+
 
 def test_a_read_timeout_after_upload_is_ambiguous_not_retried_blindly(
         tmp_path: Path, make_emulator: MakeEmulator) -> None:

@@ -6,8 +6,8 @@ Use it as a library::
     report = run_batch(RunConfig(sources=(Path("shoot"),), out=Path("retouched"),
                                  options=Options.of(["smart_skin"]), api_key=Secret(key)))
 
-The names are imported on first use, so a worker process that needs one small module (the
-scanner's hashing processes) does not pay for the whole package.
+The names are imported on first use, so that importing one module of the package (the CLI,
+the emulator) does not first load all of it.
 """
 
 from __future__ import annotations

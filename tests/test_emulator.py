@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from batch import apispec
 from batch.emulator import Emulator
@@ -42,6 +43,24 @@ def test_validation_and_error_bodies(emulator: Emulator) -> None:
     body = ok.json()
     assert ok.status_code == 200 and body["task_id"] and body["error_code"] == 0
     assert {"request_id", "log_id", "error_detail"} <= set(body)
+
+
+def test_large_uploads_are_refused_as_the_api_does(emulator: Emulator) -> None:
+    """The server decodes a large JPEG at a reduced size, yet still refuses one cut short,
+    one of 4096 pixels or more, and one without a face; a whole one within limits passes."""
+    photo = encode(portrait(4000, 3000, seed=2, grain=20), "JPEG", quality=90)
+    cases = {
+        "cut short": (photo[:len(photo) * 2 // 3], 400, apispec.ERROR_PARAMETERS),
+        "too large": (encode(portrait(4096, 600, seed=2), "JPEG"), 400, apispec.ERROR_PARAMETERS),
+        "no face": (encode(Image.new("RGB", (4000, 3000), (40, 90, 200)), "JPEG"), 422,
+                    apispec.NO_FACE_IN_FILE),
+    }
+    for name, (data, status, error) in cases.items():
+        answer = submit(emulator, {"image": ("a.jpg", data, "image/jpeg")}, {"smart_skin": "1"})
+        assert (answer.status_code, code(answer)) == (status, error), name
+    assert emulator.stats.get("charged", 0) == 0
+    ok = submit(emulator, {"image": ("a.jpg", photo, "image/jpeg")}, {"smart_skin": "1"})
+    assert ok.status_code == 200 and emulator.stats["charged"] == 1
 
 
 def test_tasks_move_through_states_and_results_live_on_another_host(

@@ -156,7 +156,7 @@ class ApiHandler(_Handler):
             return
         try:
             data, enabled = self._parse_submit(body)
-            _, fmt = state.validate_image(data)
+            fmt = state.validate_image(data)
             task = state.create_task(data, fmt, enabled)
         except Rejection as rejection:
             state.stats[f"rejected_{rejection.code}"] += 1

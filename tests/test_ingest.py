@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image, ImageCms, PngImagePlugin
 from batch.emulator import Emulator
 from batch.preflight import PrepareSettings, preflight
 from tests.checks import ledger_of
-from tests.conftest import FAST_FLAGS, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
 from tests.imagegen import portrait
 
 XMP = (b"<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF xmlns:rdf='http://www.w3.org/1999/02/"
@@ -173,3 +175,28 @@ def test_resizing_is_recorded_in_the_note() -> None:
     prepared = preflight(big.getvalue(), PrepareSettings(max_side=2000))
     assert (prepared.width, prepared.height) == (2000, 1200)
     assert prepared.note is not None and "resized from 5000x3000" in prepared.note
+
+
+def test_the_next_files_are_prepared_while_one_is_sent(tmp_path: Path,
+                                                       make_emulator: MakeEmulator) -> None:
+    """Preparing a copy (CPU) does not wait for an upload slot: with --concurrency 1 and a
+    slow line, the other files' copies (their previews are made from them) are ready before
+    the first upload has arrived, and the server still never receives two at once."""
+    emulator = make_emulator(upload_bandwidth=250_000)
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(camera_jpeg((900 + i, 1100), orientation=6, grain=30))
+    proc = popen_cli(["run", str(src), "--out", str(out), "--concurrency", "1", *FAST_FLAGS],
+                     emulator)
+    previews, arrived = 0, 0
+    deadline = time.monotonic() + 60
+    while previews < 3 and arrived == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        previews = len(list((out / ".skinbatch" / "thumbs").rglob("*.jpg")))
+        arrived = emulator.stats.get("submits", 0)  # read after: the previews came first
+    assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    assert (previews, arrived) == (3, 0)
+    spans = sorted(emulator.state.upload_spans)
+    assert len(spans) == 3 and spans[0][2] > 400_000  # each held the line over 1.5 s
+    assert all(done <= start for (_, done, _), (start, _, _) in pairwise(spans))

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import replace
@@ -31,6 +32,11 @@ log = logging.getLogger("batch.submit")
 #: rest to the others).
 PREFETCH = 64
 
+#: Files prepared at once: a copy is decoded, resized and encoded on one core, so one per core
+#: keeps the CPU busy, and at least two, so that a file read slowly (a network share) does not
+#: idle it; capped because each holds a camera file's pixels (about 200 MB for 24 megapixels).
+PREPARING = max(2, min(os.cpu_count() or 1, 8))
+
 
 def upload_name(job: JobRow, prepared: Prepared) -> str:
     """The file name the upload carries: from the content, never from the user's names."""
@@ -46,6 +52,13 @@ class Submitter:
         self.committed: set[int] = set()
         self.waiting: deque[tuple[JobRow, list[FileRow]]] = deque()
         self.states = submittable(rt.config.on_ambiguous, rt.config.on_expired)
+        # Preparing a file (CPU) and sending it (the line, the API's pace) are bounded apart:
+        # were the preparation inside the upload's slot, every slot would sometimes be
+        # preparing with the line idle, and sometimes sending with the cores idle.
+        self.preparing = asyncio.Semaphore(PREPARING)
+        self.sending = asyncio.Semaphore(rt.config.concurrency)
+        #: Upload tasks at once: those sending, and as many again being prepared or ready.
+        self.most = rt.config.concurrency + PREPARING
 
     def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -57,7 +70,7 @@ class Submitter:
         while not rt.flags.abort:
             if rt.flags.submits_stopped is not None:
                 self._drop_unsent()
-            free = rt.config.concurrency - len(self.in_flight)
+            free = self.most - len(self.in_flight)
             if free > 0 and rt.flags.submits_stopped is None:
                 if len(self.waiting) < free:
                     try:
@@ -111,8 +124,9 @@ class Submitter:
         rt = self.rt
         try:
             candidates = [f for f in files if f.problem is None]
-            prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
-                                                         rt.config.prepare, rt.out_dir)
+            async with self.preparing:
+                prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
+                                                             rt.config.prepare, rt.out_dir)
         except Rejected as rejected:
             with contextlib.suppress(StaleTransition):
                 await rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
@@ -120,6 +134,11 @@ class Submitter:
                 rt.progress.dropped(uploaded=False)
             rt.changed.set()
             return
+        async with self.sending:
+            await self._send(job, prepared, filename)
+
+    async def _send(self, job: JobRow, prepared: Prepared, filename: str) -> None:
+        rt = self.rt
         await rt.before_upload()
         await rt.breaker.admit()
         await rt.client.limiter.acquire()

@@ -20,7 +20,7 @@ from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
-from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
+from batch.preflight import Prepared, PrepareSettings, Rejected, preflight, reuse_pixel_memory
 from batch.stages.runtime import QueuedTask, Runtime, info_of, wait_any
 from batch.states import JobState, submittable
 
@@ -56,6 +56,7 @@ class Submitter:
         # were the preparation inside the upload's slot, every slot would sometimes be
         # preparing with the line idle, and sometimes sending with the cores idle.
         self.preparing = asyncio.Semaphore(PREPARING)
+        reuse_pixel_memory(PREPARING)
         self.sending = asyncio.Semaphore(rt.config.concurrency)
         #: Upload tasks at once: those sending, and as many again being prepared or ready.
         self.most = rt.config.concurrency + PREPARING

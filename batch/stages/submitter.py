@@ -34,7 +34,7 @@ PREFETCH = 64
 
 #: Files prepared at once: a copy is decoded, resized and encoded on one core, so one per core
 #: keeps the CPU busy, and at least two, so that a file read slowly (a network share) does not
-#: idle it; capped because each holds a camera file's pixels (about 200 MB for 24 megapixels).
+#: idle it; capped because each holds a camera file's pixels (some 150 MB at 24 megapixels).
 PREPARING = max(2, min(os.cpu_count() or 1, 8))
 
 
@@ -58,7 +58,8 @@ class Submitter:
         self.preparing = asyncio.Semaphore(PREPARING)
         reuse_pixel_memory(PREPARING)
         self.sending = asyncio.Semaphore(rt.config.concurrency)
-        #: Upload tasks at once: those sending, and as many again being prepared or ready.
+        #: Upload tasks at once: those sending, and up to PREPARING more being prepared or
+        #: waiting, prepared, for a slot.
         self.most = rt.config.concurrency + PREPARING
 
     def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:

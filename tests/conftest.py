@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,6 +98,16 @@ def run_cli(args: list[str], emulator: Emulator | None, *, key: str | None = API
                           stdin=subprocess.DEVNULL,
                           preexec_fn=drop_root_file_access if as_plain_user else None)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def popen_cli(args: list[str], emulator: Emulator | None, *,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import random
-import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from PIL import Image, ImageCms, PngImagePlugin
 from batch.emulator import Emulator
 from batch.preflight import PrepareSettings, preflight
 from tests.checks import ledger_of
-from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
 from tests.imagegen import portrait
 
 XMP = (b"<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF xmlns:rdf='http://www.w3.org/1999/02/"
@@ -189,14 +188,17 @@ def test_the_next_files_are_prepared_while_one_is_sent(tmp_path: Path,
         (src / f"{i}.jpg").write_bytes(camera_jpeg((900 + i, 1100), orientation=6, grain=30))
     proc = popen_cli(["run", str(src), "--out", str(out), "--concurrency", "1", *FAST_FLAGS],
                      emulator)
-    previews, arrived = 0, 0
-    deadline = time.monotonic() + 60
-    while previews < 3 and arrived == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    seen: list[tuple[int, int]] = []
+
+    def prepared_or_arrived() -> bool:
         previews = len(list((out / ".skinbatch" / "thumbs").rglob("*.jpg")))
         arrived = emulator.stats.get("submits", 0)  # read after: the previews came first
+        seen.append((previews, arrived))
+        return previews == 3 or arrived > 0
+
+    wait_for(prepared_or_arrived)
     assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
-    assert (previews, arrived) == (3, 0)
+    assert seen[-1] == (3, 0)
     spans = sorted(emulator.state.upload_spans)
     assert len(spans) == 3 and spans[0][2] > 400_000  # each held the line over 1.5 s
     assert all(done <= start for (_, done, _), (start, _, _) in pairwise(spans))

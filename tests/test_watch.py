@@ -7,24 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from batch.emulator import Emulator
 from tests.checks import assert_outputs_right
-from tests.conftest import API_KEY, FAST_FLAGS, cli_env, popen_cli
+from tests.conftest import API_KEY, FAST_FLAGS, cli_env, popen_cli, wait_for
 from tests.imagegen import encode, portrait
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.parametrize("polling", [False, True])

@@ -38,11 +38,7 @@ def render(image_bytes: bytes) -> bytes:
 
 def render_image(image: Image.Image) -> bytes:
     """A JPEG preview of pixels already decoded (and upright)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    # Reduced first, as thumbnail() does, but into a new image: a copy's full-size pixels
-    # (tens of MB) are neither copied nor changed.
-    small = image.reduce(max(1, max(image.size) // (SIZE * 2)))
+    small = image.convert("RGB") if image.mode != "RGB" else image.copy()
     small.thumbnail((SIZE, SIZE))
     buffer = io.BytesIO()
     small.save(buffer, "JPEG", quality=QUALITY, optimize=True)

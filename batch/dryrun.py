@@ -37,6 +37,8 @@ class Plan:
     resize: list[tuple[str, str]] = field(default_factory=list)
     #: Blocks of metadata the uploads would leave behind, by kind.
     stripped: Counter[str] = field(default_factory=Counter)
+    #: Why a source folder holds no photos, for each such folder.
+    no_photos: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
         lines = [f"Dry run: {self.files} file(s); nothing was sent or written.",
@@ -53,6 +55,7 @@ class Plan:
             lines.append(f"  balance: {self.balance:g} credit(s): {enough}")
         elif self.balance_error:
             lines.append(f"  balance: unknown ({self.balance_error})")
+        lines += [f"  {why}" for why in self.no_photos]
         lines += [f"  reject {path}: {reason}" for path, reason in self.reject]
         lines += [f"  resize {path}: {note}" for path, note in self.resize]
         return "\n".join(lines)
@@ -94,9 +97,9 @@ def plan(config: RunConfig) -> Plan:
     try:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"))
         try:
-            scan(ledger, source_roots(config.sources, config.root_map), config.options,
-                 exclude=(config.out.resolve(),), prepare=config.prepare)
-            result = Plan(files=ledger.file_count())
+            stats = scan(ledger, source_roots(config.sources, config.root_map), config.options,
+                         exclude=(config.out.resolve(),), prepare=config.prepare)
+            result = Plan(files=ledger.file_count(), no_photos=stats.no_photos)
             jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
             with ThreadPoolExecutor() as pool:
                 checks = pool.map(

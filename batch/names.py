@@ -1,7 +1,4 @@
-"""Which file names are photos to take, and what their outputs are called.
-
-Imports nothing from the rest of the package: the scanner's worker processes use it too.
-"""
+"""Which file names are photos to take, and what their outputs are called."""
 
 from __future__ import annotations
 
@@ -9,6 +6,9 @@ from pathlib import PurePosixPath
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
                             ".heif"})
+#: Camera RAW files: a shoot folder may hold only these, and they cannot be sent.
+RAW_SUFFIXES = frozenset({".3fr", ".arw", ".cr2", ".cr3", ".dng", ".erf", ".iiq", ".nef",
+                          ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2", ".srw"})
 TEMP_SUFFIXES = (".part", ".tmp", ".temp", ".crdownload", ".partial", ".download", "~")
 DEFAULT_NAMING = "{stem}{ext}"
 

@@ -174,7 +174,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         forget_missing_outputs(ledger, out_dir)
         already = ledger.count_in(to_send, rt.roots)
         progress.add_work(already, already + ledger.count_in(IN_FLIGHT, rt.roots))
-        scanning = asyncio.create_task(_scan(rt, loop))
+        scanning = asyncio.create_task(_scan(rt, loop, watching=watch is not None))
         if config.on_short_balance == "stop":  # the whole estimate decides: scan first
             stats = await scanning
             await _check_money(rt, ledger.count_in(to_send, rt.roots))
@@ -245,9 +245,10 @@ def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:
         rt.fail_run(f"Watching the sources stopped: {error}")
 
 
-async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
+async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) -> ScanStats:
     """The sources into the ledger (in a thread), rows recorded a batch at a time, each batch
-    waking the submitter: the ledger is the queue, so uploads start with the first batch."""
+    waking the submitter: the ledger is the queue, so uploads start with the first batch. A
+    source with no photos is said at once (a watched one may rightly start empty)."""
     config = rt.config
 
     def recorded(n: int) -> None:
@@ -259,6 +260,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop) -> ScanStats:
         exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
         should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
     crashpoints.reached("scanned")
+    for why in [] if watching else stats.no_photos:
+        log.warning("%s", why)
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
     rt.progress.rejected(rt.ledger.count_in({JobState.REJECTED}))
     await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,

@@ -14,15 +14,23 @@ import hashlib
 import os
 import stat
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
-from batch.names import DEFAULT_NAMING, IGNORED, IMAGE, name_kind, output_rel
+from batch.names import (
+    DEFAULT_NAMING,
+    IGNORED,
+    IMAGE,
+    IMAGE_SUFFIXES,
+    RAW_SUFFIXES,
+    name_kind,
+    output_rel,
+)
 from batch.options import Options
 from batch.preflight import PrepareSettings, Rejected, check
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
@@ -69,6 +77,8 @@ class ScanStats:
     new_jobs: int = 0
     #: New or changed files left for a later pass (still being written, or not decodable yet).
     deferred: int = 0
+    #: For each source folder in which no photo was found, why (see :func:`no_photos`).
+    no_photos: list[str] = field(default_factory=list)
 
     def add(self, other: ScanStats) -> None:
         for name in self.__slots__:
@@ -202,6 +212,25 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()
         yield Folder(directory, rel_dir, settings, files)
 
 
+def no_photos(root: SourceRoot, options: Options, known: bool) -> str:
+    """Why a source folder gave no photos, in words a person can act on: it is empty, or its
+    files are of other kinds (camera RAW among them); ``known``: earlier runs recorded photos
+    there, so an empty folder may be the mount point of a share that is not mounted."""
+    kinds = Counter(os.path.splitext(entry.name)[1].lower() or "(no extension)"
+                    for folder in folders(root, options) for entry in folder.files)
+    if not kinds:
+        text = f"No photos in {root.path}: the folder is empty."
+    else:
+        listed = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common(5))
+        text = (f"No photos in {root.path}: none of its {kinds.total()} file(s) is of a kind "
+                f"skinbatch sends ({listed}); it sends {', '.join(sorted(IMAGE_SUFFIXES))}.")
+        if RAW_SUFFIXES & kinds.keys():
+            text += " Camera RAW files are not sent: export them as JPEG or TIFF first."
+    if known:
+        text += " Earlier runs found photos there: if it is a network share, is it mounted?"
+    return text
+
+
 def _candidate(key: str, base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
                settings: FolderSettings) -> ScannedFile:
     """The file, looked at (``stat``), with the reason it cannot be taken if there is one."""
@@ -302,6 +331,9 @@ class _RootScan:
         self._send()
         while self.in_flight:
             self._record(self.in_flight.popleft())
+        if self.is_tree and not self.stopped and not self.stats.found:
+            self.stats.no_photos.append(no_photos(self.root, self.options,
+                                                  self.ledger.has_files(self.key)))
         if self.is_tree and not self.stopped:
             clean = {d: v for d, v in self.changed.items() if v is not None}
             stale = [d for d in stored if d not in seen or self.changed.get(d, "") is None]

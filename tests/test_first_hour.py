@@ -342,3 +342,40 @@ def test_uploads_start_while_a_big_tree_is_still_being_scanned(
                       "--smart-skin", "--max-credits", "40", *FAST_FLAGS], emulator)
     last_recorded, first_upload = scan_end_and_first_upload(out2)
     assert first_upload > last_recorded, "the whole estimate came first"
+
+
+def test_a_source_with_no_photos_says_why_and_a_missing_share_is_named(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Pointed at a folder of camera RAW files, or at a share's mount point while the share is
+    not mounted (an empty folder where earlier runs found photos), a run says so on stderr,
+    even with -q (cron mails what it prints), instead of a bare "0 done"; it sends nothing."""
+    raw, out = tmp_path / "RAW", tmp_path / "out"
+    (raw / "day 1").mkdir(parents=True)
+    for i in range(3):
+        (raw / "day 1" / f"IMG_{i}.CR2").write_bytes(os.urandom(2000))
+    (raw / "shot list.txt").write_text("Anna, Ben")
+    result = run_cli(["run", str(raw), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 0, result.stderr
+    assert f"No photos in {raw}" in result.stderr
+    assert "(.cr2 3, .txt 1)" in result.stderr
+    assert "export them as JPEG or TIFF" in result.stderr
+    assert "mounted" not in result.stderr
+    dry = run_cli(["run", str(raw), "--out", str(out), "--dry-run", "--smart-skin",
+                   *FAST_FLAGS], emulator)
+    assert f"No photos in {raw}" in dry.stdout + dry.stderr
+    assert emulator.stats.get("submits", 0) == 0
+
+    share, out = tmp_path / "nas", tmp_path / "out2"
+    shoot(share, 2)
+    first = run_cli(["run", str(share), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                    emulator)
+    assert first.returncode == 0 and "No photos" not in first.stderr
+    for photo in share.iterdir():  # the share is not mounted: its mount point is empty
+        photo.unlink()
+    result = run_cli(["run", str(share), "--out", str(out), "--smart-skin", "-q",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    assert f"No photos in {share}: the folder is empty." in result.stderr
+    assert "is it mounted?" in result.stderr
+    assert emulator.stats["submits"] == 2

@@ -18,7 +18,7 @@ from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
 from batch.pipeline import source_roots
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
-from batch.scan import scan
+from batch.scan import no_photos, scan
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
 
@@ -99,7 +99,8 @@ def plan(config: RunConfig) -> Plan:
         try:
             stats = scan(ledger, source_roots(config.sources, config.root_map), config.options,
                          exclude=(config.out.resolve(),), prepare=config.prepare)
-            result = Plan(files=ledger.file_count(), no_photos=stats.no_photos)
+            result = Plan(files=ledger.file_count(), no_photos=[
+                no_photos(ledger, root, config.options) for root in stats.empty_roots])
             jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
             with ThreadPoolExecutor() as pool:
                 checks = pool.map(

@@ -33,7 +33,7 @@ from batch.outputs import clean_temp_files, tag_temp_files
 from batch.progress import Progress
 from batch.report import write_report
 from batch.roots import RootMap
-from batch.scan import ScanStats, SourceRoot, scan
+from batch.scan import ScanStats, SourceRoot, no_photos, scan
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
@@ -260,8 +260,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
         should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
     crashpoints.reached("scanned")
-    for why in [] if watching else stats.no_photos:
-        log.warning("%s", why)
+    for root in [] if watching else stats.empty_roots:
+        log.warning("%s", no_photos(rt.ledger, root, config.options))
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
     rt.progress.rejected(rt.ledger.count_in({JobState.REJECTED}))
     await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,

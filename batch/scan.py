@@ -77,8 +77,8 @@ class ScanStats:
     new_jobs: int = 0
     #: New or changed files left for a later pass (still being written, or not decodable yet).
     deferred: int = 0
-    #: For each source folder in which no photo was found, why (see :func:`no_photos`).
-    no_photos: list[str] = field(default_factory=list)
+    #: Source folders in which no photo was found (:func:`no_photos` says why).
+    empty_roots: list[SourceRoot] = field(default_factory=list)
 
     def add(self, other: ScanStats) -> None:
         for name in self.__slots__:
@@ -212,10 +212,10 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()
         yield Folder(directory, rel_dir, settings, files)
 
 
-def no_photos(root: SourceRoot, options: Options, known: bool) -> str:
-    """Why a source folder gave no photos, in words a person can act on: it is empty, or its
-    files are of other kinds (camera RAW among them); ``known``: earlier runs recorded photos
-    there, so an empty folder may be the mount point of a share that is not mounted."""
+def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:
+    """Why a source folder gave no photos, in words a person can act on: it is empty (where
+    earlier runs recorded photos, perhaps the mount point of a share not mounted), or its
+    files are of other kinds (camera RAW among them)."""
     kinds = Counter(os.path.splitext(entry.name)[1].lower() or "(no extension)"
                     for folder in folders(root, options) for entry in folder.files)
     if not kinds:
@@ -226,7 +226,7 @@ def no_photos(root: SourceRoot, options: Options, known: bool) -> str:
                 f"skinbatch sends ({listed}); it sends {', '.join(sorted(IMAGE_SUFFIXES))}.")
         if RAW_SUFFIXES & kinds.keys():
             text += " Camera RAW files are not sent: export them as JPEG or TIFF first."
-    if known:
+    if ledger.has_files(root.ledger_root):
         text += " Earlier runs found photos there: if it is a network share, is it mounted?"
     return text
 
@@ -332,8 +332,7 @@ class _RootScan:
         while self.in_flight:
             self._record(self.in_flight.popleft())
         if self.is_tree and not self.stopped and not self.stats.found:
-            self.stats.no_photos.append(no_photos(self.root, self.options,
-                                                  self.ledger.has_files(self.key)))
+            self.stats.empty_roots.append(self.root)
         if self.is_tree and not self.stopped:
             clean = {d: v for d, v in self.changed.items() if v is not None}
             stale = [d for d in stored if d not in seen or self.changed.get(d, "") is None]

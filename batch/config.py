@@ -105,6 +105,9 @@ class RunConfig:
     worker_name: str | None = None
     #: A worker silent this long (no heartbeat) has lost its jobs to the others.
     lease_seconds: float = 30.0
+    #: The API is the bundled emulator (``--emulator``): its results are imitations, kept
+    #: apart from the API's (see ``batch.pipeline.check_results_source``).
+    bundled_emulator: bool = False
 
     @property
     def prepare(self) -> PrepareSettings:
@@ -129,7 +132,7 @@ def _file_settings() -> tuple[dict[str, type], dict[str, tuple[str, ...]]]:
     kinds: dict[str, type] = {"api_key_file": str}
     choices: dict[str, tuple[str, ...]] = {}
     for name, hint in get_type_hints(RunConfig).items():
-        if name in ("sources", "out", "api_key", "progress"):
+        if name in ("sources", "out", "api_key", "progress", "bundled_emulator"):
             continue
         if get_origin(hint) is Literal:
             choices[name], kinds[name] = get_args(hint), str

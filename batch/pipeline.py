@@ -22,7 +22,7 @@ from batch.api.bandwidth import UploadPace
 from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
 from batch.budget import BatchBudget, Budget, Estimate
-from batch.config import RunConfig, check_paths, prepare_out
+from batch.config import ConfigError, RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
@@ -97,6 +97,7 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
     with RunLock(out_dir, config.ledger_location):
         ledger = open_ledger(config.ledger_location)
         try:
+            check_results_source(ledger, config)
             worker = Worker(ledger, config.worker_name, config.lease_seconds)
             in_force = worker.register(config.budget if ledger.shared else None)
             if in_force is not None and in_force != config.budget:
@@ -117,6 +118,29 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
         finally:
             ledger.close()
     return report
+
+
+#: Set in a ledger whose results come from the bundled emulator.
+EMULATED = "bundled_emulator"
+
+
+def check_results_source(ledger: Ledger, config: RunConfig) -> None:
+    """A ledger's results come from the API or from the bundled emulator, never from both:
+    after a try with ``--emulator``, the same command with a key would find the photos done
+    (the API never asked) and leave the imitations as the results; the other way round, the
+    imitations would land among the API's results. Refused before anything is sent."""
+    emulated = ledger.get_meta(EMULATED) == "1"
+    if emulated and not config.bundled_emulator:
+        raise ConfigError(
+            f"{config.out} holds the bundled emulator's imitation retouches (runs with "
+            "--emulator), and the photos done there would not be sent to the API: use "
+            f"another --out for the API (or delete {config.out} to start again)")
+    if config.bundled_emulator and not emulated:
+        if ledger.charges():
+            raise ConfigError(
+                f"{config.out} holds the API's results: the bundled emulator's imitations "
+                "would be mixed in; try the emulator with another --out")
+        ledger.set_meta(EMULATED, "1")
 
 
 def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:

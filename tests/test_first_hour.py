@@ -379,3 +379,38 @@ def test_a_source_with_no_photos_says_why_and_a_missing_share_is_named(
     assert f"No photos in {share}: the folder is empty." in result.stderr
     assert "is it mounted?" in result.stderr
     assert emulator.stats["submits"] == 2
+
+
+def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The README's first command (--emulator) and then the same command with a key: the
+    ledger says the photos are done, and the output folder holds the emulator's imitation
+    retouches. Refused at start (exit 2, nothing sent) with the way out; the other way round
+    too (the emulator's imitations would land among the API's results)."""
+    src, tried = tmp_path / "shoot", tmp_path / "tried"
+    shoot(src, 2)
+    demo = run_cli(["run", str(src), "--out", str(tried), "--emulator", "--smart-skin",
+                    "--no-progress", "--poll-interval", "0.2"], None, key=None)
+    assert demo.returncode == 0, demo.stderr
+    imitations = {p.name: p.read_bytes() for p in tried.glob("*.jpg")}
+    assert len(imitations) == 2
+    result = run_cli(["run", str(src), "--out", str(tried), "--smart-skin", *FAST_FLAGS],
+                     emulator)
+    assert_refused(result, emulator, "imitation")
+    assert f"use another --out for the API (or delete {tried} to start again)" in result.stderr
+    assert {p.name: p.read_bytes() for p in tried.glob("*.jpg")} == imitations
+    again = run_cli(["run", str(src), "--out", str(tried), "--emulator", "--smart-skin",
+                     "--no-progress", "--poll-interval", "0.2"], None, key=None)
+    assert again.returncode == 0, again.stderr  # the emulator's own folder stays its own
+
+    real = tmp_path / "retouched"
+    assert run_cli(["run", str(src), "--out", str(real), "--smart-skin", *FAST_FLAGS],
+                   emulator).returncode == 0
+    assert emulator.stats["submits"] == 2
+    results = {p.name: p.read_bytes() for p in real.glob("*.jpg")}
+    write_portrait(src / "new one.jpg", seed=7)
+    mixed = run_cli(["run", str(src), "--out", str(real), "--emulator", "--smart-skin",
+                     "--no-progress", "--poll-interval", "0.2"], None, key=None)
+    assert mixed.returncode == 2, mixed.stderr
+    assert "holds the API's results" in mixed.stderr
+    assert {p.name: p.read_bytes() for p in real.glob("*.jpg")} == results

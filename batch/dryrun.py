@@ -16,7 +16,7 @@ from batch.api import ApiClient, ApiError
 from batch.config import RunConfig
 from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
-from batch.pipeline import source_roots
+from batch.pipeline import check_results_source, source_roots
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
 from batch.scan import no_photos, scan
 from batch.states import IN_FLIGHT, JobState, submittable
@@ -97,6 +97,7 @@ def plan(config: RunConfig) -> Plan:
     try:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"))
         try:
+            check_results_source(ledger, config)  # the run's refusal, said by its dry run too
             stats = scan(ledger, source_roots(config.sources, config.root_map), config.options,
                          exclude=(config.out.resolve(),), prepare=config.prepare)
             result = Plan(files=ledger.file_count(), no_photos=[

@@ -399,6 +399,9 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     assert_refused(result, emulator, "imitation")
     assert f"use another --out for the API (or delete {tried} to start again)" in result.stderr
     assert {p.name: p.read_bytes() for p in tried.glob("*.jpg")} == imitations
+    dry = run_cli(["run", str(src), "--out", str(tried), "--dry-run", "--smart-skin",
+                   *FAST_FLAGS], emulator)
+    assert dry.returncode == 2 and "imitation" in dry.stderr
     again = run_cli(["run", str(src), "--out", str(tried), "--emulator", "--smart-skin",
                      "--no-progress", "--poll-interval", "0.2"], None, key=None)
     assert again.returncode == 0, again.stderr  # the emulator's own folder stays its own

@@ -26,6 +26,7 @@ from batch.config import ConfigError, RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
+from batch.ledger.store import EMULATED
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
@@ -120,16 +121,12 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
     return report
 
 
-#: Set in a ledger whose results come from the bundled emulator.
-EMULATED = "bundled_emulator"
-
-
 def check_results_source(ledger: Ledger, config: RunConfig) -> None:
     """A ledger's results come from the API or from the bundled emulator, never from both:
     after a try with ``--emulator``, the same command with a key would find the photos done
     (the API never asked) and leave the imitations as the results; the other way round, the
     imitations would land among the API's results. Refused before anything is sent."""
-    emulated = ledger.get_meta(EMULATED) == "1"
+    emulated = ledger.emulated()
     if emulated and not config.bundled_emulator:
         raise ConfigError(
             f"{config.out} holds the bundled emulator's imitation retouches (runs with "

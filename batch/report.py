@@ -28,7 +28,7 @@ from batch.ledger import Ledger
 from batch.ledger.workers import WorkerRecords
 from batch.options import Options
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
-from batch.status import describe_worker, worker_entry
+from batch.status import EMULATED_NOTE, describe_worker, worker_entry
 
 #: Results whose links expire within this many seconds need a person's attention.
 EXPIRING_SOON = 6 * 3600
@@ -50,6 +50,8 @@ class ReportData:
     #: The workers of a shared ledger, each in one line (see ``batch.status``), and as rows.
     workers: list[str]
     worker_rows: list[dict[str, Any]]
+    #: The results are the bundled emulator's imitations (runs with --emulator).
+    emulated: bool = False
 
 
 @functools.cache
@@ -83,7 +85,8 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
                       datetime.fromtimestamp(first).astimezone().isoformat(timespec="minutes")
                       if first else "", int(ledger.get_meta("runs") or 0),
                       [describe_worker(w, work.get(w.name, {})) for w in workers],
-                      [worker_entry(w, work.get(w.name, {})) for w in workers])
+                      [worker_entry(w, work.get(w.name, {})) for w in workers],
+                      ledger.emulated())
 
 
 def _why_attention(row: dict[str, Any], now: float) -> str | None:
@@ -119,6 +122,7 @@ def to_json(data: ReportData) -> str:
         "batch": {"files": data.files, "since": data.since, "runs": data.runs},
         "last_run": data.last_run, "needs_attention": data.attention,
         "workers": data.worker_rows,
+        "bundled_emulator": data.emulated,
         "files": [{k: row.get(k) for k in CSV_FIELDS} for row in data.rows],
     }, indent=2, ensure_ascii=False)
 
@@ -212,6 +216,8 @@ def to_html(data: ReportData, out_dir: Path, page_dir: Path) -> str:
              f"<title>skinbatch report</title><style>{_asset('report_page.css')}</style>"
              "</head><body><h1>skinbatch report</h1>",
              f"<p>Generated {e(data.generated)}.</p>", _batch_header(data)]
+    if data.emulated:
+        parts.append(f"<p class='warn' id='emulated'>{e(EMULATED_NOTE.capitalize())}.</p>")
     parts.append("<table class='counts' id='counts'><tr>"
                  + "".join(f"<th>{e(k)}</th>" for k in data.counts)
                  + "<th>credits charged (all runs)</th></tr><tr>"

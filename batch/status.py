@@ -15,6 +15,8 @@ from batch.options import Options
 from batch.states import UNFINISHED
 from batch.stripping import tally
 
+EMULATED_NOTE = ("these results are imitation retouches of the bundled emulator (runs with "
+                 "--emulator), not the API's")
 #: Prepared files named one by one in ``status``: a camera shoot is often all resized.
 PREPARED_SHOWN = 20
 
@@ -36,6 +38,8 @@ class StatusReport:
     workers: list[WorkerRow] = field(default_factory=list)
     #: Per worker: uploads accepted and results saved.
     work: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: The results are the bundled emulator's imitations (runs with --emulator).
+    emulated: bool = False
 
     @property
     def unfinished(self) -> int:
@@ -54,6 +58,7 @@ class StatusReport:
             "prepared_before_upload": [{"path": path, "note": note}
                                        for path, note in self.prepared],
             "workers": [worker_entry(w, self.work.get(w.name, {})) for w in self.workers],
+            "bundled_emulator": self.emulated,
         }
         return json.dumps(payload, indent=2, ensure_ascii=False)
 
@@ -66,6 +71,8 @@ class StatusReport:
             + (f"; ambiguous uploads so far: {self.ambiguous_submits}"
                if self.ambiguous_submits else ""),
         ]
+        if self.emulated:
+            lines.append(EMULATED_NOTE)
         for described, n in self.options.items():
             lines.append(f"options [{described}]: {n} file(s)")
         if self.stripped:
@@ -124,6 +131,7 @@ def collect_status(ledger: Ledger) -> StatusReport:
         prepared=ledger.prepared_files(),
         workers=WorkerRecords(ledger).listing() if ledger.shared else [],
         work=WorkerRecords(ledger).work() if ledger.shared else {},
+        emulated=ledger.emulated(),
     )
 
 

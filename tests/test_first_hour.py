@@ -405,6 +405,10 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     again = run_cli(["run", str(src), "--out", str(tried), "--emulator", "--smart-skin",
                      "--no-progress", "--poll-interval", "0.2"], None, key=None)
     assert again.returncode == 0, again.stderr  # the emulator's own folder stays its own
+    assert run_cli(["report", "--out", str(tried)], None).returncode == 0
+    for shown in (run_cli(["status", "--out", str(tried)], None).stdout,
+                  (tried / "skinbatch-report.html").read_text()):
+        assert "imitation retouches of the bundled emulator" in shown
 
     real = tmp_path / "retouched"
     assert run_cli(["run", str(src), "--out", str(real), "--smart-skin", *FAST_FLAGS],
@@ -417,3 +421,4 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     assert mixed.returncode == 2, mixed.stderr
     assert "holds the API's results" in mixed.stderr
     assert {p.name: p.read_bytes() for p in real.glob("*.jpg")} == results
+    assert "imitation" not in run_cli(["status", "--out", str(real)], None).stdout

@@ -140,6 +140,8 @@ TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expire
                                "prepared", "stripped", "result_sha256"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
+#: The meta key set in a ledger whose results come from the bundled emulator (imitations).
+EMULATED = "bundled_emulator"
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
 RECORD_CHUNK = 1000
 #: A PostgreSQL ledger analyzes its tables once a scan has recorded this many files, and again
@@ -338,6 +340,11 @@ class Ledger:
     def get_meta(self, key: str) -> str | None:
         with self._read() as conn:
             return conn.scalar(select(meta.c.value).where(meta.c.key == key))
+
+    def emulated(self) -> bool:
+        """Its results come from the bundled emulator, not the API (see
+        ``batch.pipeline.check_results_source``)."""
+        return self.get_meta(EMULATED) == "1"
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as conn:

@@ -217,7 +217,7 @@ def to_html(data: ReportData, out_dir: Path, page_dir: Path) -> str:
              "</head><body><h1>skinbatch report</h1>",
              f"<p>Generated {e(data.generated)}.</p>", _batch_header(data)]
     if data.emulated:
-        parts.append(f"<p class='warn' id='emulated'>{e(EMULATED_NOTE.capitalize())}.</p>")
+        parts.append(f"<p class='warn' id='emulated'>{e(EMULATED_NOTE)}.</p>")
     parts.append("<table class='counts' id='counts'><tr>"
                  + "".join(f"<th>{e(k)}</th>" for k in data.counts)
                  + "<th>credits charged (all runs)</th></tr><tr>"

@@ -15,7 +15,7 @@ from batch.options import Options
 from batch.states import UNFINISHED
 from batch.stripping import tally
 
-EMULATED_NOTE = ("these results are imitation retouches of the bundled emulator (runs with "
+EMULATED_NOTE = ("These results are imitation retouches of the bundled emulator (runs with "
                  "--emulator), not the API's")
 #: Prepared files named one by one in ``status``: a camera shoot is often all resized.
 PREPARED_SHOWN = 20

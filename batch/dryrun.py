@@ -16,6 +16,7 @@ from batch.api import ApiClient, ApiError
 from batch.config import RunConfig
 from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
+from batch.options import NOTHING_ON
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
 from batch.scan import no_photos, scan
@@ -37,8 +38,8 @@ class Plan:
     resize: list[tuple[str, str]] = field(default_factory=list)
     #: Blocks of metadata the uploads would leave behind, by kind.
     stripped: Counter[str] = field(default_factory=Counter)
-    #: Why a source folder holds no photos, for each such folder.
-    no_photos: list[str] = field(default_factory=list)
+    #: What to know before the run: why a source holds no photos, every option off.
+    notes: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
         lines = [f"Dry run: {self.files} file(s); nothing was sent or written.",
@@ -55,7 +56,7 @@ class Plan:
             lines.append(f"  balance: {self.balance:g} credit(s): {enough}")
         elif self.balance_error:
             lines.append(f"  balance: unknown ({self.balance_error})")
-        lines += [f"  {why}" for why in self.no_photos]
+        lines += [f"  {note}" for note in self.notes]
         lines += [f"  reject {path}: {reason}" for path, reason in self.reject]
         lines += [f"  resize {path}: {note}" for path, note in self.resize]
         return "\n".join(lines)
@@ -100,8 +101,10 @@ def plan(config: RunConfig) -> Plan:
             check_results_source(ledger, config)  # the run's refusal, said by its dry run too
             stats = scan(ledger, source_roots(config.sources, config.root_map), config.options,
                          exclude=(config.out.resolve(),), prepare=config.prepare)
-            result = Plan(files=ledger.file_count(), no_photos=[
+            result = Plan(files=ledger.file_count(), notes=[
                 no_photos(ledger, root, config.options) for root in stats.empty_roots])
+            if not config.options.enabled:
+                result.notes.append(NOTHING_ON)
             jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
             with ThreadPoolExecutor() as pool:
                 checks = pool.map(

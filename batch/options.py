@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 from batch.apispec import OPTION_NAMES
 
+#: Said before a run in which no option is on: the API takes such a request (each option
+#: defaults to off there too) and charges for it, which a forgotten flag makes easy to miss.
+NOTHING_ON = ("No retouching option is on (" + ", ".join(
+    f"--{name.replace('_', '-')}" for name in OPTION_NAMES) + ", or [options] in --config): "
+    "each photo is sent with all nine off, the API's defaults, and charged; only folder presets "
+    "turn any on.")
+
 
 @dataclass(frozen=True, slots=True)
 class Options:

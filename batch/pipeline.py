@@ -30,6 +30,7 @@ from batch.ledger.store import EMULATED
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
+from batch.options import NOTHING_ON
 from batch.outputs import clean_temp_files, tag_temp_files
 from batch.progress import Progress
 from batch.report import write_report
@@ -193,6 +194,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                 log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
         _start_heartbeat(rt, worker, loop, rescale=shared_pace is None)
         forget_missing_outputs(ledger, out_dir)
+        if not config.options.enabled:
+            log.warning("%s", NOTHING_ON)
         already = ledger.count_in(to_send, rt.roots)
         progress.add_work(already, already + ledger.count_in(IN_FLIGHT, rt.roots))
         scanning = asyncio.create_task(_scan(rt, loop, watching=watch is not None))

@@ -18,6 +18,12 @@ def shoot(src: Path, n: int = 3) -> None:
         write_portrait(src / f"portrait {i}.jpg", seed=i)
 
 
+def outputs(out: Path) -> list[str]:
+    """The photos written under ``out`` (its ``.skinbatch`` folder aside), as relative paths."""
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")
+                  if p.relative_to(out).parts[0] != ".skinbatch")
+
+
 def assert_refused(result: CliResult, emulator: Emulator, words: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -424,3 +430,27 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     assert "holds the API's results" in mixed.stderr
     assert {p.name: p.read_bytes() for p in real.glob("*.jpg")} == results
     assert "imitation" not in run_cli(["status", "--out", str(real)], None).stdout
+
+
+def test_a_run_with_every_option_off_says_so_before_anything_is_sent(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Every retouching option is off unless turned on, as in the API, which takes such a
+    request and charges for it: a forgotten --smart-skin is said before the first upload (and
+    by the dry run), even with -q. A folder preset that turns one on still applies there."""
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 2)
+    write_portrait(src / "acne" / "close-up.jpg", seed=5)
+    (src / "acne" / ".skinbatch.toml").write_text("[options]\nacne_removal = true\n")
+    dry = run_cli(["run", str(src), "--out", str(out), "--dry-run", *FAST_FLAGS], emulator)
+    assert "No retouching option is on (--smart-skin, --acne-removal," in dry.stdout
+    result = run_cli(["run", str(src), "--out", str(out), "-q", *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    warning = result.stderr.index("No retouching option is on")
+    assert "each photo is sent with all nine off, the API's defaults, and charged" in \
+        result.stderr[warning:]
+    assert outputs(out) == ["acne/close-up.jpg", "portrait 0.jpg", "portrait 1.jpg"]
+    assert sorted(sorted(t.enabled) for t in emulator.state.tasks.values()) == [
+        [], [], ["acne_removal"]]
+    again = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
+                    emulator)
+    assert again.returncode == 0 and "No retouching option" not in again.stderr

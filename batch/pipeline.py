@@ -151,10 +151,10 @@ def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None
     }))
 
 
-async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
-               watch: WatchSettings | None, worker: Worker) -> RunReport:
+def _client(config: RunConfig, ledger: Ledger, worker: Worker) -> ApiClient:
+    """The API client: the pace the ledger remembers, connections for the uploads, polls and
+    downloads under way at once, and the upload cap."""
     assert config.api_key is not None
-    progress = Progress(config.progress)
     client = ApiClient(config.api_base, config.api_key,
                        limiter=pace.limiter_for(ledger, config.api_base, config.max_qps,
                                                 worker.live),
@@ -164,6 +164,27 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                        max_result_bytes=config.max_result_bytes)
     if config.upload_rate is not None:
         client.upload_pace = UploadPace(config.upload_rate)
+    return client
+
+
+def _pick_up_leftovers(worker: Worker, out_dir: Path) -> dict[str, int]:
+    """What a run that died left: its half-done jobs made explicit again, its partial outputs
+    removed. Returns the jobs moved, by the state they are in now."""
+    recovered = worker.recover()
+    if worker.alone():  # another worker's downloads under way are not leftovers
+        clean_temp_files(out_dir)
+    tag_temp_files(worker.name)
+    _clean_after_dead(worker, out_dir)
+    for state, n in recovered.items():
+        if n:
+            log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
+    return recovered
+
+
+async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
+               watch: WatchSettings | None, worker: Worker) -> RunReport:
+    progress = Progress(config.progress)
+    client = _client(config, ledger, worker)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
     rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger),
                  worker=worker.name,
@@ -173,25 +194,10 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     shared_pace = None
     if ledger.shared and config.max_qps is not None:
         client.limiter.shared = shared_pace = SharedPace(ledger, config.api_base, config.max_qps)
-
-    def interrupt() -> None:
-        if rt.flags.interrupted:
-            rt.flags.abort = rt.flags.hard_stop = True
-        rt.flags.interrupted = True
-        rt.flags.submits_stopped = StopReason.INTERRUPTED
-        rt.changed.set()
-
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupt)
+        loop.add_signal_handler(sig, rt.interrupt)
     try:
-        recovered = worker.recover()
-        if worker.alone():  # another worker's downloads under way are not leftovers
-            clean_temp_files(out_dir)
-        tag_temp_files(worker.name)
-        _clean_after_dead(worker, out_dir)
-        for state, n in recovered.items():
-            if n:
-                log.warning("Found %d job(s) a previous run left unfinished; now %s.", n, state)
+        recovered = _pick_up_leftovers(worker, out_dir)
         _start_heartbeat(rt, worker, loop, rescale=shared_pace is None)
         forget_missing_outputs(ledger, out_dir)
         if not config.options.enabled:

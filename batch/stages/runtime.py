@@ -182,6 +182,15 @@ class Runtime:
         else:
             self.progress.dropped(uploaded=True)
 
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM: no new uploads, those under way get their answer; a second one
+        stops at once."""
+        if self.flags.interrupted:
+            self.flags.abort = self.flags.hard_stop = True
+        self.flags.interrupted = True
+        self.flags.submits_stopped = StopReason.INTERRUPTED
+        self.changed.set()
+
     def fail_run(self, message: str) -> None:
         if self.flags.fatal is None:
             self.flags.fatal = message

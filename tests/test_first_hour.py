@@ -1,5 +1,6 @@
 """What a newcomer hits in the first hour: anything that would make a paid result
-undeliverable is refused before the first upload (exit 2, nothing sent, nothing created)."""
+undeliverable is refused before the first upload (exit 2, nothing sent, nothing created), and
+what would be paid for in silence (no option on, no photo found) is said before it is."""
 
 from __future__ import annotations
 

@@ -128,16 +128,20 @@ def check_results_source(ledger: Ledger, config: RunConfig) -> None:
     (the API never asked) and leave the imitations as the results; the other way round, the
     imitations would land among the API's results. Refused before anything is sent."""
     emulated = ledger.emulated()
+    # A ledger of its own (--ledger) is named by the flag: its URL may carry a password.
+    where, flag = ((str(config.out), "--out") if config.ledger is None
+                   else ("the ledger given by --ledger", "--ledger"))
     if emulated and not config.bundled_emulator:
         raise ConfigError(
-            f"{config.out} holds the bundled emulator's imitation retouches (runs with "
-            "--emulator), and the photos done there would not be sent to the API: use "
-            f"another --out for the API (or delete {config.out} to start again)")
+            f"{where} holds the bundled emulator's imitation retouches (runs with "
+            f"--emulator), and the photos done there would not be sent to the API: use "
+            f"another {flag} for the API" + (f" (or delete {config.out} to start again)"
+                                             if config.ledger is None else ""))
     if config.bundled_emulator and not emulated:
         if ledger.charges():
             raise ConfigError(
-                f"{config.out} holds the API's results: the bundled emulator's imitations "
-                "would be mixed in; try the emulator with another --out")
+                f"{where} holds the API's results: the bundled emulator's imitations would "
+                f"be mixed in; try the emulator with another {flag}")
         ledger.set_meta(EMULATED, "1")
 
 

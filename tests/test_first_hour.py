@@ -431,6 +431,16 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     assert "holds the API's results" in mixed.stderr
     assert {p.name: p.read_bytes() for p in real.glob("*.jpg")} == results
     assert "imitation" not in run_cli(["status", "--out", str(real)], None).stdout
+    own = ["--ledger", str(tmp_path / "own.sqlite")]  # a ledger of its own is named by the flag
+    assert run_cli(["run", str(src), "--out", str(tmp_path / "o3"), *own, "--emulator",
+                    "--smart-skin", "--no-progress", "--poll-interval", "0.2"], None,
+                   key=None).returncode == 0
+    result = run_cli(["run", str(src), "--out", str(tmp_path / "o4"), *own, "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 2
+    assert "the ledger given by --ledger holds the bundled emulator's imitation" in \
+        result.stderr and "use another --ledger for the API" in result.stderr
+    assert emulator.stats["submits"] == 2  # only the run on the API's own folder sent
 
 
 def test_a_run_with_every_option_off_says_so_before_anything_is_sent(

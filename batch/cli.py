@@ -112,7 +112,8 @@ def run_options(func: F) -> F:
                      help="Upload files with their EXIF/XMP/IPTC metadata (default: removed "
                           "before upload, put back on the results)."),
         click.option("--emulator", is_flag=True,
-                     help="Run against the bundled local emulator (no key, no credits)."),
+                     help="Run against the bundled local emulator (no key, no credits); its "
+                          "imitation results keep to their own --out."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bars (default: on a terminal only)."),
         click.option("-q", "--quiet", is_flag=True, help="Errors only (for cron)."),

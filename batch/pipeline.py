@@ -26,7 +26,6 @@ from batch.config import ConfigError, RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, open_ledger
-from batch.ledger.store import EMULATED
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
@@ -128,21 +127,21 @@ def check_results_source(ledger: Ledger, config: RunConfig) -> None:
     (the API never asked) and leave the imitations as the results; the other way round, the
     imitations would land among the API's results. Refused before anything is sent."""
     emulated = ledger.emulated()
-    # A ledger of its own (--ledger) is named by the flag: its URL may carry a password.
-    where, flag = ((str(config.out), "--out") if config.ledger is None
-                   else ("the ledger given by --ledger", "--ledger"))
+    if config.ledger is None:
+        where, flag, or_else = str(config.out), "--out", f" (or delete {config.out} to start again)"
+    else:  # named by the flag, not its location: a database URL may carry a password
+        where, flag, or_else = "the ledger given by --ledger", "--ledger", ""
     if emulated and not config.bundled_emulator:
         raise ConfigError(
             f"{where} holds the bundled emulator's imitation retouches (runs with "
             f"--emulator), and the photos done there would not be sent to the API: use "
-            f"another {flag} for the API" + (f" (or delete {config.out} to start again)"
-                                             if config.ledger is None else ""))
+            f"another {flag} for the API{or_else}")
     if config.bundled_emulator and not emulated:
         if ledger.charges():
             raise ConfigError(
                 f"{where} holds the API's results: the bundled emulator's imitations would "
                 f"be mixed in; try the emulator with another {flag}")
-        ledger.set_meta(EMULATED, "1")
+        ledger.mark_emulated()
 
 
 def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:
@@ -294,8 +293,9 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
         should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
     crashpoints.reached("scanned")
-    for root in [] if watching else stats.empty_roots:
-        log.warning("%s", no_photos(rt.ledger, root, config.options))
+    if not watching:
+        for root in stats.empty_roots:
+            log.warning("%s", no_photos(rt.ledger, root, config.options))
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
     rt.progress.rejected(rt.ledger.count_in({JobState.REJECTED}))
     await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,

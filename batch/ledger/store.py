@@ -346,6 +346,9 @@ class Ledger:
         ``batch.pipeline.check_results_source``)."""
         return self.get_meta(EMULATED) == "1"
 
+    def mark_emulated(self) -> None:
+        self.set_meta(EMULATED, "1")
+
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as conn:
             self._set_meta(conn, key, value)

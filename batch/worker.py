@@ -103,6 +103,7 @@ class Worker:
               on_live: Callable[[int, int], None]) -> None:
         last_ok = time.monotonic()
         healthy_since = last_ok - self.lease  # a new worker may take over lapsed ones at once
+        unreachable = False  # said so; a late beat alone (a busy or sleeping machine) is not
         while not self._stop.wait(BEAT_SECONDS):
             now = time.monotonic()
             try:
@@ -110,10 +111,13 @@ class Worker:
                     on_lost(f"this worker ({self.name}) was silent longer than its lease and "
                             "another worker took its jobs over; stopping")
                     return
-                if now - last_ok > 2 * BEAT_SECONDS:
+                if unreachable:
                     log.warning("The ledger database answers again.")
-                    # Others could not renew their leases either: give them a lease's time
-                    # to do so before taking theirs for lapsed.
+                    unreachable = False
+                if now - last_ok > 2 * BEAT_SECONDS:
+                    # Others may not have renewed their leases either (the database was away,
+                    # or this machine slept): give them a lease's time to do so before taking
+                    # theirs for lapsed.
                     healthy_since = now
                 last_ok = now
                 if now - healthy_since >= self.lease and [
@@ -129,9 +133,10 @@ class Worker:
                             f"lease ({self.lease:g} s): stopping, so that another worker may "
                             f"take this one's jobs over ({error.__class__.__name__})")
                     return
-                if now - last_ok <= 2 * BEAT_SECONDS:
+                if not unreachable:
                     log.warning("Cannot reach the ledger database (%s); retrying.",
                                 error.__class__.__name__)
+                    unreachable = True
 
     def _take_over(self, dead: str) -> bool:
         taken = self.records.take_over(dead, self.name)

@@ -9,7 +9,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -18,7 +20,7 @@ from PIL import Image
 
 from batch.emulator import Emulator
 from tests.checks import assert_no_double_pay, assert_outputs_right
-from tests.conftest import FAST_FLAGS, MakeEmulator, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
 from tests.imagegen import write_portrait
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -116,6 +118,27 @@ def test_the_deadline_ends_the_run_and_says_what_is_in_flight(tmp_path: Path,
     assert emulator.stats["charged"] == 4, "the rerun must not pay again for work in flight"
     assert_no_double_pay(out, emulator, 4)
 
+
+
+def test_a_machine_that_sleeps_mid_run_raises_no_false_alarm(tmp_path: Path,
+                                                             make_emulator: MakeEmulator) -> None:
+    """A laptop's lid closed, or a VM paused, for a few seconds mid-run: the run carries on
+    and finishes, and its cron mail (``-q``: warnings and errors) holds no alarm about a
+    ledger database that never went away."""
+    emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 12)
+    run = popen_cli(["run", str(src), "--out", str(out), "-q", *FAST_FLAGS, "--max-qps", "4"],
+                    emulator)
+    assert wait_for(lambda: emulator.stats.get("charged", 0) >= 2, timeout=60)
+    run.send_signal(signal.SIGSTOP)
+    time.sleep(3.5)
+    run.send_signal(signal.SIGCONT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert "ledger database" not in err, err
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, 12)
 
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")

@@ -224,6 +224,10 @@ def test_the_database_going_away_mid_run_is_a_pause(
         ended = [worker.communicate(timeout=240) for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0, 0], ended
     assert any("ledger database cannot be reached" in err for _, err in ended)
+    # A heartbeat that met the cut says so, and says when the database answers again.
+    assert any("Cannot reach the ledger database" in err for _, err in ended)
+    assert [("Cannot reach the ledger database" in err) == ("answers again" in err)
+            for _, err in ended] == [True] * 3, ended
     assert charged_at_cut < 150  # the cut came mid-run
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 150

@@ -251,7 +251,7 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
     counts = status.counts
     click.echo(
         f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
-        f"{counts['rejected']} rejected, {status.unfinished} unfinished "
+        f"{status.rejected} rejected, {status.unfinished} unfinished "
         f"({report.scan.found} files scanned, {report.scan.hashed} read) "
         f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
         f"(all runs: {status.charges})")

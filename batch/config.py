@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from batch import apispec
 from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
-from batch.options import Options
+from batch.options import Options, unknown_names
 from batch.preflight import PrepareSettings
 from batch.roots import RootMap
 from batch.secret import Secret
@@ -165,9 +165,10 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     for key, value in values.items():
         expected = FILE_KEYS.get(key)
+        if expected is None and key.replace("-", "_") in apispec.OPTION_NAMES:
+            raise ConfigError(f"{path}: {key} is a retouching option: put it under [options]")
         if expected is None:
-            raise ConfigError(f"{path}: unknown setting {key!r} "
-                              f"(known: {', '.join(sorted(FILE_KEYS))})")
+            raise ConfigError(f"{path}: {unknown_names('setting', [key], FILE_KEYS)}")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = float(value)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -15,6 +16,17 @@ NOTHING_ON = ("No retouching option is on (" + ", ".join(
     "turn any on.")
 
 
+def unknown_names(what: str, names: Iterable[str], known: Iterable[str]) -> str:
+    """Names nobody knows, said with the likeliest meant one for each (a typo in a config file
+    should cost one glance, not a trip to the documentation) and the ones there are."""
+    known = sorted(known)
+    said = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, known, n=1)
+        said.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return f"unknown {what}: {', '.join(said)}; known: {', '.join(known)}"
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """Which of the API's nine retouching options are switched on."""
@@ -24,7 +36,7 @@ class Options:
     def __post_init__(self) -> None:
         unknown = set(self.enabled) - set(OPTION_NAMES)
         if unknown:
-            raise ValueError(f"unknown retouching option(s): {', '.join(sorted(unknown))}")
+            raise ValueError(unknown_names("retouching option(s)", unknown, OPTION_NAMES))
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Options:
@@ -36,6 +48,7 @@ class Options:
         for name, value in values.items():
             if not isinstance(value, bool):
                 raise ValueError(f"option {name!r} must be true or false, not {value!r}")
+        cls.of(values)  # a misspelt option is refused whether it is switched on or off
         return cls.of(name for name, value in values.items() if value)
 
     @classmethod

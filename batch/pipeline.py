@@ -39,8 +39,8 @@ from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
-from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
-from batch.status import StatusReport, collect_status
+from batch.states import IN_FLIGHT, UNFINISHED, submittable
+from batch.status import StatusReport, collect_status, rejected
 from batch.worker import SharedPace, Worker
 
 if TYPE_CHECKING:  # watch mode's module (and watchdog) is imported by watch runs only
@@ -297,7 +297,7 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         for root in stats.empty_roots:
             log.warning("%s", no_photos(rt.ledger, root, config.options))
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
-    rt.progress.rejected(rt.ledger.count_in({JobState.REJECTED}))
+    rt.progress.rejected(rejected(rt.ledger.counts()))
     await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,
                             rt.reaches)
     rt.changed.set()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from batch.apispec import OPTION_NAMES
 from batch.names import DEFAULT_NAMING
-from batch.options import Options
+from batch.options import Options, unknown_names
 
 PRESET_NAME = ".skinbatch.toml"
 
@@ -48,14 +48,14 @@ def apply_preset(parent: FolderSettings, preset: Path) -> FolderSettings:
         values = tomllib.loads(preset.read_text(encoding="utf-8"))
         unknown = set(values) - {"options", "naming"}
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
+            raise ValueError(unknown_names("key(s)", unknown, ["options", "naming"]))
         table = values.get("options", {})
         if not isinstance(table, dict):
             raise ValueError("[options] must be a table")
         enabled = set(parent.options.enabled)
         for name, value in table.items():
             if name not in OPTION_NAMES:
-                raise ValueError(f"unknown option {name!r}")
+                raise ValueError(unknown_names("option", [name], OPTION_NAMES))
             if not isinstance(value, bool):
                 raise ValueError(f"option {name} must be true or false")
             (enabled.add if value else enabled.discard)(name)

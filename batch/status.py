@@ -21,6 +21,13 @@ EMULATED_NOTE = ("These results are imitation retouches of the bundled emulator 
 PREPARED_SHOWN = 20
 
 
+def rejected(counts: dict[str, int]) -> int:
+    """Images never sent, from :meth:`Ledger.counts`: rejected contents, and files that could
+    not be read as one (vanished, unreadable, under an invalid folder preset), as the list of
+    problems has them."""
+    return counts["rejected"] + counts["unreadable_files"]
+
+
 @dataclass
 class StatusReport:
     counts: dict[str, int]
@@ -44,6 +51,10 @@ class StatusReport:
     @property
     def unfinished(self) -> int:
         return sum(self.counts[state.value] for state in UNFINISHED)
+
+    @property
+    def rejected(self) -> int:
+        return rejected(self.counts)
 
     def to_json(self) -> str:
         payload: dict[str, Any] = {

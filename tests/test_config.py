@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -44,17 +45,20 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("concurency = 3\n", "unknown setting 'concurency'"),
+    ("concurency = 3\n", "unknown setting: 'concurency' (did you mean 'concurrency'?)"),
+    ("smart_skin = true\n", "smart_skin is a retouching option: put it under [options]"),
     ("concurrency = 'many'\n", "concurrency must be a whole number"),
     ('on_ambiguous = "maybe"\n', "on_ambiguous must be one of resubmit, hold"),
     ("[options]\nsmart_skin = 1\n", "must be true or false"),
     ("[options]\nglamour = true\n", "unknown retouching option"),
+    ("[options]\nsmart_skn = false\n",  # misspelt, even when switched off
+     "unknown retouching option(s): 'smart_skn' (did you mean 'smart_skin'?); known: acne"),
     ("this is = not toml [", "not valid TOML"),
     ("poll_window = 0\n", "poll_window must be at least 1"),
 ])
 def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     cfg = write(tmp_path / "c.toml", text)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         build((source(tmp_path),), tmp_path / "o", file_values=load_file(cfg), env={})
 
 

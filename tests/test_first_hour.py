@@ -266,20 +266,24 @@ def test_progress_totals_count_what_is_really_uploaded_and_saved(
     shoot(src, 6)
     (src / "empty.jpg").write_bytes(b"")
     (src / "notes.jpg").write_text("a text file named like a photo")
+    write_portrait(src / "odd" / "x.jpg", seed=99)
+    (src / "odd" / ".skinbatch.toml").write_text("[options]\nglow = true\n")
     flags = [f for f in FAST_FLAGS if f != "--no-progress"]
     result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--progress", *flags],
                      emulator)
     assert result.returncode == 1  # the rejected files and the failed tasks
     counts = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)["counts"]
     failed, saved = counts["failed"], counts["done"]
-    assert failed >= 1 and saved + failed == 6 and counts["rejected"] == 2
+    assert failed >= 1 and saved + failed == 6
+    assert counts["rejected"] == 2 and counts["unreadable_files"] == 1  # the preset's photo
     final = {name: re.findall(rf"{name}\s*:?\s*(\d+)%\|[^|]*\|\s*(\d+)/(\d+)", result.stderr)
              for name in ("uploaded", "saved")}
     assert final["uploaded"] and final["uploaded"][-1] == ("100", "6", "6"), result.stderr
     assert final["saved"] and final["saved"][-1] == ("100", str(saved), str(saved)), \
         result.stderr
     assert f"failed or rejected: {failed}" in result.stderr
-    assert "rejected: 2" in result.stderr
+    assert "rejected: 3" in result.stderr
+    assert f"{saved} done, {failed} failed, 3 rejected, 0 unfinished" in result.stdout
     assert len(list(out.glob("*.jpg"))) == saved
 
 

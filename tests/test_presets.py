@@ -33,8 +33,10 @@ def test_folder_presets_set_options_and_naming_for_their_subtree(tmp_path: Path,
     assert status["options"] == {"acne_removal": 1, "acne_removal, under_eye_correction": 1,
                                  "smart_skin": 1}
     [problem] = status["problems"]
-    assert problem["path"].endswith("broken/c.jpg") and "unknown option 'glow'" in \
-        problem["reason"]
+    assert problem["path"].endswith("broken/c.jpg") and "unknown option: 'glow'; known: " \
+        "acne_removal" in problem["reason"]
+    # The run's summary counts it among the rejected, as it lists it.
+    assert "3 done, 0 failed, 1 rejected" in result.stdout, result.stdout
 
 
 def test_collision_policy_suffix_and_overwrite(tmp_path: Path, emulator: Emulator) -> None:

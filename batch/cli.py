@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # imported only by the commands that need them
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEMO_KEY = "demo-key"
+#: Files needing a person named after a run (``status`` lists them all).
+PROBLEMS_SHOWN = 20
 
 
 def handle_errors(func: F) -> F:
@@ -116,7 +118,8 @@ def run_options(func: F) -> F:
                           "imitation results keep to their own --out."),
         click.option("--progress/--no-progress", default=None,
                      help="Progress bars (default: on a terminal only)."),
-        click.option("-q", "--quiet", is_flag=True, help="Errors only (for cron)."),
+        click.option("-q", "--quiet", is_flag=True,
+                     help="For cron: only warnings, errors and the files that need a person."),
         click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
         option_flags,
     ]
@@ -242,12 +245,21 @@ def _maybe_emulator(params: dict[str, Any], config: RunConfig | None) -> Emulato
 
 def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
     """The run's summary, its problems and where the results are; with -q (cron) only what
-    went wrong as an error: the exit code and the report carry the rest."""
+    went wrong: the files that need a person, as warnings (cron mails what is said, not an
+    exit code, and a JSON log keeps them one object each), and nothing on a clean night."""
     if report.message:
         click.echo(f"skinbatch: {report.message}", err=True)
-    if quiet:
-        return
     status = report.status
+    problems = [(p.state, f"{p.path}: {p.reason}" + (f" [{p.error_code}]" if p.error_code
+                                                     else ""))
+                for p in status.problems[:PROBLEMS_SHOWN]]
+    if len(status.problems) > PROBLEMS_SHOWN:
+        problems.append(("...", f"and {len(status.problems) - PROBLEMS_SHOWN} more: "
+                                f"skinbatch status --out {config.out}"))
+    if quiet:
+        for state, line in problems:
+            logging.getLogger("batch").warning("%s %s", state, line)
+        return
     counts = status.counts
     click.echo(
         f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
@@ -255,12 +267,8 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
         f"({report.scan.found} files scanned, {report.scan.hashed} read) "
         f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
         f"(all runs: {status.charges})")
-    for problem in status.problems[:20]:
-        code = f" [{problem.error_code}]" if problem.error_code else ""
-        click.echo(f"  {problem.state:9} {problem.path}: {problem.reason}{code}")
-    if len(status.problems) > 20:
-        click.echo(f"  ... and {len(status.problems) - 20} more: "
-                   f"skinbatch status --out {config.out}")
+    for state, line in problems:
+        click.echo(f"  {state:9} {line}")
     click.echo(f"Results are in {config.out.resolve()}.")
     if config.report is not None:
         click.echo(f"Report: open {config.report.resolve()} in a browser.")

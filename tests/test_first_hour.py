@@ -128,8 +128,16 @@ def test_quiet_prints_errors_only_and_a_normal_run_says_where_results_are(
     (src / "notes.jpg").write_text("not a photo")
     quiet = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
                     emulator)
-    assert quiet.returncode == 1  # the rejected file: the exit code says it
+    assert quiet.returncode == 1  # the rejected file: the exit code says it, and so does
+    # the run (cron mails what is said, not an exit code), as a warning with its reason
     assert quiet.stdout == "" and "Traceback" not in quiet.stderr
+    [said] = [line for line in quiet.stderr.splitlines() if "notes.jpg" in line]
+    assert "WARNING rejected" in said and "not an image" in said.lower(), said
+    clean_src = tmp_path / "clean"
+    shoot(clean_src, 2)
+    clean = run_cli(["run", str(clean_src), "--out", str(tmp_path / "clean-out"),
+                     "--smart-skin", "-q", *FAST_FLAGS], emulator)
+    assert (clean.returncode, clean.stdout, clean.stderr) == (0, "", "")  # a clean night
     loud = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
     assert f"Results are in {out.resolve()}." in loud.stdout
     assert f"skinbatch report --out {out}" in loud.stdout

@@ -27,6 +27,7 @@ from batch.names import (
     IGNORED,
     IMAGE,
     IMAGE_SUFFIXES,
+    NAME_MAX,
     RAW_SUFFIXES,
     name_kind,
     output_rel,
@@ -246,6 +247,11 @@ def _candidate(key: str, base: str, root: SourceRoot, entry: os.DirEntry[str], r
         return problem(settings.problem)
     if "\n" in rel or "\r" in rel:
         return problem("the file name contains a line break; rename it to process it")
+    out_name = out_rel.rpartition("/")[2]
+    if len(out_name.encode()) > NAME_MAX:  # a naming template made it longer
+        return problem(f"its output's name would be {len(out_name.encode())} bytes long, more "
+                       f"than a file name may be ({NAME_MAX}): shorten the file's name or the "
+                       "folder's naming")
     try:
         if entry.is_symlink():
             try:

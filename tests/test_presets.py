@@ -54,3 +54,23 @@ def test_collision_policy_suffix_and_overwrite(tmp_path: Path, emulator: Emulato
         assert (out / expect).read_bytes()[:2] == b"\xff\xd8"
         if policy == "suffix":
             assert (out / "a.jpg").read_bytes() == b"someone else's file"
+
+
+def test_a_naming_that_makes_an_output_name_too_long_is_refused_before_it_is_paid(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A camera export's long name, lengthened by the folder's naming, past what a file name
+    may be: its result could never be saved, so it is not sent; the rest of the folder is."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    long_stem = "wedding-" + "x" * 240
+    write_portrait(src / f"{long_stem}.jpg", seed=1)
+    write_portrait(src / "short.jpg", seed=2)
+    (src / ".skinbatch.toml").write_text('naming = "{stem}_retouched{ext}"\n')
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert emulator.stats["submits"] == 1 and emulator.stats["charged"] == 1
+    assert [p.name for p in out.iterdir() if p.name != ".skinbatch"] == ["short_retouched.jpg"]
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    [problem] = status["problems"]
+    assert problem["path"].endswith(f"{long_stem}.jpg")
+    assert "output's name would be 262 bytes long" in problem["reason"], problem

@@ -25,7 +25,7 @@ from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import ConfigError, RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
-from batch.ledger import Ledger, open_ledger
+from batch.ledger import Ledger, LedgerFull, open_ledger
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
@@ -113,9 +113,14 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
             report.seconds = time.monotonic() - started
             # The database may be coming back from a restart: the run's end waits for it too.
             report.charged = ledger.patiently(ledger.charges) - charges_before
-            ledger.patiently(lambda: _record_run(ledger, report, started_at))
+            with contextlib.suppress(LedgerFull):  # bookkeeping: the stop said why
+                ledger.patiently(lambda: _record_run(ledger, report, started_at))
             if config.report is not None:
-                write_report(ledger, config.report, out_dir)
+                try:
+                    write_report(ledger, config.report, out_dir)
+                except OSError as exc:  # a full disk: the run's work is done all the same
+                    log.error("The report could not be written to %s: %s", config.report,
+                              exc.strerror or exc)
         finally:
             ledger.close()
     return report
@@ -236,7 +241,9 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         await client.aclose()
         if shared_pace is not None:
             shared_pace.close()
-        pace.remember(ledger, config.api_base, client.limiter, worker.live)
+        # Bookkeeping is left out when the ledger's disk is full (the stop said why).
+        with contextlib.suppress(LedgerFull):
+            pace.remember(ledger, config.api_base, client.limiter, worker.live)
         progress.close()
         rt.writes.close()
     waiting = rt.flags.submits_stopped
@@ -288,10 +295,14 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         rt.progress.scanned(n)
         loop.call_soon_threadsafe(rt.wake_submitter.set)
 
-    stats = await asyncio.to_thread(
-        scan, rt.ledger, list(rt.sources), config.options,
-        exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
-        should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
+    try:
+        stats = await asyncio.to_thread(
+            scan, rt.ledger, list(rt.sources), config.options,
+            exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
+            should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
+    except LedgerFull as full:
+        rt.fail_run(str(full))
+        return ScanStats()
     crashpoints.reached("scanned")
     if not watching:
         for root in stats.empty_roots:
@@ -387,7 +398,7 @@ async def _drive(rt: Runtime, keep_running: bool = False,
     last_count = 0.0
     try:
         while not (rt.flags.abort or rt.flags.interrupted):
-            _raise_failure(watched)
+            _raise_failure(rt, watched)
             busy = submitter.in_flight or downloader.in_flight or poller.in_flight
             timeout = 0.25
             # Counting is a query: at most every COUNT_EVERY seconds, and only when idle; a
@@ -415,10 +426,14 @@ async def _drive(rt: Runtime, keep_running: bool = False,
         await asyncio.gather(*stages, *requests, return_exceptions=True)
 
 
-def _raise_failure(tasks: list[asyncio.Task[Any]]) -> None:
-    """A stage (or the scan) that died takes the run with it, with its own error."""
+def _raise_failure(rt: Runtime, tasks: list[asyncio.Task[Any]]) -> None:
+    """A stage (or the scan) that died takes the run with it, with its own error; a full
+    ledger is a stop with its message, not a crash."""
     for task in tasks:
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            if isinstance(error, LedgerFull):
+                rt.fail_run(str(error))
+                return
             raise error
 
 

@@ -261,6 +261,10 @@ def write_report(ledger: Ledger, target: Path, out_dir: Path, fmt: str | None = 
     content = text(data) if text else to_html(data, out_dir, target.resolve().parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.tmp")
-    temp.write_text(content, encoding="utf-8")
-    temp.replace(target)
+    try:
+        temp.write_text(content, encoding="utf-8")
+        temp.replace(target)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
     return target

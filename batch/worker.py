@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from batch.ledger import Ledger
+from batch.ledger import Ledger, LedgerFull
 from batch.ledger.workers import WorkerNameTaken, WorkerRecords
 from batch.locking import LedgerBusy
 
@@ -127,6 +127,9 @@ class Worker:
                 if live != self.live:
                     on_live(self.live, live)
                     self.live = live
+            except LedgerFull as full:
+                on_lost(str(full))
+                return
             except SQLAlchemyError as error:
                 if now - last_ok > self.lease:
                     on_lost(f"the ledger database has been unreachable for longer than the "
@@ -157,6 +160,8 @@ class Worker:
             self._thread.join(timeout=10)
         try:
             self.records.stop(self.name)
+        except LedgerFull:
+            return  # the run's stop said why; the others take its jobs once its lease lapses
         except SQLAlchemyError as error:
             log.warning("Could not hand this worker's jobs back (%s); the others take them "
                         "once its lease lapses.", error.__class__.__name__)

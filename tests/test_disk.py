@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,21 +12,42 @@ import pytest
 
 from batch.emulator import Emulator
 from batch.states import JobState
-from tests.checks import assert_no_double_pay, assert_outputs_right
-from tests.conftest import FAST_FLAGS, run_cli
+from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
 from tests.imagegen import write_portrait
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "small-disk"
+def mount_small_disk(mount_point: Path, size: str) -> Iterator[Path]:
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs",
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
                               str(mount_point)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root in a sandbox that allows it)")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    yield from mount_small_disk(tmp_path / "small-disk", "200k")
+
+
+@pytest.fixture
+def ledger_disk(tmp_path: Path) -> Iterator[Path]:
+    yield from mount_small_disk(tmp_path / "ledger-disk", "8m")
+
+
+def fill(disk: Path) -> Path:
+    """What another program does to a shared disk: take every byte left."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
 
 
 def done_jobs_are_on_disk(ledger_path: Path, out: Path) -> int:
@@ -82,3 +105,37 @@ def test_an_unwritable_output_folder_is_a_clear_error(tmp_path: Path,
     assert rerun.returncode == 0
     assert emulator.stats["charged"] == 1
     assert_no_double_pay(out, emulator, 1)
+
+
+def test_the_ledgers_disk_filling_mid_run_stops_the_run_cleanly(
+        tmp_path: Path, ledger_disk: Path, make_emulator: MakeEmulator) -> None:
+    """Another program takes the last byte of the ledger's disk mid-run: the run stops at
+    once with one plain message (no traceback, nothing more sent), and once there is room
+    the same command finishes the batch, every paid upload recorded."""
+    emulator = make_emulator(queue_seconds=0.3, process_seconds=0.6)
+    src, out, ledger = tmp_path / "src", tmp_path / "out", ledger_disk / "ledger.sqlite"
+    sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(20)}
+    report = ledger_disk / "report.html"
+    args = ["run", str(src), "--out", str(out), "--ledger", str(ledger), "--smart-skin",
+            "--report", str(report), *FAST_FLAGS, "--max-qps", "6"]
+    run = popen_cli(args, emulator)
+    assert wait_for(lambda: emulator.stats.get("charged", 0) >= 3, timeout=60)
+    filler = fill(ledger_disk)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "The ledger cannot be written: the disk under it is full" in err, err
+    assert "Traceback" not in err and "never retrieved" not in err, err
+    assert f"The report could not be written to {report}: No space left on device" in err
+    assert [p.name for p in ledger_disk.iterdir() if "report" in p.name] == []
+    charged = emulator.stats["charged"]
+    assert charged < len(sources)  # it stopped mid-run
+    time.sleep(1)
+    assert emulator.stats["charged"] == charged  # and sends nothing once stopped
+
+    filler.unlink()
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert report.is_file()
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, len(sources), str(ledger))
+    assert_ledger_sound(out, str(ledger))

@@ -1,6 +1,6 @@
 """The persistent job ledger: the queue every stage reads and writes."""
 
 from batch.ledger.engine import open_ledger
-from batch.ledger.store import JobRow, Ledger, ScannedFile, TransitionInfo
+from batch.ledger.store import JobRow, Ledger, LedgerFull, ScannedFile, TransitionInfo
 
-__all__ = ["JobRow", "Ledger", "ScannedFile", "TransitionInfo", "open_ledger"]
+__all__ = ["JobRow", "Ledger", "LedgerFull", "ScannedFile", "TransitionInfo", "open_ledger"]

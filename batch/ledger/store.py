@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -236,6 +237,23 @@ class StaleTransition(RuntimeError):
     """The job was no longer in the expected state (another worker or process moved it)."""
 
 
+class LedgerFull(RuntimeError):
+    """The ledger's database cannot grow: the disk (or quota) under it is full. Nothing more
+    can be recorded, so nothing more may be paid for."""
+
+    def __init__(self) -> None:
+        super().__init__("The ledger cannot be written: the disk under it is full. Nothing more "
+                         "is sent; free some space and run the same command again (what was "
+                         "paid for is picked up where it stopped).")
+
+
+def _full(error: BaseException) -> bool:
+    """SQLite's SQLITE_FULL, or PostgreSQL's disk_full (SQLSTATE 53100)."""
+    orig = getattr(error, "orig", None)
+    return (getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or getattr(orig, "sqlstate", None) == "53100")
+
+
 def _refused(exc: DBAPIError, job_id: int, current: str, target: str) -> Exception:
     """The database's trigger refusing a move, as the error Python's check raises."""
     return IllegalTransition(job_id, current, target) if REFUSAL in str(exc.orig) else exc
@@ -326,8 +344,13 @@ class Ledger:
         costs nothing (scan records the next scan makes again, moves the next run redoes for
         free) skips the flush; the next durable commit makes it durable too (SQLite's WAL and
         PostgreSQL's log keep commits in order). The engine's begin hook applies it."""
-        with self._transaction(readonly=False, durable=durable) as conn:
-            yield conn
+        try:
+            with self._transaction(readonly=False, durable=durable) as conn:
+                yield conn
+        except DBAPIError as error:
+            if _full(error):
+                raise LedgerFull() from error
+            raise
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -521,8 +544,8 @@ class Ledger:
                     try:
                         write.run(conn)
                     except Exception as exc:
-                        if self.away(exc):
-                            raise  # the connection is gone: the whole transaction again
+                        if self.away(exc) or _full(exc):
+                            raise  # the whole transaction again, or none of it
                         savepoint.rollback()
                         outcomes[index] = exc
                     else:

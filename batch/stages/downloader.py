@@ -57,8 +57,9 @@ class Downloader:
         #: No output may land inside a source folder (it would be scanned as a new photo).
         self._source_dirs = [p.resolve() for p in rt.config.sources if p.is_dir()]
 
-    def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
+    def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
+        self.rt.job_ended(task)
         self.rt.changed.set()  # the run may be over: let the driver look now
 
     async def run(self) -> None:

@@ -163,6 +163,7 @@ class Poller:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self.in_flight.discard(task)
+        self.rt.job_ended(task)
         self.rt.changed.set()
 
     def _again(self, job_id: int, delay: float) -> None:

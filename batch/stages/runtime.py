@@ -18,7 +18,7 @@ from batch.api.breaker import CircuitBreaker
 from batch.api.retry import backoff_delay
 from batch.budget import Allowance
 from batch.config import RunConfig
-from batch.ledger import Ledger, TransitionInfo
+from batch.ledger import Ledger, LedgerFull, TransitionInfo
 from batch.ledger.writer import LedgerWriter
 from batch.progress import Progress
 from batch.scan import SourceRoot
@@ -190,6 +190,20 @@ class Runtime:
         self.flags.interrupted = True
         self.flags.submits_stopped = StopReason.INTERRUPTED
         self.changed.set()
+
+    def job_ended(self, task: asyncio.Task[None]) -> None:
+        """A job's upload, poll or download that raised takes the run with it: an error no
+        one looks at is lost, and its job would be claimed again and again. A shared ledger's
+        database away is not such an error: the heartbeat judges it (past the lease, it stops
+        the worker), and the job is claimed again once it is back."""
+        if task.cancelled() or (error := task.exception()) is None or self.ledger.away(error):
+            return
+        if isinstance(error, LedgerFull):
+            self.fail_run(str(error))
+            return
+        log.error("%s stopped on an unexpected error:", task.get_name(), exc_info=error)
+        self.fail_run(f"The run stopped on an unexpected error ({type(error).__name__}: "
+                      f"{error}); what was paid for is recorded: run the same command again.")
 
     def fail_run(self, message: str) -> None:
         if self.flags.fatal is None:

@@ -62,9 +62,10 @@ class Submitter:
         #: waiting, prepared, for a slot.
         self.most = rt.config.concurrency + PREPARING
 
-    def _forget(self, job_id: int, _task: asyncio.Task[None]) -> None:
+    def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
         self.committed.discard(job_id)
+        self.rt.job_ended(task)
         self.rt.changed.set()  # the run may be over: let the driver look now
 
     async def run(self) -> None:

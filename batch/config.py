@@ -16,6 +16,7 @@ from batch import apispec
 from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
 from batch.options import Options, unknown_names
+from batch.outputs import short_of_room
 from batch.preflight import PrepareSettings
 from batch.roots import RootMap
 from batch.secret import Secret
@@ -124,6 +125,14 @@ class RunConfig:
     @property
     def ledger_location(self) -> str:
         return self.ledger or str(self.out / ".skinbatch" / "ledger.sqlite")
+
+    @property
+    def written_folders(self) -> list[Path]:
+        """The folders a run writes to on this machine: the output's, and a ledger file's."""
+        folders = [self.out.expanduser().resolve()]
+        if "://" not in self.ledger_location:
+            folders.append(Path(self.ledger_location).expanduser().resolve().parent)
+        return folders
 
 
 def _file_settings() -> tuple[dict[str, type], dict[str, tuple[str, ...]]]:
@@ -307,7 +316,8 @@ def check_paths(config: RunConfig) -> None:
 
 
 def prepare_out(config: RunConfig) -> Path:
-    """Create the output folder and prove it can be written, before anything is sent."""
+    """Create the output folder and prove it can be written, and that its disk (and the
+    ledger's) has room, before anything is sent."""
     out = config.out.expanduser().resolve()
     try:
         (out / ".skinbatch").mkdir(parents=True, exist_ok=True)
@@ -316,5 +326,7 @@ def prepare_out(config: RunConfig) -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot write to the output folder {config.out}: "
                           f"{exc.strerror or exc}") from None
+    if (short := short_of_room(config.written_folders)) is not None:
+        raise ConfigError(f"{short}: free some space first")
     return out
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 TEMP_MARKER = ".skinbatch-"
@@ -21,6 +22,9 @@ _temp_tag = ""
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
+#: Free space below which no upload starts: every result paid for and not saved yet needs its
+#: room, and so does the ledger that records it (its write-ahead log alone may take 16 MB).
+MIN_FREE = 64 * 1024 * 1024
 
 
 def sha256_file(path: Path | str) -> str:
@@ -30,6 +34,20 @@ def sha256_file(path: Path | str) -> str:
 
 class OutputConflict(Exception):
     """A different file already stands at the output path and is not ours to replace."""
+
+
+def short_of_room(folders: Iterable[Path]) -> str | None:
+    """Which of ``folders`` (the output folder, a ledger file's) lies on a disk with less
+    than :data:`MIN_FREE` left, and how much it has; None when every one has room."""
+    for folder in folders:
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:  # not there yet, or gone: the writes there will say so
+            continue
+        if free < MIN_FREE:
+            return (f"the disk of {folder} has {free / 1e6:.1f} MB free, less than the "
+                    f"{MIN_FREE / 1e6:.0f} MB kept for the ledger and the results paid for")
+    return None
 
 
 def output_rel(planned: str, fmt: str) -> str:

@@ -476,7 +476,7 @@ def _stop_message(rt: Runtime) -> str | None:
         return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight; their result "
                 f"links expire from {first}. Run the same command again before then to save "
                 "them.")
-    if rt.flags.submits_stopped in (StopReason.BUDGET, StopReason.CLOCK):
+    if rt.flags.submits_stopped in (StopReason.BUDGET, StopReason.CLOCK, StopReason.DISK):
         return (f"Uploads stopped: {rt.flags.submits_stopped.value}; the rest wait for the "
                 "next run.")
     if rt.flags.interrupted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from batch.emulator import Emulator
+from batch.outputs import MIN_FREE
 from batch.states import JobState
 from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right
 from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
@@ -29,12 +31,8 @@ def mount_small_disk(mount_point: Path, size: str) -> Iterator[Path]:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    yield from mount_small_disk(tmp_path / "small-disk", "200k")
-
-
-@pytest.fixture
-def ledger_disk(tmp_path: Path) -> Iterator[Path]:
-    yield from mount_small_disk(tmp_path / "ledger-disk", "8m")
+    """Room for a run to start (see MIN_FREE), and a few MB more."""
+    yield from mount_small_disk(tmp_path / "small-disk", f"{MIN_FREE + 8 * 2**20}")
 
 
 def fill(disk: Path) -> Path:
@@ -64,21 +62,28 @@ def done_jobs_are_on_disk(ledger_path: Path, out: Path) -> int:
 
 
 def test_disk_full_stops_cleanly_and_the_rerun_finishes(
-        tmp_path: Path, small_disk: Path, emulator: Emulator) -> None:
+        tmp_path: Path, small_disk: Path, make_emulator: MakeEmulator) -> None:
+    """Another program takes the last byte of --out's disk mid-run: the downloads that meet
+    it stop the run with the disk's own words, nothing is marked done that is not on disk,
+    no partial file is left, and with room again the rerun saves what was paid for."""
+    emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0)
     src, ledger_path = tmp_path / "src", tmp_path / "ledger.sqlite"
     sources = {f"{i:02d}.png": write_portrait(src / f"{i:02d}.png", "PNG", seed=i,
                                               size=(200, 250), grain=8) for i in range(12)}
     args = ["run", str(src), "--out", str(small_disk), "--ledger", str(ledger_path),
-            "--concurrency", "2", *FAST_FLAGS]
-    full = run_cli(args, emulator)
-    assert full.returncode == 1, full.stdout + full.stderr
-    assert "No space left on device" in full.stderr
-    assert "Traceback" not in full.stderr
+            "--smart-skin", "--concurrency", "2", *FAST_FLAGS, "--max-qps", "6"]
+    run = popen_cli(args, emulator)
+    assert wait_for(lambda: emulator.stats.get("charged", 0) >= 3, timeout=60)
+    filler = fill(small_disk)  # while the first results are still being made
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "No space left on device" in err
+    assert "Traceback" not in err
     written = done_jobs_are_on_disk(ledger_path, small_disk)
-    assert 0 < written < len(sources)
+    assert written < emulator.stats["charged"] < len(sources)
     assert not [p for p in small_disk.rglob("*") if ".skinbatch-" in p.name]
 
-    subprocess.run(["umount", "-l", str(small_disk)], check=True)
+    filler.unlink()
     rerun = run_cli(args, emulator)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_outputs_right(small_disk, sources, emulator)
@@ -108,25 +113,25 @@ def test_an_unwritable_output_folder_is_a_clear_error(tmp_path: Path,
 
 
 def test_the_ledgers_disk_filling_mid_run_stops_the_run_cleanly(
-        tmp_path: Path, ledger_disk: Path, make_emulator: MakeEmulator) -> None:
+        tmp_path: Path, small_disk: Path, make_emulator: MakeEmulator) -> None:
     """Another program takes the last byte of the ledger's disk mid-run: the run stops at
     once with one plain message (no traceback, nothing more sent), and once there is room
     the same command finishes the batch, every paid upload recorded."""
     emulator = make_emulator(queue_seconds=0.3, process_seconds=0.6)
-    src, out, ledger = tmp_path / "src", tmp_path / "out", ledger_disk / "ledger.sqlite"
+    src, out, ledger = tmp_path / "src", tmp_path / "out", small_disk / "ledger.sqlite"
     sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(20)}
-    report = ledger_disk / "report.html"
+    report = small_disk / "report.html"
     args = ["run", str(src), "--out", str(out), "--ledger", str(ledger), "--smart-skin",
             "--report", str(report), *FAST_FLAGS, "--max-qps", "6"]
     run = popen_cli(args, emulator)
     assert wait_for(lambda: emulator.stats.get("charged", 0) >= 3, timeout=60)
-    filler = fill(ledger_disk)
+    filler = fill(small_disk)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
     assert "The ledger cannot be written: the disk under it is full" in err, err
     assert "Traceback" not in err and "never retrieved" not in err, err
     assert f"The report could not be written to {report}: No space left on device" in err
-    assert [p.name for p in ledger_disk.iterdir() if "report" in p.name] == []
+    assert [p.name for p in small_disk.iterdir() if "report" in p.name] == []
     charged = emulator.stats["charged"]
     assert charged < len(sources)  # it stopped mid-run
     time.sleep(1)
@@ -139,3 +144,42 @@ def test_the_ledgers_disk_filling_mid_run_stops_the_run_cleanly(
     assert_outputs_right(out, sources, emulator)
     assert_no_double_pay(out, emulator, len(sources), str(ledger))
     assert_ledger_sound(out, str(ledger))
+
+
+@pytest.fixture
+def nearly_full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A disk with about 3 MB more than the room a run keeps free for what it has paid for."""
+    yield from mount_small_disk(tmp_path / "disk", f"{MIN_FREE + 3 * 2**20}")
+
+
+def test_uploads_stop_while_the_disk_still_has_room_for_what_was_paid(
+        tmp_path: Path, nearly_full_disk: Path, make_emulator: MakeEmulator) -> None:
+    """A night's results fill --out's disk (the ledger's too): uploads stop while there is
+    still room, every result paid for is saved, the rest wait with the reason; a run on the
+    full disk is refused before it sends anything; with room again, the batch finishes."""
+    emulator = make_emulator(queue_seconds=0.2, process_seconds=0.4)
+    src, out = tmp_path / "src", nearly_full_disk / "retouched"
+    sources = {f"{i:02d}.png": write_portrait(src / f"{i:02d}.png", "PNG", seed=i,
+                                              size=(400, 500), grain=8) for i in range(20)}
+    assert sum(map(len, sources.values())) > 6 * 2**20  # more than the disk takes
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS, "--max-qps", "10"]
+    first = run_cli(args, emulator)
+    assert first.returncode == 1, first.stderr
+    assert f"No more uploads: the disk of {out.resolve()} has" in first.stderr, first.stderr
+    assert "No space left" not in first.stderr and "Traceback" not in first.stderr
+    charged = emulator.stats["charged"]
+    assert 0 < charged < len(sources)
+    assert len(list(out.glob("*.png"))) == charged  # every paid result is on disk
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert {p["reason"] for p in status["problems"]} == {"not sent: the disk is nearly full"}
+    assert len(status["problems"]) == len(sources) - charged
+
+    refused = run_cli(args, emulator)
+    assert refused.returncode == 2 and "free some space first" in refused.stderr, refused
+    assert emulator.stats["charged"] == charged
+
+    subprocess.run(["mount", "-o", "remount,size=200m", str(nearly_full_disk)], check=True)
+    final = run_cli(args, emulator)
+    assert final.returncode == 0, final.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == len(sources)

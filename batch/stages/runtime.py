@@ -33,13 +33,15 @@ class StopReason(StrEnum):
     INTERRUPTED = "interrupted"
     BUDGET = "budget reached"
     CLOCK = "stop-submitting time reached"
+    DISK = "the disk is nearly full"
     DEADLINE = "deadline reached"
     ACCOUNT = "account problem"
     FATAL = "the run cannot go on"
 
 
 #: Stops that leave jobs waiting for a later run (their reason is written on them).
-WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE})
+WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE,
+                           StopReason.DISK})
 
 
 @dataclass
@@ -165,6 +167,14 @@ class Runtime:
         if self.flags.submits_stopped is None:
             self.flags.submits_stopped = reason
             log.warning("No more uploads: %s.", reason.value)
+        self.changed.set()
+
+    def out_of_room(self, why: str) -> None:
+        """A disk the run writes to is nearly full: no new uploads; what is paid for is still
+        saved, in the room kept for it."""
+        if self.flags.submits_stopped is None:
+            self.flags.submits_stopped = StopReason.DISK
+            log.warning("No more uploads: %s. What was paid for is still saved.", why)
         self.changed.set()
 
     def budget_spent(self) -> None:

@@ -20,6 +20,7 @@ from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
+from batch.outputs import short_of_room
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight, reuse_pixel_memory
 from batch.stages.runtime import QueuedTask, Runtime, info_of, wait_any
 from batch.states import JobState, submittable
@@ -61,6 +62,8 @@ class Submitter:
         #: Upload tasks at once: those sending, and up to PREPARING more being prepared or
         #: waiting, prepared, for a slot.
         self.most = rt.config.concurrency + PREPARING
+        #: Where the results and the ledger go: no upload starts while one is short of room.
+        self.folders = rt.config.written_folders
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -147,6 +150,10 @@ class Submitter:
         await rt.client.limiter.acquire()
         if rt.flags.submits_stopped is not None:
             rt.breaker.release()
+            return
+        if (short := short_of_room(self.folders)) is not None:
+            rt.breaker.release()
+            rt.out_of_room(short)
             return
         if rt.budget is not None and not rt.budget.reserve():
             rt.breaker.release()

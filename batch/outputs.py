@@ -36,15 +36,15 @@ class OutputConflict(Exception):
     """A different file already stands at the output path and is not ours to replace."""
 
 
-def short_of_room(folders: Iterable[Path]) -> str | None:
+def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:
     """Which of ``folders`` (the output folder, a ledger file's) lies on a disk with less
-    than :data:`MIN_FREE` left, and how much it has; None when every one has room."""
+    than ``need`` bytes left, and how much it has; None when every one has room."""
     for folder in folders:
         try:
             free = shutil.disk_usage(folder).free
         except OSError:  # not there yet, or gone: the writes there will say so
             continue
-        if free < MIN_FREE:
+        if free < need:
             return (f"the disk of {folder} has {free / 1e6:.1f} MB free, less than the "
                     f"{MIN_FREE / 1e6:.0f} MB kept for the ledger and the results paid for")
     return None

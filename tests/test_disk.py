@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -181,5 +183,33 @@ def test_uploads_stop_while_the_disk_still_has_room_for_what_was_paid(
     subprocess.run(["mount", "-o", "remount,size=200m", str(nearly_full_disk)], check=True)
     final = run_cli(args, emulator)
     assert final.returncode == 0, final.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == len(sources)
+
+
+def test_a_watch_stopped_by_a_full_disk_resumes_once_there_is_room(
+        tmp_path: Path, nearly_full_disk: Path, make_emulator: MakeEmulator) -> None:
+    """A watch runs for days: uploads that stopped for a nearly full disk start again, by
+    themselves, once someone has made room."""
+    emulator = make_emulator(queue_seconds=0.2, process_seconds=0.4)
+    src, out = tmp_path / "incoming", nearly_full_disk / "retouched"
+    src.mkdir()
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.5", "--rescan", "3",
+                      "--smart-skin", *FAST_FLAGS, "--max-qps", "10"], emulator)
+    try:
+        sources = {f"{i:02d}.png": write_portrait(src / f"{i:02d}.png", "PNG", seed=i,
+                                                  size=(400, 500), grain=8) for i in range(20)}
+        assert wait_for(lambda: shutil.disk_usage(nearly_full_disk).free < MIN_FREE, 60)
+        time.sleep(2)
+        stopped_at = emulator.stats["charged"]
+        time.sleep(2)
+        assert emulator.stats["charged"] == stopped_at < len(sources)  # waiting for room
+        subprocess.run(["mount", "-o", "remount,size=300m", str(nearly_full_disk)], check=True)
+        assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "No more uploads: the disk of" in err and "uploads resume" in err, err
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == len(sources)

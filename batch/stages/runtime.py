@@ -177,6 +177,12 @@ class Runtime:
             log.warning("No more uploads: %s. What was paid for is still saved.", why)
         self.changed.set()
 
+    def room_again(self) -> None:
+        if self.flags.submits_stopped is StopReason.DISK:
+            self.flags.submits_stopped = None
+            log.warning("The disk has room again: uploads resume.")
+            self.wake_submitter.set()
+
     def budget_spent(self) -> None:
         """The run's allowance is used up: by the balance (an account stop) or the budget."""
         if self.budget is not None and self.budget.by_balance:

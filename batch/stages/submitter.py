@@ -20,9 +20,9 @@ from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
-from batch.outputs import short_of_room
+from batch.outputs import MIN_FREE, short_of_room
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight, reuse_pixel_memory
-from batch.stages.runtime import QueuedTask, Runtime, info_of, wait_any
+from batch.stages.runtime import QueuedTask, Runtime, StopReason, info_of, wait_any
 from batch.states import JobState, submittable
 
 log = logging.getLogger("batch.submit")
@@ -37,6 +37,11 @@ PREFETCH = 64
 #: keeps the CPU busy, and at least two, so that a file read slowly (a network share) does not
 #: idle it; capped because each holds a camera file's pixels (some 150 MB at 24 megapixels).
 PREPARING = max(2, min(os.cpu_count() or 1, 8))
+
+
+#: Free space at which uploads stopped for a nearly full disk start again: well above where
+#: they stopped, so that a disk hovering at the line does not start and stop them in turn.
+ROOM_TO_RESUME = 2 * MIN_FREE
 
 
 def upload_name(job: JobRow, prepared: Prepared) -> str:
@@ -74,6 +79,9 @@ class Submitter:
     async def run(self) -> None:
         rt = self.rt
         while not rt.flags.abort:
+            if rt.flags.submits_stopped is StopReason.DISK and short_of_room(
+                    self.folders, ROOM_TO_RESUME) is None:  # someone made room (a watch's day)
+                rt.room_again()
             if rt.flags.submits_stopped is not None:
                 self._drop_unsent()
             free = self.most - len(self.in_flight)

@@ -379,7 +379,9 @@ class _RootScan:
             for entry in images:
                 candidate = _candidate(self.key, self.base, self.root, entry, folder.rel_dir,
                                        folder.settings)
-                self._consider(candidate, entry.path, known.get(candidate.rel_path))
+                self._consider(candidate, entry.path, known.pop(candidate.rel_path, None))
+            if known:  # what is left of them is gone from this folder
+                self.ledger.forget_files(self.key, list(known))
         return seen
 
     def _consider(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:

@@ -140,6 +140,42 @@ def test_a_machine_that_sleeps_mid_run_raises_no_false_alarm(tmp_path: Path,
     assert_outputs_right(out, sources, emulator)
     assert_no_double_pay(out, emulator, 12)
 
+
+def test_photos_culled_from_the_shoot_are_not_sent_and_stop_being_problems(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The photographer deletes rejects (and a stray text file named .jpg) after a night that
+    stopped at its budget: the next night sends none of them, lists none of them, and exits 0;
+    a delivered photo whose source was deleted keeps its output, and restoring it pays
+    nothing."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 5)
+    (src / "notes.jpg").write_text("not a photo")
+    first = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--max-credits", "2",
+                     *FAST_FLAGS], emulator)
+    assert first.returncode == 1 and emulator.stats["charged"] == 2
+    delivered = sorted(p.name for p in out.glob("*.jpg"))
+    waiting = sorted(set(sources) - set(delivered))
+    culled = [delivered[0], *waiting[:2], "notes.jpg"]
+    backup = {name: (src / name).read_bytes() for name in culled}
+    saved = (out / delivered[0]).read_bytes()
+    for name in culled:
+        (src / name).unlink()
+    second = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
+                     emulator)
+    assert (second.returncode, second.stdout, second.stderr) == (0, "", ""), second
+    assert emulator.stats["charged"] == 3  # the one waiting photo that is still there
+    assert sorted(p.name for p in out.glob("*.jpg")) == sorted([*delivered, waiting[2]])
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert status["problems"] == [] and status["files"] == 2
+
+    (src / delivered[0]).write_bytes(backup[delivered[0]])  # restored from the backup
+    third = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert third.returncode == 0, third.stderr
+    assert emulator.stats["charged"] == 3
+    assert (out / delivered[0]).read_bytes() == saved
+    assert_outputs_right(out, {name: data for name, data in sources.items()
+                               if (src / name).exists()}, emulator)
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -11,6 +11,7 @@ from batch.ledger import open_ledger
 from batch.ledger.store import KnownFile
 from batch.options import Options
 from batch.scan import SourceRoot, read_file, scan
+from batch.states import JobState
 from tests.imagegen import write_portrait
 
 FP = Options.of(["smart_skin"])
@@ -330,3 +331,31 @@ def test_a_big_folder_recorded_over_several_batches_still_gets_its_digest(
     again = scan(ledger, [SourceRoot(src)], FP)
     assert (again.found, again.hashed) == (601, 0)
     assert lookups == ["spoiled"]
+
+
+def test_files_gone_from_their_folder_are_forgotten_unless_a_paid_result_awaits_them(
+        ledger_location: str, tmp_path: Path) -> None:
+    """Culled photos leave the ledger with the next scan of their folder, on both back-ends:
+    they are not sent; a photo whose paid result is not saved yet is kept, so that the result
+    is still saved."""
+    src = tmp_path / "src"
+    for seed, name in enumerate(("culled.jpg", "in-flight.jpg", "kept.jpg")):
+        write_portrait(src / "shoot" / name, seed=seed)
+    ledger = open_ledger(ledger_location)
+    try:
+        scan(ledger, [SourceRoot(src)], FP)
+        root = str(src.resolve())
+        paid = ledger.known_files(root, "shoot")["shoot/in-flight.jpg"].job_id
+        assert paid is not None
+        ledger.transition(paid, JobState.SUBMITTING, expect=JobState.PENDING)
+        ledger.transition(paid, JobState.QUEUED, expect=JobState.SUBMITTING, task_id="t1",
+                          charge=True)
+        for name in ("culled.jpg", "in-flight.jpg"):
+            (src / "shoot" / name).unlink()
+        scan(ledger, [SourceRoot(src)], FP)
+        assert sorted(ledger.known_files(root, "shoot")) == ["shoot/in-flight.jpg",
+                                                             "shoot/kept.jpg"]
+        counts = ledger.counts()
+        assert (counts["pending"], counts["queued"]) == (1, 1)
+    finally:
+        ledger.close()

@@ -40,6 +40,7 @@ from batch import crashpoints
 from batch.ledger.guards import REFUSAL
 from batch.ledger.models import events, files, folders, jobs, meta
 from batch.states import (
+    IN_FLIGHT,
     NEEDS_ATTENTION,
     REDONE_IF_LOST,
     IllegalTransition,
@@ -458,6 +459,19 @@ class Ledger:
             self.patiently(self._analyze)
             self._analyzed_at = self._recorded
         return created
+
+    def forget_files(self, root: str, rel_paths: Sequence[str]) -> None:
+        """Files gone from a folder that is still there (culled, renamed, moved away): the
+        ledger forgets them, so their jobs are neither sent nor listed as needing a person.
+        Not those whose job is paid for and not saved yet: that result is still saved. A job
+        left without files waits for one to come back (a restored photo is not paid again)."""
+        undelivered = select(jobs.c.id).where(jobs.c.state.in_([s.value for s in IN_FLIGHT]))
+        with self._write(durable=False) as conn:
+            for start in range(0, len(rel_paths), RECORD_CHUNK):
+                chunk = rel_paths[start:start + RECORD_CHUNK]
+                conn.execute(files.delete().where(
+                    files.c.root == root, files.c.rel_path.in_(chunk),
+                    or_(files.c.job_id.is_(None), files.c.job_id.not_in(undelivered))))
 
     def _analyze(self) -> None:
         """PostgreSQL plans by the row counts ANALYZE last saw, and autovacuum runs it about

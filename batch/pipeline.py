@@ -31,6 +31,7 @@ from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
 from batch.options import NOTHING_ON
 from batch.outputs import clean_temp_files, tag_temp_files
+from batch.preflight import UNREADABLE
 from batch.progress import Progress
 from batch.report import write_report
 from batch.roots import RootMap
@@ -177,8 +178,11 @@ def _client(config: RunConfig, ledger: Ledger, worker: Worker) -> ApiClient:
 
 def _pick_up_leftovers(worker: Worker, out_dir: Path) -> dict[str, int]:
     """What a run that died left: its half-done jobs made explicit again, its partial outputs
-    removed. Returns the jobs moved, by the state they are in now."""
+    removed; and files an earlier run could not read are read again. Returns the jobs moved,
+    by the state they are in now."""
     recovered = worker.recover()
+    if again := worker.ledger.retry_unreadable(UNREADABLE):
+        log.info("Reading again %d file(s) an earlier run could not read.", again)
     if worker.alone():  # another worker's downloads under way are not leftovers
         clean_temp_files(out_dir)
     tag_temp_files(worker.name)

@@ -52,12 +52,19 @@ def reuse_pixel_memory(copies_at_once: int) -> None:
         pillow_core.set_blocks_max(BLOCKS_PER_COPY * copies_at_once)
 
 
-class Rejected(Exception):
-    """The file cannot be sent; ``reason`` says why in words a person understands."""
+#: The error code of a job rejected because its file could not be read (gone with a share that
+#: went away, an I/O error, no permission): unlike a content that cannot be sent, the next
+#: run reads it again (see :meth:`batch.ledger.store.Ledger.retry_unreadable`).
+UNREADABLE = "FILE_UNREADABLE"
 
-    def __init__(self, reason: str) -> None:
+
+class Rejected(Exception):
+    """The file cannot be sent; ``reason`` says why in words a person understands, ``code``
+    is :data:`UNREADABLE` when the file could not be read at all."""
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.code = reason, code
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,6 +176,32 @@ def test_photos_culled_from_the_shoot_are_not_sent_and_stop_being_problems(
     assert_outputs_right(out, {name: data for name, data in sources.items()
                                if (src / name).exists()}, emulator)
 
+
+def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The share goes away mid-night (here: the files lose their read permission between the
+    scan and their upload): those photos are listed with the reason, and the next night, the
+    share back, reads and sends them, where they used to stay rejected for good."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 4)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    first = run_cli([*args, "--max-credits", "1"], emulator, as_plain_user=True)
+    assert first.returncode == 1 and emulator.stats["charged"] == 1
+    waiting = [name for name in sources if not (out / name).exists()]
+    for name in waiting:
+        (src / name).chmod(0)
+    try:
+        away = run_cli(args, emulator, as_plain_user=True)
+    finally:
+        for name in waiting:
+            (src / name).chmod(0o644)
+    assert away.returncode == 1 and emulator.stats["charged"] == 1
+    assert away.stdout.count("permission denied: the file cannot be read") == 3, away.stdout
+    back = run_cli(args, emulator, as_plain_user=True)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert emulator.stats["charged"] == 4
+    assert_outputs_right(out, sources, emulator)
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

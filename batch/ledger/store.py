@@ -711,6 +711,23 @@ class Ledger:
                             "error_code": None})
         return len(found)
 
+    def retry_unreadable(self, code: str) -> int:
+        """Jobs rejected because their file could not be read (error ``code``: a share that
+        was away, a permission since mended) go back in line, to be read again; those whose
+        files are all gone from the source are no longer wanted and stay. Returns how many."""
+        query = select(jobs.c.id).where(jobs.c.state == JobState.REJECTED.value,
+                                        jobs.c.error_code == code, WANTED)
+        with self._read() as conn:
+            ids = conn.scalars(query).all()
+        info = TransitionInfo(message="read again: the file could not be read before")
+        try:
+            outcomes = self.commit([self.transition_write(
+                job_id, JobState.PENDING, expect=JobState.REJECTED, info=info, attempts=0,
+                next_attempt_at=0.0) for job_id in ids])
+        except StaleTransition:  # the only one, moved meanwhile by another worker
+            return 0
+        return outcomes.count(None)
+
     # ---- what the stages claim ----------------------------------------------------------
 
     @property

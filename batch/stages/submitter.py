@@ -21,7 +21,14 @@ from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
 from batch.outputs import MIN_FREE, short_of_room
-from batch.preflight import Prepared, PrepareSettings, Rejected, preflight, reuse_pixel_memory
+from batch.preflight import (
+    UNREADABLE,
+    Prepared,
+    PrepareSettings,
+    Rejected,
+    preflight,
+    reuse_pixel_memory,
+)
 from batch.stages.runtime import QueuedTask, Runtime, StopReason, info_of, wait_any
 from batch.states import JobState, submittable
 
@@ -144,7 +151,8 @@ class Submitter:
         except Rejected as rejected:
             with contextlib.suppress(StaleTransition):
                 await rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
-                                           info=TransitionInfo(message=rejected.reason))
+                                           info=TransitionInfo(message=rejected.reason,
+                                                               error_code=rejected.code))
                 rt.progress.dropped(uploaded=False)
             rt.changed.set()
             return
@@ -237,9 +245,10 @@ class Submitter:
             except FileNotFoundError:
                 continue
             except PermissionError as exc:
-                raise Rejected("permission denied: the file cannot be read") from exc
+                raise Rejected("permission denied: the file cannot be read",
+                               UNREADABLE) from exc
             except OSError as exc:
-                raise Rejected(f"cannot read the file: {exc.strerror}") from exc
+                raise Rejected(f"cannot read the file: {exc.strerror}", UNREADABLE) from exc
             if hashlib.sha256(data).hexdigest() != job.content_sha256:
                 changed += 1
                 continue
@@ -254,7 +263,7 @@ class Submitter:
         if changed:
             raise Rejected("the file changed after it was scanned; it will be picked up again "
                            "on the next run")
-        raise Rejected("the file disappeared after it was scanned")
+        raise Rejected("the file disappeared after it was scanned", UNREADABLE)
 
     async def _failed(self, job: JobRow, error: ApiError) -> None:
         rt = self.rt

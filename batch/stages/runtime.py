@@ -178,6 +178,7 @@ class Runtime:
         self.changed.set()
 
     def room_again(self) -> None:
+        """Someone made room on the disk that stopped the uploads: they start again."""
         if self.flags.submits_stopped is StopReason.DISK:
             self.flags.submits_stopped = None
             log.warning("The disk has room again: uploads resume.")

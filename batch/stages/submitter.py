@@ -87,7 +87,7 @@ class Submitter:
         rt = self.rt
         while not rt.flags.abort:
             if rt.flags.submits_stopped is StopReason.DISK and short_of_room(
-                    self.folders, ROOM_TO_RESUME) is None:  # someone made room (a watch's day)
+                    self.folders, ROOM_TO_RESUME) is None:  # made room: a watch runs for days
                 rt.room_again()
             if rt.flags.submits_stopped is not None:
                 self._drop_unsent()

@@ -57,7 +57,8 @@ def build(src: Path, outside: Path) -> tuple[dict[str, str], list[str]]:
     expected["escape.jpg"] = "outside the source"
     put("unreadable.jpg", encode(portrait(seed=8), "JPEG"), "permission denied")
     os.chmod(src / "unreadable.jpg", 0)
-    put("vanishes.jpg", encode(portrait(seed=9), "JPEG"), "disappeared")
+    # Deleted by the test after a scan recorded it: forgotten, so neither sent nor listed.
+    (src / "vanishes.jpg").write_bytes(encode(portrait(seed=9), "JPEG"))
 
     valid = ["e\u0301mi\u0301lie 👩\u200d🎤 a..b.jpg", "ok.webp"]
     write_portrait(src / valid[0], seed=10)

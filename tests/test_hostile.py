@@ -22,7 +22,7 @@ def test_every_bad_input_gets_a_specific_reason_and_costs_nothing(
                                     extra_env={"SKINBATCH_CRASH_AFTER": "scanned:1"})
     scanned_then_killed.communicate(timeout=60)
     assert scanned_then_killed.returncode == -signal.SIGKILL
-    (src / "vanishes.jpg").unlink()
+    (src / "vanishes.jpg").unlink()  # culled after the scan: not sent, not listed
 
     result = run_cli(args, emulator, as_plain_user=True)
     assert result.returncode == 1, result.stderr

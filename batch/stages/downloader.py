@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import hashlib
 import io
@@ -34,7 +33,6 @@ from batch.stages.runtime import Runtime, info_of, wait_any
 from batch.states import JobState
 
 log = logging.getLogger("batch.download")
-LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def verify_result(data: bytes) -> str:
@@ -102,14 +100,11 @@ class Downloader:
             await self._save(job, [f for f in files if f.problem is None], temps)
         except ApiError as error:
             await self._failed(job, error)
-        except OSError as exc:
+        except OSError as exc:  # the disk is full, read-only, gone (a share), not ours...
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"could not write the output: {exc.strerror or exc}"))
-            if exc.errno in LOCAL_DISK_ERRORS:
-                rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
-                            f"{exc.strerror or exc}. Nothing was marked done that is not on disk.")
-            else:
-                raise
+            rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
+                        f"{exc.strerror or exc}. Nothing was marked done that is not on disk.")
         except asyncio.CancelledError:
             await rt.writes.transition(job.id, JobState.READY,
                                        info=TransitionInfo(message="interrupted during download"))

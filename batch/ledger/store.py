@@ -719,6 +719,8 @@ class Ledger:
                                         jobs.c.error_code == code, WANTED)
         with self._read() as conn:
             ids = conn.scalars(query).all()
+        if not ids:
+            return 0
         info = TransitionInfo(message="read again: the file could not be read before")
         try:
             outcomes = self.commit([self.transition_write(

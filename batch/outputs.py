@@ -45,8 +45,8 @@ def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:
         except OSError:  # not there yet, or gone: the writes there will say so
             continue
         if free < need:
-            return (f"the disk of {folder} has {free / 1e6:.1f} MB free, less than the "
-                    f"{MIN_FREE / 1e6:.0f} MB kept for the ledger and the results paid for")
+            return (f"the disk of {folder} has {free / 2**20:.1f} MB free, less than the "
+                    f"{need // 2**20} MB kept for the ledger and the results paid for")
     return None
 
 

@@ -17,6 +17,7 @@ from batch.config import RunConfig
 from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
 from batch.options import NOTHING_ON
+from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
 from batch.scan import no_photos, scan
@@ -38,8 +39,10 @@ class Plan:
     resize: list[tuple[str, str]] = field(default_factory=list)
     #: Blocks of metadata the uploads would leave behind, by kind.
     stripped: Counter[str] = field(default_factory=Counter)
-    #: What to know before the run: why a source holds no photos, every option off.
+    #: What to know before the run: why a source holds no photos, every option off, room.
     notes: list[str] = field(default_factory=list)
+    #: Bytes the uploads would carry: about what their results take on --out's disk.
+    upload_bytes: int = 0
 
     def to_text(self) -> str:
         lines = [f"Dry run: {self.files} file(s); nothing was sent or written.",
@@ -93,6 +96,18 @@ def _check(job: JobRow, candidates: list[FileRow], settings: PrepareSettings
     return "(no file)", "the file disappeared after it was scanned"
 
 
+def _room(config: RunConfig, results: int) -> str | None:
+    """What the disks would let the run do: refuse it, or stop its uploads part-way."""
+    if (short := short_of_room(config.written_folders)) is not None:
+        return f"The run would be refused: {short}."
+    free = free_space(config.out.expanduser().resolve())
+    if free is not None and results > free - MIN_FREE:
+        return (f"The results would take about {results / 2**20:,.0f} MB on the disk of "
+                f"{config.out}, which has {free / 2**20:,.0f} MB free: uploads would stop when "
+                f"{MIN_FREE // 2**20} MB are left, and the rest wait for room.")
+    return None
+
+
 def plan(config: RunConfig) -> Plan:
     workdir = Path(tempfile.mkdtemp(prefix="skinbatch-dry-run-"))
     try:
@@ -115,6 +130,7 @@ def plan(config: RunConfig) -> Plan:
                         result.reject.append((path, verdict))
                         continue
                     result.send.append(path)
+                    result.upload_bytes += len(verdict.payload)
                     if verdict.note:
                         result.resize.append((path, verdict.note))
                     result.stripped += tally(verdict.stripped)
@@ -124,6 +140,8 @@ def plan(config: RunConfig) -> Plan:
             result.credits_needed = len(result.send) * config.credits_per_image
             result.reject += [(p.path, p.reason) for p in ledger.problems()
                               if p.state == "rejected" and (p.path, p.reason) not in result.reject]
+            if (room := _room(config, result.upload_bytes)) is not None:
+                result.notes.append(room)
         finally:
             ledger.close()
     finally:

@@ -36,15 +36,25 @@ class OutputConflict(Exception):
     """A different file already stands at the output path and is not ours to replace."""
 
 
+def free_space(folder: Path) -> int | None:
+    """Bytes free on the disk that holds ``folder``, or will once it is made (its nearest
+    existing parent's); None when that cannot be told."""
+    for place in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(place).free
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
 def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:
     """Which of ``folders`` (the output folder, a ledger file's) lies on a disk with less
     than ``need`` bytes left, and how much it has; None when every one has room."""
     for folder in folders:
-        try:
-            free = shutil.disk_usage(folder).free
-        except OSError:  # not there yet, or gone: the writes there will say so
-            continue
-        if free < need:
+        free = free_space(folder)
+        if free is not None and free < need:
             return (f"the disk of {folder} has {free / 2**20:.1f} MB free, less than the "
                     f"{need // 2**20} MB kept for the ledger and the results paid for")
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -213,3 +214,23 @@ def test_a_watch_stopped_by_a_full_disk_resumes_once_there_is_room(
     assert "No more uploads: the disk of" in err and "uploads resume" in err, err
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == len(sources)
+
+
+def test_the_dry_run_says_when_the_disk_would_stop_the_run(
+        tmp_path: Path, nearly_full_disk: Path, emulator: Emulator) -> None:
+    """Before a night: the dry run says that the results would not fit, and, on a disk that
+    has no room left, that the run would be refused."""
+    src, out = tmp_path / "src", nearly_full_disk / "retouched"
+    for i in range(20):
+        write_portrait(src / f"{i:02d}.png", "PNG", seed=i, size=(400, 500), grain=8)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", "--dry-run"]
+    tight = run_cli(args, emulator)
+    assert tight.returncode == 0, tight.stderr
+    assert re.search(r"The results would take about \d+ MB on the disk of .*, which has \d+ MB "
+                     r"free: uploads would stop when 64 MB are left", tight.stdout), tight.stdout
+    filler = fill(nearly_full_disk)
+    full = run_cli(args, emulator)
+    assert f"The run would be refused: the disk of {out.resolve()} has" in full.stdout, \
+        full.stdout
+    filler.unlink()
+    assert not out.exists()  # a dry run writes nothing

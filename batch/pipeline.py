@@ -40,7 +40,7 @@ from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
-from batch.states import IN_FLIGHT, UNFINISHED, submittable
+from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
 from batch.status import StatusReport, collect_status, rejected
 from batch.worker import SharedPace, Worker
 
@@ -181,7 +181,8 @@ def _pick_up_leftovers(worker: Worker, out_dir: Path) -> dict[str, int]:
     removed; and files an earlier run could not read are read again. Returns the jobs moved,
     by the state they are in now."""
     recovered = worker.recover()
-    if again := worker.ledger.retry_unreadable(UNREADABLE):
+    if again := worker.ledger.reset_jobs([JobState.REJECTED], "read again: the file could not "
+                                         "be read before", error_code=UNREADABLE):
         log.info("Reading again %d file(s) an earlier run could not read.", again)
     if worker.alone():  # another worker's downloads under way are not leftovers
         clean_temp_files(out_dir)

@@ -54,7 +54,7 @@ def reuse_pixel_memory(copies_at_once: int) -> None:
 
 #: The error code of a job rejected because its file could not be read (gone with a share that
 #: went away, an I/O error, no permission): unlike a content that cannot be sent, the next
-#: run reads it again (see :meth:`batch.ledger.store.Ledger.retry_unreadable`).
+#: run reads it again (see ``batch.pipeline._pick_up_leftovers``).
 UNREADABLE = "FILE_UNREADABLE"
 
 

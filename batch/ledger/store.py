@@ -693,40 +693,29 @@ class Ledger:
 
         return Write(run, point=JobState.DONE.value)
 
-    def reset_jobs(self, states: Iterable[JobState], message: str,
-                   paths: Sequence[str] = ()) -> int:
-        """Put jobs in ``states`` back to pending (the ``retry`` command); only jobs of the
-        files at ``paths`` (absolute) when given. Returns how many moved."""
+    def reset_jobs(self, states: Iterable[JobState], message: str, paths: Sequence[str] = (),
+                   error_code: str | None = None) -> int:
+        """Put jobs in ``states`` back to pending (the ``retry`` command; at a run's start, the
+        jobs rejected as unreadable, by ``error_code``); only jobs of the files at ``paths``
+        (absolute) when given. A job another worker moved meanwhile is left to it. Returns how
+        many moved."""
         query = select(jobs.c.id, jobs.c.state).where(
             jobs.c.state.in_([s.value for s in states]))
+        if error_code is not None:
+            query = query.where(jobs.c.error_code == error_code)
         if paths:
             matches = or_(*[files.c.root + "/" + files.c.rel_path == p for p in paths])
             query = query.where(jobs.c.id.in_(select(files.c.job_id).where(matches)))
-        with self._write() as conn:
-            found = conn.execute(query).all()
-            for job_id, state in found:
-                self._move(conn, job_id, JobState(state), JobState.PENDING,
-                           TransitionInfo(message=message),
-                           {"attempts": 0, "next_attempt_at": 0.0, "reason": None,
-                            "error_code": None})
-        return len(found)
-
-    def retry_unreadable(self, code: str) -> int:
-        """Jobs rejected because their file could not be read (error ``code``: a share that
-        was away, a permission since mended) go back in line, to be read again; those whose
-        files are all gone from the source are no longer wanted and stay. Returns how many."""
-        query = select(jobs.c.id).where(jobs.c.state == JobState.REJECTED.value,
-                                        jobs.c.error_code == code, WANTED)
         with self._read() as conn:
-            ids = conn.scalars(query).all()
-        if not ids:
+            found = conn.execute(query).all()
+        if not found:
             return 0
-        info = TransitionInfo(message="read again: the file could not be read before")
         try:
             outcomes = self.commit([self.transition_write(
-                job_id, JobState.PENDING, expect=JobState.REJECTED, info=info, attempts=0,
-                next_attempt_at=0.0) for job_id in ids])
-        except StaleTransition:  # the only one, moved meanwhile by another worker
+                job_id, JobState.PENDING, expect=JobState(state),
+                info=TransitionInfo(message=message), attempts=0, next_attempt_at=0.0,
+                reason=None, error_code=None) for job_id, state in found])
+        except StaleTransition:  # the only one, moved meanwhile
             return 0
         return outcomes.count(None)
 

@@ -162,19 +162,12 @@ class Runtime:
             self.flags.abort = True
         self.changed.set()
 
-    def stop_submitting(self, reason: StopReason) -> None:
-        """No new uploads (budget, clock); paid work is still polled and saved."""
+    def stop_submitting(self, reason: StopReason, why: str | None = None) -> None:
+        """No new uploads (budget, clock, a disk nearly full); paid work is still polled and
+        saved. ``why``, when given, is said instead of the reason's name (how full the disk is)."""
         if self.flags.submits_stopped is None:
             self.flags.submits_stopped = reason
-            log.warning("No more uploads: %s.", reason.value)
-        self.changed.set()
-
-    def out_of_room(self, why: str) -> None:
-        """A disk the run writes to is nearly full: no new uploads; what is paid for is still
-        saved, in the room kept for it."""
-        if self.flags.submits_stopped is None:
-            self.flags.submits_stopped = StopReason.DISK
-            log.warning("No more uploads: %s. What was paid for is still saved.", why)
+            log.warning("No more uploads: %s.", why or reason.value)
         self.changed.set()
 
     def room_again(self) -> None:

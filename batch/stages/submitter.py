@@ -169,7 +169,7 @@ class Submitter:
             return
         if (short := short_of_room(self.folders)) is not None:
             rt.breaker.release()
-            rt.out_of_room(short)
+            rt.stop_submitting(StopReason.DISK, f"{short}. What was paid for is still saved")
             return
         if rt.budget is not None and not rt.budget.reserve():
             rt.breaker.release()

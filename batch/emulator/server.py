@@ -109,12 +109,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ApiHandler(_Handler):
+    @property
+    def kind(self) -> str:
+        return "submit" if self.command == "POST" else "query"
+
     def _common(self) -> bool:
         """Latency, stalls, key check, rate limit and 5xx faults shared by every endpoint."""
         state, faults = self.state, self.state.config.faults
         if state.config.latency:
             time.sleep(state.config.latency)
-        if state.chance(faults.stall):
+        if state.chance(faults.stall, self.kind):
             state.stats["stalls"] += 1
             time.sleep(faults.stall_seconds)
         problem = state.key_problem(self.headers.get(apispec.KEY_HEADER))
@@ -122,7 +126,7 @@ class ApiHandler(_Handler):
             state.stats["unauthorized"] += 1
             self._reject(problem)
             return False
-        if state.over_rate(self.command == "POST") or state.chance(faults.rate_limit):
+        if state.over_rate(self.command == "POST") or state.chance(faults.rate_limit, self.kind):
             headers: dict[str, str] = {}
             if faults.retry_after == "seconds":
                 headers["Retry-After"] = "1"
@@ -146,11 +150,11 @@ class ApiHandler(_Handler):
                 state.uploads.append(body)
         if not self._common():
             return
-        if state.chance(faults.submit_5xx):
+        if state.chance(faults.submit_5xx, "submit"):
             state.stats["faults_5xx"] += 1
             self._send(502, GATEWAY_HTML, "text/html")
             return
-        if state.chance(faults.submit_drop_before):
+        if state.chance(faults.submit_drop_before, "submit"):
             state.stats["drops_before_charge"] += 1
             self._drop()
             return
@@ -162,11 +166,11 @@ class ApiHandler(_Handler):
             state.stats[f"rejected_{rejection.code}"] += 1
             self._reject(rejection)
             return
-        if state.chance(faults.submit_drop_after):
+        if state.chance(faults.submit_drop_after, "submit"):
             state.stats["drops_after_charge"] += 1
             self._drop()
             return
-        if state.chance(faults.malformed_json):
+        if state.chance(faults.malformed_json, "submit"):
             self._send(200, b'{"task_id": "', "application/json")
             return
         self._json(200, _envelope(200, task_id=task.task_id))
@@ -216,11 +220,11 @@ class ApiHandler(_Handler):
         state.timeline.append((time.time(), "query"))
         if not self._common():
             return
-        if state.chance(faults.query_5xx):
+        if state.chance(faults.query_5xx, "query"):
             state.stats["faults_5xx"] += 1
             self._send(503, GATEWAY_HTML.replace(b"502 Bad", b"503 Unavailable"), "text/html")
             return
-        if state.chance(faults.query_drop):
+        if state.chance(faults.query_drop, "query"):
             self._drop()
             return
         task_id = (parse_qs(parts.query).get("task_id") or [""])[0]
@@ -233,7 +237,7 @@ class ApiHandler(_Handler):
         if task is None or state.expired(task):
             self._reject(Rejection(404, "ERROR_TASK_NOT_EXISTS", "Task not found or expired."))
             return
-        if state.chance(faults.malformed_json):
+        if state.chance(faults.malformed_json, "query"):
             self._send(200, b"<html>oops", "application/json")
             return
         self._answer_task(task)
@@ -273,14 +277,14 @@ class ResultHandler(_Handler):
             self._send(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired"
                             b"</Message></Error>", "application/xml")
             return
-        if state.chance(faults.download_5xx):
+        if state.chance(faults.download_5xx, "download"):
             self._send(500, b"Internal Error", "text/plain")
             return
         body = state.result_of(task)
-        if state.chance(faults.download_garbage):
+        if state.chance(faults.download_garbage, "download"):
             self._send(200, b"<html>not an image</html>" * 40, "image/jpeg")
             return
-        if state.chance(faults.download_truncate):
+        if state.chance(faults.download_truncate, "download"):
             state.stats["truncated_downloads"] += 1
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")

@@ -129,6 +129,7 @@ class EmulatorState:
         self.uploads: list[bytes] = []
         self.lock = threading.RLock()
         self._rng = random.Random(config.seed)
+        self._streams: dict[str, random.Random] = {}
         self._window: list[float] = []
         #: When each API request the rate limit let through arrived (time.monotonic()).
         self.accepted: list[float] = []
@@ -166,11 +167,17 @@ class EmulatorState:
         with open(folder / "tasks.jsonl", "a") as journal:
             journal.write(json.dumps(record) + "\n")
 
-    def chance(self, probability: float) -> bool:
+    def chance(self, probability: float, kind: str) -> bool:
+        """A fault's roll, from a random stream of its own for each kind of request (submit,
+        query, download): a seed gives every kind the same faults in the same order, however
+        the concurrent requests of the other kinds interleave with it."""
         if probability <= 0:
             return False
         with self.lock:
-            return self._rng.random() < probability
+            stream = self._streams.get(kind)
+            if stream is None:
+                stream = self._streams[kind] = random.Random(f"{self.config.seed}:{kind}")
+            return stream.random() < probability
 
     def key_problem(self, key: str | None) -> Rejection | None:
         if not key or (key not in self.config.api_keys and key not in self.config.locked_keys):

@@ -31,16 +31,16 @@ from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
 from batch.options import NOTHING_ON
 from batch.outputs import clean_temp_files, tag_temp_files
-from batch.preflight import UNREADABLE
 from batch.progress import Progress
 from batch.report import write_report
+from batch.requeue import read_again
 from batch.roots import RootMap
 from batch.scan import ScanStats, SourceRoot, no_photos, scan
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
-from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
+from batch.states import IN_FLIGHT, UNFINISHED, submittable
 from batch.status import StatusReport, collect_status, rejected
 from batch.worker import SharedPace, Worker
 
@@ -176,14 +176,12 @@ def _client(config: RunConfig, ledger: Ledger, worker: Worker) -> ApiClient:
     return client
 
 
-def _pick_up_leftovers(worker: Worker, out_dir: Path) -> dict[str, int]:
+def _pick_up_leftovers(worker: Worker, out_dir: Path, root_map: RootMap) -> dict[str, int]:
     """What a run that died left: its half-done jobs made explicit again, its partial outputs
-    removed; and files an earlier run could not read are read again. Returns the jobs moved,
-    by the state they are in now."""
+    removed; and files an earlier run could not read are read again if they read now. Returns
+    the jobs moved, by the state they are in now."""
     recovered = worker.recover()
-    if again := worker.ledger.reset_jobs([JobState.REJECTED], "read again: the file could not "
-                                         "be read before", error_code=UNREADABLE):
-        log.info("Reading again %d file(s) an earlier run could not read.", again)
+    read_again(worker.ledger, root_map)
     if worker.alone():  # another worker's downloads under way are not leftovers
         clean_temp_files(out_dir)
     tag_temp_files(worker.name)
@@ -210,7 +208,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, rt.interrupt)
     try:
-        recovered = _pick_up_leftovers(worker, out_dir)
+        recovered = _pick_up_leftovers(worker, out_dir, config.root_map)
         _start_heartbeat(rt, worker, loop, rescale=shared_pace is None)
         forget_missing_outputs(ledger, out_dir)
         if not config.options.enabled:

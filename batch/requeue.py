@@ -1,13 +1,19 @@
-"""Putting chosen jobs back in line for the next run (the ``retry`` command)."""
+"""Putting jobs back in line: those a person chose (the ``retry`` command), and those whose
+file could not be read once it reads again."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from batch.ledger import open_ledger
+from batch.ledger import Ledger, open_ledger
 from batch.locking import RunLock
+from batch.preflight import UNREADABLE
+from batch.roots import RootMap
 from batch.states import RETRYABLE, JobState
+
+log = logging.getLogger("batch.requeue")
 
 
 def requeue(out: Path, ledger_location: str, states: Iterable[JobState],
@@ -25,3 +31,30 @@ def requeue(out: Path, ledger_location: str, states: Iterable[JobState],
                                      [str(p.resolve()) for p in paths])
         finally:
             ledger.close()
+
+
+def read_again(ledger: Ledger, root_map: RootMap) -> int:
+    """Put back in line the jobs rejected because their file could not be read (a share that
+    went away, a permission) once one of their files on this machine reads: at each run's
+    start and on each pass of a watch, which runs for days. A file that still cannot be read
+    stays rejected with its reason rather than be claimed and refused again. Returns how many
+    moved."""
+    readable = [f"{row.root}/{row.rel_path}" for row in ledger.files_rejected_for(UNREADABLE)
+                if any(_reads(Path(local.root, local.rel_path))
+                       for local in root_map.localize([row]))]
+    if not readable:
+        return 0
+    moved = ledger.reset_jobs([JobState.REJECTED], "read again: the file could not be read "
+                              "before", readable, error_code=UNREADABLE)
+    if moved:
+        log.info("Reading again %d file(s) that could not be read before.", moved)
+    return moved
+
+
+def _reads(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError:
+        return False
+    return True

@@ -21,6 +21,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
+from batch.requeue import read_again
 from batch.scan import ScanStats, SourceRoot, scan
 from batch.stages.runtime import Runtime
 
@@ -128,7 +129,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
     nudged = asyncio.Event()
     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
     missing: set[Path] = set()
-    log.info("Watching %s (settle %.0fs, full re-scan every %.0fs).",
+    log.info("Watching %s (settle %gs, full re-scan every %gs).",
              ", ".join(str(r.path) for r in roots), settings.settle, settings.rescan)
     try:
         next_pass = 0.0
@@ -159,6 +160,8 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
             stats = await asyncio.to_thread(scan, rt.ledger, reachable, rt.config.options,
                                             exclude=(rt.out_dir,), settle=settings.settle,
                                             prepare=rt.config.prepare)
+            if await asyncio.to_thread(read_again, rt.ledger, rt.config.root_map):
+                rt.wake_submitter.set()
             totals.hashed += stats.hashed
             totals.new_jobs += stats.new_jobs
             rt.progress.add_work(stats.new_jobs, stats.new_jobs)

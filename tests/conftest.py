@@ -111,10 +111,12 @@ def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> bool:
 
 
 def popen_cli(args: list[str], emulator: Emulator | None, *,
-              extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+              extra_env: dict[str, str] | None = None,
+              as_plain_user: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "batch", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            env=cli_env(emulator, API_KEY, extra_env))
+                            env=cli_env(emulator, API_KEY, extra_env),
+                            preexec_fn=drop_root_file_access if as_plain_user else None)
 
 
 def pg_available() -> bool:

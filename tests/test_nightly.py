@@ -202,6 +202,44 @@ def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(
     assert emulator.stats["charged"] == 4
     assert_outputs_right(out, sources, emulator)
 
+
+def rejected_count(out: Path) -> int:
+    status = run_cli(["status", "--out", str(out), "--json"], None)
+    return int(json.loads(status.stdout)["counts"].get("rejected", 0))
+
+
+def test_a_watch_reads_again_the_photos_it_could_not_read_once_they_read(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A watch runs for days: photos it could not read (a share away, a permission) are sent
+    once they read again, without a restart; while they still cannot be read they stay listed
+    and nothing is paid for them."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 3)
+    first = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--max-credits", "1",
+                     *FAST_FLAGS], emulator)
+    assert first.returncode == 1 and emulator.stats["charged"] == 1
+    waiting = [name for name in sources if not (out / name).exists()]
+    for name in waiting:
+        (src / name).chmod(0)
+    watch = popen_cli(["watch", str(src), "--out", str(out), "--smart-skin", "--settle", "0.2",
+                       "--rescan", "0.5", *FAST_FLAGS], emulator, as_plain_user=True)
+    try:
+        assert wait_for(lambda: rejected_count(out) == len(waiting))
+        time.sleep(2)  # several passes of the watch with the files still unreadable
+        assert emulator.stats["charged"] == 1 and rejected_count(out) == len(waiting)
+        for name in waiting:
+            (src / name).chmod(0o644)
+        assert wait_for(lambda: all((out / name).exists() for name in waiting))
+    finally:
+        for name in waiting:
+            (src / name).chmod(0o644)
+        watch.send_signal(signal.SIGINT)
+        _, stderr = watch.communicate(timeout=60)
+    assert emulator.stats["charged"] == 3, stderr[-3000:]
+    assert_outputs_right(out, sources, emulator)
+    assert stderr.count("permission denied: the file cannot be read") == len(waiting), stderr
+    assert f"Reading again {len(waiting)} file(s)" in stderr, stderr
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

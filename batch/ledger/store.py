@@ -784,6 +784,13 @@ class Ledger:
         with self._read() as conn:
             return [_file(r) for r in conn.execute(query)]
 
+    def files_rejected_for(self, error_code: str) -> list[FileRow]:
+        """The files of the jobs rejected with ``error_code``."""
+        query = select(*FILE_COLUMNS).join(jobs, jobs.c.id == files.c.job_id).where(
+            jobs.c.state == JobState.REJECTED.value, jobs.c.error_code == error_code)
+        with self._read() as conn:
+            return [_file(r) for r in conn.execute(query)]
+
     def written_outputs(self) -> Iterator[tuple[int, str]]:
         """(file id, output path) of every output written."""
         query = select(files.c.id, files.c.written_rel).where(files.c.written_rel.is_not(None))

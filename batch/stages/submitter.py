@@ -149,6 +149,9 @@ class Submitter:
                 prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
                                                              rt.config.prepare, rt.out_dir)
         except Rejected as rejected:
+            # Said as it happens: a watch's summary comes only when it is stopped.
+            log.info("Not sent: %s: %s", Path(files[0].root, files[0].rel_path) if files
+                     else f"job {job.id}", rejected.reason)
             with contextlib.suppress(StaleTransition):
                 await rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
                                            info=TransitionInfo(message=rejected.reason,

@@ -87,8 +87,11 @@ def tag_temp_files(worker: str) -> None:
 
 
 def new_temp(directory: Path, name: str) -> tuple[int, Path]:
+    """A temp file beside the output, named after it: cut to 80 bytes, not characters, so a
+    name of 255 bytes in three-byte characters still leaves the temp name within NAME_MAX."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=f".{name[:80]}{TEMP_MARKER}{_temp_tag}",
+    short = name.encode()[:80].decode(errors="ignore")
+    fd, path = tempfile.mkstemp(prefix=f".{short}{TEMP_MARKER}{_temp_tag}",
                                 suffix=TEMP_SUFFIX, dir=directory)
     os.fchmod(fd, 0o666 & ~_UMASK)
     return fd, Path(path)

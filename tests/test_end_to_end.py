@@ -44,6 +44,20 @@ def test_a_mixed_tree_is_retouched_once_and_a_rerun_sends_nothing(
     assert file_mtimes(out) == mtimes, "a finished folder must rewrite nothing"
 
 
+def test_a_copy_whose_long_name_is_in_japanese_is_saved_too(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The second output of one content is written through a temp file named after it: a
+    name of 250 bytes in three-byte characters must still leave that temp name within 255."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    data = write_portrait(src / "a.jpg", seed=1)
+    long_name = "婚礼写真" * 20 + "集合.jpg"  # 82 characters, 250 bytes
+    shutil.copy(src / "a.jpg", src / long_name)
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert emulator.stats["charged"] == 1
+    assert_outputs_right(out, {"a.jpg": data, long_name: data}, emulator)
+
+
 def test_changed_options_process_again_and_renames_do_not(
         tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from batch import apispec
 from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
+from batch.names import is_utf8, shown
 from batch.options import Options, unknown_names
 from batch.outputs import short_of_room
 from batch.preflight import PrepareSettings
@@ -301,6 +302,9 @@ def check_paths(config: RunConfig) -> None:
         if not source.exists():
             raise ConfigError(f"source {source} does not exist")
         src = source.resolve()
+        if not is_utf8(str(src)):
+            raise ConfigError(f"the path of the source {shown(str(source))} is not valid UTF-8 "
+                              "text (a name written in another system's encoding): rename it")
         if src == out:
             raise ConfigError("--out must not be the source folder itself")
         if src.is_dir() and out.is_relative_to(src):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import PurePosixPath
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
@@ -16,6 +17,23 @@ DEFAULT_NAMING = "{stem}{ext}"
 NAME_MAX = 255
 
 IGNORED, IMAGE, OTHER = 0, 1, 2
+NOT_UTF8 = ("its path is not valid UTF-8 text (a name written in another system's encoding, "
+            "shown with the odd bytes as \\x..): rename it to process it")
+
+
+def is_utf8(text: str) -> bool:
+    """A name on disk that is not valid UTF-8 reaches Python as lone surrogates, which neither
+    ledger can store."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(text: str) -> str:
+    """A name that is not valid UTF-8, as text a ledger stores and a person reads."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def name_kind(name: str) -> int:

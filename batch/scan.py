@@ -28,9 +28,12 @@ from batch.names import (
     IMAGE,
     IMAGE_SUFFIXES,
     NAME_MAX,
+    NOT_UTF8,
     RAW_SUFFIXES,
+    is_utf8,
     name_kind,
     output_rel,
+    shown,
 )
 from batch.options import Options
 from batch.preflight import PrepareSettings, Rejected, check
@@ -243,6 +246,8 @@ def _candidate(key: str, base: str, root: SourceRoot, entry: os.DirEntry[str], r
     def problem(reason: str) -> ScannedFile:
         return ScannedFile(key, rel, out_rel, 0, 0, None, fp, reason)
 
+    if not is_utf8(rel):
+        return ScannedFile(key, shown(rel), shown(out_rel), 0, 0, None, fp, NOT_UTF8)
     if settings.problem is not None:
         return problem(settings.problem)
     if "\n" in rel or "\r" in rel:
@@ -374,8 +379,11 @@ class _RootScan:
                 continue
             images = folder.images()
             self.stats.found += len(images)
-            self.changed[folder.rel_dir] = None if digest is None else (digest, len(images))
-            known = {} if fresh else self.ledger.known_files(self.key, folder.rel_dir)
+            known: dict[str, KnownFile] = {}
+            if is_utf8(folder.rel_dir):  # else its files are rejected for their path
+                self.changed[folder.rel_dir] = None if digest is None else (digest, len(images))
+                if not fresh:
+                    known = self.ledger.known_files(self.key, folder.rel_dir)
             for entry in images:
                 candidate = _candidate(self.key, self.base, self.root, entry, folder.rel_dir,
                                        folder.settings)

@@ -57,6 +57,14 @@ def build(src: Path, outside: Path) -> tuple[dict[str, str], list[str]]:
     expected["escape.jpg"] = "outside the source"
     put("unreadable.jpg", encode(portrait(seed=8), "JPEG"), "permission denied")
     os.chmod(src / "unreadable.jpg", 0)
+    # Names in another system's encoding (Latin-1 from an old share): not valid UTF-8, shown
+    # with the odd bytes escaped.
+    os.makedirs(os.fsencode(src) + b"/d\xe9j\xe0 vu")
+    for raw in (b"caf\xe9.jpg", b"d\xe9j\xe0 vu/inside a latin-1 folder.jpg"):
+        with open(os.fsencode(src) + b"/" + raw, "wb") as handle:
+            handle.write(jpeg)
+    expected["caf\\xe9.jpg"] = "not valid UTF-8"
+    expected["inside a latin-1 folder.jpg"] = "not valid UTF-8"
     # Deleted by the test after a scan recorded it: forgotten, so neither sent nor listed.
     (src / "vanishes.jpg").write_bytes(encode(portrait(seed=9), "JPEG"))
 

@@ -58,6 +58,17 @@ def test_a_source_inside_the_output_folder_is_refused_unless_asked_for(
     assert emulator.stats["submits"] == 3
 
 
+def test_a_source_whose_path_is_not_utf8_is_refused_by_name(tmp_path: Path,
+                                                           emulator: Emulator) -> None:
+    """A folder named in another system's encoding (Latin-1 from an old share) cannot be
+    recorded: it is refused at the start with its name shown, not a traceback."""
+    src = Path(os.fsdecode(os.fsencode(tmp_path) + b"/S\xe9ance 12"))
+    shoot(src)
+    result = run_cli(["run", str(src), "--out", str(tmp_path / "out"), "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert_refused(result, emulator, "S\\xe9ance 12 is not valid UTF-8")
+
+
 def test_an_output_that_cannot_be_written_is_one_clear_sentence(
         tmp_path: Path, emulator: Emulator) -> None:
     src = tmp_path / "shoot"

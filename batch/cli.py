@@ -18,7 +18,7 @@ from batch import config as config_mod
 from batch.apispec import OPTION_NAMES
 from batch.config import ConfigError, RunConfig, prepare_out
 from batch.exitcodes import ExitCode
-from batch.ledger import LedgerFull, open_ledger
+from batch.ledger import LedgerFull, LedgerUnavailable, open_ledger
 from batch.locking import LedgerBusy
 from batch.logsetup import configure
 from batch.pipeline import RunReport, run_batch
@@ -48,7 +48,7 @@ def handle_errors(func: F) -> F:
         except ConfigError as exc:
             click.echo(f"skinbatch: {exc}", err=True)
             sys.exit(ExitCode.USAGE)
-        except (LedgerBusy, LedgerFull) as exc:
+        except (LedgerBusy, LedgerFull, LedgerUnavailable) as exc:
             click.echo(f"skinbatch: {exc}", err=True)
             sys.exit(ExitCode.USAGE)
         except KeyboardInterrupt:

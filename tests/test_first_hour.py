@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import html
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from batch.emulator import Emulator
 from batch.states import JobState
-from tests.conftest import FAST_FLAGS, CliResult, MakeEmulator, run_cli
+from tests.conftest import FAST_FLAGS, CliResult, MakeEmulator, cli_env, run_cli
 from tests.imagegen import encode, portrait, write_portrait
 
 
@@ -67,6 +69,44 @@ def test_a_source_whose_path_is_not_utf8_is_refused_by_name(tmp_path: Path,
     result = run_cli(["run", str(src), "--out", str(tmp_path / "out"), "--smart-skin",
                       *FAST_FLAGS], emulator)
     assert_refused(result, emulator, "S\\xe9ance 12 is not valid UTF-8")
+
+
+def test_a_ledger_that_cannot_be_opened_is_one_clear_sentence(tmp_path: Path,
+                                                             emulator: Emulator) -> None:
+    """A PostgreSQL server that is down, a driver not installed, a ledger file another user
+    owns (kept private: it holds the result links), a --ledger that is not a ledger: each is
+    one sentence naming the ledger and the cause, exit 2, nothing sent, for every command."""
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 1)
+    down = "postgresql://postgres@127.0.0.1:1/test"
+    for command in (["run", str(src), "--smart-skin", *FAST_FLAGS], ["status"], ["report"],
+                    ["retry", "--failed"]):
+        result = run_cli([*command, "--out", str(out), "--ledger", down], emulator)
+        assert_refused(result, emulator, f"cannot open the ledger {down}: ")
+        assert "Connection refused" in result.stderr
+    no_driver = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['psycopg'] = None; "
+         "from batch.cli import main; main()", "status", "--out", str(out), "--ledger", down],
+        capture_output=True, text=True, env=cli_env(emulator), timeout=60)
+    assert_refused(CliResult(no_driver.returncode, no_driver.stdout, no_driver.stderr),
+                   emulator, "pip install 'skinbatch[postgres]'")
+
+    first = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                    emulator)
+    assert first.returncode == 0, first.stderr
+    ledger = out / ".skinbatch" / "ledger.sqlite"
+    os.chown(ledger, 65534, 65534)  # nobody's, mode 600
+    for command in (["status"], ["report"]):
+        result = run_cli([*command, "--out", str(out)], emulator, as_plain_user=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"cannot open the ledger {ledger}: " in result.stderr
+        assert "only its owner (nobody) may open it" in result.stderr
+    os.chown(ledger, 0, 0)
+
+    photo = src / "portrait 0.jpg"
+    result = run_cli(["status", "--out", str(out), "--ledger", str(photo)], emulator)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot open the ledger {photo}: file is not a database" in result.stderr
 
 
 def test_an_output_that_cannot_be_written_is_one_clear_sentence(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from batch.ledger.migrate import upgrade_to_head
 from batch.ledger.store import Ledger
@@ -120,10 +122,47 @@ def create_ledger_engine(location: str | Path) -> Engine:
     return _sqlite_engine(url)
 
 
+class LedgerUnavailable(RuntimeError):
+    """The ledger cannot be opened at all (a server down, a driver missing, a file another
+    user owns, not a ledger): said in one sentence before anything is sent."""
+
+
 def open_ledger(location: str | Path) -> Ledger:
     """Open (creating and migrating as needed) the ledger at a path or database URL."""
-    engine = create_ledger_engine(location)
-    upgrade_to_head(engine)
-    if engine.dialect.name == "sqlite" and engine.url.database:
-        os.chmod(engine.url.database, 0o600)
+    try:
+        engine = create_ledger_engine(location)
+    except ModuleNotFoundError as missing:
+        raise LedgerUnavailable(f"a PostgreSQL ledger needs the {missing.name} driver: pip "
+                                "install 'skinbatch[postgres]'") from None
+    except ArgumentError as exc:
+        raise LedgerUnavailable(f"{location} is not a ledger file or database URL: "
+                                f"{exc}") from None
+    try:
+        upgrade_to_head(engine)
+        if engine.dialect.name == "sqlite" and engine.url.database:
+            os.chmod(engine.url.database, 0o600)  # it holds the results' download links
+    except (DBAPIError, PermissionError) as exc:
+        engine.dispose()
+        why = str(exc.orig if isinstance(exc, DBAPIError) else exc.strerror).splitlines()[0]
+        raise LedgerUnavailable(f"cannot open the ledger {_shown(location)}: {why}"
+                                f"{_owner_hint(engine)}") from None
     return Ledger(engine)
+
+
+def _shown(location: str | Path) -> str:
+    text = str(location)
+    return make_url(text).render_as_string(hide_password=True) if "://" in text else text
+
+
+def _owner_hint(engine: Engine) -> str:
+    """Why a SQLite ledger another user owns does not open: it is kept private to its owner."""
+    if engine.dialect.name != "sqlite" or not engine.url.database:
+        return ""
+    try:
+        owner = os.stat(engine.url.database).st_uid
+        if owner == os.geteuid() or os.access(engine.url.database, os.R_OK | os.W_OK):
+            return ""
+        name = pwd.getpwuid(owner).pw_name
+    except (OSError, KeyError):
+        return ""
+    return f" (only its owner ({name}) may open it: run skinbatch as that user)"

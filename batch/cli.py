@@ -314,7 +314,7 @@ def report(out: Path, ledger: str | None, fmt: str, output: Path | None) -> None
                               fmt)
     finally:
         store.close()
-    click.echo(f"report written to {target}")
+    click.echo(f"report written to {target}", err=True)  # stdout may be the report itself
 
 
 @main.command()

@@ -254,11 +254,17 @@ def to_html(data: ReportData, out_dir: Path, page_dir: Path) -> str:
 
 
 def write_report(ledger: Ledger, target: Path, out_dir: Path, fmt: str | None = None) -> Path:
-    """Write the report atomically; the format follows ``fmt`` or the file's suffix."""
+    """Write the report atomically (straight into a pipe or a device); the format follows
+    ``fmt`` or the file's suffix."""
     fmt = (fmt or target.suffix.lstrip(".") or "html").lower()
     data = collect(ledger, out_dir)
     text = {"csv": to_csv, "json": to_json}.get(fmt)
     content = text(data) if text else to_html(data, out_dir, target.resolve().parent)
+    if target.exists() and not target.is_file():  # a pipe, a terminal, /dev/stdout
+        with open(target, "w", encoding="utf-8") as sink:
+            sink.write(content)
+        return target
+    target = target.resolve()  # through a link: the file it names is replaced, not the link
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.tmp")
     try:

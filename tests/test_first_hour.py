@@ -90,6 +90,9 @@ def test_a_ledger_that_cannot_be_opened_is_one_clear_sentence(tmp_path: Path,
         capture_output=True, text=True, env=cli_env(emulator), timeout=60)
     assert_refused(CliResult(no_driver.returncode, no_driver.stdout, no_driver.stderr),
                    emulator, "pip install 'skinbatch[postgres]'")
+    result = run_cli(["run", str(src), "--out", str(out), "--ledger", "mysql://u:pw@db/x",
+                      "--smart-skin"], emulator)
+    assert_refused(result, emulator, "mysql://u:***@db/x cannot hold a ledger: give a SQLite")
 
     first = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
                     emulator)

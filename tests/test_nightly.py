@@ -344,6 +344,38 @@ def test_csv_and_json_reports_parse_back(tmp_path: Path, emulator: Emulator) -> 
     assert data["last_run"]["charged"] == 3 and data["last_run"]["exit_code"] == 1
 
 
+def test_a_report_goes_into_a_pipe_or_through_a_link_and_leaves_them_be(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """-o a pipe (as /dev/stdout is) gets the report written into it, where a temp file
+    renamed over it would replace the pipe itself (as root, /dev/stdout too); -o a link gets
+    the file it points to replaced, the link kept."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 2)
+    assert run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                   emulator).returncode == 0
+    fifo = tmp_path / "report.pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        piped = run_cli(["report", "--out", str(out), "--format", "csv", "-o", str(fifo)], None)
+        received = os.read(reader, 1 << 16).decode()
+    finally:
+        os.close(reader)
+    assert piped.returncode == 0, piped.stderr
+    assert fifo.is_fifo() and not list(tmp_path.glob(".report.pipe*"))
+    assert {row["state"] for row in csv.DictReader(io.StringIO(received))} == {"done"}
+    assert piped.stdout == ""  # the confirmation goes to stderr: stdout may be the report
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "night.json").write_text("{}")
+    link = tmp_path / "latest.json"
+    link.symlink_to(tmp_path / "reports" / "night.json")
+    linked = run_cli(["report", "--out", str(out), "--format", "json", "-o", str(link)], None)
+    assert linked.returncode == 0, linked.stderr
+    assert link.is_symlink()
+    assert json.loads((tmp_path / "reports" / "night.json").read_text())["counts"]["done"] == 2
+
+
 def test_retry_puts_chosen_jobs_back_in_line(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     (src / "a").mkdir(parents=True)

@@ -25,6 +25,11 @@ NETWORK_FILESYSTEMS = frozenset(
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
+class LedgerUnavailable(RuntimeError):
+    """The ledger cannot be opened at all (a server down, a driver missing, a file another
+    user owns, not a ledger): said in one sentence before anything is sent."""
+
+
 def ledger_url(location: str | Path) -> str:
     """A SQLAlchemy URL for a file path or a database URL (``postgresql://`` uses psycopg 3)."""
     text = str(location)
@@ -33,6 +38,9 @@ def ledger_url(location: str | Path) -> str:
     url = make_url(text)
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
+    elif not url.drivername.startswith(("sqlite", "postgresql")):
+        raise LedgerUnavailable(f"{_shown(text)} cannot hold a ledger: give a SQLite file (a "
+                                "path) or a PostgreSQL database (postgresql://...)")
     return url.render_as_string(hide_password=False)
 
 
@@ -120,11 +128,6 @@ def create_ledger_engine(location: str | Path) -> Engine:
             path, fs_type,
         )
     return _sqlite_engine(url)
-
-
-class LedgerUnavailable(RuntimeError):
-    """The ledger cannot be opened at all (a server down, a driver missing, a file another
-    user owns, not a ledger): said in one sentence before anything is sent."""
 
 
 def open_ledger(location: str | Path) -> Ledger:

@@ -237,6 +237,10 @@ def build(
     elif key_file:
         key = read_key_file(Path(key_file))
     _parse_times_and_paths(values)
+    distinct: dict[Path, Path] = {}  # a folder given twice is one source, not two subfolders
+    for source in sources:
+        distinct.setdefault(source.resolve(), source)
+    sources = tuple(distinct.values())
     known = {f.name for f in fields(RunConfig)}
     config = RunConfig(sources=sources, out=out, options=Options(frozenset(enabled)),
                        api_key=key, **{k: v for k, v in values.items() if k in known})

@@ -63,8 +63,10 @@ class RunReport:
 
 def source_roots(sources: tuple[Path, ...], root_map: RootMap | None = None
                  ) -> list[SourceRoot]:
-    """One source maps straight onto --out; several each get a subfolder named after them.
-    A source under a tree the root map names is recorded under that name."""
+    """One source maps straight onto --out; of several, a folder gets a subfolder named after
+    it, and a photo given by itself lands at the top of --out (a second of that name, in a
+    numbered subfolder). A source under a tree the root map names is recorded under that
+    name."""
     root_map = root_map or RootMap()
     used: dict[str, int] = {}
     roots = []
@@ -73,7 +75,10 @@ def source_roots(sources: tuple[Path, ...], root_map: RootMap | None = None
         if len(sources) > 1:
             name = source.resolve().name or "source"
             used[name] = used.get(name, 0) + 1
-            prefix = name if used[name] == 1 else f"{name}-{used[name]}"
+            if used[name] > 1:
+                prefix = f"{name}-{used[name]}"
+            elif not source.is_file():
+                prefix = name
         root = SourceRoot(source, prefix)
         roots.append(replace(root, key=root_map.key_for(root.base)))
     return roots

@@ -58,6 +58,34 @@ def test_a_copy_whose_long_name_is_in_japanese_is_saved_too(
     assert_outputs_right(out, {"a.jpg": data, long_name: data}, emulator)
 
 
+def test_chosen_photos_land_at_the_top_of_out_and_a_folder_given_twice_is_one_source(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """`run a.jpg b.jpg --out picks` saves picks/a.jpg and picks/b.jpg (a folder given with
+    them still gets its subfolder; a second photo of the same name gets one numbered); the
+    same folder given twice (`shoot shoot/`) is one source, saved straight into --out."""
+    shoot, other = tmp_path / "shoot", tmp_path / "other"
+    a = write_portrait(shoot / "a.jpg", seed=1)
+    b = write_portrait(shoot / "b.jpg", seed=2)
+    c = write_portrait(shoot / "more" / "c.jpg", seed=3)
+    a2 = write_portrait(other / "a.jpg", seed=4)
+    picks = tmp_path / "picks"
+    result = run_cli(["run", str(shoot / "a.jpg"), str(shoot / "b.jpg"), str(shoot / "more"),
+                      str(other / "a.jpg"), "--out", str(picks), "--smart-skin", *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_outputs_right(picks, {"a.jpg": a, "b.jpg": b, "more/c.jpg": c,
+                                 "a.jpg-2/a.jpg": a2}, emulator)
+    assert sorted(p.name for p in picks.iterdir()) == [".skinbatch", "a.jpg", "a.jpg-2",
+                                                       "b.jpg", "more"]
+    twice = tmp_path / "twice"
+    result = run_cli(["run", str(shoot), f"{shoot}/", "--out", str(twice), "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_outputs_right(twice, {"a.jpg": a, "b.jpg": b, "more/c.jpg": c}, emulator)
+    assert sorted(p.name for p in twice.iterdir()) == [".skinbatch", "a.jpg", "b.jpg", "more"]
+    assert emulator.stats["charged"] == 4 + 3  # a new --out has a ledger of its own
+
+
 def test_changed_options_process_again_and_renames_do_not(
         tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"

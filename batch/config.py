@@ -166,7 +166,7 @@ KINDS: dict[type, str] = {str: "text in quotes", int: "a whole number", float: "
 def load_file(path: Path) -> dict[str, Any]:
     """Read and check a TOML config file (see sample_config.toml for every key)."""
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Notepad's BOM
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
@@ -196,7 +196,7 @@ def read_key_file(path: Path) -> Secret:
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigError(f"key file {path} is readable by others; run: chmod 600 {path}")
-        key = path.read_text(encoding="utf-8").strip()
+        key = path.read_text(encoding="utf-8-sig").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from exc
     if not key:

@@ -45,7 +45,7 @@ def apply_preset(parent: FolderSettings, preset: Path) -> FolderSettings:
     """The settings for a folder holding ``preset``; an invalid file becomes a problem that
     every file below it reports (so nothing there is sent on a misread preset)."""
     try:
-        values = tomllib.loads(preset.read_text(encoding="utf-8"))
+        values = tomllib.loads(preset.read_text(encoding="utf-8-sig"))  # Notepad's BOM
         unknown = set(values) - {"options", "naming"}
         if unknown:
             raise ValueError(unknown_names("key(s)", unknown, ["options", "naming"]))

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from batch.emulator import Emulator
-from tests.conftest import FAST_FLAGS, run_cli
+from tests.conftest import API_KEY, FAST_FLAGS, run_cli
 from tests.imagegen import write_portrait
 
 
@@ -37,6 +37,28 @@ def test_folder_presets_set_options_and_naming_for_their_subtree(tmp_path: Path,
         "acne_removal" in problem["reason"]
     # The run's summary counts it among the rejected, as it lists it.
     assert "3 done, 0 failed, 1 rejected" in result.stdout, result.stdout
+
+
+def test_settings_saved_by_windows_notepad_are_read(tmp_path: Path, emulator: Emulator) -> None:
+    """A config file, a key file and a folder preset edited on Windows (over the studio's
+    share) start with a byte-order mark and end lines with CR LF: each is read as written."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "bride/a.jpg", seed=1)
+
+    def notepad(path: Path, text: str) -> Path:
+        path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+        return path
+
+    key = notepad(tmp_path / "key.txt", API_KEY + "\n")
+    key.chmod(0o600)
+    config = notepad(tmp_path / "night.toml", f'api_key_file = "{key}"\nconcurrency = 2\n'
+                                              "[options]\nsmart_skin = true\n")
+    notepad(src / "bride/.skinbatch.toml", 'naming = "{stem}_retouched{ext}"\n')
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                      *FAST_FLAGS], emulator, key=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "bride/a_retouched.jpg").is_file()
+    assert [sorted(t.enabled) for t in emulator.state.tasks.values()] == [["smart_skin"]]
 
 
 def test_collision_policy_suffix_and_overwrite(tmp_path: Path, emulator: Emulator) -> None:

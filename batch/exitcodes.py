@@ -13,4 +13,4 @@ class ExitCode(IntEnum):
     ACCOUNT = 3
     """Stopped by an account-level error: bad key, locked account, no credits."""
     INTERRUPTED = 130
-    """Interrupted (Ctrl-C / SIGTERM); state is saved."""
+    """Interrupted (Ctrl-C, SIGTERM, SIGHUP without nohup); state is saved."""

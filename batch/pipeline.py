@@ -210,7 +210,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     shared_pace = None
     if ledger.shared and config.max_qps is not None:
         client.limiter.shared = shared_pace = SharedPace(ledger, config.api_base, config.max_qps)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    stops = _stop_signals()
+    for sig in stops:
         loop.add_signal_handler(sig, rt.interrupt)
     try:
         recovered = _pick_up_leftovers(worker, out_dir, config.root_map)
@@ -244,7 +245,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         if not rt.flags.abort:
             materialize_copies(ledger, out_dir, config.expiry_margin, rt.reaches)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stops:
             loop.remove_signal_handler(sig)
         await client.aclose()
         if shared_pace is not None:
@@ -260,6 +261,16 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     status = ledger.patiently(lambda: collect_status(ledger))
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
+
+
+def _stop_signals() -> list[signal.Signals]:
+    """What stops a run the gentle way (uploads under way get their answer, so none is left
+    ambiguous): Ctrl-C, a service stopped, and a terminal or SSH session closed, unless the
+    run was started under nohup, which asks to carry on then (SIGHUP ignored)."""
+    stops = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        stops.append(signal.SIGHUP)
+    return stops
 
 
 def _start_heartbeat(rt: Runtime, worker: Worker, loop: asyncio.AbstractEventLoop,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tests.checks import (
     assert_no_double_pay,
     assert_outputs_right,
 )
-from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, cli_env, popen_cli, run_cli, wait_for
 from tests.imagegen import write_portrait
 
 POINTS = ["submitting:3", "answered:2", "queued:4", "processing:2", "ready:3", "downloading:2",
@@ -125,8 +127,13 @@ def random_kills(tmp_path: Path, make_emulator: MakeEmulator, images: int, kills
           f"ambiguous={ambiguous} transitions={sound['transitions']}")
 
 
-def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator: MakeEmulator) -> None:
-    emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0)
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator: MakeEmulator,
+                                          stop: signal.Signals) -> None:
+    """Ctrl-C, a service stopped, the terminal or SSH session closed (SIGHUP): uploads under
+    way get their answer, so none is left ambiguous (and paid again by the next run)."""
+    emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0,
+                             upload_bandwidth=400_000)  # uploads under way at the signal
     src, out = tmp_path / "src", tmp_path / "out"
     sources = tree(src, 8)
     args = ["run", str(src), "--out", str(out), *FAST_FLAGS]
@@ -134,11 +141,28 @@ def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator: MakeEmu
     deadline = time.time() + 30
     while emulator.stats.get("charged", 0) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout + stderr
     assert "run the same command again" in stderr
     rerun = run_cli(args, emulator)
     assert rerun.returncode == 0
+    assert "left unfinished" not in rerun.stderr, rerun.stderr
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == len(sources)
+
+
+def test_a_run_started_with_nohup_outlives_its_terminal(tmp_path: Path,
+                                                        emulator: Emulator) -> None:
+    """nohup (SIGHUP ignored) means: carry on when the terminal closes."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = tree(src, 4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch", "run", str(src), "--out", str(out), *FAST_FLAGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(emulator),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert wait_for(lambda: emulator.stats.get("submits", 0) >= 1)
+    proc.send_signal(signal.SIGHUP)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    assert_outputs_right(out, sources, emulator)

@@ -7,6 +7,7 @@ server sends takes part in them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -25,6 +26,62 @@ FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp"
 #: Free space below which no upload starts: every result paid for and not saved yet needs its
 #: room, and so does the ledger that records it (its write-ahead log alone may take 16 MB).
 MIN_FREE = 64 * 1024 * 1024
+
+
+#: The longest path, in bytes with its final NUL, Linux takes in a call (PATH_MAX).
+PATH_MAX = 4096
+#: The longest name of a temp file beside an output (see :func:`new_temp`): a dot, up to 80
+#: bytes of the output's name, the marker, the worker's tag, mkstemp's eight random
+#: characters, the suffix.
+TEMP_NAME_MAX = 1 + 80 + len(TEMP_MARKER) + 9 + 8 + len(TEMP_SUFFIX)
+#: Characters the disks studios deliver on refuse in a name: exFAT and FAT (USB drives and
+#: cards), NTFS with Windows names, SMB shares from Windows.
+WINDOWS_RESERVED = frozenset('<>:"\\|?*')
+
+
+def name_refused(out_dir: Path, rel: str) -> str | None:
+    """Why the disk of ``out_dir`` would not take the output ``rel``, asked before its photo
+    is paid for: a path longer than PATH_MAX, or a name with a character such disks refuse
+    (tried there: a file of that name made and removed in ``.skinbatch``, so the output's
+    folders are not made before their photo is sent)."""
+    folder, _, name = rel.encode().rpartition(b"/")
+    length = len(os.fsencode(out_dir)) + 1 + (len(folder) + 1 if folder else 0) \
+        + max(len(name), TEMP_NAME_MAX)
+    if length >= PATH_MAX:
+        return (f"saving its output takes a path of {length} bytes (the output's, or the temp "
+                f"file's it is written through), more than a path may be ({PATH_MAX - 1}): "
+                "choose a shorter --out, or shorter folder or file names")
+    if WINDOWS_RESERVED.isdisjoint(rel):
+        return None
+    scratch = out_dir / ".skinbatch"
+    for part in rel.split("/"):
+        if WINDOWS_RESERVED.isdisjoint(part) or not scratch.is_dir():
+            continue
+        probe = scratch / part
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if refuses_name(exc, scratch):
+                return name_refusal(exc)
+            continue
+        remove_quietly(probe)
+    return None
+
+
+def refuses_name(exc: OSError, folder: Path) -> bool:
+    """Whether making a file in ``folder`` failed for its name rather than its disk (full,
+    read-only, gone): exFAT's FUSE driver answers a refused name with ENOENT, in a folder
+    that is still there."""
+    if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+        return True
+    return exc.errno == errno.ENOENT and folder.is_dir()
+
+
+def name_refusal(exc: OSError) -> str:
+    return (f"the disk of --out does not take this name ({exc.strerror or exc}): rename the "
+            "photo, or choose an --out on another disk")
 
 
 def sha256_file(path: Path | str) -> str:

@@ -36,6 +36,7 @@ from batch.names import (
     shown,
 )
 from batch.options import Options
+from batch.outputs import name_refused
 from batch.preflight import PrepareSettings, Rejected, check
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
@@ -236,7 +237,7 @@ def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:
 
 
 def _candidate(key: str, base: str, root: SourceRoot, entry: os.DirEntry[str], rel_dir: str,
-               settings: FolderSettings) -> ScannedFile:
+               settings: FolderSettings, out_dir: Path | None) -> ScannedFile:
     """The file, looked at (``stat``), with the reason it cannot be taken if there is one."""
     name = entry.name
     rel = f"{rel_dir}/{name}" if rel_dir else name
@@ -257,6 +258,8 @@ def _candidate(key: str, base: str, root: SourceRoot, entry: os.DirEntry[str], r
         return problem(f"its output's name would be {len(out_name.encode())} bytes long, more "
                        f"than a file name may be ({NAME_MAX}): shorten the file's name or the "
                        "folder's naming")
+    if out_dir is not None and (refused := name_refused(out_dir, out_rel)) is not None:
+        return problem(refused)
     try:
         if entry.is_symlink():
             try:
@@ -277,9 +280,12 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
          exclude: tuple[Path, ...] = (), on_progress: Callable[[int], None] | None = None,
          settle: float = 0.0, workers: int | None = None,
          prepare: PrepareSettings | None = None,
-         should_stop: Callable[[], bool] | None = None) -> ScanStats:
-    """Walk the sources and bring the ledger up to date. ``settle`` (watch mode): a new or
-    changed file is taken only once it has been still that long and decodes. ``prepare``: a
+         should_stop: Callable[[], bool] | None = None,
+         out_dir: Path | None = None) -> ScanStats:
+    """Walk the sources and bring the ledger up to date. ``out_dir``: a file whose output
+    that folder's disk would not take is refused before it is paid for. ``settle`` (watch
+    mode): a new or changed file is taken only once it has been still that long and
+    decodes. ``prepare``: a
     new file preflight would refuse makes a rejected job, with the reason, never a pending
     one (so it is in no credit estimate and no budget). ``should_stop`` (asked between
     folders): end early, recording what was read and trusting no folder digest."""
@@ -288,7 +294,7 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
         for root in roots:
             stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,
-                                settle, prepare, should_stop or (lambda: False)).run())
+                                settle, prepare, should_stop or (lambda: False), out_dir).run())
     return stats
 
 
@@ -314,10 +320,11 @@ class _RootScan:
     def __init__(self, ledger: Ledger, pool: ThreadPoolExecutor, workers: int, root: SourceRoot,
                  options: Options, exclude: tuple[Path, ...],
                  on_progress: Callable[[int], None] | None, settle: float,
-                 prepare: PrepareSettings | None, should_stop: Callable[[], bool]) -> None:
+                 prepare: PrepareSettings | None, should_stop: Callable[[], bool],
+                 out_dir: Path | None) -> None:
         self.ledger, self.pool, self.root, self.options = ledger, pool, root, options
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
-        self.prepare, self.should_stop = prepare, should_stop
+        self.prepare, self.should_stop, self.out_dir = prepare, should_stop, out_dir
         self.batch_size = FIRST_BATCH
         self.workers = workers
         self.stopped = False
@@ -356,8 +363,9 @@ class _RootScan:
         st = path.stat()
         self.stats.found += 1
         out_rel = output_rel(self.root.out_prefix, "", DEFAULT_NAMING, path.name)
+        refused = name_refused(self.out_dir, out_rel) if self.out_dir is not None else None
         self._consider(ScannedFile(self.key, path.name, out_rel, st.st_size, st.st_mtime_ns,
-                                   None, self.options.fingerprint), str(path),
+                                   None, self.options.fingerprint, refused), str(path),
                        self.ledger.known_files(self.key, "").get(path.name))
 
     def _tree(self, stored: dict[str, tuple[str, int]]) -> set[str]:
@@ -386,7 +394,7 @@ class _RootScan:
                     known = self.ledger.known_files(self.key, folder.rel_dir)
             for entry in images:
                 candidate = _candidate(self.key, self.base, self.root, entry, folder.rel_dir,
-                                       folder.settings)
+                                       folder.settings, self.out_dir)
                 self._consider(candidate, entry.path, known.pop(candidate.rel_path, None))
             if known:  # what is left of them is gone from this folder
                 self.ledger.forget_files(self.key, list(known))

@@ -115,6 +115,110 @@ def test_an_unwritable_output_folder_is_a_clear_error(tmp_path: Path,
     assert_no_double_pay(out, emulator, 1)
 
 
+def deep(length: int, name: str) -> str:
+    """A relative path of exactly ``length`` bytes (folders of up to 200) ending in ``name``."""
+    rest, folders = length - len(name), []
+    while rest > 402:
+        folders.append("d" * 200)
+        rest -= 201
+    if rest > 256:
+        folders.append("e" * (rest // 2 - 1))
+        rest -= rest // 2
+    if rest:
+        assert rest >= 2, rest
+        folders.append("f" * (rest - 1))
+    rel = "/".join([*folders, name])
+    assert len(rel.encode()) == length
+    return rel
+
+
+def test_an_output_path_longer_than_the_system_takes_is_refused_before_it_is_paid(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A deep tree whose sources fit in a path (4096 bytes with the final NUL), but not the
+    temp file each output is written through under a longer --out: refused at the scan,
+    with the reason, not paid. (Paid, it stopped the night at its download.)"""
+    src, out = tmp_path / "s", tmp_path / "out"
+    rel = deep(4095 - len(bytes(out)) - 1, "long.jpg")  # out/rel fits; its temp file not
+    write_portrait(src / rel, seed=1)
+    short = write_portrait(src / "short.jpg", seed=2)
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"saving its output takes a path of \d+ bytes \(the output's, or the "
+                     r"temp file's it is written through\), more than a path may be \(4095\)",
+                     result.stdout), result.stdout
+    assert emulator.stats["charged"] == 1
+    assert_outputs_right(out, {"short.jpg": short}, emulator)
+
+
+def test_one_output_name_the_disk_refuses_does_not_stop_the_night(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A paid result whose name the disk turns down when it is saved (here: the numbered
+    name of on_collision = "suffix" one byte past the longest path) is listed with the
+    reason, where it stopped the whole run with 'Cannot write to the output folder'."""
+    src, out = tmp_path / "s", tmp_path / "out"
+    name = "t" * 246 + ".jpg"  # its temp file's name is shorter: it takes 80 bytes of it
+    rel = deep(4095 - len(bytes(out)) - 1, name)  # out/rel: the longest path there is
+    write_portrait(src / rel, seed=1)
+    short = write_portrait(src / "short.jpg", seed=2)
+    (out / rel).parent.mkdir(parents=True)
+    (out / rel).write_bytes(b"a file of the studio's, kept")
+    config = tmp_path / "c.toml"
+    config.write_text('on_collision = "suffix"\n')
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                      "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Cannot write to the output folder" not in result.stderr, result.stderr
+    assert "the disk of --out does not take this name (File name too long)" in result.stdout
+    assert (out / rel).read_bytes() == b"a file of the studio's, kept"
+    assert_outputs_right(out, {"short.jpg": short}, emulator)
+
+
+@pytest.fixture
+def exfat_card(tmp_path: Path) -> Iterator[Path]:
+    """A real exFAT filesystem (a camera card, a USB drive a studio delivers on), through
+    the FUSE driver, on a loop device."""
+    if not all(shutil.which(tool) for tool in ("mkfs.exfat", "mount.exfat-fuse", "losetup")):
+        pytest.skip("needs exfatprogs and exfat-fuse (apt-get install exfatprogs exfat-fuse)")
+    image = tmp_path / "card.img"
+    with image.open("wb") as handle:
+        handle.truncate(MIN_FREE + 64 * 2**20)
+    subprocess.run(["mkfs.exfat", str(image)], check=True, capture_output=True)
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
+                          text=True)
+    if loop.returncode != 0:
+        pytest.skip(f"no loop device here: {loop.stderr.strip()}")
+    device, card = loop.stdout.strip(), tmp_path / "card"
+    card.mkdir()
+    try:
+        mounted = subprocess.run(["mount.exfat-fuse", device, str(card)], capture_output=True,
+                                 text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount exFAT here: {mounted.stderr.strip()}")
+        yield card
+        subprocess.run(["umount", str(card)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_names_an_exfat_drive_refuses_are_rejected_before_they_are_paid(
+        tmp_path: Path, emulator: Emulator, exfat_card: Path) -> None:
+    """Delivering on an exFAT drive: a photo named with a colon (a time in a tethering
+    tool's name), or in a folder named so, cannot be saved there. Each is refused with the
+    reason before it is sent; the others are saved. (Paid, it stopped the night at its
+    download, and every night after.)"""
+    src, out = tmp_path / "src", exfat_card / "delivery"
+    write_portrait(src / "portrait 12:30.jpg", seed=1)
+    write_portrait(src / "Smith | Jones" / "a.jpg", seed=2)
+    fine = write_portrait(src / "fine.jpg", seed=3)
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.count("the disk of --out does not take this name") == 2, result.stdout
+    assert emulator.stats["charged"] == 1
+    assert_outputs_right(out, {"fine.jpg": fine}, emulator)
+
+
 def test_the_ledgers_disk_filling_mid_run_stops_the_run_cleanly(
         tmp_path: Path, small_disk: Path, make_emulator: MakeEmulator) -> None:
     """Another program takes the last byte of the ledger's disk mid-run: the run stops at

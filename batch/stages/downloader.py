@@ -22,9 +22,11 @@ from batch.ledger.store import FileRow
 from batch.outputs import (
     OutputConflict,
     copy_to_temp,
+    name_refusal,
     new_temp,
     output_rel,
     place,
+    refuses_name,
     remove_quietly,
     resolve_inside,
 )
@@ -187,6 +189,7 @@ class Downloader:
         problems: dict[int, str] = {}
         for index, target in enumerate(targets):
             rel = output_rel(target.out_rel, fmt)
+            final: Path | None = None
             try:
                 final = resolve_inside(self.rt.out_dir, rel)
                 if any(final.is_relative_to(s) for s in self._source_dirs):
@@ -201,6 +204,10 @@ class Downloader:
                 outputs[target.id] = (str(placed.relative_to(self.rt.out_dir)), sha256)
             except OutputConflict as conflict:
                 problems[target.id] = str(conflict)
+            except OSError as exc:  # one name the disk refuses must not stop the night
+                if final is None or not refuses_name(exc, final.parent):
+                    raise
+                problems[target.id] = name_refusal(exc)
         return outputs, problems
 
     async def _failed(self, job: JobRow, error: ApiError) -> None:

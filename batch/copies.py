@@ -45,7 +45,7 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
         fmt = source.suffix.lstrip(".").upper().replace("JPG", "JPEG")
         for file_id in file_ids:
             f = needy[file_id]
-            rel = output_rel(f.out_rel, fmt)
+            rel = output_rel(f.out_rel, fmt, Path(f.root, f.rel_path))
             try:
                 final = resolve_inside(out_dir, rel)
                 temp = copy_to_temp(source, final.parent, final.name)

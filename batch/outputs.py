@@ -117,12 +117,18 @@ def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:
     return None
 
 
-def output_rel(planned: str, fmt: str) -> str:
-    """The planned relative path, with the suffix changed only if the result's format differs."""
+def output_rel(planned: str, fmt: str, source: Path | None = None) -> str:
+    """The planned relative path, with the suffix changed only if the result's format differs
+    (a TIFF or HEIC comes back as JPEG): IMG_1.tif gives IMG_1.jpg, unless a photo in the
+    folder of ``source`` (the file it was made from) is named so already (a master beside its
+    export, an iPhone's HEIC beside its JPG): then IMG_1.tif.jpg, each its own output."""
     path = PurePosixPath(planned)
     suffixes = FORMAT_SUFFIXES.get(fmt)
     if suffixes is None or path.suffix.lower() in suffixes:
         return planned
+    if source is not None and any(source.with_suffix(case(suffix)).exists()
+                                  for suffix in suffixes for case in (str.lower, str.upper)):
+        return planned + suffixes[0]
     return str(path.with_suffix(suffixes[0]))
 
 

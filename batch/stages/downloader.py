@@ -188,7 +188,7 @@ class Downloader:
         outputs: dict[int, tuple[str, str | None]] = {}
         problems: dict[int, str] = {}
         for index, target in enumerate(targets):
-            rel = output_rel(target.out_rel, fmt)
+            rel = output_rel(target.out_rel, fmt, Path(target.root, target.rel_path))
             final: Path | None = None
             try:
                 final = resolve_inside(self.rt.out_dir, rel)

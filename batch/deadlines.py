@@ -21,8 +21,11 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
         hour, minute, second = int(clock.group(1)), int(clock.group(2)), int(clock.group(3) or 0)
         if hour > 23 or minute > 59 or second > 59:
             raise ValueError(f"not a clock time: {text!r}")
-        when = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
-        return when if when > now else when + timedelta(days=1)
+        # On the wall clock, then placed in local time: the night the clocks change, 07:30
+        # is 07:30 in the morning's offset, not the evening's.
+        wall = now.astimezone().replace(tzinfo=None)
+        when = wall.replace(hour=hour, minute=minute, second=second, microsecond=0)
+        return (when if when > wall else when + timedelta(days=1)).astimezone()
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:

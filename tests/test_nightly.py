@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -20,7 +21,7 @@ from PIL import Image
 
 from batch.emulator import Emulator
 from tests.checks import assert_no_double_pay, assert_outputs_right
-from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
+from tests.conftest import FAST_FLAGS, MakeEmulator, cli_env, popen_cli, run_cli, wait_for
 from tests.imagegen import write_portrait
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -97,6 +98,22 @@ def test_stop_submitting_at_still_saves_everything_paid(tmp_path: Path,
     status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
     assert {p["reason"] for p in status["problems"]} == {
         "not sent: stop-submitting time reached"}
+
+
+@pytest.mark.parametrize(("evening", "morning"), [
+    ("2026-03-28T22:00:00+01:00", "2026-03-29T07:30:00+02:00"),  # clocks go forward
+    ("2026-10-24T22:00:00+02:00", "2026-10-25T07:30:00+01:00"),  # and back
+    ("2026-12-05T06:00:00+01:00", "2026-12-05T07:30:00+01:00"),  # later the same day
+])
+def test_a_clock_time_given_the_evening_the_clocks_change_is_the_mornings(
+        evening: str, morning: str) -> None:
+    """--deadline 07:30 or --stop-submitting-at 07:30, given in Berlin the evening before
+    the clocks change, is 07:30 on the morning's clock, not an hour early or late."""
+    code = ("from datetime import datetime; from batch.deadlines import parse_when; "
+            f"print(parse_when('07:30', datetime.fromisoformat({evening!r})).isoformat())")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=cli_env(None, extra={"TZ": "Europe/Berlin"}), check=True)
+    assert found.stdout.strip() == morning
 
 
 def test_the_deadline_ends_the_run_and_says_what_is_in_flight(tmp_path: Path,

@@ -58,6 +58,11 @@ def reuse_pixel_memory(copies_at_once: int) -> None:
 UNREADABLE = "FILE_UNREADABLE"
 
 
+#: Said of a HEIC photo while the optional support is missing: a file's problem, not its
+#: content's, so the first run after it is installed sends the photo.
+NO_HEIF = "HEIC/HEIF photo, but HEIC support is not installed (pip install 'skinbatch[heic]')"
+
+
 class Rejected(Exception):
     """The file cannot be sent; ``reason`` says why in words a person understands, ``code``
     is :data:`UNREADABLE` when the file could not be read at all."""
@@ -115,8 +120,7 @@ def _decoding(missing_heif: bool = False) -> Iterator[None]:
                            f"file or a decompression bomb ({exc})") from exc
         except UnidentifiedImageError as exc:
             if missing_heif:
-                raise Rejected("HEIC/HEIF photo, but HEIC support is not installed "
-                               "(pip install 'skinbatch[heic]')") from exc
+                raise Rejected(NO_HEIF) from exc
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \

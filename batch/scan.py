@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from batch.heif import HEIF_BRANDS, heif_support
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
 from batch.names import (
     DEFAULT_NAMING,
@@ -37,7 +38,7 @@ from batch.names import (
 )
 from batch.options import Options
 from batch.outputs import name_refused
-from batch.preflight import PrepareSettings, Rejected, check
+from batch.preflight import NO_HEIF, PrepareSettings, Rejected, check
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded. The
@@ -119,6 +120,8 @@ def read_file(path: str, prepare: PrepareSettings | None = None) -> FileRead:
         if not stat.S_ISREG(st.st_mode):
             return FileRead(None, "not a regular file", 0, 0)
         try:
+            if os.pread(fd, 12, 0)[4:12] in HEIF_BRANDS and not heif_support():
+                return FileRead(None, NO_HEIF, 0, 0)  # looked at again by each scan
             if prepare is None:
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
             else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from PIL import Image, ImageCms, PngImagePlugin
 from batch.emulator import Emulator
 from batch.preflight import PrepareSettings, preflight
 from tests.checks import ledger_of
-from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
+from tests.conftest import FAST_FLAGS, MakeEmulator, cli_env, popen_cli, run_cli, wait_for
 from tests.imagegen import portrait
 
 XMP = (b"<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF xmlns:rdf='http://www.w3.org/1999/02/"
@@ -157,13 +159,24 @@ def test_tiff_is_converted_and_fit_reject_refuses_big_files(tmp_path: Path,
 
 def test_heic_is_converted_when_the_extra_is_installed(tmp_path: Path,
                                                       emulator: Emulator) -> None:
+    """Without the HEIC extra an iPhone photo is listed with what to install, nothing paid;
+    the first run after it is installed sends it (it used to stay rejected for good)."""
     pillow_heif = pytest.importorskip("pillow_heif")
     pillow_heif.register_heif_opener()
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     portrait(240, 300, seed=6).save(src / "phone.HEIC", "HEIF", quality=90)
-    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    without = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['pillow_heif'] = None; "
+         "from batch.cli import main; main()", *args],
+        capture_output=True, text=True, env=cli_env(emulator), timeout=120)
+    assert without.returncode == 1, without.stdout + without.stderr
+    assert "HEIC support is not installed (pip install 'skinbatch[heic]')" in without.stdout
+    assert emulator.stats.get("submits", 0) == 0
+    result = run_cli(args, emulator)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert emulator.stats["charged"] == 1
     with Image.open(out / "phone.jpg") as output:
         assert output.format == "JPEG" and output.size == (240, 300)
 

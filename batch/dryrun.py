@@ -116,7 +116,7 @@ def plan(config: RunConfig) -> Plan:
             check_results_source(ledger, config)  # the run's refusal, said by its dry run too
             stats = scan(ledger, source_roots(config.sources, config.root_map), config.options,
                          exclude=(config.out.resolve(),), prepare=config.prepare,
-                         out_dir=config.out.resolve())
+                         out_dir=config.out.resolve(), on_collision=config.on_collision)
             result = Plan(files=ledger.file_count(), notes=[
                 no_photos(ledger, root, config.options) for root in stats.empty_roots])
             if not config.options.enabled:

@@ -132,6 +132,22 @@ def output_rel(planned: str, fmt: str, source: Path | None = None) -> str:
     return str(path.with_suffix(suffixes[0]))
 
 
+#: Sources always sent as a JPEG copy, whose output takes a JPEG's name.
+CONVERTED_SUFFIXES = frozenset({".tif", ".tiff", ".heic", ".heif"})
+
+
+def taken_by_another(out_dir: Path, planned: str, source: Path, ours: str | None) -> Path | None:
+    """A file at the output of ``source`` (planned at ``planned``; under a JPEG's name for a
+    TIFF or HEIC) that skinbatch did not save for it (``ours``: where it did), or None."""
+    names = {planned}
+    if source.suffix.lower() in CONVERTED_SUFFIXES:
+        names.add(output_rel(planned, "JPEG", source))
+    for rel in sorted(names):
+        if rel != ours and os.path.lexists(out_dir / rel):
+            return out_dir / rel
+    return None
+
+
 def resolve_inside(out_dir: Path, rel: str) -> Path:
     target = (out_dir / rel).resolve()
     if not target.is_relative_to(out_dir.resolve()):

@@ -318,7 +318,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         stats = await asyncio.to_thread(
             scan, rt.ledger, list(rt.sources), config.options,
             exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
-            should_stop=lambda: rt.flags.interrupted or rt.flags.abort, out_dir=rt.out_dir)
+            should_stop=lambda: rt.flags.interrupted or rt.flags.abort, out_dir=rt.out_dir,
+            on_collision=config.on_collision)
     except LedgerFull as full:
         rt.fail_run(str(full))
         return ScanStats()

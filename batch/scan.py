@@ -37,7 +37,7 @@ from batch.names import (
     shown,
 )
 from batch.options import Options
-from batch.outputs import name_refused
+from batch.outputs import name_refused, sha256_file, taken_by_another
 from batch.preflight import NO_HEIF, PrepareSettings, Rejected, check
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
@@ -284,9 +284,10 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
          settle: float = 0.0, workers: int | None = None,
          prepare: PrepareSettings | None = None,
          should_stop: Callable[[], bool] | None = None,
-         out_dir: Path | None = None) -> ScanStats:
+         out_dir: Path | None = None, on_collision: str = "skip") -> ScanStats:
     """Walk the sources and bring the ledger up to date. ``out_dir``: a file whose output
-    that folder's disk would not take is refused before it is paid for. ``settle`` (watch
+    that folder's disk would not take, or (``on_collision`` "skip") where a file skinbatch
+    did not save stands, is refused before it is paid for. ``settle`` (watch
     mode): a new or changed file is taken only once it has been still that long and
     decodes. ``prepare``: a
     new file preflight would refuse makes a rejected job, with the reason, never a pending
@@ -297,7 +298,8 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
         for root in roots:
             stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,
-                                settle, prepare, should_stop or (lambda: False), out_dir).run())
+                                settle, prepare, should_stop or (lambda: False), out_dir,
+                                on_collision).run())
     return stats
 
 
@@ -324,10 +326,11 @@ class _RootScan:
                  options: Options, exclude: tuple[Path, ...],
                  on_progress: Callable[[int], None] | None, settle: float,
                  prepare: PrepareSettings | None, should_stop: Callable[[], bool],
-                 out_dir: Path | None) -> None:
+                 out_dir: Path | None, on_collision: str) -> None:
         self.ledger, self.pool, self.root, self.options = ledger, pool, root, options
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
         self.prepare, self.should_stop, self.out_dir = prepare, should_stop, out_dir
+        self.on_collision = on_collision
         self.batch_size = FIRST_BATCH
         self.workers = workers
         self.stopped = False
@@ -367,9 +370,10 @@ class _RootScan:
         self.stats.found += 1
         out_rel = output_rel(self.root.out_prefix, "", DEFAULT_NAMING, path.name)
         refused = name_refused(self.out_dir, out_rel) if self.out_dir is not None else None
-        self._consider(ScannedFile(self.key, path.name, out_rel, st.st_size, st.st_mtime_ns,
-                                   None, self.options.fingerprint, refused), str(path),
-                       self.ledger.known_files(self.key, "").get(path.name))
+        known = self.ledger.known_files(self.key, "").get(path.name)
+        found = ScannedFile(self.key, path.name, out_rel, st.st_size, st.st_mtime_ns, None,
+                            self.options.fingerprint, refused)
+        self._consider(self._undeliverable(found, str(path), known), str(path), known)
 
     def _tree(self, stored: dict[str, tuple[str, int]]) -> set[str]:
         fresh = not stored and not self.ledger.has_files(self.key)
@@ -398,10 +402,28 @@ class _RootScan:
             for entry in images:
                 candidate = _candidate(self.key, self.base, self.root, entry, folder.rel_dir,
                                        folder.settings, self.out_dir)
-                self._consider(candidate, entry.path, known.pop(candidate.rel_path, None))
+                k = known.pop(candidate.rel_path, None)
+                self._consider(self._undeliverable(candidate, entry.path, k), entry.path, k)
             if known:  # what is left of them is gone from this folder
                 self.ledger.forget_files(self.key, list(known))
         return seen
+
+    def _undeliverable(self, c: ScannedFile, path: str, k: KnownFile | None) -> ScannedFile:
+        """With on_collision = "skip", a file of someone else's where the output goes means
+        the result could not be saved: the photo is not sent until that file is moved. Asked
+        of files the ledger has not read yet: one it has may have a job paid for, whose
+        result a killed run saved before recording it."""
+        if (c.problem is not None or self.out_dir is None or self.on_collision != "skip"
+                or (k is not None and k.content_sha256 is not None)):
+            return c
+        taken = taken_by_another(self.out_dir, c.out_rel, Path(path),
+                                 k.written_rel if k is not None else None)
+        if taken is None or (taken.is_file() and self.ledger.has_result(sha256_file(taken))):
+            return c  # none, or a result of this ledger's (its photo culled, then restored)
+        return c._replace(problem=f"its output {taken} already exists and skinbatch did not "
+                                  "save it: not sent, as its result could not be saved there "
+                                  "(move that file away, or set on_collision to \"suffix\" "
+                                  "or \"overwrite\")")
 
     def _consider(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:
         if (k is not None and c.problem is None and k.problem is None

@@ -159,7 +159,8 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 observer = _start_observer(roots, _Nudge(loop, nudged), polling=True)
             stats = await asyncio.to_thread(scan, rt.ledger, reachable, rt.config.options,
                                             exclude=(rt.out_dir,), settle=settings.settle,
-                                            prepare=rt.config.prepare, out_dir=rt.out_dir)
+                                            prepare=rt.config.prepare, out_dir=rt.out_dir,
+                                            on_collision=rt.config.on_collision)
             if await asyncio.to_thread(read_again, rt.ledger, rt.config.root_map):
                 rt.wake_submitter.set()
             totals.hashed += stats.hashed

@@ -177,16 +177,31 @@ def test_a_photo_without_a_face_fails_with_the_api_code(
     ledger.close()
 
 
-def test_an_existing_different_output_is_never_overwritten(
+def test_an_existing_different_output_is_never_overwritten_nor_paid_for(
         tmp_path: Path, emulator: Emulator) -> None:
+    """A file of someone else's at a photo's output (the client's own edit; the outputs of a
+    ledger someone deleted): with on_collision = "skip" the result could not be saved, so
+    the photo is not sent. Once that file is moved away, the next run sends it; a TIFF's
+    output is looked for under the name its JPEG result takes."""
     src, out = tmp_path / "src", tmp_path / "out"
-    write_portrait(src / "a.jpg")
+    data = write_portrait(src / "a.jpg")
+    write_portrait(src / "scan.tif", fmt="TIFF", seed=2)
+    write_portrait(src / "b.jpg", seed=3)
     out.mkdir()
     (out / "a.jpg").write_bytes(b"the client's own edit")
-    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    (out / "scan.jpg").write_bytes(b"an earlier retouch")
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    result = run_cli(args, emulator)
     assert result.returncode == 1
     assert (out / "a.jpg").read_bytes() == b"the client's own edit"
-    assert "not overwritten" in result.stdout
+    assert (out / "scan.jpg").read_bytes() == b"an earlier retouch"
+    assert result.stdout.count("already exists and skinbatch did not save it") == 2, \
+        result.stdout
+    assert emulator.stats["charged"] == 1  # b.jpg alone
+    (out / "a.jpg").rename(tmp_path / "client edit.jpg")
+    again = run_cli(args, emulator)
+    assert again.returncode == 1 and emulator.stats["charged"] == 2
+    assert_outputs_right(out, {"a.jpg": data}, emulator)
 
 
 def test_a_bad_key_stops_at_once_with_exit_3_and_is_never_printed(

@@ -107,6 +107,7 @@ class KnownFile(NamedTuple):
     problem: str | None
     options_fp: str | None
     out_rel: str
+    written_rel: str | None
 
 
 class ScannedFile(NamedTuple):
@@ -394,7 +395,7 @@ class Ledger:
         query = (
             select(files.c.rel_path, files.c.size_bytes, files.c.mtime_ns,
                    files.c.content_sha256, files.c.job_id, files.c.problem, jobs.c.options_fp,
-                   files.c.out_rel)
+                   files.c.out_rel, files.c.written_rel)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(files.c.root == root)
         )
@@ -868,6 +869,12 @@ class Ledger:
             jobs.c.stripped.is_not(None)).group_by(jobs.c.stripped)
         with self._read() as conn:
             return {described: n for described, n in conn.execute(query)}
+
+    def has_result(self, sha256: str) -> bool:
+        """Whether some job's result has this content (an output of this ledger's)."""
+        with self._read() as conn:
+            return conn.scalar(select(jobs.c.id).where(jobs.c.result_sha256 == sha256)
+                               .limit(1)) is not None
 
     def charges(self) -> int:
         with self._read() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -168,6 +169,24 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     with _decoding():
         resized = _resized(data, fmt, width, height, orientation, settings)
     return _stripped(resized, settings)
+
+
+def identity_digest(data: bytes, inspection: Inspection | None = None) -> str:
+    """What a photo is, for the ledger (a job per photo and options): the hash of the bytes
+    its upload is made from, less the metadata uploads go without (:func:`strip`), and, for
+    one sent as a copy, that it is and which way it is turned. A caption, keyword or rating
+    written into a delivered photo leaves it the photo that was paid for; edited pixels make
+    a new one. A TIFF or HEIC (always a copy, from every byte of it) is its whole file."""
+    try:
+        inspection = inspection or inspect_image(data, decode=False)
+    except Rejected:
+        return hashlib.sha256(data).hexdigest()
+    if inspection.format not in ACCEPTED_FORMATS:
+        return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(strip(data, inspection.format)[0])
+    if needs_copy(inspection, len(data)):
+        digest.update(f"\0a copy, orientation {inspection.orientation}".encode())
+    return digest.hexdigest()
 
 
 def needs_copy(inspection: Inspection, size: int) -> bool:

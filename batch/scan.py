@@ -38,7 +38,7 @@ from batch.names import (
 )
 from batch.options import Options
 from batch.outputs import name_refused, sha256_file, taken_by_another
-from batch.preflight import NO_HEIF, PrepareSettings, Rejected, check
+from batch.preflight import NO_HEIF, PrepareSettings, Rejected, check, identity_digest
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded. The
@@ -102,11 +102,12 @@ class FileRead(NamedTuple):
     rejected: str | None = None
 
 
-def read_file(path: str, prepare: PrepareSettings | None = None) -> FileRead:
-    """Hash a file and, with ``prepare``, ask preflight's verdict of the same bytes (the file
-    is read once). Size and mtime are taken from the open file before reading: a change while
-    it is read shows as a newer mtime next time. O_NONBLOCK: a FIFO named like a photo must
-    not hang the scan in open()."""
+def read_file(path: str, prepare: PrepareSettings | None = None,
+              by_image: bool = False) -> FileRead:
+    """Hash a file (``by_image``: its :func:`identity_digest`) and, with ``prepare``, ask
+    preflight's verdict of the same bytes (the file is read once). Size and mtime are taken
+    from the open file before reading: a change while it is read shows as a newer mtime next
+    time. O_NONBLOCK: a FIFO named like a photo must not hang the scan in open()."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -122,19 +123,20 @@ def read_file(path: str, prepare: PrepareSettings | None = None) -> FileRead:
         try:
             if os.pread(fd, 12, 0)[4:12] in HEIF_BRANDS and not heif_support():
                 return FileRead(None, NO_HEIF, 0, 0)  # looked at again by each scan
-            if prepare is None:
+            if prepare is None and not by_image:
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            else:
-                data = handle.readall()
-                digest = hashlib.sha256(data).hexdigest()
+                return FileRead(digest, None, st.st_size, st.st_mtime_ns)
+            data = handle.readall()
         except OSError as exc:
             return FileRead(None, f"cannot read the file: {exc.strerror or exc}", 0, 0)
-    rejected = None
+    rejected, inspection = None, None
     if prepare is not None:
         try:
-            check(data, prepare)
+            inspection = check(data, prepare)
         except Rejected as refusal:
             rejected = refusal.reason
+    digest = (identity_digest(data, inspection) if by_image and rejected is None
+              else hashlib.sha256(data).hexdigest())
     return FileRead(digest, None, st.st_size, st.st_mtime_ns, rejected)
 
 
@@ -303,8 +305,9 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     return stats
 
 
-def read_files(paths: list[str], prepare: PrepareSettings | None) -> list[FileRead]:
-    return [read_file(path, prepare) for path in paths]
+def read_files(paths: list[str], prepare: PrepareSettings | None,
+               by_image: bool) -> list[FileRead]:
+    return [read_file(path, prepare, by_image) for path in paths]
 
 
 @dataclass(slots=True)
@@ -452,7 +455,8 @@ class _RootScan:
             # A small batch is spread over every worker, not read by one.
             chunk = max(1, min(HASH_CHUNK, len(paths) // self.workers))
             self.in_flight.append(_Batch(self.batch, [
-                self.pool.submit(read_files, paths[start:start + chunk], self.prepare)
+                self.pool.submit(read_files, paths[start:start + chunk], self.prepare,
+                                 self.ledger.image_identity)
                 for start in range(0, len(paths), chunk)]))
             self.batch = []
         while len(self.in_flight) > 1:

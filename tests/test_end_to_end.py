@@ -114,6 +114,39 @@ def test_a_tiff_master_beside_its_jpeg_export_gets_an_output_of_its_own(
     assert again.returncode == 0 and emulator.stats["charged"] == 5
 
 
+def with_caption(path: Path, caption: bytes) -> None:
+    """What Photo Mechanic or Bridge do to a JPEG: a metadata segment written in, the image
+    data untouched."""
+    data = path.read_bytes()
+    segment = b"\xff\xfe" + (len(caption) + 2).to_bytes(2, "big") + caption
+    path.write_bytes(data[:2] + segment + data[2:])
+
+
+def test_a_caption_written_into_a_delivered_photo_does_not_pay_again(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Captions, keywords and ratings written into delivered photos leave them the same
+    photos: the next night pays nothing for them. A copy with a caption of its own is the
+    same photo too. Edited pixels are a new photo, paid once more."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg", seed=1)
+    write_portrait(src / "b.jpg", seed=2)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 0
+    assert emulator.stats["charged"] == 2
+    delivered = (out / "a.jpg").read_bytes()
+    with_caption(src / "a.jpg", b"Bride and groom, first dance")
+    shutil.copy(src / "a.jpg", src / "a for the album.jpg")
+    with_caption(src / "a for the album.jpg", b"Album pick")
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert emulator.stats["charged"] == 2
+    assert (out / "a.jpg").read_bytes() == delivered
+    assert (out / "a for the album.jpg").read_bytes() == delivered
+    write_portrait(src / "b.jpg", seed=3)  # retouched by hand: other pixels
+    third = run_cli(args, emulator)
+    assert third.returncode == 0 and emulator.stats["charged"] == 3
+
+
 def test_changed_options_process_again_and_renames_do_not(
         tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"

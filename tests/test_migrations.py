@@ -95,3 +95,32 @@ def test_the_head_revision_the_fast_path_trusts_is_the_newest_migration(tmp_path
         assert current_revision(ledger.engine) == HEAD_REVISION
     finally:
         ledger.close()
+
+
+def test_a_ledger_with_jobs_keeps_identifying_photos_by_their_files(ledger_location: str) -> None:
+    """Photos are identified by their image (a caption written in does not pay again), but a
+    ledger that had jobs keyed by the whole file keeps that key: re-keyed, a copy of a photo
+    it paid for would be paid for again. One that had none takes the new key."""
+    engine = create_ledger_engine(ledger_location)
+    command.upgrade(alembic_config(engine), "0006")
+    engine.dispose()
+    empty = open_ledger(ledger_location)
+    try:
+        assert empty.image_identity
+    finally:
+        empty.close()
+    engine = create_ledger_engine(ledger_location)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM meta"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0006'"))
+        conn.execute(text(
+            "INSERT INTO jobs (id, content_sha256, options_fp, size_bytes, state, created_at, "
+            "updated_at, next_attempt_at, attempts, charges) "
+            "VALUES (1, :sha, '100000000', 5, 'pending', 0, 0, 0, 0, 0)"), {"sha": "e" * 64})
+    engine.dispose()
+    paid_before = open_ledger(ledger_location)
+    try:
+        assert not paid_before.image_identity
+        assert current_revision(paid_before.engine) == HEAD_REVISION
+    finally:
+        paid_before.close()

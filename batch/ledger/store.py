@@ -145,6 +145,8 @@ TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expire
 WANTED = exists().where(files.c.job_id == jobs.c.id)
 #: The meta key set in a ledger whose results come from the bundled emulator (imitations).
 EMULATED = "bundled_emulator"
+#: "file" where photos are identified by their files' whole bytes (see ``Ledger.image_identity``).
+IDENTITY = "identity"
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
 RECORD_CHUNK = 1000
 #: A PostgreSQL ledger analyzes its tables once a scan has recorded this many files, and again
@@ -365,6 +367,13 @@ class Ledger:
     def get_meta(self, key: str) -> str | None:
         with self._read() as conn:
             return conn.scalar(select(meta.c.value).where(meta.c.key == key))
+
+    @functools.cached_property
+    def image_identity(self) -> bool:
+        """Photos are identified by their image, not their files' whole bytes (see
+        :func:`batch.preflight.identity_digest`): every ledger but one that had jobs before
+        this was so (migration 0007 marks those)."""
+        return self.get_meta(IDENTITY) != "file"
 
     def emulated(self) -> bool:
         """Its results come from the bundled emulator, not the API (see

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from batch.preflight import (
     Prepared,
     PrepareSettings,
     Rejected,
+    identity_digest,
     preflight,
     reuse_pixel_memory,
 )
@@ -49,6 +51,10 @@ PREPARING = max(2, min(os.cpu_count() or 1, 8))
 #: Free space at which uploads stopped for a nearly full disk start again: well above where
 #: they stopped, so that a disk hovering at the line does not start and stop them in turn.
 ROOM_TO_RESUME = 2 * MIN_FREE
+
+
+def _file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def upload_name(job: JobRow, prepared: Prepared) -> str:
@@ -146,8 +152,9 @@ class Submitter:
         try:
             candidates = [f for f in files if f.problem is None]
             async with self.preparing:
-                prepared, filename = await asyncio.to_thread(self._prepare, job, candidates,
-                                                             rt.config.prepare, rt.out_dir)
+                prepared, filename = await asyncio.to_thread(
+                    self._prepare, job, candidates, rt.config.prepare, rt.out_dir,
+                    identity_digest if rt.ledger.image_identity else _file_digest)
         except Rejected as rejected:
             # Said as it happens: a watch's summary comes only when it is stopped.
             log.info("Not sent: %s: %s", Path(files[0].root, files[0].rel_path) if files
@@ -237,9 +244,9 @@ class Submitter:
 
     @staticmethod
     def _prepare(job: JobRow, candidates: list[FileRow], settings: PrepareSettings,
-                 out_dir: Path) -> tuple[Prepared, str]:
-        """Read the job's bytes from any linked file that still holds exactly that content;
-        keep the report's preview of a copy, made from its pixels."""
+                 out_dir: Path, identity: Callable[[bytes], str]) -> tuple[Prepared, str]:
+        """Read the job's bytes from any linked file that still is that photo (by the
+        ledger's ``identity``); keep the report's preview of a copy, made from its pixels."""
         changed = 0
         for f in candidates:
             path = Path(f.root) / f.rel_path
@@ -252,7 +259,7 @@ class Submitter:
                                UNREADABLE) from exc
             except OSError as exc:
                 raise Rejected(f"cannot read the file: {exc.strerror}", UNREADABLE) from exc
-            if hashlib.sha256(data).hexdigest() != job.content_sha256:
+            if identity(data) != job.content_sha256:
                 changed += 1
                 continue
             prepared = preflight(data, settings)

@@ -16,7 +16,7 @@ from PIL import _imaging as pillow_core
 
 from batch.apispec import ACCEPTED_FORMATS, MAX_SIDE_EXCLUSIVE, MAX_UPLOAD_BYTES
 from batch.heif import HEIF_BRANDS, heif_support
-from batch.stripping import describe, strip
+from batch.stripping import describe, strip, stripped_pieces
 
 #: Anything larger than a 100-megapixel frame is refused before it is decoded (bomb guard).
 MAX_PIXELS = 100_000_000
@@ -171,19 +171,37 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     return _stripped(resized, settings)
 
 
+def photo_key(data: bytes, by_image: bool, inspection: Inspection | None = None) -> str:
+    """A photo's key in a ledger: its :func:`identity_digest`, or in a ledger that keys by
+    whole files (``by_image`` False, see ``Ledger.image_identity``) its file's hash."""
+    return identity_digest(data, inspection) if by_image else hashlib.sha256(data).hexdigest()
+
+
+def may_shed_metadata(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (12 bytes) is a JPEG, PNG or WEBP, whose
+    :func:`identity_digest` leaves metadata out; any other is identified by all its bytes."""
+    return (head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n"
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
+
+
 def identity_digest(data: bytes, inspection: Inspection | None = None) -> str:
     """What a photo is, for the ledger (a job per photo and options): the hash of the bytes
     its upload is made from, less the metadata uploads go without (:func:`strip`), and, for
     one sent as a copy, that it is and which way it is turned. A caption, keyword or rating
     written into a delivered photo leaves it the photo that was paid for; edited pixels make
     a new one. A TIFF or HEIC (always a copy, from every byte of it) is its whole file."""
-    try:
-        inspection = inspection or inspect_image(data, decode=False)
-    except Rejected:
-        return hashlib.sha256(data).hexdigest()
+    if inspection is None:
+        if not may_shed_metadata(data[:12]):
+            return hashlib.sha256(data).hexdigest()
+        try:
+            inspection = inspect_image(data, decode=False)
+        except Rejected:
+            return hashlib.sha256(data).hexdigest()
     if inspection.format not in ACCEPTED_FORMATS:
         return hashlib.sha256(data).hexdigest()
-    digest = hashlib.sha256(strip(data, inspection.format)[0])
+    digest = hashlib.sha256()
+    for piece in stripped_pieces(data, inspection.format):
+        digest.update(piece)
     if needs_copy(inspection, len(data)):
         digest.update(f"\0a copy, orientation {inspection.orientation}".encode())
     return digest.hexdigest()

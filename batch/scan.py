@@ -38,7 +38,14 @@ from batch.names import (
 )
 from batch.options import Options
 from batch.outputs import name_refused, sha256_file, taken_by_another
-from batch.preflight import NO_HEIF, PrepareSettings, Rejected, check, identity_digest
+from batch.preflight import (
+    NO_HEIF,
+    PrepareSettings,
+    Rejected,
+    check,
+    may_shed_metadata,
+    photo_key,
+)
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded. The
@@ -104,10 +111,10 @@ class FileRead(NamedTuple):
 
 def read_file(path: str, prepare: PrepareSettings | None = None,
               by_image: bool = False) -> FileRead:
-    """Hash a file (``by_image``: its :func:`identity_digest`) and, with ``prepare``, ask
-    preflight's verdict of the same bytes (the file is read once). Size and mtime are taken
-    from the open file before reading: a change while it is read shows as a newer mtime next
-    time. O_NONBLOCK: a FIFO named like a photo must not hang the scan in open()."""
+    """Hash a file (its :func:`photo_key`) and, with ``prepare``, ask preflight's verdict of
+    the same bytes (the file is read once). Size and mtime are taken from the open file
+    before reading: a change while it is read shows as a newer mtime next time. O_NONBLOCK:
+    a FIFO named like a photo must not hang the scan in open()."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -121,9 +128,10 @@ def read_file(path: str, prepare: PrepareSettings | None = None,
         if not stat.S_ISREG(st.st_mode):
             return FileRead(None, "not a regular file", 0, 0)
         try:
-            if os.pread(fd, 12, 0)[4:12] in HEIF_BRANDS and not heif_support():
+            head = os.pread(fd, 12, 0)
+            if head[4:12] in HEIF_BRANDS and not heif_support():
                 return FileRead(None, NO_HEIF, 0, 0)  # looked at again by each scan
-            if prepare is None and not by_image:
+            if prepare is None and not (by_image and may_shed_metadata(head)):
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
                 return FileRead(digest, None, st.st_size, st.st_mtime_ns)
             data = handle.readall()
@@ -135,8 +143,7 @@ def read_file(path: str, prepare: PrepareSettings | None = None,
             inspection = check(data, prepare)
         except Rejected as refusal:
             rejected = refusal.reason
-    digest = (identity_digest(data, inspection) if by_image and rejected is None
-              else hashlib.sha256(data).hexdigest())
+    digest = photo_key(data, by_image and rejected is None, inspection)
     return FileRead(digest, None, st.st_size, st.st_mtime_ns, rejected)
 
 
@@ -287,14 +294,14 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
          prepare: PrepareSettings | None = None,
          should_stop: Callable[[], bool] | None = None,
          out_dir: Path | None = None, on_collision: str = "skip") -> ScanStats:
-    """Walk the sources and bring the ledger up to date. ``out_dir``: a file whose output
-    that folder's disk would not take, or (``on_collision`` "skip") where a file skinbatch
-    did not save stands, is refused before it is paid for. ``settle`` (watch
-    mode): a new or changed file is taken only once it has been still that long and
-    decodes. ``prepare``: a
+    """Walk the sources and bring the ledger up to date. ``settle`` (watch mode): a new or
+    changed file is taken only once it has been still that long and decodes. ``prepare``: a
     new file preflight would refuse makes a rejected job, with the reason, never a pending
     one (so it is in no credit estimate and no budget). ``should_stop`` (asked between
-    folders): end early, recording what was read and trusting no folder digest."""
+    folders): end early, recording what was read and trusting no folder digest.
+    ``out_dir``: a file whose output that folder's disk would not take, or (``on_collision``
+    "skip") whose output path holds a file skinbatch did not save, is refused before it is
+    paid for."""
     stats = ScanStats()
     workers = workers or min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Iterator
 
 from batch.metadata import (
     APP1,
@@ -59,15 +60,34 @@ def _jpeg_kind(marker: int, payload: bytes) -> str | None:
     return None
 
 
-def _strip_jpeg(data: bytes) -> tuple[bytes, Counter[str]]:
-    removed: Counter[str] = Counter()
-    kept, done = [], 0
+def stripped_pieces(data: bytes, fmt: str) -> Iterator[bytes | memoryview]:
+    """``strip(data, fmt)``'s bytes in pieces, not joined: hashing a camera file's pieces
+    does not copy it (nor hold the GIL for the copy)."""
+    if fmt != "JPEG":
+        yield strip(data, fmt)[0]
+        return
+    view, done = memoryview(data), 0
+    for start, end, _ in _jpeg_cuts(data):
+        yield view[done:start]
+        done = end
+    yield view[done:]
+
+
+def _jpeg_cuts(data: bytes) -> Iterator[tuple[int, int, str]]:
+    """(start, end, kind) of each metadata segment, in order."""
     for marker, payload, start, end in jpeg_segments(data):
         kind = _jpeg_kind(marker, payload)
         if kind is not None:
-            kept.append(data[done:start])  # what came before it, byte for byte
-            done = end
-            removed[kind] += 1
+            yield start, end, kind
+
+
+def _strip_jpeg(data: bytes) -> tuple[bytes, Counter[str]]:
+    removed: Counter[str] = Counter()
+    kept, done = [], 0
+    for start, end, kind in _jpeg_cuts(data):
+        kept.append(data[done:start])  # what came before it, byte for byte
+        done = end
+        removed[kind] += 1
     if not removed:
         return data, removed
     return b"".join(kept) + data[done:], removed

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ from batch.preflight import (
     Prepared,
     PrepareSettings,
     Rejected,
-    identity_digest,
+    photo_key,
     preflight,
     reuse_pixel_memory,
 )
@@ -51,10 +50,6 @@ PREPARING = max(2, min(os.cpu_count() or 1, 8))
 #: Free space at which uploads stopped for a nearly full disk start again: well above where
 #: they stopped, so that a disk hovering at the line does not start and stop them in turn.
 ROOM_TO_RESUME = 2 * MIN_FREE
-
-
-def _file_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def upload_name(job: JobRow, prepared: Prepared) -> str:
@@ -154,7 +149,7 @@ class Submitter:
             async with self.preparing:
                 prepared, filename = await asyncio.to_thread(
                     self._prepare, job, candidates, rt.config.prepare, rt.out_dir,
-                    identity_digest if rt.ledger.image_identity else _file_digest)
+                    functools.partial(photo_key, by_image=rt.ledger.image_identity))
         except Rejected as rejected:
             # Said as it happens: a watch's summary comes only when it is stopped.
             log.info("Not sent: %s: %s", Path(files[0].root, files[0].rel_path) if files

@@ -341,6 +341,8 @@ class _RootScan:
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
         self.prepare, self.should_stop, self.out_dir = prepare, should_stop, out_dir
         self.on_collision = on_collision
+        #: New photos whose output path holds a file already (see :meth:`_note_taken`).
+        self.taken: dict[str, Path] = {}
         self.batch_size = FIRST_BATCH
         self.workers = workers
         self.stopped = False
@@ -383,7 +385,8 @@ class _RootScan:
         known = self.ledger.known_files(self.key, "").get(path.name)
         found = ScannedFile(self.key, path.name, out_rel, st.st_size, st.st_mtime_ns, None,
                             self.options.fingerprint, refused)
-        self._consider(self._undeliverable(found, str(path), known), str(path), known)
+        self._note_taken(found, str(path), known)
+        self._consider(found, str(path), known)
 
     def _tree(self, stored: dict[str, tuple[str, int]]) -> set[str]:
         fresh = not stored and not self.ledger.has_files(self.key)
@@ -413,27 +416,39 @@ class _RootScan:
                 candidate = _candidate(self.key, self.base, self.root, entry, folder.rel_dir,
                                        folder.settings, self.out_dir)
                 k = known.pop(candidate.rel_path, None)
-                self._consider(self._undeliverable(candidate, entry.path, k), entry.path, k)
+                self._note_taken(candidate, entry.path, k)
+                self._consider(candidate, entry.path, k)
             if known:  # what is left of them is gone from this folder
                 self.ledger.forget_files(self.key, list(known))
         return seen
 
-    def _undeliverable(self, c: ScannedFile, path: str, k: KnownFile | None) -> ScannedFile:
-        """With on_collision = "skip", a file of someone else's where the output goes means
-        the result could not be saved: the photo is not sent until that file is moved. Asked
-        of files the ledger has not read yet: one it has may have a job paid for, whose
-        result a killed run saved before recording it."""
+    def _note_taken(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:
+        """With on_collision = "skip", a file already at a new photo's output means its result
+        could not be saved there, unless it is that photo's own result (a culled photo
+        restored): noted here, decided once the photo is read (:meth:`_undeliverable`). Not
+        asked of a file the ledger has read: it may have a paid job whose result a killed run
+        saved before recording it."""
         if (c.problem is not None or self.out_dir is None or self.on_collision != "skip"
                 or (k is not None and k.content_sha256 is not None)):
-            return c
+            return
         taken = taken_by_another(self.out_dir, c.out_rel, Path(path),
                                  k.written_rel if k is not None else None)
-        if taken is None or (taken.is_file() and self.ledger.has_result(sha256_file(taken))):
-            return c  # none, or a result of this ledger's (its photo culled, then restored)
-        return c._replace(problem=f"its output {taken} already exists and skinbatch did not "
-                                  "save it: not sent, as its result could not be saved there "
-                                  "(move that file away, or set on_collision to \"suffix\" "
-                                  "or \"overwrite\")")
+        if taken is not None:
+            self.taken[c.rel_path] = taken
+
+    def _undeliverable(self, c: ScannedFile) -> str | None:
+        """Why a photo just read is not sent: the file at its output (see
+        :meth:`_note_taken`) is not the result this ledger has for it."""
+        taken = self.taken.pop(c.rel_path, None)
+        if taken is None or c.content_sha256 is None:
+            return None
+        result = self.ledger.result_of(c.content_sha256, c.options_fp)
+        if result is not None and taken.is_file() and sha256_file(taken) == result:
+            return None
+        return (f"its output {taken} already exists and is not this photo's result (another "
+                "photo's of the same name, or a file skinbatch did not save): not sent, as its "
+                "result could not be saved there (move that file away, give each shoot its "
+                "own --out or naming, or set on_collision to \"suffix\" or \"overwrite\")")
 
     def _consider(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:
         if (k is not None and c.problem is None and k.problem is None
@@ -481,6 +496,8 @@ class _RootScan:
                     c = c._replace(content_sha256=read.sha256, size_bytes=read.size,
                                    mtime_ns=read.mtime_ns, rejected=read.rejected)
                     self.stats.hashed += 1
+                    if (why := self._undeliverable(c)) is not None:
+                        c = c._replace(content_sha256=None, problem=why)
             if c.problem is not None:
                 self.stats.problems += 1
                 self._spoil(c.rel_path)

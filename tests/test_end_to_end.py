@@ -228,13 +228,35 @@ def test_an_existing_different_output_is_never_overwritten_nor_paid_for(
     assert result.returncode == 1
     assert (out / "a.jpg").read_bytes() == b"the client's own edit"
     assert (out / "scan.jpg").read_bytes() == b"an earlier retouch"
-    assert result.stdout.count("already exists and skinbatch did not save it") == 2, \
+    assert result.stdout.count("already exists and is not this photo's result") == 2, \
         result.stdout
     assert emulator.stats["charged"] == 1  # b.jpg alone
     (out / "a.jpg").rename(tmp_path / "client edit.jpg")
     again = run_cli(args, emulator)
     assert again.returncode == 1 and emulator.stats["charged"] == 2
     assert_outputs_right(out, {"a.jpg": data}, emulator)
+
+
+def test_a_second_shoot_into_the_same_delivery_folder_pays_only_for_what_it_can_save(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Camera names repeat from shoot to shoot (IMG_0001.jpg in each). A second shoot run
+    into the first one's --out: its IMG_0001.jpg would land on the first shoot's result, so
+    it is refused before it is paid (it was paid, then 'a different file already exists');
+    a photo of the first shoot copied into the second is the same photo and pays nothing."""
+    first, second, delivery = tmp_path / "A", tmp_path / "B", tmp_path / "delivery"
+    a1 = write_portrait(first / "IMG_0001.jpg", seed=1)
+    write_portrait(second / "IMG_0001.jpg", seed=2)
+    b2 = write_portrait(second / "IMG_0002.jpg", seed=3)
+    (second / "sub").mkdir()
+    shutil.copy(first / "IMG_0001.jpg", second / "sub" / "IMG_0001.jpg")
+    flags = ["--out", str(delivery), "--smart-skin", *FAST_FLAGS]
+    assert run_cli(["run", str(first), *flags], emulator).returncode == 0
+    result = run_cli(["run", str(second), *flags], emulator)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "IMG_0001.jpg already exists and is not this photo's result" in result.stdout
+    assert emulator.stats["charged"] == 2  # A's IMG_0001, B's IMG_0002
+    assert_outputs_right(delivery, {"IMG_0001.jpg": a1, "IMG_0002.jpg": b2,
+                                    "sub/IMG_0001.jpg": a1}, emulator)
 
 
 def test_a_bad_key_stops_at_once_with_exit_3_and_is_never_printed(

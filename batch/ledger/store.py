@@ -879,11 +879,11 @@ class Ledger:
         with self._read() as conn:
             return {described: n for described, n in conn.execute(query)}
 
-    def has_result(self, sha256: str) -> bool:
-        """Whether some job's result has this content (an output of this ledger's)."""
+    def result_of(self, content_sha256: str, options_fp: str) -> str | None:
+        """The hash of the result the job of a photo under these options got, if any."""
         with self._read() as conn:
-            return conn.scalar(select(jobs.c.id).where(jobs.c.result_sha256 == sha256)
-                               .limit(1)) is not None
+            return conn.scalar(select(jobs.c.result_sha256).where(
+                jobs.c.content_sha256 == content_sha256, jobs.c.options_fp == options_fp))
 
     def charges(self) -> int:
         with self._read() as conn:

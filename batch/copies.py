@@ -1,8 +1,10 @@
 """Outputs for files whose job is already done: a copy of a photo found later, or an output the
-user deleted. Never pays by itself."""
+user deleted. Never pays: past its download link's life, an output moved or deleted from --out
+(a studio moves deliveries to the client's folder) stays gone."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,8 @@ from batch.outputs import (
 )
 from batch.states import JobState
 
+log = logging.getLogger("batch.copies")
+
 
 def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
                        reaches: Callable[[str], bool] = lambda _root: True) -> int:
@@ -31,16 +35,17 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
     for f in needy.values():
         assert f.job_id is not None
         by_job.setdefault(f.job_id, []).append(f.id)
-    written = 0
+    written = gone = 0
     for job_id, file_ids in by_job.items():
         job = ledger.job(job_id)
         source = _verified_sibling(ledger, out_dir, job)
         if source is None:
-            usable = (job.result_urls and job.expires_at is not None
-                      and time.time() < job.expires_at - expiry_margin)
-            ledger.transition(job_id, JobState.READY if usable else JobState.EXPIRED,
-                              expect=JobState.DONE, info=TransitionInfo(
-                                  message="an output is missing and no saved copy is left"))
+            if not (job.result_urls and job.expires_at is not None
+                    and time.time() < job.expires_at - expiry_margin):
+                gone += len(file_ids)  # a photo paid for is not paid for again unasked
+                continue
+            ledger.transition(job_id, JobState.READY, expect=JobState.DONE, info=TransitionInfo(
+                message="an output is missing and no saved copy is left"))
             continue
         fmt = source.suffix.lstrip(".").upper().replace("JPG", "JPEG")
         for file_id in file_ids:
@@ -58,6 +63,10 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
             except OutputConflict as conflict:
                 ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
                                        problem=str(conflict))
+    if gone:
+        log.info("%d output(s) of photos already paid for are gone from --out (moved or "
+                 "deleted) and their download links have expired: they are not bought again.",
+                 gone)
     return written
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -145,6 +146,41 @@ def test_a_caption_written_into_a_delivered_photo_does_not_pay_again(
     write_portrait(src / "b.jpg", seed=3)  # retouched by hand: other pixels
     third = run_cli(args, emulator)
     assert third.returncode == 0 and emulator.stats["charged"] == 3
+
+
+def test_outputs_moved_out_of_out_after_delivery_are_not_bought_again(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """Studios move delivered files to the client's folder. Past the download link's life a
+    result is no longer to be had for free: the next night bought it again (on_expired =
+    resubmit). A photo paid for is never paid again unasked: its output is left gone, said
+    once in the log. Within the link's life a deleted output is still written again."""
+    emulator = make_emulator(result_ttl=1.0)  # links dead before the next run starts
+    src, out = tmp_path / "src", tmp_path / "out"
+    data = write_portrait(src / "a.jpg", seed=1)
+    write_portrait(src / "b.jpg", seed=2)
+    config = tmp_path / "c.toml"
+    config.write_text("result_ttl = 1.0\nexpiry_margin = 0.0\n")  # as the emulator's links
+    args = ["run", str(src), "--out", str(out), "--config", str(config), "--smart-skin",
+            *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 0 and emulator.stats["charged"] == 2
+    (tmp_path / "client").mkdir()
+    (out / "a.jpg").rename(tmp_path / "client" / "a.jpg")
+    time.sleep(1.5)  # the links' one second has passed
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert emulator.stats["charged"] == 2
+    assert not (out / "a.jpg").exists()
+    assert "1 output(s) of photos already paid for are gone from --out" in again.stderr
+
+    fresh = make_emulator()
+    other = tmp_path / "other"
+    first = run_cli(["run", str(src), "--out", str(other), "--smart-skin", *FAST_FLAGS], fresh)
+    assert first.returncode == 0 and fresh.stats["charged"] == 2
+    (other / "a.jpg").unlink()  # deleted by mistake, the link alive: written again, free
+    assert run_cli(["run", str(src), "--out", str(other), "--smart-skin", *FAST_FLAGS],
+                   fresh).returncode == 0
+    assert fresh.stats["charged"] == 2
+    assert_outputs_right(other, {"a.jpg": data}, fresh)
 
 
 def test_changed_options_process_again_and_renames_do_not(

@@ -181,11 +181,16 @@ def _claim_order(soonest_expiry_first: bool) -> tuple[Any, ...]:
             else (jobs.c.next_attempt_at, jobs.c.id))
 
 
+#: An expired job whose result was saved once (its outputs since moved or deleted) is bought
+#: again only when a person asks (``retry --expired``), never by the resubmit policy.
+NOT_DELIVERED = or_(jobs.c.state != JobState.EXPIRED.value, jobs.c.result_sha256.is_(None))
+
+
 @functools.cache
 def _claim_statement(states: frozenset[JobState], soonest_expiry_first: bool) -> Select[Any]:
     return (select(*JOB_COLUMNS)
             .where(jobs.c.state.in_(sorted(s.value for s in states)),
-                   jobs.c.next_attempt_at <= bindparam("now"), WANTED)
+                   jobs.c.next_attempt_at <= bindparam("now"), WANTED, NOT_DELIVERED)
             .order_by(*_claim_order(soonest_expiry_first)).limit(bindparam("limit")))
 
 
@@ -196,7 +201,7 @@ def _owned_claim_statement(states: frozenset[JobState], soonest_expiry_first: bo
     workers never take the same job and never queue behind each other."""
     chosen = (select(jobs.c.id)
               .where(jobs.c.state.in_(sorted(s.value for s in states)),
-                     jobs.c.next_attempt_at <= bindparam("now"), REACHABLE,
+                     jobs.c.next_attempt_at <= bindparam("now"), REACHABLE, NOT_DELIVERED,
                      or_(jobs.c.owner.is_(None), jobs.c.owner == bindparam("me")))
               .order_by(*_claim_order(soonest_expiry_first)).limit(bindparam("limit"))
               .with_for_update(skip_locked=True, of=jobs))
@@ -212,7 +217,8 @@ REACHABLE = exists().where(files.c.job_id == jobs.c.id,
 @functools.cache
 def _count_statement(states: frozenset[JobState], by_root: bool = False) -> Select[Any]:
     return select(func.count()).select_from(jobs).where(
-        jobs.c.state.in_(sorted(s.value for s in states)), REACHABLE if by_root else WANTED)
+        jobs.c.state.in_(sorted(s.value for s in states)), REACHABLE if by_root else WANTED,
+        NOT_DELIVERED)
 
 
 def _job(row: Any) -> JobRow:

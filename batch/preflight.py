@@ -15,8 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL import _imaging as pillow_core
 
 from batch.apispec import ACCEPTED_FORMATS, MAX_SIDE_EXCLUSIVE, MAX_UPLOAD_BYTES
-from batch.heif import HEIF_BRANDS, heif_support
-from batch.stripping import describe, strip, stripped_pieces
+from batch.heif import unsupported as heif_unsupported
+from batch.stripping import describe, strip, strippable, stripped_pieces
 
 #: Anything larger than a 100-megapixel frame is refused before it is decoded (bomb guard).
 MAX_PIXELS = 100_000_000
@@ -133,7 +133,7 @@ def inspect_image(data: bytes, decode: bool = True) -> Inspection:
     eighth of its size, which still reads every byte), so a damaged file is found now."""
     if not data:
         raise Rejected("the file is empty")
-    missing_heif = data[4:12] in HEIF_BRANDS and not heif_support()
+    missing_heif = heif_unsupported(data[:12])
     with _decoding(missing_heif), Image.open(io.BytesIO(data)) as image:
         fmt = image.format or "unknown"
         width, height = image.size
@@ -177,13 +177,6 @@ def photo_key(data: bytes, by_image: bool, inspection: Inspection | None = None)
     return identity_digest(data, inspection) if by_image else hashlib.sha256(data).hexdigest()
 
 
-def may_shed_metadata(head: bytes) -> bool:
-    """Whether a file starting with ``head`` (12 bytes) is a JPEG, PNG or WEBP, whose
-    :func:`identity_digest` leaves metadata out; any other is identified by all its bytes."""
-    return (head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n"
-            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
-
-
 def identity_digest(data: bytes, inspection: Inspection | None = None) -> str:
     """What a photo is, for the ledger (a job per photo and options): the hash of the bytes
     its upload is made from, less the metadata uploads go without (:func:`strip`), and, for
@@ -191,7 +184,7 @@ def identity_digest(data: bytes, inspection: Inspection | None = None) -> str:
     written into a delivered photo leaves it the photo that was paid for; edited pixels make
     a new one. A TIFF or HEIC (always a copy, from every byte of it) is its whole file."""
     if inspection is None:
-        if not may_shed_metadata(data[:12]):
+        if not strippable(data[:12]):
             return hashlib.sha256(data).hexdigest()
         try:
             inspection = inspect_image(data, decode=False)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from batch.heif import HEIF_BRANDS, heif_support
+from batch.heif import unsupported as heif_unsupported
 from batch.ledger.store import KnownFile, Ledger, ScannedFile
 from batch.names import (
     DEFAULT_NAMING,
@@ -43,10 +43,10 @@ from batch.preflight import (
     PrepareSettings,
     Rejected,
     check,
-    may_shed_metadata,
     photo_key,
 )
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
+from batch.stripping import strippable
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded. The
 #: first batches are smaller (from FIRST_BATCH, doubling): the first upload waits until every
@@ -129,9 +129,9 @@ def read_file(path: str, prepare: PrepareSettings | None = None,
             return FileRead(None, "not a regular file", 0, 0)
         try:
             head = os.pread(fd, 12, 0)
-            if head[4:12] in HEIF_BRANDS and not heif_support():
+            if heif_unsupported(head):
                 return FileRead(None, NO_HEIF, 0, 0)  # looked at again by each scan
-            if prepare is None and not (by_image and may_shed_metadata(head)):
+            if prepare is None and not (by_image and strippable(head)):
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
                 return FileRead(digest, None, st.st_size, st.st_mtime_ns)
             data = handle.readall()

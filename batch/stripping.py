@@ -34,6 +34,16 @@ PNG_METADATA = {b"tEXt": "text", b"zTXt": "text", b"iTXt": "text", b"eXIf": "EXI
                 b"tIME": "time"}
 
 
+def strippable(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (its first 12 bytes) is of a kind :func:`strip`
+    takes metadata out of: a JPEG, PNG or WEBP."""
+    return head[:2] == b"\xff\xd8" or head.startswith(PNG_SIGNATURE) or _is_webp(head)
+
+
+def _is_webp(data: bytes) -> bool:
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
 def strip(data: bytes, fmt: str) -> tuple[bytes, Counter[str]]:
     """``data`` without its metadata, and what was removed (kind -> how many blocks)."""
     if fmt == "JPEG":
@@ -116,7 +126,7 @@ def _strip_png(data: bytes) -> tuple[bytes, Counter[str]]:
 
 def _strip_webp(data: bytes) -> tuple[bytes, Counter[str]]:
     removed: Counter[str] = Counter()
-    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+    if not _is_webp(data):
         return data, removed
     body = b""
     for fourcc, payload in riff_chunks(data):

@@ -143,7 +143,7 @@ def read_file(path: str, prepare: PrepareSettings | None = None,
             inspection = check(data, prepare)
         except Rejected as refusal:
             rejected = refusal.reason
-    digest = photo_key(data, by_image and rejected is None, inspection)
+    digest = photo_key(data, by_image, inspection)
     return FileRead(digest, None, st.st_size, st.st_mtime_ns, rejected)
 
 

@@ -13,6 +13,8 @@ from PIL import Image
 
 from batch import apispec
 from batch.emulator import Emulator
+from batch.emulator import retouch as retouch_module
+from batch.emulator import state as state_module
 from tests.conftest import API_KEY, MakeEmulator
 from tests.imagegen import encode, portrait
 
@@ -126,3 +128,38 @@ def test_the_rate_limit_holds_in_every_second_however_threads_interleave(
         sys.setswitchinterval(switching)
     assert len(state.accepted) >= 40  # the limit was reached in each second
     assert state.busiest_second() <= 20
+
+
+def test_making_one_result_holds_no_other_request_back(make_emulator: MakeEmulator,
+                                                       monkeypatch: Any) -> None:
+    """While a finished task's result is being made (the slowest thing the emulator does on a
+    photo), other requests are answered: held back, they would reach the rate limit's window
+    together afterwards and be refused as a burst the client never sent."""
+    emulator = make_emulator(queue_seconds=0.0, process_seconds=0.0)
+    making, release = threading.Event(), threading.Event()
+    real = retouch_module.retouch
+
+    def slow_retouch(*args: Any) -> bytes:
+        making.set()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(state_module, "retouch", slow_retouch)
+    image = {"image": ("a.jpg", encode(portrait(), "JPEG"), "image/jpeg")}
+    task_id = submit(emulator, image, {"smart_skin": "1"}).json()["task_id"]
+    headers = {apispec.KEY_HEADER: API_KEY}
+    finished: list[httpx.Response] = []
+    query = threading.Thread(target=lambda: finished.append(httpx.get(
+        emulator.api_base + apispec.QUERY_PATH, params={"task_id": task_id}, headers=headers,
+        timeout=60)))
+    query.start()
+    try:
+        assert making.wait(30)
+        credits = httpx.get(emulator.api_base + apispec.CREDITS_PATH, headers=headers,
+                            timeout=10)
+        assert credits.status_code == 200
+        assert not finished  # the result is still being made
+    finally:
+        release.set()
+        query.join(60)
+    assert finished[0].json()["task_status"] == 2

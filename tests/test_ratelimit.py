@@ -158,3 +158,43 @@ def test_with_no_limit_known_the_balance_and_the_first_upload_go_together() -> N
     known = ratelimit.RateLimiter(learned=ratelimit.Learned(1.2, True))
     assert asyncio.run(two_requests(unknown)) < 0.5
     assert asyncio.run(two_requests(known)) >= 0.7
+
+
+def _storm_after(limiter: ratelimit.RateLimiter, granted: int,
+                 apart: float = 0.0) -> tuple[float, float]:
+    """``granted`` requests through ``limiter``, ``apart`` seconds from each other, then
+    :data:`ratelimit.STORM` 429s at once, the last while another request waits: the pace
+    before and after them."""
+
+    async def scenario() -> tuple[float, float]:
+        for _ in range(granted):
+            await limiter.acquire()
+            await asyncio.sleep(apart)
+        for _ in range(ratelimit.STORM - 1):
+            limiter.rate_limited(None)
+        waiting = [asyncio.create_task(limiter.acquire()) for _ in range(2)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert limiter.saturated
+        before = limiter.rate
+        limiter.rate_limited(None)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        return before, limiter.rate
+
+    return asyncio.run(scenario())
+
+
+def test_a_stall_that_bunches_requests_halves_the_pace_at_most() -> None:
+    """A stall (the server's, the network's) lets requests sent over two seconds reach the
+    server's one-second window together; it refuses the rest of that second, so the client's
+    count says nothing got through (three sent, three refused). Cut to that count, the pace
+    fell to its floor of one request in five seconds and a night's uploads crawled for many
+    minutes; it is halved, and a limit that really fell is cut again a second later."""
+    known = ratelimit.RateLimiter(learned=ratelimit.Learned(3.0, True))
+    before, after = _storm_after(known, 3, apart=0.34)  # at the pace, none waiting for it
+    assert after >= before / 2
+    # In the slow start (nothing known yet), whose last doubling was hardly tried: a quarter.
+    before, after = _storm_after(ratelimit.RateLimiter(), 3)
+    assert after >= before / 4 > ratelimit.FLOOR

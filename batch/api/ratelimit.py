@@ -9,13 +9,14 @@ carries (additive/multiplicative steps, a slow start):
   :data:`DOUBLE_EVERY` seconds.
 - **A 429 shows the limit.** The first one ends the slow start, and :data:`STORM` of them in
   a second show a limit that fell: the pace drops to :data:`HEADROOM` of the requests the
-  server took in the second before (those sent less those refused). A lone 429 just after a
-  probing step says the step went too far: the pace goes back to the step before, which
-  passed. A lone one at a pace that has been passing says it touched the limit: a step
-  (:data:`HEADROOM`) under it, unless the last second carried less than half the pace (a
-  stray, which says nothing). One cut a second, as the 429s that follow a cut were sent at
-  the old pace. A 429 while no request was waiting for the pace says nothing about it (the
-  server is busy, or the key is shared): it cuts nothing.
+  server took in the second before (those sent less those refused), yet one cut keeps
+  :data:`DEEPEST_CUT` of the pace at least, as a stall can bunch requests into one second of
+  the server's. A lone 429 just after a probing step says the step went too far: the pace
+  goes back to the step before, which passed. A lone one at a pace that has been passing
+  says it touched the limit: a step (:data:`HEADROOM`) under it, unless the last second
+  carried less than half the pace (a stray, which says nothing). One cut a second, as the
+  429s that follow a cut were sent at the old pace. A 429 while no request was waiting for
+  the pace says nothing about it (the server is busy, or the key is shared): it cuts nothing.
 - **Probing**: once :data:`SETTLE_REQUESTS` requests have passed since a cut, and then after
   each :data:`PROBE_REQUESTS` (or :data:`PROBE_SECONDS` worth) more, all without a 429 and with
   requests queueing, the pace rises by a step that starts at :data:`PROBE_FIRST` and triples
@@ -68,6 +69,8 @@ PROBE_SECONDS = 1.5
 PAUSE_ABOVE = 2.0
 #: This many 429s in a second show the limit even far below the pace.
 STORM = 3
+#: One cut leaves at least this share of the pace (a storm may come of a stall, not a limit).
+DEEPEST_CUT = 0.5
 #: The share of the pace the last second must have carried for it to count as tested.
 FILLED = 0.5
 
@@ -170,7 +173,14 @@ class RateLimiter:
             # coarse to cut to: two of three is a third less).
             self.rate = max(FLOOR, before * HEADROOM)
         else:
-            self.rate = max(FLOOR, min(before, accepted) * HEADROOM)
+            # The count of the last second is wrong after a stall (the server's, the
+            # network's): requests sent over a longer time reach the server's window together,
+            # and the rest of that second is refused, so it may say nothing got through. One
+            # cut leaves at least DEEPEST_CUT of the pace (its square in the slow start, whose
+            # last doubling was hardly tried); a limit that really fell shows a storm again a
+            # second later, and is cut again.
+            deepest = before * (DEEPEST_CUT if self.limited else DEEPEST_CUT ** 2)
+            self.rate = max(FLOOR, deepest, min(before, accepted) * HEADROOM)
         self.proven = self.rate
         self.limited = True
         self.slow_start = False

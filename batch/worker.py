@@ -143,11 +143,16 @@ class Worker:
 
     def _take_over(self, dead: str) -> bool:
         taken = self.records.take_over(dead, self.name)
-        if taken is not None:
+        if taken is None:
+            return False
+        if self.ledger.shared:
             log.warning("Worker %s stopped renewing its lease; took over its %d job(s).",
                         dead, taken)
-            self.taken.append(dead)
-        return taken is not None
+        else:  # one run at a time holds no jobs: what it left is said as the jobs are found
+            log.info("The last run (%s) ended without finishing; carrying on from the ledger.",
+                     dead)
+        self.taken.append(dead)
+        return True
 
     def _count_live(self) -> int:
         """Live workers, this one included (a SQLite ledger's is the only one: its file lock)."""

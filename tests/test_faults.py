@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
+from batch.api.client import ApiClient, Timeouts
+from batch.api.errors import ApiError, ErrorKind
 from batch.emulator import Faults
+from batch.options import Options
+from batch.secret import Secret
 from batch.states import JobState
 from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
-from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
+from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, popen_cli, run_cli
 from tests.imagegen import write_portrait
 
 FAST_RETRIES = """
@@ -162,3 +168,28 @@ def test_a_429_costs_an_upload_no_attempt(tmp_path: Path, make_emulator: MakeEmu
     assert emulator.stats["rate_limited_uploads"] > 0
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 40
+
+
+def test_an_upload_cut_part_way_is_not_taken_for_a_charge(make_emulator: MakeEmulator) -> None:
+    """A link that fails while a photo's bytes are going out (the body stops, then the
+    connection is reset) leaves the API without the whole upload: it cannot have charged it.
+    Taken for a lost answer, the upload was counted as maybe charged (against --max-credits,
+    in the credits said), and held for a person under --on-ambiguous hold."""
+    emulator = make_emulator(faults=Faults(submit_drop_midway=1.0, stall_seconds=5.0))
+
+    async def upload() -> ApiError:
+        client = ApiClient(emulator.api_base, Secret(API_KEY), timeouts=Timeouts(write=1.0))
+        try:
+            # More than the sockets' buffers hold: the write itself sees the link fail.
+            await client.submit(os.urandom(9_000_000), "a.jpg", "image/jpeg",
+                                Options.from_mapping({"smart_skin": True}))
+        except ApiError as error:
+            return error
+        finally:
+            await client.aclose()
+        raise AssertionError("the upload went through")
+
+    error = asyncio.run(upload())
+    assert error.kind is ErrorKind.NOT_SENT, error
+    assert "not charged" in str(error)
+    assert emulator.stats["drops_midway"] == 1 and emulator.stats.get("charged", 0) == 0

@@ -35,6 +35,7 @@ CHUNK = 256 * 1024
 #: Raised before any byte of the request can have left: no connection was made (refused,
 #: DNS, TLS handshake, a proxy that refused the tunnel, no pooled connection free in time).
 NEVER_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
+BODY_NOT_SENT = (httpx.WriteError, httpx.WriteTimeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,14 @@ class ApiClient:
                                     data=options.form_fields(), timeout=self._submit_timeout)
         except NEVER_CONNECTED as exc:
             raise ApiError(ErrorKind.NOT_SENT, f"could not connect to the API: {exc}") from exc
+        except BODY_NOT_SENT as exc:
+            # A write that failed left bytes of the body unsent: the API never had the whole
+            # upload, so it cannot have processed or charged it.
+            raise ApiError(
+                ErrorKind.NOT_SENT,
+                f"the connection failed while the upload was being sent "
+                f"({type(exc).__name__}); it never reached the API whole, so it was not charged",
+            ) from exc
         except httpx.TransportError as exc:
             raise ApiError(
                 ErrorKind.AMBIGUOUS,

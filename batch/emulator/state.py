@@ -25,6 +25,9 @@ class Faults:
 
     submit_5xx: float = 0.0
     submit_drop_before: float = 0.0
+    #: An upload's body stops arriving part-way (a link that fails): the server waits
+    #: ``stall_seconds``, then resets the connection.
+    submit_drop_midway: float = 0.0
     submit_drop_after: float = 0.0
     query_5xx: float = 0.0
     query_drop: float = 0.0

@@ -7,16 +7,17 @@ carries (additive/multiplicative steps, a slow start):
   the user gave one, else at :data:`START`. ``--max-qps`` is only ever a ceiling.
 - **Slow start**: until the first 429, while requests queue for tokens, the pace doubles every
   :data:`DOUBLE_EVERY` seconds.
-- **A 429 shows the limit.** The first one ends the slow start, and :data:`STORM` of them in
-  a second show a limit that fell: the pace drops to :data:`HEADROOM` of the requests the
-  server took in the second before (those sent less those refused), yet one cut keeps
-  :data:`DEEPEST_CUT` of the pace at least, as a stall can bunch requests into one second of
-  the server's. A lone 429 just after a probing step says the step went too far: the pace
-  goes back to the step before, which passed. A lone one at a pace that has been passing
-  says it touched the limit: a step (:data:`HEADROOM`) under it, unless the last second
-  carried less than half the pace (a stray, which says nothing). One cut a second, as the
-  429s that follow a cut were sent at the old pace. A 429 while no request was waiting for
-  the pace says nothing about it (the server is busy, or the key is shared): it cuts nothing.
+- **A 429 shows the limit.** The first one ends the slow start, and :data:`STORM` of them in a
+  second show a limit that fell: the pace drops to :data:`HEADROOM` of the requests the server
+  took in the second before (those sent less those refused), yet one cut keeps
+  :data:`DEEPEST_CUT` of a pace the server's answers set at least (a quarter of an untried
+  one), as a stall can bunch requests into one second of the server's. A lone 429 just after a
+  probing step says the step went too far: the pace goes back to the step before, which
+  passed. A lone one at a pace that has been passing says it touched the limit: a step
+  (:data:`HEADROOM`) under it, unless the last second carried less than half the pace (a
+  stray, which says nothing). One cut a second, as the 429s that follow a cut were sent at the
+  old pace. A 429 while no request was waiting for the pace says nothing about it (the server
+  is busy, or the key is shared): it cuts nothing.
 - **Probing**: once :data:`SETTLE_REQUESTS` requests have passed since a cut, and then after
   each :data:`PROBE_REQUESTS` (or :data:`PROBE_SECONDS` worth) more, all without a 429 and with
   requests queueing, the pace rises by a step that starts at :data:`PROBE_FIRST` and triples
@@ -106,6 +107,9 @@ class RateLimiter:
         self.rate = max(FLOOR, min(self.ceiling, rate))
         #: The pace of the last probing step that passed without a 429.
         self.proven = self.rate if self.limited else math.inf
+        #: The pace came from the server's answers (a cut, or the last run's), not from the
+        #: slow start's doubling or the user's ceiling, which no request has tried yet.
+        self.tried = learned is not None and learned.limited
         #: Doubling (no limit known, or the last one was passed) rather than probing.
         self.slow_start = not self.limited
         #: The pace at which the last 429 came (for a learned pace: just above it).
@@ -176,13 +180,13 @@ class RateLimiter:
             # The count of the last second is wrong after a stall (the server's, the
             # network's): requests sent over a longer time reach the server's window together,
             # and the rest of that second is refused, so it may say nothing got through. One
-            # cut leaves at least DEEPEST_CUT of the pace (its square in the slow start, whose
-            # last doubling was hardly tried); a limit that really fell shows a storm again a
-            # second later, and is cut again.
-            deepest = before * (DEEPEST_CUT if self.limited else DEEPEST_CUT ** 2)
+            # cut leaves at least DEEPEST_CUT of a pace the server's answers set (its square
+            # of one nothing tried: the slow start's last doubling, the user's ceiling); a
+            # limit that really fell shows a storm again a second later, and is cut again.
+            deepest = before * (DEEPEST_CUT if self.tried else DEEPEST_CUT ** 2)
             self.rate = max(FLOOR, deepest, min(before, accepted) * HEADROOM)
         self.proven = self.rate
-        self.limited = True
+        self.limited = self.tried = True
         self.slow_start = False
         self._failed_at = before
         self._cut_at = now

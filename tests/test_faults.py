@@ -18,7 +18,7 @@ from batch.secret import Secret
 from batch.states import JobState
 from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
 from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, popen_cli, run_cli
-from tests.imagegen import write_portrait
+from tests.imagegen import encode, portrait, write_portrait
 
 FAST_RETRIES = """
 backoff_base = 0.02
@@ -193,3 +193,23 @@ def test_an_upload_cut_part_way_is_not_taken_for_a_charge(make_emulator: MakeEmu
     assert error.kind is ErrorKind.NOT_SENT, error
     assert "not charged" in str(error)
     assert emulator.stats["drops_midway"] == 1 and emulator.stats.get("charged", 0) == 0
+
+
+def test_a_slow_line_gets_a_large_upload_through(make_emulator: MakeEmulator) -> None:
+    """The write timeout bounds a stall, not the whole upload: on a line slower than a photo
+    a timeout (here 9.5 MB at 4 MB/s against 1 s), the photo still goes, a slice at a time.
+    Sent in one write, the write timed out every time and the photo never went."""
+    emulator = make_emulator(upload_bandwidth=4_000_000)
+    photo = encode(portrait(800, 1000, seed=3, grain=20), "JPEG") + os.urandom(9_500_000)
+
+    async def upload() -> str:
+        client = ApiClient(emulator.api_base, Secret(API_KEY), timeouts=Timeouts(write=1.0))
+        try:
+            submitted = await client.submit(photo, "a.jpg", "image/jpeg",
+                                            Options.from_mapping({"smart_skin": True}))
+        finally:
+            await client.aclose()
+        return submitted.task_id
+
+    assert asyncio.run(upload())
+    assert emulator.stats["charged"] == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Any, TypedDict
 from urllib.parse import quote
@@ -36,6 +37,8 @@ CHUNK = 256 * 1024
 #: DNS, TLS handshake, a proxy that refused the tunnel, no pooled connection free in time).
 NEVER_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
 BODY_NOT_SENT = (httpx.WriteError, httpx.WriteTimeout)
+#: Bytes of an upload's body a write: the write timeout bounds a stall of this many.
+UPLOAD_SLICE = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,11 @@ class TaskStatus:
 class Downloaded:
     size: int
     sha256: str
+
+
+async def _slices(body: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), UPLOAD_SLICE):
+        yield body[start:start + UPLOAD_SLICE]
 
 
 def _json(raw: bytes) -> dict[str, Any] | None:
@@ -162,17 +170,22 @@ class ApiClient:
         for the caller to classify: what they mean depends on the call."""
         request = self._api.build_request(method, self._base + path, files=files, data=data,
                                           timeout=timeout or self._query_timeout)
-        if files:
-            # The multipart body assembled once and sent in one write: streamed, each part's
-            # boundary, headers and value goes out as a write of its own, and each write
-            # through httpcore's anyio stream costs more CPU than the whole upload otherwise.
-            await request.aread()
         turn = None
-        if files and self.upload_pace is not None:  # the length stays declared: not chunked
-            turn = await self.upload_pace.turn()
+        if files:
+            # The multipart body is assembled once and sent in slices: streamed as httpx
+            # builds it, each part's boundary, headers and value goes out as a write of its
+            # own, and each write through httpcore's anyio stream costs more CPU than the
+            # whole upload otherwise; sent in one write, the write timeout would bound the
+            # whole upload rather than a stall, and a slow line would never get one through.
+            await request.aread()
+            if self.upload_pace is not None:
+                turn = await self.upload_pace.turn()
+                slices = self.upload_pace.stream(request.content, turn)
+            else:
+                slices = _slices(request.content)
+            # The length stays declared: not chunked.
             request = httpx.Request(method, request.url, headers=request.headers,
-                                    content=self.upload_pace.stream(request.content, turn),
-                                    extensions=request.extensions)
+                                    content=slices, extensions=request.extensions)
         try:
             response = await self._api.send(request)
         finally:

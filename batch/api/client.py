@@ -36,7 +36,6 @@ CHUNK = 256 * 1024
 #: Raised before any byte of the request can have left: no connection was made (refused,
 #: DNS, TLS handshake, a proxy that refused the tunnel, no pooled connection free in time).
 NEVER_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
-BODY_NOT_SENT = (httpx.WriteError, httpx.WriteTimeout)
 #: Bytes of an upload's body a write: the write timeout bounds a stall of this many.
 UPLOAD_SLICE = 1024 * 1024
 
@@ -71,6 +70,19 @@ class TaskStatus:
 class Downloaded:
     size: int
     sha256: str
+
+
+class _Upload:
+    """An upload's body for httpx, which knows whether its last byte was handed over."""
+
+    def __init__(self, pieces: AsyncIterator[bytes]) -> None:
+        self._pieces = pieces
+        self.whole = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self._pieces:
+            yield piece
+        self.whole = True  # asked for more after the last piece was written
 
 
 async def _slices(body: bytes) -> AsyncIterator[bytes]:
@@ -170,7 +182,7 @@ class ApiClient:
         for the caller to classify: what they mean depends on the call."""
         request = self._api.build_request(method, self._base + path, files=files, data=data,
                                           timeout=timeout or self._query_timeout)
-        turn = None
+        turn, upload = None, None
         if files:
             # The multipart body is assembled once and sent in slices: streamed as httpx
             # builds it, each part's boundary, headers and value goes out as a write of its
@@ -180,14 +192,27 @@ class ApiClient:
             await request.aread()
             if self.upload_pace is not None:
                 turn = await self.upload_pace.turn()
-                slices = self.upload_pace.stream(request.content, turn)
+                upload = _Upload(self.upload_pace.stream(request.content, turn))
             else:
-                slices = _slices(request.content)
+                upload = _Upload(_slices(request.content))
             # The length stays declared: not chunked.
             request = httpx.Request(method, request.url, headers=request.headers,
-                                    content=slices, extensions=request.extensions)
+                                    content=upload, extensions=request.extensions)
         try:
             response = await self._api.send(request)
+        except NEVER_CONNECTED:
+            raise
+        except httpx.TransportError as exc:
+            if upload is not None and not upload.whole:
+                # Bytes of the body never went out: the API never had the whole upload, so
+                # it cannot have processed or charged it. (httpcore reads for an answer after
+                # a failed write, so the error seen may be the read's.)
+                raise ApiError(
+                    ErrorKind.NOT_SENT,
+                    f"the connection failed while the upload was being sent "
+                    f"({type(exc).__name__}); it never reached the API whole, so it was not "
+                    "charged") from exc
+            raise
         finally:
             if turn is not None:
                 turn.release()
@@ -212,14 +237,6 @@ class ApiClient:
                                     data=options.form_fields(), timeout=self._submit_timeout)
         except NEVER_CONNECTED as exc:
             raise ApiError(ErrorKind.NOT_SENT, f"could not connect to the API: {exc}") from exc
-        except BODY_NOT_SENT as exc:
-            # A write that failed left bytes of the body unsent: the API never had the whole
-            # upload, so it cannot have processed or charged it.
-            raise ApiError(
-                ErrorKind.NOT_SENT,
-                f"the connection failed while the upload was being sent "
-                f"({type(exc).__name__}); it never reached the API whole, so it was not charged",
-            ) from exc
         except httpx.TransportError as exc:
             raise ApiError(
                 ErrorKind.AMBIGUOUS,

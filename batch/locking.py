@@ -43,8 +43,8 @@ class RunLock:
             self._lock.acquire()
         except Timeout:
             raise LedgerBusy(f"Another skinbatch run is already working on this ledger (lock "
-                             f"{self.path}). Wait for it to finish; nothing was sent by this "
-                             "one.") from None
+                             f"{self.path}). Wait for it to finish; this command sent and "
+                             "changed nothing.") from None
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

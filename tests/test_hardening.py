@@ -136,11 +136,15 @@ def test_a_second_run_on_the_same_ledger_exits_at_once(
     try:
         started = time.monotonic()
         second = run_cli(args, emulator)
+        waited = time.monotonic() - started
+        # A retry meanwhile changes nothing under the run's feet, and says so.
+        retry = run_cli(["retry", "--out", str(out), "--failed"], emulator)
     finally:
         first.send_signal(signal.SIGCONT)
-    assert time.monotonic() - started < 10
+    assert waited < 10
     assert second.returncode == 2
     assert "Another skinbatch run" in second.stderr
+    assert retry.returncode == 2 and "changed nothing" in retry.stderr, retry.stderr
     first.communicate(timeout=60)
     assert first.returncode == 0
     assert_outputs_right(out, sources, emulator)

@@ -10,10 +10,10 @@ carries (additive/multiplicative steps, a slow start):
 - **A 429 shows the limit.** The first one ends the slow start, and :data:`STORM` of them in a
   second show a limit that fell: the pace drops to :data:`HEADROOM` of the requests the server
   took in the second before (those sent less those refused), yet one cut keeps
-  :data:`DEEPEST_CUT` of a pace the server's answers set at least (a quarter of an untried
-  one), as a stall can bunch requests into one second of the server's. A lone 429 just after a
-  probing step says the step went too far: the pace goes back to the step before, which
-  passed. A lone one at a pace that has been passing says it touched the limit: a step
+  :data:`DEEPEST_CUT` of a pace the server's answers set at least (:data:`UNTRIED_CUT` of an
+  untried one), as a stall can bunch requests into one second of the server's. A lone 429 just
+  after a probing step says the step went too far: the pace goes back to the step before,
+  which passed. A lone one at a pace that has been passing says it touched the limit: a step
   (:data:`HEADROOM`) under it, unless the last second carried less than half the pace (a
   stray, which says nothing). One cut a second, as the 429s that follow a cut were sent at the
   old pace. A 429 while no request was waiting for the pace says nothing about it (the server
@@ -70,8 +70,10 @@ PROBE_SECONDS = 1.5
 PAUSE_ABOVE = 2.0
 #: This many 429s in a second show the limit even far below the pace.
 STORM = 3
-#: One cut leaves at least this share of the pace (a storm may come of a stall, not a limit).
+#: One cut leaves at least this share of a pace the server's answers set (a storm may come
+#: of a stall, not a limit), and UNTRIED_CUT of one no request has tried yet.
 DEEPEST_CUT = 0.5
+UNTRIED_CUT = 0.25
 #: The share of the pace the last second must have carried for it to count as tested.
 FILLED = 0.5
 
@@ -180,10 +182,10 @@ class RateLimiter:
             # The count of the last second is wrong after a stall (the server's, the
             # network's): requests sent over a longer time reach the server's window together,
             # and the rest of that second is refused, so it may say nothing got through. One
-            # cut leaves at least DEEPEST_CUT of a pace the server's answers set (its square
-            # of one nothing tried: the slow start's last doubling, the user's ceiling); a
+            # cut leaves at least DEEPEST_CUT of a pace the server's answers set, UNTRIED_CUT
+            # of one nothing tried (the slow start's last doubling, the user's ceiling); a
             # limit that really fell shows a storm again a second later, and is cut again.
-            deepest = before * (DEEPEST_CUT if self.tried else DEEPEST_CUT ** 2)
+            deepest = before * (DEEPEST_CUT if self.tried else UNTRIED_CUT)
             self.rate = max(FLOOR, deepest, min(before, accepted) * HEADROOM)
         self.proven = self.rate
         self.limited = self.tried = True

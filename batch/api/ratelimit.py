@@ -109,12 +109,10 @@ class RateLimiter:
         self.rate = max(FLOOR, min(self.ceiling, rate))
         #: The pace of the last probing step that passed without a 429.
         self.proven = self.rate if self.limited else math.inf
-        #: The pace came from the server's answers (a cut, or the last run's), not from the
-        #: slow start's doubling or the user's ceiling, which no request has tried yet.
-        self.tried = learned is not None and learned.limited
         #: Doubling (no limit known, or the last one was passed) rather than probing.
         self.slow_start = not self.limited
-        #: The pace at which the last 429 came (for a learned pace: just above it).
+        #: The pace at which the last 429 came (for a learned pace: just above it); infinite
+        #: while no 429 has set the pace (the slow start's doubling, the user's ceiling).
         self._failed_at = self.rate / HEADROOM if learned and learned.limited else math.inf
         self.capacity = float(burst)
         # With no limit known, the run's first two requests (the balance, then the first
@@ -185,10 +183,11 @@ class RateLimiter:
             # cut leaves at least DEEPEST_CUT of a pace the server's answers set, UNTRIED_CUT
             # of one nothing tried (the slow start's last doubling, the user's ceiling); a
             # limit that really fell shows a storm again a second later, and is cut again.
-            deepest = before * (DEEPEST_CUT if self.tried else UNTRIED_CUT)
+            tried = math.isfinite(self._failed_at)  # a 429 has been met: answers set it
+            deepest = before * (DEEPEST_CUT if tried else UNTRIED_CUT)
             self.rate = max(FLOOR, deepest, min(before, accepted) * HEADROOM)
         self.proven = self.rate
-        self.limited = self.tried = True
+        self.limited = True
         self.slow_start = False
         self._failed_at = before
         self._cut_at = now

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import secrets
-import socket
-import struct
 import sys
 import threading
 import time
@@ -92,12 +90,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.wfile.flush()
 
-    def _reset(self) -> None:
-        """Cut the connection at once, unread bytes and all: the peer sees a reset."""
-        self.close_connection = True
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                   struct.pack("ii", 1, 0))
-
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         uplink = self.state.uplink
@@ -151,7 +143,7 @@ class ApiHandler(_Handler):
             state.stats["drops_midway"] += 1
             self.rfile.read(min(64 * 1024, int(self.headers.get("Content-Length") or 0)))
             time.sleep(faults.stall_seconds)
-            self._reset()
+            self._drop()  # the unread rest of the body makes the close a reset
             return
         body = self._read_body()
         if path != apispec.SUBMIT_PATH:

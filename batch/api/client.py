@@ -85,6 +85,22 @@ class _Upload:
         self.whole = True  # asked for more after the last piece was written
 
 
+def _upload_failed(exc: httpx.TransportError, whole: bool) -> ApiError:
+    """What a transport error means for an upload. The API can have charged it only if its
+    whole body went out; the error's type cannot say so, as httpcore reads for an answer
+    after a failed write and the error seen is then the read's."""
+    if isinstance(exc, NEVER_CONNECTED):
+        return ApiError(ErrorKind.NOT_SENT, f"could not connect to the API: {exc}")
+    if not whole:
+        return ApiError(ErrorKind.NOT_SENT,
+                        f"the connection failed while the upload was being sent "
+                        f"({type(exc).__name__}); it never reached the API whole, so it was "
+                        "not charged")
+    return ApiError(ErrorKind.AMBIGUOUS,
+                    f"the upload was sent but its answer was lost ({type(exc).__name__}); "
+                    "the API may have charged for it")
+
+
 async def _slices(body: bytes) -> AsyncIterator[bytes]:
     for start in range(0, len(body), UPLOAD_SLICE):
         yield body[start:start + UPLOAD_SLICE]
@@ -178,8 +194,9 @@ class ApiClient:
                     files: dict[str, tuple[str, bytes, str]] | None = None,
                     data: dict[str, str] | None = None,
                     timeout: httpx.Timeout | None = None) -> dict[str, Any]:
-        """One API request, its answer read whole and classified. Transport errors propagate
-        for the caller to classify: what they mean depends on the call."""
+        """One API request, its answer read whole and classified. An upload's transport
+        error is classified here, where its body knows how far it went; a query's propagates
+        for the caller to classify, as what it means depends on the call."""
         request = self._api.build_request(method, self._base + path, files=files, data=data,
                                           timeout=timeout or self._query_timeout)
         turn, upload = None, None
@@ -200,19 +217,10 @@ class ApiClient:
                                     content=upload, extensions=request.extensions)
         try:
             response = await self._api.send(request)
-        except NEVER_CONNECTED:
-            raise
         except httpx.TransportError as exc:
-            if upload is not None and not upload.whole:
-                # Bytes of the body never went out: the API never had the whole upload, so
-                # it cannot have processed or charged it. (httpcore reads for an answer after
-                # a failed write, so the error seen may be the read's.)
-                raise ApiError(
-                    ErrorKind.NOT_SENT,
-                    f"the connection failed while the upload was being sent "
-                    f"({type(exc).__name__}); it never reached the API whole, so it was not "
-                    "charged") from exc
-            raise
+            if upload is None:
+                raise
+            raise _upload_failed(exc, upload.whole) from exc
         finally:
             if turn is not None:
                 turn.release()
@@ -231,18 +239,9 @@ class ApiClient:
 
     async def submit(self, payload: bytes, filename: str, content_type: str,
                      options: Options) -> Submitted:
-        try:
-            body = await self._call("POST", apispec.SUBMIT_PATH, "submit",
-                                    files={"image": (filename, payload, content_type)},
-                                    data=options.form_fields(), timeout=self._submit_timeout)
-        except NEVER_CONNECTED as exc:
-            raise ApiError(ErrorKind.NOT_SENT, f"could not connect to the API: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise ApiError(
-                ErrorKind.AMBIGUOUS,
-                f"the upload was sent but its answer was lost ({type(exc).__name__}); "
-                "the API may have charged for it",
-            ) from exc
+        body = await self._call("POST", apispec.SUBMIT_PATH, "submit",
+                                files={"image": (filename, payload, content_type)},
+                                data=options.form_fields(), timeout=self._submit_timeout)
         task_id = body.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             data = body.get("data")

@@ -29,6 +29,8 @@ class Budget:
     #: The limit comes from the account balance (running out is then an account-level stop).
     by_balance: bool = False
     reserved: int = 0
+    #: Uploads it let through that may have been charged.
+    spent: int = 0
 
     def reserve(self) -> bool:
         if self.left - self.reserved <= 0:
@@ -40,6 +42,7 @@ class Budget:
         self.reserved -= 1
         if charged:
             self.left -= 1
+            self.spent += 1
 
     @property
     def exhausted(self) -> bool:

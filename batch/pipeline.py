@@ -236,11 +236,13 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             stats = await scanning
             watcher = asyncio.create_task(watch_sources(rt, watch, list(rt.sources), stats))
             watcher.add_done_callback(lambda task: _watcher_ended(rt, task))
+            topping = asyncio.create_task(_credits_again(rt, watch.rescan))
             try:
                 await _drive(rt, keep_running=True)
             finally:
                 watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                topping.cancel()
+                await asyncio.gather(watcher, topping, return_exceptions=True)
         stats = await scanning
         if not rt.flags.abort:
             materialize_copies(ledger, out_dir, config.expiry_margin, rt.reaches)
@@ -336,27 +338,31 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
 
 
 def _scanned(rt: Runtime, task: asyncio.Task[ScanStats], already: int) -> None:
-    """The scan that ran beside the uploads is over: now the estimate can be told (with the
-    balance, once the first upload has read it)."""
+    """The scan that ran beside the uploads is over: now the estimate can be told, with the
+    balance; if the first upload has yet to read it, that read tells the estimate."""
     if task.cancelled() or task.exception() is not None or rt.flags.interrupted:
         return
-    _tell_estimate(rt, already + task.result().new_jobs)
+    rt.to_pay = already + task.result().new_jobs
+    if not (rt.to_pay and rt.balance_to_come):
+        _tell_estimate(rt, rt.to_pay)
 
 
 def _tell_estimate(rt: Runtime, to_pay: int) -> Estimate:
     per_image = rt.config.credits_per_image
     estimate = Estimate(to_pay, to_pay * per_image, rt.balance)
     log.info("Credits: %s.", estimate.describe())
-    if estimate.short:
-        log.warning("The balance pays for %d of %d image(s); sending those.",
-                    estimate.affordable(per_image), to_pay)
+    if estimate.short and (affordable := estimate.affordable(per_image)):
+        log.warning("The balance pays for %d of %d image(s); sending those.", affordable, to_pay)
+    elif estimate.short:
+        log.warning("The balance pays for none of the %d image(s).", to_pay)
     return estimate
 
 
 async def _check_money(rt: Runtime, to_pay: int | None) -> None:
     """Before any upload: read the balance and set what the run may spend. ``to_pay``: the
-    uploads the batch needs, or None while the scan that finds them is still going (the
-    balance alone bounds the uploads then, and the estimate is told when the scan ends)."""
+    uploads the batch needs, or None while the scan that finds them may still be going (the
+    balance alone bounds the uploads then, and the estimate is told when the scan ends, or
+    here if it ended first)."""
     config = rt.config
     limit = config.budget
     if to_pay is None or to_pay:
@@ -368,6 +374,8 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
                 rt.account_stop(error)
                 return
             log.warning("Could not read the credit balance (%s); going on.", error.describe())
+        if to_pay is None:  # the scan may have counted the batch while the balance was read
+            to_pay = rt.to_pay
     if to_pay:
         estimate = _tell_estimate(rt, to_pay)
         if estimate.short and config.on_short_balance == "stop":
@@ -386,6 +394,43 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
     # finds the allowance spent says so.
     if to_pay is not None and rt.budget is not None and rt.budget.exhausted:
         rt.budget_spent()
+
+
+async def _credits_again(rt: Runtime, every: float) -> None:
+    """A watch whose account ran out of credits goes on taking photos in, and reads the
+    balance every ``every`` seconds: once someone tops the account up, uploads resume
+    without anyone restarting it. Past --stop-submitting-at there is nothing to resume."""
+    next_read: float | None = None
+    while True:
+        await asyncio.sleep(min(every, 1.0))
+        error = rt.flags.account_error
+        if error is None or not error.out_of_credits:
+            next_read = None
+            continue
+        stop_at = rt.config.stop_submitting_at
+        if stop_at is not None and datetime.now().astimezone() >= stop_at:
+            return
+        if next_read is None:
+            log.warning("Watching goes on: new photos are recorded, and uploads resume once "
+                        "the account is topped up (its balance is read every %gs).", every)
+            next_read = time.monotonic() + every
+        if time.monotonic() < next_read:
+            continue
+        next_read = time.monotonic() + every
+        await rt.client.limiter.acquire()
+        try:
+            balance = await rt.client.credits()
+        except ApiError as failed:
+            if failed.kind is ErrorKind.ACCOUNT:
+                rt.account_stop(failed)
+            continue
+        needed = rt.config.credits_per_image
+        if rt.config.on_short_balance == "stop":  # the whole waiting batch, or nothing
+            needed *= rt.ledger.count_in(submittable(rt.config.on_ambiguous,
+                                                     rt.config.on_expired), rt.roots)
+        # A balance the answer does not state: the next upload's answer tells, at no cost.
+        if balance is None or balance >= needed:
+            rt.credits_again(balance)
 
 
 async def _clock(rt: Runtime) -> None:

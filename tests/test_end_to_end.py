@@ -328,7 +328,8 @@ def test_out_of_credits_stops_keeps_paid_work_and_resumes_after_top_up(
     args = ["run", str(src), "--out", str(out), "--concurrency", "2", *FAST_FLAGS]
     result = run_cli(args, emulator)
     assert result.returncode == 3, result.stderr
-    assert "credits" in result.stderr
+    assert "the account has 8" in result.stderr, "the estimate is told with the balance"
+    assert "The balance pays for 8 of 20 image(s); sending those." in result.stderr
     assert emulator.stats["charged"] == 8
     assert emulator.stats.get("rejected_ERROR_NOT_ENOUGH_CREDITS", 0) == 0, \
         "the balance was read first: no upload may be refused for credits"

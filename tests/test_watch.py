@@ -13,7 +13,7 @@ import pytest
 
 from batch.emulator import Emulator
 from tests.checks import assert_outputs_right
-from tests.conftest import API_KEY, FAST_FLAGS, cli_env, popen_cli, wait_for
+from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, cli_env, popen_cli, wait_for
 from tests.imagegen import encode, portrait
 
 
@@ -125,3 +125,31 @@ def test_watch_falls_back_to_polling_when_inotify_runs_out(
         _, stderr = proc.communicate(timeout=60)
     assert "Cannot watch with inotify" in stderr and "polling instead" in stderr, stderr[-2000:]
     assert_outputs_right(out, expected, emulator)
+
+
+def test_a_watch_out_of_credits_carries_on_once_topped_up(tmp_path: Path,
+                                                            make_emulator: MakeEmulator) -> None:
+    """A hot folder that runs out of credits keeps taking files in, saves what was paid for,
+    and sends the rest once someone tops the account up: nobody has to restart it."""
+    emulator = make_emulator(credits=2.0)
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    src.mkdir()
+    photos = {f"{i}.jpg": encode(portrait(seed=i), "JPEG") for i in range(4)}
+    for rel, data in list(photos.items())[:3]:
+        (src / rel).write_bytes(data)
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
+                      *FAST_FLAGS, "--smart-skin"], emulator)
+    try:
+        assert wait_for(lambda: len(list(out.glob("*.jpg"))) == 2, timeout=30)
+        (src / "3.jpg").write_bytes(photos["3.jpg"])  # arrives while the account is empty
+        time.sleep(3)
+        assert len(list(out.glob("*.jpg"))) == 2 and emulator.stats["charged"] == 2
+        emulator.set_credits(10)
+        assert wait_for(lambda: all((out / rel).exists() for rel in photos), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert_outputs_right(out, photos, emulator)
+    assert emulator.stats["charged"] == 4 and "4 done, 0 failed" in stdout
+    assert "out of credits" in stderr and "uploads resume" in stderr, stderr[-2000:]

@@ -16,7 +16,7 @@ from batch import apispec
 from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.breaker import CircuitBreaker
 from batch.api.retry import backoff_delay
-from batch.budget import Allowance
+from batch.budget import Allowance, Budget
 from batch.config import RunConfig
 from batch.ledger import Ledger, LedgerFull, TransitionInfo
 from batch.ledger.writer import LedgerWriter
@@ -101,6 +101,8 @@ class Runtime:
     #: (the pipeline's; run once, by :meth:`before_upload`).
     check_money: Callable[[], Awaitable[None]] | None = None
     _money_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The uploads the batch needs, once a scan that ran beside the uploads has counted them.
+    to_pay: int | None = None
     flags: Flags = field(default_factory=Flags)
     rng: random.Random = field(default_factory=random.Random)
     wake_submitter: asyncio.Event = field(default_factory=asyncio.Event)
@@ -123,6 +125,11 @@ class Runtime:
             if self.check_money is not None:
                 await self.check_money()
                 self.check_money = None
+
+    @property
+    def balance_to_come(self) -> bool:
+        """Whether the first upload's balance read is still to come (or under way)."""
+        return self.check_money is not None or self._money_lock.locked()
 
     @property
     def roots(self) -> tuple[str, ...]:
@@ -161,6 +168,22 @@ class Runtime:
         if not error.out_of_credits:
             self.flags.abort = True
         self.changed.set()
+
+    def credits_again(self, balance: float | None) -> None:
+        """The account that stopped the uploads has credits again (a watch runs for days, and
+        someone topped it up): uploads resume. A bound set by the old balance gives way to
+        what is left of --max-credits; the API's own answer bounds the new balance."""
+        if self.flags.submits_stopped is not StopReason.ACCOUNT:
+            return
+        self.balance = balance
+        self.flags.account_error = None
+        self.flags.submits_stopped = None
+        if isinstance(self.budget, Budget) and self.budget.by_balance:
+            limit = self.config.budget
+            self.budget = None if limit is None else Budget(limit - self.budget.spent)
+        log.warning("The account has %s credit(s) again: uploads resume.",
+                    "some" if balance is None else f"{balance:g}")
+        self.wake_submitter.set()
 
     def stop_submitting(self, reason: StopReason, why: str | None = None) -> None:
         """No new uploads (budget, clock, a disk nearly full); paid work is still polled and

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,85 @@ def test_a_slow_line_gets_a_large_upload_through(make_emulator: MakeEmulator) ->
 
     assert asyncio.run(upload())
     assert emulator.stats["charged"] == 1
+
+
+class _Refuse(BaseHTTPRequestHandler):
+    """A result host, or a proxy or firewall in front of it, that refuses every link."""
+
+    def do_GET(self) -> None:
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_host() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/result.jpg"
+    server.shutdown()
+    server.server_close()
+
+
+def held_results(out: Path) -> list[str]:
+    ledger = ledger_of(out)
+    try:
+        return [job.state for job in ledger.jobs_in(list(JobState))]
+    finally:
+        ledger.close()
+
+
+def test_links_refused_before_they_expire_are_kept_not_paid_again(
+        tmp_path: Path, make_emulator: MakeEmulator, refusing_host: str) -> None:
+    """A 403 for a link hours from its expiry says the path is blocked (a proxy, a
+    firewall), not that the result is gone: paying again would buy another refused link,
+    over and over. The run stops with the results kept; once the path is open again, the
+    same command saves them without a new upload."""
+    emulator = make_emulator(credits=30)
+    emulator.result_redirect = refusing_host
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(3)}
+    config = config_file(tmp_path)
+    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
+    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS,
+            "--smart-skin"]
+    refused = run_cli(args, emulator)
+    assert refused.returncode == 1, refused.stderr
+    assert "HTTP 403" in refused.stderr and "run the same command again" in refused.stderr
+    assert emulator.stats["charged"] == 3, "a refused link is never paid for again"
+    assert held_results(out) == ["ready"] * 3
+    assert not list(out.glob("*.jpg"))
+
+    emulator.result_redirect = None
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 3
+
+
+def test_a_result_host_down_longer_than_the_retries_loses_no_paid_result(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A paid result is not given up while its link lives: when the host stays down past
+    the attempt limit, the run stops with the result kept for the next run, which saves it
+    without paying again (a failed job would have cost a second upload to get it back)."""
+    emulator = make_emulator(faults=Faults(download_5xx=1.0))
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(2)}
+    config = config_file(tmp_path)
+    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
+    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS,
+            "--smart-skin"]
+    down = run_cli(args, emulator)
+    assert down.returncode == 1, down.stderr
+    assert "HTTP 500" in down.stderr
+    assert held_results(out) == ["ready"] * 2
+
+    emulator.config.faults.download_5xx = 0.0
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 2

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from batch.emulator import Emulator, Faults
-from tests.checks import ledger_of
-from tests.conftest import FAST_FLAGS, MakeEmulator, run_cli
+from batch.states import JobState
+from tests.checks import assert_outputs_right, ledger_of
+from tests.conftest import FAST_FLAGS, MakeEmulator, fast_config, run_cli
 from tests.imagegen import write_portrait
 
 
@@ -45,8 +50,91 @@ def test_results_over_the_size_cap_are_cut_off(tmp_path: Path, emulator: Emulato
 
 def test_content_that_is_not_an_image_is_never_accepted(
         tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """Every result arriving as something else (a captive portal's page, a proxy's error)
+    is never saved; nor is the paid result given up: the run stops with it kept."""
     emulator = make_emulator(faults=Faults(download_garbage=1.0))
-    code, reason = run_one(tmp_path, emulator)
-    assert code == 1
-    assert "not a valid image" in reason
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg")
+    config = tmp_path / "c.toml"
+    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 1
+    assert "not a valid image" in result.stderr and "kept" in result.stderr
     assert emulator.stats["downloads"] == 3
+    assert not any(p.is_file() for p in out.glob("*.jpg")), "nothing may be written"
+    ledger = ledger_of(out)
+    assert [job.state for job in ledger.jobs_in(list(JobState))] == ["ready"]
+    ledger.close()
+
+
+class _Relayed(Emulator):
+    """Result links that point at a relay in front of the result host."""
+
+    relay = ""
+
+    @property
+    def result_base(self) -> str:
+        return self.relay or super().result_base
+
+
+def relay_spoiling_one(origin: str) -> tuple[ThreadingHTTPServer, list[str]]:
+    """A relay to ``origin`` that answers the first link asked for with a page instead of
+    the image, every time, and slowly after the first; the others come through a moment
+    later, so they are saved while that one is still being tried."""
+    spoiled: list[str] = []
+
+    class Relay(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            token = self.path.rsplit("/", 1)[-1]
+            first = not spoiled
+            if first:
+                spoiled.append(token)
+            if token in spoiled:
+                time.sleep(0.0 if first else 1.0)
+                body = b"<html>not the image</html>" * 20
+            else:
+                time.sleep(0.3)
+                with urllib.request.urlopen(origin + self.path) as answer:
+                    body = answer.read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, spoiled
+
+
+def test_one_result_that_never_comes_right_fails_alone(tmp_path: Path) -> None:
+    """A result that keeps arriving wrong while the others are saved is that result's own
+    problem: it fails with the reason, and the run goes on with the rest."""
+    emulator = _Relayed(fast_config())
+    with emulator:
+        relay, spoiled = relay_spoiling_one(emulator.result_base)
+        emulator.relay = f"http://127.0.0.1:{relay.server_port}"
+        try:
+            src, out = tmp_path / "src", tmp_path / "out"
+            sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(4)}
+            config = tmp_path / "c.toml"
+            config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
+            result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                              *FAST_FLAGS, "--smart-skin"], emulator)
+        finally:
+            relay.shutdown()
+            relay.server_close()
+        assert result.returncode == 1, result.stderr
+        ledger = ledger_of(out)
+        [problem] = ledger.problems()
+        ledger.close()
+        assert problem.state == "failed"
+        assert "gave up after 3 attempts" in problem.reason
+        assert "not a valid image" in problem.reason
+        bad = Path(problem.path).name
+        assert not (out / bad).exists()
+        assert_outputs_right(out, {k: v for k, v in sources.items() if k != bad}, emulator)
+        assert emulator.stats["charged"] == 4 and len(spoiled) == 1

@@ -318,8 +318,8 @@ class ApiClient:
     async def _receive(self, response: httpx.Response, sink: IO[bytes]) -> Downloaded:
         status = response.status_code
         if status in (401, 403, 404, 410):
-            raise ApiError(ErrorKind.EXPIRED, f"the result host answered HTTP {status}: the "
-                                              "link has expired", http_status=status)
+            raise ApiError(ErrorKind.EXPIRED, "the result host refused the link",
+                           http_status=status)
         if status != 200:
             kind = ErrorKind.TRANSIENT if status >= 500 or status == 429 else ErrorKind.PERMANENT
             raise ApiError(kind, f"the result host answered HTTP {status}", http_status=status)

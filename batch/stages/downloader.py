@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
@@ -31,7 +32,7 @@ from batch.outputs import (
     resolve_inside,
 )
 from batch.preflight import Rejected, inspect_image
-from batch.stages.runtime import Runtime, info_of, wait_any
+from batch.stages.runtime import Runtime, StopReason, info_of, wait_any
 from batch.states import JobState
 
 log = logging.getLogger("batch.download")
@@ -56,6 +57,10 @@ class Downloader:
         self.in_flight: dict[int, asyncio.Task[None]] = {}
         #: No output may land inside a source folder (it would be scanned as a new photo).
         self._source_dirs = [p.resolve() for p in rt.config.sources if p.is_dir()]
+        #: When a result was last saved, and when each job's downloads began to fail: a job
+        #: that kept failing while others were saved has a problem of its own.
+        self.last_saved = 0.0
+        self.failing_since: dict[int, float] = {}
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -101,7 +106,7 @@ class Downloader:
         try:
             await self._save(job, [f for f in files if f.problem is None], temps)
         except ApiError as error:
-            await self._failed(job, error)
+            await self._failed(job, files, error)
         except OSError as exc:  # the disk is full, read-only, gone (a share), not ours...
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"could not write the output: {exc.strerror or exc}"))
@@ -131,6 +136,9 @@ class Downloader:
                 self._store, sink, job, targets, temp, temps, downloaded.sha256)
         await rt.writes.finish_download(job.id, sha256, outputs, problems)
         rt.progress.saved()
+        self.last_saved = time.monotonic()
+        self.failing_since.pop(job.id, None)
+        rt.resume(StopReason.REFUSED, "The result host serves results again")
 
     def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
                temps: list[Path], downloaded_sha256: str
@@ -210,14 +218,24 @@ class Downloader:
                 problems[target.id] = name_refusal(exc)
         return outputs, problems
 
-    async def _failed(self, job: JobRow, error: ApiError) -> None:
+    async def _failed(self, job: JobRow, files: list[FileRow], error: ApiError) -> None:
+        """A paid result whose link lives is not given up for the host's sake: refused or
+        failing, it is tried again; past the attempt limit, with no other result saved
+        meanwhile, the run stops with it kept for the same command to save. It fails only for
+        its own content, or for a limit it reached while other results were being saved.
+        A refusal of a live link is the path (a proxy, a firewall), not the result: no new
+        upload starts while it lasts, since each would buy another result it cannot fetch."""
         rt = self.rt
         attempts = job.attempts + 1
-        if error.kind is ErrorKind.EXPIRED:
+        expires_at = job.expires_at
+        live = expires_at is None or time.time() < expires_at - rt.config.expiry_margin
+        since = self.failing_since.setdefault(job.id, time.monotonic())
+        if error.kind is ErrorKind.EXPIRED and not live:
             await rt.writes.transition(job.id, JobState.EXPIRED, info=info_of(error),
                                        attempts=attempts)
             rt.expired()
-        elif error.kind is ErrorKind.PERMANENT or attempts >= rt.config.max_attempts:
+        elif error.kind is ErrorKind.PERMANENT or (attempts >= rt.config.max_attempts
+                                                   and self.last_saved > since):
             message = error.describe() if error.kind is ErrorKind.PERMANENT else (
                 f"download gave up after {attempts} attempts: {error.describe()}")
             await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts,
@@ -226,6 +244,24 @@ class Downloader:
                                                            message=message))
             rt.progress.dropped(uploaded=True)
         else:
+            if error.kind is ErrorKind.EXPIRED:
+                rt.stop_submitting(StopReason.REFUSED)
             await rt.writes.transition(job.id, JobState.READY, attempts=attempts,
                                        next_attempt_at=time.time() + rt.backoff(attempts),
                                        info=info_of(error))
+            if attempts >= rt.config.max_attempts:
+                rt.fail_run(self._kept(job, files, attempts, error))
+            return
+        self.failing_since.pop(job.id, None)
+
+    @staticmethod
+    def _kept(job: JobRow, files: list[FileRow], attempts: int, error: ApiError) -> str:
+        what = Path(files[0].root, files[0].rel_path) if files else f"job {job.id}"
+        hint = (" (a proxy or firewall between this machine and the result host?)"
+                if error.kind is ErrorKind.EXPIRED else "")
+        until = "" if job.expires_at is None else \
+            f" (this one's by {datetime.fromtimestamp(job.expires_at):%Y-%m-%d %H:%M})"
+        return (f"The result of {what} could not be fetched in {attempts} attempts: "
+                f"{error.describe()}{hint}; no other result was saved meanwhile. It is paid "
+                f"for and kept, as are the others: run the same command again to save them "
+                f"before their links expire{until}.")

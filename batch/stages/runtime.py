@@ -34,6 +34,7 @@ class StopReason(StrEnum):
     BUDGET = "budget reached"
     CLOCK = "stop-submitting time reached"
     DISK = "the disk is nearly full"
+    REFUSED = "the result host refuses links that have not expired"
     DEADLINE = "deadline reached"
     ACCOUNT = "account problem"
     FATAL = "the run cannot go on"
@@ -41,7 +42,7 @@ class StopReason(StrEnum):
 
 #: Stops that leave jobs waiting for a later run (their reason is written on them).
 WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE,
-                           StopReason.DISK})
+                           StopReason.DISK, StopReason.REFUSED})
 
 
 @dataclass
@@ -193,11 +194,12 @@ class Runtime:
             log.warning("No more uploads: %s.", why or reason.value)
         self.changed.set()
 
-    def room_again(self) -> None:
-        """Someone made room on the disk that stopped the uploads: they start again."""
-        if self.flags.submits_stopped is StopReason.DISK:
+    def resume(self, reason: StopReason, why: str) -> None:
+        """What stopped the uploads for ``reason`` is over (someone made room on the disk, the
+        result host serves results again): they start again."""
+        if self.flags.submits_stopped is reason:
             self.flags.submits_stopped = None
-            log.warning("The disk has room again: uploads resume.")
+            log.warning("%s: uploads resume.", why)
             self.wake_submitter.set()
 
     def budget_spent(self) -> None:

@@ -89,7 +89,7 @@ class Submitter:
         while not rt.flags.abort:
             if rt.flags.submits_stopped is StopReason.DISK and short_of_room(
                     self.folders, ROOM_TO_RESUME) is None:  # made room: a watch runs for days
-                rt.room_again()
+                rt.resume(StopReason.DISK, "The disk has room again")
             if rt.flags.submits_stopped is not None:
                 self._drop_unsent()
             free = self.most - len(self.in_flight)

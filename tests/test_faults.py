@@ -301,3 +301,21 @@ def test_a_result_host_down_longer_than_the_retries_loses_no_paid_result(
     assert again.returncode == 0, again.stderr
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 2
+
+
+def test_a_refused_download_of_a_deleted_output_stops_nothing(
+        tmp_path: Path, make_emulator: MakeEmulator, refusing_host: str) -> None:
+    """An output deleted after delivery is downloaded again while its link lives; refused,
+    it is listed as expired, as a dead link is: nothing is at stake (it is never bought
+    again unasked), so no upload waits for it and the run does not stop over it."""
+    emulator = make_emulator()
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg", seed=1)
+    args = ["run", str(src), "--out", str(out), *FAST_FLAGS, "--smart-skin"]
+    assert run_cli(args, emulator).returncode == 0
+    (out / "a.jpg").unlink()
+    emulator.result_redirect = refusing_host
+    again = run_cli(args, emulator)
+    assert held_results(out) == ["expired"]
+    assert "No more uploads" not in again.stderr and "could not be fetched" not in again.stderr
+    assert "expired" in again.stdout and emulator.stats["charged"] == 1

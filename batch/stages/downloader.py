@@ -229,13 +229,15 @@ class Downloader:
         attempts = job.attempts + 1
         expires_at = job.expires_at
         live = expires_at is None or time.time() < expires_at - rt.config.expiry_margin
+        # Saved before (a deleted output written again): nothing is at stake, nor paid again.
+        delivered = job.result_sha256 is not None
         since = self.failing_since.setdefault(job.id, time.monotonic())
-        if error.kind is ErrorKind.EXPIRED and not live:
+        if error.kind is ErrorKind.EXPIRED and (delivered or not live):
             await rt.writes.transition(job.id, JobState.EXPIRED, info=info_of(error),
                                        attempts=attempts)
             rt.expired()
         elif error.kind is ErrorKind.PERMANENT or (attempts >= rt.config.max_attempts
-                                                   and self.last_saved > since):
+                                                   and (delivered or self.last_saved > since)):
             message = error.describe() if error.kind is ErrorKind.PERMANENT else (
                 f"download gave up after {attempts} attempts: {error.describe()}")
             await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts,

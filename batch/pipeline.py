@@ -40,7 +40,7 @@ from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
-from batch.states import IN_FLIGHT, UNFINISHED, submittable
+from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
 from batch.status import StatusReport, collect_status, rejected
 from batch.worker import SharedPace, Worker
 
@@ -259,7 +259,9 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         rt.writes.close()
     waiting = rt.flags.submits_stopped
     if waiting in WAITING_STOPS:
-        ledger.patiently(lambda: ledger.annotate_waiting(to_send, f"not sent: {waiting}"))
+        # Only jobs never sent: a lost answer or a lost result keeps its own reason.
+        ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING],
+                                                         f"not sent: {waiting}"))
     status = ledger.patiently(lambda: collect_status(ledger))
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
@@ -541,7 +543,7 @@ def _stop_message(rt: Runtime) -> str | None:
         return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight; their result "
                 f"links expire from {first}. Run the same command again before then to save "
                 "them.")
-    if rt.flags.submits_stopped in (StopReason.BUDGET, StopReason.CLOCK, StopReason.DISK):
+    if rt.flags.submits_stopped in WAITING_STOPS:
         return (f"Uploads stopped: {rt.flags.submits_stopped.value}; the rest wait for the "
                 "next run.")
     if rt.flags.interrupted:

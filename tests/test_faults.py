@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import signal
 import threading
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -319,3 +321,79 @@ def test_a_refused_download_of_a_deleted_output_stops_nothing(
     assert held_results(out) == ["expired"]
     assert "No more uploads" not in again.stderr and "could not be fetched" not in again.stderr
     assert "expired" in again.stdout and emulator.stats["charged"] == 1
+
+
+def relay_losing_tasks(api_base: str) -> ThreadingHTTPServer:
+    """A gateway in front of the API that passes uploads on and answers every status query
+    with a 404 page of its own: to the client, every task it sent is lost at once."""
+    origin = urlsplit(api_base)
+
+    class Gateway(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+            self.send_response(status)
+            for name, value in headers:
+                if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _relay(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            body = self.rfile.read(length) if length else None
+            if "query-async-task-result" in self.path:
+                self._answer(404, b"<html><body>404 Not Found</body></html>",
+                             [("Content-Type", "text/html")])
+                return
+            upstream = http.client.HTTPConnection(origin.hostname or "", origin.port)
+            try:
+                upstream.request(method, self.path, body=body, headers={
+                    k: v for k, v in self.headers.items() if k.lower() != "host"})
+                answer = upstream.getresponse()
+                self._answer(answer.status, answer.read(), answer.getheaders())
+            finally:
+                upstream.close()
+
+        def do_GET(self) -> None:
+            self._relay("GET")
+
+        def do_POST(self) -> None:
+            self._relay("POST")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_tasks_lost_as_soon_as_sent_stop_the_uploads(tmp_path: Path,
+                                                     make_emulator: MakeEmulator) -> None:
+    """Tasks the API forgets before anything answered for them (a gateway in front of it
+    404s the status path) are each resubmitted and lost again, a credit a time, until the
+    account is empty. The first such loss stops the uploads; the lost jobs keep their
+    reason, and a later run against a working API sends them again, the ledger saying why."""
+    emulator = make_emulator(credits=20)
+    gateway = relay_losing_tasks(emulator.api_base)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(3)}
+    args = ["run", str(src), "--out", str(out), *FAST_FLAGS, "--smart-skin"]
+    try:
+        lost = run_cli([*args, "--api-base", f"http://127.0.0.1:{gateway.server_port}"],
+                       emulator)
+    finally:
+        gateway.shutdown()
+        gateway.server_close()
+    assert lost.returncode == 1, lost.stderr
+    assert "No more uploads: the API lost tasks it had just accepted" in lost.stderr
+    assert emulator.stats["charged"] == 3
+    assert held_results(out) == ["expired"] * 3
+    assert "no longer knows this task" in lost.stdout
+
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 6

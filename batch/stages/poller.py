@@ -15,7 +15,7 @@ from batch import apispec
 from batch.api import ApiError, ErrorKind
 from batch.ledger import TransitionInfo
 from batch.ledger.store import StaleTransition
-from batch.stages.runtime import Runtime, info_of, wait_any
+from batch.stages.runtime import Runtime, StopReason, info_of, wait_any
 from batch.states import OPEN, JobState
 
 log = logging.getLogger("batch.poll")
@@ -97,6 +97,8 @@ class Poller:
         #: Some open task is in the ledger only (the window was full when it came).
         self._left_out = False
         self.clock = TaskClock(rt.config.poll_interval)
+        #: When the API last answered for a task (wall clock, as tasks' upload times).
+        self.answered_at = 0.0
 
     def _track(self, job_id: int, task_id: str, state: JobState, submitted_at: float,
                expires_at: float) -> None:
@@ -187,6 +189,8 @@ class Poller:
             except ApiError as error:
                 await self._error(job_id, item, error)
                 return
+            self.answered_at = time.time()
+            rt.resume(StopReason.LOST, "The API answers for its tasks again")
             if status.status == apispec.TASK_COMPLETED:
                 self.clock.observe(item.due - item.submitted_at)
                 await self._move(job_id, JobState.READY, TransitionInfo(
@@ -226,6 +230,10 @@ class Poller:
             rt.progress.dropped(uploaded=True)
             return
         if error.kind is ErrorKind.EXPIRED:  # a lost task: resubmitted or reported, as on_expired
+            if self.answered_at < item.submitted_at:
+                # Nothing answered since it was sent: the API, or a gateway in front of it,
+                # may be losing every task, and each upload would buy another lost one.
+                rt.stop_submitting(StopReason.LOST)
             await self._move(job_id, JobState.EXPIRED, info_of(error))
             rt.expired()
             return

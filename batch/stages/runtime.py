@@ -35,6 +35,7 @@ class StopReason(StrEnum):
     CLOCK = "stop-submitting time reached"
     DISK = "the disk is nearly full"
     REFUSED = "the result host refuses links that have not expired"
+    LOST = "the API lost tasks it had just accepted"
     DEADLINE = "deadline reached"
     ACCOUNT = "account problem"
     FATAL = "the run cannot go on"
@@ -42,7 +43,7 @@ class StopReason(StrEnum):
 
 #: Stops that leave jobs waiting for a later run (their reason is written on them).
 WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE,
-                           StopReason.DISK, StopReason.REFUSED})
+                           StopReason.DISK, StopReason.REFUSED, StopReason.LOST})
 
 
 @dataclass

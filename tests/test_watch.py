@@ -153,3 +153,31 @@ def test_a_watch_out_of_credits_carries_on_once_topped_up(tmp_path: Path,
     assert_outputs_right(out, photos, emulator)
     assert emulator.stats["charged"] == 4 and "4 done, 0 failed" in stdout
     assert "out of credits" in stderr and "uploads resume" in stderr, stderr[-2000:]
+
+
+def test_a_watch_whose_policy_is_all_or_nothing_waits_for_the_whole_batch(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """With on_short_balance = "stop" a top-up that pays for part of what waits sends
+    nothing; one that pays for all of it sends it all."""
+    emulator = make_emulator(credits=1.0)
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    src.mkdir()
+    photos = {f"{i}.jpg": encode(portrait(seed=i), "JPEG") for i in range(3)}
+    for rel, data in photos.items():
+        (src / rel).write_bytes(data)
+    config = tmp_path / "c.toml"
+    config.write_text('on_short_balance = "stop"\n')
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
+                      "--config", str(config), *FAST_FLAGS, "--smart-skin"], emulator)
+    try:
+        time.sleep(3)
+        emulator.set_credits(2)
+        time.sleep(3)
+        assert emulator.stats.get("submits", 0) == 0, "2 credits do not pay for 3 photos"
+        emulator.set_credits(3)
+        assert wait_for(lambda: all((out / rel).exists() for rel in photos), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert emulator.stats["charged"] == 3

@@ -179,13 +179,11 @@ class Runtime:
             return
         self.balance = balance
         self.flags.account_error = None
-        self.flags.submits_stopped = None
         if isinstance(self.budget, Budget) and self.budget.by_balance:
             limit = self.config.budget
             self.budget = None if limit is None else Budget(limit - self.budget.spent)
-        log.warning("The account has %s credit(s) again: uploads resume.",
-                    "some" if balance is None else f"{balance:g}")
-        self.wake_submitter.set()
+        self.resume(StopReason.ACCOUNT, "The account has "
+                    f"{'some' if balance is None else f'{balance:g}'} credit(s) again")
 
     def stop_submitting(self, reason: StopReason, why: str | None = None) -> None:
         """No new uploads (budget, clock, a disk nearly full); paid work is still polled and

@@ -253,6 +253,16 @@ def held_results(out: Path) -> list[str]:
         ledger.close()
 
 
+def three_quick_attempts(tmp_path: Path, count: int) -> tuple[dict[str, bytes], Path, list[str]]:
+    """``count`` photos, and the arguments of a run that gives a download three quick tries."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(count)}
+    config = tmp_path / "c.toml"
+    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
+    return sources, out, ["run", str(src), "--out", str(out), "--config", str(config),
+                          *FAST_FLAGS, "--smart-skin"]
+
+
 def test_links_refused_before_they_expire_are_kept_not_paid_again(
         tmp_path: Path, make_emulator: MakeEmulator, refusing_host: str) -> None:
     """A 403 for a link hours from its expiry says the path is blocked (a proxy, a
@@ -261,12 +271,7 @@ def test_links_refused_before_they_expire_are_kept_not_paid_again(
     same command saves them without a new upload."""
     emulator = make_emulator(credits=30)
     emulator.result_redirect = refusing_host
-    src, out = tmp_path / "src", tmp_path / "out"
-    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(3)}
-    config = config_file(tmp_path)
-    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
-    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS,
-            "--smart-skin"]
+    sources, out, args = three_quick_attempts(tmp_path, 3)
     refused = run_cli(args, emulator)
     assert refused.returncode == 1, refused.stderr
     assert "HTTP 403" in refused.stderr and "run the same command again" in refused.stderr
@@ -287,12 +292,7 @@ def test_a_result_host_down_longer_than_the_retries_loses_no_paid_result(
     the attempt limit, the run stops with the result kept for the next run, which saves it
     without paying again (a failed job would have cost a second upload to get it back)."""
     emulator = make_emulator(faults=Faults(download_5xx=1.0))
-    src, out = tmp_path / "src", tmp_path / "out"
-    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(2)}
-    config = config_file(tmp_path)
-    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
-    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS,
-            "--smart-skin"]
+    sources, out, args = three_quick_attempts(tmp_path, 2)
     down = run_cli(args, emulator)
     assert down.returncode == 1, down.stderr
     assert "HTTP 500" in down.stderr

@@ -127,6 +127,14 @@ def test_watch_falls_back_to_polling_when_inotify_runs_out(
     assert_outputs_right(out, expected, emulator)
 
 
+def stopped(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Stop a watch as a service manager does; it ends cleanly (exit 130)."""
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    return stdout, stderr
+
+
 def test_a_watch_out_of_credits_carries_on_once_topped_up(tmp_path: Path,
                                                             make_emulator: MakeEmulator) -> None:
     """A hot folder that runs out of credits keeps taking files in, saves what was paid for,
@@ -147,9 +155,7 @@ def test_a_watch_out_of_credits_carries_on_once_topped_up(tmp_path: Path,
         emulator.set_credits(10)
         assert wait_for(lambda: all((out / rel).exists() for rel in photos), timeout=30)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-2000:]
+        stdout, stderr = stopped(proc)
     assert_outputs_right(out, photos, emulator)
     assert emulator.stats["charged"] == 4 and "4 done, 0 failed" in stdout
     assert "out of credits" in stderr and "uploads resume" in stderr, stderr[-2000:]
@@ -177,7 +183,5 @@ def test_a_watch_whose_policy_is_all_or_nothing_waits_for_the_whole_batch(
         emulator.set_credits(3)
         assert wait_for(lambda: all((out / rel).exists() for rel in photos), timeout=30)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-2000:]
+        stopped(proc)
     assert emulator.stats["charged"] == 3

@@ -203,7 +203,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     client = _client(config, ledger, worker)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
     rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger),
-                 worker=worker.name,
+                 worker=worker.name, watching=watch is not None,
                  sources=tuple(source_roots(config.sources, config.root_map)))
     to_send = submittable(config.on_ambiguous, config.on_expired)
     loop = asyncio.get_running_loop()

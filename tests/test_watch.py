@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.emulator import Emulator
+from batch.emulator import Emulator, Faults
 from tests.checks import assert_outputs_right
 from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, cli_env, popen_cli, wait_for
 from tests.imagegen import encode, portrait
@@ -185,3 +185,34 @@ def test_a_watch_whose_policy_is_all_or_nothing_waits_for_the_whole_batch(
     finally:
         stopped(proc)
     assert emulator.stats["charged"] == 3
+
+
+def test_a_watch_waits_out_a_result_host_that_is_down(tmp_path: Path,
+                                                      make_emulator: MakeEmulator) -> None:
+    """A hot folder runs for days: a result host down past the attempt limit does not end
+    it. It keeps the paid results and tries them again, sends no new photo meanwhile (each
+    would buy a result that cannot be fetched), and carries on once the host is back."""
+    emulator = make_emulator(faults=Faults(download_5xx=1.0))
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    src.mkdir()
+    photos = {f"{i}.jpg": encode(portrait(seed=i), "JPEG") for i in range(3)}
+    for rel in ("0.jpg", "1.jpg"):
+        (src / rel).write_bytes(photos[rel])
+    config = tmp_path / "c.toml"
+    config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
+                      "--config", str(config), *FAST_FLAGS, "--smart-skin"], emulator)
+    try:
+        assert wait_for(lambda: emulator.stats.get("downloads", 0) >= 10, timeout=30)
+        (src / "2.jpg").write_bytes(photos["2.jpg"])  # arrives while no result comes through
+        time.sleep(3)
+        assert proc.poll() is None, "the watch must not end"
+        assert emulator.stats["submits"] == 2 and not list(out.glob("*.jpg"))
+        emulator.config.faults.download_5xx = 0.0
+        assert wait_for(lambda: all((out / rel).exists() for rel in photos), timeout=30)
+    finally:
+        _, stderr = stopped(proc)
+    assert_outputs_right(out, photos, emulator)
+    assert emulator.stats["charged"] == 3
+    assert "No more uploads: results paid for cannot be fetched" in stderr
+    assert "A result came through: uploads resume" in stderr

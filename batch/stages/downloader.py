@@ -138,7 +138,7 @@ class Downloader:
         rt.progress.saved()
         self.last_saved = time.monotonic()
         self.failing_since.pop(job.id, None)
-        rt.resume(StopReason.REFUSED, "The result host serves results again")
+        rt.resume(StopReason.UNFETCHED, "A result came through")
 
     def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
                temps: list[Path], downloaded_sha256: str
@@ -221,10 +221,12 @@ class Downloader:
     async def _failed(self, job: JobRow, files: list[FileRow], error: ApiError) -> None:
         """A paid result whose link lives is not given up for the host's sake: refused or
         failing, it is tried again; past the attempt limit, with no other result saved
-        meanwhile, the run stops with it kept for the same command to save. It fails only for
-        its own content, or for a limit it reached while other results were being saved.
-        A refusal of a live link is the path (a proxy, a firewall), not the result: no new
-        upload starts while it lasts, since each would buy another result it cannot fetch."""
+        meanwhile, the run stops with it kept for the same command to save (a watch, which
+        runs for days, goes on trying until its link's life ends). It fails only for its own
+        content, or for a limit it reached while other results were being saved. A refusal
+        of a live link is the path (a proxy, a firewall), not the result: from the first one,
+        as from the attempt limit, no new upload starts until a result comes through, since
+        each would buy another result that cannot be fetched."""
         rt = self.rt
         attempts = job.attempts + 1
         expires_at = job.expires_at
@@ -246,12 +248,12 @@ class Downloader:
                                                            message=message))
             rt.progress.dropped(uploaded=True)
         else:
-            if error.kind is ErrorKind.EXPIRED:
-                rt.stop_submitting(StopReason.REFUSED)
+            if error.kind is ErrorKind.EXPIRED or attempts >= rt.config.max_attempts:
+                rt.stop_submitting(StopReason.UNFETCHED)
             await rt.writes.transition(job.id, JobState.READY, attempts=attempts,
                                        next_attempt_at=time.time() + rt.backoff(attempts),
                                        info=info_of(error))
-            if attempts >= rt.config.max_attempts:
+            if attempts >= rt.config.max_attempts and not rt.watching:
                 rt.fail_run(self._kept(job, files, attempts, error))
             return
         self.failing_since.pop(job.id, None)

@@ -34,7 +34,7 @@ class StopReason(StrEnum):
     BUDGET = "budget reached"
     CLOCK = "stop-submitting time reached"
     DISK = "the disk is nearly full"
-    REFUSED = "the result host refuses links that have not expired"
+    UNFETCHED = "results paid for cannot be fetched from the result host"
     LOST = "the API lost tasks it had just accepted"
     DEADLINE = "deadline reached"
     ACCOUNT = "account problem"
@@ -43,7 +43,7 @@ class StopReason(StrEnum):
 
 #: Stops that leave jobs waiting for a later run (their reason is written on them).
 WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE,
-                           StopReason.DISK, StopReason.REFUSED, StopReason.LOST})
+                           StopReason.DISK, StopReason.UNFETCHED, StopReason.LOST})
 
 
 @dataclass
@@ -96,6 +96,8 @@ class Runtime:
     #: The run's sources: the scan walks them, and on a shared ledger the worker claims only
     #: jobs with a file under one of them.
     sources: tuple[SourceRoot, ...] = ()
+    #: A watch, which runs for days: what would end a night's run, it waits out.
+    watching: bool = False
     budget: Allowance | None = None
     #: The account's balance as read before the first upload (None: not read).
     balance: float | None = None

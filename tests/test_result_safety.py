@@ -78,10 +78,11 @@ class _Relayed(Emulator):
         return self.relay or super().result_base
 
 
-def relay_spoiling_one(origin: str) -> tuple[ThreadingHTTPServer, list[str]]:
+def relay_spoiling_one(origin: str, every_time: bool = True
+                       ) -> tuple[ThreadingHTTPServer, list[str]]:
     """A relay to ``origin`` that answers the first link asked for with a page instead of
-    the image, every time, and slowly after the first; the others come through a moment
-    later, so they are saved while that one is still being tried."""
+    the image, every time (or only the first time), and slowly after the first; the others
+    come through a moment later, so they are saved while that one is still being tried."""
     spoiled: list[str] = []
 
     class Relay(BaseHTTPRequestHandler):
@@ -90,7 +91,7 @@ def relay_spoiling_one(origin: str) -> tuple[ThreadingHTTPServer, list[str]]:
             first = not spoiled
             if first:
                 spoiled.append(token)
-            if token in spoiled:
+            if first or (every_time and token in spoiled):
                 time.sleep(0.0 if first else 1.0)
                 body = b"<html>not the image</html>" * 20
             else:
@@ -138,3 +139,28 @@ def test_one_result_that_never_comes_right_fails_alone(tmp_path: Path) -> None:
         assert not (out / bad).exists()
         assert_outputs_right(out, {k: v for k, v in sources.items() if k != bad}, emulator)
         assert emulator.stats["charged"] == 4 and len(spoiled) == 1
+
+
+def test_a_result_kept_by_the_last_run_survives_a_hitch_in_this_one(tmp_path: Path) -> None:
+    """The attempt limit counts this run's tries: a result the last run kept after its
+    limit is tried afresh, so one broken answer now does not stop this run too."""
+    emulator = _Relayed(fast_config(faults=Faults(download_garbage=1.0)))
+    with emulator:
+        relay, spoiled = relay_spoiling_one(emulator.result_base, every_time=False)
+        emulator.relay = f"http://127.0.0.1:{relay.server_port}"
+        try:
+            src, out = tmp_path / "src", tmp_path / "out"
+            sources = {"a.jpg": write_portrait(src / "a.jpg")}
+            config = tmp_path / "c.toml"
+            config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
+            args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS]
+            assert run_cli(args, emulator).returncode == 1  # kept, as ready, after 3 tries
+            emulator.config.faults.download_garbage = 0.0
+            spoiled.clear()  # the next answer is broken once more
+            again = run_cli(args, emulator)
+        finally:
+            relay.shutdown()
+            relay.server_close()
+        assert again.returncode == 0, again.stderr
+        assert len(spoiled) == 1 and emulator.stats["charged"] == 1
+        assert_outputs_right(out, sources, emulator)

@@ -57,10 +57,12 @@ class Downloader:
         self.in_flight: dict[int, asyncio.Task[None]] = {}
         #: No output may land inside a source folder (it would be scanned as a new photo).
         self._source_dirs = [p.resolve() for p in rt.config.sources if p.is_dir()]
-        #: When a result was last saved, and when each job's downloads began to fail: a job
-        #: that kept failing while others were saved has a problem of its own.
+        #: When a result was last saved, and since when and how often in this run each
+        #: job's downloads have failed: a job that kept failing while others were saved has a
+        #: problem of its own. The attempt limit counts this run's tries: one left at it by
+        #: the run before must not stop this one at its first hitch.
         self.last_saved = 0.0
-        self.failing_since: dict[int, float] = {}
+        self.failing: dict[int, tuple[float, int]] = {}
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -137,7 +139,7 @@ class Downloader:
         await rt.writes.finish_download(job.id, sha256, outputs, problems)
         rt.progress.saved()
         self.last_saved = time.monotonic()
-        self.failing_since.pop(job.id, None)
+        self.failing.pop(job.id, None)
         rt.resume(StopReason.UNFETCHED, "A result came through")
 
     def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
@@ -233,30 +235,33 @@ class Downloader:
         live = expires_at is None or time.time() < expires_at - rt.config.expiry_margin
         # Saved before (a deleted output written again): nothing is at stake, nor paid again.
         delivered = job.result_sha256 is not None
-        since = self.failing_since.setdefault(job.id, time.monotonic())
+        since, tries = self.failing.get(job.id, (time.monotonic(), 0))
+        tries += 1
+        self.failing[job.id] = since, tries
+        limit = tries >= rt.config.max_attempts
         if error.kind is ErrorKind.EXPIRED and (delivered or not live):
             await rt.writes.transition(job.id, JobState.EXPIRED, info=info_of(error),
                                        attempts=attempts)
             rt.expired()
-        elif error.kind is ErrorKind.PERMANENT or (attempts >= rt.config.max_attempts
-                                                   and (delivered or self.last_saved > since)):
+        elif error.kind is ErrorKind.PERMANENT or (limit and (delivered or
+                                                             self.last_saved > since)):
             message = error.describe() if error.kind is ErrorKind.PERMANENT else (
-                f"download gave up after {attempts} attempts: {error.describe()}")
+                f"download gave up after {tries} attempts: {error.describe()}")
             await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts,
                                        info=TransitionInfo(http_status=error.http_status,
                                                            error_code=error.code,
                                                            message=message))
             rt.progress.dropped(uploaded=True)
         else:
-            if error.kind is ErrorKind.EXPIRED or attempts >= rt.config.max_attempts:
+            if error.kind is ErrorKind.EXPIRED or limit:
                 rt.stop_submitting(StopReason.UNFETCHED)
             await rt.writes.transition(job.id, JobState.READY, attempts=attempts,
                                        next_attempt_at=time.time() + rt.backoff(attempts),
                                        info=info_of(error))
-            if attempts >= rt.config.max_attempts and not rt.watching:
-                rt.fail_run(self._kept(job, files, attempts, error))
+            if limit and not rt.watching:
+                rt.fail_run(self._kept(job, files, tries, error))
             return
-        self.failing_since.pop(job.id, None)
+        self.failing.pop(job.id, None)
 
     @staticmethod
     def _kept(job: JobRow, files: list[FileRow], attempts: int, error: ApiError) -> str:

@@ -231,15 +231,14 @@ class Downloader:
         each would buy another result that cannot be fetched."""
         rt = self.rt
         attempts = job.attempts + 1
-        expires_at = job.expires_at
-        live = expires_at is None or time.time() < expires_at - rt.config.expiry_margin
         # Saved before (a deleted output written again): nothing is at stake, nor paid again.
+        # A link past its life never gets here: each try begins by asking its time.
         delivered = job.result_sha256 is not None
         since, tries = self.failing.get(job.id, (time.monotonic(), 0))
         tries += 1
         self.failing[job.id] = since, tries
         limit = tries >= rt.config.max_attempts
-        if error.kind is ErrorKind.EXPIRED and (delivered or not live):
+        if error.kind is ErrorKind.EXPIRED and delivered:
             await rt.writes.transition(job.id, JobState.EXPIRED, info=info_of(error),
                                        attempts=attempts)
             rt.expired()

@@ -402,23 +402,14 @@ async def _credits_again(rt: Runtime, every: float) -> None:
     """A watch whose account ran out of credits goes on taking photos in, and reads the
     balance every ``every`` seconds: once someone tops the account up, uploads resume
     without anyone restarting it. Past --stop-submitting-at there is nothing to resume."""
-    next_read: float | None = None
     while True:
-        await asyncio.sleep(min(every, 1.0))
+        await asyncio.sleep(every)
         error = rt.flags.account_error
         if error is None or not error.out_of_credits:
-            next_read = None
             continue
         stop_at = rt.config.stop_submitting_at
         if stop_at is not None and datetime.now().astimezone() >= stop_at:
             return
-        if next_read is None:
-            log.warning("Watching goes on: new photos are recorded, and uploads resume once "
-                        "the account is topped up (its balance is read every %gs).", every)
-            next_read = time.monotonic() + every
-        if time.monotonic() < next_read:
-            continue
-        next_read = time.monotonic() + every
         await rt.client.limiter.acquire()
         try:
             balance = await rt.client.credits()

@@ -168,6 +168,10 @@ class Runtime:
         if self.flags.account_error is None:
             self.flags.account_error = error
             log.error("Account problem: %s", error.describe())
+            if self.watching and error.out_of_credits:
+                log.warning("Watching goes on: new photos are recorded, and uploads resume "
+                            "once the account is topped up (its balance is read at each "
+                            "--rescan).")
         self.flags.submits_stopped = StopReason.ACCOUNT
         if not error.out_of_credits:
             self.flags.abort = True

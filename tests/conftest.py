@@ -7,10 +7,12 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +190,16 @@ def slow_disk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             pytest.fail(f"cannot build the slow-disk shim: {exc}")
         pytest.skip(f"no C compiler to build the slow-disk shim: {exc}")
     return slowdisk.environment(library)
+
+
+@contextmanager
+def loopback_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on loopback (a proxy, a relay, a gateway) for the block's length;
+    yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

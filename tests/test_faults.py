@@ -6,10 +6,9 @@ import asyncio
 import http.client
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,7 +21,14 @@ from batch.options import Options
 from batch.secret import Secret
 from batch.states import JobState
 from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
-from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, popen_cli, run_cli
+from tests.conftest import (
+    API_KEY,
+    FAST_FLAGS,
+    MakeEmulator,
+    loopback_server,
+    popen_cli,
+    run_cli,
+)
 from tests.imagegen import encode, portrait, write_portrait
 
 FAST_RETRIES = """
@@ -237,12 +243,8 @@ class _Refuse(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def refusing_host() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/result.jpg"
-    server.shutdown()
-    server.server_close()
+    with loopback_server(_Refuse) as url:
+        yield f"{url}/result.jpg"
 
 
 def held_results(out: Path) -> list[str]:
@@ -323,7 +325,7 @@ def test_a_refused_download_of_a_deleted_output_stops_nothing(
     assert "expired" in again.stdout and emulator.stats["charged"] == 1
 
 
-def relay_losing_tasks(api_base: str) -> ThreadingHTTPServer:
+def gateway_losing_tasks(api_base: str) -> type[BaseHTTPRequestHandler]:
     """A gateway in front of the API that passes uploads on and answers every status query
     with a 404 page of its own: to the client, every task it sent is lost at once."""
     origin = urlsplit(api_base)
@@ -365,9 +367,7 @@ def relay_losing_tasks(api_base: str) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return Gateway
 
 
 def test_tasks_lost_as_soon_as_sent_stop_the_uploads(tmp_path: Path,
@@ -377,16 +377,11 @@ def test_tasks_lost_as_soon_as_sent_stop_the_uploads(tmp_path: Path,
     account is empty. The first such loss stops the uploads; the lost jobs keep their
     reason, and a later run against a working API sends them again, the ledger saying why."""
     emulator = make_emulator(credits=20)
-    gateway = relay_losing_tasks(emulator.api_base)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(3)}
     args = ["run", str(src), "--out", str(out), *FAST_FLAGS, "--smart-skin"]
-    try:
-        lost = run_cli([*args, "--api-base", f"http://127.0.0.1:{gateway.server_port}"],
-                       emulator)
-    finally:
-        gateway.shutdown()
-        gateway.server_close()
+    with loopback_server(gateway_losing_tasks(emulator.api_base)) as gateway:
+        lost = run_cli([*args, "--api-base", gateway], emulator)
     assert lost.returncode == 1, lost.stderr
     assert "No more uploads: the API lost tasks it had just accepted" in lost.stderr
     assert emulator.stats["charged"] == 3

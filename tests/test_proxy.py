@@ -4,9 +4,8 @@ goes only where API requests go."""
 from __future__ import annotations
 
 import http.client
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,7 +14,7 @@ import pytest
 from batch import apispec
 from batch.emulator import Emulator
 from tests.checks import assert_outputs_right
-from tests.conftest import API_KEY, FAST_FLAGS, run_cli
+from tests.conftest import API_KEY, FAST_FLAGS, loopback_server, run_cli
 from tests.imagegen import write_portrait
 
 
@@ -56,13 +55,8 @@ class _Forwarder(BaseHTTPRequestHandler):
 @pytest.fixture
 def proxy() -> Iterator[tuple[str, list[tuple[str, str, str | None]]]]:
     seen: list[tuple[str, str, str | None]] = []
-    handler = type("Handler", (_Forwarder,), {"seen": seen})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with loopback_server(type("Handler", (_Forwarder,), {"seen": seen})) as url:
+        yield url, seen
 
 
 def test_requests_go_through_the_proxy_the_environment_names(

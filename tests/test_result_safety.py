@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from batch.emulator import Emulator, Faults
 from batch.states import JobState
 from tests.checks import assert_outputs_right, ledger_of
-from tests.conftest import FAST_FLAGS, MakeEmulator, fast_config, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, fast_config, loopback_server, run_cli
 from tests.imagegen import write_portrait
 
 
@@ -79,7 +78,7 @@ class _Relayed(Emulator):
 
 
 def relay_spoiling_one(origin: str, every_time: bool = True
-                       ) -> tuple[ThreadingHTTPServer, list[str]]:
+                       ) -> tuple[type[BaseHTTPRequestHandler], list[str]]:
     """A relay to ``origin`` that answers the first link asked for with a page instead of
     the image, every time (or only the first time), and slowly after the first; the others
     come through a moment later, so they are saved while that one is still being tried."""
@@ -106,9 +105,7 @@ def relay_spoiling_one(origin: str, every_time: bool = True
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, spoiled
+    return Relay, spoiled
 
 
 def test_one_result_that_never_comes_right_fails_alone(tmp_path: Path) -> None:
@@ -117,17 +114,13 @@ def test_one_result_that_never_comes_right_fails_alone(tmp_path: Path) -> None:
     emulator = _Relayed(fast_config())
     with emulator:
         relay, spoiled = relay_spoiling_one(emulator.result_base)
-        emulator.relay = f"http://127.0.0.1:{relay.server_port}"
-        try:
+        with loopback_server(relay) as emulator.relay:
             src, out = tmp_path / "src", tmp_path / "out"
             sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(4)}
             config = tmp_path / "c.toml"
             config.write_text("backoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 3\n")
             result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
                               *FAST_FLAGS, "--smart-skin"], emulator)
-        finally:
-            relay.shutdown()
-            relay.server_close()
         assert result.returncode == 1, result.stderr
         ledger = ledger_of(out)
         [problem] = ledger.problems()
@@ -147,8 +140,7 @@ def test_a_result_kept_by_the_last_run_survives_a_hitch_in_this_one(tmp_path: Pa
     emulator = _Relayed(fast_config(faults=Faults(download_garbage=1.0)))
     with emulator:
         relay, spoiled = relay_spoiling_one(emulator.result_base, every_time=False)
-        emulator.relay = f"http://127.0.0.1:{relay.server_port}"
-        try:
+        with loopback_server(relay) as emulator.relay:
             src, out = tmp_path / "src", tmp_path / "out"
             sources = {"a.jpg": write_portrait(src / "a.jpg")}
             config = tmp_path / "c.toml"
@@ -158,9 +150,6 @@ def test_a_result_kept_by_the_last_run_survives_a_hitch_in_this_one(tmp_path: Pa
             emulator.config.faults.download_garbage = 0.0
             spoiled.clear()  # the next answer is broken once more
             again = run_cli(args, emulator)
-        finally:
-            relay.shutdown()
-            relay.server_close()
         assert again.returncode == 0, again.stderr
         assert len(spoiled) == 1 and emulator.stats["charged"] == 1
         assert_outputs_right(out, sources, emulator)

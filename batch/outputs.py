@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from batch.names import IMAGE_SUFFIXES
+
 TEMP_MARKER = ".skinbatch-"
 TEMP_SUFFIX = ".part"
 #: This process's worker, in its temp files' names: when a worker dies, the one that takes its
@@ -119,17 +121,23 @@ def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:
 
 def output_rel(planned: str, fmt: str, source: Path | None = None) -> str:
     """The planned relative path, with the suffix changed only if the result's format differs
-    (a TIFF or HEIC comes back as JPEG): IMG_1.tif gives IMG_1.jpg, unless a photo in the
-    folder of ``source`` (the file it was made from) is named so already (a master beside its
-    export, an iPhone's HEIC beside its JPG): then IMG_1.tif.jpg, each its own output."""
+    (a TIFF, a HEIC or a PNG sent as a copy comes back as JPEG): IMG_1.tif gives IMG_1.jpg,
+    unless another photo in the folder of ``source`` (the file it was made from) has its stem
+    (a master beside its export, an iPhone's HEIC beside its JPG, a TIFF beside a PNG): then
+    IMG_1.tif.jpg, each its own output."""
     path = PurePosixPath(planned)
     suffixes = FORMAT_SUFFIXES.get(fmt)
     if suffixes is None or path.suffix.lower() in suffixes:
         return planned
-    if source is not None and any(source.with_suffix(case(suffix)).exists()
-                                  for suffix in suffixes for case in (str.lower, str.upper)):
+    if source is not None and _stem_shared(source):
         return planned + suffixes[0]
     return str(path.with_suffix(suffixes[0]))
+
+
+def _stem_shared(source: Path) -> bool:
+    own = source.suffix.lower()
+    return any(source.with_suffix(case(suffix)).exists()
+               for suffix in IMAGE_SUFFIXES if suffix != own for case in (str.lower, str.upper))
 
 
 #: Sources always sent as a JPEG copy, whose output takes a JPEG's name.

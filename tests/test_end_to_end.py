@@ -93,26 +93,32 @@ def test_chosen_photos_land_at_the_top_of_out_and_a_folder_given_twice_is_one_so
 def test_a_tiff_master_beside_its_jpeg_export_gets_an_output_of_its_own(
         tmp_path: Path, emulator: Emulator) -> None:
     """IMG_1.tif and IMG_1.jpg in one folder (a master and its export; an iPhone's HEIC and
-    JPG): the TIFF comes back as a JPEG, and both used to want IMG_1.jpg, so one paid result
-    was refused as 'a different file already exists'. The JPEG keeps its name; the TIFF's
-    result is IMG_1.tif.jpg. A TIFF alone is IMG_2.jpg as before."""
+    JPG): the TIFF comes back as a JPEG, and both would be IMG_1.jpg, so one paid result
+    would be refused as 'a different file already exists'. The JPEG keeps its name; the
+    TIFF's result is IMG_1.tif.jpg. A TIFF beside a PNG sent as a (JPEG) copy: each keeps its
+    whole name. A TIFF alone is IMG_2.jpg."""
     src, out = tmp_path / "src", tmp_path / "out"
     master = write_portrait(src / "IMG_1.tif", fmt="TIFF", seed=1)
     export = write_portrait(src / "IMG_1.jpg", seed=2)
     upper = write_portrait(src / "IMG_3.JPG", seed=4)  # one name on a case-blind --out
     write_portrait(src / "IMG_3.tif", fmt="TIFF", seed=5)
     alone = write_portrait(src / "IMG_2.tif", fmt="TIFF", seed=3)
+    write_portrait(src / "IMG_4.tif", fmt="TIFF", seed=6)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # sideways: sent as an upright JPEG copy, and comes back a JPEG
+    write_portrait(src / "IMG_4.png", fmt="PNG", seed=7, exif=exif.tobytes())
     result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert emulator.stats["charged"] == 5
+    assert emulator.stats["charged"] == 7
     assert sorted(p.name for p in out.iterdir()) == [
-        ".skinbatch", "IMG_1.jpg", "IMG_1.tif.jpg", "IMG_2.jpg", "IMG_3.JPG", "IMG_3.tif.jpg"]
+        ".skinbatch", "IMG_1.jpg", "IMG_1.tif.jpg", "IMG_2.jpg", "IMG_3.JPG", "IMG_3.tif.jpg",
+        "IMG_4.png.jpg", "IMG_4.tif.jpg"]
     assert_outputs_right(out, {"IMG_1.jpg": export, "IMG_3.JPG": upper}, emulator)
     for name, data in (("IMG_1.tif.jpg", master), ("IMG_2.jpg", alone)):
         with Image.open(out / name) as saved, Image.open(io.BytesIO(data)) as source:
             assert saved.format == "JPEG" and saved.size == source.size
     again = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
-    assert again.returncode == 0 and emulator.stats["charged"] == 5
+    assert again.returncode == 0 and emulator.stats["charged"] == 7
 
 
 def with_caption(path: Path, caption: bytes) -> None:

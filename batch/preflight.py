@@ -22,6 +22,11 @@ from batch.stripping import describe, strip, strippable, stripped_pieces
 MAX_PIXELS = 100_000_000
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 SENDABLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "PA", "1"})
+#: 16-bit grey, as a black-and-white export is saved: sent as an 8-bit copy of its top bytes.
+SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+#: 32-bit pixels (integer, floating-point): no scale to 8 bits can be known from the file.
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit floating-point"}
+TIFF_MAGIC = (b"II*\0", b"MM\0*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +112,7 @@ class Inspection(NamedTuple):
 
 
 @contextmanager
-def _decoding(missing_heif: bool = False) -> Iterator[None]:
+def _decoding(missing_heif: bool = False, tiff: bool = False) -> Iterator[None]:
     """Decoding a file the API would be sent: any way it fails becomes a reason in words, and
     a frame larger than a decompression bomb's is refused rather than decoded."""
     with warnings.catch_warnings():
@@ -122,6 +127,10 @@ def _decoding(missing_heif: bool = False) -> Iterator[None]:
         except UnidentifiedImageError as exc:
             if missing_heif:
                 raise Rejected(NO_HEIF) from exc
+            if tiff:
+                raise Rejected("a TIFF this tool cannot decode (floating-point colour, or a "
+                               "layout Pillow does not read); export it as an 8- or 16-bit "
+                               "TIFF or a JPEG") from exc
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
@@ -134,7 +143,7 @@ def inspect_image(data: bytes, decode: bool = True) -> Inspection:
     if not data:
         raise Rejected("the file is empty")
     missing_heif = heif_unsupported(data[:12])
-    with _decoding(missing_heif), Image.open(io.BytesIO(data)) as image:
+    with _decoding(missing_heif, data[:4] in TIFF_MAGIC), Image.open(io.BytesIO(data)) as image:
         fmt = image.format or "unknown"
         width, height = image.size
         if width * height > MAX_PIXELS:
@@ -201,10 +210,18 @@ def identity_digest(data: bytes, inspection: Inspection | None = None) -> str:
 
 
 def needs_copy(inspection: Inspection, size: int) -> bool:
-    """The file cannot go as it is: too big, not upright, or in a format the API refuses."""
-    fmt, width, height, _, _, orientation = inspection
+    """The file cannot go as it is: too big, not upright, 16 bits deep, or in a format the
+    API refuses."""
+    fmt, width, height, mode, _, orientation = inspection
     return (size > MAX_UPLOAD_BYTES or width >= MAX_SIDE_EXCLUSIVE
-            or height >= MAX_SIDE_EXCLUSIVE or orientation != 1 or fmt not in ACCEPTED_FORMATS)
+            or height >= MAX_SIDE_EXCLUSIVE or orientation != 1 or fmt not in ACCEPTED_FORMATS
+            or sixteen_bit_grey(fmt, mode))
+
+
+def sixteen_bit_grey(fmt: str, mode: str) -> bool:
+    """A PNG holds at most 16 bits a channel: one that Pillow opens as 32-bit "I" is 16-bit
+    grey too."""
+    return mode in SIXTEEN_BIT_GREY or (mode == "I" and fmt == "PNG")
 
 
 def check(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Inspection:
@@ -222,9 +239,11 @@ def check(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Inspect
         raise Rejected(f"animated image with {frames} frames; the API retouches still photos")
     if mode == "CMYK":
         raise Rejected("CMYK colour image; the API needs RGB (convert it to RGB first)")
-    if mode not in SENDABLE_MODES and fmt not in CONVERTIBLE:
-        raise Rejected(f"unsupported pixel format {mode} (16-bit or high-dynamic-range); "
-                       "save it as an 8-bit RGB image")
+    if mode in WIDE_MODES and not sixteen_bit_grey(fmt, mode):
+        raise Rejected(f"{WIDE_MODES[mode]} pixels (high dynamic range): the tool cannot tell "
+                       "how to bring them to 8 bits; export it as an 8- or 16-bit image")
+    if mode not in SENDABLE_MODES and not sixteen_bit_grey(fmt, mode) and fmt not in CONVERTIBLE:
+        raise Rejected(f"unsupported pixel format {mode}; save it as an 8-bit RGB image")
     if settings.fit == "reject":
         if len(data) > MAX_UPLOAD_BYTES:
             raise Rejected(f"the file is {_mb(len(data))}, over the API's 10 MB limit")
@@ -252,7 +271,12 @@ def _resized(data: bytes, fmt: str, width: int, height: int, orientation: int,
         # Turned in place: an upright photo (most) is not copied, 100 MB at 24 megapixels.
         ImageOps.exif_transpose(source, in_place=True)
         image: Image.Image = source
-        if image.mode not in ("RGB", "L"):
+        sixteen_bit = sixteen_bit_grey(fmt, image.mode)
+        if sixteen_bit:
+            # By its top byte, as an export to 8 bits does (convert() would clip every value
+            # over 255, and the photo would go as a white frame).
+            image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+        elif image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         if max(image.size) > side:
             # Bicubic, not Lanczos: on camera files the two differ by far less than the JPEG
@@ -274,6 +298,8 @@ def _resized(data: bytes, fmt: str, width: int, height: int, orientation: int,
     done = []
     if fmt not in ACCEPTED_FORMATS:
         done.append(f"converted from {fmt}")
+    if sixteen_bit:
+        done.append("16-bit grey brought to 8 bits")
     if orientation != 1:
         done.append(f"EXIF orientation {orientation} applied")
     if image.size != (width, height) and max(image.size) < max(width, height):

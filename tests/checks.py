@@ -17,6 +17,16 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def uploaded_image(body: bytes) -> bytes:
+    """The image part of a raw multipart upload."""
+    boundary = body.split(b"\r\n", 1)[0]
+    for part in body.split(boundary):
+        head, _, content = part.partition(b"\r\n\r\n")
+        if b'name="image"' in head:
+            return content[:-2]  # the CRLF before the next boundary
+    raise AssertionError("no image in the upload")
+
+
 def results_by_source(emulator: Emulator) -> dict[str, list[bytes]]:
     """Every result the emulator produced, keyed by the sha256 of the uploaded source."""
     found: dict[str, list[bytes]] = {}

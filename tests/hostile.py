@@ -40,13 +40,13 @@ def build(src: Path, outside: Path) -> tuple[dict[str, str], list[str]]:
     put("truncated.png", png[: len(png) // 2], "truncated")
     put("bomb.png", bomb_png(), "decompression bomb")
     put("cmyk.jpg", encode(portrait().convert("CMYK"), "JPEG"), "CMYK")
-    put("sixteen-bit.png", encode(Image.new("I;16", (64, 64), 30000), "PNG"), "16-bit")
+    put("float.tif", encode(Image.new("F", (64, 64), 0.5), "TIFF"), "32-bit floating-point")
     frames = [portrait(seed=i) for i in range(3)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:])
     put("animated.webp", buffer.getvalue(), "animated")
     put("really a gif.png", encode(portrait(), "GIF"), "GIF images are not accepted")
-    put("letter.tif", b"II*\x00 this is not really a TIFF", "not an image")
+    put("letter.tif", b"II*\x00 this is not really a TIFF", "a TIFF this tool cannot decode")
     put("\u202eevil\u202d name.jpg", b"MZ\x90\x00 not a picture", "not an image")
     put("line\nbreak.jpg", jpeg, "line break")
 

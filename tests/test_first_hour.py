@@ -316,6 +316,46 @@ def test_a_damaged_file_that_needs_a_copy_is_rejected_before_its_upload(
                                                         "wide.jpg"]
 
 
+def test_a_black_and_white_export_in_16_bits_goes_as_its_picture_and_32_bits_are_refused(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """16-bit grey (TIFF or PNG, as black-and-white exports are saved) is sent as an 8-bit copy
+    of its pixels, not clipped to a white frame; 32-bit and unreadable TIFFs are refused at
+    scan with their reasons and cost nothing."""
+    import io
+    import re
+
+    from PIL import Image, ImageChops, ImageStat
+
+    from tests.checks import uploaded_image
+
+    src, out = tmp_path / "bw", tmp_path / "out"
+    src.mkdir()
+    grey = portrait(300, 400, seed=2).convert("L")
+    deep = grey.convert("I").point(lambda v: v * 257)
+    deep.convert("I;16").save(src / "bw 16-bit.tif")
+    deep.convert("I;16").save(src / "bw 16-bit.png")
+    grey.convert("F").point(lambda v: v / 255).save(src / "hdr float.tif")
+    deep.point(lambda v: v * 65537).save(src / "hdr int.tif")
+    portrait(seed=3).save(src / "odd layout.tif", tiffinfo={339: (3, 3, 3)})  # float bytes
+    emulator = make_emulator(record_uploads=True, require_face=False)
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 1, result.stderr  # the three refused, listed with reasons
+    for name, why in (("hdr float.tif", "32-bit floating-point pixels"),
+                      ("hdr int.tif", "32-bit integer pixels"),
+                      ("odd layout.tif", "a TIFF this tool cannot decode")):
+        assert re.search(rf"rejected +{re.escape(str(src))}/{name}: {why}", result.stdout), \
+            result.stdout
+    assert emulator.stats["submits"] == 2 == emulator.stats["charged"]
+    for body in emulator.state.uploads:
+        with Image.open(io.BytesIO(uploaded_image(body))) as sent:
+            assert sent.size == grey.size
+            difference = ImageStat.Stat(ImageChops.difference(sent.convert("L"), grey))
+        assert difference.mean[0] < 2  # the portrait, not a white frame
+    assert len([p for p in out.iterdir() if p.is_file()]) == 2
+    status = run_cli(["status", "--out", str(out)], None)
+    assert status.stdout.count("16-bit grey brought to 8 bits") == 2, status.stdout
+
+
 def test_progress_totals_count_what_is_really_uploaded_and_saved(
         tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """Rejected files and failed tasks are counted on their own: the bars end at 100 % of

@@ -31,7 +31,7 @@ def test_each_bad_input_gets_a_specific_reason() -> None:
     assert "truncated" in reason(jpeg[: len(jpeg) // 2])
     assert "truncated" in reason(png[: len(png) // 2]) or "damaged" in reason(png[: len(png) // 2])
     assert "CMYK" in reason(encode(portrait().convert("CMYK"), "JPEG"))
-    assert "16-bit" in reason(encode(Image.new("I;16", (50, 50)), "PNG"))
+    assert "32-bit floating-point" in reason(encode(Image.new("F", (50, 50)), "TIFF"))
     assert "GIF" in reason(encode(portrait(), "GIF"))
     frames = [portrait(seed=i) for i in range(3)]
     buffer = io.BytesIO()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms, IptcImagePlugin, PngImagePlugin
 
 from batch.emulator import Emulator
-from tests.checks import ledger_of
+from tests.checks import ledger_of, uploaded_image
 from tests.conftest import FAST_FLAGS, MakeEmulator, run_cli
 from tests.imagegen import portrait
 
@@ -73,16 +73,6 @@ SOURCES: dict[str, Callable[[], bytes]] = {
     f"{CLIENT} - wedding 015.png": png_source,
     f"{CLIENT} - wedding 016.webp": webp_source,
 }
-
-
-def uploaded_image(body: bytes) -> bytes:
-    """The image part of a raw multipart upload."""
-    boundary = body.split(b"\r\n", 1)[0]
-    for part in body.split(boundary):
-        head, _, content = part.partition(b"\r\n\r\n")
-        if b'name="image"' in head:
-            return content[:-2]  # the CRLF before the next boundary
-    raise AssertionError("no image in the upload")
 
 
 def pixels(data: bytes) -> bytes:

@@ -20,10 +20,21 @@ SOS, EOI = 0xDA, 0xD9
 APP1, APP2, APP13 = 0xE1, 0xE2, 0xED
 EXIF_HEADER = b"Exif\x00\x00"
 XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+#: The rest of an XMP packet too big for one segment (Lightroom's and Photoshop's history).
+XMP_EXTENSION_HEADER = b"http://ns.adobe.com/xmp/extension/\x00"
 ICC_HEADER = b"ICC_PROFILE\x00"
 IPTC_HEADER = b"Photoshop 3.0\x00"
 ORIENTATION = 0x0112
 MAX_SEGMENT = 65533
+#: The tags of a TIFF's first directory that describe the photo (what a JPEG's EXIF holds:
+#: camera, date, author, copyright, rating, the EXIF and GPS directories). The rest describe
+#: the TIFF file itself (strips, compression, bit depth) or are blobs carried otherwise or not
+#: at all (XMP, IPTC, ICC, Photoshop's layers), which would make the EXIF of a JPEG result
+#: lie about it or outgrow its 64 KB segment.
+TIFF_TAGS_CARRIED = frozenset({
+    0x010E, 0x010F, 0x0110, 0x0112, 0x011A, 0x011B, 0x0128, 0x0131, 0x0132, 0x013B, 0x013C,
+    0x4746, 0x4749, 0x8298, 0x8769, 0x8825, 0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F,
+})
 
 
 def jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int, int]]:
@@ -46,7 +57,8 @@ def jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int, int]]:
 
 
 def _is_metadata(marker: int, payload: bytes) -> bool:
-    return ((marker == APP1 and payload.startswith((EXIF_HEADER, XMP_HEADER)))
+    return ((marker == APP1 and payload.startswith((EXIF_HEADER, XMP_HEADER,
+                                                     XMP_EXTENSION_HEADER)))
             or (marker == APP2 and payload.startswith(ICC_HEADER))
             or (marker == APP13 and payload.startswith(IPTC_HEADER)))
 
@@ -155,6 +167,9 @@ class SourceMetadata:
     def read(cls, source: bytes) -> SourceMetadata:
         with Image.open(io.BytesIO(source)) as image:
             exif = image.getexif()
+            if image.format == "TIFF":
+                for tag in set(exif) - TIFF_TAGS_CARRIED:
+                    del exif[tag]
             xmp = image.info.get("xmp") or b""
             icc = image.info.get("icc_profile") or b""
         if isinstance(xmp, str):
@@ -165,7 +180,9 @@ class SourceMetadata:
         return bool(self.exif or self.xmp or self.icc)
 
     def jpeg_segments(self) -> list[bytes]:
-        segments = [_segment(APP1, self.exif)] if self.exif else []
+        """The JPEG segments of what fits one: an EXIF or XMP larger than a segment is left
+        off (the result is saved without it rather than not at all)."""
+        segments = [_segment(APP1, self.exif)] if 0 < len(self.exif) <= MAX_SEGMENT else []
         if self.xmp and len(self.xmp) + len(XMP_HEADER) <= MAX_SEGMENT:
             segments.append(_segment(APP1, XMP_HEADER + self.xmp))
         return segments + (icc_segments(self.icc) if self.icc else [])

@@ -166,3 +166,35 @@ def test_the_dry_run_says_what_would_be_removed(studio: tuple[Path, Path, Emulat
     assert "metadata removed before upload: EXIF 3, IPTC 1, XMP 3, comment 1, text 1" \
         in result.stdout, result.stdout
     assert emulator.state.uploads == []
+
+
+def test_a_tiff_master_or_a_long_xmp_history_gives_its_photo_metadata_to_a_saved_result(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A TIFF's first directory is the TIFF's own layout too (strips, compression) and holds
+    blobs (XMP, IPTC, Photoshop's layers): the JPEG result gets the tags that describe the
+    photo, and a blob past a JPEG segment's 64 KB is left off rather than stopping the run.
+    A JPEG whose XMP runs over several segments (extended XMP) keeps them all."""
+    from PIL import TiffImagePlugin
+
+    src, out = tmp_path / "masters", tmp_path / "out"
+    src.mkdir()
+    history = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">' + b"<!-- step -->" * 8000 + \
+        b"</x:xmpmeta>"
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x013B], tags[0x8298], tags[0x010F] = CLIENT, "(c) Studio", "Canon"
+    tags[700], tags[37724] = history, b"\0" * 200_000  # XMP history, Photoshop's layers
+    portrait(300, 400, seed=6).save(src / "master.tif", tiffinfo=tags, compression="tiff_lzw")
+    extension = (b"http://ns.adobe.com/xmp/extension/\x00" + b"0" * 32
+                 + struct.pack(">II", 40, 0) + b"<rdf:Description>" + b"x" * 23)
+    export = jpeg_source()
+    export = export[:2] + b"\xff\xe1" + struct.pack(">H", len(extension) + 2) + extension \
+        + export[2:]
+    (src / "export.jpg").write_bytes(export)
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with Image.open(out / "master.jpg") as saved:
+        tags_saved = saved.getexif()
+    assert (tags_saved[0x013B], tags_saved[0x8298], tags_saved[0x010F]) == (
+        CLIENT, "(c) Studio", "Canon")
+    assert not {0x0103, 0x0111, 0x0117, 0x0102, 700, 37724} & set(tags_saved), set(tags_saved)
+    assert extension in (out / "export.jpg").read_bytes()

@@ -53,7 +53,7 @@ def save(out_dir: Path, sha256: str, image_bytes: bytes) -> Path | None:
         return target
     try:
         preview = render(image_bytes)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # a preview is a courtesy: no fault in it costs a saved result
         log.debug("No preview for %s: %s", sha256[:12], exc)
         return None
     return _write(target, preview)

@@ -182,7 +182,7 @@ class Downloader:
             carried = metadata.carry(source, result, fmt,
                                      upscale=self.rt.config.upscale_to_original,
                                      jpeg_quality=self.rt.config.jpeg_quality)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except Exception as exc:  # the metadata is a courtesy: no fault in it costs the result
             log.warning("Could not copy metadata onto %s: %s", temp.name, exc)
             return result, sha256
         if carried == result:

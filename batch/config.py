@@ -163,6 +163,21 @@ KINDS: dict[type, str] = {str: "text in quotes", int: "a whole number", float: "
                           bool: "true or false", dict: "a table ([name])"}
 
 
+#: Keys a user writes by the flag's name or by guess, and what the file says instead: a guess
+#: by spelling would point at another setting (max_credits -> max_attempts).
+MISTAKEN_KEYS = {
+    "max_credits": "the key of --max-credits is budget = N",
+    "keep_upload_metadata": 'the key of --keep-upload-metadata is upload_metadata = "keep"',
+    "root": 'the key of --root is a [roots] table of NAME = "PATH"',
+    "api_key": ("a key is never read from a config file (files get copied and shared): put it "
+                'in a file of its own named by api_key_file = "FILE" (chmod 600), or in '
+                "AILAB_API_KEY"),
+}
+#: Flags of ``run`` that have no key: they say how this run talks, not what the batch is.
+FLAGS_ONLY = frozenset({"out", "quiet", "verbose", "dry_run", "emulator", "log_format",
+                        "progress", "config"})
+
+
 def load_file(path: Path) -> dict[str, Any]:
     """Read and check a TOML config file (see sample_config.toml for every key)."""
     try:
@@ -177,6 +192,12 @@ def load_file(path: Path) -> dict[str, Any]:
         expected = FILE_KEYS.get(key)
         if expected is None and key.replace("-", "_") in apispec.OPTION_NAMES:
             raise ConfigError(f"{path}: {key} is a retouching option: put it under [options]")
+        flag = key.replace("-", "_")
+        if expected is None and flag in MISTAKEN_KEYS:
+            raise ConfigError(f"{path}: {key}: {MISTAKEN_KEYS[flag]}")
+        if expected is None and flag in FLAGS_ONLY:
+            raise ConfigError(f"{path}: {key} is a command-line flag only "
+                              f"(--{flag.replace('_', '-')}), not a setting")
         if expected is None:
             raise ConfigError(f"{path}: {unknown_names('setting', [key], FILE_KEYS)}")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):

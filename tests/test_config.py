@@ -55,6 +55,11 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
      "unknown retouching option(s): 'smart_skn' (did you mean 'smart_skin'?); known: acne"),
     ("this is = not toml [", "not valid TOML"),
     ("poll_window = 0\n", "poll_window must be at least 1"),
+    ("max_credits = 50\n", "max_credits: the key of --max-credits is budget = N"),
+    ("max-credits = 50\n", "the key of --max-credits is budget = N"),
+    ('api_key = "sk-live-1"\n', "a key is never read from a config file"),
+    ("keep_upload_metadata = true\n", 'is upload_metadata = "keep"'),
+    ("quiet = true\n", "quiet is a command-line flag only (--quiet)"),
 ])
 def test_bad_config_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     cfg = write(tmp_path / "c.toml", text)

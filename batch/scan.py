@@ -327,6 +327,28 @@ class _Batch:
     reading: list[Future[list[FileRead]]]
 
 
+def _one_output_each(candidates: list[ScannedFile],
+                     known: dict[str, KnownFile]) -> list[ScannedFile]:
+    """A new photo whose output name another photo of its folder takes (a naming without
+    {ext}: IMG_1.jpg and IMG_1.tif both IMG_1_r.jpg) is not sent, as its result could not be
+    saved there. A photo the ledger has read keeps its name; then the first by name does."""
+    def read(c: ScannedFile) -> bool:
+        k = known.get(c.rel_path)
+        return k is not None and k.content_sha256 is not None
+
+    owners: dict[str, str] = {}
+    for c in sorted(candidates, key=lambda c: (not read(c), c.rel_path)):
+        if c.problem is None:
+            owners.setdefault(c.out_rel, c.rel_path)
+    return [c if c.problem is not None or read(c) or owners[c.out_rel] == c.rel_path else
+            c._replace(problem=(
+                f"its output would be {c.out_rel}, which the result of "
+                f"{owners[c.out_rel].rpartition('/')[2]} takes (the folder's naming leaves out "
+                "the extension): not sent, as its result could not be saved there (put {ext} "
+                "or {name} in the naming, or set on_collision to \"suffix\")"))
+            for c in candidates]
+
+
 class _RootScan:
     """One source root. A folder's new digest is saved only once all its files are recorded
     without a problem (none still settling), at the end: a scan killed half-way leaves the
@@ -412,9 +434,11 @@ class _RootScan:
                 self.changed[folder.rel_dir] = None if digest is None else (digest, len(images))
                 if not fresh:
                     known = self.ledger.known_files(self.key, folder.rel_dir)
-            for entry in images:
-                candidate = _candidate(self.key, self.base, self.root, entry, folder.rel_dir,
-                                       folder.settings, self.out_dir)
+            candidates = [_candidate(self.key, self.base, self.root, entry, folder.rel_dir,
+                                     folder.settings, self.out_dir) for entry in images]
+            if self.on_collision == "skip":
+                candidates = _one_output_each(candidates, known)
+            for candidate, entry in zip(candidates, images, strict=True):
                 k = known.pop(candidate.rel_path, None)
                 self._note_taken(candidate, entry.path, k)
                 self._consider(candidate, entry.path, k)

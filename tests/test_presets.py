@@ -96,3 +96,32 @@ def test_a_naming_that_makes_an_output_name_too_long_is_refused_before_it_is_pai
     [problem] = status["problems"]
     assert problem["path"].endswith(f"{long_stem}.jpg")
     assert "output's name would be 262 bytes long" in problem["reason"], problem
+
+
+def test_a_naming_that_gives_two_photos_one_output_sends_one_and_says_why(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A naming without {ext} gives a TIFF master and its JPEG export one output name: only
+    one result could be saved there, so the other photo is not sent, with the reason; once
+    the naming keeps the extension, it is sent and saved under a name of its own."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "IMG_1.jpg", seed=1)
+    write_portrait(src / "IMG_1.tif", fmt="TIFF", seed=2)
+    write_portrait(src / "IMG_2.jpg", seed=3)
+    (src / ".skinbatch.toml").write_text('naming = "{stem}_retouched.jpg"\n')
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    result = run_cli(args, emulator)
+    assert result.returncode == 1, result.stderr
+    assert emulator.stats["charged"] == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".skinbatch", "IMG_1_retouched.jpg", "IMG_2_retouched.jpg"]
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    [problem] = status["problems"]
+    assert problem["path"].endswith("IMG_1.tif"), problem
+    assert "would be IMG_1_retouched.jpg, which the result of IMG_1.jpg takes" \
+        in problem["reason"], problem
+
+    (src / ".skinbatch.toml").write_text('naming = "{stem}_retouched{ext}"\n')
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stdout
+    assert emulator.stats["charged"] == 3
+    assert (out / "IMG_1_retouched.tif.jpg").is_file()

@@ -21,6 +21,7 @@ from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.bandwidth import UploadPace
 from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
+from batch.api.errors import CHECK_BASE
 from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import ConfigError, RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
@@ -522,6 +523,8 @@ def _stop_message(rt: Runtime) -> str | None:
         if error.out_of_credits:
             return ("Stopped: the account is out of credits. Results already paid for were "
                     "saved; top up and run the same command again to send the rest.")
+        if CHECK_BASE in error.message:
+            return f"Stopped: {error.describe()}. Set it right and run the same command again."
         return (f"Stopped: {error.describe()}. Check AILAB_API_KEY (or the key file) and "
                 "the account, then run the same command again.")
     if rt.flags.fatal:

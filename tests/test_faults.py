@@ -392,3 +392,61 @@ def test_tasks_lost_as_soon_as_sent_stop_the_uploads(tmp_path: Path,
     assert again.returncode == 0, again.stderr
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 6
+
+
+
+def web_page(seen: list[str]) -> type[BaseHTTPRequestHandler]:
+    """A web server where the API should be (a captive portal, or --api-base set to the
+    provider's site, which answers a page to any path): 200 with a page, or under /moved a
+    redirect. ``seen`` gets each request's method and path."""
+
+    class WebPage(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            if length:
+                self.rfile.read(length)
+            seen.append(f"{self.command} {self.path}")
+            if self.path.startswith("/moved"):
+                self.send_response(301)
+                self.send_header("Location", "https://www.example.com/login")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            page = b"<html><body>Welcome to Studio Wi-Fi: please log in.</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return WebPage
+
+
+def test_an_address_that_is_not_the_api_stops_the_run_before_an_upload(tmp_path: Path) -> None:
+    """A web page (200) or a redirect where the API should answer: each upload would be
+    ambiguous (maybe charged, sent again) or failed for good. The balance read before the
+    first upload stops the run (exit 3) with what to check; no upload is sent and every job
+    still waits."""
+    src = tmp_path / "src"
+    for i in range(3):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    seen: list[str] = []
+    with loopback_server(web_page(seen)) as url:
+        for name, base, words in (
+                ("page", url, "answers with a web page"),
+                ("moved", f"{url}/moved",
+                 "answers with a redirect (to https://www.example.com/login)")):
+            out = tmp_path / name
+            result = run_cli(["run", str(src), "--out", str(out), "--smart-skin",
+                              "--api-base", base, *FAST_FLAGS], None)
+            assert result.returncode == 3, result.stderr
+            assert words in result.stderr and "check --api-base" in result.stderr
+            assert "AILAB_API_KEY" not in result.stderr
+            assert held_results(out) == ["pending"] * 3
+    assert not [r for r in seen if r.startswith("POST")], seen
+    assert len(seen) == 2, seen  # one balance read each

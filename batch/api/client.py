@@ -23,7 +23,14 @@ import httpx
 
 from batch import apispec
 from batch.api.bandwidth import UploadPace
-from batch.api.errors import ApiError, Endpoint, ErrorKind, classify, error_fields
+from batch.api.errors import (
+    CHECK_BASE,
+    ApiError,
+    Endpoint,
+    ErrorKind,
+    classify,
+    error_fields,
+)
 from batch.api.ratelimit import RateLimiter
 from batch.api.retry import parse_retry_after
 from batch.options import Options
@@ -112,6 +119,11 @@ def _json(raw: bytes) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         return None
     return body if isinstance(body, dict) else None
+
+
+def _web_page(response: httpx.Response) -> bool:
+    kind: str = response.headers.get("content-type", "")
+    return kind.lower().startswith(("text/html", "application/xhtml"))
 
 
 class _Ids(TypedDict):
@@ -224,6 +236,10 @@ class ApiClient:
         finally:
             if turn is not None:
                 turn.release()
+        if response.is_redirect:  # the request was not taken: nothing was charged
+            raise ApiError(ErrorKind.ACCOUNT, "the API address answers with a redirect (to "
+                           f"{response.headers.get('location', 'nowhere')}), not as the API: "
+                           f"{CHECK_BASE}", http_status=response.status_code)
         body = _json(response.content)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         error = classify(response.status_code, body, endpoint, retry_after=retry_after)
@@ -231,6 +247,11 @@ class ApiClient:
             if error.kind is ErrorKind.RATE_LIMITED:
                 self.limiter.rate_limited(retry_after)
             raise error
+        if body is None and endpoint == "credits" and _web_page(response):
+            # Read before the first upload: whatever answers with a page is not the API.
+            raise ApiError(ErrorKind.ACCOUNT, "the API address answers with a web page, not "
+                           f"as the API: {CHECK_BASE} (or a captive portal or a proxy's login "
+                           "page stands in the way)", http_status=200)
         if body is None:
             kind = ErrorKind.AMBIGUOUS if endpoint == "submit" else ErrorKind.TRANSIENT
             raise ApiError(kind, "the API answered 200 with a body that is not JSON",

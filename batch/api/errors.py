@@ -78,6 +78,10 @@ def error_fields(body: dict[str, Any]) -> tuple[str, str, str, str]:
     return code, message, _text(body.get("request_id")), _text(body.get("log_id"))
 
 
+#: The advice of an error that says the address is not the API's: no key or account is at
+#: fault then.
+CHECK_BASE = "check --api-base"
+
 ACCOUNT_CODES = frozenset({apispec.APPLICATION_NOT_EXISTS, apispec.USER_NOT_EXISTS,
                            apispec.USER_LOCKED, apispec.NOT_ENOUGH_CREDITS})
 
@@ -103,7 +107,7 @@ def _kind(status: int, code: str, endpoint: Endpoint) -> tuple[ErrorKind, str]:
     if status == 404 and endpoint == "query" and code != apispec.AI_NOT_EXISTS:
         return ErrorKind.EXPIRED, "the API no longer knows this task (expired or lost)"
     if status == 404 and (endpoint != "query" or code == apispec.AI_NOT_EXISTS):
-        return ErrorKind.ACCOUNT, "the API endpoint does not exist (check --api-base)"
+        return ErrorKind.ACCOUNT, f"the API endpoint does not exist ({CHECK_BASE})"
     if status == 429:
         return ErrorKind.RATE_LIMITED, "rate limited by the API"
     if status == 408 or status >= 500:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batch.emulator import Emulator, Faults
-from tests.checks import assert_outputs_right
+from tests.checks import assert_outputs_right, ledger_of
 from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, cli_env, popen_cli, wait_for
 from tests.imagegen import encode, portrait
 
@@ -127,6 +127,14 @@ def test_watch_falls_back_to_polling_when_inotify_runs_out(
     assert_outputs_right(out, expected, emulator)
 
 
+def done_jobs(out: Path) -> int:
+    ledger = ledger_of(out)
+    try:
+        return ledger.counts()["done"]
+    finally:
+        ledger.close()
+
+
 def stopped(proc: subprocess.Popen[str]) -> tuple[str, str]:
     """Stop a watch as a service manager does; it ends cleanly (exit 130)."""
     proc.send_signal(signal.SIGTERM)
@@ -153,7 +161,8 @@ def test_a_watch_out_of_credits_carries_on_once_topped_up(tmp_path: Path,
         time.sleep(3)
         assert len(list(out.glob("*.jpg"))) == 2 and emulator.stats["charged"] == 2
         emulator.set_credits(10)
-        assert wait_for(lambda: all((out / rel).exists() for rel in photos), timeout=30)
+        # Saved, and recorded so: a result is renamed into place before its job is done.
+        assert wait_for(lambda: done_jobs(out) == 4, timeout=30)
     finally:
         stdout, stderr = stopped(proc)
     assert_outputs_right(out, photos, emulator)

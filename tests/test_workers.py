@@ -49,9 +49,9 @@ def start_workers(src: Path, out: Path, pg_url: str, emulator: Emulator, count: 
 def finish(workers: list[subprocess.Popen[str]], timeout: float = 240) -> list[int]:
     codes = []
     for worker in workers:
-        _, err = worker.communicate(timeout=timeout)
+        out, err = worker.communicate(timeout=timeout)
         if worker.returncode not in (0, -signal.SIGKILL):
-            print(err)
+            print(out, err)
         codes.append(worker.returncode)
     return codes
 

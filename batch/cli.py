@@ -21,6 +21,7 @@ from batch.exitcodes import ExitCode
 from batch.ledger import LedgerFull, LedgerUnavailable, open_ledger
 from batch.locking import LedgerBusy
 from batch.logsetup import configure
+from batch.names import STATE_DIR
 from batch.pipeline import RunReport, run_batch
 from batch.report import write_report
 from batch.requeue import requeue
@@ -234,7 +235,7 @@ def _maybe_emulator(params: dict[str, Any], config: RunConfig | None) -> Emulato
         return None
     from batch.emulator import Emulator, EmulatorConfig
 
-    state_dir = None if config is None else prepare_out(config) / ".skinbatch" / "emulator"
+    state_dir = None if config is None else prepare_out(config) / STATE_DIR / "emulator"
     emulator = Emulator(EmulatorConfig(queue_seconds=0.5, process_seconds=1.0,
                                        state_dir=state_dir)).start()
     logging.getLogger("batch").info(
@@ -277,7 +278,7 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
 
 
 def _ledger_location(out: Path, ledger: str | None) -> str:
-    location = ledger or str(out / ".skinbatch" / "ledger.sqlite")
+    location = ledger or str(out / STATE_DIR / "ledger.sqlite")
     if "://" not in location and not Path(location).exists():
         raise ConfigError(f"no ledger at {location}: has skinbatch run with --out {out}?")
     return location

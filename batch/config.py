@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from batch import apispec
 from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
-from batch.names import is_utf8, shown
+from batch.names import STATE_DIR, is_utf8, shown
 from batch.options import Options, unknown_names
 from batch.outputs import short_of_room
 from batch.preflight import PrepareSettings
@@ -125,7 +125,7 @@ class RunConfig:
 
     @property
     def ledger_location(self) -> str:
-        return self.ledger or str(self.out / ".skinbatch" / "ledger.sqlite")
+        return self.ledger or str(self.out / STATE_DIR / "ledger.sqlite")
 
     @property
     def written_folders(self) -> list[Path]:
@@ -349,8 +349,8 @@ def prepare_out(config: RunConfig) -> Path:
     ledger's) has room, before anything is sent."""
     out = config.out.expanduser().resolve()
     try:
-        (out / ".skinbatch").mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out / ".skinbatch"):
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out / STATE_DIR):
             pass
     except OSError as exc:
         raise ConfigError(f"cannot write to the output folder {config.out}: "

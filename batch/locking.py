@@ -14,6 +14,7 @@ from types import TracebackType
 from filelock import FileLock, Timeout
 
 from batch.ledger.engine import ledger_url
+from batch.names import STATE_DIR
 
 
 class LedgerBusy(RuntimeError):
@@ -30,7 +31,7 @@ class RunLock:
             if not ledger_url(ledger_location).startswith("sqlite"):
                 return
             digest = hashlib.sha256(ledger_location.encode()).hexdigest()[:16]
-            self.path = out_dir / ".skinbatch" / f"run-{digest}.lock"
+            self.path = out_dir / STATE_DIR / f"run-{digest}.lock"
         else:
             self.path = Path(ledger_location).expanduser().resolve().with_suffix(".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)

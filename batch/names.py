@@ -12,6 +12,8 @@ RAW_SUFFIXES = frozenset({".3fr", ".arw", ".cr2", ".cr3", ".dng", ".erf", ".iiq"
                           ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2", ".srw"})
 TEMP_SUFFIXES = (".part", ".tmp", ".temp", ".crdownload", ".partial", ".download", "~")
 DEFAULT_NAMING = "{stem}{ext}"
+#: The folder in an output folder that holds the run's own state (ledger, locks, previews).
+STATE_DIR = ".skinbatch"
 #: The longest file name (in bytes) the filesystems an output folder lives on take: ext4, XFS,
 #: Btrfs, APFS, NTFS and SMB shares alike.
 NAME_MAX = 255

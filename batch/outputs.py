@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from batch.names import IMAGE_SUFFIXES
+from batch.names import IMAGE_SUFFIXES, STATE_DIR
 
 TEMP_MARKER = ".skinbatch-"
 TEMP_SUFFIX = ".part"
@@ -55,7 +55,7 @@ def name_refused(out_dir: Path, rel: str) -> str | None:
                 "choose a shorter --out, or shorter folder or file names")
     if WINDOWS_RESERVED.isdisjoint(rel):
         return None
-    scratch = out_dir / ".skinbatch"
+    scratch = out_dir / STATE_DIR
     for part in rel.split("/"):
         if WINDOWS_RESERVED.isdisjoint(part) or not scratch.is_dir():
             continue
@@ -254,7 +254,7 @@ def clean_temp_files(out_dir: Path, worker: str | None = None) -> int:
     if not out_dir.is_dir():
         return 0
     for directory, dirnames, filenames in os.walk(out_dir):
-        dirnames[:] = [d for d in dirnames if d != ".skinbatch"]
+        dirnames[:] = [d for d in dirnames if d != STATE_DIR]
         for name in filenames:
             if marker in name and name.endswith(TEMP_SUFFIX):
                 remove_quietly(Path(directory) / name)

@@ -36,7 +36,7 @@ from batch.progress import Progress
 from batch.report import write_report
 from batch.requeue import read_again
 from batch.roots import RootMap
-from batch.scan import ScanStats, SourceRoot, no_photos, scan
+from batch.scan import ScanStats, SourceRoot, no_photos, results_left_out, scan
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
@@ -329,6 +329,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         rt.fail_run(str(full))
         return ScanStats()
     crashpoints.reached("scanned")
+    for folder in stats.results_folders:
+        log.warning("%s", results_left_out(folder))
     if not watching:
         for root in stats.empty_roots:
             log.warning("%s", no_photos(rt.ledger, root, config.options))

@@ -31,6 +31,7 @@ from batch.names import (
     NAME_MAX,
     NOT_UTF8,
     RAW_SUFFIXES,
+    STATE_DIR,
     is_utf8,
     name_kind,
     output_rel,
@@ -92,6 +93,8 @@ class ScanStats:
     deferred: int = 0
     #: Source folders in which no photo was found (:func:`no_photos` says why).
     empty_roots: list[SourceRoot] = field(default_factory=list)
+    #: Folders under a source that hold an earlier run's results, left out (see :func:`folders`).
+    results_folders: list[str] = field(default_factory=list)
 
     def add(self, other: ScanStats) -> None:
         for name in self.__slots__:
@@ -197,10 +200,13 @@ class Folder:
         return hashlib.blake2b(data, digest_size=20).hexdigest()
 
 
-def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()
-            ) -> Iterator[Folder]:
+def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
+            results_folders: list[str] | None = None) -> Iterator[Folder]:
     """Every folder under ``root`` (not following directory symlinks), with the files in it
-    and the settings its ``.skinbatch.toml`` files give it."""
+    and the settings its ``.skinbatch.toml`` files give it. A folder below the root that holds
+    a ``.skinbatch`` folder is an earlier run's output (a source's parent given, with last
+    month's results in it): its photos are retouched already, and sending them would pay to
+    retouch them again, so it is left out, with its subtree, and listed in ``results_folders``."""
     excluded = {str(p.resolve()) for p in exclude}
     stack = [(str(root.path.resolve()), "", FolderSettings(options))]
     while stack:
@@ -209,6 +215,11 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()
             with os.scandir(directory) as scanner:
                 listing = list(scanner)
         except OSError:
+            continue
+        if rel_dir and any(e.name == STATE_DIR and e.is_dir(follow_symlinks=False)
+                           for e in listing):
+            if results_folders is not None:
+                results_folders.append(directory)
             continue
         files, subfolders = [], []
         for entry in listing:
@@ -227,6 +238,12 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = ()
         for sub in subfolders:
             stack.append((sub.path, f"{rel_dir}/{sub.name}" if rel_dir else sub.name, settings))
         yield Folder(directory, rel_dir, settings, files)
+
+
+def results_left_out(folder: str) -> str:
+    return (f"Left out {folder}: it holds an earlier run's results (its {STATE_DIR} folder), "
+            "and sending them would pay to retouch retouched photos. To send them, give it as "
+            "a SOURCE of its own.")
 
 
 def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:
@@ -413,7 +430,8 @@ class _RootScan:
     def _tree(self, stored: dict[str, tuple[str, int]]) -> set[str]:
         fresh = not stored and not self.ledger.has_files(self.key)
         seen: set[str] = set()
-        for folder in folders(self.root, self.options, self.exclude):
+        for folder in folders(self.root, self.options, self.exclude,
+                              self.stats.results_folders):
             if self.should_stop():
                 self.stopped = True
                 break

@@ -17,12 +17,14 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from batch.names import STATE_DIR
+
 log = logging.getLogger("batch.thumbnails")
 
 #: Longest side in pixels: sharp at the report's 160 CSS pixels on a high-density screen.
 SIZE = 240
 QUALITY = 72
-FOLDER = Path(".skinbatch") / "thumbs"
+FOLDER = Path(STATE_DIR) / "thumbs"
 
 
 def path_for(out_dir: Path, sha256: str) -> Path:

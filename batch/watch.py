@@ -22,7 +22,7 @@ from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
 from batch.requeue import read_again
-from batch.scan import ScanStats, SourceRoot, scan
+from batch.scan import ScanStats, SourceRoot, results_left_out, scan
 from batch.stages.runtime import Runtime
 
 log = logging.getLogger("batch.watch")
@@ -129,6 +129,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
     nudged = asyncio.Event()
     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
     missing: set[Path] = set()
+    told = set(totals.results_folders)
     log.info("Watching %s (settle %gs, full re-scan every %gs).",
              ", ".join(str(r.path) for r in roots), settings.settle, settings.rescan)
     try:
@@ -161,6 +162,9 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                                             exclude=(rt.out_dir,), settle=settings.settle,
                                             prepare=rt.config.prepare, out_dir=rt.out_dir,
                                             on_collision=rt.config.on_collision)
+            for folder in sorted(set(stats.results_folders) - told):
+                log.warning("%s", results_left_out(folder))
+                told.add(folder)
             if await asyncio.to_thread(read_again, rt.ledger, rt.config.root_map):
                 rt.wake_submitter.set()
             totals.hashed += stats.hashed

@@ -571,3 +571,26 @@ def test_a_run_with_every_option_off_says_so_before_anything_is_sent(
     again = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
                     emulator)
     assert again.returncode == 0 and "No retouching option" not in again.stderr
+
+
+def test_an_earlier_runs_results_inside_a_source_are_left_out(tmp_path: Path,
+                                                              emulator: Emulator) -> None:
+    """A month later someone points a run at the parent of a session and of its results
+    folder: the results are retouched already, and sending them would pay for each photo
+    twice. A folder holding a run's state folder is left out, and said to be."""
+    shoots = tmp_path / "shoots"
+    shoot(shoots / "session", 3)
+    first = run_cli(["run", str(shoots / "session"), "--out", str(shoots / "session-retouched"),
+                     "--smart-skin", *FAST_FLAGS], emulator)
+    assert first.returncode == 0, first.stderr
+    assert emulator.stats["charged"] == 3
+    args = ["run", str(shoots), "--out", str(tmp_path / "all"), "--smart-skin", *FAST_FLAGS]
+    dry = run_cli([*args, "--dry-run"], emulator)
+    assert "would send:   3 image(s)" in dry.stdout, dry.stdout
+    words = f"Left out {shoots / 'session-retouched'}: it holds an earlier run's results"
+    assert words in dry.stdout
+    result = run_cli([*args, "-q"], emulator)
+    assert result.returncode == 0, result.stderr
+    assert words in result.stderr
+    assert emulator.stats["charged"] == 3 + 3  # a new --out, a ledger of its own: not 3 + 6
+    assert outputs(tmp_path / "all") == [f"session/portrait {i}.jpg" for i in range(3)]

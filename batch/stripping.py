@@ -30,8 +30,10 @@ from batch.metadata import (
 #: which says how to read the colour channels). Every other APPn and comment is metadata.
 APP0, APP14, COM = 0xE0, 0xEE, 0xFE
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Content credentials (C2PA) name the photo's author and its edits, by its own chunk.
 PNG_METADATA = {b"tEXt": "text", b"zTXt": "text", b"iTXt": "text", b"eXIf": "EXIF",
-                b"tIME": "time"}
+                b"tIME": "time", b"caBX": "C2PA"}
+WEBP_METADATA = {b"EXIF": "EXIF", b"XMP ": "XMP", b"C2PA": "C2PA"}
 
 
 def strippable(head: bytes) -> bool:
@@ -130,8 +132,8 @@ def _strip_webp(data: bytes) -> tuple[bytes, Counter[str]]:
         return data, removed
     body = b""
     for fourcc, payload in riff_chunks(data):
-        if fourcc in (b"EXIF", b"XMP "):
-            removed["EXIF" if fourcc == b"EXIF" else "XMP"] += 1
+        if fourcc in WEBP_METADATA:
+            removed[WEBP_METADATA[fourcc]] += 1
             continue
         if fourcc == b"VP8X":  # its flags list the EXIF and XMP chunks present: clear both
             payload = bytes([payload[0] & ~0x0C]) + payload[1:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image, ImageCms, IptcImagePlugin, PngImagePlugin
 
 from batch.emulator import Emulator
+from batch.metadata import riff_chunk
 from tests.checks import ledger_of, uploaded_image
 from tests.conftest import FAST_FLAGS, MakeEmulator, run_cli
 from tests.imagegen import portrait
@@ -24,7 +26,7 @@ XMP = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.o
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 #: What must never reach the server: the name, the serial, and the containers' signatures.
 SECRETS = [CLIENT.encode(), SERIAL.encode(), b"Exif\x00\x00", b"<x:xmpmeta", b"Photoshop 3.0",
-           b"wedding"]
+           b"wedding", b"c2pa"]
 
 
 def exif(orientation: int = 1) -> Image.Exif:
@@ -58,14 +60,27 @@ def png_source() -> bytes:
     info.add_itxt("XML:com.adobe.xmp", XMP.decode())
     buffer = io.BytesIO()
     portrait(300, 360, seed=4).save(buffer, "PNG", pnginfo=info, exif=exif(), icc_profile=ICC)
-    return buffer.getvalue()
+    return with_png_chunk(buffer.getvalue(), b"caBX", CREDENTIALS)
 
 
 def webp_source() -> bytes:
     buffer = io.BytesIO()
     portrait(300, 360, seed=5).save(buffer, "WEBP", lossless=True, exif=exif(), xmp=XMP,
                                     icc_profile=ICC)
-    return buffer.getvalue()
+    data = buffer.getvalue() + riff_chunk(b"C2PA", CREDENTIALS)
+    return data[:4] + struct.pack("<I", len(data) - 8) + data[8:]
+
+
+#: Content credentials (C2PA), as an editor that signs its exports writes them.
+CREDENTIALS = b"jumb c2pa.assertions stds.schema-org.CreativeWork author: " + CLIENT.encode()
+
+
+def with_png_chunk(data: bytes, kind: bytes, payload: bytes) -> bytes:
+    """``data`` (a PNG) with a chunk put in before IEND."""
+    chunk = struct.pack(">I", len(payload)) + kind + payload + \
+        struct.pack(">I", zlib.crc32(kind + payload))
+    end = data.rindex(b"IEND") - 4
+    return data[:end] + chunk + data[end:]
 
 
 SOURCES: dict[str, Callable[[], bytes]] = {
@@ -124,7 +139,7 @@ def test_uploads_carry_pixels_colour_and_nothing_else(studio: tuple[Path, Path, 
 
     # What was removed is said, by kind.
     status = run_cli(["status", "--out", str(out)], None)
-    assert "metadata removed before upload: EXIF 3, IPTC 1, XMP 3, comment 1, text 1" \
+    assert "metadata removed before upload: C2PA 2, EXIF 3, IPTC 1, XMP 3, comment 1, text 1" \
         in status.stdout, status.stdout
 
 
@@ -163,7 +178,7 @@ def test_the_dry_run_says_what_would_be_removed(studio: tuple[Path, Path, Emulat
     src, out, emulator = studio
     result = run_cli(["run", str(src), "--out", str(out), "--dry-run", *FAST_FLAGS], emulator)
     assert result.returncode == 0, result.stderr
-    assert "metadata removed before upload: EXIF 3, IPTC 1, XMP 3, comment 1, text 1" \
+    assert "metadata removed before upload: C2PA 2, EXIF 3, IPTC 1, XMP 3, comment 1, text 1" \
         in result.stdout, result.stdout
     assert emulator.state.uploads == []
 

@@ -12,12 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from batch import apispec
+from batch import apispec, outputs
 from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
 from batch.names import STATE_DIR, is_utf8, shown
 from batch.options import Options, unknown_names
-from batch.outputs import short_of_room
+from batch.outputs import short_of_room, unmounted_mount_point
 from batch.preflight import PrepareSettings
 from batch.roots import RootMap
 from batch.secret import Secret
@@ -348,6 +348,12 @@ def prepare_out(config: RunConfig) -> Path:
     """Create the output folder and prove it can be written, and that its disk (and the
     ledger's) has room, before anything is sent."""
     out = config.out.expanduser().resolve()
+    for folder in config.written_folders:
+        if (point := unmounted_mount_point(folder)) is not None:
+            raise ConfigError(f"{folder} is on {point}, where {outputs.MOUNT_TABLE} mounts a "
+                              "drive or share, and nothing is mounted there now: mount it first "
+                              "(a run now would start a new ledger on the disk beneath and pay "
+                              "again for every photo)")
     try:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out / STATE_DIR):

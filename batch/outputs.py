@@ -108,6 +108,26 @@ def free_space(folder: Path) -> int | None:
     return None
 
 
+#: Where the machine lists the drives and shares it mounts.
+MOUNT_TABLE = Path("/etc/fstab")
+
+
+def unmounted_mount_point(folder: Path) -> Path | None:
+    """The folder on ``folder``'s path where the mount table mounts a drive or share and
+    nothing is mounted now (a share that failed to mount after a reboot), or None. What is
+    written there lands on the disk beneath, and is hidden once the share is mounted."""
+    try:
+        lines = MOUNT_TABLE.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    points = {fields[1].replace("\\040", " ") for fields in map(str.split, lines)
+              if len(fields) >= 2 and not fields[0].startswith("#")}
+    for place in (folder, *folder.parents):
+        if str(place) in points:
+            return None if os.path.ismount(place) else place
+    return None
+
+
 def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:
     """Which of ``folders`` (the output folder, a ledger file's) lies on a disk with less
     than ``need`` bytes left, and how much it has; None when every one has room."""
@@ -171,6 +191,15 @@ def tag_temp_files(worker: str) -> None:
     """Name this process's temp files after its worker."""
     global _temp_tag
     _temp_tag = worker_tag(worker) + "-"
+
+
+def folder_identity(folder: Path) -> tuple[int, int] | None:
+    """Which folder ``folder`` is (its device and inode), or None if there is none."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def new_temp(directory: Path, name: str) -> tuple[int, Path]:

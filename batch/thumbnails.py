@@ -71,6 +71,8 @@ def _write(target: Path, preview: bytes) -> Path | None:
     """Written whole or not at all (a temp file renamed), but not fsynced: a preview lost to
     a power cut is made again by the next report."""
     temp = None
+    if not target.parents[2].is_dir():  # the output folder's state folder: gone, it stays so
+        return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=".thumb-", dir=target.parent)

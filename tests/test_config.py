@@ -97,3 +97,32 @@ def test_roots_name_a_shared_tree_and_bad_ones_are_refused(tmp_path: Path) -> No
         cfg = write(tmp_path / "bad.toml", f"[roots]\n{bad}\n")
         with pytest.raises(ConfigError, match=message):
             build((nas,), tmp_path / "out", file_values=load_file(cfg), env={})
+
+
+def test_an_output_on_a_share_that_is_not_mounted_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The night's --out is on a share the machine mounts at boot, and it failed to mount:
+    its mount point is an empty folder of the system disk. A run there would start a new
+    ledger and pay again for every photo in the source; it is refused before anything is
+    made. Once the share is mounted, the same folder is taken."""
+    import subprocess
+
+    from batch import outputs
+    from batch.config import prepare_out
+
+    share = tmp_path / "nas"
+    share.mkdir()
+    table = write(tmp_path / "fstab", "# <file system> <mount point> <type>\n"
+                                      f"//nas/photos {share} cifs credentials=/root/.nas 0 0\n")
+    monkeypatch.setattr(outputs, "MOUNT_TABLE", table)
+    config = build((source(tmp_path),), share / "retouched", file_values={}, env={})
+    with pytest.raises(ConfigError, match=re.escape(
+            f"is on {share}, where {table} mounts a drive or share, and nothing is mounted")):
+        prepare_out(config)
+    assert list(share.iterdir()) == []
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(share)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root in a sandbox that allows it)")
+    try:
+        assert prepare_out(config) == share / "retouched"
+    finally:
+        subprocess.run(["umount", "-l", str(share)], check=False)

@@ -338,3 +338,45 @@ def test_the_dry_run_says_when_the_disk_would_stop_the_run(
         full.stdout
     filler.unlink()
     assert not out.exists()  # a dry run writes nothing
+
+
+def bind(drive: Path, mount_point: Path) -> None:
+    mounted = subprocess.run(["mount", "--bind", str(drive), str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root in a sandbox that allows it)")
+
+
+def test_an_output_drive_unplugged_mid_run_keeps_the_results_for_when_it_is_back(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The output drive goes away during a run (unplugged, its share unmounted): its mount
+    point is an empty folder of another disk. Results written there would be hidden once the
+    drive is back, their jobs done. The run stops instead, creates nothing there, and keeps
+    what was paid for: the next run, with the drive back, saves it without paying again."""
+    drive, mount_point = tmp_path / "drive", tmp_path / "usb"
+    drive.mkdir()
+    mount_point.mkdir()
+    bind(drive, mount_point)
+    src, out = tmp_path / "src", mount_point / "retouched"
+    sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(20)}
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS, "--max-qps", "4"]
+    try:
+        proc = popen_cli(args, emulator)
+        assert wait_for(lambda: len(list(out.glob("*.jpg"))) >= 2, timeout=60)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert "the folder is gone or is another one now" in stderr
+    assert list(mount_point.iterdir()) == []  # nothing made on the disk beneath
+    paid = emulator.stats["charged"]
+    assert len(list((drive / "retouched").glob("*.jpg"))) < paid
+
+    bind(drive, mount_point)
+    try:
+        again = run_cli(args, emulator)
+        assert again.returncode == 0, again.stderr
+        assert_outputs_right(out, sources, emulator)
+        assert_no_double_pay(out, emulator, 20)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

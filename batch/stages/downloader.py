@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import io
@@ -23,6 +24,7 @@ from batch.ledger.store import FileRow
 from batch.outputs import (
     OutputConflict,
     copy_to_temp,
+    folder_identity,
     name_refusal,
     new_temp,
     output_rel,
@@ -63,6 +65,10 @@ class Downloader:
         #: the run before must not stop this one at its first hitch.
         self.last_saved = 0.0
         self.failing: dict[int, tuple[float, int]] = {}
+        #: The output folder as the run found it: a drive unplugged or a share unmounted
+        #: leaves its mount point behind, and a result written there would land on another
+        #: disk, hidden once the drive is back, with its job done.
+        self.out_identity = folder_identity(rt.out_dir)
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -127,6 +133,10 @@ class Downloader:
         rt = self.rt
         if not job.result_urls:
             raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
+        if folder_identity(rt.out_dir) != self.out_identity:
+            raise FileNotFoundError(errno.ENOENT, "the folder is gone or is another one now (a "
+                                    "drive unplugged, a share unmounted?); results paid for "
+                                    "are kept for the next run")
         first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir
         fd, temp = new_temp(first_dir, Path(job.content_sha256).name)
         temps.append(temp)

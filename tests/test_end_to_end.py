@@ -238,18 +238,30 @@ def test_bad_inputs_are_never_sent_and_are_named_with_reasons(
 
 def test_a_photo_without_a_face_fails_with_the_api_code(
         tmp_path: Path, emulator: Emulator) -> None:
-    from PIL import Image
+    """The bundled emulator finds no face in a sky or a blank grey frame; a black-and-white
+    portrait it retouches like any other."""
+    from PIL import Image, ImageChops, ImageStat
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     Image.new("RGB", (120, 120), (20, 40, 200)).save(src / "sky.png")
-    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    Image.new("L", (120, 120), 200).save(src / "blank.jpg")
+    write_portrait(src / "black and white.png", "PNG", seed=3, size=(300, 400))
+    with Image.open(src / "black and white.png") as colour:
+        colour.convert("L").save(src / "black and white.png")
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                     emulator)
     assert result.returncode == 1
     assert "ERROR_NO_FACE_IN_FILE" in result.stdout
     ledger = ledger_of(out)
-    [problem] = ledger.problems()
-    assert (problem.state, problem.error_code, problem.http_status) == (
-        "failed", "ERROR_NO_FACE_IN_FILE", 422)
+    problems = ledger.problems()
+    assert sorted(Path(p.path).name for p in problems) == ["blank.jpg", "sky.png"]
+    assert {(p.state, p.error_code, p.http_status) for p in problems} == {
+        ("failed", "ERROR_NO_FACE_IN_FILE", 422)}
     ledger.close()
+    with Image.open(src / "black and white.png") as source, \
+            Image.open(out / "black and white.png") as saved:
+        assert ImageStat.Stat(ImageChops.difference(source.convert("L"),
+                                                    saved.convert("L"))).mean[0] > 0.5
 
 
 def test_an_existing_different_output_is_never_overwritten_nor_paid_for(

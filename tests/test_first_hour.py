@@ -337,7 +337,7 @@ def test_a_black_and_white_export_in_16_bits_goes_as_its_picture_and_32_bits_are
     grey.convert("F").point(lambda v: v / 255).save(src / "hdr float.tif")
     deep.point(lambda v: v * 65537).save(src / "hdr int.tif")
     portrait(seed=3).save(src / "odd layout.tif", tiffinfo={339: (3, 3, 3)})  # float bytes
-    emulator = make_emulator(record_uploads=True, require_face=False)
+    emulator = make_emulator(record_uploads=True)
     result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
     assert result.returncode == 1, result.stderr  # the three refused, listed with reasons
     for name, why in (("hdr float.tif", "32-bit floating-point pixels"),

@@ -5,26 +5,38 @@ from __future__ import annotations
 import io
 from collections.abc import Collection
 
-from PIL import Image, ImageChops, ImageEnhance, ImageFilter
+from PIL import Image, ImageChops, ImageEnhance, ImageFilter, ImageStat
 
 SMOOTHING = ("smart_skin", "acne_removal", "spot_correction", "skin_smoothing", "pore_control",
              "wrinkle_reduction", "under_eye_correction", "scar_reduction")
 
 
+def _grey(image: Image.Image) -> bool:
+    """No colour to judge skin by (a black-and-white portrait): its chroma is flat."""
+    _, cb, cr = ImageStat.Stat(image.convert("YCbCr")).extrema
+    return all(abs(low - 128) <= 3 and abs(high - 128) <= 3 for low, high in (cb, cr))
+
+
 def skin_mask(image: Image.Image) -> Image.Image:
-    """Pixels whose chroma falls in the classic YCbCr skin range (Cb 77-127, Cr 133-173)."""
-    _, cb, cr = image.convert("YCbCr").split()
+    """Pixels whose chroma falls in the classic YCbCr skin range (Cb 77-127, Cr 133-173); in
+    a grey picture, its mid-tones."""
+    luma, cb, cr = image.convert("YCbCr").split()
+    if _grey(image):
+        return luma.point(lambda v: 255 if 60 <= v <= 220 else 0)
     cb_ok = cb.point(lambda v: 255 if 77 <= v <= 127 else 0)
     cr_ok = cr.point(lambda v: 255 if 133 <= v <= 173 else 0)
     return ImageChops.multiply(cb_ok, cr_ok)
 
 
-def skin_fraction(image: Image.Image) -> float:
+def looks_like_a_portrait(image: Image.Image) -> bool:
+    """Some skin in colour; in black and white, a picture rather than a flat frame."""
     small = image.convert("RGB")
     small.thumbnail((64, 64))
+    if _grey(small):
+        return ImageStat.Stat(small.convert("L")).stddev[0] > 12
     histogram = skin_mask(small).histogram()
     total = small.width * small.height
-    return histogram[255] / total if total else 0.0
+    return bool(total) and histogram[255] / total >= 0.005
 
 
 def retouch(image: Image.Image, enabled: Collection[str], fmt: str) -> bytes:

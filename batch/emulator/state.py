@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from batch import apispec
-from batch.emulator.retouch import retouch, skin_fraction
+from batch.emulator.retouch import looks_like_a_portrait, retouch
 
 
 @dataclass
@@ -245,7 +245,7 @@ class EmulatorState:
         if max(width, height) >= apispec.MAX_SIDE_EXCLUSIVE:
             raise Rejection(400, apispec.ERROR_PARAMETERS,
                             "Image resolution must be less than 4096x4096px.")
-        if self.config.require_face and skin_fraction(image) < 0.005:
+        if self.config.require_face and not looks_like_a_portrait(image):
             raise Rejection(422, apispec.NO_FACE_IN_FILE, "No face detected in the image.")
         return fmt
 

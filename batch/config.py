@@ -189,10 +189,9 @@ def load_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     for key, value in values.items():
-        expected = FILE_KEYS.get(key)
-        if expected is None and key.replace("-", "_") in apispec.OPTION_NAMES:
+        expected, flag = FILE_KEYS.get(key), key.replace("-", "_")
+        if expected is None and flag in apispec.OPTION_NAMES:
             raise ConfigError(f"{path}: {key} is a retouching option: put it under [options]")
-        flag = key.replace("-", "_")
         if expected is None and flag in MISTAKEN_KEYS:
             raise ConfigError(f"{path}: {key}: {MISTAKEN_KEYS[flag]}")
         if expected is None and flag in FLAGS_ONLY:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin
+from PIL.ExifTags import Base
 
 from batch.heif import HEIF_BRANDS, heif_support
 
@@ -31,10 +32,11 @@ MAX_SEGMENT = 65533
 #: the TIFF file itself (strips, compression, bit depth) or are blobs carried otherwise or not
 #: at all (XMP, IPTC, ICC, Photoshop's layers), which would make the EXIF of a JPEG result
 #: lie about it or outgrow its 64 KB segment.
-TIFF_TAGS_CARRIED = frozenset({
-    0x010E, 0x010F, 0x0110, 0x0112, 0x011A, 0x011B, 0x0128, 0x0131, 0x0132, 0x013B, 0x013C,
-    0x4746, 0x4749, 0x8298, 0x8769, 0x8825, 0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F,
-})
+TIFF_TAGS_CARRIED = frozenset(int(tag) for tag in (
+    Base.ImageDescription, Base.Make, Base.Model, Base.Orientation, Base.XResolution,
+    Base.YResolution, Base.ResolutionUnit, Base.Software, Base.DateTime, Base.Artist,
+    Base.HostComputer, Base.Rating, Base.RatingPercent, Base.Copyright, Base.ExifOffset,
+    Base.GPSInfo, Base.XPTitle, Base.XPComment, Base.XPAuthor, Base.XPKeywords, Base.XPSubject))
 
 
 def jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int, int]]:

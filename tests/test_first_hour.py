@@ -594,3 +594,5 @@ def test_an_earlier_runs_results_inside_a_source_are_left_out(tmp_path: Path,
     assert words in result.stderr
     assert emulator.stats["charged"] == 3 + 3  # a new --out, a ledger of its own: not 3 + 6
     assert outputs(tmp_path / "all") == [f"session/portrait {i}.jpg" for i in range(3)]
+    nightly = run_cli([*args, "-q"], emulator)  # told once: a cron job's clean night is quiet
+    assert nightly.returncode == 0 and nightly.stdout + nightly.stderr == "", nightly.stderr

@@ -21,7 +21,7 @@ from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.bandwidth import UploadPace
 from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
-from batch.api.errors import CHECK_BASE
+from batch.api.errors import ACCOUNT_CODES
 from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import ConfigError, RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
@@ -539,10 +539,10 @@ def _stop_message(rt: Runtime) -> str | None:
         if error.out_of_credits:
             return ("Stopped: the account is out of credits. Results already paid for were "
                     "saved; top up and run the same command again to send the rest.")
-        if CHECK_BASE in error.message:
-            return f"Stopped: {error.describe()}. Set it right and run the same command again."
-        return (f"Stopped: {error.describe()}. Check AILAB_API_KEY (or the key file) and "
-                "the account, then run the same command again.")
+        if error.http_status in (401, 403) or error.code in ACCOUNT_CODES:
+            return (f"Stopped: {error.describe()}. Check AILAB_API_KEY (or the key file) and "
+                    "the account, then run the same command again.")
+        return f"Stopped: {error.describe()}. Once that is put right, run the same command again."
     if rt.flags.fatal:
         return rt.flags.fatal
     if rt.flags.deadline_reached:

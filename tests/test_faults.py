@@ -6,9 +6,10 @@ import asyncio
 import http.client
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -450,3 +451,38 @@ def test_an_address_that_is_not_the_api_stops_the_run_before_an_upload(tmp_path:
             assert held_results(out) == ["pending"] * 3
     assert not [r for r in seen if r.startswith("POST")], seen
     assert len(seen) == 2, seen  # one balance read each
+
+
+def test_an_api_certificate_this_machine_does_not_trust_stops_the_run_before_an_upload(
+        tmp_path: Path) -> None:
+    """A proxy that inspects TLS signs with an authority this machine does not know: every
+    request would fail the same way, and each photo would wait out the backoff for nothing.
+    The balance read before the first upload stops the run (exit 3) saying what to set."""
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                           "-keyout", str(key), "-out", str(cert), "-days", "1",
+                           "-subj", "/CN=proxy.example"], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("openssl cannot make a certificate here")
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg")
+    seen: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), web_page(seen))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--api-base",
+                          f"https://127.0.0.1:{server.server_address[1]}", *FAST_FLAGS], None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 3, result.stderr
+    assert "the API's TLS certificate is not trusted here" in result.stderr
+    assert "point SSL_CERT_FILE at its certificate bundle" in result.stderr
+    assert "AILAB_API_KEY" not in result.stderr
+    assert held_results(out) == ["pending"] and seen == []

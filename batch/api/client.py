@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Any, TypedDict
@@ -90,6 +91,21 @@ class _Upload:
         async for piece in self._pieces:
             yield piece
         self.whole = True  # asked for more after the last piece was written
+
+
+def _untrusted(exc: BaseException) -> str | None:
+    """Why the server's TLS certificate was refused, if that is what ``exc`` comes down to
+    (a proxy that inspects TLS signs with its own authority, unknown to this machine)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _transport_words(exc: httpx.TransportError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _upload_failed(exc: httpx.TransportError, whole: bool) -> ApiError:
@@ -279,8 +295,8 @@ class ApiClient:
             path = f"{apispec.QUERY_PATH}?task_id={quote(task_id, safe='')}"
             body = await self._call("GET", path, "query")
         except httpx.TransportError as exc:
-            raise ApiError(ErrorKind.TRANSIENT, f"status query failed: {type(exc).__name__}") \
-                from exc
+            raise ApiError(ErrorKind.TRANSIENT,
+                           f"status query failed: {_transport_words(exc)}") from exc
         status = _task_status(body)
         if status is None:
             raise ApiError(ErrorKind.TRANSIENT, "the status answer has no task_status",
@@ -303,8 +319,14 @@ class ApiClient:
         try:
             body = await self._call("GET", apispec.CREDITS_PATH, "credits")
         except httpx.TransportError as exc:
-            raise ApiError(ErrorKind.TRANSIENT, f"credits query failed: {type(exc).__name__}") \
-                from exc
+            # Read before the first upload: a certificate this machine does not trust is
+            # refused the same way on every request, and no retry mends it.
+            if (why := _untrusted(exc)) is not None:
+                raise ApiError(ErrorKind.ACCOUNT, f"the API's TLS certificate is not trusted "
+                               f"here ({why}): where a proxy inspects TLS, point SSL_CERT_FILE "
+                               "at its certificate bundle") from exc
+            raise ApiError(ErrorKind.TRANSIENT,
+                           f"credits query failed: {_transport_words(exc)}") from exc
         for holder in (body.get("data"), body):
             if isinstance(holder, dict):
                 for key in ("credits", "remaining_credits", "balance", "quota"):

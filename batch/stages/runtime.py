@@ -167,7 +167,7 @@ class Runtime:
         """Out of credits: no more uploads, finish what is paid. Anything else: stop now."""
         if self.flags.account_error is None:
             self.flags.account_error = error
-            log.error("Account problem: %s", error.describe())
+            log.error("Stopping: %s", error.describe())
             if self.watching and error.out_of_credits:
                 log.warning("Watching goes on: new photos are recorded, and uploads resume "
                             "once the account is topped up (its balance is read at each "

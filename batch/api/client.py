@@ -117,10 +117,10 @@ def _upload_failed(exc: httpx.TransportError, whole: bool) -> ApiError:
     if not whole:
         return ApiError(ErrorKind.NOT_SENT,
                         f"the connection failed while the upload was being sent "
-                        f"({type(exc).__name__}); it never reached the API whole, so it was "
+                        f"({_transport_words(exc)}); it never reached the API whole, so it was "
                         "not charged")
     return ApiError(ErrorKind.AMBIGUOUS,
-                    f"the upload was sent but its answer was lost ({type(exc).__name__}); "
+                    f"the upload was sent but its answer was lost ({_transport_words(exc)}); "
                     "the API may have charged for it")
 
 
@@ -356,7 +356,7 @@ class ApiClient:
                 from exc
         except httpx.TransportError as exc:
             raise ApiError(ErrorKind.TRANSIENT,
-                           f"the download broke off ({type(exc).__name__})") from exc
+                           f"the download broke off ({_transport_words(exc)})") from exc
 
     async def _receive(self, response: httpx.Response, sink: IO[bytes]) -> Downloaded:
         status = response.status_code

@@ -33,6 +33,7 @@ def configure(level: int, secret: Secret | None = None, *, json_lines: bool = Fa
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # httpx logs every request with its URL (signed result links among them) at INFO.
-    for noisy in ("httpx", "httpcore", "alembic", "filelock"):
+    # httpx logs every request with its URL (signed result links among them) at INFO;
+    # Pillow logs every tag of every TIFF it opens at DEBUG.
+    for noisy in ("httpx", "httpcore", "alembic", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -46,14 +46,20 @@ def _is_webp(data: bytes) -> bool:
     return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
 
 
-def strip(data: bytes, fmt: str) -> tuple[bytes, Counter[str]]:
-    """``data`` without its metadata, and what was removed (kind -> how many blocks)."""
+#: Kinds removed from uploads only since ledgers began keying photos by their image: a key
+#: still counts them, so that a photo keyed before is not paid for again under a new key.
+KEYED = frozenset({"C2PA"})
+
+
+def strip(data: bytes, fmt: str, spare: frozenset[str] = frozenset()) -> tuple[bytes, Counter[str]]:
+    """``data`` without its metadata (but the kinds in ``spare``), and what was removed (kind
+    -> how many blocks)."""
     if fmt == "JPEG":
         return _strip_jpeg(data)
     if fmt == "PNG":
-        return _strip_png(data)
+        return _strip_png(data, spare)
     if fmt == "WEBP":
-        return _strip_webp(data)
+        return _strip_webp(data, spare)
     return data, Counter()
 
 
@@ -73,10 +79,10 @@ def _jpeg_kind(marker: int, payload: bytes) -> str | None:
 
 
 def stripped_pieces(data: bytes, fmt: str) -> Iterator[bytes | memoryview]:
-    """``strip(data, fmt)``'s bytes in pieces, not joined: hashing a camera file's pieces
-    does not copy it (nor hold the GIL for the copy)."""
+    """What a photo's key is made from, ``strip(data, fmt, KEYED)``'s bytes, in pieces, not
+    joined: hashing a camera file's pieces does not copy it (nor hold the GIL for the copy)."""
     if fmt != "JPEG":
-        yield strip(data, fmt)[0]
+        yield strip(data, fmt, KEYED)[0]
         return
     view, done = memoryview(data), 0
     for start, end, _ in _jpeg_cuts(data):
@@ -105,7 +111,7 @@ def _strip_jpeg(data: bytes) -> tuple[bytes, Counter[str]]:
     return b"".join(kept) + data[done:], removed
 
 
-def _strip_png(data: bytes) -> tuple[bytes, Counter[str]]:
+def _strip_png(data: bytes, spare: frozenset[str]) -> tuple[bytes, Counter[str]]:
     removed: Counter[str] = Counter()
     if not data.startswith(PNG_SIGNATURE):
         return data, removed
@@ -116,7 +122,7 @@ def _strip_png(data: bytes) -> tuple[bytes, Counter[str]]:
         name = PNG_METADATA.get(kind)
         if name == "text" and data[pos + 8:pos + 8 + 17] == b"XML:com.adobe.xmp":
             name = "XMP"
-        if name is None:
+        if name is None or name in spare:
             kept.append(data[pos:end])
         else:
             removed[name] += 1
@@ -126,13 +132,13 @@ def _strip_png(data: bytes) -> tuple[bytes, Counter[str]]:
     return (b"".join(kept), removed) if removed else (data, removed)
 
 
-def _strip_webp(data: bytes) -> tuple[bytes, Counter[str]]:
+def _strip_webp(data: bytes, spare: frozenset[str]) -> tuple[bytes, Counter[str]]:
     removed: Counter[str] = Counter()
     if not _is_webp(data):
         return data, removed
     body = b""
     for fourcc, payload in riff_chunks(data):
-        if fourcc in WEBP_METADATA:
+        if fourcc in WEBP_METADATA and WEBP_METADATA[fourcc] not in spare:
             removed[WEBP_METADATA[fourcc]] += 1
             continue
         if fourcc == b"VP8X":  # its flags list the EXIF and XMP chunks present: clear both

@@ -213,3 +213,22 @@ def test_a_tiff_master_or_a_long_xmp_history_gives_its_photo_metadata_to_a_saved
         CLIENT, "(c) Studio", "Canon")
     assert not {0x0103, 0x0111, 0x0117, 0x0102, 700, 37724} & set(tags_saved), set(tags_saved)
     assert extension in (out / "export.jpg").read_bytes()
+
+
+def test_removing_credentials_from_uploads_leaves_the_photos_key_as_it_was() -> None:
+    """A ledger keyed a PNG with content credentials before they were removed from uploads:
+    its key still counts them, so the photo, renamed or copied, is the one paid for and not
+    a new one."""
+    import hashlib
+
+    from batch.preflight import photo_key
+
+    data = png_source()
+    kept, pos = [data[:8]], 8
+    while pos < len(data):  # the key's rule for PNGs before: text, EXIF and time chunks out
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        end = pos + 12 + length
+        if data[pos + 4:pos + 8] not in (b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"):
+            kept.append(data[pos:end])
+        pos = end
+    assert photo_key(data, by_image=True) == hashlib.sha256(b"".join(kept)).hexdigest()

@@ -63,6 +63,11 @@ def reuse_pixel_memory(copies_at_once: int) -> None:
 #: run reads it again (see ``batch.pipeline._pick_up_leftovers``).
 UNREADABLE = "FILE_UNREADABLE"
 
+#: The error code of a job none of whose files gives its key any more (edited since its scan,
+#: or keyed by a rule this version reads otherwise): the next scan reads those files anew,
+#: and each gets the job its bytes give now (see ``batch.requeue.read_again``).
+CHANGED = "FILE_CHANGED"
+
 
 #: Said of a HEIC photo while the optional support is missing: a file's problem, not its
 #: content's, so the first run after it is installed sends the photo.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from batch.ledger import Ledger, open_ledger
 from batch.locking import RunLock
-from batch.preflight import UNREADABLE
+from batch.preflight import CHANGED, UNREADABLE
 from batch.roots import RootMap
 from batch.states import RETRYABLE, JobState
 
@@ -37,8 +37,13 @@ def read_again(ledger: Ledger, root_map: RootMap) -> int:
     """Put back in line the jobs rejected because their file could not be read (a share that
     went away, a permission) once one of their files on this machine reads: at each run's
     start and on each pass of a watch, which runs for days. A file that still cannot be read
-    stays rejected with its reason rather than be claimed and refused again. Returns how many
-    moved."""
+    stays rejected with its reason rather than be claimed and refused again. The files of
+    jobs rejected because they changed are left for the next scan to read as new. Returns how
+    many jobs moved."""
+    changed = ledger.files_rejected_for(CHANGED)
+    if changed:
+        ledger.forget_scans(changed)
+        log.info("Reading again %d file(s) that changed since they were scanned.", len(changed))
     readable = [f"{row.root}/{row.rel_path}" for row in ledger.files_rejected_for(UNREADABLE)
                 if any(_reads(Path(local.root, local.rel_path))
                        for local in root_map.localize([row]))]

@@ -221,6 +221,37 @@ def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(
     assert_outputs_right(out, sources, emulator)
 
 
+def test_a_photo_whose_bytes_no_longer_give_its_key_is_read_again_by_the_next_run(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A photo edited after its scan, in a way its size and time do not show (or keyed by a
+    rule a new version reads otherwise): its job's key matches no file, so it is not sent.
+    It used to stay so for good, as the scan skipped a file it had read; now the next run
+    reads it as new, and it is sent as the photo it is."""
+    import os
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 2)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    scanned = run_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": "scanned:1"})
+    assert scanned.returncode != 0 and emulator.stats.get("charged", 0) == 0
+    edited = src / "01.jpg"
+    before = edited.stat()
+    data = bytearray(edited.read_bytes())
+    data[-3] ^= 0xFF  # in the last bytes of the image data: the same size, other pixels
+    edited.write_bytes(bytes(data))
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    sources["01.jpg"] = bytes(data)
+    first = run_cli(args, emulator)
+    assert first.returncode == 1, first.stdout
+    assert "01.jpg: the file changed after it was scanned; the next run reads it again" \
+        in first.stdout
+    assert emulator.stats["charged"] == 1
+    second = run_cli(args, emulator)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert emulator.stats["charged"] == 2
+    assert_outputs_right(out, sources, emulator)
+
+
 def rejected_count(out: Path) -> int:
     status = run_cli(["status", "--out", str(out), "--json"], None)
     return int(json.loads(status.stdout)["counts"].get("rejected", 0))

@@ -22,6 +22,7 @@ from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
 from batch.outputs import MIN_FREE, short_of_room
 from batch.preflight import (
+    CHANGED,
     UNREADABLE,
     Prepared,
     PrepareSettings,
@@ -266,8 +267,8 @@ class Submitter:
                 name = str(Path(name).with_suffix(".jpg"))
             return prepared, name
         if changed:
-            raise Rejected("the file changed after it was scanned; it will be picked up again "
-                           "on the next run")
+            raise Rejected("the file changed after it was scanned; the next run reads it "
+                           "again", CHANGED)
         raise Rejected("the file disappeared after it was scanned", UNREADABLE)
 
     async def _failed(self, job: JobRow, error: ApiError) -> None:

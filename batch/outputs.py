@@ -193,13 +193,14 @@ def tag_temp_files(worker: str) -> None:
     _temp_tag = worker_tag(worker) + "-"
 
 
-def folder_identity(folder: Path) -> tuple[int, int] | None:
-    """Which folder ``folder`` is (its device and inode), or None if there is none."""
+def folder_device(folder: Path) -> int | None:
+    """The device (mounted filesystem) ``folder`` is on, or None if there is no such folder.
+    Not its inode: shares that make their inode numbers up (CIFS without server inodes,
+    sshfs) may give a folder another one in the middle of a run."""
     try:
-        st = os.stat(folder)
+        return os.stat(folder).st_dev
     except OSError:
         return None
-    return st.st_dev, st.st_ino
 
 
 def new_temp(directory: Path, name: str) -> tuple[int, Path]:

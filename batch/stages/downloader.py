@@ -24,7 +24,7 @@ from batch.ledger.store import FileRow
 from batch.outputs import (
     OutputConflict,
     copy_to_temp,
-    folder_identity,
+    folder_device,
     name_refusal,
     new_temp,
     output_rel,
@@ -65,10 +65,10 @@ class Downloader:
         #: the run before must not stop this one at its first hitch.
         self.last_saved = 0.0
         self.failing: dict[int, tuple[float, int]] = {}
-        #: The output folder as the run found it: a drive unplugged or a share unmounted
-        #: leaves its mount point behind, and a result written there would land on another
-        #: disk, hidden once the drive is back, with its job done.
-        self.out_identity = folder_identity(rt.out_dir)
+        #: The disk of the output folder as the run found it: a drive unplugged or a share
+        #: unmounted leaves its mount point behind, and a result written there would land on
+        #: another disk, hidden once the drive is back, with its job done.
+        self.out_device = folder_device(rt.out_dir)
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -133,7 +133,7 @@ class Downloader:
         rt = self.rt
         if not job.result_urls:
             raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
-        if folder_identity(rt.out_dir) != self.out_identity:
+        if folder_device(rt.out_dir) != self.out_device:
             raise FileNotFoundError(errno.ENOENT, "the folder is gone or is another one now (a "
                                     "drive unplugged, a share unmounted?); results paid for "
                                     "are kept for the next run")

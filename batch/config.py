@@ -178,6 +178,18 @@ FLAGS_ONLY = frozenset({"out", "quiet", "verbose", "dry_run", "emulator", "log_f
                         "progress", "config"})
 
 
+def _not_a_setting(key: str) -> str:
+    """What a key the file may not hold is, in words that point at the right one."""
+    flag = key.replace("-", "_")
+    if flag in apispec.OPTION_NAMES:
+        return f"{key} is a retouching option: put it under [options]"
+    if flag in MISTAKEN_KEYS:
+        return f"{key}: {MISTAKEN_KEYS[flag]}"
+    if flag in FLAGS_ONLY:
+        return f"{key} is a command-line flag only (--{flag.replace('_', '-')}), not a setting"
+    return unknown_names("setting", [key], FILE_KEYS)
+
+
 def load_file(path: Path) -> dict[str, Any]:
     """Read and check a TOML config file (see sample_config.toml for every key)."""
     try:
@@ -189,16 +201,9 @@ def load_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     for key, value in values.items():
-        expected, flag = FILE_KEYS.get(key), key.replace("-", "_")
-        if expected is None and flag in apispec.OPTION_NAMES:
-            raise ConfigError(f"{path}: {key} is a retouching option: put it under [options]")
-        if expected is None and flag in MISTAKEN_KEYS:
-            raise ConfigError(f"{path}: {key}: {MISTAKEN_KEYS[flag]}")
-        if expected is None and flag in FLAGS_ONLY:
-            raise ConfigError(f"{path}: {key} is a command-line flag only "
-                              f"(--{flag.replace('_', '-')}), not a setting")
+        expected = FILE_KEYS.get(key)
         if expected is None:
-            raise ConfigError(f"{path}: {unknown_names('setting', [key], FILE_KEYS)}")
+            raise ConfigError(f"{path}: {_not_a_setting(key)}")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = value = float(value)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):

@@ -22,6 +22,7 @@ from batch.ledger import LedgerFull, LedgerUnavailable, open_ledger
 from batch.locking import LedgerBusy
 from batch.logsetup import configure
 from batch.names import STATE_DIR
+from batch.outputs import unmounted_mount_point
 from batch.pipeline import RunReport, run_batch
 from batch.report import write_report
 from batch.requeue import requeue
@@ -280,7 +281,10 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
 def _ledger_location(out: Path, ledger: str | None) -> str:
     location = ledger or str(out / STATE_DIR / "ledger.sqlite")
     if "://" not in location and not Path(location).exists():
-        raise ConfigError(f"no ledger at {location}: has skinbatch run with --out {out}?")
+        point = unmounted_mount_point(Path(location).expanduser().resolve())
+        raise ConfigError(f"no ledger at {location}: " + (
+            f"{point} is not mounted" if point is not None
+            else f"has skinbatch run with --out {out}?"))
     return location
 
 

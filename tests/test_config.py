@@ -120,6 +120,11 @@ def test_an_output_on_a_share_that_is_not_mounted_is_refused(
             f"is on {share}, where {table} mounts a drive or share, and nothing is mounted")):
         prepare_out(config)
     assert list(share.iterdir()) == []
+    from click.testing import CliRunner
+
+    from batch.cli import main
+    status = CliRunner().invoke(main, ["status", "--out", str(share / "retouched")])
+    assert status.exit_code == 2 and f"{share} is not mounted" in status.output, status.output
     if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(share)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root in a sandbox that allows it)")
     try:

@@ -10,6 +10,7 @@ read again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -216,16 +217,14 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
                 listing = list(scanner)
         except OSError:
             continue
-        if rel_dir and any(e.name == STATE_DIR and e.is_dir(follow_symlinks=False)
-                           for e in listing):
-            if results_folders is not None:
-                results_folders.append(directory)
-            continue
-        files, subfolders = [], []
+        files, subfolders, results = [], [], False
         for entry in listing:
             if entry.name.startswith("."):
                 if entry.name == PRESET_NAME:
                     settings = apply_preset(settings, Path(entry.path))
+                elif entry.name == STATE_DIR and rel_dir:
+                    with contextlib.suppress(OSError):
+                        results = entry.is_dir(follow_symlinks=False)
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
@@ -235,6 +234,10 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
                 files.append(entry)
             elif name_kind(entry.name) != IGNORED and entry.path not in excluded:
                 subfolders.append(entry)
+        if results:
+            if results_folders is not None:
+                results_folders.append(directory)
+            continue
         for sub in subfolders:
             stack.append((sub.path, f"{rel_dir}/{sub.name}" if rel_dir else sub.name, settings))
         yield Folder(directory, rel_dir, settings, files)
@@ -454,8 +457,8 @@ class _RootScan:
                     known = self.ledger.known_files(self.key, folder.rel_dir)
             candidates = [_candidate(self.key, self.base, self.root, entry, folder.rel_dir,
                                      folder.settings, self.out_dir) for entry in images]
-            if self.on_collision == "skip":
-                candidates = _one_output_each(candidates, known)
+            if self.on_collision == "skip" and folder.settings.naming != DEFAULT_NAMING:
+                candidates = _one_output_each(candidates, known)  # file names are unique
             for candidate, entry in zip(candidates, images, strict=True):
                 k = known.pop(candidate.rel_path, None)
                 self._note_taken(candidate, entry.path, k)

@@ -266,7 +266,8 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
     click.echo(
         f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
         f"{status.rejected} rejected, {status.unfinished} unfinished "
-        f"({report.scan.found} files scanned, {report.scan.hashed} read) "
+        f"({report.scan.found} file{'' if report.scan.found == 1 else 's'} scanned, "
+        f"{report.scan.hashed} read) "
         f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
         f"(all runs: {status.charges})")
     for state, line in problems:

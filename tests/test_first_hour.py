@@ -210,6 +210,7 @@ def test_every_log_line_is_json_with_the_bundled_emulator(tmp_path: Path) -> Non
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and all(json.loads(line)["message"] for line in lines)
     assert any("bundled emulator" in json.loads(line)["message"] for line in lines)
+    assert "(1 file scanned, 1 read)" in result.stdout, result.stdout
 
 
 def test_config_messages_are_plain_english(tmp_path: Path) -> None:

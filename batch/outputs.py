@@ -193,16 +193,6 @@ def tag_temp_files(worker: str) -> None:
     _temp_tag = worker_tag(worker) + "-"
 
 
-def folder_device(folder: Path) -> int | None:
-    """The device (mounted filesystem) ``folder`` is on, or None if there is no such folder.
-    Not its inode: shares that make their inode numbers up (CIFS without server inodes,
-    sshfs) may give a folder another one in the middle of a run."""
-    try:
-        return os.stat(folder).st_dev
-    except OSError:
-        return None
-
-
 def new_temp(directory: Path, name: str) -> tuple[int, Path]:
     """A temp file beside the output, named after it: cut to 80 bytes, not characters, so a
     name of 255 bytes in three-byte characters still leaves the temp name within NAME_MAX."""

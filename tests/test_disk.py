@@ -367,7 +367,7 @@ def test_an_output_drive_unplugged_mid_run_keeps_the_results_for_when_it_is_back
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
-    assert "the folder is gone or is another one now" in stderr
+    assert "the folder is gone (a drive unplugged" in stderr
     assert list(mount_point.iterdir()) == []  # nothing made on the disk beneath
     paid = emulator.stats["charged"]
     assert len(list((drive / "retouched").glob("*.jpg"))) < paid
@@ -380,3 +380,38 @@ def test_an_output_drive_unplugged_mid_run_keeps_the_results_for_when_it_is_back
         assert_no_double_pay(out, emulator, 20)
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_watch_waits_for_its_output_drive_to_come_back(tmp_path: Path,
+                                                        emulator: Emulator) -> None:
+    """A hot folder runs for days: its output drive going away for a while (a share
+    remounted, a drive plugged in again) does not end it. It sends nothing new meanwhile,
+    keeps the results paid for, and saves them once the drive is back."""
+    from tests.test_watch import stopped
+
+    drive, mount_point = tmp_path / "drive", tmp_path / "usb"
+    drive.mkdir()
+    mount_point.mkdir()
+    bind(drive, mount_point)
+    src, out = tmp_path / "incoming", mount_point / "retouched"
+    src.mkdir()
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(2)}
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
+                      "--smart-skin", *FAST_FLAGS], emulator)
+    try:
+        assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        sources["2.jpg"] = write_portrait(src / "2.jpg", seed=2)  # paid, not savable yet
+        assert wait_for(lambda: emulator.stats["charged"] == 3, timeout=30)
+        sources["3.jpg"] = write_portrait(src / "3.jpg", seed=3)  # not sent meanwhile
+        time.sleep(4)
+        assert proc.poll() is None, "the watch must not end"
+        assert emulator.stats["charged"] == 3 and list(mount_point.iterdir()) == []
+        bind(drive, mount_point)
+        assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
+    finally:
+        _, stderr = stopped(proc)
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    assert "No more uploads: the output folder is gone" in stderr
+    assert "The output folder is back: uploads resume" in stderr
+    assert emulator.stats["charged"] == 4

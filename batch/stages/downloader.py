@@ -21,10 +21,10 @@ from batch import crashpoints, metadata, thumbnails
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
+from batch.names import STATE_DIR
 from batch.outputs import (
     OutputConflict,
     copy_to_temp,
-    folder_device,
     name_refusal,
     new_temp,
     output_rel,
@@ -53,6 +53,14 @@ def verify_result(data: bytes) -> str:
     return fmt
 
 
+#: How often a watch tries a result again while its output folder is gone.
+OUTPUT_RECHECK = 5.0
+
+
+class OutputGone(FileNotFoundError):
+    """The output folder is missing, or on another disk than the run found it on."""
+
+
 class Downloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -65,10 +73,6 @@ class Downloader:
         #: the run before must not stop this one at its first hitch.
         self.last_saved = 0.0
         self.failing: dict[int, tuple[float, int]] = {}
-        #: The disk of the output folder as the run found it: a drive unplugged or a share
-        #: unmounted leaves its mount point behind, and a result written there would land on
-        #: another disk, hidden once the drive is back, with its job done.
-        self.out_device = folder_device(rt.out_dir)
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -116,10 +120,17 @@ class Downloader:
         except ApiError as error:
             await self._failed(job, files, error)
         except OSError as exc:  # the disk is full, read-only, gone (a share), not ours...
+            # A watch, which runs for days, waits for its output folder to come back.
+            waits = isinstance(exc, OutputGone) and rt.watching
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
-                message=f"could not write the output: {exc.strerror or exc}"))
-            rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
-                        f"{exc.strerror or exc}. Nothing was marked done that is not on disk.")
+                message=f"could not write the output: {exc.strerror or exc}"),
+                next_attempt_at=time.time() + OUTPUT_RECHECK if waits else 0.0)
+            if waits:
+                rt.stop_submitting(StopReason.OUTPUT)
+            else:
+                rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
+                            f"{exc.strerror or exc}. Nothing was marked done that is not on "
+                            "disk.")
         except asyncio.CancelledError:
             await rt.writes.transition(job.id, JobState.READY,
                                        info=TransitionInfo(message="interrupted during download"))
@@ -133,10 +144,14 @@ class Downloader:
         rt = self.rt
         if not job.result_urls:
             raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
-        if folder_device(rt.out_dir) != self.out_device:
-            raise FileNotFoundError(errno.ENOENT, "the folder is gone or is another one now (a "
-                                    "drive unplugged, a share unmounted?); results paid for "
-                                    "are kept for the next run")
+        # The output folder's own state folder, made at the run's start, tells that the
+        # folder is still there: a drive unplugged or a share unmounted leaves its mount point
+        # behind, an empty folder of another disk, and a result written there would be hidden
+        # once the drive is back, its job done. (Not the folder's device: a drive plugged in
+        # again, or a share mounted again, may come back as another.)
+        if not (rt.out_dir / STATE_DIR).is_dir():
+            raise OutputGone(errno.ENOENT, "the folder is gone (a drive unplugged, a share "
+                             "unmounted?); results paid for are kept")
         first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir
         fd, temp = new_temp(first_dir, Path(job.content_sha256).name)
         temps.append(temp)
@@ -151,6 +166,7 @@ class Downloader:
         self.last_saved = time.monotonic()
         self.failing.pop(job.id, None)
         rt.resume(StopReason.UNFETCHED, "A result came through")
+        rt.resume(StopReason.OUTPUT, "The output folder is back")
 
     def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
                temps: list[Path], downloaded_sha256: str

@@ -36,6 +36,7 @@ class StopReason(StrEnum):
     DISK = "the disk is nearly full"
     UNFETCHED = "results paid for cannot be fetched from the result host"
     LOST = "the API lost tasks it had just accepted"
+    OUTPUT = "the output folder is gone (a drive unplugged, a share unmounted)"
     DEADLINE = "deadline reached"
     ACCOUNT = "account problem"
     FATAL = "the run cannot go on"
@@ -43,7 +44,8 @@ class StopReason(StrEnum):
 
 #: Stops that leave jobs waiting for a later run (their reason is written on them).
 WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE,
-                           StopReason.DISK, StopReason.UNFETCHED, StopReason.LOST})
+                           StopReason.DISK, StopReason.UNFETCHED, StopReason.LOST,
+                           StopReason.OUTPUT})
 
 
 @dataclass

@@ -4,6 +4,7 @@ import ctypes
 import fcntl
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,14 @@ def popen_cli(args: list[str], emulator: Emulator | None, *,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
                             env=cli_env(emulator, API_KEY, extra_env),
                             preexec_fn=drop_root_file_access if as_plain_user else None)
+
+
+def stopped(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Stop a watch as a service manager does; it ends cleanly (exit 130)."""
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    return stdout, stderr
 
 
 def pg_available() -> bool:

@@ -18,7 +18,7 @@ from batch.emulator import Emulator
 from batch.outputs import MIN_FREE
 from batch.states import JobState
 from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right
-from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, stopped, wait_for
 from tests.imagegen import write_portrait
 
 
@@ -387,8 +387,6 @@ def test_a_watch_waits_for_its_output_drive_to_come_back(tmp_path: Path,
     """A hot folder runs for days: its output drive going away for a while (a share
     remounted, a drive plugged in again) does not end it. It sends nothing new meanwhile,
     keeps the results paid for, and saves them once the drive is back."""
-    from tests.test_watch import stopped
-
     drive, mount_point = tmp_path / "drive", tmp_path / "usb"
     drive.mkdir()
     mount_point.mkdir()

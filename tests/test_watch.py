@@ -13,7 +13,15 @@ import pytest
 
 from batch.emulator import Emulator, Faults
 from tests.checks import assert_outputs_right, ledger_of
-from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, cli_env, popen_cli, wait_for
+from tests.conftest import (
+    API_KEY,
+    FAST_FLAGS,
+    MakeEmulator,
+    cli_env,
+    popen_cli,
+    stopped,
+    wait_for,
+)
 from tests.imagegen import encode, portrait
 
 
@@ -133,14 +141,6 @@ def done_jobs(out: Path) -> int:
         return ledger.counts()["done"]
     finally:
         ledger.close()
-
-
-def stopped(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    """Stop a watch as a service manager does; it ends cleanly (exit 130)."""
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-2000:]
-    return stdout, stderr
 
 
 def test_a_watch_out_of_credits_carries_on_once_topped_up(tmp_path: Path,

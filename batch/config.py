@@ -352,6 +352,12 @@ def prepare_out(config: RunConfig) -> Path:
     """Create the output folder and prove it can be written, and that its disk (and the
     ledger's) has room, before anything is sent."""
     out = config.out.expanduser().resolve()
+    if not out.exists() and not out.parent.is_dir():
+        # --out is made, never the folders above it: a missing one is most often the mount
+        # point of a drive not plugged in, where a new ledger would pay again for every photo.
+        raise ConfigError(f"--out {config.out}: the folder it would be made in, {out.parent}, "
+                          "does not exist (is its drive or share mounted?); create it first "
+                          "if it is meant")
     for folder in config.written_folders:
         if (point := unmounted_mount_point(folder)) is not None:
             raise ConfigError(f"{folder} is on {point}, where {outputs.MOUNT_TABLE} mounts a "

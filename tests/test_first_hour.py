@@ -45,6 +45,24 @@ def test_an_output_folder_inside_the_source_is_refused_before_anything_is_create
     assert sorted(p.name for p in src.rglob("*")) == before  # no ledger, no empty tree
 
 
+def test_an_output_folder_whose_drive_is_not_there_is_refused_not_made(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """--out on a drive not plugged in (its mount point gone with it): making the folders
+    would start a new ledger on the system disk and pay again for every photo. --out is
+    made; the folders above it never are."""
+    src, media = tmp_path / "shoot", tmp_path / "media"
+    shoot(src)
+    media.mkdir()
+    result = run_cli(["run", str(src), "--out", str(media / "USB-DRIVE" / "retouched"),
+                      "--smart-skin", *FAST_FLAGS], emulator)
+    assert_refused(result, emulator, f"the folder it would be made in, {media / 'USB-DRIVE'}, "
+                                     "does not exist (is its drive or share mounted?)")
+    assert list(media.iterdir()) == []
+    result = run_cli(["run", str(src), "--out", str(media / "retouched"), "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr  # a new --out in a folder that is there
+
+
 def test_a_source_inside_the_output_folder_is_refused_unless_asked_for(
         tmp_path: Path, emulator: Emulator) -> None:
     out = tmp_path / "out1"

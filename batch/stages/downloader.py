@@ -53,12 +53,12 @@ def verify_result(data: bytes) -> str:
     return fmt
 
 
-#: How often a watch tries a result again while its output folder is gone.
+#: How often a watch looks for its output folder while it is gone.
 OUTPUT_RECHECK = 5.0
 
 
 class OutputGone(FileNotFoundError):
-    """The output folder is missing, or on another disk than the run found it on."""
+    """The output folder is gone (see :meth:`Downloader._out_there`)."""
 
 
 class Downloader:
@@ -74,6 +74,14 @@ class Downloader:
         self.last_saved = 0.0
         self.failing: dict[int, tuple[float, int]] = {}
 
+    def _out_there(self) -> bool:
+        """The output folder's own state folder, made at the run's start, tells that the
+        folder is still there: a drive unplugged or a share unmounted leaves its mount point
+        behind, an empty folder of another disk, and a result written there would be hidden
+        once the drive is back, its job done. (Not the folder's device: a drive plugged in
+        again, or a share mounted again, may come back as another.)"""
+        return (self.rt.out_dir / STATE_DIR).is_dir()
+
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
         self.rt.job_ended(task)
@@ -84,6 +92,9 @@ class Downloader:
         limit = max(2, rt.config.concurrency)
         root_map = rt.config.root_map
         while not rt.flags.abort:
+            if rt.flags.submits_stopped is StopReason.OUTPUT and not self._out_there():
+                await asyncio.sleep(OUTPUT_RECHECK)  # a watch waits: nothing to save into
+                continue
             free = limit - len(self.in_flight)
             if free > 0:
                 try:
@@ -121,11 +132,9 @@ class Downloader:
             await self._failed(job, files, error)
         except OSError as exc:  # the disk is full, read-only, gone (a share), not ours...
             # A watch, which runs for days, waits for its output folder to come back.
-            waits = isinstance(exc, OutputGone) and rt.watching
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
-                message=f"could not write the output: {exc.strerror or exc}"),
-                next_attempt_at=time.time() + OUTPUT_RECHECK if waits else 0.0)
-            if waits:
+                message=f"could not write the output: {exc.strerror or exc}"))
+            if isinstance(exc, OutputGone) and rt.watching:
                 rt.stop_submitting(StopReason.OUTPUT)
             else:
                 rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
@@ -144,12 +153,7 @@ class Downloader:
         rt = self.rt
         if not job.result_urls:
             raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
-        # The output folder's own state folder, made at the run's start, tells that the
-        # folder is still there: a drive unplugged or a share unmounted leaves its mount point
-        # behind, an empty folder of another disk, and a result written there would be hidden
-        # once the drive is back, its job done. (Not the folder's device: a drive plugged in
-        # again, or a share mounted again, may come back as another.)
-        if not (rt.out_dir / STATE_DIR).is_dir():
+        if not self._out_there():
             raise OutputGone(errno.ENOENT, "the folder is gone (a drive unplugged, a share "
                              "unmounted?); results paid for are kept")
         first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir

@@ -128,6 +128,15 @@ def unmounted_mount_point(folder: Path) -> Path | None:
     return None
 
 
+def out_folder_there(out_dir: Path) -> bool:
+    """The output folder's own state folder, made at the run's start, tells that the folder
+    is still there: a drive unplugged or a share unmounted leaves its mount point behind, an
+    empty folder of another disk, and what is written there is hidden once the drive is back.
+    (Not the folder's device: a drive plugged in again, or a share mounted again, may come
+    back as another.)"""
+    return (out_dir / STATE_DIR).is_dir()
+
+
 def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:
     """Which of ``folders`` (the output folder, a ledger file's) lies on a disk with less
     than ``need`` bytes left, and how much it has; None when every one has room."""

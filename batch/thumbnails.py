@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from batch.names import STATE_DIR
+from batch.outputs import out_folder_there
 
 log = logging.getLogger("batch.thumbnails")
 
@@ -58,20 +59,20 @@ def save(out_dir: Path, sha256: str, image_bytes: bytes) -> Path | None:
     except Exception as exc:  # a preview is a courtesy: no fault in it costs a saved result
         log.debug("No preview for %s: %s", sha256[:12], exc)
         return None
-    return _write(target, preview)
+    return _write(out_dir, target, preview)
 
 
 def save_pixels(out_dir: Path, sha256: str, image: Image.Image) -> Path | None:
     """Make and keep the preview of pixels already decoded, unless it exists."""
     target = path_for(out_dir, sha256)
-    return target if target.exists() else _write(target, render_image(image))
+    return target if target.exists() else _write(out_dir, target, render_image(image))
 
 
-def _write(target: Path, preview: bytes) -> Path | None:
+def _write(out_dir: Path, target: Path, preview: bytes) -> Path | None:
     """Written whole or not at all (a temp file renamed), but not fsynced: a preview lost to
     a power cut is made again by the next report."""
     temp = None
-    if not target.parents[2].is_dir():  # the output folder's state folder: gone, it stays so
+    if not out_folder_there(out_dir):  # gone, it stays so: nothing made beneath its mount
         return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

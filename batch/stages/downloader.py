@@ -21,12 +21,12 @@ from batch import crashpoints, metadata, thumbnails
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
-from batch.names import STATE_DIR
 from batch.outputs import (
     OutputConflict,
     copy_to_temp,
     name_refusal,
     new_temp,
+    out_folder_there,
     output_rel,
     place,
     refuses_name,
@@ -58,7 +58,7 @@ OUTPUT_RECHECK = 5.0
 
 
 class OutputGone(FileNotFoundError):
-    """The output folder is gone (see :meth:`Downloader._out_there`)."""
+    """The output folder is gone (see :func:`batch.outputs.out_folder_there`)."""
 
 
 class Downloader:
@@ -74,14 +74,6 @@ class Downloader:
         self.last_saved = 0.0
         self.failing: dict[int, tuple[float, int]] = {}
 
-    def _out_there(self) -> bool:
-        """The output folder's own state folder, made at the run's start, tells that the
-        folder is still there: a drive unplugged or a share unmounted leaves its mount point
-        behind, an empty folder of another disk, and a result written there would be hidden
-        once the drive is back, its job done. (Not the folder's device: a drive plugged in
-        again, or a share mounted again, may come back as another.)"""
-        return (self.rt.out_dir / STATE_DIR).is_dir()
-
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
         self.rt.job_ended(task)
@@ -92,8 +84,9 @@ class Downloader:
         limit = max(2, rt.config.concurrency)
         root_map = rt.config.root_map
         while not rt.flags.abort:
-            if rt.flags.submits_stopped is StopReason.OUTPUT and not self._out_there():
-                await asyncio.sleep(OUTPUT_RECHECK)  # a watch waits: nothing to save into
+            if rt.watching and not out_folder_there(rt.out_dir):
+                # A watch waits, whatever else stopped its uploads first: nothing to save into.
+                await asyncio.sleep(OUTPUT_RECHECK)
                 continue
             free = limit - len(self.in_flight)
             if free > 0:
@@ -153,7 +146,7 @@ class Downloader:
         rt = self.rt
         if not job.result_urls:
             raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
-        if not self._out_there():
+        if not out_folder_there(rt.out_dir):
             raise OutputGone(errno.ENOENT, "the folder is gone (a drive unplugged, a share "
                              "unmounted?); results paid for are kept")
         first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir

@@ -73,6 +73,8 @@ class Downloader:
         #: the run before must not stop this one at its first hitch.
         self.last_saved = 0.0
         self.failing: dict[int, tuple[float, int]] = {}
+        #: A watch found its output folder gone: nothing is claimed until it is back.
+        self.out_gone = False
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -84,10 +86,11 @@ class Downloader:
         limit = max(2, rt.config.concurrency)
         root_map = rt.config.root_map
         while not rt.flags.abort:
-            if rt.watching and not out_folder_there(rt.out_dir):
+            if self.out_gone and not out_folder_there(rt.out_dir):
                 # A watch waits, whatever else stopped its uploads first: nothing to save into.
                 await asyncio.sleep(OUTPUT_RECHECK)
                 continue
+            self.out_gone = False
             free = limit - len(self.in_flight)
             if free > 0:
                 try:
@@ -128,6 +131,7 @@ class Downloader:
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"could not write the output: {exc.strerror or exc}"))
             if isinstance(exc, OutputGone) and rt.watching:
+                self.out_gone = True
                 rt.stop_submitting(StopReason.OUTPUT)
             else:
                 rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "

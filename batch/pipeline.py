@@ -36,7 +36,7 @@ from batch.progress import Progress
 from batch.report import write_report
 from batch.requeue import read_again
 from batch.roots import RootMap
-from batch.scan import ScanStats, SourceRoot, no_photos, results_left_out, scan
+from batch.scan import ScanStats, SourceRoot, no_photos, scan, tell_results_left_out
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
@@ -329,7 +329,7 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         rt.fail_run(str(full))
         return ScanStats()
     crashpoints.reached("scanned")
-    _tell_results_left_out(rt.ledger, stats.results_folders)
+    tell_results_left_out(rt.ledger, stats.results_folders)
     if not watching:
         for root in stats.empty_roots:
             log.warning("%s", no_photos(rt.ledger, root, config.options))
@@ -339,21 +339,6 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
                             rt.reaches)
     rt.changed.set()
     return stats
-
-
-#: Ledger meta: the folders of earlier runs' results a run has warned of.
-RESULTS_TOLD = "results_folders_told"
-
-
-def _tell_results_left_out(ledger: Ledger, folders: list[str]) -> None:
-    """A warning the first night a results folder is left out; after that, one line of the
-    log, so that a cron job over a tree that keeps such folders is quiet again."""
-    told = set(json.loads(ledger.get_meta(RESULTS_TOLD) or "[]"))
-    for folder in folders:
-        log.log(logging.INFO if folder in told else logging.WARNING, "%s",
-                results_left_out(folder))
-    if set(folders) - told:
-        ledger.set_meta(RESULTS_TOLD, json.dumps(sorted(told | set(folders))))
 
 
 def _scanned(rt: Runtime, task: asyncio.Task[ScanStats], already: int) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import stat
 import time
@@ -49,6 +51,8 @@ from batch.preflight import (
 )
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
 from batch.stripping import strippable
+
+log = logging.getLogger("batch.scan")
 
 #: Files per ledger transaction; one batch is hashed while the one before is recorded. The
 #: first batches are smaller (from FIRST_BATCH, doubling): the first upload waits until every
@@ -247,6 +251,22 @@ def results_left_out(folder: str) -> str:
     return (f"Left out {folder}: it holds an earlier run's results (its {STATE_DIR} folder), "
             "and sending them would pay to retouch retouched photos. To send them, give it as "
             "a SOURCE of its own.")
+
+
+#: Ledger meta: the folders of earlier runs' results a run has warned of.
+RESULTS_TOLD = "results_folders_told"
+
+
+def tell_results_left_out(ledger: Ledger, folders: list[str]) -> None:
+    """A warning the first time a results folder is left out (a run's scan, a watch's pass);
+    after that, one line of the log, so that a cron job over a tree that keeps such folders
+    is quiet again."""
+    told = set(json.loads(ledger.get_meta(RESULTS_TOLD) or "[]"))
+    for folder in folders:
+        log.log(logging.INFO if folder in told else logging.WARNING, "%s",
+                results_left_out(folder))
+    if set(folders) - told:
+        ledger.set_meta(RESULTS_TOLD, json.dumps(sorted(told | set(folders))))
 
 
 def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:

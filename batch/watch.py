@@ -22,7 +22,7 @@ from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
 from batch.requeue import read_again
-from batch.scan import ScanStats, SourceRoot, results_left_out, scan
+from batch.scan import ScanStats, SourceRoot, scan, tell_results_left_out
 from batch.stages.runtime import Runtime
 
 log = logging.getLogger("batch.watch")
@@ -162,9 +162,9 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                                             exclude=(rt.out_dir,), settle=settings.settle,
                                             prepare=rt.config.prepare, out_dir=rt.out_dir,
                                             on_collision=rt.config.on_collision)
-            for folder in sorted(set(stats.results_folders) - told):
-                log.warning("%s", results_left_out(folder))
-                told.add(folder)
+            if new_results := sorted(set(stats.results_folders) - told):
+                tell_results_left_out(rt.ledger, new_results)  # once a watch: not each pass
+                told.update(new_results)
             if await asyncio.to_thread(read_again, rt.ledger, rt.config.root_map):
                 rt.wake_submitter.set()
             totals.hashed += stats.hashed

@@ -40,10 +40,14 @@ def read_again(ledger: Ledger, root_map: RootMap) -> int:
     stays rejected with its reason rather than be claimed and refused again. The files of
     jobs rejected because they changed are left for the next scan to read as new. Returns how
     many jobs moved."""
-    changed = ledger.files_rejected_for(CHANGED)
-    if changed:
-        ledger.forget_scans(changed)
-        log.info("Reading again %d file(s) that changed since they were scanned.", len(changed))
+    changed: dict[str, list[str]] = {}
+    for row in ledger.files_rejected_for(CHANGED):
+        changed.setdefault(row.root, []).append(row.rel_path)
+    for root, rel_paths in changed.items():  # the next scan reads them as new files
+        ledger.forget_files(root, rel_paths)
+        ledger.save_folder_digests(root, {}, {rel.rpartition("/")[0] for rel in rel_paths})
+        log.info("Reading again %d file(s) that changed since they were scanned.",
+                 len(rel_paths))
     readable = [f"{row.root}/{row.rel_path}" for row in ledger.files_rejected_for(UNREADABLE)
                 if any(_reads(Path(local.root, local.rel_path))
                        for local in root_map.localize([row]))]

@@ -489,17 +489,6 @@ class Ledger:
                     files.c.root == root, files.c.rel_path.in_(chunk),
                     or_(files.c.job_id.is_(None), files.c.job_id.not_in(undelivered))))
 
-    def forget_scans(self, rows: Sequence[FileRow]) -> None:
-        """Forget what the scans read of these files, and their folders' digests: the next
-        scan reads them as new files, and links each to the job its bytes give then."""
-        dirty: dict[str, set[str]] = {}
-        for row in rows:
-            dirty.setdefault(row.root, set()).add(row.rel_path.rpartition("/")[0])
-        with self._write(durable=False) as conn:
-            conn.execute(files.delete().where(files.c.id.in_([row.id for row in rows])))
-        for root, folders_of_root in dirty.items():
-            self.save_folder_digests(root, {}, folders_of_root)
-
     def _analyze(self) -> None:
         """PostgreSQL plans by the row counts ANALYZE last saw, and autovacuum runs it about
         once a minute: a claim planned for the empty tables of a first scan, over thousands of

@@ -18,7 +18,7 @@ from batch import config as config_mod
 from batch.apispec import OPTION_NAMES
 from batch.config import ConfigError, RunConfig, prepare_out
 from batch.exitcodes import ExitCode
-from batch.ledger import LedgerFull, LedgerUnavailable, open_ledger
+from batch.ledger import LedgerFull, LedgerGone, LedgerUnavailable, open_ledger
 from batch.locking import LedgerBusy
 from batch.logsetup import configure
 from batch.names import STATE_DIR
@@ -53,6 +53,9 @@ def handle_errors(func: F) -> F:
         except (LedgerBusy, LedgerFull, LedgerUnavailable) as exc:
             click.echo(f"skinbatch: {exc}", err=True)
             sys.exit(ExitCode.USAGE)
+        except LedgerGone as exc:
+            click.echo(f"skinbatch: {exc}: run the same command once it is back.", err=True)
+            sys.exit(ExitCode.SOME_FAILED)
         except KeyboardInterrupt:
             click.echo("skinbatch: interrupted; progress is saved.", err=True)
             sys.exit(ExitCode.INTERRUPTED)

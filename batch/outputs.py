@@ -133,8 +133,8 @@ def out_folder_there(out_dir: Path) -> bool:
     is still there: a drive unplugged or a share unmounted leaves its mount point behind, an
     empty folder of another disk, and what is written there is hidden once the drive is back.
     (Not the folder's device: a drive plugged in again, or a share mounted again, may come
-    back as another.)"""
-    return (out_dir / STATE_DIR).is_dir()
+    back as another.) A dead share's errors (ENOTCONN, EIO) mean "not there" too."""
+    return os.path.isdir(out_dir / STATE_DIR)
 
 
 def short_of_room(folders: Iterable[Path], need: int = MIN_FREE) -> str | None:

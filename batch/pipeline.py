@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import ConfigError, RunConfig, check_paths, prepare_out
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
-from batch.ledger import Ledger, LedgerFull, open_ledger
+from batch.ledger import Ledger, LedgerFull, LedgerGone, open_ledger
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
@@ -94,11 +95,51 @@ def forget_missing_outputs(ledger: Ledger, out_dir: Path) -> int:
     return len(gone)
 
 
+#: How often a watch whose ledger went away looks for it (seconds).
+LEDGER_RECHECK = 5.0
+
+
 def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunReport:
     """Run the whole batch to completion (or to a stop), from a library or the CLI. With
-    ``watch``, keep running and take new files as they arrive, until interrupted."""
+    ``watch``, keep running and take new files as they arrive, until interrupted.
+
+    A SQLite ledger that goes away with its drive or share stops a run (:class:`LedgerGone`).
+    A watch, which runs for days, waits for it instead and then carries on as the same
+    command started again would: a service manager restarting it sooner would find an empty
+    mount point, start a new ledger there and pay again for every photo."""
     if config.api_key is None:
         raise ValueError("no API key")
+    while True:
+        try:
+            return _run_batch(config, watch)
+        except LedgerGone as gone:
+            if watch is None:
+                raise
+            log.error("%s: the watch waits for it to come back.", gone)
+            if not _back(gone.path):
+                raise KeyboardInterrupt from None
+            log.warning("The ledger %s is back: watching again.", gone.path)
+
+
+def _back(path: str) -> bool:
+    """Wait until the file at ``path`` is there again (True) or a stop signal (False)."""
+
+    async def wait() -> bool:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in _stop_signals():  # removed again when the loop closes
+            loop.add_signal_handler(sig, stop.set)
+        while not os.path.exists(path):  # os.path: a dead share's errors mean "not there"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LEDGER_RECHECK)
+            if stop.is_set():
+                return False
+        return True
+
+    return asyncio.run(wait())
+
+
+def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
     check_paths(config)
     out_dir = prepare_out(config)
     started, started_at = time.monotonic(), datetime.now().astimezone()
@@ -115,8 +156,14 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
             try:
                 with ledger.pinned():  # the event loop's own reads and claims
                     report = asyncio.run(_run(config, ledger, out_dir, watch, worker))
+            except Exception as error:
+                if (gone := ledger.gone()) is not None:
+                    raise gone from error
+                raise
             finally:
                 worker.stop()
+            if (gone := ledger.gone()) is not None:
+                raise gone
             report.seconds = time.monotonic() - started
             # The database may be coming back from a restart: the run's end waits for it too.
             report.charged = ledger.patiently(ledger.charges) - charges_before
@@ -253,11 +300,12 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         await client.aclose()
         if shared_pace is not None:
             shared_pace.close()
-        # Bookkeeping is left out when the ledger's disk is full (the stop said why).
-        with contextlib.suppress(LedgerFull):
-            pace.remember(ledger, config.api_base, client.limiter, worker.live)
         progress.close()
         rt.writes.close()
+        # Bookkeeping, left out when the ledger cannot take it (the stop said why).
+        if ledger.gone() is None:
+            with contextlib.suppress(LedgerFull):
+                pace.remember(ledger, config.api_base, client.limiter, worker.live)
     waiting = rt.flags.submits_stopped
     if waiting in WAITING_STOPS:
         # Only jobs never sent: a lost answer or a lost result keeps its own reason.
@@ -306,7 +354,8 @@ def _clean_after_dead(worker: Worker, out_dir: Path) -> None:
 def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:
     """A watch run that can no longer see new files must not sit there looking healthy."""
     if not task.cancelled() and (error := task.exception()) is not None:
-        rt.fail_run(f"Watching the sources stopped: {error}")
+        gone = rt.ledger.gone()
+        rt.fail_run(f"{gone}." if gone else f"Watching the sources stopped: {error}")
 
 
 async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) -> ScanStats:

@@ -168,8 +168,9 @@ class Worker:
         except LedgerFull:
             return  # the run's stop said why; the others take its jobs once its lease lapses
         except SQLAlchemyError as error:
-            log.warning("Could not hand this worker's jobs back (%s); the others take them "
-                        "once its lease lapses.", error.__class__.__name__)
+            if self.ledger.gone() is None:  # a ledger gone is said by the run's stop
+                log.warning("Could not hand this worker's jobs back (%s); the others take "
+                            "them once its lease lapses.", error.__class__.__name__)
 
 
 #: Booked moments lie a margin further apart than the ceiling's spacing: a request leaves its

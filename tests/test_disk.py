@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 import signal
@@ -340,76 +341,109 @@ def test_the_dry_run_says_when_the_disk_would_stop_the_run(
     assert not out.exists()  # a dry run writes nothing
 
 
-def bind(drive: Path, mount_point: Path) -> None:
-    mounted = subprocess.run(["mount", "--bind", str(drive), str(mount_point)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot bind-mount here (needs root in a sandbox that allows it)")
+class Drive:
+    """A drive at a mount point, unplugged the way a USB drive or a dropped share is: its
+    open files fail at once (a FUSE mount whose daemon dies) and its mount point is left
+    behind, an empty folder of another disk."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.disk, self.mount_point = tmp_path / "drive", tmp_path / "usb"
+        self.disk.mkdir()
+        self.mount_point.mkdir()
+        self._daemon: subprocess.Popen[bytes] | None = None
+
+    def plug(self) -> None:
+        if shutil.which("bindfs") is None:
+            pytest.skip("needs bindfs (apt-get install bindfs)")
+        self._daemon = subprocess.Popen(["bindfs", "-f", str(self.disk), str(self.mount_point)],
+                                        stderr=subprocess.DEVNULL)
+        if not wait_for(lambda: os.path.ismount(self.mount_point), timeout=10):
+            self.unplug()
+            pytest.skip("cannot mount a FUSE filesystem here")
+
+    def unplug(self) -> None:
+        if self._daemon is not None:
+            self._daemon.kill()
+            self._daemon.wait()
+            self._daemon = None
+        subprocess.run(["umount", "-l", str(self.mount_point)], check=False,
+                       capture_output=True)
+
+
+@pytest.fixture
+def drive(tmp_path: Path) -> Iterator[Drive]:
+    drive = Drive(tmp_path)
+    drive.plug()
+    yield drive
+    drive.unplug()
 
 
 def test_an_output_drive_unplugged_mid_run_keeps_the_results_for_when_it_is_back(
-        tmp_path: Path, emulator: Emulator) -> None:
-    """The output drive goes away during a run (unplugged, its share unmounted): its mount
-    point is an empty folder of another disk. Results written there would be hidden once the
-    drive is back, their jobs done. The run stops instead, creates nothing there, and keeps
-    what was paid for: the next run, with the drive back, saves it without paying again."""
-    drive, mount_point = tmp_path / "drive", tmp_path / "usb"
-    drive.mkdir()
-    mount_point.mkdir()
-    bind(drive, mount_point)
-    src, out = tmp_path / "src", mount_point / "retouched"
+        tmp_path: Path, emulator: Emulator, drive: Drive) -> None:
+    """The output drive, which holds the ledger too, goes away during a run: the run stops
+    with what happened and what to do, creates nothing on the empty mount point (results
+    written there would be hidden once the drive is back, their jobs done), and keeps what
+    was paid for: the next run, with the drive back, saves it without paying again."""
+    src, out = tmp_path / "src", drive.mount_point / "retouched"
     sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(20)}
     args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS, "--max-qps", "4"]
+    proc = popen_cli(args, emulator)
     try:
-        proc = popen_cli(args, emulator)
         assert wait_for(lambda: len(list(out.glob("*.jpg"))) >= 2, timeout=60)
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        drive.unplug()
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
-    assert "the folder is gone (a drive unplugged" in stderr
-    assert list(mount_point.iterdir()) == []  # nothing made on the disk beneath
-    paid = emulator.stats["charged"]
-    assert len(list((drive / "retouched").glob("*.jpg"))) < paid
+    assert re.search(r"skinbatch: The ledger \S+ledger.sqlite is gone \(its drive unplugged or "
+                     r"its share unmounted\?\)\. What was paid for is recorded in it: run the "
+                     r"same command once it is back\.", stderr), stderr
+    assert "Traceback" not in stderr and "unexpected error" not in stderr
+    assert list(drive.mount_point.iterdir()) == []  # nothing made on the disk beneath
+    assert len(list((drive.disk / "retouched").glob("*.jpg"))) < emulator.stats["charged"] < 20
 
-    bind(drive, mount_point)
-    try:
-        again = run_cli(args, emulator)
-        assert again.returncode == 0, again.stderr
-        assert_outputs_right(out, sources, emulator)
-        assert_no_double_pay(out, emulator, 20)
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    drive.plug()
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, 20)
 
 
-def test_a_watch_waits_for_its_output_drive_to_come_back(tmp_path: Path,
-                                                        emulator: Emulator) -> None:
+@pytest.mark.parametrize("ledger_on_the_drive", [False, True],
+                         ids=["ledger-elsewhere", "ledger-on-the-drive"])
+def test_a_watch_waits_for_its_output_drive_to_come_back(
+        tmp_path: Path, emulator: Emulator, drive: Drive, ledger_on_the_drive: bool) -> None:
     """A hot folder runs for days: its output drive going away for a while (a share
-    remounted, a drive plugged in again) does not end it. It sends nothing new meanwhile,
-    keeps the results paid for, and saves them once the drive is back."""
-    drive, mount_point = tmp_path / "drive", tmp_path / "usb"
-    drive.mkdir()
-    mount_point.mkdir()
-    bind(drive, mount_point)
-    src, out = tmp_path / "incoming", mount_point / "retouched"
+    remounted, a drive plugged in again) does not end it, whether or not its ledger lives
+    there too. It sends nothing new meanwhile, keeps the results paid for, creates nothing on
+    the empty mount point, and saves them once the drive is back."""
+    src, out = tmp_path / "incoming", drive.mount_point / "retouched"
     src.mkdir()
     sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(2)}
+    ledger = [] if ledger_on_the_drive else ["--ledger", str(tmp_path / "ledger.sqlite")]
     proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
-                      "--smart-skin", *FAST_FLAGS], emulator)
+                      "--smart-skin", *ledger, *FAST_FLAGS], emulator)
     try:
         assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-        sources["2.jpg"] = write_portrait(src / "2.jpg", seed=2)  # paid, not savable yet
-        assert wait_for(lambda: emulator.stats["charged"] == 3, timeout=30)
+        drive.unplug()
+        sources["2.jpg"] = write_portrait(src / "2.jpg", seed=2)
+        if not ledger_on_the_drive:  # recorded and paid, not savable yet
+            assert wait_for(lambda: emulator.stats["charged"] == 3, timeout=30)
         sources["3.jpg"] = write_portrait(src / "3.jpg", seed=3)  # not sent meanwhile
         time.sleep(4)
         assert proc.poll() is None, "the watch must not end"
-        assert emulator.stats["charged"] == 3 and list(mount_point.iterdir()) == []
-        bind(drive, mount_point)
+        assert emulator.stats["charged"] == (2 if ledger_on_the_drive else 3)
+        assert list(drive.mount_point.iterdir()) == []
+        drive.plug()
         assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
     finally:
         _, stderr = stopped(proc)
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-    assert "No more uploads: the output folder is gone" in stderr
-    assert "The output folder is back: uploads resume" in stderr
+    if ledger_on_the_drive:
+        assert "ledger.sqlite is gone (its drive unplugged or its share unmounted?). What was " \
+               "paid for is recorded in it: the watch waits for it to come back." in stderr
+        assert "ledger.sqlite is back: watching again." in stderr
+    else:
+        assert "No more uploads: the output folder is gone" in stderr
+        assert "The output folder is back: uploads resume" in stderr
+    assert "Traceback" not in stderr
+    assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 4

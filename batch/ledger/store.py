@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -257,6 +258,16 @@ class LedgerFull(RuntimeError):
                          "paid for is picked up where it stopped).")
 
 
+class LedgerGone(RuntimeError):
+    """A SQLite ledger's file is no longer where it was opened (its drive unplugged, its share
+    unmounted). What was paid for is recorded in it; nothing more can be until it is back."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"The ledger {path} is gone (its drive unplugged or its share "
+                         "unmounted?). What was paid for is recorded in it")
+
+
 def _full(error: BaseException) -> bool:
     """SQLite's SQLITE_FULL, or PostgreSQL's disk_full (SQLSTATE 53100)."""
     orig = getattr(error, "orig", None)
@@ -314,6 +325,16 @@ class Ledger:
         finally:
             self._local.conn.close()
             self._local.conn = None
+
+    def gone(self) -> LedgerGone | None:
+        """Why a SQLite ledger's file is no longer where it was opened, or None. Its open
+        connections may still answer for a while (a lazily unmounted share) or fail with an
+        I/O error (a drive unplugged); either way nothing may be recorded there any more."""
+        path = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not path or path == ":memory:" \
+                or os.path.exists(path):
+            return None
+        return LedgerGone(path)
 
     def away(self, error: BaseException) -> bool:
         """The error says the shared ledger's database cannot be reached (not that a

@@ -84,11 +84,13 @@ class WorkerRecords:
             if self.ledger.shared:  # one registration at a time: the first of a batch knows it is
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTER_LOCK})
             row = conn.execute(select(
-                workers.c.stopped_at, workers.c.taken_over_by,
+                workers.c.stopped_at, workers.c.taken_over_by, workers.c.host, workers.c.pid,
                 (now - workers.c.heartbeat_at).label("silent"), workers.c.lease_seconds)
                 .where(workers.c.name == name)).first()
+            # This very process may hold it still: a watch carrying on after its ledger went
+            # away and came back, without the chance to sign off.
             if row is not None and row.stopped_at is None and row.taken_over_by is None \
-                    and row.silent < row.lease_seconds:
+                    and row.silent < row.lease_seconds and (row.host, row.pid) != (host, pid):
                 raise WorkerNameTaken(name)
             alone = not conn.scalar(select(func.count()).select_from(workers).where(
                 self._unended(), self._leased(), workers.c.name != name))

@@ -127,10 +127,11 @@ class Downloader:
         except ApiError as error:
             await self._failed(job, files, error)
         except OSError as exc:  # the disk is full, read-only, gone (a share), not ours...
-            # A watch, which runs for days, waits for its output folder to come back.
+            # A watch, which runs for days, waits for its output folder to come back; one
+            # whose ledger went with it waits for both where the run is started (pipeline).
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"could not write the output: {exc.strerror or exc}"))
-            if isinstance(exc, OutputGone) and rt.watching:
+            if isinstance(exc, OutputGone) and rt.watching and rt.ledger.gone() is None:
                 self.out_gone = True
                 rt.stop_submitting(StopReason.OUTPUT)
             else:

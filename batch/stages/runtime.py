@@ -243,6 +243,9 @@ class Runtime:
         if isinstance(error, LedgerFull):
             self.fail_run(str(error))
             return
+        if (gone := self.ledger.gone()) is not None:  # its error is only the symptom
+            self.fail_run(f"{gone}.")
+            return
         log.error("%s stopped on an unexpected error:", task.get_name(), exc_info=error)
         self.fail_run(f"The run stopped on an unexpected error ({type(error).__name__}: "
                       f"{error}); what was paid for is recorded: run the same command again.")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from batch.emulator import Emulator
 from batch.outputs import MIN_FREE
@@ -447,3 +448,77 @@ def test_a_watch_waits_for_its_output_drive_to_come_back(
     assert "Traceback" not in stderr
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 4
+
+
+def signed_portrait(path: Path, seed: int) -> bytes:
+    """A portrait whose EXIF names its photographer: the result must carry it."""
+    exif = Image.Exif()
+    exif[0x013B], exif[0x8298] = "Ana Photographer", "(c) 2026 Studio 42"
+    return write_portrait(path, seed=seed, exif=exif.tobytes())
+
+
+def signed(path: Path) -> bool:
+    with Image.open(path) as image:
+        return image.getexif().get(0x8298) == "(c) 2026 Studio 42"
+
+
+def test_results_wait_for_their_source_drive_to_be_saved_with_its_metadata(
+        tmp_path: Path, make_emulator: MakeEmulator, drive: Drive) -> None:
+    """The drive the photos are on (a card reader, an external disk) goes away while their
+    results are being made: saved then, the results would lack the photos' metadata (its
+    copyright, capture time, colour profile) for good. The run stops with them kept, and the
+    same command saves them, signed, once the drive is back, with nothing paid twice."""
+    emulator = make_emulator(process_seconds=1.0)
+    src, out = drive.mount_point / "shoot", tmp_path / "out"
+    sources = [f"{i:02d}.jpg" for i in range(16)]
+    for i, name in enumerate(sources):
+        signed_portrait(src / name, seed=i)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS, "--max-qps", "4"]
+    proc = popen_cli(args, emulator)
+    try:
+        assert wait_for(lambda: 1 <= len(list(out.glob("*.jpg")))
+                        <= emulator.stats.get("charged", 0) - 2, timeout=60)
+    finally:
+        drive.unplug()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert f"The source folder {src} is gone (a drive unplugged, a share unmounted?): the " \
+           "results paid for are kept, and the same command saves them, with their photos' " \
+           "metadata, once it is back." in stderr
+    saved = list(out.glob("*.jpg"))
+    assert len(saved) < emulator.stats["charged"]
+    assert all(signed(path) for path in saved)
+
+    drive.plug()
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert all(signed(out / name) for name in sources)  # each there, signed
+    assert_no_double_pay(out, emulator, 16)
+
+
+def test_a_watch_saves_the_results_of_a_source_drive_once_it_is_back(
+        tmp_path: Path, make_emulator: MakeEmulator, drive: Drive) -> None:
+    """A hot folder on a drive that goes away while a photo of it is being retouched: the
+    watch keeps the result until the drive is back, then saves it with the photo's
+    metadata; it does not end, and pays once."""
+    emulator = make_emulator(process_seconds=1.5)
+    src, out = drive.mount_point / "incoming", tmp_path / "out"
+    src.mkdir()
+    signed_portrait(src / "0.jpg", seed=0)
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
+                      "--smart-skin", *FAST_FLAGS], emulator)
+    try:
+        assert wait_for(lambda: (out / "0.jpg").exists(), timeout=60)
+        signed_portrait(src / "1.jpg", seed=1)
+        assert wait_for(lambda: emulator.stats["charged"] == 2, timeout=30)
+        drive.unplug()  # while 1.jpg is being retouched
+        time.sleep(4)
+        assert proc.poll() is None, "the watch must not end"
+        assert not (out / "1.jpg").exists()
+        drive.plug()
+        assert wait_for(lambda: (out / "1.jpg").exists(), timeout=60)
+    finally:
+        _, stderr = stopped(proc)
+    assert f"Results of the photos in {src} wait for it to come back" in stderr
+    assert signed(out / "0.jpg") and signed(out / "1.jpg")
+    assert emulator.stats["charged"] == 2

@@ -61,6 +61,25 @@ class OutputGone(FileNotFoundError):
     """The output folder is gone (see :func:`batch.outputs.out_folder_there`)."""
 
 
+class SourceGone(FileNotFoundError):
+    """None of a job's photos is there, nor the source folder they lie in (a drive unplugged,
+    a share unmounted): saved now, its result would lack the photo's metadata (its colour
+    profile, capture time, copyright) and the scaling back to its size, for good. A photo
+    deleted from a folder still there gets its result without them."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(errno.ENOENT, f"the source folder {folder} is gone (a drive "
+                                       "unplugged, a share unmounted?)")
+        self.folder = folder
+
+
+def source_gone(targets: list[FileRow]) -> str | None:
+    """The folder of ``targets`` when it is gone with every one of them, else None."""
+    if not targets or any(os.path.exists(Path(t.root, t.rel_path)) for t in targets):
+        return None
+    return None if os.path.isdir(targets[0].root) else targets[0].root
+
+
 class Downloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -75,6 +94,10 @@ class Downloader:
         self.failing: dict[int, tuple[float, int]] = {}
         #: A watch found its output folder gone: nothing is claimed until it is back.
         self.out_gone = False
+        #: A watch's jobs whose source folder is gone, by that folder: not claimed until it
+        #: is back (looked for every OUTPUT_RECHECK seconds).
+        self.parked: dict[int, str] = {}
+        self._parked_look = 0.0
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -91,11 +114,15 @@ class Downloader:
                 await asyncio.sleep(OUTPUT_RECHECK)
                 continue
             self.out_gone = False
+            if self.parked and time.monotonic() > self._parked_look:
+                self.parked = {job: folder for job, folder in self.parked.items()
+                               if not os.path.isdir(folder)}
+                self._parked_look = time.monotonic() + OUTPUT_RECHECK
             free = limit - len(self.in_flight)
             if free > 0:
                 try:
                     claimed = rt.ledger.claimable(
-                        [JobState.READY], free, exclude=set(self.in_flight),
+                        [JobState.READY], free, exclude={*self.in_flight, *self.parked},
                         soonest_expiry_first=True, owner=rt.worker, roots=rt.roots)
                     files = rt.ledger.files_of([job.id for job in claimed]) if claimed else {}
                 except DBAPIError as error:
@@ -126,6 +153,18 @@ class Downloader:
             await self._save(job, [f for f in files if f.problem is None], temps)
         except ApiError as error:
             await self._failed(job, files, error)
+        except SourceGone as gone:
+            await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
+                message=f"not saved yet: {gone.strerror}"))
+            if not rt.watching:
+                rt.fail_run(f"The source folder {gone.folder} is gone (a drive unplugged, a "
+                            "share unmounted?): the results paid for are kept, and the same "
+                            "command saves them, with their photos' metadata, once it is "
+                            "back.")
+            elif gone.folder not in self.parked.values():
+                log.warning("Results of the photos in %s wait for it to come back (their "
+                            "metadata comes from the photos).", gone.folder)
+            self.parked[job.id] = gone.folder
         except OSError as exc:  # the disk is full, read-only, gone (a share), not ours...
             # A watch, which runs for days, waits for its output folder to come back; one
             # whose ledger went with it waits for both where the run is started (pipeline).
@@ -154,6 +193,8 @@ class Downloader:
         if not out_folder_there(rt.out_dir):
             raise OutputGone(errno.ENOENT, "the folder is gone (a drive unplugged, a share "
                              "unmounted?); results paid for are kept")
+        if (folder := source_gone(targets)) is not None:
+            raise SourceGone(folder)
         first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir
         fd, temp = new_temp(first_dir, Path(job.content_sha256).name)
         temps.append(temp)
@@ -181,7 +222,11 @@ class Downloader:
         result = temp.read_bytes()
         fmt = verify_result(result)
         source = self._source_bytes(targets)
-        final, sha256 = self._carry_metadata(source, temp, result, fmt, downloaded_sha256)
+        photo = Path(targets[0].root, targets[0].rel_path) if targets else temp
+        if source is None:
+            log.warning("%s is gone: its result is saved without its metadata.", photo)
+        final, sha256 = self._carry_metadata(source, photo, temp, result, fmt,
+                                             downloaded_sha256)
         outputs, problems = self._place_all(targets, temp, temps, sha256, fmt)
         if outputs:
             if source is not None:
@@ -198,20 +243,19 @@ class Downloader:
                 continue
         return None
 
-    def _carry_metadata(self, source: bytes | None, temp: Path, result: bytes, fmt: str,
-                        sha256: str) -> tuple[bytes, str]:
+    def _carry_metadata(self, source: bytes | None, photo: Path, temp: Path, result: bytes,
+                        fmt: str, sha256: str) -> tuple[bytes, str]:
         """Put the source's EXIF/XMP/IPTC/ICC on the result (and scale it back up if asked);
         the output's bytes and hash. Deterministic, so a download redone after a crash gives
         the same bytes."""
         if source is None:
-            log.warning("No source file left to copy metadata from for %s", temp.name)
             return result, sha256
         try:
             carried = metadata.carry(source, result, fmt,
                                      upscale=self.rt.config.upscale_to_original,
                                      jpeg_quality=self.rt.config.jpeg_quality)
         except Exception as exc:  # the metadata is a courtesy: no fault in it costs the result
-            log.warning("Could not copy metadata onto %s: %s", temp.name, exc)
+            log.warning("Could not copy the metadata of %s onto its result: %s", photo, exc)
             return result, sha256
         if carried == result:
             return result, sha256

@@ -72,6 +72,14 @@ def name_refused(out_dir: Path, rel: str) -> str | None:
     return None
 
 
+def folds_case(out_dir: Path) -> bool:
+    """Whether the disk of ``out_dir`` takes IMG_1.JPG and img_1.jpg for one name (exFAT and
+    FAT drives, macOS's disks, shares from Windows or a Mac): its state folder answers to
+    another case."""
+    state = out_dir / STATE_DIR
+    return os.path.isdir(state) and os.path.isdir(out_dir / STATE_DIR.upper())
+
+
 def refuses_name(exc: OSError, folder: Path) -> bool:
     """Whether making a file in ``folder`` failed for its name rather than its disk (full,
     read-only, gone): exFAT's FUSE driver answers a refused name with ENOENT, in a folder

@@ -41,7 +41,7 @@ from batch.names import (
     shown,
 )
 from batch.options import Options
-from batch.outputs import name_refused, sha256_file, taken_by_another
+from batch.outputs import folds_case, name_refused, sha256_file, taken_by_another
 from batch.preflight import (
     NO_HEIF,
     PrepareSettings,
@@ -405,6 +405,11 @@ class _RootScan:
         self.on_collision = on_collision
         #: New photos whose output path holds a file already (see :meth:`_note_taken`).
         self.taken: dict[str, Path] = {}
+        #: On a disk of --out that does not tell case apart, which photo each output name,
+        #: case folded, goes to (see :meth:`_one_name_each`).
+        self.folded: dict[str, str] | None = (
+            {} if out_dir is not None and on_collision == "skip" and folds_case(out_dir)
+            else None)
         self.batch_size = FIRST_BATCH
         self.workers = workers
         self.stopped = False
@@ -479,6 +484,8 @@ class _RootScan:
                                      folder.settings, self.out_dir) for entry in images]
             if self.on_collision == "skip" and folder.settings.naming != DEFAULT_NAMING:
                 candidates = _one_output_each(candidates, known)  # file names are unique
+            if self.folded is not None:
+                candidates = self._one_name_each(candidates, known)
             for candidate, entry in zip(candidates, images, strict=True):
                 k = known.pop(candidate.rel_path, None)
                 self._note_taken(candidate, entry.path, k)
@@ -486,6 +493,27 @@ class _RootScan:
             if known:  # what is left of them is gone from this folder
                 self.ledger.forget_files(self.key, list(known))
         return seen
+
+    def _one_name_each(self, candidates: list[ScannedFile],
+                       known: dict[str, KnownFile]) -> list[ScannedFile]:
+        """On a disk that does not tell case apart, IMG_1.JPG and img_1.jpg, or Session/a.jpg
+        and session/a.jpg, are one file: the first photo of such a name is sent, the others
+        are not, as their results could not be saved. A photo the ledger has read keeps its
+        name (it may be paid for)."""
+        assert self.folded is not None
+        kept = []
+        for c in candidates:
+            if c.problem is None:
+                owner = self.folded.setdefault(c.out_rel.casefold(), c.rel_path)
+                k = known.get(c.rel_path)
+                if owner != c.rel_path and (k is None or k.content_sha256 is None):
+                    c = c._replace(problem=(
+                        f"its output {c.out_rel} is the same file as the result of {owner} on "
+                        "the disk of --out, which does not tell upper from lower case: not "
+                        "sent, as its result could not be saved there (rename one of them, or "
+                        "set on_collision to \"suffix\")"))
+            kept.append(c)
+        return kept
 
     def _note_taken(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:
         """With on_collision = "skip", a file already at a new photo's output means its result

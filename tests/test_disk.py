@@ -221,6 +221,32 @@ def test_names_an_exfat_drive_refuses_are_rejected_before_they_are_paid(
     assert_outputs_right(out, {"fine.jpg": fine}, emulator)
 
 
+def test_photos_an_exfat_drive_takes_for_one_name_are_paid_for_once(
+        tmp_path: Path, emulator: Emulator, exfat_card: Path) -> None:
+    """exFAT (like macOS's disks and Windows shares) does not tell upper from lower case:
+    IMG_1.JPG beside img_1.jpg, or a.jpg in Session/ and A.jpg in session/, would give one
+    output file, and the second paid result was refused. The first of each name is sent; the
+    other is rejected with the reason before it is paid, and stays so on the next run."""
+    src, out = tmp_path / "src", exfat_card / "delivery"
+    sources = {rel: write_portrait(src / rel, seed=i) for i, rel in enumerate(
+        ["IMG_1.JPG", "img_1.jpg", "Session/a.jpg", "session/A.jpg", "session/b.jpg"])}
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    result = run_cli(args, emulator)
+    assert result.returncode == 1, result.stdout + result.stderr
+    refused = re.findall(r"rejected +\S+/src/(\S+): its output \S+ is the same file as the "
+                         r"result of (\S+) on the disk of --out, which does not tell upper "
+                         r"from lower case", result.stdout)
+    assert len(refused) == 2, result.stdout
+    assert {frozenset(pair) for pair in refused} == {frozenset({"IMG_1.JPG", "img_1.jpg"}),
+                                                     frozenset({"Session/a.jpg",
+                                                                "session/A.jpg"})}
+    assert emulator.stats["charged"] == 3
+    assert_outputs_right(out, {rel: data for rel, data in sources.items()
+                               if rel not in {r for r, _ in refused}}, emulator)
+    again = run_cli(args, emulator)
+    assert again.returncode == 1 and emulator.stats["charged"] == 3
+
+
 def test_the_ledgers_disk_filling_mid_run_stops_the_run_cleanly(
         tmp_path: Path, small_disk: Path, make_emulator: MakeEmulator) -> None:
     """Another program takes the last byte of the ledger's disk mid-run: the run stops at

@@ -492,8 +492,10 @@ def test_results_wait_for_their_source_drive_to_be_saved_with_its_metadata(
         tmp_path: Path, make_emulator: MakeEmulator, drive: Drive) -> None:
     """The drive the photos are on (a card reader, an external disk) goes away while their
     results are being made: saved then, the results would lack the photos' metadata (its
-    copyright, capture time, colour profile) for good. The run stops with them kept, and the
-    same command saves them, signed, once the drive is back, with nothing paid twice."""
+    copyright, capture time, colour profile) for good, and the photos not sent yet were
+    rejected one by one as "disappeared". The run stops with the results kept and the rest
+    waiting, and the same command saves them all, signed, once the drive is back, with
+    nothing paid twice."""
     emulator = make_emulator(process_seconds=1.0)
     src, out = drive.mount_point / "shoot", tmp_path / "out"
     sources = [f"{i:02d}.jpg" for i in range(16)]
@@ -511,6 +513,9 @@ def test_results_wait_for_their_source_drive_to_be_saved_with_its_metadata(
     assert f"The source folder {src} is gone (a drive unplugged, a share unmounted?): the " \
            "results paid for are kept, and the same command saves them, with their photos' " \
            "metadata, once it is back." in stderr
+    assert "disappeared" not in stderr and "need attention" not in stderr, stderr
+    status = run_cli(["status", "--out", str(out)], None)
+    assert "rejected" not in status.stdout, status.stdout
     saved = list(out.glob("*.jpg"))
     assert len(saved) < emulator.stats["charged"]
     assert all(signed(path) for path in saved)

@@ -34,7 +34,7 @@ from batch.outputs import (
     resolve_inside,
 )
 from batch.preflight import Rejected, inspect_image
-from batch.stages.runtime import Runtime, StopReason, info_of, wait_any
+from batch.stages.runtime import Runtime, SourceGone, StopReason, info_of, source_gone, wait_any
 from batch.states import JobState
 
 log = logging.getLogger("batch.download")
@@ -59,25 +59,6 @@ OUTPUT_RECHECK = 5.0
 
 class OutputGone(FileNotFoundError):
     """The output folder is gone (see :func:`batch.outputs.out_folder_there`)."""
-
-
-class SourceGone(FileNotFoundError):
-    """None of a job's photos is there, nor the source folder they lie in (a drive unplugged,
-    a share unmounted): saved now, its result would lack the photo's metadata (its colour
-    profile, capture time, copyright) and the scaling back to its size, for good. A photo
-    deleted from a folder still there gets its result without them."""
-
-    def __init__(self, folder: str) -> None:
-        super().__init__(errno.ENOENT, f"the source folder {folder} is gone (a drive "
-                                       "unplugged, a share unmounted?)")
-        self.folder = folder
-
-
-def source_gone(targets: list[FileRow]) -> str | None:
-    """The folder of ``targets`` when it is gone with every one of them, else None."""
-    if not targets or any(os.path.exists(Path(t.root, t.rel_path)) for t in targets):
-        return None
-    return None if os.path.isdir(targets[0].root) else targets[0].root
 
 
 class Downloader:
@@ -157,10 +138,7 @@ class Downloader:
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"not saved yet: {gone.strerror}"))
             if not rt.watching:
-                rt.fail_run(f"The source folder {gone.folder} is gone (a drive unplugged, a "
-                            "share unmounted?): the results paid for are kept, and the same "
-                            "command saves them, with their photos' metadata, once it is "
-                            "back.")
+                rt.fail_run(gone.stop_words())
             elif gone.folder not in self.parked.values():
                 log.warning("Results of the photos in %s wait for it to come back (their "
                             "metadata comes from the photos).", gone.folder)

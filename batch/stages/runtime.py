@@ -4,7 +4,9 @@ channel from the submitter to the poller, and wake-ups. Stages import this, neve
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,11 +21,37 @@ from batch.api.retry import backoff_delay
 from batch.budget import Allowance, Budget
 from batch.config import RunConfig
 from batch.ledger import Ledger, LedgerFull, TransitionInfo
+from batch.ledger.store import FileRow
 from batch.ledger.writer import LedgerWriter
 from batch.progress import Progress
 from batch.scan import SourceRoot
 
 log = logging.getLogger("batch")
+
+
+class SourceGone(FileNotFoundError):
+    """None of a job's photos is there, nor the source folder they lie in (a drive unplugged,
+    a share unmounted). A run stops: the photos not sent would be rejected one by one, and a
+    result saved now would lack its photo's metadata (its colour profile, capture time,
+    copyright) and the scaling back to its size, for good. A photo deleted from a folder
+    still there is rejected, or gets its result without them."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(errno.ENOENT, f"the source folder {folder} is gone (a drive "
+                                       "unplugged, a share unmounted?)")
+        self.folder = folder
+
+    def stop_words(self) -> str:
+        return (f"The source folder {self.folder} is gone (a drive unplugged, a share "
+                "unmounted?): the results paid for are kept, and the same command saves them, "
+                "with their photos' metadata, once it is back.")
+
+
+def source_gone(targets: list[FileRow]) -> str | None:
+    """The folder of ``targets`` when it is gone with every one of them, else None."""
+    if not targets or any(os.path.exists(Path(t.root, t.rel_path)) for t in targets):
+        return None
+    return None if os.path.isdir(targets[0].root) else targets[0].root
 
 
 class StopReason(StrEnum):

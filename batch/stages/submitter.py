@@ -31,7 +31,15 @@ from batch.preflight import (
     preflight,
     reuse_pixel_memory,
 )
-from batch.stages.runtime import QueuedTask, Runtime, StopReason, info_of, wait_any
+from batch.stages.runtime import (
+    QueuedTask,
+    Runtime,
+    SourceGone,
+    StopReason,
+    info_of,
+    source_gone,
+    wait_any,
+)
 from batch.states import JobState, submittable
 
 log = logging.getLogger("batch.submit")
@@ -151,19 +159,29 @@ class Submitter:
                 prepared, filename = await asyncio.to_thread(
                     self._prepare, job, candidates, rt.config.prepare, rt.out_dir,
                     functools.partial(photo_key, by_image=rt.ledger.image_identity))
+        except SourceGone as gone:
+            if rt.watching:  # read again by the watch once the folder is back
+                await self._reject(job, files, Rejected(f"not read: {gone.strerror}",
+                                                        UNREADABLE))
+            else:
+                rt.fail_run(gone.stop_words())
+            return
         except Rejected as rejected:
-            # Said as it happens: a watch's summary comes only when it is stopped.
-            log.info("Not sent: %s: %s", Path(files[0].root, files[0].rel_path) if files
-                     else f"job {job.id}", rejected.reason)
-            with contextlib.suppress(StaleTransition):
-                await rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
-                                           info=TransitionInfo(message=rejected.reason,
-                                                               error_code=rejected.code))
-                rt.progress.dropped(uploaded=False)
-            rt.changed.set()
+            await self._reject(job, files, rejected)
             return
         async with self.sending:
             await self._send(job, prepared, filename)
+
+    async def _reject(self, job: JobRow, files: list[FileRow], rejected: Rejected) -> None:
+        # Said as it happens: a watch's summary comes only when it is stopped.
+        log.info("Not sent: %s: %s", Path(files[0].root, files[0].rel_path) if files
+                 else f"job {job.id}", rejected.reason)
+        with contextlib.suppress(StaleTransition):
+            await self.rt.writes.transition(job.id, JobState.REJECTED, expect=job.state,
+                                            info=TransitionInfo(message=rejected.reason,
+                                                                error_code=rejected.code))
+            self.rt.progress.dropped(uploaded=False)
+        self.rt.changed.set()
 
     async def _send(self, job: JobRow, prepared: Prepared, filename: str) -> None:
         rt = self.rt
@@ -253,7 +271,9 @@ class Submitter:
             except PermissionError as exc:
                 raise Rejected("permission denied: the file cannot be read",
                                UNREADABLE) from exc
-            except OSError as exc:
+            except OSError as exc:  # a dead share answers ENOTCONN or EIO
+                if (folder := source_gone([f])) is not None:
+                    raise SourceGone(folder) from exc
                 raise Rejected(f"cannot read the file: {exc.strerror}", UNREADABLE) from exc
             if identity(data) != job.content_sha256:
                 changed += 1
@@ -269,6 +289,8 @@ class Submitter:
         if changed:
             raise Rejected("the file changed after it was scanned; the next run reads it "
                            "again", CHANGED)
+        if (folder := source_gone(candidates)) is not None:
+            raise SourceGone(folder)
         raise Rejected("the file disappeared after it was scanned", UNREADABLE)
 
     async def _failed(self, job: JobRow, error: ApiError) -> None:

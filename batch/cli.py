@@ -285,9 +285,9 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
 def _ledger_location(out: Path, ledger: str | None) -> str:
     location = ledger or str(out / STATE_DIR / "ledger.sqlite")
     if "://" not in location and not Path(location).exists():
-        point = unmounted_mount_point(Path(location).expanduser().resolve())
+        gone = unmounted_mount_point(Path(location).expanduser().resolve())
         raise ConfigError(f"no ledger at {location}: " + (
-            f"{point} is not mounted" if point is not None
+            f"{gone.point} is not mounted" if gone is not None
             else f"has skinbatch run with --out {out}?"))
     return location
 

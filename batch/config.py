@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from batch import apispec, outputs
+from batch import apispec
 from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
 from batch.names import STATE_DIR, is_utf8, shown
@@ -359,11 +359,11 @@ def prepare_out(config: RunConfig) -> Path:
                           "does not exist (is its drive or share mounted?); create it first "
                           "if it is meant")
     for folder in config.written_folders:
-        if (point := unmounted_mount_point(folder)) is not None:
-            raise ConfigError(f"{folder} is on {point}, where {outputs.MOUNT_TABLE} mounts a "
-                              "drive or share, and nothing is mounted there now: mount it first "
-                              "(a run now would start a new ledger on the disk beneath and pay "
-                              "again for every photo)")
+        if (gone := unmounted_mount_point(folder)) is not None:
+            raise ConfigError(f"{folder} is on {gone.point}, {gone.why}, and nothing is "
+                              "mounted there now: mount it first (a run now would start a new "
+                              "ledger on the disk beneath and pay again for every photo"
+                              f"{gone.otherwise})")
     try:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out / STATE_DIR):

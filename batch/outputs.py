@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from batch.names import IMAGE_SUFFIXES, STATE_DIR
 
@@ -120,19 +121,46 @@ def free_space(folder: Path) -> int | None:
 MOUNT_TABLE = Path("/etc/fstab")
 
 
-def unmounted_mount_point(folder: Path) -> Path | None:
-    """The folder on ``folder``'s path where the mount table mounts a drive or share and
-    nothing is mounted now (a share that failed to mount after a reboot), or None. What is
-    written there lands on the disk beneath, and is hidden once the share is mounted."""
+#: Where drives and shares are mounted by hand, by a script or by the desktop.
+MOUNT_HOMES = (Path("/mnt"), Path("/media"), Path("/run/media"))
+
+
+class Unmounted(NamedTuple):
+    """A folder where a drive or share is mounted, with nothing mounted there now, and how
+    that is known."""
+
+    point: Path
+    why: str
+    #: What to do when the disk beneath is meant.
+    otherwise: str = ""
+
+
+def unmounted_mount_point(folder: Path) -> Unmounted | None:
+    """The folder on ``folder``'s path where a drive or share belongs and nothing is mounted
+    now (a share that failed to mount after a reboot, a drive not plugged in), or None. What
+    is written there lands on the disk beneath, and is hidden once the drive is back: a new
+    ledger there would pay again for every photo. Known from the mount table, or, for a
+    drive mounted by hand or by a script, from its place: a folder right below /mnt or
+    /media that is empty and mounts nothing, where no earlier run left a ledger either."""
     try:
         lines = MOUNT_TABLE.read_text(errors="replace").splitlines()
     except OSError:
-        return None
+        lines = []
     points = {fields[1].replace("\\040", " ") for fields in map(str.split, lines)
               if len(fields) >= 2 and not fields[0].startswith("#")}
     for place in (folder, *folder.parents):
         if str(place) in points:
-            return None if os.path.ismount(place) else place
+            return None if os.path.ismount(place) else Unmounted(
+                place, f"where {MOUNT_TABLE} mounts a drive or share")
+        if place.parent in MOUNT_HOMES:
+            try:
+                empty = not os.path.ismount(place) and not os.listdir(place)
+            except OSError:  # not there (the check of --out's parent says so) or unreadable
+                return None
+            return Unmounted(place, f"an empty folder in {place.parent}, where drives and "
+                                    "shares are mounted",
+                             f"; if the results are meant to be on the disk beneath, make a "
+                             f"folder in {place} and give that") if empty else None
     return None
 
 

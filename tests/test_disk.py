@@ -373,10 +373,10 @@ class Drive:
     open files fail at once (a FUSE mount whose daemon dies) and its mount point is left
     behind, an empty folder of another disk."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.disk, self.mount_point = tmp_path / "drive", tmp_path / "usb"
+    def __init__(self, disk: Path, mount_point: Path) -> None:
+        self.disk, self.mount_point = disk, mount_point
         self.disk.mkdir()
-        self.mount_point.mkdir()
+        self.mount_point.mkdir(exist_ok=True)
         self._daemon: subprocess.Popen[bytes] | None = None
 
     def plug(self) -> None:
@@ -399,7 +399,7 @@ class Drive:
 
 @pytest.fixture
 def drive(tmp_path: Path) -> Iterator[Drive]:
-    drive = Drive(tmp_path)
+    drive = Drive(tmp_path / "drive", tmp_path / "usb")
     drive.plug()
     yield drive
     drive.unplug()
@@ -553,3 +553,49 @@ def test_a_watch_saves_the_results_of_a_source_drive_once_it_is_back(
     assert f"Results of the photos in {src} wait for it to come back" in stderr
     assert signed(out / "0.jpg") and signed(out / "1.jpg")
     assert emulator.stats["charged"] == 2
+
+
+@pytest.fixture
+def drive_in_mnt(tmp_path: Path) -> Iterator[Drive]:
+    """A drive mounted in /mnt by hand or by a script (not by the mount table), as on many
+    studio machines."""
+    slot = Path("/mnt") / f"skinbatch-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        slot.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a folder in /mnt here: {exc.strerror}")
+    try:
+        drive = Drive(tmp_path / "drive", slot)
+        drive.plug()
+        yield drive
+        drive.unplug()
+    finally:
+        shutil.rmtree(slot, ignore_errors=True)
+
+
+def test_a_drive_mounted_by_hand_and_not_mounted_tonight_is_not_paid_for_again(
+        tmp_path: Path, emulator: Emulator, drive_in_mnt: Drive) -> None:
+    """The results drive is mounted in /mnt by a script, not by the mount table; one night
+    it is not there and its mount point is an empty folder of the system disk. A run would
+    start a new ledger there and pay again for every photo in the source: it is refused
+    before anything is made, with --out the mount point itself too. With the drive back,
+    nothing is paid again; a folder made there on purpose is taken."""
+    src, slot = tmp_path / "src", drive_in_mnt.mount_point
+    for i in range(3):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    args = ["run", str(src), "--out", str(slot / "retouched"), "--smart-skin", *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 0
+    drive_in_mnt.unplug()
+    for out in (slot / "retouched", slot):
+        refused = run_cli([*args[:3], str(out), *args[4:]], emulator)
+        assert refused.returncode == 2, refused.stderr
+        assert f"is on {slot}, an empty folder in /mnt, where drives and shares are mounted, " \
+               "and nothing is mounted there now: mount it first" in refused.stderr
+    assert list(slot.iterdir()) == [] and emulator.stats["charged"] == 3
+    drive_in_mnt.plug()
+    again = run_cli(args, emulator)
+    assert again.returncode == 0 and emulator.stats["charged"] == 3, again.stderr
+    drive_in_mnt.unplug()
+    (slot / "results").mkdir()  # meant to be on the system disk
+    meant = run_cli([*args[:3], str(slot / "results" / "retouched"), *args[4:]], emulator)
+    assert meant.returncode == 0, meant.stderr

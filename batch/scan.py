@@ -73,12 +73,14 @@ class SourceRoot:
     out_prefix: str = ""
     #: The ledger's name for it where a root map names it (see ``batch.roots``).
     key: str | None = None
+    #: The local folder its files lie in: told once, while the source is there, so that a
+    #: share whose server goes down later does not turn a folder into a file's parent.
+    base: str = field(default="", compare=False)
 
-    @property
-    def base(self) -> str:
-        """The local folder its files lie in."""
-        path = self.path.resolve()
-        return str(path if path.is_dir() else path.parent)
+    def __post_init__(self) -> None:
+        if not self.base:
+            path = self.path.resolve()
+            object.__setattr__(self, "base", str(path if path.is_dir() else path.parent))
 
     @property
     def ledger_root(self) -> str:
@@ -413,7 +415,7 @@ class _RootScan:
         self.batch_size = FIRST_BATCH
         self.workers = workers
         self.stopped = False
-        self.is_tree = root.path.resolve().is_dir()
+        self.is_tree = root.base == str(root.path.resolve())
         self.base, self.key = root.base, root.ledger_root
         self.stats = ScanStats()
         self.batch: list[tuple[ScannedFile, str]] = []

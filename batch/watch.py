@@ -66,7 +66,7 @@ def _start_observer(roots: list[SourceRoot], handler: _Nudge, polling: bool) -> 
                 observer.stop()
     observer = PollingObserver(timeout=2)
     for root in roots:
-        if root.path.exists():
+        if os.path.exists(root.path):
             observer.schedule(handler, str(root.path), recursive=True)
     observer.start()
     return observer
@@ -119,7 +119,7 @@ def inotify_watches() -> int | None:
 
 def folder_count(path: Path) -> int:
     """The folders a recursive watch of ``path`` needs (symlinked folders are not followed)."""
-    return sum(1 for _ in os.walk(path)) if path.is_dir() else 0
+    return sum(1 for _ in os.walk(path)) if os.path.isdir(path) else 0
 
 
 async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[SourceRoot],
@@ -143,7 +143,8 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(nudged.wait(), timeout=min(delay, 1.0))
                 continue
-            reachable = [r for r in roots if r.path.is_dir() or r.path.is_file()]
+            # os.path: a share whose server is down answers ENOTCONN or EIO, "not there".
+            reachable = [r for r in roots if os.path.exists(r.path)]
             for root in roots:
                 if root not in reachable and root.path not in missing:
                     missing.add(root.path)
@@ -158,10 +159,16 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                     not await asyncio.to_thread(_still_covered, reachable):
                 observer.stop()
                 observer = _start_observer(roots, _Nudge(loop, nudged), polling=True)
-            stats = await asyncio.to_thread(scan, rt.ledger, reachable, rt.config.options,
-                                            exclude=(rt.out_dir,), settle=settings.settle,
-                                            prepare=rt.config.prepare, out_dir=rt.out_dir,
-                                            on_collision=rt.config.on_collision)
+            try:
+                stats = await asyncio.to_thread(
+                    scan, rt.ledger, reachable, rt.config.options, exclude=(rt.out_dir,),
+                    settle=settings.settle, prepare=rt.config.prepare, out_dir=rt.out_dir,
+                    on_collision=rt.config.on_collision)
+            except OSError:
+                if all(os.path.exists(r.path) for r in reachable):
+                    raise
+                next_pass = time.monotonic()  # a source went away during the pass: said next
+                continue
             if new_results := sorted(set(stats.results_folders) - told):
                 tell_results_left_out(rt.ledger, new_results)  # once a watch: not each pass
                 told.update(new_results)

@@ -382,17 +382,23 @@ class Drive:
     def plug(self) -> None:
         if shutil.which("bindfs") is None:
             pytest.skip("needs bindfs (apt-get install bindfs)")
+        subprocess.run(["umount", "-l", str(self.mount_point)], check=False,
+                       capture_output=True)  # after die(): the dead mount goes first
         self._daemon = subprocess.Popen(["bindfs", "-f", str(self.disk), str(self.mount_point)],
                                         stderr=subprocess.DEVNULL)
         if not wait_for(lambda: os.path.ismount(self.mount_point), timeout=10):
             self.unplug()
             pytest.skip("cannot mount a FUSE filesystem here")
 
-    def unplug(self) -> None:
+    def die(self) -> None:
+        """A share whose server went down: still mounted, every access fails (ENOTCONN)."""
         if self._daemon is not None:
             self._daemon.kill()
             self._daemon.wait()
             self._daemon = None
+
+    def unplug(self) -> None:
+        self.die()
         subprocess.run(["umount", "-l", str(self.mount_point)], check=False,
                        capture_output=True)
 
@@ -552,6 +558,31 @@ def test_a_watch_saves_the_results_of_a_source_drive_once_it_is_back(
         _, stderr = stopped(proc)
     assert f"Results of the photos in {src} wait for it to come back" in stderr
     assert signed(out / "0.jpg") and signed(out / "1.jpg")
+    assert emulator.stats["charged"] == 2
+
+
+def test_a_watch_whose_source_share_goes_down_waits_for_it(
+        tmp_path: Path, emulator: Emulator, drive: Drive) -> None:
+    """The hot folder is on a share whose server goes down: still mounted, every look at it
+    fails. The watch says so and waits (it ended on the error before); once the share is
+    back, new photos there are taken."""
+    src, out = drive.mount_point / "incoming", tmp_path / "out"
+    src.mkdir()
+    write_portrait(src / "0.jpg", seed=0)
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
+                      "--smart-skin", *FAST_FLAGS], emulator)
+    try:
+        assert wait_for(lambda: (out / "0.jpg").exists(), timeout=60)
+        drive.die()
+        time.sleep(4)  # a few passes
+        assert proc.poll() is None, "the watch must not end"
+        drive.plug()
+        write_portrait(src / "1.jpg", seed=1)
+        assert wait_for(lambda: (out / "1.jpg").exists(), timeout=60)
+    finally:
+        _, stderr = stopped(proc)
+    assert f"Source {src} is not reachable; waiting for it to come back." in stderr
+    assert f"Source {src} is back." in stderr
     assert emulator.stats["charged"] == 2
 
 

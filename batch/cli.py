@@ -16,7 +16,7 @@ import click
 
 from batch import config as config_mod
 from batch.apispec import OPTION_NAMES
-from batch.config import ConfigError, RunConfig, prepare_out
+from batch.config import ConfigError, RunConfig, prepare_out, there
 from batch.exitcodes import ExitCode
 from batch.ledger import LedgerFull, LedgerGone, LedgerUnavailable, open_ledger
 from batch.locking import LedgerBusy
@@ -284,7 +284,7 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
 
 def _ledger_location(out: Path, ledger: str | None) -> str:
     location = ledger or str(out / STATE_DIR / "ledger.sqlite")
-    if "://" not in location and not Path(location).exists():
+    if "://" not in location and not there(Path(location), "the ledger"):
         gone = unmounted_mount_point(Path(location).expanduser().resolve())
         raise ConfigError(f"no ledger at {location}: " + (
             f"{gone.point} is not mounted" if gone is not None

@@ -321,6 +321,19 @@ def validate(config: RunConfig) -> None:
     check_paths(config)
 
 
+def there(path: Path, what: str) -> bool:
+    """Whether ``path`` exists. A drive or share that answers with an error instead (its
+    server down: ENOTCONN, EIO, a stale handle) is said as such, before anything is sent."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be reached: {exc.strerror or exc} (is its "
+                          "drive or share there, and its server up?)") from None
+    return True
+
+
 def check_paths(config: RunConfig) -> None:
     """Refuse, before anything is created or sent, an output folder that would make paid
     results undeliverable or pay twice: inside a source (outputs there are refused, and would
@@ -328,7 +341,7 @@ def check_paths(config: RunConfig) -> None:
     paid for again, unless ``allow_source_inside_out``)."""
     out = config.out.expanduser().resolve()
     for source in config.sources:
-        if not source.exists():
+        if not there(source, "the source"):
             raise ConfigError(f"source {source} does not exist")
         src = source.resolve()
         if not is_utf8(str(src)):
@@ -344,7 +357,7 @@ def check_paths(config: RunConfig) -> None:
             raise ConfigError(f"the source {source} is inside --out {config.out}: earlier "
                               "results there would be retouched and paid for again; choose "
                               "another --out (or set allow_source_inside_out = true)")
-    if out.exists() and not out.is_dir():
+    if there(out, "--out") and not out.is_dir():
         raise ConfigError(f"--out {config.out} exists and is not a folder")
 
 
@@ -352,6 +365,10 @@ def prepare_out(config: RunConfig) -> Path:
     """Create the output folder and prove it can be written, and that its disk (and the
     ledger's) has room, before anything is sent."""
     out = config.out.expanduser().resolve()
+    for folder in config.written_folders:
+        for place in (folder, *folder.parents):  # up to the first that is there
+            if there(place, "the folder"):
+                break
     if not out.exists() and not out.parent.is_dir():
         # --out is made, never the folders above it: a missing one is most often the mount
         # point of a drive not plugged in, where a new ledger would pay again for every photo.

@@ -13,7 +13,7 @@ from types import TracebackType
 
 from filelock import FileLock, Timeout
 
-from batch.ledger.engine import ledger_url
+from batch.ledger.engine import LedgerUnavailable, ledger_url
 from batch.names import STATE_DIR
 
 
@@ -34,18 +34,23 @@ class RunLock:
             self.path = out_dir / STATE_DIR / f"run-{digest}.lock"
         else:
             self.path = Path(ledger_location).expanduser().resolve().with_suffix(".lock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.path), timeout=0)
 
     def __enter__(self) -> RunLock:
         if self._lock is None:
             return self
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
         except Timeout:
             raise LedgerBusy(f"Another skinbatch run is already working on this ledger (lock "
                              f"{self.path}). Wait for it to finish; this command sent and "
                              "changed nothing.") from None
+        except OSError as exc:  # a folder not ours, a share whose server is down
+            hint = ("this user may not write in that folder" if isinstance(exc, PermissionError)
+                    else "is its drive or share there, and its server up?")
+            raise LedgerUnavailable(f"cannot make the ledger's lock {self.path}: "
+                                    f"{exc.strerror or exc} ({hint})") from None
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -586,6 +586,30 @@ def test_a_watch_whose_source_share_goes_down_waits_for_it(
     assert emulator.stats["charged"] == 2
 
 
+def test_a_share_whose_server_is_down_at_start_is_one_clear_sentence(
+        tmp_path: Path, emulator: Emulator, drive: Drive) -> None:
+    """The night's --out (or ledger) is on a share whose server is down: still mounted,
+    every look fails. Each command says which folder cannot be reached and why, exit 2,
+    nothing sent (a Python traceback before)."""
+    src = tmp_path / "src"
+    write_portrait(src / "a.jpg")
+    drive.die()
+    share = drive.mount_point
+    for args, what in (
+            (["run", str(src), "--out", str(share / "out"), "--smart-skin"], f"--out {share}"),
+            (["watch", str(src), "--out", str(share / "out"), "--smart-skin"], f"--out {share}"),
+            (["run", str(src), "--out", str(tmp_path / "out"), "--ledger",
+              str(share / "ledgers" / "studio.sqlite"), "--smart-skin"], f"the folder {share}"),
+            (["status", "--out", str(share / "out")], f"the ledger {share}")):
+        result = run_cli(args, emulator, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert re.search(f"skinbatch: {re.escape(what)}\\S* cannot be reached: Transport "
+                         "endpoint is not connected \\(is its drive or share there, and its "
+                         "server up\\?\\)", result.stderr), result.stderr
+        assert "Traceback" not in result.stderr
+    assert emulator.stats.get("submits", 0) == 0
+
+
 @pytest.fixture
 def drive_in_mnt(tmp_path: Path) -> Iterator[Drive]:
     """A drive mounted in /mnt by hand or by a script (not by the mount table), as on many

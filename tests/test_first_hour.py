@@ -92,8 +92,9 @@ def test_a_source_whose_path_is_not_utf8_is_refused_by_name(tmp_path: Path,
 def test_a_ledger_that_cannot_be_opened_is_one_clear_sentence(tmp_path: Path,
                                                              emulator: Emulator) -> None:
     """A PostgreSQL server that is down, a driver not installed, a ledger file another user
-    owns (kept private: it holds the result links), a --ledger that is not a ledger: each is
-    one sentence naming the ledger and the cause, exit 2, nothing sent, for every command."""
+    owns (kept private: it holds the result links), a ledger in a folder this user may not
+    write in, a --ledger that is not a ledger: each is one sentence naming the ledger and
+    the cause, exit 2, nothing sent, for every command."""
     src, out = tmp_path / "shoot", tmp_path / "out"
     shoot(src, 1)
     down = "postgresql://postgres@127.0.0.1:1/test"
@@ -111,6 +112,14 @@ def test_a_ledger_that_cannot_be_opened_is_one_clear_sentence(tmp_path: Path,
     result = run_cli(["run", str(src), "--out", str(out), "--ledger", "mysql://u:pw@db/x",
                       "--smart-skin"], emulator)
     assert_refused(result, emulator, "mysql://u:***@db/x cannot hold a ledger: give a SQLite")
+    locked = tmp_path / "not ours"
+    locked.mkdir(mode=0o555)
+    result = run_cli(["run", str(src), "--out", str(tmp_path / "out2"), "--ledger",
+                      str(locked / "ledger.sqlite"), "--smart-skin", *FAST_FLAGS], emulator,
+                     as_plain_user=True)
+    assert_refused(result, emulator, f"cannot make the ledger's lock {locked}/ledger.lock: "
+                                     "Permission denied (this user may not write in that "
+                                     "folder)")
 
     first = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
                     emulator)

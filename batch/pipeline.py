@@ -37,7 +37,14 @@ from batch.progress import Progress
 from batch.report import write_report
 from batch.requeue import read_again
 from batch.roots import RootMap
-from batch.scan import ScanStats, SourceRoot, no_photos, scan, tell_results_left_out
+from batch.scan import (
+    ScanStats,
+    SourceRoot,
+    no_photos,
+    scan,
+    tell_results_left_out,
+    unreadable_words,
+)
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
 from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
@@ -312,7 +319,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING],
                                                          f"not sent: {waiting}"))
     status = ledger.patiently(lambda: collect_status(ledger))
-    return RunReport(_exit_code(rt, status), status, stats, recovered,
+    return RunReport(_exit_code(rt, status, stats), status, stats, recovered,
                      _stop_message(rt))
 
 
@@ -382,6 +389,9 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
     if not watching:
         for root in stats.empty_roots:
             log.warning("%s", no_photos(rt.ledger, root, config.options))
+    else:  # a run lists them with its summary
+        for folder, why in stats.unreadable_folders:
+            log.warning("%s.", unreadable_words(folder, why))
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
     rt.progress.rejected(rejected(rt.ledger.counts()))
     await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,
@@ -552,7 +562,7 @@ def _all_final(rt: Runtime) -> bool:
     return rt.ledger.count_in(active, rt.roots) == 0
 
 
-def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
+def _exit_code(rt: Runtime, status: StatusReport, stats: ScanStats) -> ExitCode:
     if rt.flags.account_error is not None:
         return ExitCode.ACCOUNT
     if rt.flags.interrupted:
@@ -562,7 +572,8 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
         unfinished = rt.ledger.count_in(UNFINISHED, rt.roots)
         mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
         problems = [p for p in problems if p.path.startswith(mine)]
-    if rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems:
+    if (rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems
+            or stats.unreadable_folders):
         return ExitCode.SOME_FAILED
     return ExitCode.OK
 

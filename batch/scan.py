@@ -102,6 +102,9 @@ class ScanStats:
     empty_roots: list[SourceRoot] = field(default_factory=list)
     #: Folders under a source that hold an earlier run's results, left out (see :func:`folders`).
     results_folders: list[str] = field(default_factory=list)
+    #: Folders that could not be listed (not this user's, a share failing), with why: their
+    #: photos are left out until they can be (see :func:`unreadable_words`).
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, other: ScanStats) -> None:
         for name in self.__slots__:
@@ -208,12 +211,14 @@ class Folder:
 
 
 def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
-            results_folders: list[str] | None = None) -> Iterator[Folder]:
+            results_folders: list[str] | None = None,
+            unreadable: list[tuple[str, str]] | None = None) -> Iterator[Folder]:
     """Every folder under ``root`` (not following directory symlinks), with the files in it
     and the settings its ``.skinbatch.toml`` files give it. A folder below the root that holds
     a ``.skinbatch`` folder is an earlier run's output (a source's parent given, with last
     month's results in it): its photos are retouched already, and sending them would pay to
-    retouch them again, so it is left out, with its subtree, and listed in ``results_folders``."""
+    retouch them again, so it is left out, with its subtree, and listed in ``results_folders``.
+    A folder that cannot be listed is listed in ``unreadable``, with why."""
     excluded = {str(p.resolve()) for p in exclude}
     stack = [(str(root.path.resolve()), "", FolderSettings(options))]
     while stack:
@@ -221,7 +226,11 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
         try:
             with os.scandir(directory) as scanner:
                 listing = list(scanner)
-        except OSError:
+        except FileNotFoundError:  # removed since its parent was listed
+            continue
+        except OSError as exc:
+            if unreadable is not None:
+                unreadable.append((directory, exc.strerror or str(exc)))
             continue
         files, subfolders, results = [], [], False
         for entry in listing:
@@ -256,6 +265,10 @@ def results_left_out(folder: str) -> str:
 
 
 #: Ledger meta: the folders of earlier runs' results a run has warned of.
+def unreadable_words(folder: str, why: str) -> str:
+    return f"{folder}: cannot be read ({why}); its photos are left out until it can be"
+
+
 RESULTS_TOLD = "results_folders_told"
 
 
@@ -461,7 +474,7 @@ class _RootScan:
         fresh = not stored and not self.ledger.has_files(self.key)
         seen: set[str] = set()
         for folder in folders(self.root, self.options, self.exclude,
-                              self.stats.results_folders):
+                              self.stats.results_folders, self.stats.unreadable_folders):
             if self.should_stop():
                 self.stopped = True
                 break

@@ -22,7 +22,7 @@ from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
 from batch.requeue import read_again
-from batch.scan import ScanStats, SourceRoot, scan, tell_results_left_out
+from batch.scan import ScanStats, SourceRoot, scan, tell_results_left_out, unreadable_words
 from batch.stages.runtime import Runtime
 
 log = logging.getLogger("batch.watch")
@@ -130,6 +130,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
     missing: set[Path] = set()
     told = set(totals.results_folders)
+    unreadable = {folder for folder, _ in totals.unreadable_folders}  # said once a watch
     log.info("Watching %s (settle %gs, full re-scan every %gs).",
              ", ".join(str(r.path) for r in roots), settings.settle, settings.rescan)
     try:
@@ -172,6 +173,10 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
             if new_results := sorted(set(stats.results_folders) - told):
                 tell_results_left_out(rt.ledger, new_results)  # once a watch: not each pass
                 told.update(new_results)
+            for folder, why in stats.unreadable_folders:
+                if folder not in unreadable:
+                    log.warning("%s.", unreadable_words(folder, why))
+                    unreadable.add(folder)
             if await asyncio.to_thread(read_again, rt.ledger, rt.config.root_map):
                 rt.wake_submitter.set()
             totals.hashed += stats.hashed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -523,6 +524,35 @@ def test_a_source_with_no_photos_says_why_and_a_missing_share_is_named(
     assert f"No photos in {share}: the folder is empty." in result.stderr
     assert "is it mounted?" in result.stderr
     assert emulator.stats["submits"] == 2
+
+
+def test_a_folder_this_user_cannot_read_is_named_not_skipped_in_silence(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A session copied in by another user (its folder mode 700): its photos were left out
+    without a word, exit 0, and never retouched. The folder is named with why, in the
+    summary, with -q and in the dry run, exit 1; once it can be read, its photos are sent."""
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 1)
+    write_portrait(src / "second shooter" / "b.jpg", seed=9)
+    locked = src / "second shooter"
+    locked.chmod(0)
+    words = (f"{locked}: cannot be read (Permission denied); its photos are left out until it "
+             "can be")
+    try:
+        args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+        dry = run_cli([*args, "--dry-run"], emulator, as_plain_user=True)
+        assert words in dry.stdout + dry.stderr, dry.stdout + dry.stderr
+        first = run_cli(args, emulator, as_plain_user=True)
+        assert first.returncode == 1, first.stderr
+        assert re.search(rf"^  unreadable {re.escape(words)}$", first.stdout, re.M), first.stdout
+        quiet = run_cli([*args, "-q"], emulator, as_plain_user=True)
+        assert quiet.returncode == 1 and words in quiet.stderr, quiet.stderr
+    finally:
+        locked.chmod(0o755)
+    assert emulator.stats["charged"] == 1
+    again = run_cli(args, emulator, as_plain_user=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (out / "second shooter" / "b.jpg").is_file() and emulator.stats["charged"] == 2
 
 
 def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(

@@ -22,7 +22,7 @@ from tests.conftest import (
     stopped,
     wait_for,
 )
-from tests.imagegen import encode, portrait
+from tests.imagegen import encode, portrait, write_portrait
 
 
 @pytest.mark.parametrize("polling", [False, True])
@@ -225,3 +225,25 @@ def test_a_watch_waits_out_a_result_host_that_is_down(tmp_path: Path,
     assert emulator.stats["charged"] == 3
     assert "No more uploads: results paid for cannot be fetched" in stderr
     assert "A result came through: uploads resume" in stderr
+
+
+def test_a_watch_names_a_folder_it_cannot_read_once(tmp_path: Path,
+                                                    emulator: Emulator) -> None:
+    """A folder of the hot folder that the watch's user may not read (another user's copy):
+    the watch says so once, not every pass, and takes the rest."""
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    write_portrait(src / "a.jpg", seed=1)
+    locked = src / "from another user"
+    write_portrait(locked / "b.jpg", seed=2)
+    locked.chmod(0)
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "0.5",
+                      "--smart-skin", *FAST_FLAGS], emulator, as_plain_user=True)
+    try:
+        assert wait_for(lambda: (out / "a.jpg").exists(), timeout=60)
+        write_portrait(src / "c.jpg", seed=3)  # a few passes later
+        assert wait_for(lambda: (out / "c.jpg").exists(), timeout=60)
+    finally:
+        _, stderr = stopped(proc)
+        locked.chmod(0o755)
+    assert stderr.count(f"{locked}: cannot be read (Permission denied); its photos are left "
+                        "out until it can be.") == 1, stderr

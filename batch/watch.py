@@ -129,8 +129,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
     nudged = asyncio.Event()
     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
     missing: set[Path] = set()
-    told = set(totals.results_folders)
-    unreadable = {folder for folder, _ in totals.unreadable_folders}  # said once a watch
+    said = _Said(set(totals.results_folders), {f for f, _ in totals.unreadable_folders})
     log.info("Watching %s (settle %gs, full re-scan every %gs).",
              ", ".join(str(r.path) for r in roots), settings.settle, settings.rescan)
     try:
@@ -144,39 +143,19 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(nudged.wait(), timeout=min(delay, 1.0))
                 continue
-            # os.path: a share whose server is down answers ENOTCONN or EIO, "not there".
-            reachable = [r for r in roots if os.path.exists(r.path)]
-            for root in roots:
-                if root not in reachable and root.path not in missing:
-                    missing.add(root.path)
-                    log.error("Source %s is not reachable; waiting for it to come back.",
-                              root.path)
-                elif root in reachable and root.path in missing:
-                    missing.discard(root.path)
-                    log.warning("Source %s is back.", root.path)
-                    observer.stop()
-                    observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
+            reachable, back = _reachable(roots, missing)
+            if back:  # its watches went with it
+                observer.stop()
+                observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
             if not isinstance(observer, PollingObserver) and \
                     not await asyncio.to_thread(_still_covered, reachable):
                 observer.stop()
                 observer = _start_observer(roots, _Nudge(loop, nudged), polling=True)
-            try:
-                stats = await asyncio.to_thread(
-                    scan, rt.ledger, reachable, rt.config.options, exclude=(rt.out_dir,),
-                    settle=settings.settle, prepare=rt.config.prepare, out_dir=rt.out_dir,
-                    on_collision=rt.config.on_collision)
-            except OSError:
-                if all(os.path.exists(r.path) for r in reachable):
-                    raise
-                next_pass = time.monotonic()  # a source went away during the pass: said next
+            stats = await _scan_pass(rt, settings, reachable)
+            if stats is None:
+                next_pass = time.monotonic()
                 continue
-            if new_results := sorted(set(stats.results_folders) - told):
-                tell_results_left_out(rt.ledger, new_results)  # once a watch: not each pass
-                told.update(new_results)
-            for folder, why in stats.unreadable_folders:
-                if folder not in unreadable:
-                    log.warning("%s.", unreadable_words(folder, why))
-                    unreadable.add(folder)
+            said.tell(rt, stats)
             if await asyncio.to_thread(read_again, rt.ledger, rt.config.root_map):
                 rt.wake_submitter.set()
             totals.hashed += stats.hashed
@@ -195,3 +174,53 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
             next_pass = time.monotonic() + wait
     finally:
         observer.stop()
+
+
+def _reachable(roots: list[SourceRoot], missing: set[Path]) -> tuple[list[SourceRoot], bool]:
+    """The sources there now, saying which went away and which came back (``missing`` keeps
+    those away); and whether one came back. os.path: a share whose server is down answers
+    ENOTCONN or EIO, "not there"."""
+    reachable = [r for r in roots if os.path.exists(r.path)]
+    back = False
+    for root in roots:
+        if root not in reachable and root.path not in missing:
+            missing.add(root.path)
+            log.error("Source %s is not reachable; waiting for it to come back.", root.path)
+        elif root in reachable and root.path in missing:
+            missing.discard(root.path)
+            log.warning("Source %s is back.", root.path)
+            back = True
+    return reachable, back
+
+
+async def _scan_pass(rt: Runtime, settings: WatchSettings,
+                     reachable: list[SourceRoot]) -> ScanStats | None:
+    """One stat-only pass over the sources there; None when one went away during it (the
+    next pass says so)."""
+    try:
+        return await asyncio.to_thread(
+            scan, rt.ledger, reachable, rt.config.options, exclude=(rt.out_dir,),
+            settle=settings.settle, prepare=rt.config.prepare, out_dir=rt.out_dir,
+            on_collision=rt.config.on_collision)
+    except OSError:
+        if all(os.path.exists(r.path) for r in reachable):
+            raise
+        return None
+
+
+@dataclass
+class _Said:
+    """What a watch has said once and not again each pass: results folders left out,
+    folders it cannot read."""
+
+    results: set[str]
+    unreadable: set[str]
+
+    def tell(self, rt: Runtime, stats: ScanStats) -> None:
+        if new_results := sorted(set(stats.results_folders) - self.results):
+            tell_results_left_out(rt.ledger, new_results)
+            self.results.update(new_results)
+        for folder, why in stats.unreadable_folders:
+            if folder not in self.unreadable:
+                log.warning("%s.", unreadable_words(folder, why))
+                self.unreadable.add(folder)

@@ -533,11 +533,12 @@ def test_results_wait_for_their_source_drive_to_be_saved_with_its_metadata(
     assert_no_double_pay(out, emulator, 16)
 
 
-def test_a_watch_saves_the_results_of_a_source_drive_once_it_is_back(
+def test_a_watch_whose_source_share_goes_down_waits_for_it(
         tmp_path: Path, make_emulator: MakeEmulator, drive: Drive) -> None:
-    """A hot folder on a drive that goes away while a photo of it is being retouched: the
-    watch keeps the result until the drive is back, then saves it with the photo's
-    metadata; it does not end, and pays once."""
+    """The hot folder is on a share whose server goes down while a photo of it is being
+    retouched: still mounted, every look at it fails. The watch says so and waits (it ended
+    on the error before), keeps the result until the share is back, then saves it with the
+    photo's metadata, takes new photos again, and pays once for each."""
     emulator = make_emulator(process_seconds=1.5)
     src, out = drive.mount_point / "incoming", tmp_path / "out"
     src.mkdir()
@@ -548,42 +549,21 @@ def test_a_watch_saves_the_results_of_a_source_drive_once_it_is_back(
         assert wait_for(lambda: (out / "0.jpg").exists(), timeout=60)
         signed_portrait(src / "1.jpg", seed=1)
         assert wait_for(lambda: emulator.stats["charged"] == 2, timeout=30)
-        drive.unplug()  # while 1.jpg is being retouched
-        time.sleep(4)
+        drive.die()  # while 1.jpg is being retouched
+        time.sleep(4)  # a few passes
         assert proc.poll() is None, "the watch must not end"
         assert not (out / "1.jpg").exists()
         drive.plug()
         assert wait_for(lambda: (out / "1.jpg").exists(), timeout=60)
-    finally:
-        _, stderr = stopped(proc)
-    assert f"Results of the photos in {src} wait for it to come back" in stderr
-    assert signed(out / "0.jpg") and signed(out / "1.jpg")
-    assert emulator.stats["charged"] == 2
-
-
-def test_a_watch_whose_source_share_goes_down_waits_for_it(
-        tmp_path: Path, emulator: Emulator, drive: Drive) -> None:
-    """The hot folder is on a share whose server goes down: still mounted, every look at it
-    fails. The watch says so and waits (it ended on the error before); once the share is
-    back, new photos there are taken."""
-    src, out = drive.mount_point / "incoming", tmp_path / "out"
-    src.mkdir()
-    write_portrait(src / "0.jpg", seed=0)
-    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.3", "--rescan", "1",
-                      "--smart-skin", *FAST_FLAGS], emulator)
-    try:
-        assert wait_for(lambda: (out / "0.jpg").exists(), timeout=60)
-        drive.die()
-        time.sleep(4)  # a few passes
-        assert proc.poll() is None, "the watch must not end"
-        drive.plug()
-        write_portrait(src / "1.jpg", seed=1)
-        assert wait_for(lambda: (out / "1.jpg").exists(), timeout=60)
+        signed_portrait(src / "2.jpg", seed=2)
+        assert wait_for(lambda: (out / "2.jpg").exists(), timeout=60)
     finally:
         _, stderr = stopped(proc)
     assert f"Source {src} is not reachable; waiting for it to come back." in stderr
+    assert f"Results of the photos in {src} wait for it to come back" in stderr
     assert f"Source {src} is back." in stderr
-    assert emulator.stats["charged"] == 2
+    assert all(signed(out / f"{i}.jpg") for i in range(3))
+    assert emulator.stats["charged"] == 3
 
 
 def test_a_share_whose_server_is_down_at_start_is_one_clear_sentence(

@@ -41,7 +41,7 @@ from batch.names import (
     shown,
 )
 from batch.options import Options
-from batch.outputs import folds_case, name_refused, sha256_file, taken_by_another
+from batch.outputs import case_twin, folds_case, name_refused, sha256_file, taken_by_another
 from batch.preflight import (
     NO_HEIF,
     PrepareSettings,
@@ -418,13 +418,15 @@ class _RootScan:
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
         self.prepare, self.should_stop, self.out_dir = prepare, should_stop, out_dir
         self.on_collision = on_collision
+        #: Two photos of one output name: under "skip" the second paid result is refused,
+        #: under "overwrite" it replaces the first's; only "suffix" gives each a name.
+        self.one_name_each = on_collision != "suffix"
         #: New photos whose output path holds a file already (see :meth:`_note_taken`).
         self.taken: dict[str, Path] = {}
         #: On a disk of --out that does not tell case apart, which photo each output name,
         #: case folded, goes to (see :meth:`_one_name_each`).
         self.folded: dict[str, str] | None = (
-            {} if out_dir is not None and on_collision == "skip" and folds_case(out_dir)
-            else None)
+            {} if out_dir is not None and self.one_name_each and folds_case(out_dir) else None)
         self.batch_size = FIRST_BATCH
         self.workers = workers
         self.stopped = False
@@ -497,7 +499,7 @@ class _RootScan:
                     known = self.ledger.known_files(self.key, folder.rel_dir)
             candidates = [_candidate(self.key, self.base, self.root, entry, folder.rel_dir,
                                      folder.settings, self.out_dir) for entry in images]
-            if self.on_collision == "skip" and folder.settings.naming != DEFAULT_NAMING:
+            if self.one_name_each and folder.settings.naming != DEFAULT_NAMING:
                 candidates = _one_output_each(candidates, known)  # file names are unique
             if self.folded is not None:
                 candidates = self._one_name_each(candidates, known)
@@ -514,19 +516,25 @@ class _RootScan:
         """On a disk that does not tell case apart, IMG_1.JPG and img_1.jpg, or Session/a.jpg
         and session/a.jpg, are one file: the first photo of such a name is sent, the others
         are not, as their results could not be saved. A photo the ledger has read keeps its
-        name (it may be paid for)."""
-        assert self.folded is not None
+        name (it may be paid for). Under "overwrite", a result saved under another case by
+        an earlier run (its folder not looked at again) counts too; under "skip" any file
+        there does (:meth:`_note_taken`)."""
+        assert self.folded is not None and self.out_dir is not None
         kept = []
         for c in candidates:
+            k = known.get(c.rel_path)
             if c.problem is None:
                 owner = self.folded.setdefault(c.out_rel.casefold(), c.rel_path)
-                k = known.get(c.rel_path)
-                if owner != c.rel_path and (k is None or k.content_sha256 is None):
+                other = (None if k is not None and k.content_sha256 is not None
+                         else f"the result of {owner}" if owner != c.rel_path
+                         else case_twin(self.out_dir, c.out_rel)
+                         if self.on_collision == "overwrite" else None)
+                if other is not None:
                     c = c._replace(problem=(
-                        f"its output {c.out_rel} is the same file as the result of {owner} on "
-                        "the disk of --out, which does not tell upper from lower case: not "
-                        "sent, as its result could not be saved there (rename one of them, or "
-                        "set on_collision to \"suffix\")"))
+                        f"its output {c.out_rel} is the same file as {other} on the disk of "
+                        "--out, which does not tell upper from lower case: not sent, as its "
+                        "result could not be saved there (rename one of them, or set "
+                        "on_collision to \"suffix\")"))
             kept.append(c)
         return kept
 

@@ -221,16 +221,21 @@ def test_names_an_exfat_drive_refuses_are_rejected_before_they_are_paid(
     assert_outputs_right(out, {"fine.jpg": fine}, emulator)
 
 
+@pytest.mark.parametrize("on_collision", ["skip", "overwrite"])
 def test_photos_an_exfat_drive_takes_for_one_name_are_paid_for_once(
-        tmp_path: Path, emulator: Emulator, exfat_card: Path) -> None:
+        tmp_path: Path, emulator: Emulator, exfat_card: Path, on_collision: str) -> None:
     """exFAT (like macOS's disks and Windows shares) does not tell upper from lower case:
     IMG_1.JPG beside img_1.jpg, or a.jpg in Session/ and A.jpg in session/, would give one
-    output file, and the second paid result was refused. The first of each name is sent; the
-    other is rejected with the reason before it is paid, and stays so on the next run."""
+    output file, and the second paid result was refused (or, under "overwrite", replaced
+    the first's). The first of each name is sent; the other is rejected with the reason
+    before it is paid, and stays so on the next run."""
     src, out = tmp_path / "src", exfat_card / "delivery"
     sources = {rel: write_portrait(src / rel, seed=i) for i, rel in enumerate(
         ["IMG_1.JPG", "img_1.jpg", "Session/a.jpg", "session/A.jpg", "session/b.jpg"])}
-    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    config = tmp_path / "skinbatch.toml"
+    config.write_text(f'on_collision = "{on_collision}"\n')
+    args = ["run", str(src), "--out", str(out), "--config", str(config), "--smart-skin",
+            *FAST_FLAGS]
     result = run_cli(args, emulator)
     assert result.returncode == 1, result.stdout + result.stderr
     refused = re.findall(r"rejected +\S+/src/(\S+): its output \S+ is the same file as the "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from batch.emulator import Emulator
 from tests.conftest import API_KEY, FAST_FLAGS, run_cli
 from tests.imagegen import write_portrait
@@ -98,17 +100,22 @@ def test_a_naming_that_makes_an_output_name_too_long_is_refused_before_it_is_pai
     assert "output's name would be 262 bytes long" in problem["reason"], problem
 
 
+@pytest.mark.parametrize("on_collision", ["skip", "overwrite"])
 def test_a_naming_that_gives_two_photos_one_output_sends_one_and_says_why(
-        tmp_path: Path, emulator: Emulator) -> None:
+        tmp_path: Path, emulator: Emulator, on_collision: str) -> None:
     """A naming without {ext} gives a TIFF master and its JPEG export one output name: only
-    one result could be saved there, so the other photo is not sent, with the reason; once
-    the naming keeps the extension, it is sent and saved under a name of its own."""
+    one result could be saved there (the second refused, or under "overwrite" replacing the
+    first's), so the other photo is not sent, with the reason; once the naming keeps the
+    extension, it is sent and saved under a name of its own."""
     src, out = tmp_path / "src", tmp_path / "out"
     write_portrait(src / "IMG_1.jpg", seed=1)
     write_portrait(src / "IMG_1.tif", fmt="TIFF", seed=2)
     write_portrait(src / "IMG_2.jpg", seed=3)
     (src / ".skinbatch.toml").write_text('naming = "{stem}_retouched.jpg"\n')
-    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    config = tmp_path / "skinbatch.toml"
+    config.write_text(f'on_collision = "{on_collision}"\n')
+    args = ["run", str(src), "--out", str(out), "--config", str(config), "--smart-skin",
+            *FAST_FLAGS]
     result = run_cli(args, emulator)
     assert result.returncode == 1, result.stderr
     assert emulator.stats["charged"] == 2

@@ -264,11 +264,11 @@ def results_left_out(folder: str) -> str:
             "a SOURCE of its own.")
 
 
-#: Ledger meta: the folders of earlier runs' results a run has warned of.
 def unreadable_words(folder: str, why: str) -> str:
     return f"{folder}: cannot be read ({why}); its photos are left out until it can be"
 
 
+#: Ledger meta: the folders of earlier runs' results a run has warned of.
 RESULTS_TOLD = "results_folders_told"
 
 

@@ -488,8 +488,14 @@ async def _credits_again(rt: Runtime, every: float) -> None:
 
 
 async def _clock(rt: Runtime) -> None:
-    """Stop uploads at --stop-submitting-at; end the run at --deadline."""
+    """Stop uploads at --stop-submitting-at; end the run at --deadline. Both are said at the
+    start with their time zone: a server kept on UTC reads "06:30" as UTC, not as the
+    studio's morning."""
     config = rt.config
+    for what, when in (("No upload starts after", config.stop_submitting_at),
+                       ("The run ends by", config.deadline)):
+        if when is not None:
+            log.info("%s %s.", what, f"{when:%Y-%m-%d %H:%M} ({when:%Z}, UTC{when:%z})")
     while True:
         now = datetime.now().astimezone()
         if config.stop_submitting_at is not None and now >= config.stop_submitting_at:

@@ -117,6 +117,23 @@ def test_a_clock_time_given_the_evening_the_clocks_change_is_the_mornings(
     assert found.stdout.strip() == morning
 
 
+def test_a_run_says_its_stop_times_with_their_time_zone(tmp_path: Path,
+                                                         emulator: Emulator) -> None:
+    """A server kept on UTC reads "06:30" as UTC, not as the studio's morning: the run says
+    both times at its start, with the zone, so that the log shows it."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 1)
+    result = run_cli(["run", str(src), "--out", str(out), "--stop-submitting-at", "06:30",
+                      "--deadline", "6h", *FAST_FLAGS], emulator,
+                     extra_env={"TZ": "Europe/Berlin"})
+    assert result.returncode == 0, result.stderr
+    zone = r"\((CET, UTC\+0100|CEST, UTC\+0200)\)"
+    assert re.search(rf"No upload starts after \d{{4}}-\d\d-\d\d 06:30 {zone}\.",
+                     result.stderr), result.stderr
+    assert re.search(rf"The run ends by \d{{4}}-\d\d-\d\d \d\d:\d\d {zone}\.",
+                     result.stderr), result.stderr
+
+
 def test_the_deadline_ends_the_run_and_says_what_is_in_flight(tmp_path: Path,
                                                               make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(queue_seconds=1.0, process_seconds=6.0)

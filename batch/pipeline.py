@@ -159,7 +159,7 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
             if in_force is not None and in_force != config.budget:
                 log.warning("This worker joins a batch whose --max-credits is %d (not %s): "
                             "the workers share that one.", in_force, config.budget)
-            charges_before = ledger.charges()
+            since = time.time()
             try:
                 with ledger.pinned():  # the event loop's own reads and claims
                     report = asyncio.run(_run(config, ledger, out_dir, watch, worker))
@@ -173,7 +173,7 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
                 raise gone
             report.seconds = time.monotonic() - started
             # The database may be coming back from a restart: the run's end waits for it too.
-            report.charged = ledger.patiently(ledger.charges) - charges_before
+            report.charged = ledger.patiently(lambda: ledger.charged_by(worker.name, since))
             with contextlib.suppress(LedgerFull):  # bookkeeping: the stop said why
                 ledger.patiently(lambda: _record_run(ledger, report, started_at))
             if config.report is not None:

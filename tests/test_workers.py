@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -46,13 +47,17 @@ def start_workers(src: Path, out: Path, pg_url: str, emulator: Emulator, count: 
                        *extra], emulator) for i in range(count)]
 
 
-def finish(workers: list[subprocess.Popen[str]], timeout: float = 240) -> list[int]:
+def finish(workers: list[subprocess.Popen[str]], timeout: float = 240,
+           said: list[str] | None = None) -> list[int]:
+    """The workers' exit codes once they end; what each printed goes into ``said``."""
     codes = []
     for worker in workers:
         out, err = worker.communicate(timeout=timeout)
         if worker.returncode not in (0, -signal.SIGKILL):
             print(out, err)
         codes.append(worker.returncode)
+        if said is not None:
+            said.append(out)
     return codes
 
 
@@ -80,7 +85,8 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     emulator = make_emulator(qps_limit=CEILING)
     src, out = tmp_path / "nas" / "shoots", tmp_path / "nas" / "retouched"
     sources = shoot(src, 300)
-    codes = finish(start_workers(src, out, pg_url, emulator, 3))
+    said: list[str] = []
+    codes = finish(start_workers(src, out, pg_url, emulator, 3), said=said)
     assert codes == [0, 0, 0]
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 300
@@ -96,6 +102,9 @@ def test_three_workers_share_one_ledger_and_one_ceiling(
     by_worker = uploads_by_worker(out, pg_url)
     assert sum(by_worker.values()) == 300
     assert set(by_worker) == {"w0", "w1", "w2"}, by_worker  # all three did work
+    # Each one's summary counts the credits its own uploads cost, not the others'.
+    charged = [re.findall(r"credits charged this run: (\d+) ", text) for text in said]
+    assert charged == [[str(by_worker[f"w{i}"])] for i in range(3)], said
     ledger = ledger_of(out, pg_url)
     try:
         assert ledger.counts()["done"] == 300 and ledger.file_count() == 300

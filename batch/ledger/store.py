@@ -916,6 +916,18 @@ class Ledger:
         with self._read() as conn:
             return conn.scalar(select(func.coalesce(func.sum(jobs.c.charges), 0))) or 0
 
+    def charged_by(self, worker: str, since: float) -> int:
+        """The charges (a lost answer counts as one) of the uploads ``worker`` recorded since
+        ``since``: its own, where other workers on a shared ledger charge at the same time.
+        Every charge is recorded as an upload leaving ``submitting`` for ``queued`` or
+        ``ambiguous``."""
+        query = select(func.count()).select_from(events).where(
+            events.c.worker == worker, events.c.at >= since,
+            events.c.from_state == JobState.SUBMITTING.value,
+            events.c.to_state.in_([JobState.QUEUED.value, JobState.AMBIGUOUS.value]))
+        with self._read() as conn:
+            return conn.scalar(query) or 0
+
     def ambiguous_events(self) -> int:
         """How many uploads ever ended without a known answer (each may have been charged)."""
         with self._read() as conn:

@@ -61,6 +61,19 @@ def finish(workers: list[subprocess.Popen[str]], timeout: float = 240,
     return codes
 
 
+def print_unfinished(out: Path, pg_url: str) -> None:
+    ledger = ledger_of(out, pg_url)
+    try:
+        for job in ledger.jobs_in(list(JobState)):
+            if job.state is not JobState.DONE:
+                print(job.id, job.state, [(f.root, f.rel_path, f.problem)
+                                          for f in ledger.files_for_job(job.id)])
+                for event in ledger.history(job.id):
+                    print("   ", event)
+    finally:
+        ledger.close()
+
+
 def uploads_by_worker(out: Path, pg_url: str) -> dict[str | None, int]:
     """Who made each accepted upload, from the history; and that no job was accepted twice."""
     ledger = ledger_of(out, pg_url)
@@ -283,7 +296,10 @@ def test_a_worker_claims_only_jobs_under_its_own_roots(
     workers = [popen_cli(["run", str(site / "in"), "--out", str(site / "out"), "--ledger",
                           pg_url, "--worker-name", name, "--max-qps", "200", *WORKER_FLAGS],
                          emulator) for site, name in ((site_a, "a"), (site_b, "b"))]
-    assert finish(workers) == [0, 0]
+    codes = finish(workers)
+    if codes != [0, 0]:  # which jobs a worker left unfinished, and how they got there
+        print_unfinished(site_a / "out", pg_url)
+    assert codes == [0, 0]
     assert_outputs_right(site_a / "out", shots_a, emulator)
     assert_outputs_right(site_b / "out", shots_b, emulator)
     ledger = ledger_of(site_a / "out", pg_url)

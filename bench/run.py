@@ -587,9 +587,9 @@ def bench_memory_queued(work: Path, jobs: int) -> float:
 
 
 def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
-    """Peak RSS and the client's CPU per image, over ``RUNS`` runs of the same folder (this
-    VM's CPU time for the same work moves by a third from one minute to the next: the median
-    is the figure, the range is printed)."""
+    """Peak RSS and the client's CPU per image, over ``CPU_RUNS`` runs of the same folder (on a
+    shared virtual machine the CPU time of the same work can move by a third from one minute
+    to the next: the median is the figure, the range is printed)."""
     src = work / "cpu-src"
     paths = make_images(src, images)
     config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.1,

@@ -160,7 +160,7 @@ def test_tiff_is_converted_and_fit_reject_refuses_big_files(tmp_path: Path,
 def test_heic_is_converted_when_the_extra_is_installed(tmp_path: Path,
                                                       emulator: Emulator) -> None:
     """Without the HEIC extra an iPhone photo is listed with what to install, nothing paid;
-    the first run after it is installed sends it (it used to stay rejected for good)."""
+    the first run after it is installed sends it (it does not stay rejected for good)."""
     pillow_heif = pytest.importorskip("pillow_heif")
     pillow_heif.register_heif_opener()
     src, out = tmp_path / "src", tmp_path / "out"

@@ -216,7 +216,7 @@ def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(
         tmp_path: Path, emulator: Emulator) -> None:
     """The share goes away mid-night (here: the files lose their read permission between the
     scan and their upload): those photos are listed with the reason, and the next night, the
-    share back, reads and sends them, where they used to stay rejected for good."""
+    share back, reads and sends them: they do not stay rejected for good."""
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 4)
     args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
@@ -242,8 +242,8 @@ def test_a_photo_whose_bytes_no_longer_give_its_key_is_read_again_by_the_next_ru
         tmp_path: Path, emulator: Emulator) -> None:
     """A photo edited after its scan, in a way its size and time do not show (or keyed by a
     rule a new version reads otherwise): its job's key matches no file, so it is not sent.
-    It used to stay so for good, as the scan skipped a file it had read; now the next run
-    reads it as new, and it is sent as the photo it is."""
+    It does not stay so for good (the scan skips a file it has read): the next run reads it
+    as new, and it is sent as the photo it is."""
     import os
 
     src, out = tmp_path / "src", tmp_path / "out"

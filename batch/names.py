@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import PurePosixPath
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic",
-                            ".heif"})
+#: .jfif and .jpe are JPEG too (browsers on Windows save photos as .jfif).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".tif", ".tiff",
+                            ".heic", ".heif"})
 #: Camera RAW files: a shoot folder may hold only these, and they cannot be sent.
 RAW_SUFFIXES = frozenset({".3fr", ".arw", ".cr2", ".cr3", ".dng", ".erf", ".iiq", ".nef",
                           ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2", ".srw"})

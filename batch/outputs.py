@@ -25,7 +25,8 @@ TEMP_SUFFIX = ".part"
 _temp_tag = ""
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
+FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg", ".jfif", ".jpe"), "PNG": (".png",),
+                   "WEBP": (".webp",)}
 #: Free space below which no upload starts: every result paid for and not saved yet needs its
 #: room, and so does the ledger that records it (its write-ahead log alone may take 16 MB).
 MIN_FREE = 64 * 1024 * 1024

@@ -51,7 +51,8 @@ def write_portrait(path: Path, fmt: str = "JPEG", seed: int = 0,
 def mixed_tree(root: Path, count: int = 32) -> dict[str, bytes]:
     """``count`` distinct portraits in nested folders with spaces and non-ASCII names."""
     folders = ["", "Session A", "Session A/Ünïcödé — близко", "2024/12/ブライド", "deep/er/still"]
-    formats = [("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp"), ("JPEG", ".JPEG")]
+    formats = [("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp"), ("JPEG", ".JPEG"),
+               ("JPEG", ".jfif")]  # as browsers on Windows save a JPEG
     written: dict[str, bytes] = {}
     for i in range(count):
         fmt, ext = formats[i % len(formats)]

@@ -26,7 +26,6 @@ from batch.outputs import unmounted_mount_point
 from batch.pipeline import RunReport, run_batch
 from batch.report import write_report
 from batch.requeue import requeue
-from batch.scan import unreadable_words
 from batch.secret import Secret
 from batch.states import JobState
 from batch.status import collect_status
@@ -256,11 +255,9 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
     if report.message:
         click.echo(f"skinbatch: {report.message}", err=True)
     status = report.status
-    problems = [("unreadable", unreadable_words(folder, why))
-                for folder, why in report.scan.unreadable_folders]
-    problems += [(p.state, f"{p.path}: {p.reason}" + (f" [{p.error_code}]" if p.error_code
-                                                      else ""))
-                 for p in status.problems[:PROBLEMS_SHOWN]]
+    problems = [(p.state, f"{p.path}: {p.reason}" + (f" [{p.error_code}]" if p.error_code
+                                                     else ""))
+                for p in status.problems[:PROBLEMS_SHOWN]]
     if len(status.problems) > PROBLEMS_SHOWN:
         problems.append(("...", f"and {len(status.problems) - PROBLEMS_SHOWN} more: "
                                 f"skinbatch status --out {config.out}"))

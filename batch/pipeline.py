@@ -319,7 +319,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING],
                                                          f"not sent: {waiting}"))
     status = ledger.patiently(lambda: collect_status(ledger))
-    return RunReport(_exit_code(rt, status, stats), status, stats, recovered,
+    return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
 
 
@@ -568,7 +568,7 @@ def _all_final(rt: Runtime) -> bool:
     return rt.ledger.count_in(active, rt.roots) == 0
 
 
-def _exit_code(rt: Runtime, status: StatusReport, stats: ScanStats) -> ExitCode:
+def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
     if rt.flags.account_error is not None:
         return ExitCode.ACCOUNT
     if rt.flags.interrupted:
@@ -578,8 +578,7 @@ def _exit_code(rt: Runtime, status: StatusReport, stats: ScanStats) -> ExitCode:
         unfinished = rt.ledger.count_in(UNFINISHED, rt.roots)
         mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
         problems = [p for p in problems if p.path.startswith(mine)]
-    if (rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems
-            or stats.unreadable_folders):
+    if rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems:
         return ExitCode.SOME_FAILED
     return ExitCode.OK
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from batch.heif import unsupported as heif_unsupported
-from batch.ledger.store import KnownFile, Ledger, ScannedFile
+from batch.ledger.store import KnownFile, Ledger, ScannedFile, unreadable_reason
 from batch.names import (
     DEFAULT_NAMING,
     IGNORED,
@@ -265,7 +265,7 @@ def results_left_out(folder: str) -> str:
 
 
 def unreadable_words(folder: str, why: str) -> str:
-    return f"{folder}: cannot be read ({why}); its photos are left out until it can be"
+    return f"{folder}: {unreadable_reason(why)}"
 
 
 #: Ledger meta: the folders of earlier runs' results a run has warned of.
@@ -454,6 +454,9 @@ class _RootScan:
         if self.is_tree and not self.stopped and not self.stats.found:
             self.stats.empty_roots.append(self.root)
         if self.is_tree and not self.stopped:
+            self.ledger.note_unreadable(self.key, [
+                ("" if folder == self.base else shown(os.path.relpath(folder, self.base)), why)
+                for folder, why in self.stats.unreadable_folders])
             clean = {d: v for d, v in self.changed.items() if v is not None}
             stale = [d for d in stored if d not in seen or self.changed.get(d, "") is None]
             if clean or stale:

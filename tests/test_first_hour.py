@@ -5,6 +5,7 @@ what would be paid for in silence (no option on, no photo found) is said before 
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import subprocess
@@ -530,7 +531,8 @@ def test_a_folder_this_user_cannot_read_is_named_not_skipped_in_silence(
         tmp_path: Path, emulator: Emulator) -> None:
     """A session copied in by another user (its folder mode 700): its photos were left out
     without a word, exit 0, and never retouched. The folder is named with why, in the
-    summary, with -q and in the dry run, exit 1; once it can be read, its photos are sent."""
+    summary, with -q, in the dry run, in status and in the morning report, exit 1; once it
+    can be read, its photos are sent and it is no longer listed."""
     src, out = tmp_path / "shoot", tmp_path / "out"
     shoot(src, 1)
     write_portrait(src / "second shooter" / "b.jpg", seed=9)
@@ -549,10 +551,17 @@ def test_a_folder_this_user_cannot_read_is_named_not_skipped_in_silence(
         assert quiet.returncode == 1 and words in quiet.stderr, quiet.stderr
     finally:
         locked.chmod(0o755)
+    status = run_cli(["status", "--out", str(out)], None)
+    assert re.search(rf"^  unreadable {re.escape(words)}$", status.stdout, re.M), status.stdout
+    assert run_cli(["report", "--out", str(out), "--format", "json"], None).returncode == 0
+    report = json.loads((out / "skinbatch-report.json").read_text())
+    assert {"source": str(locked), "why": words.partition(": ")[2]} in \
+        report["needs_attention"], report["needs_attention"]
     assert emulator.stats["charged"] == 1
     again = run_cli(args, emulator, as_plain_user=True)
     assert again.returncode == 0, again.stdout + again.stderr
     assert (out / "second shooter" / "b.jpg").is_file() and emulator.stats["charged"] == 2
+    assert "unreadable" not in run_cli(["status", "--out", str(out)], None).stdout
 
 
 def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(

@@ -146,6 +146,8 @@ TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expire
 WANTED = exists().where(files.c.job_id == jobs.c.id)
 #: The meta key set in a ledger whose results come from the bundled emulator (imitations).
 EMULATED = "bundled_emulator"
+#: The folders each root's last scan could not list (see ``Ledger.note_unreadable``).
+UNREADABLE = "unreadable_folders"
 #: "file" where photos are identified by their files' whole bytes (see ``Ledger.image_identity``).
 IDENTITY = "identity"
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
@@ -256,6 +258,12 @@ class LedgerFull(RuntimeError):
         super().__init__("The ledger cannot be written: the disk under it is full. Nothing more "
                          "is sent; free some space and run the same command again (what was "
                          "paid for is picked up where it stopped).")
+
+
+def unreadable_reason(why: str) -> str:
+    """Why a folder's photos are not sent: it cannot be listed (not this user's, a share
+    failing)."""
+    return f"cannot be read ({why}); its photos are left out until it can be"
 
 
 class LedgerGone(RuntimeError):
@@ -420,6 +428,20 @@ class Ledger:
             index_elements=["key"], set_={"value": statement.excluded.value}))
 
     # ---- scanning -----------------------------------------------------------------------
+
+    def note_unreadable(self, root: str, folders: list[tuple[str, str]]) -> None:
+        """The folders under ``root`` (relative, with why) its last whole scan could not list:
+        problems until a scan lists them (see :meth:`problems`). Written only when changed: a
+        watch scans every few seconds."""
+        with self._write() as conn:
+            known = json.loads(conn.scalar(select(meta.c.value).where(
+                meta.c.key == UNREADABLE)) or "{}")
+            if known.get(root, []) == [list(entry) for entry in folders]:
+                return
+            known.pop(root, None)
+            if folders:
+                known[root] = folders
+            self._set_meta(conn, UNREADABLE, json.dumps(known, ensure_ascii=False))
 
     def has_files(self, root: str) -> bool:
         with self._read() as conn:
@@ -944,8 +966,16 @@ class Ledger:
         with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(files)) or 0
 
+    def unreadable(self) -> list[Problem]:
+        """The folders the last scan of each root could not list (see :meth:`note_unreadable`)."""
+        known = json.loads(self.get_meta(UNREADABLE) or "{}")
+        return [Problem(f"{root.rstrip('/')}/{rel}" if rel else root, "unreadable",
+                        unreadable_reason(why), None, None)
+                for root, entries in sorted(known.items()) for rel, why in entries]
+
     def problems(self) -> list[Problem]:
-        """Every file that did not (or cannot) end retouched, with its reason."""
+        """Every file that did not (or cannot) end retouched, with its reason; first, the
+        folders a scan could not list."""
         waiting = and_(jobs.c.state == JobState.PENDING.value, jobs.c.reason.like("not sent:%"))
         query = (
             select(files.c.root, files.c.rel_path, files.c.problem, jobs.c.state, jobs.c.reason,
@@ -957,7 +987,7 @@ class Ledger:
         )
         with self._read() as conn:
             rows = conn.execute(query).all()
-        result = []
+        result = self.unreadable()
         for r in rows:
             path = f"{r.root.rstrip('/')}/{r.rel_path}"
             if r.problem is not None:

@@ -433,11 +433,12 @@ class Ledger:
         """The folders under ``root`` (relative, with why) its last whole scan could not list:
         problems until a scan lists them (see :meth:`problems`). Written only when changed: a
         watch scans every few seconds."""
+        wanted = [list(entry) for entry in folders]
+        if json.loads(self.get_meta(UNREADABLE) or "{}").get(root, []) == wanted:
+            return
         with self._write() as conn:  # another worker may note its own roots meanwhile
             known = json.loads(conn.scalar(select(meta.c.value).where(
                 meta.c.key == UNREADABLE).with_for_update()) or "{}")
-            if known.get(root, []) == [list(entry) for entry in folders]:
-                return
             known.pop(root, None)
             if folders:
                 known[root] = folders

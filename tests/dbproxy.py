@@ -17,6 +17,9 @@ class DatabaseProxy:
         self.port: int = self.listener.getsockname()[1]
         self.up = True
         self.cuts = 0
+        #: See :meth:`lose_next_commit_answer`.
+        self.armed = self.swallowing = False
+        self.lost_answers = 0
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -41,13 +44,23 @@ class DatabaseProxy:
                 continue
             with self._lock:
                 self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, to_server in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, to_server), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def lose_next_commit_answer(self) -> None:
+        """The next COMMIT reaches the server, which commits; its answer never reaches the
+        client, whose connection is then cut, and new ones are taken again (the server
+        restarted at that very moment)."""
+        self.armed = True
+
+    def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool) -> None:
         try:
             while data := source.recv(65536):
+                if not to_server and self.swallowing:
+                    continue
+                if to_server and self.armed and b"COMMIT\x00" in data:
+                    self.armed, self.swallowing = False, True
+                    threading.Timer(0.3, self._answer_lost).start()
                 sink.sendall(data)
         except OSError:
             pass
@@ -67,6 +80,12 @@ class DatabaseProxy:
 
     def restore(self) -> None:
         self.up = True
+
+    def _answer_lost(self) -> None:
+        self.cut()
+        self.lost_answers += 1
+        self.swallowing = False
+        self.restore()
 
     def __enter__(self) -> DatabaseProxy:
         return self

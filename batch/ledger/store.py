@@ -352,18 +352,25 @@ class Ledger:
 
     def patiently(self, attempt: Callable[[], T]) -> T:
         """Run one whole transaction, again while the database is away (a failed transaction
-        left nothing behind), for up to :attr:`patience` seconds."""
+        left nothing behind), for up to :attr:`patience` seconds. A transaction whose COMMIT
+        the server made before the connection dropped is tried again all the same: its moves,
+        found made, pass (see :meth:`_move`)."""
         deadline, delay = time.monotonic() + self.patience, 0.25
-        while True:
-            try:
-                return attempt()
-            except DBAPIError as error:
-                if not self.away(error) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("The ledger database cannot be reached (%s); trying again in "
-                            "%.2g s.", type(error.orig).__name__, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
+        again = getattr(self._local, "again", False)
+        try:
+            while True:
+                try:
+                    return attempt()
+                except DBAPIError as error:
+                    if not self.away(error) or time.monotonic() + delay > deadline:
+                        raise
+                    log.warning("The ledger database cannot be reached (%s); trying again in "
+                                "%.2g s.", type(error.orig).__name__, delay)
+                    time.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+                    self._local.again = True
+        finally:
+            self._local.again = again
 
     @contextmanager
     def _transaction(self, *, readonly: bool, durable: bool) -> Iterator[Connection]:
@@ -675,6 +682,8 @@ class Ledger:
             raise _refused(exc, job_id, current.value, target.value) from exc
         if changed != 1:
             actual = conn.scalar(_STATE_OF, {"job_id": job_id})
+            if actual == target.value and getattr(self._local, "again", False):
+                return  # this move, committed before its answer was lost (see patiently)
             raise StaleTransition(f"job {job_id} is {actual}, expected {current.value}")
         self._event(conn, job_id, current.value, target.value, fields.get("attempts", 0),
                     info, now)

@@ -682,12 +682,8 @@ class Ledger:
             raise _refused(exc, job_id, current.value, target.value) from exc
         if changed != 1:
             actual = conn.scalar(_STATE_OF, {"job_id": job_id})
-            # This move, committed before its answer was lost (see patiently). Not the one
-            # before an upload: there, another's move cannot be told apart, and an upload is
-            # paid; the caller leaves the job, which the next run finds ambiguous.
-            if actual == target.value and target is not JobState.SUBMITTING \
-                    and getattr(self._local, "again", False):
-                return
+            if actual == target.value and getattr(self._local, "again", False):
+                return  # this move, committed before its answer was lost (see patiently)
             raise StaleTransition(f"job {job_id} is {actual}, expected {current.value}")
         self._event(conn, job_id, current.value, target.value, fields.get("attempts", 0),
                     info, now)

@@ -290,24 +290,30 @@ def test_only_what_the_next_run_redoes_for_free_skips_the_flush(ledger: Ledger) 
 
 
 @pytest.mark.postgres
-def test_a_move_whose_commit_answer_was_lost_is_made_once(pg_url: str) -> None:
+@pytest.mark.parametrize("lost", ["submitting", "queued"])
+def test_a_move_whose_commit_answer_was_lost_is_made_once(pg_url: str, lost: str) -> None:
     """The database goes away just after it committed a move and before its answer came
     back (a restart at that moment): the move is tried again, as it may not have been made,
-    and is found made. It is neither refused as another worker's (a worker stopped on it)
-    nor made, charged or recorded twice."""
+    and is found made. It is neither refused as another worker's (a worker stopped on it,
+    or, before an upload, left the job in 'submitting' and its run waiting for ever) nor
+    made, charged or recorded twice."""
     with DatabaseProxy() as proxy:
         ledger = open_ledger(proxy.url(pg_url))
         ledger.patience = 30
         try:
             ledger.record_files([scanned("a.jpg", "a" * 64)])
             [job] = ledger.claimable([JobState.PENDING], 1)
-            ledger.transition(job.id, JobState.SUBMITTING)
-            proxy.lose_next_commit_answer()
+            if lost == "submitting":
+                proxy.lose_next_commit_answer()
+            ledger.transition(job.id, JobState.SUBMITTING, expect=JobState.PENDING)
+            if lost == "queued":
+                proxy.lose_next_commit_answer()
             ledger.transition(job.id, JobState.QUEUED, expect=JobState.SUBMITTING,
                               task_id="t1", charge=True)
             assert proxy.lost_answers == 1
             assert ledger.job(job.id).state is JobState.QUEUED and ledger.charges() == 1
             moves = [(e["from_state"], e["to_state"]) for e in ledger.history(job.id)]
+            assert moves.count(("pending", "submitting")) == 1, moves
             assert moves.count(("submitting", "queued")) == 1, moves
         finally:
             ledger.close()

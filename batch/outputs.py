@@ -82,19 +82,6 @@ def folds_case(out_dir: Path) -> bool:
     return os.path.isdir(state) and os.path.isdir(out_dir / STATE_DIR.upper())
 
 
-def case_twin(out_dir: Path, rel: str) -> str | None:
-    """On a disk that does not tell case apart: the file already at the output ``rel`` under
-    a name that differs only by case (another photo's result), or None."""
-    target = out_dir / rel
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return None
-    folded = target.name.casefold()
-    twin = next((n for n in names if n != target.name and n.casefold() == folded), None)
-    return None if twin is None else str(target.parent / twin)
-
-
 def refuses_name(exc: OSError, folder: Path) -> bool:
     """Whether making a file in ``folder`` failed for its name rather than its disk (full,
     read-only, gone): exFAT's FUSE driver answers a refused name with ENOENT, in a folder

@@ -41,7 +41,7 @@ from batch.names import (
     shown,
 )
 from batch.options import Options
-from batch.outputs import case_twin, folds_case, name_refused, sha256_file, taken_by_another
+from batch.outputs import folds_case, name_refused, sha256_file, taken_by_another
 from batch.preflight import (
     NO_HEIF,
     PrepareSettings,
@@ -519,35 +519,29 @@ class _RootScan:
         """On a disk that does not tell case apart, IMG_1.JPG and img_1.jpg, or Session/a.jpg
         and session/a.jpg, are one file: the first photo of such a name is sent, the others
         are not, as their results could not be saved. A photo the ledger has read keeps its
-        name (it may be paid for). Under "overwrite", a result saved under another case by
-        an earlier run (its folder not looked at again) counts too; under "skip" any file
-        there does (:meth:`_note_taken`)."""
-        assert self.folded is not None and self.out_dir is not None
+        name (it may be paid for). A result an earlier run saved under another case is found
+        on the disk (:meth:`_note_taken`)."""
+        assert self.folded is not None
         kept = []
         for c in candidates:
             k = known.get(c.rel_path)
             if c.problem is None:
                 owner = self.folded.setdefault(c.out_rel.casefold(), c.rel_path)
-                other = (None if k is not None and k.content_sha256 is not None
-                         else f"the result of {owner}" if owner != c.rel_path
-                         else case_twin(self.out_dir, c.out_rel)
-                         if self.on_collision == "overwrite" else None)
-                if other is not None:
+                if owner != c.rel_path and (k is None or k.content_sha256 is None):
                     c = c._replace(problem=(
-                        f"its output {c.out_rel} is the same file as {other} on the disk of "
-                        "--out, which does not tell upper from lower case: not sent, as its "
-                        "result could not be saved there (rename one of them, or set "
-                        "on_collision to \"suffix\")"))
+                        f"its output {c.out_rel} is the same file as the result of {owner} on "
+                        "the disk of --out, which does not tell upper from lower case: not "
+                        "sent, as its result could not be saved there (rename one of them, or "
+                        "set on_collision to \"suffix\")"))
             kept.append(c)
         return kept
 
     def _note_taken(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:
-        """With on_collision = "skip", a file already at a new photo's output means its result
-        could not be saved there, unless it is that photo's own result (a culled photo
-        restored): noted here, decided once the photo is read (:meth:`_undeliverable`). Not
-        asked of a file the ledger has read: it may have a paid job whose result a killed run
-        saved before recording it."""
-        if (c.problem is not None or self.out_dir is None or self.on_collision != "skip"
+        """A file already at a new photo's output may keep its result from being saved there:
+        noted here, decided once the photo is read (:meth:`_undeliverable`). Not asked of a
+        file the ledger has read: it may have a paid job whose result a killed run saved
+        before recording it; nor under "suffix", which gives each result a name."""
+        if (c.problem is not None or self.out_dir is None or not self.one_name_each
                 or (k is not None and k.content_sha256 is not None)):
             return
         taken = taken_by_another(self.out_dir, c.out_rel, Path(path),
@@ -556,14 +550,22 @@ class _RootScan:
             self.taken[c.rel_path] = taken
 
     def _undeliverable(self, c: ScannedFile) -> str | None:
-        """Why a photo just read is not sent: the file at its output (see
-        :meth:`_note_taken`) is not the result this ledger has for it."""
+        """Why a photo just read is not sent: the file at its output (see :meth:`_note_taken`)
+        is not its own result (a culled photo restored), and under "skip" could not be
+        replaced, under "overwrite" is another photo's saved result, which its own would
+        replace (on a disk blind to case, ``session/A.jpg`` lands on ``Session/a.jpg``)."""
         taken = self.taken.pop(c.rel_path, None)
         if taken is None or c.content_sha256 is None:
             return None
-        result = self.ledger.result_of(c.content_sha256, c.options_fp)
-        if result is not None and taken.is_file() and sha256_file(taken) == result:
+        found = sha256_file(taken) if taken.is_file() else None
+        if found is not None and found == self.ledger.result_of(c.content_sha256, c.options_fp):
             return None
+        if self.on_collision == "overwrite":
+            if found is None or not self.ledger.is_output(found):
+                return None  # a file skinbatch did not save: the user's to have replaced
+            return (f"its output {taken} holds another photo's result, which this one's would "
+                    "replace: not sent (rename one of them, give each its own naming, or set "
+                    "on_collision to \"suffix\")")
         return (f"its output {taken} already exists and is not this photo's result (another "
                 "photo's of the same name, or a file skinbatch did not save): not sent, as its "
                 "result could not be saved there (move that file away, give each shoot its "

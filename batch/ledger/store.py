@@ -944,6 +944,12 @@ class Ledger:
             return conn.scalar(select(jobs.c.result_sha256).where(
                 jobs.c.content_sha256 == content_sha256, jobs.c.options_fp == options_fp))
 
+    def is_output(self, sha256: str) -> bool:
+        """Whether a file with these contents is an output this ledger saved."""
+        with self._read() as conn:
+            return conn.scalar(select(files.c.id).where(
+                files.c.written_sha256 == sha256).limit(1)) is not None
+
     def charges(self) -> int:
         with self._read() as conn:
             return conn.scalar(select(func.coalesce(func.sum(jobs.c.charges), 0))) or 0

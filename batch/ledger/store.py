@@ -267,8 +267,9 @@ def unreadable_reason(why: str) -> str:
 
 
 class LedgerGone(RuntimeError):
-    """A SQLite ledger's file is no longer where it was opened (its drive unplugged, its share
-    unmounted). What was paid for is recorded in it; nothing more can be until it is back."""
+    """A SQLite ledger's file is missing from its path (its drive unplugged, its share
+    unmounted). It holds what was paid for, so the run stops rather than record elsewhere;
+    the same command, once the file is back, carries on from it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -335,9 +336,10 @@ class Ledger:
             self._local.conn = None
 
     def gone(self) -> LedgerGone | None:
-        """Why a SQLite ledger's file is no longer where it was opened, or None. Its open
-        connections may still answer for a while (a lazily unmounted share) or fail with an
-        I/O error (a drive unplugged); either way nothing may be recorded there any more."""
+        """Why a SQLite ledger's file is missing from its path, or None. Asked of the path,
+        not of a connection: open connections may go on answering (a lazily unmounted share)
+        or fail with an I/O error (a drive unplugged), and in both cases nothing recorded
+        through them would be found by the next run."""
         path = self.engine.url.database
         if self.engine.dialect.name != "sqlite" or not path or path == ":memory:" \
                 or os.path.exists(path):

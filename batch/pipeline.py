@@ -47,7 +47,7 @@ from batch.scan import (
 )
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
-from batch.stages.runtime import WAITING_STOPS, Runtime, StopReason
+from batch.stages.runtime import GONE_RECHECK, WAITING_STOPS, Runtime, StopReason
 from batch.stages.submitter import Submitter
 from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
 from batch.status import StatusReport, collect_status, rejected
@@ -102,10 +102,6 @@ def forget_missing_outputs(ledger: Ledger, out_dir: Path) -> int:
     return len(gone)
 
 
-#: How often a watch whose ledger went away looks for it (seconds).
-LEDGER_RECHECK = 5.0
-
-
 def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunReport:
     """Run the whole batch to completion (or to a stop), from a library or the CLI. With
     ``watch``, keep running and take new files as they arrive, until interrupted.
@@ -138,7 +134,7 @@ def _back(path: str) -> bool:
             loop.add_signal_handler(sig, stop.set)
         while not os.path.exists(path):  # os.path: a dead share's errors mean "not there"
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), LEDGER_RECHECK)
+                await asyncio.wait_for(stop.wait(), GONE_RECHECK)
             if stop.is_set():
                 return False
         return True

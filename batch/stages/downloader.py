@@ -34,7 +34,15 @@ from batch.outputs import (
     resolve_inside,
 )
 from batch.preflight import Rejected, inspect_image
-from batch.stages.runtime import Runtime, SourceGone, StopReason, info_of, source_gone, wait_any
+from batch.stages.runtime import (
+    GONE_RECHECK,
+    Runtime,
+    SourceGone,
+    StopReason,
+    info_of,
+    source_gone,
+    wait_any,
+)
 from batch.states import JobState
 
 log = logging.getLogger("batch.download")
@@ -51,10 +59,6 @@ def verify_result(data: bytes) -> str:
         with Image.open(io.BytesIO(data)) as image:
             fmt = image.format or fmt
     return fmt
-
-
-#: How often a watch looks for its output folder while it is gone.
-OUTPUT_RECHECK = 5.0
 
 
 class OutputGone(FileNotFoundError):
@@ -76,7 +80,7 @@ class Downloader:
         #: A watch found its output folder gone: nothing is claimed until it is back.
         self.out_gone = False
         #: A watch's jobs whose source folder is gone, by that folder: not claimed until it
-        #: is back (looked for every OUTPUT_RECHECK seconds).
+        #: is back (looked for every GONE_RECHECK seconds).
         self.parked: dict[int, str] = {}
         self._parked_look = 0.0
 
@@ -92,13 +96,13 @@ class Downloader:
         while not rt.flags.abort:
             if self.out_gone and not out_folder_there(rt.out_dir):
                 # A watch waits, whatever else stopped its uploads first: nothing to save into.
-                await asyncio.sleep(OUTPUT_RECHECK)
+                await asyncio.sleep(GONE_RECHECK)
                 continue
             self.out_gone = False
             if self.parked and time.monotonic() > self._parked_look:
                 self.parked = {job: folder for job, folder in self.parked.items()
                                if not os.path.isdir(folder)}
-                self._parked_look = time.monotonic() + OUTPUT_RECHECK
+                self._parked_look = time.monotonic() + GONE_RECHECK
             free = limit - len(self.in_flight)
             if free > 0:
                 try:

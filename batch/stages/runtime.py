@@ -29,6 +29,11 @@ from batch.scan import SourceRoot
 log = logging.getLogger("batch")
 
 
+#: How often a watch looks for a folder or file that went away (its output folder, a source
+#: folder its results wait for, its ledger): each look is a stat.
+GONE_RECHECK = 5.0
+
+
 class SourceGone(FileNotFoundError):
     """None of a job's photos is there, nor the source folder they lie in (a drive unplugged,
     a share unmounted). A run stops: the photos not sent would be rejected one by one, and a

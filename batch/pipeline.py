@@ -305,10 +305,10 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             shared_pace.close()
         progress.close()
         rt.writes.close()
-        # Bookkeeping, left out when the ledger cannot take it (the stop said why).
-        if ledger.gone() is None:
-            with contextlib.suppress(LedgerFull):
-                pace.remember(ledger, config.api_base, client.limiter, worker.live)
+        # Bookkeeping, left out when the ledger's disk is full (the stop said why); a ledger
+        # gone raises here, and _run_batch says so.
+        with contextlib.suppress(LedgerFull):
+            pace.remember(ledger, config.api_base, client.limiter, worker.live)
     waiting = rt.flags.submits_stopped
     if waiting in WAITING_STOPS:
         # Only jobs never sent: a lost answer or a lost result keeps its own reason.

@@ -308,7 +308,9 @@ def place(temp: Path, final: Path, sha256: str, previous_sha256: str | None,
 
 
 def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Remove a temp or probe file, if it can be. One on a drive or share that just went away
+    (ENOTCONN, EIO) stays, for the next run's clean-up: its removal must not stop the run."""
+    with contextlib.suppress(OSError):
         path.unlink()
 
 

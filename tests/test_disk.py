@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from batch.emulator import Emulator
-from batch.outputs import MIN_FREE
+from batch.outputs import MIN_FREE, remove_quietly
 from batch.states import JobState
 from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right
 from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, stopped, wait_for
@@ -569,6 +569,21 @@ def test_a_watch_whose_source_share_goes_down_waits_for_it(
     assert f"Source {src} is back." in stderr
     assert all(signed(out / f"{i}.jpg") for i in range(3))
     assert emulator.stats["charged"] == 3
+
+
+def test_a_partial_download_on_a_drive_that_died_is_left_for_later_not_raised(
+        drive: Drive) -> None:
+    """A download under way when its drive dies: removing its partial file fails with the
+    drive's own error. That must not stop the run (a watch ended on it); the next run's
+    clean-up removes the file once the drive is back."""
+    partial = drive.mount_point / ".IMG_1.jpg.skinbatch-test.part"
+    partial.write_bytes(b"half a result")
+    drive.die()
+    with pytest.raises(OSError):
+        partial.unlink()  # the drive's own error, as the download's clean-up meets it
+    remove_quietly(partial)
+    drive.plug()
+    assert partial.exists()
 
 
 def test_a_share_whose_server_is_down_at_start_is_one_clear_sentence(

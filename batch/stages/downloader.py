@@ -61,10 +61,6 @@ def verify_result(data: bytes) -> str:
     return fmt
 
 
-class OutputGone(FileNotFoundError):
-    """The output folder is gone (see :func:`batch.outputs.out_folder_there`)."""
-
-
 class Downloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -152,7 +148,9 @@ class Downloader:
             # whose ledger went with it waits for both where the run is started (pipeline).
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"could not write the output: {exc.strerror or exc}"))
-            if isinstance(exc, OutputGone) and rt.watching and rt.ledger.gone() is None:
+            # The folder decides, not the error's kind: a drive dying mid-write answers
+            # ENOTCONN or EIO before the folder check can see it gone.
+            if rt.watching and rt.ledger.gone() is None and not out_folder_there(rt.out_dir):
                 self.out_gone = True
                 rt.stop_submitting(StopReason.OUTPUT)
             else:
@@ -173,8 +171,8 @@ class Downloader:
         if not job.result_urls:
             raise ApiError(ErrorKind.PERMANENT, "the task completed without a result URL")
         if not out_folder_there(rt.out_dir):
-            raise OutputGone(errno.ENOENT, "the folder is gone (a drive unplugged, a share "
-                             "unmounted?); results paid for are kept")
+            raise FileNotFoundError(errno.ENOENT, "the folder is gone (a drive unplugged, a "
+                                    "share unmounted?); results paid for are kept")
         if (folder := source_gone(targets)) is not None:
             raise SourceGone(folder)
         first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir

@@ -20,7 +20,7 @@ from batch.options import NOTHING_ON
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
-from batch.scan import no_photos, results_left_out, scan, unreadable_words
+from batch.scan import no_photos, scan, unreadable_words
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
 
@@ -118,7 +118,7 @@ def plan(config: RunConfig) -> Plan:
                          exclude=(config.out.resolve(),), prepare=config.prepare,
                          out_dir=config.out.resolve(), on_collision=config.on_collision)
             result = Plan(files=ledger.file_count(), notes=[
-                *map(results_left_out, stats.results_folders),
+                *(words for _, words in stats.left_out),
                 *(f"{unreadable_words(*entry)}." for entry in stats.unreadable_folders),
                 *(no_photos(ledger, root, config.options) for root in stats.empty_roots)])
             if not config.options.enabled:

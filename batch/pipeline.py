@@ -42,7 +42,7 @@ from batch.scan import (
     SourceRoot,
     no_photos,
     scan,
-    tell_results_left_out,
+    tell_left_out,
     unreadable_words,
 )
 from batch.stages.downloader import Downloader
@@ -381,7 +381,7 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         rt.fail_run(str(full))
         return ScanStats()
     crashpoints.reached("scanned")
-    tell_results_left_out(rt.ledger, stats.results_folders)
+    tell_left_out(rt.ledger, stats.left_out)
     if not watching:
         for root in stats.empty_roots:
             log.warning("%s", no_photos(rt.ledger, root, config.options))

@@ -1,6 +1,6 @@
 """Finding the photos under the source folders and recording them in the ledger.
 
-A walk (``os.scandir``, directory symlinks not followed), photos hashed in a thread pool
+A walk (``os.scandir``, links to folders not followed), photos hashed in a thread pool
 (``hashlib.file_digest`` drops the GIL while it reads and hashes), and the rows recorded in
 batches through :meth:`Ledger.record_files`. A re-scan is cheap: a folder whose digest of
 names, sizes, mtimes and inodes matches the one the last complete scan saved is skipped with no
@@ -100,8 +100,9 @@ class ScanStats:
     deferred: int = 0
     #: Source folders in which no photo was found (:func:`no_photos` says why).
     empty_roots: list[SourceRoot] = field(default_factory=list)
-    #: Folders under a source that hold an earlier run's results, left out (see :func:`folders`).
-    results_folders: list[str] = field(default_factory=list)
+    #: Folders under a source left out (an earlier run's results, a link to a folder
+    #: elsewhere), each with the words that say why (see :func:`folders`).
+    left_out: list[tuple[str, str]] = field(default_factory=list)
     #: Folders that could not be listed (not this user's, a share failing), with why: their
     #: photos are left out until they can be (see :func:`unreadable_words`).
     unreadable_folders: list[tuple[str, str]] = field(default_factory=list)
@@ -211,16 +212,19 @@ class Folder:
 
 
 def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
-            results_folders: list[str] | None = None,
+            left_out: list[tuple[str, str]] | None = None,
             unreadable: list[tuple[str, str]] | None = None) -> Iterator[Folder]:
-    """Every folder under ``root`` (not following directory symlinks), with the files in it
-    and the settings its ``.skinbatch.toml`` files give it. A folder below the root that holds
-    a ``.skinbatch`` folder is an earlier run's output (a source's parent given, with last
-    month's results in it): its photos are retouched already, and sending them would pay to
-    retouch them again, so it is left out, with its subtree, and listed in ``results_folders``.
-    A folder that cannot be listed is listed in ``unreadable``, with why."""
+    """Every folder under ``root``, with the files in it and the settings its
+    ``.skinbatch.toml`` files give it. Left out, with their subtree, and listed in ``left_out``
+    with why: a folder below the root that holds a ``.skinbatch`` folder, an earlier run's
+    output (a source's parent given, with last month's results in it), whose photos are
+    retouched already; and a link to a folder outside the source, which could reach far
+    more photos than the source shows (a whole archive), each paid for. A link to a folder
+    inside the source is passed over: its photos are scanned in their own place. A folder
+    that cannot be listed is listed in ``unreadable``, with why."""
     excluded = {str(p.resolve()) for p in exclude}
-    stack = [(str(root.path.resolve()), "", FolderSettings(options))]
+    base = str(root.path.resolve())
+    stack = [(base, "", FolderSettings(options))]
     while stack:
         directory, rel_dir, settings = stack.pop()
         try:
@@ -243,15 +247,21 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
+                linked = not is_dir and entry.is_symlink() and entry.is_dir()
             except OSError:
                 continue
-            if not is_dir:
+            if linked:
+                target = os.path.realpath(entry.path)
+                if (left_out is not None and name_kind(entry.name) != IGNORED
+                        and not any(Path(target).is_relative_to(p) for p in (base, *excluded))):
+                    left_out.append((entry.path, linked_folder_left_out(entry.path, target)))
+            elif not is_dir:
                 files.append(entry)
             elif name_kind(entry.name) != IGNORED and entry.path not in excluded:
                 subfolders.append(entry)
         if results:
-            if results_folders is not None:
-                results_folders.append(directory)
+            if left_out is not None:
+                left_out.append((directory, results_left_out(directory)))
             continue
         for sub in subfolders:
             stack.append((sub.path, f"{rel_dir}/{sub.name}" if rel_dir else sub.name, settings))
@@ -264,33 +274,43 @@ def results_left_out(folder: str) -> str:
             "a SOURCE of its own.")
 
 
+def linked_folder_left_out(link: str, target: str) -> str:
+    return (f"Left out {link}: it is a link to the folder {target}, and links to folders are "
+            "not followed, as one can reach many more photos than meant, each paid for. To "
+            f"send its photos, give {target} as a SOURCE of its own.")
+
+
 def unreadable_words(folder: str, why: str) -> str:
     return f"{folder}: {unreadable_reason(why)}"
 
 
-#: Ledger meta: the folders of earlier runs' results a run has warned of.
-RESULTS_TOLD = "results_folders_told"
+#: Ledger meta: the folders left out that a run has warned of.
+LEFT_OUT_TOLD = "results_folders_told"
 
 
-def tell_results_left_out(ledger: Ledger, folders: list[str]) -> None:
-    """A warning the first time a results folder is left out (a run's scan, a watch's pass);
-    after that, one line of the log, so that a cron job over a tree that keeps such folders
-    is quiet again."""
-    told = set(json.loads(ledger.get_meta(RESULTS_TOLD) or "[]"))
-    for folder in folders:
-        log.log(logging.INFO if folder in told else logging.WARNING, "%s",
-                results_left_out(folder))
-    if set(folders) - told:
-        ledger.set_meta(RESULTS_TOLD, json.dumps(sorted(told | set(folders))))
+def tell_left_out(ledger: Ledger, left_out: list[tuple[str, str]]) -> None:
+    """A warning the first time a folder is left out (a run's scan, a watch's pass); after
+    that, one line of the log, so that a cron job over a tree that keeps such folders is
+    quiet again."""
+    told = set(json.loads(ledger.get_meta(LEFT_OUT_TOLD) or "[]"))
+    for folder, words in left_out:
+        log.log(logging.INFO if folder in told else logging.WARNING, "%s", words)
+    if new := {folder for folder, _ in left_out} - told:
+        ledger.set_meta(LEFT_OUT_TOLD, json.dumps(sorted(told | new)))
 
 
 def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:
     """Why a source folder gave no photos, in words a person can act on: it is empty (where
     earlier runs recorded photos, perhaps the mount point of a share not mounted), or its
     files are of other kinds (camera RAW among them)."""
+    left_out: list[tuple[str, str]] = []
     kinds = Counter(os.path.splitext(entry.name)[1].lower() or "(no extension)"
-                    for folder in folders(root, options) for entry in folder.files)
-    if not kinds:
+                    for folder in folders(root, options, left_out=left_out)
+                    for entry in folder.files)
+    if not kinds and left_out:
+        text = (f"No photos in {root.path} but in the folders left out (said above): "
+                f"{', '.join(folder for folder, _ in left_out)}.")
+    elif not kinds:
         text = f"No photos in {root.path}: the folder is empty."
     else:
         listed = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common(5))
@@ -479,7 +499,7 @@ class _RootScan:
         fresh = not stored and not self.ledger.has_files(self.key)
         seen: set[str] = set()
         for folder in folders(self.root, self.options, self.exclude,
-                              self.stats.results_folders, self.stats.unreadable_folders):
+                              self.stats.left_out, self.stats.unreadable_folders):
             if self.should_stop():
                 self.stopped = True
                 break

@@ -22,7 +22,7 @@ from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
 from batch.requeue import read_again
-from batch.scan import ScanStats, SourceRoot, scan, tell_results_left_out, unreadable_words
+from batch.scan import ScanStats, SourceRoot, scan, tell_left_out, unreadable_words
 from batch.stages.runtime import Runtime
 
 log = logging.getLogger("batch.watch")
@@ -129,7 +129,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
     nudged = asyncio.Event()
     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
     missing: set[Path] = set()
-    said = _Said(set(totals.results_folders), {f for f, _ in totals.unreadable_folders})
+    said = _Said({f for f, _ in totals.left_out}, {f for f, _ in totals.unreadable_folders})
     log.info("Watching %s (settle %gs, full re-scan every %gs).",
              ", ".join(str(r.path) for r in roots), settings.settle, settings.rescan)
     try:
@@ -210,16 +210,16 @@ async def _scan_pass(rt: Runtime, settings: WatchSettings,
 
 @dataclass
 class _Said:
-    """What a watch has said once and not again each pass: results folders left out,
+    """What a watch has said once and not again each pass: folders left out,
     folders it cannot read."""
 
-    results: set[str]
+    left_out: set[str]
     unreadable: set[str]
 
     def tell(self, rt: Runtime, stats: ScanStats) -> None:
-        if new_results := sorted(set(stats.results_folders) - self.results):
-            tell_results_left_out(rt.ledger, new_results)
-            self.results.update(new_results)
+        if new := [(f, words) for f, words in stats.left_out if f not in self.left_out]:
+            tell_left_out(rt.ledger, new)
+            self.left_out.update(f for f, _ in new)
         for folder, why in stats.unreadable_folders:
             if folder not in self.unreadable:
                 log.warning("%s.", unreadable_words(folder, why))

@@ -642,6 +642,40 @@ def test_a_run_with_every_option_off_says_so_before_anything_is_sent(
     assert again.returncode == 0 and "No retouching option" not in again.stderr
 
 
+def test_a_link_to_a_folder_in_a_source_is_said_not_passed_over(tmp_path: Path,
+                                                               emulator: Emulator) -> None:
+    """A studio links a client's folder from the archive into tonight's folder: it is not
+    followed (a link can reach a whole archive, each photo paid for), and the run says so
+    and how to send it, once; a link to a folder inside the source is scanned in its place.
+    A source holding nothing but such a link says where its photos are, not "empty"."""
+    tonight, archive = tmp_path / "tonight", tmp_path / "archive" / "client-b"
+    shoot(tonight / "client-a", 1)
+    shoot(archive, 3)
+    (tonight / "client-b").symlink_to(archive, target_is_directory=True)
+    (tonight / "latest").symlink_to(tonight / "client-a", target_is_directory=True)
+    args = ["run", str(tonight), "--out", str(tmp_path / "out"), "--smart-skin", *FAST_FLAGS]
+    words = (f"Left out {tonight / 'client-b'}: it is a link to the folder {archive}, and "
+             "links to folders are not followed")
+    dry = run_cli([*args, "--dry-run"], emulator)
+    assert "would send:   1 image(s)" in dry.stdout and words in dry.stdout, dry.stdout
+    result = run_cli([*args, "-q"], emulator)
+    assert result.returncode == 0, result.stderr
+    assert words in result.stderr and f"give {archive} as a SOURCE" in result.stderr
+    assert "latest" not in result.stderr
+    assert emulator.stats["charged"] == 1
+    assert outputs(tmp_path / "out") == ["client-a/portrait 0.jpg"]
+    nightly = run_cli([*args, "-q"], emulator)
+    assert nightly.returncode == 0 and nightly.stdout + nightly.stderr == "", nightly.stderr
+    only_link = tmp_path / "only-link"
+    only_link.mkdir()
+    (only_link / "client-b").symlink_to(archive, target_is_directory=True)
+    alone = run_cli(["run", str(only_link), "--out", str(tmp_path / "out2"), "--smart-skin",
+                     "-q", *FAST_FLAGS], emulator)
+    assert (f"No photos in {only_link} but in the folders left out (said above): "
+            f"{only_link / 'client-b'}.") in alone.stderr, alone.stderr
+    assert "the folder is empty" not in alone.stderr and emulator.stats["charged"] == 1
+
+
 def test_an_earlier_runs_results_inside_a_source_are_left_out(tmp_path: Path,
                                                               emulator: Emulator) -> None:
     """A month later someone points a run at the parent of a session and of its results

@@ -47,6 +47,8 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("concurency = 3\n", "unknown setting: 'concurency' (did you mean 'concurrency'?)"),
     ("smart_skin = true\n", "smart_skin is a retouching option: put it under [options]"),
+    ("smart_skn = true\n", "unknown setting: 'smart_skn'; if it is the retouching option "
+     "'smart_skin', put it under [options]"),
     ("concurrency = 'many'\n", "concurrency must be a whole number"),
     ('on_ambiguous = "maybe"\n', "on_ambiguous must be one of resubmit, hold"),
     ("[options]\nsmart_skin = 1\n", "must be true or false"),

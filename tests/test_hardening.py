@@ -87,6 +87,9 @@ def test_uploads_stopped_by_the_clock_during_an_outage_end_the_run_at_once(
     result = run_cli([*args, "--stop-submitting-at", "3s"], emulator, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "stop-submitting time reached" in result.stderr
+    # The log of an unattended night says what failed: an API answering 5xx, not a network down.
+    paused = next(line for line in result.stderr.splitlines() if "times in a row" in line)
+    assert "The API failed 3 times in a row (the last: " in paused and "the API answered HTTP 50" in paused, paused
     assert emulator.stats["submits"] <= 4, emulator.stats
     assert emulator.stats.get("charged", 0) == 0
 

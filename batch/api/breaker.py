@@ -64,7 +64,10 @@ class CircuitBreaker:
         self.probing = False
         self.cooldown = self.base_cooldown
 
-    def failure(self) -> None:
+    def failure(self, why: str = "") -> None:
+        """One more failure in a row; ``why`` (the last failure's words) is said when the
+        breaker opens, so that the log of an unattended night tells a network down from an
+        API answering 503."""
         was_probe = self.probing
         self.probing = False
         self.failures += 1
@@ -72,5 +75,5 @@ class CircuitBreaker:
             if was_probe:
                 self.cooldown = min(self.max_cooldown, self.cooldown * 2)
             self.opened_until = self.clock() + self.cooldown
-            log.warning("The API failed %d times in a row; pausing uploads for %.0f s.",
-                        self.failures, self.cooldown)
+            log.warning("The API failed %d times in a row%s; pausing uploads for %.0f s.",
+                        self.failures, f" (the last: {why})" if why else "", self.cooldown)

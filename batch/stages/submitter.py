@@ -219,7 +219,7 @@ class Submitter:
             if rt.budget is not None:
                 rt.budget.settle(charged=error.kind is ErrorKind.AMBIGUOUS)
             if error.kind in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT, ErrorKind.AMBIGUOUS):
-                rt.breaker.failure()
+                rt.breaker.failure(str(error))
             else:
                 rt.breaker.success()
             await self._failed(job, error)

@@ -373,7 +373,7 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     changed file is taken only once it has been still that long and decodes. ``prepare``: a
     new file preflight would refuse makes a rejected job, with the reason, never a pending
     one (so it is in no credit estimate and no budget). ``should_stop`` (asked between
-    folders): end early, recording what was read and trusting no folder digest.
+    files): end early, recording what was read and trusting no folder digest.
     ``out_dir``: a file whose output that folder's disk would not take, or (``on_collision``
     "skip") whose output path holds a file skinbatch did not save, is refused before it is
     paid for."""
@@ -387,9 +387,16 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     return stats
 
 
-def read_files(paths: list[str], prepare: PrepareSettings | None,
-               by_image: bool) -> list[FileRead]:
-    return [read_file(path, prepare, by_image) for path in paths]
+def read_files(paths: list[str], prepare: PrepareSettings | None, by_image: bool,
+               should_stop: Callable[[], bool]) -> dict[str, FileRead]:
+    """The reads of ``paths`` by path, up to a stop: a chunk of large photos on a share takes
+    long enough that Ctrl-C, SIGTERM or the deadline must not wait for it."""
+    reads = {}
+    for path in paths:
+        if should_stop():
+            break
+        reads[path] = read_file(path, prepare, by_image)
+    return reads
 
 
 @dataclass(slots=True)
@@ -399,7 +406,7 @@ class _Batch:
     more than hashing a small one)."""
 
     files: list[tuple[ScannedFile, str]]
-    reading: list[Future[list[FileRead]]]
+    reading: list[Future[dict[str, FileRead]]]
 
 
 def _one_output_each(candidates: list[ScannedFile],
@@ -527,6 +534,9 @@ class _RootScan:
             if self.folded is not None:
                 candidates = self._one_name_each(candidates, known)
             for candidate, entry in zip(candidates, images, strict=True):
+                if self.should_stop():  # a folder of thousands of photos takes minutes
+                    self.stopped = True
+                    return seen
                 k = known.pop(candidate.rel_path, None)
                 self._note_taken(candidate, entry.path, k)
                 self._consider(candidate, entry.path, k)
@@ -619,18 +629,23 @@ class _RootScan:
             chunk = max(1, min(HASH_CHUNK, len(paths) // self.workers))
             self.in_flight.append(_Batch(self.batch, [
                 self.pool.submit(read_files, paths[start:start + chunk], self.prepare,
-                                 self.ledger.image_identity)
+                                 self.ledger.image_identity, self.should_stop)
                 for start in range(0, len(paths), chunk)]))
             self.batch = []
         while len(self.in_flight) > 1:
             self._record(self.in_flight.popleft())
 
     def _record(self, batch: _Batch) -> None:
-        reads = iter([read for future in batch.reading for read in future.result()])
+        """Record the batch's files; one a stop kept from being read is left for the next
+        scan, and the stop is noted so that no folder digest is trusted."""
+        reads = {path: read for future in batch.reading for path, read in future.result().items()}
         rows = []
-        for c, _ in batch.files:
+        for c, path in batch.files:
             if c.problem is None and c.content_sha256 is None:
-                read = next(reads)
+                read = reads.get(path)
+                if read is None:
+                    self.stopped = True
+                    continue
                 if read.sha256 is None:
                     c = c._replace(problem=read.problem)
                 else:

@@ -201,7 +201,8 @@ async def _scan_pass(rt: Runtime, settings: WatchSettings,
         return await asyncio.to_thread(
             scan, rt.ledger, reachable, rt.config.options, exclude=(rt.out_dir,),
             settle=settings.settle, prepare=rt.config.prepare, out_dir=rt.out_dir,
-            on_collision=rt.config.on_collision)
+            on_collision=rt.config.on_collision,
+            should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
     except OSError:
         if all(os.path.exists(r.path) for r in reachable):
             raise

@@ -189,16 +189,21 @@ def ledger_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def slow_disk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for a child process whose every fsync takes 20 ms more (tests/slowdisk.c,
-    built with the machine's C compiler), as with a ledger on a spinning disk."""
+def slowdisk_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/slowdisk.c, built with the machine's C compiler."""
     try:
-        library = slowdisk.build(tmp_path_factory.mktemp("slowdisk"))
+        return slowdisk.build(tmp_path_factory.mktemp("slowdisk"))
     except (OSError, subprocess.CalledProcessError) as exc:
         if os.environ.get("CI"):
             pytest.fail(f"cannot build the slow-disk shim: {exc}")
         pytest.skip(f"no C compiler to build the slow-disk shim: {exc}")
-    return slowdisk.environment(library)
+
+
+@pytest.fixture(scope="session")
+def slow_disk(slowdisk_library: Path) -> dict[str, str]:
+    """Environment for a child process whose every fsync takes 20 ms more, as with a ledger
+    on a spinning disk."""
+    return slowdisk.environment(slowdisk_library)
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """Building ``slowdisk.c``: every fsync of a process that preloads it takes longer, as on a
-spinning disk. Used by the crash tests and by the benchmarks."""
+spinning disk, and so, if asked, does every read of a file in one folder, as on a slow share.
+Used by the crash tests, the tests of stopping a run, and by the benchmarks."""
 
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ def build(directory: Path) -> Path:
 def environment(library: Path, extra_us: int = 20000) -> dict[str, str]:
     """What a child process needs in its environment to have every fsync ``extra_us`` slower."""
     return {"LD_PRELOAD": str(library), "SLOW_FSYNC_US": str(extra_us)}
+
+
+def slow_reads(library: Path, under: Path, extra_us: int) -> dict[str, str]:
+    """What a child process needs in its environment to have every read of a file under
+    ``under`` take ``extra_us`` longer (and no fsync)."""
+    return {"LD_PRELOAD": str(library), "SLOW_READ_UNDER": str(under.resolve()),
+            "SLOW_READ_US": str(extra_us), "SLOW_FSYNC_US": "0"}

@@ -57,7 +57,7 @@ def handle_errors(func: F) -> F:
             click.echo(f"skinbatch: {exc}: run the same command once it is back.", err=True)
             sys.exit(ExitCode.SOME_FAILED)
         except KeyboardInterrupt:
-            click.echo("skinbatch: interrupted; progress is saved.", err=True)
+            click.echo("skinbatch: interrupted.", err=True)
             sys.exit(ExitCode.INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]

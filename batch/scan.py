@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -379,11 +380,18 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     paid for."""
     stats = ScanStats()
     workers = workers or min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+    # Left by an error or Ctrl-C (a dry run's KeyboardInterrupt): the reads under way stop
+    # at their file rather than the pool's exit waiting for every photo queued.
+    left = threading.Event()
+    stop = should_stop or (lambda: False)
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
-        for root in roots:
-            stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,
-                                settle, prepare, should_stop or (lambda: False), out_dir,
-                                on_collision).run())
+        try:
+            for root in roots:
+                stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,
+                                    settle, prepare, lambda: left.is_set() or stop(), out_dir,
+                                    on_collision).run())
+        finally:
+            left.set()
     return stats
 
 

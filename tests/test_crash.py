@@ -194,6 +194,29 @@ def test_a_stop_during_the_scan_of_a_large_folder_does_not_wait_for_it(
     assert emulator.stats["charged"] == len(sources)
 
 
+def test_ctrl_c_stops_a_dry_run_of_a_large_folder_at_once(
+        tmp_path: Path, emulator: Emulator, slowdisk_library: Path) -> None:
+    """A dry run reads every new photo, as the run would: on a slow share, Ctrl-C ends it at
+    the photos being read, not once every photo queued is, and it says no more than that
+    (a dry run saves nothing)."""
+    src = tmp_path / "share"
+    shoot = [write_portrait(src / f"{i:04d}.jpg", seed=i) for i in range(50)]
+    for i in range(50, 2000):  # a shoot's worth: copies are read as any photo is
+        (src / f"{i:04d}.jpg").write_bytes(shoot[i % 50])
+    proc = popen_cli(["run", str(src), "--out", str(tmp_path / "out"), "--dry-run",
+                      *FAST_FLAGS], emulator,
+                     extra_env=slowdisk.slow_reads(slowdisk_library, src, 100_000))
+    time.sleep(8)  # the scan under way, hundreds of photos queued to be read
+    proc.send_signal(signal.SIGINT)
+    stopped_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    # Reading the photos queued takes about as long again as the scan has run; the reads
+    # under way end within 0.1 s.
+    assert time.monotonic() - stopped_at < 4, stderr
+    assert proc.returncode == 130 and stderr.endswith("skinbatch: interrupted.\n"), stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_started_with_nohup_outlives_its_terminal(tmp_path: Path,
                                                         emulator: Emulator) -> None:
     """nohup (SIGHUP ignored) means: carry on when the terminal closes."""

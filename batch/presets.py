@@ -47,6 +47,8 @@ def apply_preset(parent: FolderSettings, preset: Path) -> FolderSettings:
     try:
         values = tomllib.loads(preset.read_text(encoding="utf-8-sig"))  # Notepad's BOM
         unknown = set(values) - {"options", "naming"}
+        if misplaced := sorted(unknown & set(OPTION_NAMES)):
+            raise ValueError(f"{', '.join(misplaced)}: a retouching option goes under [options]")
         if unknown:
             raise ValueError(unknown_names("key(s)", unknown, ["options", "naming"]))
         table = values.get("options", {})

@@ -19,10 +19,12 @@ def test_folder_presets_set_options_and_naming_for_their_subtree(tmp_path: Path,
     write_portrait(src / "bride/a.jpg", seed=2)
     write_portrait(src / "bride/close-ups/b.jpg", seed=3)
     write_portrait(src / "broken/c.jpg", seed=4)
+    write_portrait(src / "flat/d.jpg", seed=5)
     (src / "bride/.skinbatch.toml").write_text(
         'naming = "{stem}_retouched{ext}"\n[options]\nacne_removal = true\nsmart_skin = false\n')
     (src / "bride/close-ups/.skinbatch.toml").write_text("[options]\nunder_eye_correction = true\n")
     (src / "broken/.skinbatch.toml").write_text("[options]\nglow = true\n")
+    (src / "flat/.skinbatch.toml").write_text("acne_removal = true\n")  # no [options] above it
     result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
     assert result.returncode == 1, result.stderr
     sent = sorted(sorted(t.enabled) for t in emulator.state.tasks.values())
@@ -34,11 +36,13 @@ def test_folder_presets_set_options_and_naming_for_their_subtree(tmp_path: Path,
     status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
     assert status["options"] == {"acne_removal": 1, "acne_removal, under_eye_correction": 1,
                                  "smart_skin": 1}
-    [problem] = status["problems"]
-    assert problem["path"].endswith("broken/c.jpg") and "unknown option: 'glow'; known: " \
-        "acne_removal" in problem["reason"]
-    # The run's summary counts it among the rejected, as it lists it.
-    assert "3 done, 0 failed, 1 rejected" in result.stdout, result.stdout
+    broken, flat = sorted(status["problems"], key=lambda p: p["path"])
+    assert broken["path"].endswith("broken/c.jpg") and "unknown option: 'glow'; known: " \
+        "acne_removal" in broken["reason"]
+    assert flat["path"].endswith("flat/d.jpg") and "invalid: acne_removal: a retouching option " \
+        "goes under [options]" in flat["reason"]
+    # The run's summary counts them among the rejected, as it lists them.
+    assert "3 done, 0 failed, 2 rejected" in result.stdout, result.stdout
 
 
 def test_settings_saved_by_windows_notepad_are_read(tmp_path: Path, emulator: Emulator) -> None:

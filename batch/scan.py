@@ -248,7 +248,8 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
-                linked = not is_dir and entry.is_symlink() and entry.is_dir()
+                # isdir: a looping or broken link is a file's problem, said with the file
+                linked = not is_dir and entry.is_symlink() and os.path.isdir(entry.path)
             except OSError:
                 continue
             if linked:

@@ -265,12 +265,14 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
         for state, line in problems:
             logging.getLogger("batch").warning("%s %s", state, line)
         return
-    counts = status.counts
+    counts, scan = status.counts, report.scan
+    scanned = (f"{scan.found} file{'' if scan.found == 1 else 's'} scanned, {scan.hashed} read"
+               if not scan.stopped else
+               f"{scan.found} file{'' if scan.found == 1 else 's'} found, {scan.hashed} read; "
+               "the scan was cut short: the next run looks at the rest")
     click.echo(
         f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
-        f"{status.rejected} rejected, {status.unfinished} unfinished "
-        f"({report.scan.found} file{'' if report.scan.found == 1 else 's'} scanned, "
-        f"{report.scan.hashed} read) "
+        f"{status.rejected} rejected, {status.unfinished} unfinished ({scanned}) "
         f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
         f"(all runs: {status.charges})")
     for state, line in problems:

@@ -99,6 +99,8 @@ class ScanStats:
     new_jobs: int = 0
     #: New or changed files left for a later pass (still being written, or not decodable yet).
     deferred: int = 0
+    #: Sources whose scan a stop cut short: their photos not looked at wait for the next scan.
+    stopped: int = 0
     #: Source folders in which no photo was found (:func:`no_photos` says why).
     empty_roots: list[SourceRoot] = field(default_factory=list)
     #: Folders under a source left out (an earlier run's results, a link to a folder
@@ -487,6 +489,7 @@ class _RootScan:
         self._send()
         while self.in_flight:
             self._record(self.in_flight.popleft())
+        self.stats.stopped = int(self.stopped)
         if self.is_tree and not self.stopped and not self.stats.found:
             self.stats.empty_roots.append(self.root)
         if self.is_tree and not self.stopped:

@@ -157,31 +157,38 @@ def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator: MakeEmu
 
 
 @pytest.mark.parametrize(("command", "stop"), [("run", signal.SIGINT), ("run", signal.SIGTERM),
-                                               ("watch", signal.SIGTERM)])
+                                               ("watch", signal.SIGTERM), ("run", None)])
 def test_a_stop_during_the_scan_of_a_large_folder_does_not_wait_for_it(
         tmp_path: Path, emulator: Emulator, slowdisk_library: Path, command: str,
-        stop: signal.Signals) -> None:
+        stop: signal.Signals | None) -> None:
     """One folder holding a whole shoot on a slow share, the first run's or moved into a
-    watched folder: Ctrl-C, or a service stopped (systemd kills what is still there after
-    its timeout), must not wait for every photo there to be read, which takes as long as the
-    photos are many and large. What was read is kept; the same command reads the rest and
-    pays for each photo once."""
+    watched folder: Ctrl-C, a service stopped (systemd kills what is still there after its
+    timeout) or the deadline (None) must not wait for every photo there to be read, which
+    takes as long as the photos are many and large. A run says its scan was cut short.
+    What was read is kept; the same command reads the rest and pays for each photo once."""
     src, out, card = tmp_path / "share", tmp_path / "out", tmp_path / "card"
     sources = {f"shoot/{i:03d}.jpg": write_portrait(card / f"{i:03d}.jpg", seed=i)
-               for i in range(200)}
+               for i in range(400)}
     src.mkdir()
     if command == "run":
         card.rename(src / "shoot")
-    watching = ["--settle", "0.3", "--rescan", "0.5"] if command == "watch" else []
-    proc = popen_cli([command, str(src), "--out", str(out), *watching, *FAST_FLAGS], emulator,
-                     extra_env=slowdisk.slow_reads(slowdisk_library, src, 100_000))
+    flags = {"watch": ["--settle", "0.3", "--rescan", "0.5"], "run": []}[command]
+    if stop is None:
+        flags = ["--deadline", "4s", "--no-progress"]
+    proc = popen_cli([command, str(src), "--out", str(out), *flags, *FAST_FLAGS], emulator,
+                     extra_env=slowdisk.slow_reads(slowdisk_library, src, 200_000))
     if command == "watch":
         assert wait_for(lambda: (out / ".skinbatch" / "ledger.sqlite").exists())
         card.rename(src / "shoot")  # the card's copy moved in at once
-    assert wait_for(lambda: emulator.stats.get("submits", 0) >= 1)
-    proc.send_signal(stop)
+    if stop is not None:
+        assert wait_for(lambda: emulator.stats.get("submits", 0) >= 1)
+        proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stdout + stderr
+    assert proc.returncode == (1 if stop is None else 130), stdout + stderr
+    if command == "run":  # a watch's summary counts the passes it finished
+        assert "the scan was cut short: the next run looks at the rest" in stdout, stdout
+    if stop is None:
+        assert "The scan stopped before every photo was looked at" in stderr, stderr
     ledger = ledger_of(out)
     try:
         read = ledger.file_count()
@@ -190,6 +197,7 @@ def test_a_stop_during_the_scan_of_a_large_folder_does_not_wait_for_it(
     assert 0 < read < len(sources) // 2, f"{read} of {len(sources)} photos read at the stop"
     rerun = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "cut short" not in rerun.stdout
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == len(sources)
 

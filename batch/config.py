@@ -184,13 +184,14 @@ def _not_a_setting(key: str) -> str:
     flag = key.replace("-", "_")
     if flag in apispec.OPTION_NAMES:
         return f"{key} is a retouching option: put it under [options]"
-    if meant := difflib.get_close_matches(flag, apispec.OPTION_NAMES, n=1):
-        return (f"unknown setting: {key!r}; if it is the retouching option {meant[0]!r}, put "
-                "it under [options]")
     if flag in MISTAKEN_KEYS:
         return f"{key}: {MISTAKEN_KEYS[flag]}"
     if flag in FLAGS_ONLY:
         return f"{key} is a command-line flag only (--{flag.replace('_', '-')}), not a setting"
+    meant = difflib.get_close_matches(flag, apispec.OPTION_NAMES, n=1)
+    if meant and not difflib.get_close_matches(flag, FILE_KEYS, n=1):
+        return (f"unknown setting: {key!r}; if it is the retouching option {meant[0]!r}, put "
+                "it under [options]")
     return unknown_names("setting", [key], FILE_KEYS)
 
 

@@ -16,7 +16,7 @@ from batch.api import ApiClient, ApiError
 from batch.config import RunConfig
 from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
-from batch.options import NOTHING_ON
+from batch.options import NOTHING_ON, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
@@ -123,7 +123,10 @@ def plan(config: RunConfig) -> Plan:
                 *(no_photos(ledger, root, config.options) for root in stats.empty_roots)])
             if not config.options.enabled:
                 result.notes.append(NOTHING_ON)
-            jobs = ledger.jobs_in(submittable(config.on_ambiguous, config.on_expired))
+            to_send = submittable(config.on_ambiguous, config.on_expired)
+            if redone := ledger.count_in(to_send, redone=True):
+                result.notes.append(redone_words(redone))
+            jobs = ledger.jobs_in(to_send)
             with ThreadPoolExecutor() as pool:
                 checks = pool.map(
                     lambda j: _check(j, config.root_map.localize(ledger.files_for_job(j.id)),

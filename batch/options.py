@@ -27,6 +27,15 @@ def unknown_names(what: str, names: Iterable[str], known: Iterable[str]) -> str:
     return f"unknown {what}: {', '.join(said)}; known: {', '.join(known)}"
 
 
+
+def redone_words(photos: int) -> str:
+    """Said before photos retouched under other options are paid for again: a changed option
+    in a nightly config file would otherwise resend the whole archive without a word."""
+    return (f"{photos} photo(s) to pay for were retouched before under other options: changed "
+            "options send a photo again, paid again, and its new result replaces the earlier "
+            "one (give the new options their own --out to keep both).")
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """Which of the API's nine retouching options are switched on."""

@@ -31,7 +31,7 @@ from batch.ledger import Ledger, LedgerFull, LedgerGone, open_ledger
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
-from batch.options import NOTHING_ON
+from batch.options import NOTHING_ON, redone_words
 from batch.outputs import clean_temp_files, tag_temp_files
 from batch.progress import Progress
 from batch.report import write_report
@@ -410,6 +410,10 @@ def _tell_estimate(rt: Runtime, to_pay: int) -> Estimate:
     per_image = rt.config.credits_per_image
     estimate = Estimate(to_pay, to_pay * per_image, rt.balance)
     log.info("Credits: %s.", estimate.describe())
+    config = rt.config
+    if redone := rt.ledger.count_in(submittable(config.on_ambiguous, config.on_expired),
+                                    rt.roots, redone=True):
+        log.warning("%s", redone_words(redone))
     if estimate.short and (affordable := estimate.affordable(per_image)):
         log.warning("The balance pays for %d of %d image(s); sending those.", affordable, to_pay)
     elif estimate.short:

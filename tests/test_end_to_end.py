@@ -200,11 +200,18 @@ def test_changed_options_process_again_and_renames_do_not(
                    emulator).returncode == 0
     assert emulator.stats["charged"] == 1
     assert (out / "renamed.jpg").read_bytes() == (out / "a.jpg").read_bytes()
-    assert run_cli(["run", str(src), "--out", str(out), "--skin-brightening", *FAST_FLAGS],
-                   emulator).returncode == 0
+    # Changed options pay again: said before (the dry run) and as the run starts (-q, cron).
+    brighter = ["run", str(src), "--out", str(out), "--skin-brightening", *FAST_FLAGS]
+    words = ("1 photo(s) to pay for were retouched before under other options: changed options "
+             "send a photo again, paid again, and its new result replaces the earlier one")
+    assert words in run_cli([*brighter, "--dry-run"], emulator).stdout
+    changed = run_cli([*brighter, "-q"], emulator)
+    assert changed.returncode == 0 and words in changed.stderr, changed.stderr
     assert emulator.stats["charged"] == 2
     assert {t.enabled for t in emulator.state.tasks.values()} == {
         frozenset({"acne_removal"}), frozenset({"skin_brightening"})}
+    again = run_cli([*brighter, "-q"], emulator)  # nothing more to pay: nothing said
+    assert again.returncode == 0 and again.stderr == "", again.stderr
 
 
 def test_bad_inputs_are_never_sent_and_are_named_with_reasons(

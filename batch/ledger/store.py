@@ -217,11 +217,19 @@ REACHABLE = exists().where(files.c.job_id == jobs.c.id,
                            files.c.root.in_(bindparam("roots", expanding=True)))
 
 
+_other = jobs.alias("other")
+#: The same photo has a result under other options: this job pays to retouch it again.
+REDONE = exists().where(_other.c.content_sha256 == jobs.c.content_sha256,
+                        _other.c.options_fp != jobs.c.options_fp,
+                        _other.c.state == JobState.DONE.value)
+
+
 @functools.cache
-def _count_statement(states: frozenset[JobState], by_root: bool = False) -> Select[Any]:
+def _count_statement(states: frozenset[JobState], by_root: bool = False,
+                     redone: bool = False) -> Select[Any]:
     return select(func.count()).select_from(jobs).where(
         jobs.c.state.in_(sorted(s.value for s in states)), REACHABLE if by_root else WANTED,
-        NOT_DELIVERED)
+        NOT_DELIVERED, *([REDONE] if redone else []))
 
 
 def _job(row: Any) -> JobRow:
@@ -923,14 +931,16 @@ class Ledger:
         counts["unreadable_files"] = unreadable or 0
         return counts
 
-    def count_in(self, states: Iterable[JobState], roots: Sequence[str] = ()) -> int:
+    def count_in(self, states: Iterable[JobState], roots: Sequence[str] = (), *,
+                 redone: bool = False) -> int:
         """Jobs in ``states`` that some file still wants (on a shared ledger with ``roots``:
-        a file under one of them, whichever worker holds the job)."""
+        a file under one of them, whichever worker holds the job); with ``redone``, only
+        those whose photo has a result under other options."""
         with self._read() as conn:
             if self.shared and roots:
-                return conn.scalar(_count_statement(frozenset(states), True),
+                return conn.scalar(_count_statement(frozenset(states), True, redone),
                                    {"roots": list(roots)}) or 0
-            return conn.scalar(_count_statement(frozenset(states))) or 0
+            return conn.scalar(_count_statement(frozenset(states), False, redone)) or 0
 
     def stripped(self) -> dict[str, int]:
         """How many jobs had each record of removed metadata ("EXIF, XMP 2": see

@@ -282,14 +282,11 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         if watch is None:
             await _drive(rt, scanning=scanning)
         else:
-            from batch.watch import watch_sources
-
-            stats = await scanning
-            watcher = asyncio.create_task(watch_sources(rt, watch, list(rt.sources), stats))
+            watcher = asyncio.create_task(_watch_after(rt, watch, scanning))
             watcher.add_done_callback(lambda task: _watcher_ended(rt, task))
             topping = asyncio.create_task(_credits_again(rt, watch.rescan))
             try:
-                await _drive(rt, keep_running=True)
+                await _drive(rt, keep_running=True, scanning=scanning)
             finally:
                 watcher.cancel()
                 topping.cancel()
@@ -352,6 +349,22 @@ def _clean_after_dead(worker: Worker, out_dir: Path) -> None:
     """Partial outputs of the workers this one took over (their downloads are redone)."""
     while worker.taken:
         clean_temp_files(out_dir, worker.taken.pop())
+
+
+async def _watch_after(rt: Runtime, watch: WatchSettings,
+                       scanning: asyncio.Task[ScanStats]) -> None:
+    """A watch's first scan uploads as it goes, as a run's does (a watch restarted over a
+    backlog of a day's photos starts at once); the watcher takes over once it has ended, as
+    its passes would read the same photos again. Shielded: the watcher's end must not cancel
+    the scan, whose counts the run's summary gives."""
+    from batch.watch import watch_sources
+
+    try:
+        stats = await asyncio.shield(scanning)
+    except Exception:  # the scan's own error ends the run where the stages are driven
+        return
+    if not (rt.flags.interrupted or rt.flags.abort):
+        await watch_sources(rt, watch, list(rt.sources), stats)
 
 
 def _watcher_ended(rt: Runtime, task: asyncio.Task[None]) -> None:

@@ -156,32 +156,34 @@ def test_ctrl_c_saves_state_and_exits_130(tmp_path: Path, make_emulator: MakeEmu
     assert emulator.stats["charged"] == len(sources)
 
 
-@pytest.mark.parametrize(("command", "stop"), [("run", signal.SIGINT), ("run", signal.SIGTERM),
-                                               ("watch", signal.SIGTERM), ("run", None)])
+@pytest.mark.parametrize(("command", "stop", "late"), [
+    ("run", signal.SIGINT, False), ("run", signal.SIGTERM, False), ("run", None, False),
+    ("watch", signal.SIGTERM, False), ("watch", signal.SIGTERM, True)])
 def test_a_stop_during_the_scan_of_a_large_folder_does_not_wait_for_it(
         tmp_path: Path, emulator: Emulator, slowdisk_library: Path, command: str,
-        stop: signal.Signals | None) -> None:
-    """One folder holding a whole shoot on a slow share, the first run's or moved into a
-    watched folder: Ctrl-C, a service stopped (systemd kills what is still there after its
-    timeout) or the deadline (None) must not wait for every photo there to be read, which
-    takes as long as the photos are many and large. A run says its scan was cut short.
-    What was read is kept; the same command reads the rest and pays for each photo once."""
+        stop: signal.Signals | None, late: bool) -> None:
+    """One folder holding a whole shoot on a slow share: a first run's, a watch's backlog, or
+    moved into a watched folder (``late``). Uploads start with the first photos read, and
+    Ctrl-C, a service stopped (systemd kills what is still there after its timeout) or the
+    deadline (None) do not wait for every photo there to be read, which takes as long as the
+    photos are many and large. A run says its scan was cut short. What was read is kept; the
+    same command reads the rest and pays for each photo once."""
     src, out, card = tmp_path / "share", tmp_path / "out", tmp_path / "card"
     sources = {f"shoot/{i:03d}.jpg": write_portrait(card / f"{i:03d}.jpg", seed=i)
                for i in range(400)}
-    src.mkdir()
-    if command == "run":
+    sources["first.jpg"] = write_portrait(src / "first.jpg", seed=999)
+    if not late:
         card.rename(src / "shoot")
-    flags = {"watch": ["--settle", "0.3", "--rescan", "0.5"], "run": []}[command]
+    flags = ["--settle", "0.3", "--rescan", "0.5"] if command == "watch" else []
     if stop is None:
         flags = ["--deadline", "4s", "--no-progress"]
     proc = popen_cli([command, str(src), "--out", str(out), *flags, *FAST_FLAGS], emulator,
                      extra_env=slowdisk.slow_reads(slowdisk_library, src, 200_000))
-    if command == "watch":
-        assert wait_for(lambda: (out / ".skinbatch" / "ledger.sqlite").exists())
+    if late:  # once the watch's first scan is over: its first photo is sent
+        assert wait_for(lambda: emulator.stats.get("submits", 0) >= 1)
         card.rename(src / "shoot")  # the card's copy moved in at once
     if stop is not None:
-        assert wait_for(lambda: emulator.stats.get("submits", 0) >= 1)
+        assert wait_for(lambda: emulator.stats.get("submits", 0) >= 1 + late)
         proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == (1 if stop is None else 130), stdout + stderr

@@ -227,49 +227,76 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
     that cannot be listed is listed in ``unreadable``, with why."""
     excluded = {str(p.resolve()) for p in exclude}
     base = str(root.path.resolve())
+    left_out = [] if left_out is None else left_out
+    unreadable = [] if unreadable is None else unreadable
     stack = [(base, "", FolderSettings(options))]
     while stack:
         directory, rel_dir, settings = stack.pop()
-        try:
-            with os.scandir(directory) as scanner:
-                listing = list(scanner)
-        except FileNotFoundError:  # removed since its parent was listed
+        if (listing := _listed(directory, unreadable)) is None:
             continue
-        except OSError as exc:
-            if unreadable is not None:
-                unreadable.append((directory, exc.strerror or str(exc)))
-            continue
-        files, subfolders, results = [], [], False
-        for entry in listing:
-            if entry.name.startswith("."):
-                if entry.name == PRESET_NAME:
-                    settings = apply_preset(settings, Path(entry.path))
-                elif entry.name == STATE_DIR and rel_dir:
-                    with contextlib.suppress(OSError):
-                        results = entry.is_dir(follow_symlinks=False)
-                continue
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-                # isdir: a looping or broken link is a file's problem, said with the file
-                linked = not is_dir and entry.is_symlink() and os.path.isdir(entry.path)
-            except OSError:
-                continue
-            if linked:
-                target = os.path.realpath(entry.path)
-                if (left_out is not None and name_kind(entry.name) != IGNORED
-                        and not any(Path(target).is_relative_to(p) for p in (base, *excluded))):
-                    left_out.append((entry.path, linked_folder_left_out(entry.path, target)))
-            elif not is_dir:
-                files.append(entry)
-            elif name_kind(entry.name) != IGNORED and entry.path not in excluded:
-                subfolders.append(entry)
+        settings, files, subfolders, results = _sorted(listing, rel_dir, settings, base,
+                                                       excluded, left_out)
         if results:
-            if left_out is not None:
-                left_out.append((directory, results_left_out(directory)))
+            left_out.append((directory, results_left_out(directory)))
             continue
         for sub in subfolders:
             stack.append((sub.path, f"{rel_dir}/{sub.name}" if rel_dir else sub.name, settings))
         yield Folder(directory, rel_dir, settings, files)
+
+
+def _sorted(listing: list[os.DirEntry[str]], rel_dir: str, settings: FolderSettings, base: str,
+            excluded: set[str], left_out: list[tuple[str, str]]
+            ) -> tuple[FolderSettings, list[os.DirEntry[str]], list[os.DirEntry[str]], bool]:
+    """A folder's entries sorted: the settings its preset gives it, its files, the subfolders
+    to walk, and whether it holds a run's state folder (it is an earlier run's results). A
+    link to a folder outside the source goes in ``left_out``."""
+    files, subfolders, results = [], [], False
+    for entry in listing:
+        if entry.name.startswith("."):
+            if entry.name == PRESET_NAME:
+                settings = apply_preset(settings, Path(entry.path))
+            elif entry.name == STATE_DIR and rel_dir:
+                with contextlib.suppress(OSError):
+                    results = entry.is_dir(follow_symlinks=False)
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            # isdir: a looping or broken link is a file's problem, said with the file
+            linked = not is_dir and entry.is_symlink() and os.path.isdir(entry.path)
+        except OSError:
+            continue
+        if linked:
+            if link := _link_left_out(entry, base, excluded):
+                left_out.append(link)
+        elif not is_dir:
+            files.append(entry)
+        elif name_kind(entry.name) != IGNORED and entry.path not in excluded:
+            subfolders.append(entry)
+    return settings, files, subfolders, results
+
+
+def _listed(directory: str, unreadable: list[tuple[str, str]]) -> list[os.DirEntry[str]] | None:
+    """The folder's entries; None when it is gone since its parent was listed, or cannot be
+    listed (then noted in ``unreadable``, with why)."""
+    try:
+        with os.scandir(directory) as scanner:
+            return list(scanner)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        unreadable.append((directory, exc.strerror or str(exc)))
+        return None
+
+
+def _link_left_out(entry: os.DirEntry[str], base: str,
+                   excluded: set[str]) -> tuple[str, str] | None:
+    """A link to a folder outside the source (and outside --out), with the words that say why
+    it is left out; None for one to a folder inside it, whose photos are scanned there."""
+    target = os.path.realpath(entry.path)
+    if name_kind(entry.name) == IGNORED or any(
+            Path(target).is_relative_to(folder) for folder in (base, *excluded)):
+        return None
+    return entry.path, linked_folder_left_out(entry.path, target)
 
 
 def results_left_out(folder: str) -> str:

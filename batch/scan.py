@@ -517,6 +517,8 @@ class _RootScan:
         while self.in_flight:
             self._record(self.in_flight.popleft())
         self.stats.stopped = int(self.stopped)
+        if self.is_tree:
+            self.ledger.note_scan_cut(self.key, self.stopped)
         if self.is_tree and not self.stopped and not self.stats.found:
             self.stats.empty_roots.append(self.root)
         if self.is_tree and not self.stopped:

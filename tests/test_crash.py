@@ -166,8 +166,9 @@ def test_a_stop_during_the_scan_of_a_large_folder_does_not_wait_for_it(
     moved into a watched folder (``late``). Uploads start with the first photos read, and
     Ctrl-C, a service stopped (systemd kills what is still there after its timeout) or the
     deadline (None) do not wait for every photo there to be read, which takes as long as the
-    photos are many and large. A run says its scan was cut short. What was read is kept; the
-    same command reads the rest and pays for each photo once."""
+    photos are many and large. A run says its scan was cut short, and so does `status` until a
+    scan ends. What was read is kept; the same command reads the rest and pays for each photo
+    once."""
     src, out, card = tmp_path / "share", tmp_path / "out", tmp_path / "card"
     sources = {f"shoot/{i:03d}.jpg": write_portrait(card / f"{i:03d}.jpg", seed=i)
                for i in range(400)}
@@ -197,9 +198,14 @@ def test_a_stop_during_the_scan_of_a_large_folder_does_not_wait_for_it(
     finally:
         ledger.close()
     assert 0 < read < len(sources) // 2, f"{read} of {len(sources)} photos read at the stop"
+    # The morning's status does not pass the photos not looked at off as all there is.
+    status = run_cli(["status", "--out", str(out)], None)
+    assert f"unscanned {src.resolve()}: its last scan was cut short" in status.stdout, \
+        status.stdout
     rerun = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "cut short" not in rerun.stdout
+    assert "unscanned" not in run_cli(["status", "--out", str(out)], None).stdout
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == len(sources)
 

@@ -148,6 +148,8 @@ WANTED = exists().where(files.c.job_id == jobs.c.id)
 EMULATED = "bundled_emulator"
 #: The folders each root's last scan could not list (see ``Ledger.note_unreadable``).
 UNREADABLE = "unreadable_folders"
+#: The roots whose last scan a stop cut short (see ``Ledger.note_scan_cut``).
+CUT_SHORT = "scans_cut_short"
 #: "file" where photos are identified by their files' whole bytes (see ``Ledger.image_identity``).
 IDENTITY = "identity"
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
@@ -460,6 +462,18 @@ class Ledger:
             if folders:
                 known[root] = folders
             self._set_meta(conn, UNREADABLE, json.dumps(known, ensure_ascii=False))
+
+    def note_scan_cut(self, root: str, cut: bool) -> None:
+        """Whether the last scan of ``root`` was cut short by a stop (Ctrl-C, the deadline):
+        until one ends, the photos it did not look at are in no count, so the morning's
+        ``status`` and report say so (see :meth:`problems`). Written only when changed."""
+        if (root in json.loads(self.get_meta(CUT_SHORT) or "[]")) == cut:
+            return
+        with self._write() as conn:  # another worker may note its own roots meanwhile
+            roots = set(json.loads(conn.scalar(select(meta.c.value).where(
+                meta.c.key == CUT_SHORT).with_for_update()) or "[]"))
+            (roots.add if cut else roots.discard)(root)
+            self._set_meta(conn, CUT_SHORT, json.dumps(sorted(roots), ensure_ascii=False))
 
     def has_files(self, root: str) -> bool:
         with self._read() as conn:
@@ -994,16 +1008,21 @@ class Ledger:
         with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(files)) or 0
 
-    def unreadable(self) -> list[Problem]:
-        """The folders the last scan of each root could not list (see :meth:`note_unreadable`)."""
+    def not_scanned(self) -> list[Problem]:
+        """The roots whose last scan was cut short (see :meth:`note_scan_cut`) and the folders
+        the last scan of each root could not list (see :meth:`note_unreadable`)."""
         known = json.loads(self.get_meta(UNREADABLE) or "{}")
-        return [Problem(f"{root.rstrip('/')}/{rel}" if rel else root, "unreadable",
-                        unreadable_reason(why), None, None)
-                for root, entries in sorted(known.items()) for rel, why in entries]
+        return [Problem(root, "unscanned", "its last scan was cut short (a stop, the "
+                        "deadline): the photos it did not look at are not counted here; the "
+                        "next run reads them", None, None)
+                for root in json.loads(self.get_meta(CUT_SHORT) or "[]")] + [
+            Problem(f"{root.rstrip('/')}/{rel}" if rel else root, "unreadable",
+                    unreadable_reason(why), None, None)
+            for root, entries in sorted(known.items()) for rel, why in entries]
 
     def problems(self) -> list[Problem]:
-        """Every file that did not (or cannot) end retouched, with its reason; first, the
-        folders a scan could not list."""
+        """Every file that did not (or cannot) end retouched, with its reason; first, what
+        the scans left out (see :meth:`not_scanned`)."""
         waiting = and_(jobs.c.state == JobState.PENDING.value, jobs.c.reason.like("not sent:%"))
         query = (
             select(files.c.root, files.c.rel_path, files.c.problem, jobs.c.state, jobs.c.reason,
@@ -1015,7 +1034,7 @@ class Ledger:
         )
         with self._read() as conn:
             rows = conn.execute(query).all()
-        result = self.unreadable()
+        result = self.not_scanned()
         for r in rows:
             path = f"{r.root.rstrip('/')}/{r.rel_path}"
             if r.problem is not None:

@@ -6,7 +6,6 @@ server sends takes part in them.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -307,11 +306,17 @@ def place(temp: Path, final: Path, sha256: str, previous_sha256: str | None,
     raise OutputConflict(f"no free name next to {final}")
 
 
-def remove_quietly(path: Path) -> None:
-    """Remove a temp or probe file, if it can be. One on a drive or share that just went away
-    (ENOTCONN, EIO) stays, for the next run's clean-up: its removal must not stop the run."""
-    with contextlib.suppress(OSError):
+def remove_quietly(path: Path) -> bool:
+    """Remove a temp or probe file, if it can be; whether it is gone. One on a drive or share
+    that just went away (ENOTCONN, EIO) stays, for a later try: its removal must not stop the
+    run."""
+    try:
         path.unlink()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def clean_temp_files(out_dir: Path, worker: str | None = None) -> int:

@@ -449,11 +449,14 @@ def test_an_output_drive_unplugged_mid_run_keeps_the_results_for_when_it_is_back
 @pytest.mark.parametrize("ledger_on_the_drive", [False, True],
                          ids=["ledger-elsewhere", "ledger-on-the-drive"])
 def test_a_watch_waits_for_its_output_drive_to_come_back(
-        tmp_path: Path, emulator: Emulator, drive: Drive, ledger_on_the_drive: bool) -> None:
+        tmp_path: Path, make_emulator: MakeEmulator, drive: Drive,
+        ledger_on_the_drive: bool) -> None:
     """A hot folder runs for days: its output drive going away for a while (a share
     remounted, a drive plugged in again) does not end it, whether or not its ledger lives
-    there too. It sends nothing new meanwhile, keeps the results paid for, creates nothing on
-    the empty mount point, and saves them once the drive is back."""
+    there too. It sends nothing new meanwhile (a result could not be saved), keeps the result
+    paid for before, creates nothing on the empty mount point, and saves them all once the
+    drive is back, leaving none of its temp files there."""
+    emulator = make_emulator(process_seconds=2.0)  # a result still being made at the unplug
     src, out = tmp_path / "incoming", drive.mount_point / "retouched"
     src.mkdir()
     sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(2)}
@@ -462,14 +465,13 @@ def test_a_watch_waits_for_its_output_drive_to_come_back(
                       "--smart-skin", *ledger, *FAST_FLAGS], emulator)
     try:
         assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
-        drive.unplug()
         sources["2.jpg"] = write_portrait(src / "2.jpg", seed=2)
-        if not ledger_on_the_drive:  # recorded and paid, not savable yet
-            assert wait_for(lambda: emulator.stats["charged"] == 3, timeout=30)
+        assert wait_for(lambda: emulator.stats["charged"] == 3, timeout=30)  # paid, not saved
+        drive.unplug()
         sources["3.jpg"] = write_portrait(src / "3.jpg", seed=3)  # not sent meanwhile
         time.sleep(4)
         assert proc.poll() is None, "the watch must not end"
-        assert emulator.stats["charged"] == (2 if ledger_on_the_drive else 3)
+        assert emulator.stats["charged"] == 3
         assert list(drive.mount_point.iterdir()) == []
         drive.plug()
         assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
@@ -573,17 +575,19 @@ def test_a_watch_whose_source_share_goes_down_waits_for_it(
 
 def test_a_partial_download_on_a_drive_that_died_is_left_for_later_not_raised(
         drive: Drive) -> None:
-    """A download under way when its drive dies: removing its partial file fails with the
-    drive's own error. That must not stop the run (a watch ended on it); the next run's
-    clean-up removes the file once the drive is back."""
+    """A download under way (or just placed) when its drive dies: removing its temp file
+    fails with the drive's own error. That must not stop the run (a watch ended on it); it is
+    said not gone, and removed once the drive is back (by a watch then, else by the next
+    run's clean-up)."""
     partial = drive.mount_point / ".IMG_1.jpg.skinbatch-test.part"
     partial.write_bytes(b"half a result")
     drive.die()
     with pytest.raises(OSError):
         partial.unlink()  # the drive's own error, as the download's clean-up meets it
-    remove_quietly(partial)
+    assert remove_quietly(partial) is False
     drive.plug()
     assert partial.exists()
+    assert remove_quietly(partial) is True and not partial.exists()
 
 
 def test_a_share_whose_server_is_down_at_start_is_one_clear_sentence(

@@ -78,7 +78,10 @@ class Downloader:
         #: A watch's jobs whose source folder is gone, by that folder: not claimed until it
         #: is back (looked for every GONE_RECHECK seconds).
         self.parked: dict[int, str] = {}
-        self._parked_look = 0.0
+        #: Temp files a drive dying right after a save would not let go: removed once the
+        #: output folder is back, so that none stays in the client's delivery folder.
+        self.leftovers: set[Path] = set()
+        self._next_look = 0.0
 
     def _forget(self, job_id: int, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(job_id, None)
@@ -94,11 +97,10 @@ class Downloader:
                 # A watch waits, whatever else stopped its uploads first: nothing to save into.
                 await asyncio.sleep(GONE_RECHECK)
                 continue
+            if self.out_gone or ((self.parked or self.leftovers)
+                                 and time.monotonic() > self._next_look):
+                self._look_again()
             self.out_gone = False
-            if self.parked and time.monotonic() > self._parked_look:
-                self.parked = {job: folder for job, folder in self.parked.items()
-                               if not os.path.isdir(folder)}
-                self._parked_look = time.monotonic() + GONE_RECHECK
             free = limit - len(self.in_flight)
             if free > 0:
                 try:
@@ -162,9 +164,17 @@ class Downloader:
                                        info=TransitionInfo(message="interrupted during download"))
             raise
         finally:
-            for temp in temps:
-                remove_quietly(temp)
+            self.leftovers.update(temp for temp in temps if not remove_quietly(temp))
         rt.changed.set()
+
+    def _look_again(self) -> None:
+        """What went away, looked for again: the source folders parked results wait for, and
+        the output folder the leftover temp files are in."""
+        self.parked = {job: folder for job, folder in self.parked.items()
+                       if not os.path.isdir(folder)}
+        if self.leftovers and out_folder_there(self.rt.out_dir):
+            self.leftovers = {temp for temp in self.leftovers if not remove_quietly(temp)}
+        self._next_look = time.monotonic() + GONE_RECHECK
 
     async def _save(self, job: JobRow, targets: list[FileRow], temps: list[Path]) -> None:
         rt = self.rt

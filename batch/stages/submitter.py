@@ -20,7 +20,7 @@ from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
-from batch.outputs import MIN_FREE, short_of_room
+from batch.outputs import MIN_FREE, out_folder_there, short_of_room
 from batch.preflight import (
     CHANGED,
     UNREADABLE,
@@ -99,6 +99,8 @@ class Submitter:
             if rt.flags.submits_stopped is StopReason.DISK and short_of_room(
                     self.folders, ROOM_TO_RESUME) is None:  # made room: a watch runs for days
                 rt.resume(StopReason.DISK, "The disk has room again")
+            if rt.flags.submits_stopped is StopReason.OUTPUT and out_folder_there(rt.out_dir):
+                rt.resume(StopReason.OUTPUT, "The output folder is back")
             if rt.flags.submits_stopped is not None:
                 self._drop_unsent()
             free = self.most - len(self.in_flight)
@@ -194,6 +196,15 @@ class Submitter:
         if (short := short_of_room(self.folders)) is not None:
             rt.breaker.release()
             rt.stop_submitting(StopReason.DISK, f"{short}. What was paid for is still saved")
+            return
+        if not out_folder_there(rt.out_dir):  # its result could not be saved now
+            rt.breaker.release()
+            if rt.watching:  # waits for it, as its downloads do
+                rt.stop_submitting(StopReason.OUTPUT)
+            else:
+                rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: it is gone (a "
+                            "drive unplugged, a share unmounted?). Nothing more was sent; what "
+                            "was paid for is kept for the same command to save.")
             return
         if rt.budget is not None and not rt.budget.reserve():
             rt.breaker.release()

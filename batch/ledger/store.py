@@ -450,30 +450,28 @@ class Ledger:
 
     def note_unreadable(self, root: str, folders: list[tuple[str, str]]) -> None:
         """The folders under ``root`` (relative, with why) its last whole scan could not list:
-        problems until a scan lists them (see :meth:`problems`). Written only when changed: a
-        watch scans every few seconds."""
-        wanted = [list(entry) for entry in folders]
-        if json.loads(self.get_meta(UNREADABLE) or "{}").get(root, []) == wanted:
-            return
-        with self._write() as conn:  # another worker may note its own roots meanwhile
-            known = json.loads(conn.scalar(select(meta.c.value).where(
-                meta.c.key == UNREADABLE).with_for_update()) or "{}")
-            known.pop(root, None)
-            if folders:
-                known[root] = folders
-            self._set_meta(conn, UNREADABLE, json.dumps(known, ensure_ascii=False))
+        problems until a scan lists them (see :meth:`problems`)."""
+        self._note_root(UNREADABLE, root, [list(entry) for entry in folders])
 
     def note_scan_cut(self, root: str, cut: bool) -> None:
         """Whether the last scan of ``root`` was cut short by a stop (Ctrl-C, the deadline):
         until one ends, the photos it did not look at are in no count, so the morning's
-        ``status`` and report say so (see :meth:`problems`). Written only when changed."""
-        if (root in json.loads(self.get_meta(CUT_SHORT) or "[]")) == cut:
+        ``status`` and report say so (see :meth:`problems`)."""
+        self._note_root(CUT_SHORT, root, cut)
+
+    def _note_root(self, key: str, root: str, value: Any) -> None:
+        """What the meta record ``key`` (one entry per root) says of ``root``; a false
+        ``value`` takes the root out. Written only when changed, as a watch scans every few
+        seconds; the row locked, as another worker may note its own roots meanwhile."""
+        if json.loads(self.get_meta(key) or "{}").get(root) == (value or None):
             return
-        with self._write() as conn:  # another worker may note its own roots meanwhile
-            roots = set(json.loads(conn.scalar(select(meta.c.value).where(
-                meta.c.key == CUT_SHORT).with_for_update()) or "[]"))
-            (roots.add if cut else roots.discard)(root)
-            self._set_meta(conn, CUT_SHORT, json.dumps(sorted(roots), ensure_ascii=False))
+        with self._write() as conn:
+            known = json.loads(conn.scalar(select(meta.c.value).where(
+                meta.c.key == key).with_for_update()) or "{}")
+            known.pop(root, None)
+            if value:
+                known[root] = value
+            self._set_meta(conn, key, json.dumps(known, ensure_ascii=False))
 
     def has_files(self, root: str) -> bool:
         with self._read() as conn:
@@ -1015,7 +1013,7 @@ class Ledger:
         return [Problem(root, "unscanned", "its last scan was cut short (a stop, the "
                         "deadline): the photos it did not look at are not counted here; the "
                         "next run reads them", None, None)
-                for root in json.loads(self.get_meta(CUT_SHORT) or "[]")] + [
+                for root in sorted(json.loads(self.get_meta(CUT_SHORT) or "{}"))] + [
             Problem(f"{root.rstrip('/')}/{rel}" if rel else root, "unreadable",
                     unreadable_reason(why), None, None)
             for root, entries in sorted(known.items()) for rel, why in entries]

@@ -313,7 +313,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                                                          f"not sent: {waiting}"))
     status = ledger.patiently(lambda: collect_status(ledger))
     return RunReport(_exit_code(rt, status), status, stats, recovered,
-                     _stop_message(rt, stats))
+                     _stop_message(rt))
 
 
 def _stop_signals() -> list[signal.Signals]:
@@ -596,7 +596,7 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
     return ExitCode.OK
 
 
-def _stop_message(rt: Runtime, scanned: ScanStats) -> str | None:
+def _stop_message(rt: Runtime) -> str | None:
     error: ApiError | None = rt.flags.account_error
     if error is not None:
         if error.out_of_credits:
@@ -615,8 +615,7 @@ def _stop_message(rt: Runtime, scanned: ScanStats) -> str | None:
             if expiries else "n/a"
         return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight; their result "
                 f"links expire from {first}. Run the same command again before then to save "
-                "them." + (" The scan stopped before every photo was looked at: the next run "
-                           "reads the rest." if scanned.stopped else ""))
+                "them.")
     if rt.flags.submits_stopped in WAITING_STOPS:
         return (f"Uploads stopped: {rt.flags.submits_stopped.value}; the rest wait for the "
                 "next run.")

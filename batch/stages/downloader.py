@@ -199,7 +199,6 @@ class Downloader:
         self.last_saved = time.monotonic()
         self.failing.pop(job.id, None)
         rt.resume(StopReason.UNFETCHED, "A result came through")
-        rt.resume(StopReason.OUTPUT, "The output folder is back")
 
     def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
                temps: list[Path], downloaded_sha256: str

@@ -11,6 +11,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from batch.api import ApiClient, ApiError
 from batch.config import RunConfig
@@ -19,7 +20,7 @@ from batch.ledger.store import FileRow, JobRow
 from batch.options import NOTHING_ON, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
-from batch.preflight import Prepared, PrepareSettings, Rejected, preflight
+from batch.preflight import COPIES_AT_ONCE, PrepareSettings, Rejected, preflight
 from batch.scan import no_photos, scan, unreadable_words
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
@@ -81,14 +82,25 @@ def _copy_ledger(location: str, target: Path) -> str:
     return str(target)
 
 
+class Upload(NamedTuple):
+    """What a file's upload would be: its size, what would be done to bring it within the
+    API's limits, and the metadata it would go without."""
+
+    size: int
+    note: str | None
+    stripped: str | None
+
+
 def _check(job: JobRow, candidates: list[FileRow], settings: PrepareSettings
-           ) -> tuple[str, str | Prepared]:
+           ) -> tuple[str, str | Upload]:
     """The verdict a real run's preflight would give (its settings included): the reason it
-    would be rejected, or what would be sent."""
+    would be rejected, or what would be sent. Only its figures are kept: the upload and a
+    copy's pixels (tens of MB for a camera file) go as soon as it is made."""
     for f in candidates:
         path = Path(f.root) / f.rel_path
         try:
-            return str(path), preflight(path.read_bytes(), settings)
+            prepared = preflight(path.read_bytes(), settings)
+            return str(path), Upload(len(prepared.payload), prepared.note, prepared.stripped)
         except Rejected as rejected:
             return str(path), rejected.reason
         except OSError as exc:
@@ -127,7 +139,8 @@ def plan(config: RunConfig) -> Plan:
             if redone := ledger.count_in(to_send, redone=True):
                 result.notes.append(redone_words(redone))
             jobs = ledger.jobs_in(to_send)
-            with ThreadPoolExecutor() as pool:
+            # As many at once as a run prepares: each holds a camera file's pixels.
+            with ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
                 checks = pool.map(
                     lambda j: _check(j, config.root_map.localize(ledger.files_for_job(j.id)),
                                      config.prepare), jobs)
@@ -136,7 +149,7 @@ def plan(config: RunConfig) -> Plan:
                         result.reject.append((path, verdict))
                         continue
                     result.send.append(path)
-                    result.upload_bytes += len(verdict.payload)
+                    result.upload_bytes += verdict.size
                     if verdict.note:
                         result.resize.append((path, verdict.note))
                     result.stripped += tally(verdict.stripped)

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL import _imaging as pillow_core
@@ -43,6 +43,12 @@ class PrepareSettings:
 
 
 CONVERTIBLE = frozenset({"TIFF", "HEIF", "MPO"})
+
+#: Files prepared at once (a run's uploads, a dry run's verdicts): a copy is decoded, resized
+#: and encoded on one core, so one per core keeps the CPU busy, and at least two, so that a
+#: file read slowly (a network share) does not idle it; capped because each holds a camera
+#: file's pixels while it is made (some 200 MB at 24 megapixels).
+COPIES_AT_ONCE = max(2, min(os.cpu_count() or 1, 8))
 
 #: Pillow's freed pixel blocks (16 MB each) kept for reuse, per copy made at once: a
 #: 24-megapixel copy uses about ten, with its resized pixels.
@@ -137,18 +143,28 @@ def _decoding(missing_heif: bool = False, tiff: bool = False) -> Iterator[None]:
                                "layout Pillow does not read); export it as an 8- or 16-bit "
                                "TIFF or a JPEG") from exc
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except OSError as exc:
+            if exc.errno is not None:
+                raise  # the disk's (a share gone: EIO), not the image's: read it again later
+            raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
+                from exc
+        except (SyntaxError, ValueError, EOFError) as exc:
             raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
                 from exc
 
 
-def inspect_image(data: bytes, decode: bool = True) -> Inspection:
-    """Say what ``data`` is, from its header; ``decode``: decode it too (bounded: a JPEG at an
-    eighth of its size, which still reads every byte), so a damaged file is found now."""
-    if not data:
+def inspect_image(data: bytes | BinaryIO, decode: bool = True) -> Inspection:
+    """Say what ``data`` (the bytes, or the open file at its start) is, from its header;
+    ``decode``: decode it too (bounded: a JPEG at an eighth of its size, which still reads
+    every byte), so a damaged file is found now."""
+    head = data[:12] if isinstance(data, bytes) else data.read(12)
+    if not isinstance(data, bytes):
+        data.seek(0)
+    if not head:
         raise Rejected("the file is empty")
-    missing_heif = heif_unsupported(data[:12])
-    with _decoding(missing_heif, data[:4] in TIFF_MAGIC), Image.open(io.BytesIO(data)) as image:
+    missing_heif = heif_unsupported(head)
+    with _decoding(missing_heif, head[:4] in TIFF_MAGIC), \
+            Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
         fmt = image.format or "unknown"
         width, height = image.size
         if width * height > MAX_PIXELS:
@@ -229,12 +245,15 @@ def sixteen_bit_grey(fmt: str, mode: str) -> bool:
     return mode in SIXTEEN_BIT_GREY or (mode == "I" and fmt == "PNG")
 
 
-def check(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Inspection:
+def check(data: bytes | BinaryIO, settings: PrepareSettings = PrepareSettings(),
+          size: int | None = None) -> Inspection:
     """The verdict alone, without preparing the upload: what the file is, or ``Rejected``
     with the reason. The scan asks this of every new file, so a file that cannot be sent is
     rejected (and left out of the credit estimate) before anything is paid for. A file sent as
     it is gets decoded here; one that needs a copy does not, as decoding it for the copy is
-    its check (still before its upload), and a camera file costs a second decode otherwise."""
+    its check (still before its upload), and a camera file costs a second decode otherwise.
+    ``data`` may be the open file (of ``size`` bytes), for one that is only looked at here."""
+    size = len(data) if isinstance(data, bytes) else size or 0
     inspection = inspect_image(data, decode=False)
     fmt, width, height, mode, frames, _ = inspection
     if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:
@@ -250,12 +269,14 @@ def check(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Inspect
     if mode not in SENDABLE_MODES and not sixteen_bit_grey(fmt, mode) and fmt not in CONVERTIBLE:
         raise Rejected(f"unsupported pixel format {mode}; save it as an 8-bit RGB image")
     if settings.fit == "reject":
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise Rejected(f"the file is {_mb(len(data))}, over the API's 10 MB limit")
+        if size > MAX_UPLOAD_BYTES:
+            raise Rejected(f"the file is {_mb(size)}, over the API's 10 MB limit")
         if width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE:
             raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
                            f"{MAX_SIDE_EXCLUSIVE} px")
-    if not needs_copy(inspection, len(data)):
+    if not needs_copy(inspection, size):
+        if not isinstance(data, bytes):
+            data.seek(0)
         inspect_image(data)
     return inspection
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from batch.heif import unsupported as heif_unsupported
 from batch.ledger.store import KnownFile, Ledger, ScannedFile, unreadable_reason
@@ -148,9 +148,13 @@ def read_file(path: str, prepare: PrepareSettings | None = None,
             head = os.pread(fd, 12, 0)
             if heif_unsupported(head):
                 return FileRead(None, NO_HEIF, 0, 0)  # looked at again by each scan
-            if prepare is None and not (by_image and strippable(head)):
+            if not (by_image and strippable(head)):
+                # Its key is the whole file's hash, and its check needs only its header: a
+                # TIFF master of a few hundred MB is not held whole (one per hashing thread).
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
-                return FileRead(digest, None, st.st_size, st.st_mtime_ns)
+                handle.seek(0)
+                return FileRead(digest, None, st.st_size, st.st_mtime_ns,
+                                _refusal(handle, st.st_size, prepare))
             data = handle.readall()
         except OSError as exc:
             return FileRead(None, f"cannot read the file: {exc.strerror or exc}", 0, 0)
@@ -162,6 +166,17 @@ def read_file(path: str, prepare: PrepareSettings | None = None,
             rejected = refusal.reason
     digest = photo_key(data, by_image, inspection)
     return FileRead(digest, None, st.st_size, st.st_mtime_ns, rejected)
+
+
+def _refusal(handle: BinaryIO, size: int, prepare: PrepareSettings | None) -> str | None:
+    """Why preflight would refuse the open file, or None (also without ``prepare``)."""
+    if prepare is None:
+        return None
+    try:
+        check(handle, prepare, size)
+    except Rejected as refusal:
+        return refusal.reason
+    return None
 
 
 def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:

@@ -305,6 +305,58 @@ def bench_uplink(work: Path, images: int) -> None:
         f"{os.cpu_count()} cores", ">= 90 % busy", busy >= 0.9)
 
 
+def make_tiff_masters(root: Path, count: int) -> None:
+    """``count`` uncompressed 8-bit TIFF masters of 24 megapixels (72 MB each), each with
+    pixels of its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = portrait(6000, 4000, seed=3, grain=24)
+    for i in range(count):
+        image = base.copy()
+        image.putpixel((i, i), (i % 256, 0, 0))
+        image.save(root / f"master_{i:03d}.tif", compression=None)
+
+
+#: One copy made alone, in a child: what the client's memory grows by per copy made at once.
+ONE_COPY = ("import sys, pathlib\n"
+            "from batch.preflight import preflight\n"
+            "preflight(pathlib.Path(sys.argv[1]).read_bytes())\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print(int(hwm.split()[1]) // 1024)\n")
+
+
+def bench_photo_memory(work: Path, jpegs: int, tiffs: int) -> None:
+    """Peak RSS of a dry run and of a run over camera JPEGs and over TIFF masters, beside what
+    one copy of the largest file takes made alone (measured here). A dry run's bound is the
+    client's own (150 MB) and that much per copy made at once."""
+    from batch.preflight import COPIES_AT_ONCE
+    folders = {"camera JPEGs (6000x4000, 15-20 MB)": work / "memory-jpegs",
+               "TIFF masters (6000x4000, 72 MB)": work / "memory-tiffs"}
+    make_camera_files(folders["camera JPEGs (6000x4000, 15-20 MB)"], jpegs)
+    make_tiff_masters(folders["TIFF masters (6000x4000, 72 MB)"], tiffs)
+    one = next(folders["TIFF masters (6000x4000, 72 MB)"].iterdir())
+    alone = float(subprocess.run([sys.executable, "-c", ONE_COPY, str(one)], check=True,
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout)
+    bound = 150 + COPIES_AT_ONCE * alone
+    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.2,
+                            process_seconds=0.3, retouch=False)
+    for kind, src in folders.items():
+        count = len(list(src.iterdir()))
+        for dry in (True, False):
+            with Emulator(config) as emulator:
+                child = run_cli(["run", str(src), "--out", str(work / f"{src.name}-out"),
+                                 "--smart-skin", "--poll-interval", str(POLL), "--no-progress",
+                                 "-q", *(["--dry-run"] if dry else [])], emulator)
+                assert child.returncode == 0, child.stderr[-3000:]
+            figure = (f"{child.peak_rss_mb:.0f} MB, {child.peak_rss_mb / alone:.1f}x one copy "
+                      f"made alone ({alone:.0f} MB); {COPIES_AT_ONCE} copies at once")
+            if dry:
+                row(f"peak RSS, dry run over {count} {kind}", figure, f"<= {bound:.0f} MB",
+                    child.peak_rss_mb <= bound)
+            else:  # the scan's reads and the downloads' previews go on beside the copies
+                row(f"peak RSS, run over {count} {kind}", figure)
+
+
 PG_ADMIN = os.environ.get("SKINBATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -705,6 +757,7 @@ def main() -> None:
         bench_discovery(work, quick)
         bench_quick_start(work, 200 if quick else 2_000)
         bench_uplink(work, 6 if quick else 100)
+        bench_photo_memory(work, 3 if quick else 30, 3 if quick else 12)
         bench_workers(work, 60 if quick else 1_000)
         bench_upload_rate(work, 3 if quick else 60, "4M")
         print("3. scan")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from batch.emulator import Emulator
 from batch.outputs import MIN_FREE, remove_quietly
+from batch.preflight import Rejected, check
 from batch.states import JobState
 from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right
 from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, stopped, wait_for
@@ -588,6 +589,25 @@ def test_a_partial_download_on_a_drive_that_died_is_left_for_later_not_raised(
     drive.plug()
     assert partial.exists()
     assert remove_quietly(partial) is True and not partial.exists()
+
+
+def test_a_photo_whose_share_dies_while_it_is_checked_is_not_taken_for_a_damaged_file(
+        drive: Drive) -> None:
+    """The scan checks a photo from the open file where it does not hold it whole (a TIFF
+    master, a ledger that keys whole files): a share dying under that read is the disk's
+    error, which the scan lists as "cannot read" and reads again next time, never a verdict
+    that the photo is damaged (a rejection, kept until the file changes)."""
+    photo = drive.mount_point / "IMG_1.jpg"
+    size = len(write_portrait(photo, size=(1200, 1500), grain=24))
+    with photo.open("rb", buffering=0) as handle:
+        assert check(handle, size=size).format == "JPEG"
+        handle.seek(0)
+        drive.die()
+        # The header is still in memory; the pixels are read from the share.
+        os.posix_fadvise(handle.fileno(), 4096, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(OSError) as raised:
+            check(handle, size=size)
+    assert raised.value.errno is not None and not isinstance(raised.value, Rejected)
 
 
 def test_a_share_whose_server_is_down_at_start_is_one_clear_sentence(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from batch.options import Options
 from batch.outputs import MIN_FREE, out_folder_there, short_of_room
 from batch.preflight import (
     CHANGED,
+    COPIES_AT_ONCE,
     UNREADABLE,
     Prepared,
     PrepareSettings,
@@ -50,12 +50,6 @@ log = logging.getLogger("batch.submit")
 #: rest to the others).
 PREFETCH = 64
 
-#: Files prepared at once: a copy is decoded, resized and encoded on one core, so one per core
-#: keeps the CPU busy, and at least two, so that a file read slowly (a network share) does not
-#: idle it; capped because each holds a camera file's pixels (some 150 MB at 24 megapixels).
-PREPARING = max(2, min(os.cpu_count() or 1, 8))
-
-
 #: Free space at which uploads stopped for a nearly full disk start again: well above where
 #: they stopped, so that a disk hovering at the line does not start and stop them in turn.
 ROOM_TO_RESUME = 2 * MIN_FREE
@@ -78,12 +72,12 @@ class Submitter:
         # Preparing a file (CPU) and sending it (the line, the API's pace) are bounded apart:
         # were the preparation inside the upload's slot, every slot would sometimes be
         # preparing with the line idle, and sometimes sending with the cores idle.
-        self.preparing = asyncio.Semaphore(PREPARING)
-        reuse_pixel_memory(PREPARING)
+        self.preparing = asyncio.Semaphore(COPIES_AT_ONCE)
+        reuse_pixel_memory(COPIES_AT_ONCE)
         self.sending = asyncio.Semaphore(rt.config.concurrency)
-        #: Upload tasks at once: those sending, and up to PREPARING more being prepared or
+        #: Upload tasks at once: those sending, and up to COPIES_AT_ONCE more being prepared or
         #: waiting, prepared, for a slot.
-        self.most = rt.config.concurrency + PREPARING
+        self.most = rt.config.concurrency + COPIES_AT_ONCE
         #: Where the results and the ledger go: no upload starts while one is short of room.
         self.folders = rt.config.written_folders
 

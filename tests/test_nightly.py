@@ -63,6 +63,32 @@ def test_a_short_balance_with_the_stop_policy_sends_nothing(tmp_path: Path,
     assert emulator.stats.get("submits", 0) == 0
 
 
+def test_a_balance_query_refused_at_the_start_is_asked_again_before_anything_is_sent(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """The balance decides what a night may spend: a 429 (a key another client is using) or
+    a gateway's 5xx on that first query is retried as any request is, so that the stop
+    policy still refuses a batch the balance cannot pay for, and a balance the API will not
+    give at all is not taken for "enough": under that policy nothing is sent."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 5)
+    config = tmp_path / "c.toml"
+    config.write_text('on_short_balance = "stop"\n')
+    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS]
+    busy = make_emulator(credits=2, faults={"credits_refused": 2})
+    result = run_cli(args, busy)
+    assert result.returncode == 3, result.stderr
+    assert "balance is too low" in result.stderr and "Could not read" not in result.stderr
+    assert busy.stats["credit_queries"] == 3 and busy.stats.get("submits", 0) == 0
+
+    refusing = make_emulator(credits=100, faults={"credits_refused": 100})
+    result = run_cli(args, refusing)
+    assert result.returncode == 3, result.stderr
+    assert re.search(r"the balance could not be read \(.*HTTP 429.*\), and on_short_balance = "
+                     r'"stop" sends a batch only once the balance is known to pay for it',
+                     result.stderr), result.stderr
+    assert refusing.stats["credit_queries"] == 4 and refusing.stats.get("submits", 0) == 0
+
+
 def ledger_digest(out: Path) -> str:
     return hashlib.sha256((out / ".skinbatch" / "ledger.sqlite").read_bytes()).hexdigest()
 

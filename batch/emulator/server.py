@@ -214,6 +214,10 @@ class ApiHandler(_Handler):
         state, faults = self.state, self.state.config.faults
         if parts.path == apispec.CREDITS_PATH:
             state.stats["credit_queries"] += 1
+            if state.stats["credit_queries"] <= faults.credits_refused:
+                self._reject(Rejection(429, apispec.RATE_LIMITED, "Request too frequent."),
+                             {"Retry-After": "1"})
+                return
             if self._common():
                 with state.lock:
                     credits = state.credits

@@ -42,6 +42,9 @@ class Faults:
     stall_seconds: float = 30.0
     #: "seconds", "date" or "" (no Retry-After header on 429s).
     retry_after: str = "seconds"
+    #: The first this many balance queries are answered 429 (a key shared with another
+    #: client that is busy, as the night's run starts).
+    credits_refused: int = 0
 
 
 @dataclass

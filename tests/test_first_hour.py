@@ -228,6 +228,20 @@ def test_quiet_prints_errors_only_and_a_normal_run_says_where_results_are(
     assert "slow disk" not in loud.stderr  # no warning about a disk that is fine
 
 
+def test_a_clean_night_against_the_apis_rate_limit_is_silent_under_quiet(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """Finding the API's rate limit is the pace's everyday work: the 429s that show it cost a
+    retry and no credit, and the cron job's mail of a night that went well stays empty."""
+    limited = make_emulator(qps_limit=8)
+    src, out = tmp_path / "shoot", tmp_path / "out"
+    shoot(src, 30)
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
+                     limited)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert limited.stats["rate_limited"] > 0 and limited.stats["charged"] == 30
+    assert len(list(out.glob("*.jpg"))) == 30
+
+
 def test_every_log_line_is_json_with_the_bundled_emulator(tmp_path: Path) -> None:
     import json
 

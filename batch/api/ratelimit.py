@@ -194,9 +194,11 @@ class RateLimiter:
         self._step = PROBE_FIRST
         self._reset(now)
         self._since_change = -SETTLE_REQUESTS
-        log.warning("The API answered 429 (too many requests) after %d in a second: pacing at "
-                    "%.1f requests a second%s.", accepted, self.rate,
-                    f" (--max-qps is {self.ceiling:g})" if self.ceiling < MAX_RATE else "")
+        # Told, not warned of: finding the limit is the pace's work, a 429 costs a retry and no
+        # credit, and a cron job's clean night is silent.
+        log.info("The API answered 429 (too many requests) after %d in a second: pacing at "
+                 "%.1f requests a second%s.", accepted, self.rate,
+                 f" (--max-qps is {self.ceiling:g})" if self.ceiling < MAX_RATE else "")
 
     async def acquire(self) -> None:
         """Wait for a request's turn (here, then among the ledger's workers if shared)."""

@@ -100,7 +100,8 @@ class StatusReport:
             lines.append("workers:")
             lines += [f"  {describe_worker(w, self.work.get(w.name, {}))}" for w in self.workers]
         if self.problems:
-            lines.append(f"{len(self.problems)} file(s) need attention:")
+            # Not "files": a folder a scan could not list, a source it did not finish, are here.
+            lines.append(f"needing attention ({len(self.problems)}):")
             for p in self.problems:
                 http = f", HTTP {p.http_status}" if p.http_status else ""
                 code = f" [{p.error_code}{http}]" if p.error_code else ""

@@ -202,6 +202,7 @@ def test_a_stop_during_the_scan_of_a_large_folder_does_not_wait_for_it(
     status = run_cli(["status", "--out", str(out)], None)
     assert f"unscanned {src.resolve()}: its last scan was cut short" in status.stdout, \
         status.stdout
+    assert "file(s) need attention" not in status.stdout  # a source is not a file
     rerun = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "cut short" not in rerun.stdout

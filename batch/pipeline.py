@@ -34,7 +34,7 @@ from batch.locking import RunLock
 from batch.options import NOTHING_ON, redone_words
 from batch.outputs import clean_temp_files, tag_temp_files
 from batch.progress import Progress
-from batch.report import write_report
+from batch.report import RUN_STARTED, write_report
 from batch.requeue import read_again
 from batch.roots import RootMap
 from batch.scan import (
@@ -155,6 +155,7 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
             if in_force is not None and in_force != config.budget:
                 log.warning("This worker joins a batch whose --max-credits is %d (not %s): "
                             "the workers share that one.", in_force, config.budget)
+            _record_start(ledger, started_at, worker.name)
             since = time.time()
             try:
                 with ledger.pinned():  # the event loop's own reads and claims
@@ -206,8 +207,16 @@ def check_results_source(ledger: Ledger, config: RunConfig) -> None:
         ledger.mark_emulated()
 
 
-def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:
+def _record_start(ledger: Ledger, started_at: datetime, worker: str) -> None:
+    """A run is counted and noted as it starts: one that is killed (a power cut, the kernel
+    out of memory) never reaches its end's record, and the morning report must not show the
+    run before it as the last one."""
     ledger.set_meta("runs", str(int(ledger.get_meta("runs") or 0) + 1))
+    ledger.set_meta(RUN_STARTED, json.dumps({
+        "started": started_at.isoformat(timespec="seconds"), "worker": worker}))
+
+
+def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:
     ledger.set_meta("last_run", json.dumps({
         "started": started_at.isoformat(timespec="seconds"),
         "finished": datetime.now().astimezone().isoformat(timespec="seconds"),

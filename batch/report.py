@@ -29,9 +29,12 @@ from batch.ledger.workers import WorkerRecords
 from batch.options import Options
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
 from batch.status import EMULATED_NOTE, describe_worker, worker_entry
+from batch.worker import died_here
 
 #: Results whose links expire within this many seconds need a person's attention.
 EXPIRING_SOON = 6 * 3600
+#: Ledger meta: when the latest run started, and as which worker.
+RUN_STARTED = "run_started"
 
 
 @dataclass
@@ -52,6 +55,8 @@ class ReportData:
     worker_rows: list[dict[str, Any]]
     #: The results are the bundled emulator's imitations (runs with --emulator).
     emulated: bool = False
+    #: The latest run has not recorded its end: it is under way, or it was killed.
+    run_note: str | None = None
 
 
 @functools.cache
@@ -86,7 +91,23 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
                       if first else "", int(ledger.get_meta("runs") or 0),
                       [describe_worker(w, work.get(w.name, {})) for w in workers],
                       [worker_entry(w, work.get(w.name, {})) for w in workers],
-                      ledger.emulated())
+                      ledger.emulated(), _unfinished_run(ledger, last_run))
+
+
+def _unfinished_run(ledger: Ledger, last_run: dict[str, Any]) -> str | None:
+    """What became of a run that started after the last one that ended: under way, or
+    killed (a power cut, the kernel out of memory) before it could say anything."""
+    started = json.loads(ledger.get_meta(RUN_STARTED) or "{}")
+    if not started or ("started" in last_run and datetime.fromisoformat(started["started"])
+                       <= datetime.fromisoformat(last_run["started"])):
+        return None
+    when = started["started"]
+    if any(w.live and not died_here(w) for w in WorkerRecords(ledger).listing()
+           if w.name == started["worker"]):
+        return f"A run is under way: it started {when}."
+    return (f"The last run, started {when}, ended without finishing (it was killed, or the "
+            "machine went down): what it paid for is in the ledger. Run the same command "
+            "again to carry on.")
 
 
 def _why_attention(row: dict[str, Any], now: float) -> str | None:
@@ -120,7 +141,8 @@ def to_json(data: ReportData) -> str:
     return json.dumps({
         "generated": data.generated, "counts": data.counts, "credits_total": data.credits_total,
         "batch": {"files": data.files, "since": data.since, "runs": data.runs},
-        "last_run": data.last_run, "needs_attention": data.attention,
+        "last_run": data.last_run, "last_run_unfinished": data.run_note,
+        "needs_attention": data.attention,
         "workers": data.worker_rows,
         "bundled_emulator": data.emulated,
         "files": [{k: row.get(k) for k in CSV_FIELDS} for row in data.rows],
@@ -180,9 +202,12 @@ def _batch_header(data: ReportData) -> str:
     parts += [f"<div class='figure{cls}'><b>{n}</b>{e(label)}</div>"
               for label, n, cls in figures]
     parts.append("</div>")
+    if data.run_note:
+        parts.append(f"<p class='warn' id='unfinished-run'>{e(data.run_note)}</p>")
     run = data.last_run
     if run:
-        parts.append(f"<p class='lastrun'>Last run: {e(str(run.get('started', '')))} to "
+        label = "Last finished run" if data.run_note else "Last run"
+        parts.append(f"<p class='lastrun'>{label}: {e(str(run.get('started', '')))} to "
                      f"{e(str(run.get('finished', '')))} ({run.get('seconds', 0):.0f} s), "
                      f"exit code {run.get('exit_code')}, credits charged in that run "
                      f"{run.get('charged', 0)}. {e(str(run.get('message') or ''))}</p>")

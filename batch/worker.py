@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy.exc import SQLAlchemyError
 
 from batch.ledger import Ledger, LedgerFull
-from batch.ledger.workers import WorkerNameTaken, WorkerRecords
+from batch.ledger.workers import WorkerNameTaken, WorkerRecords, WorkerRow
 from batch.locking import LedgerBusy
 
 log = logging.getLogger("batch.worker")
@@ -41,6 +41,12 @@ def _running(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def died_here(worker: WorkerRow) -> bool:
+    """A worker of this machine whose process is gone (killed): dead now, whatever its lease
+    says."""
+    return worker.host == socket.gethostname() and not _running(worker.pid)
 
 
 class Worker:
@@ -78,9 +84,8 @@ class Worker:
         for the lease)."""
         counts = self.ledger.recover_interrupted()  # jobs no worker held
         dead = set(self.records.lapsed(self.name, all_others=not self.ledger.shared))
-        host = socket.gethostname()
         dead |= {w.name for w in self.records.listing()
-                 if w.live and w.host == host and w.name != self.name and not _running(w.pid)}
+                 if w.live and w.name != self.name and died_here(w)}
         for name in sorted(dead):
             self._take_over(name)
         self.live = self._count_live()

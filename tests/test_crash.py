@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,15 @@ from tests.checks import (
     assert_outputs_right,
     ledger_of,
 )
-from tests.conftest import FAST_FLAGS, MakeEmulator, cli_env, popen_cli, run_cli, wait_for
+from tests.conftest import (
+    FAST_FLAGS,
+    MakeEmulator,
+    cli_env,
+    popen_cli,
+    run_cli,
+    stopped,
+    wait_for,
+)
 from tests.imagegen import write_portrait
 
 POINTS = ["submitting:3", "answered:2", "queued:4", "processing:2", "ready:3", "downloading:2",
@@ -248,3 +257,50 @@ def test_a_run_started_with_nohup_outlives_its_terminal(tmp_path: Path,
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout + stderr
     assert_outputs_right(out, sources, emulator)
+
+
+def test_the_morning_report_after_a_run_was_killed_says_so(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A night killed outright (a power cut, the kernel out of memory) records no end: the
+    morning report says the last run ended without finishing, where it showed the night
+    before's run, exit code 0, as the last one. A run under way is said to be under way, and
+    once a run finishes the report is as before. Every run is counted."""
+    emulator = make_emulator(process_seconds=1.0)
+    src, out = tmp_path / "src", tmp_path / "out"
+    tree(src, 3)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 0
+    for i in range(3, 8):
+        write_portrait(src / f"{i:03d}.jpg", seed=i)
+    killed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": "queued:2"})
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+
+    def report() -> tuple[dict[str, Any], str]:
+        for fmt in ("json", "html"):
+            assert run_cli(["report", "--out", str(out), "--format", fmt], None).returncode == 0
+        return (json.loads((out / "skinbatch-report.json").read_text()),
+                (out / "skinbatch-report.html").read_text())
+
+    data, page = report()
+    note = data["last_run_unfinished"]
+    assert isinstance(note, str) and "ended without finishing" in note, data
+    assert "Run the same command again to carry on." in note and note in page.replace(
+        "&#x27;", "'")
+    assert "Last finished run:" in page and data["batch"]["runs"] == 2
+
+    submits = emulator.stats["submits"]
+    watching = popen_cli(["watch", *args[1:]], emulator)  # a run that stays under way
+    try:
+        assert wait_for(lambda: emulator.stats["submits"] > submits, timeout=60)
+        data, page = report()
+        assert str(data["last_run_unfinished"]).startswith("A run is under way: it started ")
+    finally:
+        stopped(watching)
+    assert run_cli(args, emulator).returncode == 0
+    data, page = report()
+    assert data["last_run_unfinished"] is None and "unfinished-run" not in page
+    assert "Last run:" in page and data["batch"]["runs"] == 4
+    assert_outputs_right(out, {**tree(src, 3), **{f"{i:03d}.jpg": (src / f"{i:03d}.jpg")
+                                                  .read_bytes() for i in range(3, 8)}},
+                         emulator)

@@ -376,12 +376,16 @@ def emulate(host: str, port: int, result_port: int, key: str, credits: float,
 
     faults = Faults(submit_5xx=fault_rate, query_5xx=fault_rate, download_truncate=fault_rate,
                     submit_drop_after=fault_rate / 2, query_drop=fault_rate)
-    emulator = Emulator(EmulatorConfig(api_keys=frozenset({key}), credits=credits,
-                                       queue_seconds=queue_seconds,
-                                       process_seconds=process_seconds, result_ttl=result_ttl,
-                                       qps_limit=qps_limit, upload_bandwidth=upload_bandwidth,
-                                       faults=faults),
-                        host=host, api_port=port, result_port=result_port)
+    try:
+        emulator = Emulator(EmulatorConfig(api_keys=frozenset({key}), credits=credits,
+                                           queue_seconds=queue_seconds,
+                                           process_seconds=process_seconds,
+                                           result_ttl=result_ttl, qps_limit=qps_limit,
+                                           upload_bandwidth=upload_bandwidth, faults=faults),
+                            host=host, api_port=port, result_port=result_port)
+    except OSError as exc:  # a client pointed at the port would reach whatever holds it
+        raise click.UsageError(f"cannot serve on {host} port {port} or {result_port}: "
+                               f"{exc.strerror or exc} (another emulator running?)") from None
     emulator.start()
     click.echo(f"API at {emulator.api_base}, results at {emulator.result_base}. "
                f"Use: AILAB_API_BASE={emulator.api_base} AILAB_API_KEY=<key> skinbatch run ...")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -163,3 +165,21 @@ def test_making_one_result_holds_no_other_request_back(make_emulator: MakeEmulat
         release.set()
         query.join(60)
     assert finished[0].json()["task_status"] == 2
+
+
+def test_emulate_on_a_port_in_use_says_so_rather_than_serving_elsewhere() -> None:
+    """`skinbatch emulate --port P` with P taken (an emulator left running) exits with the
+    reason: serving on another port would leave clients pointed at P talking to whatever
+    holds it."""
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        port, result_port = taken.getsockname()[1], free.getsockname()[1]
+        free.close()
+        result = subprocess.run(
+            [sys.executable, "-m", "batch", "emulate", "--port", str(port), "--result-port",
+             str(result_port)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot serve on 127.0.0.1 port {port}" in result.stderr
+    assert "another emulator running?" in result.stderr and "API at" not in result.stdout

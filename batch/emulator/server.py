@@ -307,12 +307,12 @@ class ResultHandler(_Handler):
 
 
 def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler],
-          emulator: Emulator) -> _Server:
-    """A server on ``port``, or on a free one if that is taken by now."""
+          emulator: Emulator, or_any: bool) -> _Server:
+    """A server on ``port``; ``or_any``: on a free one if that is taken by now."""
     try:
         return _Server((host, port), handler, emulator)
     except OSError:
-        if not port:
+        if not port or not or_any:
             raise
         return _Server((host, 0), handler, emulator)
 
@@ -327,11 +327,13 @@ class Emulator:
         self.result_redirect: str | None = None
         folder = self.config.state_dir
         saved = folder / "ports.json" if folder is not None else None
-        if saved is not None and saved.exists() and not (api_port or result_port):
-            # The ports of the emulator before it: the result links in a ledger name them.
+        # Ports asked for are taken or refused; the ports of the emulator before it (the
+        # result links in a ledger name them) are taken where they are still free.
+        reused = saved is not None and saved.exists() and not (api_port or result_port)
+        if reused and saved is not None:
             api_port, result_port = json.loads(saved.read_text())
-        self._api = _bind(host, api_port, ApiHandler, self)
-        self._results = _bind(host, result_port, ResultHandler, self)
+        self._api = _bind(host, api_port, ApiHandler, self, or_any=reused)
+        self._results = _bind(host, result_port, ResultHandler, self, or_any=reused)
         if saved is not None:
             saved.write_text(json.dumps([self.api_port, self.result_port]))
         self._threads: list[threading.Thread] = []

@@ -33,6 +33,7 @@ from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
 from batch.options import NOTHING_ON, redone_words
 from batch.outputs import clean_temp_files, tag_temp_files
+from batch.preflight import release_pixel_memory
 from batch.progress import Progress
 from batch.report import RUN_STARTED, write_report
 from batch.requeue import read_again
@@ -568,10 +569,16 @@ async def _drive(rt: Runtime, keep_running: bool = False,
     watched = [*stages, *([scanning] if scanning else [])]
     stages.append(asyncio.create_task(_clock(rt), name="clock"))
     last_count = 0.0
+    worked = False  # since the pixel memory kept for the next copy was last given back
     try:
         while not (rt.flags.abort or rt.flags.interrupted):
             _raise_failure(rt, watched)
             busy = submitter.in_flight or downloader.in_flight or poller.in_flight
+            if busy:
+                worked = True
+            elif worked:  # every photo's work is done: a watch waits for the next card
+                worked = False
+                release_pixel_memory()
             timeout = 0.25
             # Counting is a query: at most every COUNT_EVERY seconds, and only when idle; a
             # count put off is done as soon as it is due, so the run ends without a lag.

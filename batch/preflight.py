@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, NamedTuple
@@ -62,6 +65,25 @@ def reuse_pixel_memory(copies_at_once: int) -> None:
     A ``PILLOW_BLOCKS_MAX`` the user set wins."""
     if "PILLOW_BLOCKS_MAX" not in os.environ:
         pillow_core.set_blocks_max(BLOCKS_PER_COPY * copies_at_once)
+
+
+def release_pixel_memory() -> None:
+    """Give the pixel memory back to the system once there is no photo to work on: a watch
+    waiting for the next card would otherwise hold a few hundred MB of it for nothing, kept
+    for reuse by Pillow and, once Pillow lets it go, by the C library's heaps."""
+    pillow_core.clear_cache()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, where the C library has one (not on macOS)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return trim
 
 
 #: The error code of a job rejected because its file could not be read (gone with a share that

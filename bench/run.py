@@ -355,6 +355,39 @@ def bench_photo_memory(work: Path, jpegs: int, tiffs: int) -> None:
                     child.peak_rss_mb <= bound)
             else:  # the scan's reads and the downloads' previews go on beside the copies
                 row(f"peak RSS, run over {count} {kind}", figure)
+    bench_watch_memory(work, folders["camera JPEGs (6000x4000, 15-20 MB)"], config)
+
+
+def vm_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def bench_watch_memory(work: Path, photos: Path, config: EmulatorConfig) -> None:
+    """A watch's memory once a card's photos are all saved and it waits for the next: what it
+    holds for the day, beside its peak."""
+    hot, out = work / "memory-hot", work / "memory-hot-out"
+    hot.mkdir()
+    count = len(list(photos.iterdir()))
+    with Emulator(config) as emulator:
+        env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
+               "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "watch", str(hot), "--out",
+                                 str(out), "--smart-skin", "--poll-interval", str(POLL),
+                                 "--no-progress", "-q"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            shutil.copytree(photos, hot / "card")
+            deadline = time.monotonic() + 600
+            while len(list(out.rglob("*.jpg"))) < count and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(3)  # the last save's bookkeeping, then idle
+            idle, peak = vm_kb(proc.pid, "VmRSS") / 1024, vm_kb(proc.pid, "VmHWM") / 1024
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    row(f"RSS of a watch waiting after {count} camera JPEGs", f"{idle:.0f} MB (its peak "
+        f"{peak:.0f} MB)", "<= 200 MB", idle <= 200)
 
 
 PG_ADMIN = os.environ.get("SKINBATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -165,12 +165,9 @@ def _decoding(missing_heif: bool = False, tiff: bool = False) -> Iterator[None]:
                                "layout Pillow does not read); export it as an 8- or 16-bit "
                                "TIFF or a JPEG") from exc
             raise Rejected("not an image (the content is not JPEG, PNG or WEBP)") from exc
-        except OSError as exc:
-            if exc.errno is not None:
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # the disk's (a share gone: EIO), not the image's: read it again later
-            raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
-                from exc
-        except (SyntaxError, ValueError, EOFError) as exc:
             raise Rejected(f"the image is damaged or truncated and cannot be decoded ({exc})") \
                 from exc
 
@@ -268,14 +265,14 @@ def sixteen_bit_grey(fmt: str, mode: str) -> bool:
 
 
 def check(data: bytes | BinaryIO, settings: PrepareSettings = PrepareSettings(),
-          size: int | None = None) -> Inspection:
+          size: int = 0) -> Inspection:
     """The verdict alone, without preparing the upload: what the file is, or ``Rejected``
     with the reason. The scan asks this of every new file, so a file that cannot be sent is
     rejected (and left out of the credit estimate) before anything is paid for. A file sent as
     it is gets decoded here; one that needs a copy does not, as decoding it for the copy is
     its check (still before its upload), and a camera file costs a second decode otherwise.
     ``data`` may be the open file (of ``size`` bytes), for one that is only looked at here."""
-    size = len(data) if isinstance(data, bytes) else size or 0
+    size = len(data) if isinstance(data, bytes) else size
     inspection = inspect_image(data, decode=False)
     fmt, width, height, mode, frames, _ = inspection
     if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:

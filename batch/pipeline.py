@@ -452,17 +452,8 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
     config = rt.config
     limit = config.budget
     if to_pay is None or to_pay:
-        if (error := await _read_balance(rt)) is not None:
-            if error.kind is ErrorKind.ACCOUNT:
-                rt.account_stop(error)
-                return
-            if config.on_short_balance == "stop":  # a batch it is not known to pay for
-                rt.account_stop(ApiError(
-                    ErrorKind.ACCOUNT, f"the balance could not be read ({error.describe()}), "
-                    "and on_short_balance = \"stop\" sends a batch only once the balance is "
-                    "known to pay for it"))
-                return
-            log.warning("Could not read the credit balance (%s); going on.", error.describe())
+        if not await _read_balance(rt):
+            return
         if to_pay is None:  # the scan may have counted the batch while the balance was read
             to_pay = rt.to_pay
     if to_pay:
@@ -489,22 +480,34 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
 BALANCE_READS = 4
 
 
-async def _read_balance(rt: Runtime) -> ApiError | None:
+async def _read_balance(rt: Runtime) -> bool:
     """Read the balance into ``rt.balance``; a 429 or a transient failure is retried, with
-    backoff, as any request is, since what the run may spend is decided on it. The error of
-    the last read, if none succeeded."""
+    backoff, as any request is, since what the run may spend is decided on it. False: the
+    run stops (its account refused, or a balance the stop policy needs cannot be read)."""
     reads = 0
     while True:
         await rt.client.limiter.acquire()
         reads += 1
         try:
             rt.balance = await rt.client.credits()
-            return None
-        except ApiError as error:
+            return True
+        except ApiError as failed:
+            error = failed
             if (error.kind not in (ErrorKind.TRANSIENT, ErrorKind.RATE_LIMITED)
                     or reads == BALANCE_READS):
-                return error
+                break
             await asyncio.sleep(max(error.retry_after or 0.0, rt.backoff(reads - 1)))
+    if error.kind is ErrorKind.ACCOUNT:
+        rt.account_stop(error)
+        return False
+    if rt.config.on_short_balance == "stop":  # a batch it is not known to pay for
+        rt.account_stop(ApiError(
+            ErrorKind.ACCOUNT, f"the balance could not be read ({error.describe()}), and "
+            "on_short_balance = \"stop\" sends a batch only once the balance is known to pay "
+            "for it"))
+        return False
+    log.warning("Could not read the credit balance (%s); going on.", error.describe())
+    return True
 
 
 async def _credits_again(rt: Runtime, every: float) -> None:

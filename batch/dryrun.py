@@ -174,7 +174,7 @@ async def _balance(config: RunConfig) -> tuple[float | None, str | None]:
     assert config.api_key is not None
     client = ApiClient(config.api_base, config.api_key)
     try:
-        return await client.credits(), None
+        return await client.balance(), None
     except ApiError as error:
         return None, error.describe()
     finally:

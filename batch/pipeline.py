@@ -476,38 +476,25 @@ async def _check_money(rt: Runtime, to_pay: int | None) -> None:
         rt.budget_spent()
 
 
-#: Reads of the balance before the first upload, the first and its retries.
-BALANCE_READS = 4
-
-
 async def _read_balance(rt: Runtime) -> bool:
-    """Read the balance into ``rt.balance``; a 429 or a transient failure is retried, with
-    backoff, as any request is, since what the run may spend is decided on it. False: the
-    run stops (its account refused, or a balance the stop policy needs cannot be read)."""
-    reads = 0
-    while True:
-        await rt.client.limiter.acquire()
-        reads += 1
-        try:
-            rt.balance = await rt.client.credits()
-            return True
-        except ApiError as failed:
-            error = failed
-            if (error.kind not in (ErrorKind.TRANSIENT, ErrorKind.RATE_LIMITED)
-                    or reads == BALANCE_READS):
-                break
-            await asyncio.sleep(max(error.retry_after or 0.0, rt.backoff(reads - 1)))
-    if error.kind is ErrorKind.ACCOUNT:
-        rt.account_stop(error)
-        return False
-    if rt.config.on_short_balance == "stop":  # a batch it is not known to pay for
-        rt.account_stop(ApiError(
-            ErrorKind.ACCOUNT, f"the balance could not be read ({error.describe()}), and "
-            "on_short_balance = \"stop\" sends a batch only once the balance is known to pay "
-            "for it"))
-        return False
-    log.warning("Could not read the credit balance (%s); going on.", error.describe())
-    return True
+    """Read the balance into ``rt.balance`` (asked again after a 429 or a transient failure).
+    False: the run stops (its account refused, or a balance the stop policy needs cannot be
+    read)."""
+    try:
+        rt.balance = await rt.client.balance()
+        return True
+    except ApiError as error:
+        if error.kind is ErrorKind.ACCOUNT:
+            rt.account_stop(error)
+            return False
+        if rt.config.on_short_balance == "stop":  # a batch it is not known to pay for
+            rt.account_stop(ApiError(
+                ErrorKind.ACCOUNT, f"the balance could not be read ({error.describe()}), and "
+                "on_short_balance = \"stop\" sends a batch only once the balance is known to "
+                "pay for it"))
+            return False
+        log.warning("Could not read the credit balance (%s); going on.", error.describe())
+        return True
 
 
 async def _credits_again(rt: Runtime, every: float) -> None:

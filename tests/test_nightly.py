@@ -68,7 +68,8 @@ def test_a_balance_query_refused_at_the_start_is_asked_again_before_anything_is_
     """The balance decides what a night may spend: a 429 (a key another client is using) or
     a gateway's 5xx on that first query is retried as any request is, so that the stop
     policy still refuses a batch the balance cannot pay for, and a balance the API will not
-    give at all is not taken for "enough": under that policy nothing is sent."""
+    give at all is not taken for "enough": under that policy nothing is sent. The dry run
+    reads it the same way."""
     src, out = tmp_path / "src", tmp_path / "out"
     shoot(src, 5)
     config = tmp_path / "c.toml"
@@ -79,6 +80,8 @@ def test_a_balance_query_refused_at_the_start_is_asked_again_before_anything_is_
     assert result.returncode == 3, result.stderr
     assert "balance is too low" in result.stderr and "Could not read" not in result.stderr
     assert busy.stats["credit_queries"] == 3 and busy.stats.get("submits", 0) == 0
+    dry = run_cli([*args, "--dry-run"], make_emulator(credits=2, faults={"credits_refused": 1}))
+    assert "balance: 2 credit(s): NOT enough" in dry.stdout, dry.stdout + dry.stderr
 
     refusing = make_emulator(credits=100, faults={"credits_refused": 100})
     result = run_cli(args, refusing)

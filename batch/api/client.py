@@ -12,6 +12,7 @@ connection at all is "not sent"; anything after that may have been charged ("amb
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import ssl
@@ -33,13 +34,16 @@ from batch.api.errors import (
     error_fields,
 )
 from batch.api.ratelimit import RateLimiter
-from batch.api.retry import parse_retry_after
+from batch.api.retry import backoff_delay, parse_retry_after
 from batch.options import Options
 from batch.secret import Secret
 
 USER_AGENT = "skinbatch/0.1 (+https://pypi.org/project/skinbatch)"
 #: A retouched result larger than this is refused (a portrait is a few MB at most).
 MAX_RESULT_BYTES = 64 * 1024 * 1024
+#: Reads of the balance (the first and its retries), and the failures worth another.
+BALANCE_READS = 4
+RETRIED = frozenset({ErrorKind.TRANSIENT, ErrorKind.RATE_LIMITED, ErrorKind.NOT_SENT})
 CHUNK = 256 * 1024
 #: Raised before any byte of the request can have left: no connection was made (refused,
 #: DNS, TLS handshake, a proxy that refused the tunnel, no pooled connection free in time).
@@ -334,6 +338,21 @@ class ApiClient:
                     if isinstance(value, int | float) and not isinstance(value, bool):
                         return float(value)
         return None
+
+    async def balance(self) -> float | None:
+        """:meth:`credits` at the request pace, asked again with backoff (``Retry-After``
+        honoured) after a 429 or a transient failure, up to :data:`BALANCE_READS` times: what
+        a run may spend is decided on it."""
+        reads = 0
+        while True:
+            await self.limiter.acquire()
+            reads += 1
+            try:
+                return await self.credits()
+            except ApiError as error:
+                if error.kind not in RETRIED or reads == BALANCE_READS:
+                    raise
+                await asyncio.sleep(max(error.retry_after or 0.0, backoff_delay(reads - 1)))
 
     async def download(self, url: str, sink: IO[bytes]) -> Downloaded:
         """Stream ``url`` into ``sink``, checking scheme, status, declared length and size cap.

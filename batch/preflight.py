@@ -173,17 +173,17 @@ def _decoding(missing_heif: bool = False, tiff: bool = False) -> Iterator[None]:
 
 
 def inspect_image(data: bytes | BinaryIO, decode: bool = True) -> Inspection:
-    """Say what ``data`` (the bytes, or the open file at its start) is, from its header;
+    """Say what ``data`` (the bytes, or the open file) is, from its header;
     ``decode``: decode it too (bounded: a JPEG at an eighth of its size, which still reads
     every byte), so a damaged file is found now."""
-    head = data[:12] if isinstance(data, bytes) else data.read(12)
-    if not isinstance(data, bytes):
-        data.seek(0)
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    source.seek(0)
+    head = source.read(12)
+    source.seek(0)
     if not head:
         raise Rejected("the file is empty")
     missing_heif = heif_unsupported(head)
-    with _decoding(missing_heif, head[:4] in TIFF_MAGIC), \
-            Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+    with _decoding(missing_heif, head[:4] in TIFF_MAGIC), Image.open(source) as image:
         fmt = image.format or "unknown"
         width, height = image.size
         if width * height > MAX_PIXELS:
@@ -294,8 +294,6 @@ def check(data: bytes | BinaryIO, settings: PrepareSettings = PrepareSettings(),
             raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
                            f"{MAX_SIDE_EXCLUSIVE} px")
     if not needs_copy(inspection, size):
-        if not isinstance(data, bytes):
-            data.seek(0)
         inspect_image(data)
     return inspection
 

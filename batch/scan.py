@@ -45,6 +45,7 @@ from batch.options import Options
 from batch.outputs import folds_case, name_refused, sha256_file, taken_by_another
 from batch.preflight import (
     NO_HEIF,
+    Inspection,
     PrepareSettings,
     Rejected,
     check,
@@ -152,31 +153,26 @@ def read_file(path: str, prepare: PrepareSettings | None = None,
                 # Its key is the whole file's hash, and its check needs only its header: a
                 # TIFF master of a few hundred MB is not held whole (one per hashing thread).
                 digest = hashlib.file_digest(handle, "sha256").hexdigest()
-                handle.seek(0)
-                return FileRead(digest, None, st.st_size, st.st_mtime_ns,
-                                _refusal(handle, st.st_size, prepare))
+                _, rejected = _verdict(handle, st.st_size, prepare)
+                return FileRead(digest, None, st.st_size, st.st_mtime_ns, rejected)
             data = handle.readall()
         except OSError as exc:
             return FileRead(None, f"cannot read the file: {exc.strerror or exc}", 0, 0)
-    rejected, inspection = None, None
-    if prepare is not None:
-        try:
-            inspection = check(data, prepare)
-        except Rejected as refusal:
-            rejected = refusal.reason
+    inspection, rejected = _verdict(data, st.st_size, prepare)
     digest = photo_key(data, by_image, inspection)
     return FileRead(digest, None, st.st_size, st.st_mtime_ns, rejected)
 
 
-def _refusal(handle: BinaryIO, size: int, prepare: PrepareSettings | None) -> str | None:
-    """Why preflight would refuse the open file, or None (also without ``prepare``)."""
+def _verdict(data: bytes | BinaryIO, size: int, prepare: PrepareSettings | None
+             ) -> tuple[Inspection | None, str | None]:
+    """Preflight's check of the file (its bytes, or the open file): what it is, or why it
+    would be refused; neither without ``prepare``."""
     if prepare is None:
-        return None
+        return None, None
     try:
-        check(handle, prepare, size)
+        return check(data, prepare, size), None
     except Rejected as refusal:
-        return refusal.reason
-    return None
+        return None, refusal.reason
 
 
 def settled(path: str, mtime_ns: int, settle: float, now: float) -> bool:

@@ -509,9 +509,8 @@ async def _credits_again(rt: Runtime, every: float) -> None:
         stop_at = rt.config.stop_submitting_at
         if stop_at is not None and datetime.now().astimezone() >= stop_at:
             return
-        await rt.client.limiter.acquire()
         try:
-            balance = await rt.client.credits()
+            balance = await rt.client.balance()
         except ApiError as failed:
             if failed.kind is ErrorKind.ACCOUNT:
                 rt.account_stop(failed)

@@ -710,7 +710,11 @@ class _RootScan:
                 self.stats.problems += 1
                 self._spoil(c.rel_path)
             rows.append(c)
-        self.stats.new_jobs += self.ledger.record_files(rows)
+        recorded = self.ledger.record_files(rows)
+        self.stats.new_jobs += recorded.created
+        for path in recorded.superseded:
+            log.warning("%s changed after its earlier version was sent: the result paid for "
+                        "that version is not saved; the photo as it is now is sent.", path)
         self._progress(len(rows))
 
     def _spoil(self, rel_path: str) -> None:

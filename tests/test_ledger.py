@@ -32,7 +32,7 @@ def scanned(rel: str, sha: str | None, root: str = "/src", problem: str | None =
 
 
 def record(ledger: Ledger, found: list[ScannedFile], options_fp: str) -> int:
-    return ledger.record_files([f._replace(options_fp=options_fp) for f in found])
+    return ledger.record_files([f._replace(options_fp=options_fp) for f in found]).created
 
 
 class TestLedger:
@@ -82,13 +82,13 @@ class TestLedger:
         n = RECORD_CHUNK * 2 + 7
         found = [scanned(f"p{i % 9}/{i}.jpg", f"{i % 700:064x}") for i in range(n)]
         found.append(scanned("bad.jpg", None, problem="cannot be read"))
-        assert ledger.record_files(found) == 700
+        assert ledger.record_files(found).created == 700
         assert ledger.file_count() == n + 1
         job = next(j for j in ledger.jobs_in([JobState.PENDING]) if j.content_sha256 == f"{5:064x}")
         assert sorted(f.rel_path for f in ledger.files_for_job(job.id)) == sorted(
             f"p{i % 9}/{i}.jpg" for i in range(n) if i % 700 == 5)
         assert [p.path for p in ledger.problems()] == ["/src/bad.jpg"]
-        assert ledger.record_files(found) == 0
+        assert ledger.record_files(found).created == 0
         assert ledger.file_count() == n + 1
 
     def test_transitions_write_history_and_refuse_illegal_moves(self, ledger: Ledger) -> None:

@@ -111,6 +111,15 @@ class KnownFile(NamedTuple):
     written_rel: str | None
 
 
+class Recorded(NamedTuple):
+    """What :meth:`Ledger.record_files` did: new jobs waiting to be sent, and the photos whose
+    content changed while the result of the version before was paid for and not saved (that
+    job is left with no file to save its result at)."""
+
+    created: int
+    superseded: list[str]
+
+
 class ScannedFile(NamedTuple):
     """A file as a scan found it: what :meth:`Ledger.record_files` records. A file that
     cannot be processed has no ``content_sha256`` and says why in ``problem``."""
@@ -527,27 +536,62 @@ class Ledger:
                     folders.c.root == root,
                     folders.c.rel_dir.in_(dirty[start:start + RECORD_CHUNK])))
 
-    def record_files(self, found: Sequence[ScannedFile]) -> int:
+    def record_files(self, found: Sequence[ScannedFile]) -> Recorded:
         """Record scanned files (insert or update by root and relative path) and link each
         readable one to its job (content + options), creating jobs in the order their first
-        file came. Returns how many new jobs wait to be sent (a job whose content preflight
-        refused starts rejected and is not counted). One transaction, not durable: a scan
-        lost to a power cut is made again by the next scan, and no upload starts from a job
-        before a durable write (``submitting``) has made it durable."""
-        def record() -> int:
-            created = 0
+        file came. A job whose content preflight refused starts rejected and is not counted
+        as created. One transaction, not durable: a scan lost to a power cut is made again by
+        the next scan, and no upload starts from a job before a durable write
+        (``submitting``) has made it durable."""
+        def record() -> Recorded:
+            created, superseded = 0, []
             with self._write(durable=False) as conn:
                 for start in range(0, len(found), RECORD_CHUNK):
-                    created += self._record_chunk(conn, found[start:start + RECORD_CHUNK])
-            return created
+                    chunk = found[start:start + RECORD_CHUNK]
+                    in_flight = self._in_flight(conn, chunk)
+                    created += self._record_chunk(conn, chunk)
+                    if in_flight:
+                        superseded += self._note_superseded(conn, in_flight)
+            return Recorded(created, superseded)
 
-        created = self.patiently(record)
+        recorded = self.patiently(record)
         self._recorded += len(found)
         if self.shared and self._recorded - self._analyzed_at >= max(ANALYZE_AFTER,
                                                                      self._analyzed_at):
             self.patiently(self._analyze)
             self._analyzed_at = self._recorded
-        return created
+        return recorded
+
+    @staticmethod
+    def _in_flight(conn: Connection, found: Sequence[ScannedFile]) -> dict[str, int]:
+        """The paths among ``found`` whose ledger row links a job paid for (or being paid
+        for) whose result is not saved yet, by path."""
+        keys = [(f.root, f.rel_path) for f in found if f.content_sha256 is not None]
+        if not keys:
+            return {}
+        query = (select(files.c.root, files.c.rel_path, files.c.job_id)
+                 .select_from(files.join(jobs, jobs.c.id == files.c.job_id))
+                 .where(tuple_(files.c.root, files.c.rel_path).in_(keys),
+                        jobs.c.state.in_([s.value for s in IN_FLIGHT])))
+        return {f"{root.rstrip('/')}/{rel}": job_id for root, rel, job_id in conn.execute(query)}
+
+    def _note_superseded(self, conn: Connection, linked: dict[str, int]) -> list[str]:
+        """Of ``linked`` (path: the job its row linked before this scan), the jobs that now have
+        no file: the photo changed (a re-export over it) while that version's result was paid
+        for. Its history says so; it keeps waiting for that version to come back (a restored
+        photo is not paid again), and the paths are returned for the scan to say."""
+        orphaned = set(conn.scalars(select(jobs.c.id).where(
+            jobs.c.id.in_(set(linked.values())), ~WANTED)))
+        now = time.time()
+        superseded = []
+        for path, job_id in linked.items():
+            if job_id in orphaned:
+                state = self._state_of(conn, job_id).value
+                self._event(conn, job_id, state, state, 0, TransitionInfo(
+                    message=f"{path} changed in the source after this version was sent: its "
+                            "result is not saved unless that version comes back"), now)
+                superseded.append(path)
+        return superseded
 
     def forget_files(self, root: str, rel_paths: Sequence[str]) -> None:
         """Files gone from a folder that is still there (culled, renamed, moved away): the

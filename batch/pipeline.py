@@ -533,6 +533,11 @@ async def _clock(rt: Runtime) -> None:
                        ("The run ends by", config.deadline)):
         if when is not None:
             log.info("%s %s.", what, f"{when:%Y-%m-%d %H:%M} ({when:%Z}, UTC{when:%z})")
+    stop_at, deadline = config.stop_submitting_at, config.deadline
+    if stop_at is not None and deadline is not None and stop_at > deadline:
+        # Most likely the two times swapped: said, as the night's uploads end earlier than meant.
+        log.warning("--stop-submitting-at (%s) comes after --deadline (%s): the deadline ends "
+                    "the run first, uploads included.", f"{stop_at:%H:%M}", f"{deadline:%H:%M}")
     while True:
         now = datetime.now().astimezone()
         if config.stop_submitting_at is not None and now >= config.stop_submitting_at:

@@ -165,6 +165,20 @@ def test_a_run_says_its_stop_times_with_their_time_zone(tmp_path: Path,
                      result.stderr), result.stderr
 
 
+def test_a_stop_time_after_the_deadline_is_said(tmp_path: Path, emulator: Emulator) -> None:
+    """The two times swapped in a cron line: uploads would stop at the deadline, earlier than
+    the line reads. Said even under -q, and the night still runs."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shoot(src, 1)
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin",
+                      "--stop-submitting-at", "2h", "--deadline", "1h", "-q", *FAST_FLAGS],
+                     emulator)
+    assert result.returncode == 0 and emulator.stats["charged"] == 1, result.stderr
+    assert re.fullmatch(r"\S+ WARNING --stop-submitting-at \(\d\d:\d\d\) comes after --deadline "
+                        r"\(\d\d:\d\d\): the deadline ends the run first, uploads included\.\n",
+                        result.stderr), result.stderr
+
+
 def test_the_deadline_ends_the_run_and_says_what_is_in_flight(tmp_path: Path,
                                                               make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(queue_seconds=1.0, process_seconds=6.0)

@@ -712,9 +712,12 @@ class _RootScan:
             rows.append(c)
         recorded = self.ledger.record_files(rows)
         self.stats.new_jobs += recorded.created
-        for path in recorded.superseded:
-            log.warning("%s changed after its earlier version was sent: the result paid for "
-                        "that version is not saved; the photo as it is now is sent.", path)
+        for gone in recorded.superseded:
+            log.warning("%s", f"{gone.path}: its options changed after it was sent: the result "
+                        "paid for under the earlier ones is not saved; it is sent with these."
+                        if gone.options else f"{gone.path} changed after it was sent (exported "
+                        "again over itself?): the result paid for the earlier version is not "
+                        "saved; the photo as it is now is sent.")
         self._progress(len(rows))
 
     def _spoil(self, rel_path: str) -> None:

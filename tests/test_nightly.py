@@ -257,12 +257,13 @@ def test_photos_culled_from_the_shoot_are_not_sent_and_stop_being_problems(
                                if (src / name).exists()}, emulator)
 
 
-def test_a_photo_exported_again_over_itself_after_it_was_paid_for_says_so(
-        tmp_path: Path, make_emulator: MakeEmulator) -> None:
-    """The photographer exports a photo again over itself (a corrected crop) after a run sent
-    it and was killed: the next run sends the photo as it is now and saves its result, and
-    says that the result paid for the earlier version is not saved, where it left that paid
-    task unmentioned (4 credits for 3 photos, said nowhere)."""
+@pytest.mark.parametrize("change", ["photo", "options"])
+def test_a_paid_result_a_change_leaves_unsaved_is_said(
+        tmp_path: Path, make_emulator: MakeEmulator, change: str) -> None:
+    """After a run sent the night's photos and was killed, the photographer exports one again
+    over itself (a corrected crop), or someone turns on another option: the next run sends
+    the photos as they are now and saves their results, and says which paid results are not
+    saved, where it left those paid tasks unmentioned (credits spent, said nowhere)."""
     emulator = make_emulator(process_seconds=1.0)
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 3)
@@ -270,23 +271,31 @@ def test_a_photo_exported_again_over_itself_after_it_was_paid_for_says_so(
     killed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": "queued:3"})
     killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL and emulator.stats["charged"] == 3
-    sources["01.jpg"] = write_portrait(src / "01.jpg", seed=41)
+    if change == "photo":
+        sources["01.jpg"] = write_portrait(src / "01.jpg", seed=41)
+        said = {"01.jpg": "01.jpg changed after it was sent (exported again over itself?): the "
+                          "result paid for the earlier version is not saved; the photo as it "
+                          "is now is sent."}
+    else:
+        args.append("--acne-removal")
+        said = {name: f"{name}: its options changed after it was sent: the result paid for "
+                      "under the earlier ones is not saved; it is sent with these."
+                for name in sources}
     rerun = run_cli([*args, "-q"], emulator)
     assert rerun.returncode == 0, rerun.stderr
-    assert emulator.stats["charged"] == 4
+    assert emulator.stats["charged"] == 3 + len(said)
     assert_outputs_right(out, sources, emulator)
-    said = [line for line in rerun.stderr.splitlines() if "01.jpg" in line]
-    assert len(said) == 1 and "changed after its earlier version was sent: the result paid " \
-        "for that version is not saved" in said[0], rerun.stderr
+    warnings = sorted(line.split(" WARNING ", 1)[1] for line in rerun.stderr.splitlines())
+    assert warnings == sorted(f"{src}/{words}" for words in said.values()), rerun.stderr
     with contextlib.closing(sqlite3.connect(out / ".skinbatch" / "ledger.sqlite")) as db:
         history = db.execute("SELECT message FROM events WHERE message LIKE ?",
-                             ("%changed in the source%",)).fetchall()
-    assert [m for (m,) in history] == [f"{src}/01.jpg changed in the source after this version "
-                                       "was sent: its result is not saved unless that version "
-                                       "comes back"]
+                             ("%after this was sent%",)).fetchall()
+    assert sorted(m for (m,) in history) == sorted(
+        f"{src}/{name}: its {change} changed after this was sent; its result is not saved "
+        "unless they come back" for name in said)
     again = run_cli([*args, "-q"], emulator)
     assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
-    assert emulator.stats["charged"] == 4
+    assert emulator.stats["charged"] == 3 + len(said)
 
 
 def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(

@@ -111,13 +111,21 @@ class KnownFile(NamedTuple):
     written_rel: str | None
 
 
+class Superseded(NamedTuple):
+    """A file whose photo (exported again over it) or options changed while the result for
+    the ones before was paid for and not saved: that job is left with no file to save it at."""
+
+    path: str
+    #: The options changed, not the photo.
+    options: bool
+
+
 class Recorded(NamedTuple):
-    """What :meth:`Ledger.record_files` did: new jobs waiting to be sent, and the photos whose
-    content changed while the result of the version before was paid for and not saved (that
-    job is left with no file to save its result at)."""
+    """What :meth:`Ledger.record_files` did: new jobs waiting to be sent, and the files whose
+    paid result is no longer wanted (see :class:`Superseded`)."""
 
     created: int
-    superseded: list[str]
+    superseded: list[Superseded]
 
 
 class ScannedFile(NamedTuple):
@@ -544,14 +552,14 @@ class Ledger:
         the next scan, and no upload starts from a job before a durable write
         (``submitting``) has made it durable."""
         def record() -> Recorded:
-            created, superseded = 0, []
+            created, superseded = 0, list[Superseded]()
             with self._write(durable=False) as conn:
                 for start in range(0, len(found), RECORD_CHUNK):
                     chunk = found[start:start + RECORD_CHUNK]
                     in_flight = self._in_flight(conn, chunk)
                     created += self._record_chunk(conn, chunk)
                     if in_flight:
-                        superseded += self._note_superseded(conn, in_flight)
+                        superseded += self._note_superseded(conn, chunk, in_flight)
             return Recorded(created, superseded)
 
         recorded = self.patiently(record)
@@ -563,9 +571,9 @@ class Ledger:
         return recorded
 
     @staticmethod
-    def _in_flight(conn: Connection, found: Sequence[ScannedFile]) -> dict[str, int]:
-        """The paths among ``found`` whose ledger row links a job paid for (or being paid
-        for) whose result is not saved yet, by path."""
+    def _in_flight(conn: Connection, found: Sequence[ScannedFile]) -> dict[tuple[str, str], int]:
+        """The files among ``found`` whose ledger row links a job paid for (or being paid
+        for) whose result is not saved yet: that job, by root and relative path."""
         keys = [(f.root, f.rel_path) for f in found if f.content_sha256 is not None]
         if not keys:
             return {}
@@ -573,24 +581,31 @@ class Ledger:
                  .select_from(files.join(jobs, jobs.c.id == files.c.job_id))
                  .where(tuple_(files.c.root, files.c.rel_path).in_(keys),
                         jobs.c.state.in_([s.value for s in IN_FLIGHT])))
-        return {f"{root.rstrip('/')}/{rel}": job_id for root, rel, job_id in conn.execute(query)}
+        return {(root, rel): job_id for root, rel, job_id in conn.execute(query)}
 
-    def _note_superseded(self, conn: Connection, linked: dict[str, int]) -> list[str]:
-        """Of ``linked`` (path: the job its row linked before this scan), the jobs that now have
-        no file: the photo changed (a re-export over it) while that version's result was paid
-        for. Its history says so; it keeps waiting for that version to come back (a restored
-        photo is not paid again), and the paths are returned for the scan to say."""
-        orphaned = set(conn.scalars(select(jobs.c.id).where(
-            jobs.c.id.in_(set(linked.values())), ~WANTED)))
+    def _note_superseded(self, conn: Connection, found: Sequence[ScannedFile],
+                         linked: dict[tuple[str, str], int]) -> list[Superseded]:
+        """Of ``linked`` (the job each file's row linked before this scan), the jobs that now
+        have no file: the photo changed (exported again over itself), or its options did,
+        while that result was paid for. Its history says so; it keeps waiting for its photo
+        and options to come back (then its result is saved, not paid again)."""
+        orphaned = {job_id: sha for job_id, sha in conn.execute(select(
+            jobs.c.id, jobs.c.content_sha256).where(jobs.c.id.in_(set(linked.values())),
+                                                    ~WANTED))}
         now = time.time()
         superseded = []
-        for path, job_id in linked.items():
-            if job_id in orphaned:
-                state = self._state_of(conn, job_id).value
-                self._event(conn, job_id, state, state, 0, TransitionInfo(
-                    message=f"{path} changed in the source after this version was sent: its "
-                            "result is not saved unless that version comes back"), now)
-                superseded.append(path)
+        for f in found:
+            job_id = linked.get((f.root, f.rel_path))
+            if job_id is None or job_id not in orphaned:
+                continue
+            gone = Superseded(f"{f.root.rstrip('/')}/{f.rel_path}",
+                              options=orphaned[job_id] == f.content_sha256)
+            state = self._state_of(conn, job_id).value
+            self._event(conn, job_id, state, state, 0, TransitionInfo(
+                message=f"{gone.path}: its {'options' if gone.options else 'photo'} changed "
+                        "after this was sent; its result is not saved unless they come back"),
+                now)
+            superseded.append(gone)
         return superseded
 
     def forget_files(self, root: str, rel_paths: Sequence[str]) -> None:

@@ -74,7 +74,7 @@ def option_flags(func: F) -> F:
 def run_options(func: F) -> F:
     decorators = [
         click.argument("sources", nargs=-1, required=True,
-                       type=click.Path(exists=True, path_type=Path)),
+                       type=click.Path(path_type=Path)),
         click.option("--out", "out", required=True, type=click.Path(path_type=Path),
                      help="Output folder; mirrors the sources' relative paths."),
         click.option("--config", "config_file", type=click.Path(path_type=Path),

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from batch import apispec
 from batch.api.bandwidth import parse_rate
 from batch.deadlines import parse_when
-from batch.names import STATE_DIR, is_utf8, shown
+from batch.names import IMAGE_SUFFIXES, STATE_DIR, is_utf8, shown
 from batch.options import Options, unknown_names
 from batch.outputs import short_of_room, unmounted_mount_point
 from batch.preflight import PrepareSettings
@@ -339,15 +339,30 @@ def there(path: Path, what: str) -> bool:
     return True
 
 
-def check_paths(config: RunConfig) -> None:
+def unreached(source: Path) -> str | None:
+    """Why a source is not there, in a sentence (None: it is): missing (a drive not plugged
+    in, a share not mounted, a typing slip), or a share that answers with an error."""
+    try:
+        return None if there(source, "the source") else f"source {source} does not exist"
+    except ConfigError as exc:
+        return str(exc)
+
+
+def check_paths(config: RunConfig, *, may_be_away: bool = True) -> None:
     """Refuse, before anything is created or sent, an output folder that would make paid
     results undeliverable or pay twice: inside a source (outputs there are refused, and would
     be scanned as new photos), or a source inside the output (earlier results retouched and
-    paid for again, unless ``allow_source_inside_out``)."""
+    paid for again, unless ``allow_source_inside_out``). A source folder that is not there is
+    refused, but where ``may_be_away`` (a run, not a watch) and another source is there: the
+    run goes on with those (see ``batch.pipeline``)."""
     out = config.out.expanduser().resolve()
+    away = []
     for source in config.sources:
-        if not there(source, "the source"):
-            raise ConfigError(f"source {source} does not exist")
+        if (why := unreached(source)) is not None:
+            away.append(why)
+            if not may_be_away or source.suffix.lower() in IMAGE_SUFFIXES:
+                raise ConfigError(away[-1])
+            continue
         src = source.resolve()
         if not is_utf8(str(src)):
             raise ConfigError(f"the path of the source {shown(str(source))} is not valid UTF-8 "
@@ -362,6 +377,8 @@ def check_paths(config: RunConfig) -> None:
             raise ConfigError(f"the source {source} is inside --out {config.out}: earlier "
                               "results there would be retouched and paid for again; choose "
                               "another --out (or set allow_source_inside_out = true)")
+    if len(away) == len(config.sources):
+        raise ConfigError(away[0])
     if there(out, "--out") and not out.is_dir():
         raise ConfigError(f"--out {config.out} exists and is not a folder")
 

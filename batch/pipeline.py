@@ -24,7 +24,7 @@ from batch.api.breaker import CircuitBreaker
 from batch.api.client import Timeouts
 from batch.api.errors import ACCOUNT_CODES
 from batch.budget import BatchBudget, Budget, Estimate
-from batch.config import ConfigError, RunConfig, check_paths, prepare_out
+from batch.config import ConfigError, RunConfig, check_paths, prepare_out, unreached
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, LedgerFull, LedgerGone, open_ledger
@@ -87,7 +87,7 @@ def source_roots(sources: tuple[Path, ...], root_map: RootMap | None = None
             used[name] = used.get(name, 0) + 1
             if used[name] > 1:
                 prefix = f"{name}-{used[name]}"
-            elif not source.is_file():
+            elif not os.path.isfile(source):
                 prefix = name
         root = SourceRoot(source, prefix)
         roots.append(replace(root, key=root_map.key_for(root.base)))
@@ -144,7 +144,7 @@ def _back(path: str) -> bool:
 
 
 def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
-    check_paths(config)
+    check_paths(config, may_be_away=watch is None)
     out_dir = prepare_out(config)
     started, started_at = time.monotonic(), datetime.now().astimezone()
     with RunLock(out_dir, config.ledger_location):
@@ -280,12 +280,16 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         forget_missing_outputs(ledger, out_dir)
         if not config.options.enabled:
             log.warning("%s", NOTHING_ON)
-        already = ledger.count_in(to_send, rt.roots)
-        progress.add_work(already, already + ledger.count_in(IN_FLIGHT, rt.roots))
+        if watch is None:
+            for source in rt.sources:
+                if unreached(source.path) is not None:
+                    await rt.goes_on_without(source.base)
+        already = ledger.count_in(to_send, rt.roots, away=rt.away)
+        progress.add_work(already, already + ledger.count_in(IN_FLIGHT, rt.roots, away=rt.away))
         scanning = asyncio.create_task(_scan(rt, loop, watching=watch is not None))
         if config.on_short_balance == "stop":  # the whole estimate decides: scan first
             stats = await scanning
-            await _check_money(rt, ledger.count_in(to_send, rt.roots))
+            await _check_money(rt, ledger.count_in(to_send, rt.roots, away=rt.away))
         else:  # upload while the scan goes on: the balance bounds the uploads from the first
             rt.check_money = functools.partial(_check_money, rt, None)
             scanning.add_done_callback(lambda task: _scanned(rt, task, already))
@@ -396,7 +400,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
 
     try:
         stats = await asyncio.to_thread(
-            scan, rt.ledger, list(rt.sources), config.options,
+            scan, rt.ledger, [s for s in rt.sources if s.ledger_root not in rt.away],
+            config.options,
             exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
             should_stop=lambda: rt.flags.interrupted or rt.flags.abort, out_dir=rt.out_dir,
             on_collision=config.on_collision)
@@ -435,7 +440,7 @@ def _tell_estimate(rt: Runtime, to_pay: int) -> Estimate:
     log.info("Credits: %s.", estimate.describe())
     config = rt.config
     if redone := rt.ledger.count_in(submittable(config.on_ambiguous, config.on_expired),
-                                    rt.roots, redone=True):
+                                    rt.roots, redone=True, away=rt.away):
         log.warning("%s", redone_words(redone))
     if estimate.short and (affordable := estimate.affordable(per_image)):
         log.warning("The balance pays for %d of %d image(s); sending those.", affordable, to_pay)
@@ -613,7 +618,7 @@ def _raise_failure(rt: Runtime, tasks: list[asyncio.Task[Any]]) -> None:
 def _all_final(rt: Runtime) -> bool:
     active = IN_FLIGHT if rt.flags.submits_stopped else IN_FLIGHT | submittable(
         rt.config.on_ambiguous, rt.config.on_expired)
-    return rt.ledger.count_in(active, rt.roots) == 0
+    return rt.ledger.count_in(active, rt.roots, away=rt.away) == 0
 
 
 def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
@@ -626,7 +631,8 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
         unfinished = rt.ledger.count_in(UNFINISHED, rt.roots)
         mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
         problems = [p for p in problems if p.path.startswith(mine)]
-    if rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems:
+    if (rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems
+            or rt.away):
         return ExitCode.SOME_FAILED
     return ExitCode.OK
 

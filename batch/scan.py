@@ -80,9 +80,9 @@ class SourceRoot:
     base: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if not self.base:
+        if not self.base:  # a source not there is a folder (a photo not there is refused)
             path = self.path.resolve()
-            object.__setattr__(self, "base", str(path if path.is_dir() else path.parent))
+            object.__setattr__(self, "base", str(path.parent if os.path.isfile(path) else path))
 
     @property
     def ledger_root(self) -> str:
@@ -352,6 +352,9 @@ def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:
     if not kinds and left_out:
         text = (f"No photos in {root.path} but in the folders left out (said above): "
                 f"{', '.join(folder for folder, _ in left_out)}.")
+    elif not kinds and not os.path.isdir(root.path):
+        return (f"No photos in {root.path}: it is not there (a drive unplugged, a share not "
+                "mounted?).")
     elif not kinds:
         text = f"No photos in {root.path}: the folder is empty."
     else:

@@ -298,6 +298,80 @@ def test_a_paid_result_a_change_leaves_unsaved_is_said(
     assert emulator.stats["charged"] == 3 + len(said)
 
 
+AWAY_WARNING = ("is not there, its drive unplugged or its share not mounted. Its photos and "
+                "their results wait for a run that finds it; the other sources go on.")
+
+
+def test_a_source_not_there_tonight_holds_up_none_of_the_others(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A nightly run over two drives, one not plugged in tonight: the other's new photos are
+    sent and saved, the missing one is named (exit 1) and nothing of it is forgotten; the
+    night it is back, its new photos go and nothing is paid again. (The whole night was
+    refused before, exit 2.) A run or a watch given only sources that are not there is
+    still refused."""
+    a, b, out = tmp_path / "drive-a" / "shoot", tmp_path / "drive-b" / "shoot2", tmp_path / "out"
+    shoot(a, 2)
+    for i in range(2):
+        write_portrait(b / f"{i:02d}.jpg", seed=20 + i)
+    args = ["run", str(a), str(b), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 0 and emulator.stats["charged"] == 4
+    write_portrait(a / "new.jpg", seed=50)
+    write_portrait(b / "new.jpg", seed=51)
+    b.rename(tmp_path / "unplugged")
+    tonight = run_cli(args, emulator)
+    assert tonight.returncode == 1, tonight.stderr
+    assert emulator.stats["charged"] == 5 and (out / "shoot" / "new.jpg").is_file()
+    assert f"WARNING {b} {AWAY_WARNING}" in tonight.stderr, tonight.stderr
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert [(p["path"], p["state"]) for p in status["problems"]] == [(str(b), "unreadable")]
+    assert status["files"] == 5 and sorted(p.name for p in (out / "shoot2").iterdir()) == [
+        "00.jpg", "01.jpg"]
+    for only in (["run", str(b)], ["watch", str(a), str(b)]):
+        refused = run_cli([*only, "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+        assert refused.returncode == 2 and f"source {b} does not exist" in refused.stderr
+
+    (tmp_path / "unplugged").rename(b)
+    back = run_cli(args, emulator)
+    assert (back.returncode, back.stdout, back.stderr) == (0, "", ""), back.stderr
+    assert emulator.stats["charged"] == 6 and (out / "shoot2" / "new.jpg").is_file()
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert status["problems"] == [] and status["files"] == 6
+
+
+def test_a_source_that_goes_away_mid_run_leaves_the_others_to_finish(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A drive unplugged while its paid results are on their way: the other source's results
+    are saved and the run ends (exit 1, the drive named) where it stopped whole before;
+    the drive's results wait, not paid again, and are saved with its photos' metadata by
+    the next run once it is back."""
+    emulator = make_emulator(process_seconds=600)
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    sources = {f"a/{name}": data for name, data in shoot(a, 2).items()}
+    sources.update({f"b/{i:02d}.jpg": write_portrait(b / f"{i:02d}.jpg", seed=20 + i)
+                    for i in range(2)})
+    args = ["run", str(b), str(a), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    killed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": "queued:4"})
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL and emulator.stats["charged"] == 4
+    queries = emulator.stats.get("queries", 0)
+    rerun = popen_cli(args, emulator)
+    assert wait_for(lambda: emulator.stats.get("queries", 0) > queries)
+    b.rename(tmp_path / "unplugged")
+    for task in list(emulator.state.tasks.values()):
+        task.queued_until = task.ready_at = 0.0
+    _, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 1, stderr
+    assert f"WARNING {b} {AWAY_WARNING}" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["00.jpg", "01.jpg"]
+    assert not (out / "b").exists() or list((out / "b").iterdir()) == []
+
+    (tmp_path / "unplugged").rename(b)
+    back = run_cli(args, emulator)
+    assert back.returncode == 0, back.stderr
+    assert emulator.stats["charged"] == 4
+    assert_outputs_right(out, sources, emulator)
+
+
 def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(
         tmp_path: Path, emulator: Emulator) -> None:
     """The share goes away mid-night (here: the files lose their read permission between the

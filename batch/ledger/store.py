@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -161,6 +161,9 @@ TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expire
                                "prepared", "stripped", "result_sha256"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
+#: A file outside the sources that are away (a drive not plugged in) wants the job.
+WANTED_HERE = exists().where(files.c.job_id == jobs.c.id,
+                             files.c.root.not_in(bindparam("away", expanding=True)))
 #: The meta key set in a ledger whose results come from the bundled emulator (imitations).
 EMULATED = "bundled_emulator"
 #: The folders each root's last scan could not list (see ``Ledger.note_unreadable``).
@@ -209,10 +212,12 @@ NOT_DELIVERED = or_(jobs.c.state != JobState.EXPIRED.value, jobs.c.result_sha256
 
 
 @functools.cache
-def _claim_statement(states: frozenset[JobState], soonest_expiry_first: bool) -> Select[Any]:
+def _claim_statement(states: frozenset[JobState], soonest_expiry_first: bool,
+                     away: bool = False) -> Select[Any]:
     return (select(*JOB_COLUMNS)
             .where(jobs.c.state.in_(sorted(s.value for s in states)),
-                   jobs.c.next_attempt_at <= bindparam("now"), WANTED, NOT_DELIVERED)
+                   jobs.c.next_attempt_at <= bindparam("now"), WANTED_HERE if away else WANTED,
+                   NOT_DELIVERED)
             .order_by(*_claim_order(soonest_expiry_first)).limit(bindparam("limit")))
 
 
@@ -245,9 +250,10 @@ REDONE = exists().where(_other.c.content_sha256 == jobs.c.content_sha256,
 
 @functools.cache
 def _count_statement(states: frozenset[JobState], by_root: bool = False,
-                     redone: bool = False) -> Select[Any]:
+                     redone: bool = False, away: bool = False) -> Select[Any]:
     return select(func.count()).select_from(jobs).where(
-        jobs.c.state.in_(sorted(s.value for s in states)), REACHABLE if by_root else WANTED,
+        jobs.c.state.in_(sorted(s.value for s in states)),
+        REACHABLE if by_root else WANTED_HERE if away else WANTED,
         NOT_DELIVERED, *([REDONE] if redone else []))
 
 
@@ -880,10 +886,12 @@ class Ledger:
     def claimable(self, states: Iterable[JobState], limit: int, *,
                   exclude: Iterable[int] = (), now: float | None = None,
                   soonest_expiry_first: bool = False, owner: str | None = None,
-                  roots: Sequence[str] = ()) -> list[JobRow]:
-        """Jobs in ``states`` whose backoff has passed and that some file still wants. On a
-        shared ledger with an ``owner``, the jobs are taken for that worker (only those with a
-        file under one of its ``roots``); a claim lost to a power cut costs nothing."""
+                  roots: Sequence[str] = (), away: Collection[str] = ()) -> list[JobRow]:
+        """Jobs in ``states`` whose backoff has passed and that some file still wants, one
+        outside the ``away`` roots if any are (a source whose drive is not there). On a
+        shared ledger with an ``owner``, the jobs are taken for that worker (only those with
+        a file under one of its ``roots``, which leave the away ones out); a claim lost to a
+        power cut costs nothing."""
         skip = set(exclude)
         params: dict[str, Any] = {"now": time.time() if now is None else now,
                                   "limit": limit + len(skip)}
@@ -898,7 +906,8 @@ class Ledger:
         else:
             with self._read() as conn:
                 claimed = [_job(row) for row in conn.execute(
-                    _claim_statement(frozenset(states), soonest_expiry_first), params)]
+                    _claim_statement(frozenset(states), soonest_expiry_first, bool(away)),
+                    {**params, "away": list(away)})]
         return [job for job in claimed if job.id not in skip][:limit]
 
     def jobs_in(self, states: Iterable[JobState], limit: int | None = None) -> list[JobRow]:
@@ -1003,15 +1012,16 @@ class Ledger:
         return counts
 
     def count_in(self, states: Iterable[JobState], roots: Sequence[str] = (), *,
-                 redone: bool = False) -> int:
-        """Jobs in ``states`` that some file still wants (on a shared ledger with ``roots``:
-        a file under one of them, whichever worker holds the job); with ``redone``, only
-        those whose photo has a result under other options."""
+                 redone: bool = False, away: Collection[str] = ()) -> int:
+        """Jobs in ``states`` that some file still wants (one outside the ``away`` roots; on
+        a shared ledger with ``roots``: a file under one of them, whichever worker holds the
+        job); with ``redone``, only those whose photo has a result under other options."""
         with self._read() as conn:
             if self.shared and roots:
                 return conn.scalar(_count_statement(frozenset(states), True, redone),
                                    {"roots": list(roots)}) or 0
-            return conn.scalar(_count_statement(frozenset(states), False, redone)) or 0
+            return conn.scalar(_count_statement(frozenset(states), False, redone, bool(away)),
+                               {"away": list(away)}) or 0
 
     def stripped(self) -> dict[str, int]:
         """How many jobs had each record of removed metadata ("EXIF, XMP 2": see

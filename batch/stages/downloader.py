@@ -106,7 +106,8 @@ class Downloader:
                 try:
                     claimed = rt.ledger.claimable(
                         [JobState.READY], free, exclude={*self.in_flight, *self.parked},
-                        soonest_expiry_first=True, owner=rt.worker, roots=rt.roots)
+                        soonest_expiry_first=True, owner=rt.worker, roots=rt.roots,
+                        away=rt.away)
                     files = rt.ledger.files_of([job.id for job in claimed]) if claimed else {}
                 except DBAPIError as error:
                     await rt.wait_for_ledger(error)
@@ -140,7 +141,8 @@ class Downloader:
             await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                 message=f"not saved yet: {gone.strerror}"))
             if not rt.watching:
-                rt.fail_run(gone.stop_words())
+                if not await rt.goes_on_without(gone.folder):
+                    rt.fail_run(gone.stop_words())
             elif gone.folder not in self.parked.values():
                 log.warning("Results of the photos in %s wait for it to come back (their "
                             "metadata comes from the photos).", gone.folder)

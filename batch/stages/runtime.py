@@ -32,6 +32,8 @@ log = logging.getLogger("batch")
 #: How often a watch looks for a folder or file that went away (its output folder, a source
 #: folder its results wait for, its ledger): each look is a stat.
 GONE_RECHECK = 5.0
+#: Why the photos of a folder that is not there wait.
+AWAY = "not there, its drive unplugged or its share not mounted"
 
 
 class SourceGone(FileNotFoundError):
@@ -154,6 +156,10 @@ class Runtime:
     uploads_waiting: int = 0
     #: Bumped when this worker took over a dead one's jobs (the poller looks for its tasks).
     takeovers: int = 0
+    #: Folders of the ledger's photos that are not there (a drive unplugged, a share not
+    #: mounted), by the ledger's name for them: a run goes on with its other sources (see
+    #: :meth:`goes_on_without`), and claims and counts leave these out.
+    away: set[str] = field(default_factory=set)
 
     async def before_upload(self) -> None:
         """Money is decided before the first upload: a run with nothing to send reads no
@@ -172,8 +178,27 @@ class Runtime:
 
     @property
     def roots(self) -> tuple[str, ...]:
-        """The sources as the ledger names them (``files.root``)."""
-        return tuple(source.ledger_root for source in self.sources)
+        """The sources there, as the ledger names them (``files.root``)."""
+        return tuple(source.ledger_root for source in self.sources
+                     if source.ledger_root not in self.away)
+
+    async def goes_on_without(self, folder: str) -> bool:
+        """Whether the run goes on without ``folder`` (a source, or the folder of photos an
+        earlier command sent) that is not there: a run, while one of its sources is (a watch
+        waits for it in its own way). Its photos and results wait for a run that finds it,
+        which also takes it out of the ledger's list of folders not read."""
+        root = self.config.root_map.key_for(folder) or folder
+        if root in self.away:
+            return True
+        if self.watching or not any(s.ledger_root != root and os.path.isdir(s.base)
+                                    for s in self.sources if s.ledger_root not in self.away):
+            return False
+        self.away.add(root)
+        if any(s.ledger_root == root for s in self.sources):
+            await asyncio.to_thread(self.ledger.note_unreadable, root, [("", AWAY)])
+        log.warning("%s is %s. Its photos and their results wait for a run that finds it; the "
+                    "other sources go on.", folder, AWAY)
+        return True
 
     def reaches(self, root: str) -> bool:
         """Whether this worker writes outputs for files under ``root`` (on a shared ledger,

@@ -123,7 +123,7 @@ class Submitter:
         exclude = set(self.in_flight) | {job.id for job, _ in self.waiting}
         wanted = free if ledger.shared else max(free, PREFETCH)
         claimed = ledger.claimable(self.states, wanted, exclude=exclude,
-                                   owner=self.rt.worker, roots=self.rt.roots)
+                                   owner=self.rt.worker, roots=self.rt.roots, away=self.rt.away)
         files = ledger.files_of([job.id for job in claimed]) if claimed else {}
         local = self.rt.config.root_map.localize
         self.waiting.extend((job, local(files.get(job.id, []))) for job in claimed)
@@ -159,6 +159,8 @@ class Submitter:
             if rt.watching:  # read again by the watch once the folder is back
                 await self._reject(job, files, Rejected(f"not read: {gone.strerror}",
                                                         UNREADABLE))
+            elif await rt.goes_on_without(gone.folder):  # the job waits, pending
+                rt.progress.dropped(uploaded=False)
             else:
                 rt.fail_run(gone.stop_words())
             return

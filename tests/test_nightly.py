@@ -372,6 +372,39 @@ def test_a_source_that_goes_away_mid_run_leaves_the_others_to_finish(
     assert_outputs_right(out, sources, emulator)
 
 
+def test_a_source_unplugged_before_its_photos_are_sent_leaves_the_others_to_go(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A drive unplugged after the run started and before its photos' turn: they wait,
+    pending, and the other source's photos are sent (the run stopped whole before)."""
+    emulator = make_emulator(faults={"credits_refused": 2})  # the first upload waits 2 s
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    sources = {f"a/{name}": data for name, data in shoot(a, 3).items()}
+    sources.update({f"b/{i:02d}.jpg": write_portrait(b / f"{i:02d}.jpg", seed=20 + i)
+                    for i in range(2)})
+    args = ["run", str(a), str(b), "--out", str(out), "--smart-skin", "--concurrency", "1",
+            *FAST_FLAGS]
+    scanned = popen_cli([*args, "--max-credits", "0"], emulator,
+                        extra_env={"SKINBATCH_CRASH_AFTER": "scanned:1"})
+    scanned.communicate(timeout=120)
+    assert scanned.returncode == -signal.SIGKILL
+    # Three uploads at most are under way or being prepared (one at a time, two copies
+    # ahead): b's photos are read only once one of a's has been sent, after the balance.
+    run = popen_cli(args, emulator)
+    assert wait_for(lambda: emulator.stats.get("credit_queries", 0) >= 1)
+    b.rename(tmp_path / "unplugged")
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1, stderr
+    assert f"WARNING {b} {AWAY_WARNING}" in stderr and "Traceback" not in stderr
+    assert emulator.stats["charged"] == 3
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["00.jpg", "01.jpg", "02.jpg"]
+
+    (tmp_path / "unplugged").rename(b)
+    back = run_cli(args, emulator)
+    assert back.returncode == 0, back.stderr
+    assert emulator.stats["charged"] == 5
+    assert_outputs_right(out, sources, emulator)
+
+
 def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(
         tmp_path: Path, emulator: Emulator) -> None:
     """The share goes away mid-night (here: the files lose their read permission between the

@@ -144,7 +144,7 @@ def _back(path: str) -> bool:
 
 
 def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
-    check_paths(config, may_be_away=watch is None)
+    check_paths(config)
     out_dir = prepare_out(config)
     started, started_at = time.monotonic(), datetime.now().astimezone()
     with RunLock(out_dir, config.ledger_location):
@@ -280,10 +280,9 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         forget_missing_outputs(ledger, out_dir)
         if not config.options.enabled:
             log.warning("%s", NOTHING_ON)
-        if watch is None:
-            for source in rt.sources:
-                if unreached(source.path) is not None:
-                    await rt.goes_on_without(source.base)
+        for source in rt.sources:
+            if unreached(source.path) is not None:
+                await rt.goes_on_without(source.base)
         already = ledger.count_in(to_send, rt.roots, away=rt.away)
         progress.add_work(already, already + ledger.count_in(IN_FLIGHT, rt.roots, away=rt.away))
         scanning = asyncio.create_task(_scan(rt, loop, watching=watch is not None))

@@ -55,7 +55,8 @@ def _start_observer(roots: list[SourceRoot], handler: _Nudge, polling: bool) -> 
         try:
             observer = Observer()  # watchdog >= 5 opens the inotify instance right here
             for root in roots:
-                observer.schedule(handler, str(root.path), recursive=True)
+                if os.path.exists(root.path):  # one away is watched again once it is back
+                    observer.schedule(handler, str(root.path), recursive=True)
             observer.start()
             if (why := _uncovered(roots)) is not None:
                 raise OSError(errno.ENOSPC, why)

@@ -92,6 +92,38 @@ def test_a_share_that_disappears_and_comes_back(tmp_path: Path, emulator: Emulat
     assert_outputs_right(out, {"a.jpg": first, "b.jpg": second}, emulator)
 
 
+def test_a_watch_over_two_folders_starts_without_one_not_there_and_takes_it_when_it_comes(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A watch service over two hot folders, one on a drive not plugged in when it starts:
+    it watches the other (it refused to start before, exit 2, and a service manager started
+    it again and again) and takes the drive's photos once it is plugged in."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    a.mkdir()
+    first = encode(portrait(seed=1), "JPEG")
+    (a / "1.jpg").write_bytes(first)
+    proc = popen_cli(["watch", str(a), str(b), "--out", str(out), "--settle", "0.3",
+                      "--rescan", "0.5", *FAST_FLAGS], emulator)
+    try:
+        assert wait_for(lambda: (out / "a" / "1.jpg").exists())
+        second = encode(portrait(seed=2), "JPEG")
+        plugged = tmp_path / "plugged"
+        plugged.mkdir()
+        (plugged / "2.jpg").write_bytes(second)
+        plugged.rename(b)
+        assert wait_for(lambda: (out / "b" / "2.jpg").exists())
+        third = encode(portrait(seed=3), "JPEG")
+        (b / "3.jpg").write_bytes(third)
+        assert wait_for(lambda: (out / "b" / "3.jpg").exists())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"Source {b} is not reachable; waiting for it to come back." in stderr
+    assert f"Source {b} is back." in stderr and "polling" not in stderr, stderr
+    assert_outputs_right(out, {"a/1.jpg": first, "b/2.jpg": second, "b/3.jpg": third},
+                         emulator)
+
+
 def unshare_works() -> bool:
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"],
                            capture_output=True, check=False) if shutil.which("unshare") else None

@@ -338,6 +338,28 @@ def test_a_source_not_there_tonight_holds_up_none_of_the_others(
     assert status["problems"] == [] and status["files"] == 6
 
 
+def ended_without_b_then_with_it(run: subprocess.Popen[str], emulator: Emulator,
+                                 args: list[str], sources: dict[str, bytes],
+                                 paid: tuple[int, int]) -> None:
+    """``run`` (``args``: over the sources ``a`` and ``b``, whose ``b`` was moved to
+    ``unplugged`` beside it mid-run) ends with b named and a's photos saved, ``paid[0]``
+    charged; b plugged in again, the same command saves every photo, ``paid[1]`` in all."""
+    out = Path(args[args.index("--out") + 1])
+    b = next(Path(arg) for arg in args if arg.endswith("/b"))
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1, stderr
+    assert f"WARNING {b} {AWAY_WARNING}" in stderr and "Traceback" not in stderr
+    assert emulator.stats["charged"] == paid[0]
+    assert sorted(f"a/{p.name}" for p in (out / "a").iterdir()) == sorted(
+        rel for rel in sources if rel.startswith("a/"))
+    assert not (out / "b").exists() or list((out / "b").iterdir()) == []
+    (b.parent / "unplugged").rename(b)
+    back = run_cli(args, emulator)
+    assert back.returncode == 0, back.stderr
+    assert emulator.stats["charged"] == paid[1]
+    assert_outputs_right(out, sources, emulator)
+
+
 def test_a_source_that_goes_away_mid_run_leaves_the_others_to_finish(
         tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """A drive unplugged while its paid results are on their way: the other source's results
@@ -359,17 +381,7 @@ def test_a_source_that_goes_away_mid_run_leaves_the_others_to_finish(
     b.rename(tmp_path / "unplugged")
     for task in list(emulator.state.tasks.values()):
         task.queued_until = task.ready_at = 0.0
-    _, stderr = rerun.communicate(timeout=120)
-    assert rerun.returncode == 1, stderr
-    assert f"WARNING {b} {AWAY_WARNING}" in stderr and "Traceback" not in stderr
-    assert sorted(p.name for p in (out / "a").iterdir()) == ["00.jpg", "01.jpg"]
-    assert not (out / "b").exists() or list((out / "b").iterdir()) == []
-
-    (tmp_path / "unplugged").rename(b)
-    back = run_cli(args, emulator)
-    assert back.returncode == 0, back.stderr
-    assert emulator.stats["charged"] == 4
-    assert_outputs_right(out, sources, emulator)
+    ended_without_b_then_with_it(rerun, emulator, args, sources, paid=(4, 4))
 
 
 def test_a_source_unplugged_before_its_photos_are_sent_leaves_the_others_to_go(
@@ -392,17 +404,7 @@ def test_a_source_unplugged_before_its_photos_are_sent_leaves_the_others_to_go(
     run = popen_cli(args, emulator)
     assert wait_for(lambda: emulator.stats.get("credit_queries", 0) >= 1)
     b.rename(tmp_path / "unplugged")
-    _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 1, stderr
-    assert f"WARNING {b} {AWAY_WARNING}" in stderr and "Traceback" not in stderr
-    assert emulator.stats["charged"] == 3
-    assert sorted(p.name for p in (out / "a").iterdir()) == ["00.jpg", "01.jpg", "02.jpg"]
-
-    (tmp_path / "unplugged").rename(b)
-    back = run_cli(args, emulator)
-    assert back.returncode == 0, back.stderr
-    assert emulator.stats["charged"] == 5
-    assert_outputs_right(out, sources, emulator)
+    ended_without_b_then_with_it(run, emulator, args, sources, paid=(3, 5))
 
 
 def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from batch.heif import unsupported as heif_unsupported
-from batch.ledger.store import KnownFile, Ledger, ScannedFile, unreadable_reason
+from batch.ledger.store import KnownFile, Ledger, ScannedFile, Superseded, unreadable_reason
 from batch.names import (
     DEFAULT_NAMING,
     IGNORED,
@@ -62,6 +62,8 @@ log = logging.getLogger("batch.scan")
 #: shared with the run's first requests).
 BATCH = 1000
 FIRST_BATCH = 2
+#: Paid results left unsaved by a changed photo or option, named one by one in a scan.
+SUPERSEDED_SHOWN = 20
 #: Files per pool task at most (one pool task per small file costs more than hashing it).
 HASH_CHUNK = 32
 
@@ -518,6 +520,8 @@ class _RootScan:
         #: Folders looked at file by file: their new digest and image count, or None once a
         #: file there is not fine.
         self.changed: dict[str, tuple[str, int] | None] = {}
+        #: Paid results no file wants any more (see :meth:`_say_superseded`).
+        self.superseded = 0
 
     def run(self) -> ScanStats:
         stored: dict[str, tuple[str, int]] = {}
@@ -530,6 +534,10 @@ class _RootScan:
         self._send()
         while self.in_flight:
             self._record(self.in_flight.popleft())
+        if self.superseded > SUPERSEDED_SHOWN:
+            log.warning("... and %d more paid result(s) not saved, as their photos or options "
+                        "changed after they were sent (each job's history in the ledger says "
+                        "which).", self.superseded - SUPERSEDED_SHOWN)
         self.stats.stopped = int(self.stopped)
         if self.is_tree:
             self.ledger.note_scan_cut(self.key, self.stopped)
@@ -715,13 +723,22 @@ class _RootScan:
             rows.append(c)
         recorded = self.ledger.record_files(rows)
         self.stats.new_jobs += recorded.created
-        for gone in recorded.superseded:
+        self._say_superseded(recorded.superseded)
+        self._progress(len(rows))
+
+    def _say_superseded(self, found: list[Superseded]) -> None:
+        """A warning for each paid result a changed photo or option leaves unsaved, up to
+        :data:`SUPERSEDED_SHOWN` a scan (options changed in a nightly config while a killed
+        run's uploads were in flight would list them all); each job's history has its own."""
+        for gone in found:
+            self.superseded += 1
+            if self.superseded > SUPERSEDED_SHOWN:
+                continue
             log.warning("%s", f"{gone.path}: its options changed after it was sent: the result "
                         "paid for under the earlier ones is not saved; it is sent with these."
                         if gone.options else f"{gone.path} changed after it was sent (exported "
                         "again over itself?): the result paid for the earlier version is not "
                         "saved; the photo as it is now is sent.")
-        self._progress(len(rows))
 
     def _spoil(self, rel_path: str) -> None:
         folder = rel_path.rpartition("/")[0]

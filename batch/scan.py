@@ -665,6 +665,8 @@ class _RootScan:
                 "own --out or naming, or set on_collision to \"suffix\" or \"overwrite\")")
 
     def _consider(self, c: ScannedFile, path: str, k: KnownFile | None) -> None:
+        if k is not None and k.job_id is not None:
+            c = c._replace(linked=k.job_id)
         if (k is not None and c.problem is None and k.problem is None
                 and k.size_bytes == c.size_bytes and k.mtime_ns == c.mtime_ns
                 and k.content_sha256 is not None):

@@ -142,6 +142,9 @@ class ScannedFile(NamedTuple):
     problem: str | None = None
     #: Preflight's reason to refuse the content (a new job for it starts rejected).
     rejected: str | None = None
+    #: The job the ledger's row for this file linked before it was read again (its photo or
+    #: options may have changed since): see :class:`Superseded`.
+    linked: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,10 +565,8 @@ class Ledger:
             with self._write(durable=False) as conn:
                 for start in range(0, len(found), RECORD_CHUNK):
                     chunk = found[start:start + RECORD_CHUNK]
-                    in_flight = self._in_flight(conn, chunk)
                     created += self._record_chunk(conn, chunk)
-                    if in_flight:
-                        superseded += self._note_superseded(conn, chunk, in_flight)
+                    superseded += self._note_superseded(conn, chunk)
             return Recorded(created, superseded)
 
         recorded = self.patiently(record)
@@ -576,34 +577,25 @@ class Ledger:
             self._analyzed_at = self._recorded
         return recorded
 
-    @staticmethod
-    def _in_flight(conn: Connection, found: Sequence[ScannedFile]) -> dict[tuple[str, str], int]:
-        """The files among ``found`` whose ledger row links a job paid for (or being paid
-        for) whose result is not saved yet: that job, by root and relative path."""
-        keys = [(f.root, f.rel_path) for f in found if f.content_sha256 is not None]
-        if not keys:
-            return {}
-        query = (select(files.c.root, files.c.rel_path, files.c.job_id)
-                 .select_from(files.join(jobs, jobs.c.id == files.c.job_id))
-                 .where(tuple_(files.c.root, files.c.rel_path).in_(keys),
-                        jobs.c.state.in_([s.value for s in IN_FLIGHT])))
-        return {(root, rel): job_id for root, rel, job_id in conn.execute(query)}
-
-    def _note_superseded(self, conn: Connection, found: Sequence[ScannedFile],
-                         linked: dict[tuple[str, str], int]) -> list[Superseded]:
-        """Of ``linked`` (the job each file's row linked before this scan), the jobs that now
-        have no file: the photo changed (exported again over itself), or its options did,
-        while that result was paid for. Its history says so; it keeps waiting for its photo
-        and options to come back (then its result is saved, not paid again)."""
+    def _note_superseded(self, conn: Connection,
+                         found: Sequence[ScannedFile]) -> list[Superseded]:
+        """Of the jobs ``found`` files linked before (see :attr:`ScannedFile.linked`), those
+        paid for (or being paid for), not saved yet, and now with no file: the photo changed
+        (exported again over itself), or its options did. Its history says so; it keeps
+        waiting for its photo and options to come back (then its result is saved, not paid
+        again)."""
+        before = {f.linked for f in found if f.linked is not None}
+        if not before:
+            return []
         orphaned = {job_id: sha for job_id, sha in conn.execute(select(
-            jobs.c.id, jobs.c.content_sha256).where(jobs.c.id.in_(set(linked.values())),
-                                                    ~WANTED))}
+            jobs.c.id, jobs.c.content_sha256).where(
+                jobs.c.id.in_(before), jobs.c.state.in_([s.value for s in IN_FLIGHT]),
+                ~WANTED))}
         now = time.time()
         superseded = []
         for f in found:
-            job_id = linked.get((f.root, f.rel_path))
-            if job_id is None or job_id not in orphaned:
-                continue
+            if (job_id := f.linked) is None or job_id not in orphaned or not f.content_sha256:
+                continue  # (a file that could not be read is no change of photo)
             gone = Superseded(f"{f.root.rstrip('/')}/{f.rel_path}",
                               options=orphaned[job_id] == f.content_sha256)
             state = self._state_of(conn, job_id).value

@@ -283,12 +283,12 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         for source in rt.sources:
             if unreached(source.path) is not None:
                 await rt.goes_on_without(source.base)
-        already = ledger.count_in(to_send, rt.roots, away=rt.away)
-        progress.add_work(already, already + ledger.count_in(IN_FLIGHT, rt.roots, away=rt.away))
+        already = rt.count(to_send)
+        progress.add_work(already, already + rt.count(IN_FLIGHT))
         scanning = asyncio.create_task(_scan(rt, loop, watching=watch is not None))
         if config.on_short_balance == "stop":  # the whole estimate decides: scan first
             stats = await scanning
-            await _check_money(rt, ledger.count_in(to_send, rt.roots, away=rt.away))
+            await _check_money(rt, rt.count(to_send))
         else:  # upload while the scan goes on: the balance bounds the uploads from the first
             rt.check_money = functools.partial(_check_money, rt, None)
             scanning.add_done_callback(lambda task: _scanned(rt, task, already))
@@ -438,8 +438,7 @@ def _tell_estimate(rt: Runtime, to_pay: int) -> Estimate:
     estimate = Estimate(to_pay, to_pay * per_image, rt.balance)
     log.info("Credits: %s.", estimate.describe())
     config = rt.config
-    if redone := rt.ledger.count_in(submittable(config.on_ambiguous, config.on_expired),
-                                    rt.roots, redone=True, away=rt.away):
+    if redone := rt.count(submittable(config.on_ambiguous, config.on_expired), redone=True):
         log.warning("%s", redone_words(redone))
     if estimate.short and (affordable := estimate.affordable(per_image)):
         log.warning("The balance pays for %d of %d image(s); sending those.", affordable, to_pay)
@@ -521,8 +520,7 @@ async def _credits_again(rt: Runtime, every: float) -> None:
             continue
         needed = rt.config.credits_per_image
         if rt.config.on_short_balance == "stop":  # the whole waiting batch, or nothing
-            needed *= rt.ledger.count_in(submittable(rt.config.on_ambiguous,
-                                                     rt.config.on_expired), rt.roots)
+            needed *= rt.count(submittable(rt.config.on_ambiguous, rt.config.on_expired))
         # A balance the answer does not state: the next upload's answer tells, at no cost.
         if balance is None or balance >= needed:
             rt.credits_again(balance)
@@ -617,7 +615,7 @@ def _raise_failure(rt: Runtime, tasks: list[asyncio.Task[Any]]) -> None:
 def _all_final(rt: Runtime) -> bool:
     active = IN_FLIGHT if rt.flags.submits_stopped else IN_FLIGHT | submittable(
         rt.config.on_ambiguous, rt.config.on_expired)
-    return rt.ledger.count_in(active, rt.roots, away=rt.away) == 0
+    return rt.count(active) == 0
 
 
 def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
@@ -627,7 +625,7 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
         return ExitCode.INTERRUPTED
     unfinished, problems = status.unfinished, status.problems
     if rt.ledger.shared:  # a worker answers for the files under its own roots
-        unfinished = rt.ledger.count_in(UNFINISHED, rt.roots)
+        unfinished = rt.count(UNFINISHED)
         mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
         problems = [p for p in problems if p.path.startswith(mine)]
     if (rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems

@@ -104,10 +104,9 @@ class Downloader:
             free = limit - len(self.in_flight)
             if free > 0:
                 try:
-                    claimed = rt.ledger.claimable(
-                        [JobState.READY], free, exclude={*self.in_flight, *self.parked},
-                        soonest_expiry_first=True, owner=rt.worker, roots=rt.roots,
-                        away=rt.away)
+                    claimed = rt.claimable([JobState.READY], free,
+                                           exclude={*self.in_flight, *self.parked},
+                                           soonest_expiry_first=True)
                     files = rt.ledger.files_of([job.id for job in claimed]) if claimed else {}
                 except DBAPIError as error:
                     await rt.wait_for_ledger(error)

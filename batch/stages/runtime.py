@@ -8,7 +8,7 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -21,10 +21,11 @@ from batch.api.retry import backoff_delay
 from batch.budget import Allowance, Budget
 from batch.config import RunConfig
 from batch.ledger import Ledger, LedgerFull, TransitionInfo
-from batch.ledger.store import FileRow
+from batch.ledger.store import FileRow, JobRow
 from batch.ledger.writer import LedgerWriter
 from batch.progress import Progress
 from batch.scan import SourceRoot
+from batch.states import JobState
 
 log = logging.getLogger("batch")
 
@@ -181,6 +182,19 @@ class Runtime:
         """The sources there, as the ledger names them (``files.root``)."""
         return tuple(source.ledger_root for source in self.sources
                      if source.ledger_root not in self.away)
+
+    def count(self, states: Iterable[JobState], *, redone: bool = False) -> int:
+        """Jobs in ``states`` this run works on: a file under its sources on a shared ledger,
+        none only under a folder that is away (see :meth:`Ledger.count_in`)."""
+        return self.ledger.count_in(states, self.roots, redone=redone, away=self.away)
+
+    def claimable(self, states: Iterable[JobState], limit: int, *, exclude: Iterable[int],
+                  soonest_expiry_first: bool = False) -> list[JobRow]:
+        """The next jobs in ``states`` this run works on, taken for it on a shared ledger
+        (see :meth:`Ledger.claimable`)."""
+        return self.ledger.claimable(states, limit, exclude=exclude,
+                                     soonest_expiry_first=soonest_expiry_first,
+                                     owner=self.worker, roots=self.roots, away=self.away)
 
     async def goes_on_without(self, folder: str) -> bool:
         """Whether the run goes on without ``folder`` (a source, or the folder of photos an

@@ -122,8 +122,7 @@ class Submitter:
         ledger = self.rt.ledger
         exclude = set(self.in_flight) | {job.id for job, _ in self.waiting}
         wanted = free if ledger.shared else max(free, PREFETCH)
-        claimed = ledger.claimable(self.states, wanted, exclude=exclude,
-                                   owner=self.rt.worker, roots=self.rt.roots, away=self.rt.away)
+        claimed = self.rt.claimable(self.states, wanted, exclude=exclude)
         files = ledger.files_of([job.id for job in claimed]) if claimed else {}
         local = self.rt.config.root_map.localize
         self.waiting.extend((job, local(files.get(job.id, []))) for job in claimed)

@@ -64,6 +64,8 @@ BATCH = 1000
 FIRST_BATCH = 2
 #: Paid results left unsaved by a changed photo or option, named one by one in a scan.
 SUPERSEDED_SHOWN = 20
+#: A source folder that is not there: its photos wait for a run that finds it.
+AWAY = "not there, its drive unplugged or its share not mounted"
 #: Files per pool task at most (one pool task per small file costs more than hashing it).
 HASH_CHUNK = 32
 
@@ -355,8 +357,7 @@ def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:
         text = (f"No photos in {root.path} but in the folders left out (said above): "
                 f"{', '.join(folder for folder, _ in left_out)}.")
     elif not kinds and not os.path.isdir(root.path):
-        return (f"No photos in {root.path}: it is not there (a drive unplugged, a share not "
-                "mounted?).")
+        return f"No photos in {root.path}: it is {AWAY}."
     elif not kinds:
         text = f"No photos in {root.path}: the folder is empty."
     else:

@@ -24,7 +24,7 @@ from batch.ledger import Ledger, LedgerFull, TransitionInfo
 from batch.ledger.store import FileRow, JobRow
 from batch.ledger.writer import LedgerWriter
 from batch.progress import Progress
-from batch.scan import SourceRoot
+from batch.scan import AWAY, SourceRoot
 from batch.states import JobState
 
 log = logging.getLogger("batch")
@@ -33,8 +33,6 @@ log = logging.getLogger("batch")
 #: How often a watch looks for a folder or file that went away (its output folder, a source
 #: folder its results wait for, its ledger): each look is a stat.
 GONE_RECHECK = 5.0
-#: Why the photos of a folder that is not there wait.
-AWAY = "not there, its drive unplugged or its share not mounted"
 
 
 class SourceGone(FileNotFoundError):

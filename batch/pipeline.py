@@ -28,6 +28,7 @@ from batch.config import ConfigError, RunConfig, check_paths, prepare_out, unrea
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, LedgerFull, LedgerGone, open_ledger
+from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
@@ -35,7 +36,7 @@ from batch.options import NOTHING_ON, redone_words
 from batch.outputs import clean_temp_files, tag_temp_files
 from batch.preflight import release_pixel_memory
 from batch.progress import Progress
-from batch.report import RUN_STARTED, write_report
+from batch.report import write_report
 from batch.requeue import read_again
 from batch.roots import RootMap
 from batch.scan import (
@@ -212,13 +213,13 @@ def _record_start(ledger: Ledger, started_at: datetime, worker: str) -> None:
     """A run is counted and noted as it starts: one that is killed (a power cut, the kernel
     out of memory) never reaches its end's record, and the morning report must not show the
     run before it as the last one."""
-    ledger.set_meta("runs", str(int(ledger.get_meta("runs") or 0) + 1))
+    ledger.set_meta(RUNS, str(int(ledger.get_meta(RUNS) or 0) + 1))
     ledger.set_meta(RUN_STARTED, json.dumps({
         "started": started_at.isoformat(timespec="seconds"), "worker": worker}))
 
 
 def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:
-    ledger.set_meta("last_run", json.dumps({
+    ledger.set_meta(LAST_RUN, json.dumps({
         "started": started_at.isoformat(timespec="seconds"),
         "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
         "seconds": round(report.seconds, 1), "exit_code": int(report.exit_code),

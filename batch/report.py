@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from batch import thumbnails
 from batch.ledger import Ledger
+from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.options import Options
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
@@ -33,8 +34,6 @@ from batch.worker import died_here
 
 #: Results whose links expire within this many seconds need a person's attention.
 EXPIRING_SOON = 6 * 3600
-#: Ledger meta: when the latest run started, and as which worker.
-RUN_STARTED = "run_started"
 
 
 @dataclass
@@ -80,7 +79,7 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
         why = _why_attention(row, now)
         if why is not None:
             attention.append({"source": path, "why": why})
-    last_run = json.loads(ledger.get_meta("last_run") or "{}")
+    last_run = json.loads(ledger.get_meta(LAST_RUN) or "{}")
     first = ledger.first_job_at()
     workers = WorkerRecords(ledger).listing() if ledger.shared else []
     work = WorkerRecords(ledger).work() if workers else {}
@@ -88,7 +87,7 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
                       {k: v for k, v in ledger.counts().items() if v}, ledger.charges(),
                       last_run, rows, attention, out_dir, len(rows),
                       datetime.fromtimestamp(first).astimezone().isoformat(timespec="minutes")
-                      if first else "", int(ledger.get_meta("runs") or 0),
+                      if first else "", int(ledger.get_meta(RUNS) or 0),
                       [describe_worker(w, work.get(w.name, {})) for w in workers],
                       [worker_entry(w, work.get(w.name, {})) for w in workers],
                       ledger.emulated(), _unfinished_run(ledger, last_run))

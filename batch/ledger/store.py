@@ -169,6 +169,9 @@ WANTED_HERE = exists().where(files.c.job_id == jobs.c.id,
                              files.c.root.not_in(bindparam("away", expanding=True)))
 #: The meta key set in a ledger whose results come from the bundled emulator (imitations).
 EMULATED = "bundled_emulator"
+#: The meta keys of the runs' record: how many started, the latest start (and as which
+#: worker), the last run that ended (written by ``batch.pipeline``, read by the report).
+RUNS, RUN_STARTED, LAST_RUN = "runs", "run_started", "last_run"
 #: The folders each root's last scan could not list (see ``Ledger.note_unreadable``).
 UNREADABLE = "unreadable_folders"
 #: The roots whose last scan a stop cut short (see ``Ledger.note_scan_cut``).

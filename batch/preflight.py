@@ -19,7 +19,7 @@ from PIL import _imaging as pillow_core
 
 from batch.apispec import ACCEPTED_FORMATS, MAX_SIDE_EXCLUSIVE, MAX_UPLOAD_BYTES
 from batch.heif import unsupported as heif_unsupported
-from batch.stripping import describe, strip, strippable, stripped_pieces
+from batch.stripping import describe, held, strip, strippable, stripped_pieces
 
 #: Anything larger than a 100-megapixel frame is refused before it is decoded (bomb guard).
 MAX_PIXELS = 100_000_000
@@ -217,7 +217,9 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
         return _stripped(Prepared(data, fmt, width, height), settings)
     with _decoding():
         resized = _resized(data, fmt, width, height, orientation, settings)
-    return _stripped(resized, settings)
+    # A copy carries the ICC profile and what the encoder copies over (the comment), taken off
+    # here; its record is what the photo held, which stays behind whatever the setting.
+    return replace(_stripped(resized, settings), stripped=describe(held(data, fmt)) or None)
 
 
 def photo_key(data: bytes, by_image: bool, inspection: Inspection | None = None) -> str:

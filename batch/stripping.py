@@ -21,6 +21,7 @@ from batch.metadata import (
     APP13,
     EXIF_HEADER,
     ICC_HEADER,
+    SourceMetadata,
     jpeg_segments,
     riff_chunk,
     riff_chunks,
@@ -147,6 +148,17 @@ def _strip_webp(data: bytes, spare: frozenset[str]) -> tuple[bytes, Counter[str]
     if not removed:
         return data, removed
     return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body, removed
+
+
+def held(data: bytes, fmt: str) -> Counter[str]:
+    """The metadata a photo holds, by kind: what a copy made of its pixels (rotated, resized,
+    converted) leaves behind, as the copy carries its ICC profile and nothing else."""
+    if fmt == "JPEG":
+        return Counter(kind for _, _, kind in _jpeg_cuts(data))
+    if strippable(data[:12]):
+        return strip(data, fmt)[1]
+    meta = SourceMetadata.read(data)  # a TIFF's descriptive tags, a HEIC's EXIF; their XMP
+    return Counter([kind for kind, there in (("EXIF", meta.exif), ("XMP", meta.xmp)) if there])
 
 
 def describe(removed: Counter[str]) -> str:

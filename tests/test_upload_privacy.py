@@ -162,6 +162,29 @@ def test_a_rotated_source_is_sent_upright_without_its_exif(tmp_path: Path,
         assert saved.getexif()[0x0112] == 1 and saved.getexif()[0x013B] == CLIENT
 
 
+def test_a_copy_made_for_upload_is_said_to_leave_the_photos_metadata_behind(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A rotated camera JPEG and a TIFF master go as copies, which carry none of their
+    metadata: the dry run and status say what stayed behind, as for a file sent as it is."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "sideways.jpg").write_bytes(jpeg_source(orientation=6))
+    portrait(300, 360, seed=6).save(src / "master.tif", "TIFF",
+                                    tiffinfo={0x013B: CLIENT, 700: XMP})
+    emulator = make_emulator(record_uploads=True)
+    said = "metadata removed before upload: EXIF 2, IPTC 1, XMP 2, comment 1"
+    dry = run_cli(["run", str(src), "--out", str(out), "--dry-run", *FAST_FLAGS], emulator)
+    assert said in dry.stdout, dry.stdout
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    assert len(emulator.state.uploads) == 2
+    for body in emulator.state.uploads:
+        for secret in SECRETS:
+            assert secret not in body, secret
+    status = run_cli(["status", "--out", str(out)], None)
+    assert said in status.stdout, status.stdout
+
+
 def test_keep_upload_metadata_sends_the_original_bytes(studio: tuple[Path, Path, Emulator]) -> None:
     src, out, emulator = studio
     result = run_cli(["run", str(src), "--out", str(out), "--keep-upload-metadata",

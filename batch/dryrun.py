@@ -36,8 +36,8 @@ class Plan:
     credits_needed: float = 0.0
     balance: float | None = None
     balance_error: str | None = None
-    #: Files that would be brought within the API's limits first, with what would be done.
-    resize: list[tuple[str, str]] = field(default_factory=list)
+    #: Files whose upload would be a copy (rotated, converted, resized), with what is done.
+    copy: list[tuple[str, str]] = field(default_factory=list)
     #: Blocks of metadata the uploads would leave behind, by kind.
     stripped: Counter[str] = field(default_factory=Counter)
     #: What to know before the run: why a source holds no photos, every option off, room.
@@ -51,7 +51,7 @@ class Plan:
                  "credit(s)",
                  f"  would reject: {len(self.reject)}",
                  f"  already done: {self.done}; in flight or waiting: {self.waiting}",
-                 f"  would resize: {len(self.resize)}"]
+                 f"  would send as a copy: {len(self.copy)}"]
         if self.stripped:
             lines.append("  metadata removed before upload: " + ", ".join(
                 f"{kind} {n}" for kind, n in sorted(self.stripped.items())))
@@ -62,7 +62,7 @@ class Plan:
             lines.append(f"  balance: unknown ({self.balance_error})")
         lines += [f"  {note}" for note in self.notes]
         lines += [f"  reject {path}: {reason}" for path, reason in self.reject]
-        lines += [f"  resize {path}: {note}" for path, note in self.resize]
+        lines += [f"  copy {path}: {note}" for path, note in self.copy]
         return "\n".join(lines)
 
 
@@ -151,7 +151,7 @@ def plan(config: RunConfig) -> Plan:
                     result.send.append(path)
                     result.upload_bytes += verdict.size
                     if verdict.note:
-                        result.resize.append((path, verdict.note))
+                        result.copy.append((path, verdict.note))
                     result.stripped += tally(verdict.stripped)
             counts = ledger.counts()
             result.done = counts[JobState.DONE.value]

@@ -445,7 +445,8 @@ def test_resizing_is_shown_in_status_the_report_and_the_dry_run(
     write_portrait(src / "big.jpg", size=(5200, 3500), seed=9)
     dry = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "--dry-run",
                    *FAST_FLAGS], emulator)
-    assert "would resize: 1" in dry.stdout and "resized from 5200x3500" in dry.stdout, dry.stdout
+    assert "would send as a copy: 1" in dry.stdout, dry.stdout
+    assert f"copy {src}/big.jpg: resized from 5200x3500" in dry.stdout, dry.stdout
     assert run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
                    emulator).returncode == 0
     status = run_cli(["status", "--out", str(out)], None)

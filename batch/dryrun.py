@@ -123,7 +123,8 @@ def _room(config: RunConfig, results: int) -> str | None:
 def plan(config: RunConfig) -> Plan:
     workdir = Path(tempfile.mkdtemp(prefix="skinbatch-dry-run-"))
     try:
-        ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"))
+        ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"),
+                             name=config.ledger_location)
         try:
             check_results_source(ledger, config)  # the run's refusal, said by its dry run too
             stats = scan(ledger, source_roots(config.sources, config.root_map), config.options,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -152,6 +153,35 @@ def test_a_second_run_on_the_same_ledger_exits_at_once(
     assert first.returncode == 0
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 4
+
+
+def test_a_damaged_ledger_is_refused_before_anything_is_sent(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A ledger file with a damaged page (power lost mid-write on a USB disk, a bad sector)
+    ran the night into a traceback, and `status` too. It is refused by every command, with
+    what to do, and left as it is: it is the record of what was paid for."""
+    emulator = make_emulator()
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(3):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    args = ["run", str(src), "--out", str(out), *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 0
+    write_portrait(src / "new.jpg", seed=9)
+    path = out / ".skinbatch" / "ledger.sqlite"
+    with sqlite3.connect(path) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files'").fetchone()[0]
+    damaged = bytearray(path.read_bytes())
+    damaged[(root - 1) * page_size:root * page_size] = b"\xa5" * page_size
+    path.write_bytes(damaged)
+    for command in (args, [*args, "--dry-run"], ["status", "--out", str(out)],
+                    ["report", "--out", str(out)]):
+        result = run_cli(command, emulator)
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"the ledger {path} is damaged" in result.stderr, result.stderr
+        assert "sqlite3 LEDGER .recover" in result.stderr and "Traceback" not in result.stderr
+    assert emulator.stats["charged"] == 3 and len(emulator.state.tasks) == 3
+    assert path.read_bytes() == damaged
 
 
 MOUNTS = """\

@@ -130,8 +130,9 @@ def create_ledger_engine(location: str | Path) -> Engine:
     return _sqlite_engine(url)
 
 
-def open_ledger(location: str | Path) -> Ledger:
-    """Open (creating and migrating as needed) the ledger at a path or database URL."""
+def open_ledger(location: str | Path, *, name: str | Path | None = None) -> Ledger:
+    """Open (creating and migrating as needed) the ledger at a path or database URL; ``name``
+    is what its messages call it (the dry run opens a copy)."""
     try:
         engine = create_ledger_engine(location)
     except ModuleNotFoundError as missing:
@@ -141,15 +142,38 @@ def open_ledger(location: str | Path) -> Ledger:
         raise LedgerUnavailable(f"{location} is not a ledger file or database URL: "
                                 f"{exc}") from None
     try:
+        _whole(engine, name or location)
         upgrade_to_head(engine)
         if engine.dialect.name == "sqlite" and engine.url.database:
             os.chmod(engine.url.database, 0o600)  # it holds the results' download links
     except (DBAPIError, PermissionError) as exc:
         engine.dispose()
         why = str(exc.orig if isinstance(exc, DBAPIError) else exc.strerror).splitlines()[0]
-        raise LedgerUnavailable(f"cannot open the ledger {_shown(location)}: {why}"
+        if "malformed" in why:
+            raise _damaged(name or location, why) from None
+        raise LedgerUnavailable(f"cannot open the ledger {_shown(name or location)}: {why}"
                                 f"{_owner_hint(engine)}") from None
     return Ledger(engine)
+
+
+def _whole(engine: Engine, location: str | Path) -> None:
+    """A SQLite ledger whose file is damaged (a disk that lost power mid-write, a bad sector)
+    is refused before anything is paid for: what it says was paid may not be all there is.
+    Read-only: a run holding the ledger is not waited for."""
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.execution_options(readonly=True).connect() as conn:
+        found = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
+    if found != "ok":  # the first problem found, after a line naming the database
+        raise _damaged(location, str(found).splitlines()[-1])
+
+
+def _damaged(location: str | Path, why: str) -> LedgerUnavailable:
+    return LedgerUnavailable(
+        f"the ledger {location} is damaged ({why}); nothing was sent. It is the record of "
+        "what was paid for: keep it, and save what can still be read of it (sqlite3 LEDGER "
+        ".recover | sqlite3 RECOVERED), then run with --ledger RECOVERED or put it in the "
+        "damaged one's place.")
 
 
 def _shown(location: str | Path) -> str:

@@ -312,17 +312,17 @@ def status(out: Path, ledger: str | None, as_json: bool) -> None:
 @main.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--ledger", help="Ledger file or database URL.")
-@click.option("--format", "fmt", type=click.Choice(["html", "csv", "json"]), default="html",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["html", "csv", "json"]),
+              help="html, csv or json (default: the suffix of -o, else html).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Where to write it (default: OUT/skinbatch-report.FORMAT).")
 @handle_errors
-def report(out: Path, ledger: str | None, fmt: str, output: Path | None) -> None:
+def report(out: Path, ledger: str | None, fmt: str | None, output: Path | None) -> None:
     """The morning report: counts, credits, failures with reasons, before/after thumbnails."""
     store = open_ledger(_ledger_location(out, ledger))
     try:
-        target = write_report(store, output or out / f"skinbatch-report.{fmt}", out.resolve(),
-                              fmt)
+        target = write_report(store, output or out / f"skinbatch-report.{fmt or 'html'}",
+                              out.resolve(), fmt)
     finally:
         store.close()
     click.echo(f"report written to {target}", err=True)  # stdout may be the report itself

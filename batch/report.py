@@ -29,7 +29,7 @@ from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.options import Options
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
-from batch.status import EMULATED_NOTE, describe_worker, worker_entry
+from batch.status import EMULATED_NOTE, describe_worker, unsaved_words, worker_entry
 from batch.worker import died_here
 
 #: Results whose links expire within this many seconds need a person's attention.
@@ -56,6 +56,8 @@ class ReportData:
     emulated: bool = False
     #: The latest run has not recorded its end: it is under way, or it was killed.
     run_note: str | None = None
+    #: Of the charges, those for results not saved (see :meth:`Ledger.unsaved_charges`).
+    unsaved: int = 0
 
 
 @functools.cache
@@ -90,7 +92,8 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
                       if first else "", int(ledger.get_meta(RUNS) or 0),
                       [describe_worker(w, work.get(w.name, {})) for w in workers],
                       [worker_entry(w, work.get(w.name, {})) for w in workers],
-                      ledger.emulated(), _unfinished_run(ledger, last_run))
+                      ledger.emulated(), _unfinished_run(ledger, last_run),
+                      ledger.unsaved_charges())
 
 
 def _unfinished_run(ledger: Ledger, last_run: dict[str, Any]) -> str | None:
@@ -139,6 +142,7 @@ def to_csv(data: ReportData) -> str:
 def to_json(data: ReportData) -> str:
     return json.dumps({
         "generated": data.generated, "counts": data.counts, "credits_total": data.credits_total,
+        "credits_for_results_not_saved": data.unsaved,
         "batch": {"files": data.files, "since": data.since, "runs": data.runs},
         "last_run": data.last_run, "last_run_unfinished": data.run_note,
         "needs_attention": data.attention,
@@ -201,6 +205,8 @@ def _batch_header(data: ReportData) -> str:
     parts += [f"<div class='figure{cls}'><b>{n}</b>{e(label)}</div>"
               for label, n, cls in figures]
     parts.append("</div>")
+    if data.unsaved:
+        parts.append(f"<p class='warn' id='not-saved'>{e(unsaved_words(data.unsaved))}.</p>")
     if data.run_note:
         parts.append(f"<p class='warn' id='unfinished-run'>{e(data.run_note)}</p>")
     run = data.last_run

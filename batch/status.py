@@ -15,6 +15,12 @@ from batch.options import Options
 from batch.states import UNFINISHED
 from batch.stripping import tally
 
+
+def unsaved_words(credits: int) -> str:
+    return (f"{credits} credit(s) paid for results not saved, as their photos or options "
+            "changed after they were sent (each job's history in the ledger says which)")
+
+
 EMULATED_NOTE = ("These results are imitation retouches of the bundled emulator (runs with "
                  "--emulator), not the API's")
 #: Prepared files named one by one in ``status``: a camera shoot is often all resized.
@@ -47,6 +53,8 @@ class StatusReport:
     work: dict[str, dict[str, int]] = field(default_factory=dict)
     #: The results are the bundled emulator's imitations (runs with --emulator).
     emulated: bool = False
+    #: Of the charges, those for results not saved (see :meth:`Ledger.unsaved_charges`).
+    unsaved: int = 0
 
     @property
     def unfinished(self) -> int:
@@ -61,6 +69,7 @@ class StatusReport:
             "counts": self.counts,
             "files": self.files,
             "credits_charged": self.charges,
+            "credits_for_results_not_saved": self.unsaved,
             "ambiguous_submits": self.ambiguous_submits,
             "options": self.options,
             "unfinished": self.unfinished,
@@ -82,6 +91,8 @@ class StatusReport:
             + (f"; ambiguous uploads so far: {self.ambiguous_submits}"
                if self.ambiguous_submits else ""),
         ]
+        if self.unsaved:
+            lines.append(f"of them {unsaved_words(self.unsaved)}")
         if self.emulated:
             lines.append(EMULATED_NOTE)
         for described, n in self.options.items():
@@ -144,6 +155,7 @@ def collect_status(ledger: Ledger) -> StatusReport:
         workers=WorkerRecords(ledger).listing() if ledger.shared else [],
         work=WorkerRecords(ledger).work() if ledger.shared else {},
         emulated=ledger.emulated(),
+        unsaved=ledger.unsaved_charges(),
     )
 
 

@@ -303,6 +303,19 @@ def test_a_paid_result_a_change_leaves_unsaved_is_said(
     again = run_cli([*args, "-q"], emulator)
     assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
     assert emulator.stats["charged"] == photos + len(said)
+    # The morning's reckoning explains every credit: status and the report count these.
+    status = run_cli(["status", "--out", str(out)], None)
+    assert (f"credits charged (including possible charges): {photos + len(said)}\nof them "
+            f"{len(said)} credit(s) paid for results not saved, as their photos or options "
+            "changed after they were sent") in status.stdout, status.stdout
+    for fmt in ("json", "html"):
+        page = tmp_path / f"report.{fmt}"
+        assert run_cli(["report", "--out", str(out), "-o", str(page)], None).returncode == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["credits_total"], report["credits_for_results_not_saved"]) == \
+        (photos + len(said), len(said))
+    assert (f"<p class='warn' id='not-saved'>{len(said)} credit(s) paid for results not saved"
+            in (tmp_path / "report.html").read_text())
 
 
 AWAY_WARNING = ("is not there, its drive unplugged or its share not mounted. Its photos and "
@@ -610,6 +623,12 @@ def test_csv_and_json_reports_parse_back(tmp_path: Path, emulator: Emulator) -> 
     data = json.loads((out / "skinbatch-report.json").read_text())
     assert data["counts"]["done"] == 3 and data["credits_total"] == 3
     assert data["last_run"]["charged"] == 3 and data["last_run"]["exit_code"] == 1
+    # Given a file by -o alone, the report is written in the format its name says.
+    for name in ("night.csv", "night.json"):
+        assert run_cli(["report", "--out", str(out), "-o", str(tmp_path / name)],
+                       None).returncode == 0
+    assert (tmp_path / "night.csv").read_text() == (out / "skinbatch-report.csv").read_text()
+    assert json.loads((tmp_path / "night.json").read_text())["files"] == data["files"]
 
 
 def test_a_report_goes_into_a_pipe_or_through_a_link_and_leaves_them_be(

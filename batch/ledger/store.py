@@ -1042,6 +1042,13 @@ class Ledger:
         with self._read() as conn:
             return conn.scalar(select(func.coalesce(func.sum(jobs.c.charges), 0))) or 0
 
+    def unsaved_charges(self) -> int:
+        """The credits paid for results no photo wants any more: its photo or its options
+        changed after it was sent (see :meth:`_note_superseded`), so they are not saved."""
+        with self._read() as conn:
+            return conn.scalar(select(func.coalesce(func.sum(jobs.c.charges), 0)).where(
+                jobs.c.state.in_([s.value for s in IN_FLIGHT]), ~WANTED)) or 0
+
     def charged_by(self, worker: str, since: float) -> int:
         """The charges (a lost answer counts as one) of the uploads ``worker`` recorded since
         ``since``: its own, where other workers on a shared ledger charge at the same time.

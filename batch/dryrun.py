@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from batch.api import ApiClient, ApiError
-from batch.config import RunConfig
+from batch.config import RunConfig, unreached
 from batch.ledger import open_ledger
 from batch.ledger.store import FileRow, JobRow
 from batch.options import NOTHING_ON, redone_words
@@ -127,7 +127,8 @@ def plan(config: RunConfig) -> Plan:
                              name=config.ledger_location)
         try:
             check_results_source(ledger, config)  # the run's refusal, said by its dry run too
-            stats = scan(ledger, source_roots(config.sources, config.root_map), config.options,
+            roots = source_roots(config.sources, config.root_map)
+            stats = scan(ledger, roots, config.options,
                          exclude=(config.out.resolve(),), prepare=config.prepare,
                          out_dir=config.out.resolve(), on_collision=config.on_collision)
             result = Plan(files=ledger.file_count(), notes=[
@@ -137,9 +138,11 @@ def plan(config: RunConfig) -> Plan:
             if not config.options.enabled:
                 result.notes.append(NOTHING_ON)
             to_send = submittable(config.on_ambiguous, config.on_expired)
-            if redone := ledger.count_in(to_send, redone=True):
+            # A source not there tonight: its photos wait for a run that finds it.
+            away = {r.ledger_root for r in roots if unreached(r.path) is not None}
+            if redone := ledger.count_in(to_send, redone=True, away=away):
                 result.notes.append(redone_words(redone))
-            jobs = ledger.jobs_in(to_send)
+            jobs = ledger.jobs_in(to_send, away=away)
             # As many at once as a run prepares: each holds a camera file's pixels.
             with ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
                 checks = pool.map(

@@ -358,6 +358,25 @@ def test_a_source_not_there_tonight_holds_up_none_of_the_others(
     assert status["problems"] == [] and status["files"] == 6
 
 
+def test_a_dry_run_leaves_a_source_not_there_out_of_its_sums(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Photos of a drive not plugged in, waiting since a night whose budget ran out: the dry
+    run listed them as rejected ("cannot read the file") and left them out of nothing, where
+    the run itself keeps them waiting for the drive and sends the others."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    shoot(a, 2)
+    for i in range(3):
+        write_portrait(b / f"{i:02d}.jpg", seed=20 + i)
+    args = ["run", str(a), str(b), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    assert run_cli([*args, "--max-credits", "0"], emulator).returncode == 1
+    b.rename(tmp_path / "unplugged")
+    dry = run_cli([*args, "--dry-run"], emulator)
+    assert dry.returncode == 0, dry.stderr
+    assert "would send:   2 image(s), about 2 credit(s)" in dry.stdout, dry.stdout
+    assert "would reject: 0" in dry.stdout and str(b / "00.jpg") not in dry.stdout
+    assert emulator.stats.get("charged", 0) == 0
+
+
 def ended_without_b_then_with_it(run: subprocess.Popen[str], emulator: Emulator,
                                  args: list[str], sources: dict[str, bytes],
                                  paid: tuple[int, int]) -> None:

@@ -905,11 +905,15 @@ class Ledger:
                     {**params, "away": list(away)})]
         return [job for job in claimed if job.id not in skip][:limit]
 
-    def jobs_in(self, states: Iterable[JobState], limit: int | None = None) -> list[JobRow]:
-        query = (select(*JOB_COLUMNS).where(jobs.c.state.in_([s.value for s in states]))
+    def jobs_in(self, states: Iterable[JobState], limit: int | None = None, *,
+                away: Collection[str] | None = None) -> list[JobRow]:
+        """Jobs in these states; with ``away``, only those a file outside those sources (not
+        there tonight) wants, as a run would work on."""
+        query = (select(*JOB_COLUMNS).where(jobs.c.state.in_([s.value for s in states]),
+                                            *([] if away is None else [WANTED_HERE]))
                  .order_by(func.coalesce(jobs.c.expires_at, 0), jobs.c.id).limit(limit))
         with self._read() as conn:
-            return [_job(r) for r in conn.execute(query)]
+            return [_job(r) for r in conn.execute(query, {"away": list(away or ())})]
 
     def job(self, job_id: int) -> JobRow:
         with self._read() as conn:

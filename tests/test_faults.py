@@ -65,6 +65,31 @@ def test_5xx_resets_429s_and_truncated_downloads(tmp_path: Path, make_emulator: 
     assert stats["charged"] - len(sources) <= ambiguous
 
 
+@pytest.mark.parametrize("policy", ["resubmit", "hold"])
+def test_a_gateway_timeout_after_an_upload_is_a_possible_charge(
+        tmp_path: Path, make_emulator: MakeEmulator, policy: str) -> None:
+    """A gateway in front of the API that gives up waiting answers 504 while the API goes on
+    and charges the upload. Retried as a plain 5xx, that second charge was in no ledger row;
+    it is a lost answer: counted as a possible charge, and sent again or held as the policy
+    says."""
+    emulator = make_emulator(faults=Faults(submit_504_after=0.3), seed=5)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(12)}
+    result = run_cli(["run", str(src), "--out", str(out), "--on-ambiguous", policy,
+                      "--config", str(config_file(tmp_path)), *FAST_FLAGS], emulator)
+    timeouts = emulator.stats["gateway_timeouts_after_charge"]
+    assert timeouts > 0, "the seed should produce gateway timeouts"
+    ambiguous = assert_no_double_pay(out, emulator, len(sources))
+    assert ambiguous == timeouts
+    if policy == "resubmit":
+        assert result.returncode == 0, result.stderr
+        assert_outputs_right(out, sources, emulator)
+    else:
+        assert result.returncode == 1, result.stderr
+        assert emulator.stats["charged"] == len(sources)
+        assert "may have been charged" in result.stderr
+
+
 def test_failed_and_unknown_status_tasks_are_recorded_not_retried(
         tmp_path: Path, make_emulator: MakeEmulator) -> None:
     emulator = make_emulator(faults=Faults(failed_task=0.3, unknown_status=0.2), seed=3)

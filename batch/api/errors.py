@@ -110,6 +110,9 @@ def _kind(status: int, code: str, endpoint: Endpoint) -> tuple[ErrorKind, str]:
         return ErrorKind.ACCOUNT, f"the API endpoint does not exist ({CHECK_BASE})"
     if status == 429:
         return ErrorKind.RATE_LIMITED, "rate limited by the API"
+    if status == 504 and endpoint == "submit":  # the gateway gave up, the API may not have
+        return ErrorKind.AMBIGUOUS, ("the API's gateway stopped waiting for the upload's "
+                                     "answer (HTTP 504): it may have been charged")
     if status == 408 or status >= 500:
         return ErrorKind.TRANSIENT, f"the API answered HTTP {status}"
     return ErrorKind.PERMANENT, "the API refused the request"

@@ -176,6 +176,11 @@ class ApiHandler(_Handler):
             state.stats["drops_after_charge"] += 1
             self._drop()
             return
+        if state.chance(faults.submit_504_after, "submit"):
+            state.stats["gateway_timeouts_after_charge"] += 1
+            self._send(504, GATEWAY_HTML.replace(b"502 Bad Gateway", b"504 Gateway Time-out"),
+                       "text/html")
+            return
         if state.chance(faults.malformed_json, "submit"):
             self._send(200, b'{"task_id": "', "application/json")
             return

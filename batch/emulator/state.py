@@ -29,6 +29,9 @@ class Faults:
     #: ``stall_seconds``, then resets the connection.
     submit_drop_midway: float = 0.0
     submit_drop_after: float = 0.0
+    #: The task is made (and charged), and a gateway in front of the API, tired of waiting
+    #: for it, answers 504 in its place.
+    submit_504_after: float = 0.0
     query_5xx: float = 0.0
     query_drop: float = 0.0
     rate_limit: float = 0.0

@@ -153,7 +153,7 @@ def _strip_webp(data: bytes, spare: frozenset[str]) -> tuple[bytes, Counter[str]
 def held(data: bytes, fmt: str) -> Counter[str]:
     """The metadata a photo holds, by kind: what a copy made of its pixels (rotated, resized,
     converted) leaves behind, as the copy carries its ICC profile and nothing else."""
-    if fmt == "JPEG":
+    if fmt in ("JPEG", "MPO"):  # MPO: a camera's JPEG with its preview or depth map after it
         return Counter(kind for _, _, kind in _jpeg_cuts(data))
     if strippable(data[:12]):
         return strip(data, fmt)[1]

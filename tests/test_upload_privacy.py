@@ -171,13 +171,16 @@ def test_a_copy_made_for_upload_is_said_to_leave_the_photos_metadata_behind(
     (src / "sideways.jpg").write_bytes(jpeg_source(orientation=6))
     portrait(300, 360, seed=6).save(src / "master.tif", "TIFF",
                                     tiffinfo={0x013B: CLIENT, 700: XMP})
+    # A camera JPEG with its preview after it (MPF): the preview holds EXIF of its own.
+    portrait(300, 360, seed=7).save(src / "camera.jpg", "MPO", save_all=True, exif=exif(),
+                                    append_images=[portrait(80, 96, seed=8)])
     emulator = make_emulator(record_uploads=True)
-    said = "metadata removed before upload: EXIF 2, IPTC 1, XMP 2, comment 1"
+    said = "metadata removed before upload: EXIF 3, IPTC 1, XMP 2, comment 1, other 1"
     dry = run_cli(["run", str(src), "--out", str(out), "--dry-run", *FAST_FLAGS], emulator)
     assert said in dry.stdout, dry.stdout
     result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert result.returncode == 0, result.stderr
-    assert len(emulator.state.uploads) == 2
+    assert len(emulator.state.uploads) == 3
     for body in emulator.state.uploads:
         for secret in SECRETS:
             assert secret not in body, secret

@@ -8,6 +8,7 @@ The copied EXIF says Orientation 1: uploads are sent upright, so results come ba
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,42 @@ def jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int, int]]:
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         yield marker, data[pos + 4 : pos + 2 + length], pos, pos + 2 + length
         pos += 2 + length
+
+
+#: In a scan's entropy-coded data, the next marker: 0xFF followed by anything but a stuffed
+#: 0x00, a restart marker or another 0xFF (fill).
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+#: What may stand between the scans of a progressive image: tables, restart interval, the
+#: next scan, comments and APPn segments.
+_BETWEEN_SCANS = frozenset({0xC4, 0xDB, 0xDC, 0xDD, SOS, 0xFE, *range(0xE0, 0xF0)})
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """Where a JPEG's (first) image ends, just past its EOI marker; None where that is not
+    sure (a truncated file, a marker out of place). What follows is no part of it: a
+    camera's preview, a phone's depth map or motion photo video."""
+    pos, scanned = 2 if data[:2] == b"\xff\xd8" else len(data), False
+    while pos + 2 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == EOI:
+            return pos + 2 if scanned else None
+        if scanned and marker != 0xFF and marker not in _BETWEEN_SCANS:
+            return None
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if pos + 4 > len(data):
+            return None
+        pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == SOS:
+            scanned = True
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start()
+    return None
 
 
 def _is_metadata(marker: int, payload: bytes) -> bool:

@@ -14,6 +14,8 @@ from PIL import Image, ImageCms, IptcImagePlugin, PngImagePlugin
 
 from batch.emulator import Emulator
 from batch.metadata import riff_chunk
+from batch.preflight import photo_key
+from batch.states import JobState
 from tests.checks import ledger_of, uploaded_image
 from tests.conftest import FAST_FLAGS, MakeEmulator, run_cli
 from tests.imagegen import portrait
@@ -175,7 +177,8 @@ def test_a_copy_made_for_upload_is_said_to_leave_the_photos_metadata_behind(
     portrait(300, 360, seed=7).save(src / "camera.jpg", "MPO", save_all=True, exif=exif(),
                                     append_images=[portrait(80, 96, seed=8)])
     emulator = make_emulator(record_uploads=True)
-    said = "metadata removed before upload: EXIF 3, IPTC 1, XMP 2, comment 1, other 1"
+    said = ("metadata removed before upload: EXIF 3, IPTC 1, XMP 2, appended 1, comment 1, "
+            "other 1")
     dry = run_cli(["run", str(src), "--out", str(out), "--dry-run", *FAST_FLAGS], emulator)
     assert said in dry.stdout, dry.stdout
     result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
@@ -186,6 +189,32 @@ def test_a_copy_made_for_upload_is_said_to_leave_the_photos_metadata_behind(
             assert secret not in body, secret
     status = run_cli(["status", "--out", str(out)], None)
     assert said in status.stdout, status.stdout
+
+
+def test_what_a_phone_appends_after_the_image_is_not_uploaded(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A motion photo (a phone's JPEG with seconds of video, and its sound, appended after
+    the image) went up whole: the upload carried the video. The image goes, byte for byte;
+    the photo's key is as before, so a ledger that knew the photo does not pay for it again."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    image = jpeg_source()
+    video = b"\x00\x00\x00\x18ftypmp42" + f"the vows, {CLIENT} speaking".encode() * 500
+    (src / "PXL_0412.MP.jpg").write_bytes(image + video)
+    emulator = make_emulator(record_uploads=True)
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    [body] = emulator.state.uploads
+    sent = uploaded_image(body)
+    for secret in [*SECRETS, b"ftypmp42", b"the vows"]:
+        assert secret not in body, secret
+    assert sent[sent.index(b"\xff\xda"):] == image[image.index(b"\xff\xda"):]
+    status = run_cli(["status", "--out", str(out)], None)
+    assert "appended 1" in status.stdout, status.stdout
+    ledger = ledger_of(out)
+    [job] = ledger.jobs_in(list(JobState))
+    ledger.close()
+    assert job.content_sha256 == photo_key(image + video, True)
 
 
 def test_keep_upload_metadata_sends_the_original_bytes(studio: tuple[Path, Path, Emulator]) -> None:

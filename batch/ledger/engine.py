@@ -142,7 +142,7 @@ def open_ledger(location: str | Path, *, name: str | Path | None = None) -> Ledg
         raise LedgerUnavailable(f"{location} is not a ledger file or database URL: "
                                 f"{exc}") from None
     try:
-        _whole(engine, name or location)
+        _refuse_if_damaged(engine, name or location)
         upgrade_to_head(engine)
         if engine.dialect.name == "sqlite" and engine.url.database:
             os.chmod(engine.url.database, 0o600)  # it holds the results' download links
@@ -156,7 +156,7 @@ def open_ledger(location: str | Path, *, name: str | Path | None = None) -> Ledg
     return Ledger(engine)
 
 
-def _whole(engine: Engine, location: str | Path) -> None:
+def _refuse_if_damaged(engine: Engine, location: str | Path) -> None:
     """A SQLite ledger whose file is damaged (a disk that lost power mid-write, a bad sector)
     is refused before anything is paid for: what it says was paid may not be all there is.
     Read-only: a run holding the ledger is not waited for."""

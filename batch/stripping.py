@@ -101,22 +101,30 @@ def _jpeg_cuts(data: bytes) -> Iterator[tuple[int, int, str]]:
             yield start, end, kind
 
 
-def _strip_jpeg(data: bytes) -> tuple[bytes, Counter[str]]:
-    """Its metadata segments and whatever is appended after the image (a motion photo's
-    video and sound, a preview, a depth map) go; a photo's key keeps the latter (see
-    :func:`stripped_pieces`), as keys were made so before."""
-    removed: Counter[str] = Counter()
-    kept, done = [], 0
+def _jpeg_removals(data: bytes) -> tuple[list[tuple[int, int]], Counter[str]]:
+    """The spans of a JPEG its upload leaves out, in order, and their kinds: its metadata
+    segments, and whatever is appended after the image (a motion photo's video and sound, a
+    preview, a depth map). A photo's key keeps the latter (see :func:`stripped_pieces`), as
+    keys were made so before."""
+    spans, removed = [], Counter[str]()
     for start, end, kind in _jpeg_cuts(data):
+        spans.append((start, end))
+        removed[kind] += 1
+    if (stop := jpeg_end(data) or len(data)) < len(data):
+        spans.append((stop, len(data)))
+        removed["appended"] += 1
+    return spans, removed
+
+
+def _strip_jpeg(data: bytes) -> tuple[bytes, Counter[str]]:
+    spans, removed = _jpeg_removals(data)
+    if not spans:
+        return data, removed
+    kept, done = [], 0
+    for start, end in spans:
         kept.append(data[done:start])  # what came before it, byte for byte
         done = end
-        removed[kind] += 1
-    stop = jpeg_end(data) or len(data)
-    if stop < len(data):
-        removed["appended"] += 1
-    if not removed:
-        return data, removed
-    return b"".join(kept) + data[done:stop], removed
+    return b"".join(kept) + data[done:], removed
 
 
 def _strip_png(data: bytes, spare: frozenset[str]) -> tuple[bytes, Counter[str]]:
@@ -161,7 +169,7 @@ def held(data: bytes, fmt: str) -> Counter[str]:
     """The metadata a photo holds, by kind: what a copy made of its pixels (rotated, resized,
     converted) leaves behind, as the copy carries its ICC profile and nothing else."""
     if fmt in ("JPEG", "MPO"):  # MPO: a camera's JPEG with its preview or depth map after it
-        return _strip_jpeg(data)[1]
+        return _jpeg_removals(data)[1]
     if strippable(data[:12]):
         return strip(data, fmt)[1]
     meta = SourceMetadata.read(data)  # a TIFF's descriptive tags, a HEIC's EXIF; their XMP

@@ -172,7 +172,10 @@ def held(data: bytes, fmt: str) -> Counter[str]:
         return _jpeg_removals(data)[1]
     if strippable(data[:12]):
         return strip(data, fmt)[1]
-    meta = SourceMetadata.read(data)  # a TIFF's descriptive tags, a HEIC's EXIF; their XMP
+    try:
+        meta = SourceMetadata.read(data)  # a TIFF's descriptive tags, a HEIC's EXIF; their XMP
+    except Exception:  # damaged tags: what a photo held is told, never a reason to refuse it
+        return Counter()
     return Counter([kind for kind, there in (("EXIF", meta.exif), ("XMP", meta.xmp)) if there])
 
 

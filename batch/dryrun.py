@@ -21,7 +21,7 @@ from batch.options import NOTHING_ON, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import COPIES_AT_ONCE, PrepareSettings, Rejected, preflight
-from batch.scan import no_photos, scan, unreadable_words
+from batch.scan import AWAY, no_photos, scan, unreadable_words
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
 
@@ -128,18 +128,21 @@ def plan(config: RunConfig) -> Plan:
         try:
             check_results_source(ledger, config)  # the run's refusal, said by its dry run too
             roots = source_roots(config.sources, config.root_map)
-            stats = scan(ledger, roots, config.options,
+            # A source not there tonight: as the run does, its photos wait for one that finds it.
+            gone = [r for r in roots if unreached(r.path) is not None]
+            away = {r.ledger_root for r in gone}
+            stats = scan(ledger, [r for r in roots if r not in gone], config.options,
                          exclude=(config.out.resolve(),), prepare=config.prepare,
                          out_dir=config.out.resolve(), on_collision=config.on_collision)
             result = Plan(files=ledger.file_count(), notes=[
+                *(f"{r.path} is {AWAY}: its photos wait for a run that finds it, and are not "
+                  "counted here." for r in gone),
                 *(words for _, words in stats.left_out),
                 *(f"{unreadable_words(*entry)}." for entry in stats.unreadable_folders),
                 *(no_photos(ledger, root, config.options) for root in stats.empty_roots)])
             if not config.options.enabled:
                 result.notes.append(NOTHING_ON)
             to_send = submittable(config.on_ambiguous, config.on_expired)
-            # A source not there tonight: its photos wait for a run that finds it.
-            away = {r.ledger_root for r in roots if unreached(r.path) is not None}
             if redone := ledger.count_in(to_send, redone=True, away=away):
                 result.notes.append(redone_words(redone))
             jobs = ledger.jobs_in(to_send, away=away)

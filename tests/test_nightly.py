@@ -374,6 +374,9 @@ def test_a_dry_run_leaves_a_source_not_there_out_of_its_sums(
     assert dry.returncode == 0, dry.stderr
     assert "would send:   2 image(s), about 2 credit(s)" in dry.stdout, dry.stdout
     assert "would reject: 0" in dry.stdout and str(b / "00.jpg") not in dry.stdout
+    assert (f"{b} is not there, its drive unplugged or its share not mounted: its photos wait "
+            "for a run that finds it, and are not counted here.") in dry.stdout, dry.stdout
+    assert "No photos in" not in dry.stdout
     assert emulator.stats.get("charged", 0) == 0
 
 

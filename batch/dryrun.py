@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from sqlalchemy import insert, inspect, select, text
+from sqlalchemy.exc import DBAPIError
+
 from batch.api import ApiClient, ApiError
 from batch.config import RunConfig, unreached
-from batch.ledger import open_ledger
+from batch.ledger import LedgerUnavailable, models, open_ledger
+from batch.ledger.engine import create_ledger_engine, shown
+from batch.ledger.migrate import HEAD_REVISION
 from batch.ledger.store import FileRow, JobRow
 from batch.options import NOTHING_ON, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
@@ -68,7 +73,9 @@ class Plan:
 
 def _copy_ledger(location: str, target: Path) -> str:
     """A private copy of a SQLite ledger (the backup API is consistent even while another
-    process writes it); a database URL is not copied: the dry run starts from empty."""
+    process writes it), or of what a dry run reads of a database's."""
+    if "://" in location:
+        _copy_rows(location, target)
     if "://" in location or not Path(location).exists():
         return str(target)
     # With no WAL beside it, nobody is writing: read it as immutable, which creates no -shm.
@@ -80,6 +87,35 @@ def _copy_ledger(location: str, target: Path) -> str:
     source.close()
     copy.close()
     return str(target)
+
+
+#: What a dry run reads of a shared ledger: its settings, its jobs and files, the folders'
+#: digests (not the history, nor the workers' records).
+COPIED = (models.meta, models.jobs, models.files, models.folders)
+
+
+def _copy_rows(location: str, target: Path) -> None:
+    """The rows of :data:`COPIED`, read in one transaction of the database, written into a
+    new SQLite ledger at ``target``. A database no run has brought to this version's schema
+    yet (a new one, or one the run would migrate first) gives no rows: the dry run starts
+    from empty, as its columns are not this version's."""
+    source, copy = create_ledger_engine(location), open_ledger(target)
+    try:
+        with source.connect() as read, copy.engine.begin() as write:
+            if not inspect(read).has_table("alembic_version") or read.scalar(
+                    text("SELECT version_num FROM alembic_version")) != HEAD_REVISION:
+                return
+            for table in COPIED:
+                write.execute(table.delete())  # a new ledger's own settings give way
+                rows = read.execute(select(table))
+                while chunk := rows.fetchmany(5000):
+                    write.execute(insert(table), [row._asdict() for row in chunk])
+    except DBAPIError as exc:
+        why = str(exc.orig).splitlines()[0]
+        raise LedgerUnavailable(f"cannot read the ledger {shown(location)}: {why}") from None
+    finally:
+        copy.close()
+        source.dispose()
 
 
 class Upload(NamedTuple):
@@ -145,12 +181,16 @@ def plan(config: RunConfig) -> Plan:
             to_send = submittable(config.on_ambiguous, config.on_expired)
             if redone := ledger.count_in(to_send, redone=True, away=away):
                 result.notes.append(redone_words(redone))
-            jobs = ledger.jobs_in(to_send, away=away)
+            # On a shared ledger a run takes only the jobs of photos under its own sources.
+            shared, mine = "://" in config.ledger_location, {r.ledger_root for r in roots}
+            wanted = [(job, found) for job in ledger.jobs_in(to_send, away=away)
+                      if (found := [f for f in ledger.files_for_job(job.id)
+                                    if not shared or f.root in mine])]
             # As many at once as a run prepares: each holds a camera file's pixels.
             with ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
                 checks = pool.map(
-                    lambda j: _check(j, config.root_map.localize(ledger.files_for_job(j.id)),
-                                     config.prepare), jobs)
+                    lambda item: _check(item[0], config.root_map.localize(item[1]),
+                                        config.prepare), wanted)
                 for path, verdict in checks:
                     if isinstance(verdict, str):
                         result.reject.append((path, verdict))

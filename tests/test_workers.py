@@ -312,6 +312,33 @@ def test_a_worker_claims_only_jobs_under_its_own_roots(
         ledger.close()
 
 
+def test_a_dry_run_on_a_shared_ledger_knows_what_the_batch_has_done(
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
+    """A dry run on a PostgreSQL ledger started from an empty one: its estimate counted every
+    photo of the source as new (tonight's cost: the whole archive). It works on a private
+    copy of the shared ledger's rows, counts only this site's photos, and changes nothing."""
+    emulator = make_emulator()
+    site_a, site_b = tmp_path / "a", tmp_path / "b"
+    shoot(site_a / "in", 3)
+    shoot(site_b / "in", 2, first_seed=500)
+    for site, extra in ((site_a, []), (site_b, ["--max-credits", "0"])):
+        run_cli(["run", str(site / "in"), "--out", str(site / "out"), "--ledger", pg_url,
+                 *WORKER_FLAGS, *extra], emulator)
+    assert emulator.stats["charged"] == 3
+    write_portrait(site_a / "in" / "new.jpg", seed=900)
+    dry = run_cli(["run", str(site_a / "in"), "--out", str(site_a / "out"), "--ledger", pg_url,
+                   "--dry-run", *WORKER_FLAGS], emulator)
+    assert dry.returncode == 0, dry.stderr
+    assert "would send:   1 image(s), about 1 credit(s)" in dry.stdout, dry.stdout
+    assert "would reject: 0" in dry.stdout and "already done: 3" in dry.stdout, dry.stdout
+    assert emulator.stats["charged"] == 3
+    ledger = ledger_of(site_a / "out", pg_url)
+    try:
+        assert ledger.file_count() == 5
+    finally:
+        ledger.close()
+
+
 def test_two_live_workers_may_not_share_a_name(
         tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     # Tasks long enough that the first worker is still at work (its lease alive) however long

@@ -39,7 +39,7 @@ def ledger_url(location: str | Path) -> str:
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     elif not url.drivername.startswith(("sqlite", "postgresql")):
-        raise LedgerUnavailable(f"{_shown(text)} cannot hold a ledger: give a SQLite file (a "
+        raise LedgerUnavailable(f"{shown(text)} cannot hold a ledger: give a SQLite file (a "
                                 "path) or a PostgreSQL database (postgresql://...)")
     return url.render_as_string(hide_password=False)
 
@@ -151,7 +151,7 @@ def open_ledger(location: str | Path, *, name: str | Path | None = None) -> Ledg
         why = str(exc.orig if isinstance(exc, DBAPIError) else exc.strerror).splitlines()[0]
         if "malformed" in why:
             raise _damaged(name or location, why) from None
-        raise LedgerUnavailable(f"cannot open the ledger {_shown(name or location)}: {why}"
+        raise LedgerUnavailable(f"cannot open the ledger {shown(name or location)}: {why}"
                                 f"{_owner_hint(engine)}") from None
     return Ledger(engine)
 
@@ -176,7 +176,7 @@ def _damaged(location: str | Path, why: str) -> LedgerUnavailable:
         "damaged one's place.")
 
 
-def _shown(location: str | Path) -> str:
+def shown(location: str | Path) -> str:
     text = str(location)
     return make_url(text).render_as_string(hide_password=True) if "://" in text else text
 

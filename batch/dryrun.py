@@ -95,13 +95,15 @@ COPIED = (models.meta, models.jobs, models.files, models.folders)
 
 
 def _copy_rows(location: str, target: Path) -> None:
-    """The rows of :data:`COPIED`, read in one transaction of the database, written into a
-    new SQLite ledger at ``target``. A database no run has brought to this version's schema
+    """The rows of :data:`COPIED`, read from one snapshot of the database, written into a new
+    SQLite ledger at ``target``. A database no run has brought to this version's schema
     yet (a new one, or one the run would migrate first) gives no rows: the dry run starts
     from empty, as its columns are not this version's."""
     source, copy = create_ledger_engine(location), open_ledger(target)
     try:
         with source.connect() as read, copy.engine.begin() as write:
+            # One snapshot for every table: a file is not read without the job it names.
+            read.execution_options(isolation_level="REPEATABLE READ")
             if not inspect(read).has_table("alembic_version") or read.scalar(
                     text("SELECT version_num FROM alembic_version")) != HEAD_REVISION:
                 return

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 
 from batch.api import ApiClient, ApiError
 from batch.config import RunConfig, unreached
-from batch.ledger import LedgerUnavailable, models, open_ledger
+from batch.ledger import Ledger, LedgerUnavailable, models, open_ledger
 from batch.ledger.engine import create_ledger_engine, shown
 from batch.ledger.migrate import HEAD_REVISION
 from batch.ledger.store import FileRow, JobRow
@@ -26,7 +26,7 @@ from batch.options import NOTHING_ON, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import COPIES_AT_ONCE, PrepareSettings, Rejected, preflight
-from batch.scan import AWAY, no_photos, scan, unreadable_words
+from batch.scan import AWAY, SourceRoot, no_photos, scan, unreadable_words
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
 
@@ -164,52 +164,7 @@ def plan(config: RunConfig) -> Plan:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"),
                              name=config.ledger_location)
         try:
-            check_results_source(ledger, config)  # the run's refusal, said by its dry run too
-            roots = source_roots(config.sources, config.root_map)
-            # A source not there tonight: as the run does, its photos wait for one that finds it.
-            gone = [r for r in roots if unreached(r.path) is not None]
-            away = {r.ledger_root for r in gone}
-            stats = scan(ledger, [r for r in roots if r not in gone], config.options,
-                         exclude=(config.out.resolve(),), prepare=config.prepare,
-                         out_dir=config.out.resolve(), on_collision=config.on_collision)
-            result = Plan(files=ledger.file_count(), notes=[
-                *(f"{r.path} is {AWAY}: its photos wait for a run that finds it, and are not "
-                  "counted here." for r in gone),
-                *(words for _, words in stats.left_out),
-                *(f"{unreadable_words(*entry)}." for entry in stats.unreadable_folders),
-                *(no_photos(ledger, root, config.options) for root in stats.empty_roots)])
-            if not config.options.enabled:
-                result.notes.append(NOTHING_ON)
-            to_send = submittable(config.on_ambiguous, config.on_expired)
-            if redone := ledger.count_in(to_send, redone=True, away=away):
-                result.notes.append(redone_words(redone))
-            # On a shared ledger a run takes only the jobs of photos under its own sources.
-            shared, mine = "://" in config.ledger_location, {r.ledger_root for r in roots}
-            wanted = [(job, found) for job in ledger.jobs_in(to_send, away=away)
-                      if (found := [f for f in ledger.files_for_job(job.id)
-                                    if not shared or f.root in mine])]
-            # As many at once as a run prepares: each holds a camera file's pixels.
-            with ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
-                checks = pool.map(
-                    lambda item: _check(item[0], config.root_map.localize(item[1]),
-                                        config.prepare), wanted)
-                for path, verdict in checks:
-                    if isinstance(verdict, str):
-                        result.reject.append((path, verdict))
-                        continue
-                    result.send.append(path)
-                    result.upload_bytes += verdict.size
-                    if verdict.note:
-                        result.copy.append((path, verdict.note))
-                    result.stripped += tally(verdict.stripped)
-            counts = ledger.counts()
-            result.done = counts[JobState.DONE.value]
-            result.waiting = sum(counts[s.value] for s in IN_FLIGHT)
-            result.credits_needed = len(result.send) * config.credits_per_image
-            result.reject += [(p.path, p.reason) for p in ledger.problems()
-                              if p.state == "rejected" and (p.path, p.reason) not in result.reject]
-            if (room := _room(config, result.upload_bytes)) is not None:
-                result.notes.append(room)
+            result = _planned(ledger, config)
         finally:
             ledger.close()
     finally:
@@ -217,6 +172,64 @@ def plan(config: RunConfig) -> Plan:
     if config.api_key is not None:
         result.balance, result.balance_error = asyncio.run(_balance(config))
     return result
+
+
+def _planned(ledger: Ledger, config: RunConfig) -> Plan:
+    check_results_source(ledger, config)  # the run's refusal, said by its dry run too
+    roots = source_roots(config.sources, config.root_map)
+    # A source not there tonight: as the run does, its photos wait for one that finds it.
+    gone = [r for r in roots if unreached(r.path) is not None]
+    away = {r.ledger_root for r in gone}
+    result = _scanned(ledger, config, [r for r in roots if r not in gone], gone)
+    to_send = submittable(config.on_ambiguous, config.on_expired)
+    if redone := ledger.count_in(to_send, redone=True, away=away):
+        result.notes.append(redone_words(redone))
+    # On a shared ledger a run takes only the jobs of photos under its own sources.
+    shared, mine = "://" in config.ledger_location, {r.ledger_root for r in roots}
+    _judge(result, config, [(job, found) for job in ledger.jobs_in(to_send, away=away)
+                            if (found := [f for f in ledger.files_for_job(job.id)
+                                          if not shared or f.root in mine])])
+    counts = ledger.counts()
+    result.done = counts[JobState.DONE.value]
+    result.waiting = sum(counts[s.value] for s in IN_FLIGHT)
+    result.credits_needed = len(result.send) * config.credits_per_image
+    result.reject += [(p.path, p.reason) for p in ledger.problems()
+                      if p.state == "rejected" and (p.path, p.reason) not in result.reject]
+    if (room := _room(config, result.upload_bytes)) is not None:
+        result.notes.append(room)
+    return result
+
+
+def _scanned(ledger: Ledger, config: RunConfig, roots: list[SourceRoot],
+             gone: list[SourceRoot]) -> Plan:
+    """The sources there scanned into the copy, and what the scan found to say of them."""
+    stats = scan(ledger, roots, config.options, exclude=(config.out.resolve(),),
+                 prepare=config.prepare, out_dir=config.out.resolve(),
+                 on_collision=config.on_collision)
+    return Plan(files=ledger.file_count(), notes=[
+        *(f"{r.path} is {AWAY}: its photos wait for a run that finds it, and are not "
+          "counted here." for r in gone),
+        *(words for _, words in stats.left_out),
+        *(f"{unreadable_words(*entry)}." for entry in stats.unreadable_folders),
+        *(no_photos(ledger, root, config.options) for root in stats.empty_roots),
+        *([] if config.options.enabled else [NOTHING_ON])])
+
+
+def _judge(result: Plan, config: RunConfig, wanted: list[tuple[JobRow, list[FileRow]]]) -> None:
+    """Preflight's verdict on each job the run would send (with its files), counted into
+    ``result``; as many at once as a run prepares, as each holds a camera file's pixels."""
+    with ThreadPoolExecutor(COPIES_AT_ONCE) as pool:
+        checks = pool.map(lambda item: _check(item[0], config.root_map.localize(item[1]),
+                                              config.prepare), wanted)
+        for path, verdict in checks:
+            if isinstance(verdict, str):
+                result.reject.append((path, verdict))
+                continue
+            result.send.append(path)
+            result.upload_bytes += verdict.size
+            if verdict.note:
+                result.copy.append((path, verdict.note))
+            result.stripped += tally(verdict.stripped)
 
 
 async def _balance(config: RunConfig) -> tuple[float | None, str | None]:

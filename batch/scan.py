@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from batch.heif import unsupported as heif_unsupported
-from batch.ledger.store import KnownFile, Ledger, ScannedFile, Superseded, unreadable_reason
+from batch.ledger.store import (
+    NOT_SAVED,
+    KnownFile,
+    Ledger,
+    ScannedFile,
+    Superseded,
+    unreadable_reason,
+)
 from batch.names import (
     DEFAULT_NAMING,
     IGNORED,
@@ -536,9 +543,8 @@ class _RootScan:
         while self.in_flight:
             self._record(self.in_flight.popleft())
         if self.superseded > SUPERSEDED_SHOWN:
-            log.warning("... and %d more paid result(s) not saved, as their photos or options "
-                        "changed after they were sent (each job's history in the ledger says "
-                        "which).", self.superseded - SUPERSEDED_SHOWN)
+            log.warning("... and %d more paid result(s) %s.", self.superseded - SUPERSEDED_SHOWN,
+                        NOT_SAVED)
         self.stats.stopped = int(self.stopped)
         if self.is_tree:
             self.ledger.note_scan_cut(self.key, self.stopped)

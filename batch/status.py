@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from batch.ledger import Ledger
-from batch.ledger.store import Problem
+from batch.ledger.store import NOT_SAVED, Problem
 from batch.ledger.workers import WorkerRecords, WorkerRow
 from batch.options import Options
 from batch.states import UNFINISHED
@@ -17,8 +17,7 @@ from batch.stripping import tally
 
 
 def unsaved_words(credits: int) -> str:
-    return (f"{credits} credit(s) paid for results not saved, as their photos or options "
-            "changed after they were sent (each job's history in the ledger says which)")
+    return f"{credits} credit(s) paid for results {NOT_SAVED}"
 
 
 EMULATED_NOTE = ("These results are imitation retouches of the bundled emulator (runs with "

@@ -167,6 +167,12 @@ WANTED = exists().where(files.c.job_id == jobs.c.id)
 #: A file outside the sources that are away (a drive not plugged in) wants the job.
 WANTED_HERE = exists().where(files.c.job_id == jobs.c.id,
                              files.c.root.not_in(bindparam("away", expanding=True)))
+#: Paid for (or being paid for), not saved, and no file wants it any more: its photo or its
+#: options changed after it was sent (see :meth:`Ledger._note_superseded`).
+SUPERSEDED = and_(jobs.c.state.in_([s.value for s in IN_FLIGHT]), ~WANTED)
+#: What became of such results, as the scan, ``status`` and the report say it.
+NOT_SAVED = ("not saved, as their photos or options changed after they were sent (each job's "
+             "history in the ledger says which)")
 #: The meta key set in a ledger whose results come from the bundled emulator (imitations).
 EMULATED = "bundled_emulator"
 #: The meta keys of the runs' record: how many started, the latest start (and as which
@@ -591,9 +597,7 @@ class Ledger:
         if not before:
             return []
         orphaned = {job_id: sha for job_id, sha in conn.execute(select(
-            jobs.c.id, jobs.c.content_sha256).where(
-                jobs.c.id.in_(before), jobs.c.state.in_([s.value for s in IN_FLIGHT]),
-                ~WANTED))}
+            jobs.c.id, jobs.c.content_sha256).where(jobs.c.id.in_(before), SUPERSEDED))}
         now = time.time()
         superseded = []
         for f in found:
@@ -1051,7 +1055,7 @@ class Ledger:
         changed after it was sent (see :meth:`_note_superseded`), so they are not saved."""
         with self._read() as conn:
             return conn.scalar(select(func.coalesce(func.sum(jobs.c.charges), 0)).where(
-                jobs.c.state.in_([s.value for s in IN_FLIGHT]), ~WANTED)) or 0
+                SUPERSEDED)) or 0
 
     def charged_by(self, worker: str, since: float) -> int:
         """The charges (a lost answer counts as one) of the uploads ``worker`` recorded since

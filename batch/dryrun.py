@@ -73,9 +73,8 @@ class Plan:
 
 def _copy_ledger(location: str, target: Path) -> str:
     """A private copy of a SQLite ledger (the backup API is consistent even while another
-    process writes it), or of what a dry run reads of a database's."""
-    if "://" in location:
-        _copy_rows(location, target)
+    process writes it); a database's rows are copied into it once it is open
+    (:func:`_copy_rows`)."""
     if "://" in location or not Path(location).exists():
         return str(target)
     # With no WAL beside it, nobody is writing: read it as immutable, which creates no -shm.
@@ -94,12 +93,12 @@ def _copy_ledger(location: str, target: Path) -> str:
 COPIED = (models.meta, models.jobs, models.files, models.folders)
 
 
-def _copy_rows(location: str, target: Path) -> None:
-    """The rows of :data:`COPIED`, read from one snapshot of the database, written into a new
-    SQLite ledger at ``target``. A database no run has brought to this version's schema
-    yet (a new one, or one the run would migrate first) gives no rows: the dry run starts
-    from empty, as its columns are not this version's."""
-    source, copy = create_ledger_engine(location), open_ledger(target)
+def _copy_rows(location: str, copy: Ledger) -> None:
+    """The rows of :data:`COPIED`, read from one snapshot of the database, written into the
+    dry run's new ledger. A database no run has brought to this version's schema yet (a new
+    one, or one the run would migrate first) gives no rows: the dry run starts from empty, as
+    its columns are not this version's."""
+    source = create_ledger_engine(location)
     try:
         with source.connect() as read, copy.engine.begin() as write:
             # One snapshot for every table: a file is not read without the job it names.
@@ -116,7 +115,6 @@ def _copy_rows(location: str, target: Path) -> None:
         why = str(exc.orig).splitlines()[0]
         raise LedgerUnavailable(f"cannot read the ledger {shown(location)}: {why}") from None
     finally:
-        copy.close()
         source.dispose()
 
 
@@ -164,6 +162,8 @@ def plan(config: RunConfig) -> Plan:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"),
                              name=config.ledger_location)
         try:
+            if "://" in config.ledger_location:
+                _copy_rows(config.ledger_location, ledger)
             result = _planned(ledger, config)
         finally:
             ledger.close()

@@ -184,11 +184,13 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     to_send = submittable(config.on_ambiguous, config.on_expired)
     if redone := ledger.count_in(to_send, redone=True, away=away):
         result.notes.append(redone_words(redone))
-    # On a shared ledger a run takes only the jobs of photos under its own sources.
+    # Each job with the files a run would read it from: on a shared ledger only those under
+    # its own sources, and none on a drive that is not there.
     shared, mine = "://" in config.ledger_location, {r.ledger_root for r in roots}
     _judge(result, config, [(job, found) for job in ledger.jobs_in(to_send, away=away)
                             if (found := [f for f in ledger.files_for_job(job.id)
-                                          if not shared or f.root in mine])])
+                                          if f.root not in away
+                                          and (not shared or f.root in mine)])])
     counts = ledger.counts()
     result.done = counts[JobState.DONE.value]
     result.waiting = sum(counts[s.value] for s in IN_FLIGHT)

@@ -362,12 +362,14 @@ def test_a_dry_run_leaves_a_source_not_there_out_of_its_sums(
         tmp_path: Path, emulator: Emulator) -> None:
     """Photos of a drive not plugged in, waiting since a night whose budget ran out: the dry
     run listed them as rejected ("cannot read the file") and left them out of nothing, where
-    the run itself keeps them waiting for the drive and sends the others."""
+    the run itself keeps them waiting for the drive and sends the others. A photo with a copy
+    on each drive, found first on the missing one, is sent from the other."""
     a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
-    shoot(a, 2)
+    photos = shoot(a, 2)
     for i in range(3):
         write_portrait(b / f"{i:02d}.jpg", seed=20 + i)
-    args = ["run", str(a), str(b), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    (b / "copy of 00.jpg").write_bytes(photos["00.jpg"])
+    args = ["run", str(b), str(a), "--out", str(out), "--smart-skin", *FAST_FLAGS]
     assert run_cli([*args, "--max-credits", "0"], emulator).returncode == 1
     b.rename(tmp_path / "unplugged")
     dry = run_cli([*args, "--dry-run"], emulator)

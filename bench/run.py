@@ -71,6 +71,9 @@ class ThroughputRun:
     queries_per_task: float
     #: What a fixed schedule at the poll interval would have needed.
     fixed_schedule_queries: float
+    #: The bound for a run that pays for a handful of photos before its first result is saved
+    #: (README, "Money and failure policy"): the rest wait one task's time, once.
+    awaited_bound: float
 
 
 def throughput_run(work: Path, name: str, images: int,
@@ -104,6 +107,7 @@ def throughput_run(work: Path, name: str, images: int,
     # fastest any client can go is qps / 2 images per second, plus one task's time at the end.
     mean_task = sum(t.ready_at - t.created for t in tasks) / len(tasks)
     bound = images / (2 * images / qps + mean_task) * 60
+    awaited_bound = images / (2 * images / qps + 2 * mean_task) * 60
     achieved = images / child.wall * 60
     print(f"  ({name}: {images} images, QPS cap {qps:g}, poll {poll:g}s, tasks "
           f"{0.5 + 0.8:.1f}s +-30%, latency {latency * 1000:.0f} ms, concurrency {concurrency}; "
@@ -111,15 +115,17 @@ def throughput_run(work: Path, name: str, images: int,
           f"{first_submit - started:.2f}s, last result ready to exit "
           f"{started + child.wall - last_ready:.2f}s)")
     return ThroughputRun(achieved, bound, rate_limited, queries / len(tasks),
-                         sum(needed) / len(tasks)), baseline
+                         sum(needed) / len(tasks), awaited_bound), baseline
 
 
 def bench_throughput(work: Path, images: int, quick: bool) -> ThroughputRun:
     run, baseline = throughput_run(work, "throughput", images,
                                    baseline_sample=4 if quick else 8)
-    row("throughput", f"{run.achieved:.0f} img/min; bound {run.bound:.0f}; "
-        f"achieved/bound {run.achieved / run.bound:.2f}; 429s: {run.rate_limited}", ">= 0.95",
-        run.achieved / run.bound >= 0.95)
+    row("throughput", f"{run.achieved:.0f} img/min; bound {run.bound:.0f}, "
+        f"{run.awaited_bound:.0f} with the first result awaited; achieved/bound "
+        f"{run.achieved / run.bound:.2f}, {run.achieved / run.awaited_bound:.2f}; "
+        f"429s: {run.rate_limited}", ">= 0.95 (first result awaited)",
+        run.achieved / run.awaited_bound >= 0.95)
     row("speed-up vs sequential", f"{run.achieved / baseline:.1f}x ({baseline:.0f} img/min, "
         f"measured on {4 if quick else 8} images)", f">= {CONCURRENCY}x",
         run.achieved / baseline >= CONCURRENCY)

@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from batch.api.errors import ApiError, ErrorKind
 from batch.emulator import Faults
 from batch.options import Options
 from batch.secret import Secret
+from batch.stages.runtime import UNPROVEN_UPLOADS
 from batch.states import JobState
 from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
 from tests.conftest import (
@@ -331,6 +333,53 @@ def test_a_result_host_down_longer_than_the_retries_loses_no_paid_result(
     assert again.returncode == 0, again.stderr
     assert_outputs_right(out, sources, emulator)
     assert emulator.stats["charged"] == 2
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (taken from the system, then let go)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_result_host_this_network_cannot_reach_costs_a_few_credits_not_the_batch(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """A firewall or DNS filter that lets the API through but not the host its results
+    come from: before its first result is saved, a run pays for no more than a handful of
+    photos, then stops naming that host. Once the path is open, the same command saves
+    those and sends the rest, each paid for once."""
+    emulator = make_emulator()
+    emulator.result_redirect = f"http://127.0.0.1:{closed_port()}/result.jpg"
+    sources, out, args = three_quick_attempts(tmp_path, 50)
+    blocked = run_cli(args, emulator)
+    assert blocked.returncode == 1, blocked.stderr
+    assert "could not connect to the result host 127.0.0.1" in blocked.stderr
+    charged = emulator.stats["charged"]
+    assert 0 < charged <= UNPROVEN_UPLOADS
+    held = held_results(out)  # the results kept, and the photos not sent
+    assert held.count("pending") == 50 - charged and "failed" not in held
+
+    emulator.result_redirect = None
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 50
+
+
+def test_photos_whose_tasks_fail_make_way_for_the_rest_before_any_result(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """Tasks that fail bring no result and cost no more: with none saved yet, the photos
+    they held back are still sent, and the run ends with every one of them failed, not
+    waiting for a result that will never come."""
+    emulator = make_emulator(faults=Faults(failed_task=1.0))
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(UNPROVEN_UPLOADS + 10):
+        write_portrait(src / f"{i:02d}.jpg", seed=i)
+    result = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS, "--smart-skin"],
+                     emulator, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert held_results(out) == ["failed"] * (UNPROVEN_UPLOADS + 10)
+    assert emulator.stats["submits"] == UNPROVEN_UPLOADS + 10
 
 
 def test_a_refused_download_of_a_deleted_output_stops_nothing(

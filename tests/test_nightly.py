@@ -23,6 +23,7 @@ from PIL import Image
 
 from batch.emulator import Emulator
 from batch.preflight import identity_digest
+from batch.stages.runtime import UNPROVEN_UPLOADS
 from tests.checks import assert_no_double_pay, assert_outputs_right
 from tests.conftest import FAST_FLAGS, MakeEmulator, cli_env, popen_cli, run_cli, wait_for
 from tests.imagegen import write_portrait
@@ -260,7 +261,7 @@ def test_photos_culled_from_the_shoot_are_not_sent_and_stop_being_problems(
 @pytest.mark.parametrize(("change", "photos"), [("photo", 3), ("options", 22)])
 def test_a_paid_result_a_change_leaves_unsaved_is_said(
         tmp_path: Path, make_emulator: MakeEmulator, change: str, photos: int) -> None:
-    """After a run sent the night's photos and was killed, the photographer exports one again
+    """After the night's photos were sent and the run was killed, the photographer exports one again
     over itself (a corrected crop), or someone turns on another option: the next run sends
     the photos as they are now and saves their results, and says which paid results are not
     saved, where it left those paid tasks unmentioned (credits spent, said nowhere); past 20
@@ -269,9 +270,16 @@ def test_a_paid_result_a_change_leaves_unsaved_is_said(
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, photos)
     args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
-    killed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": f"queued:{photos}"})
-    killed.communicate(timeout=120)
-    assert killed.returncode == -signal.SIGKILL and emulator.stats["charged"] == photos
+    # A run pays for at most UNPROVEN_UPLOADS before it has saved a result: more photos are
+    # sent, paid and left unsaved by a second run killed as the first was.
+    emulator.config.faults.download_5xx = 1.0
+    for sent in (photos, ) if photos <= UNPROVEN_UPLOADS else (UNPROVEN_UPLOADS,
+                                                               photos - UNPROVEN_UPLOADS):
+        killed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": f"queued:{sent}"})
+        killed.communicate(timeout=120)
+        assert killed.returncode == -signal.SIGKILL
+    assert emulator.stats["charged"] == photos
+    emulator.config.faults.download_5xx = 0.0
     if change == "photo":
         sources["01.jpg"] = write_portrait(src / "01.jpg", seed=41)
         said = {"01.jpg": "01.jpg changed after it was sent (exported again over itself?): the "

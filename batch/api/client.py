@@ -112,6 +112,22 @@ def _transport_words(exc: httpx.TransportError) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _download_failed(exc: httpx.TransportError, url: str) -> str:
+    """What a failed download says: a host never reached is named (results come from a host
+    of their own, which a firewall or DNS filter that lets the API through may block)."""
+    if not isinstance(exc, NEVER_CONNECTED):
+        return f"the download broke off ({_transport_words(exc)})"
+    try:
+        host = exc.request.url.host
+    except RuntimeError:  # no request attached
+        host = httpx.URL(url).host
+    if (why := _untrusted(exc)) is not None:
+        return (f"the result host {host}'s TLS certificate is not trusted here ({why}): where a "
+                "proxy inspects TLS, point SSL_CERT_FILE at its certificate bundle")
+    return (f"could not connect to the result host {host} ({_transport_words(exc)}; a "
+            "firewall or DNS filter that lets the API through may block it)")
+
+
 def _upload_failed(exc: httpx.TransportError, whole: bool) -> ApiError:
     """What a transport error means for an upload. The API can have charged it only if its
     whole body went out; the error's type cannot say so, as httpcore reads for an answer
@@ -374,8 +390,7 @@ class ApiClient:
             raise ApiError(ErrorKind.PERMANENT, f"the result URL is malformed: {url[:80]}") \
                 from exc
         except httpx.TransportError as exc:
-            raise ApiError(ErrorKind.TRANSIENT,
-                           f"the download broke off ({_transport_words(exc)})") from exc
+            raise ApiError(ErrorKind.TRANSIENT, _download_failed(exc, url)) from exc
 
     async def _receive(self, response: httpx.Response, sink: IO[bytes]) -> Downloaded:
         status = response.status_code

@@ -926,6 +926,12 @@ class Ledger:
             raise KeyError(f"no job {job_id}")
         return _job(row)
 
+    def states_of(self, job_ids: Collection[int]) -> dict[int, JobState]:
+        with self._read() as conn:
+            rows = conn.execute(select(jobs.c.id, jobs.c.state).where(
+                jobs.c.id.in_(list(job_ids))))
+            return {job_id: JobState(state) for job_id, state in rows}
+
     def files_for_job(self, job_id: int) -> list[FileRow]:
         return self.files_of([job_id]).get(job_id, [])
 

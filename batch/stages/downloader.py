@@ -197,6 +197,9 @@ class Downloader:
                 self._store, sink, job, targets, temp, temps, downloaded.sha256)
         await rt.writes.finish_download(job.id, sha256, outputs, problems)
         rt.progress.saved()
+        if not rt.delivered:
+            rt.delivered = True
+            rt.wake_submitter.set()
         self.last_saved = time.monotonic()
         self.failing.pop(job.id, None)
         rt.resume(StopReason.UNFETCHED, "A result came through")

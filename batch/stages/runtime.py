@@ -30,6 +30,12 @@ from batch.states import JobState
 log = logging.getLogger("batch")
 
 
+#: Uploads a run pays for before it has saved a result: until one comes through, a result host
+#: this network cannot reach (a firewall's list of allowed hosts, a DNS filter, a proxy that
+#: does not trust its certificate) costs at most these credits, not the night's batch. The
+#: rest wait about one task's time, once a run.
+UNPROVEN_UPLOADS = 20
+
 #: How often a watch looks for a folder or file that went away (its output folder, a source
 #: folder its results wait for, its ledger): each look is a stat.
 GONE_RECHECK = 5.0
@@ -159,6 +165,9 @@ class Runtime:
     #: mounted), by the ledger's name for them: a run goes on with its other sources (see
     #: :meth:`goes_on_without`), and claims and counts leave these out.
     away: set[str] = field(default_factory=set)
+    #: A result was saved in this run: the host results come from can be reached (see
+    #: :data:`UNPROVEN_UPLOADS`).
+    delivered: bool = False
 
     async def before_upload(self) -> None:
         """Money is decided before the first upload: a run with nothing to send reads no

@@ -32,6 +32,7 @@ from batch.preflight import (
     reuse_pixel_memory,
 )
 from batch.stages.runtime import (
+    UNPROVEN_UPLOADS,
     QueuedTask,
     Runtime,
     SourceGone,
@@ -40,7 +41,7 @@ from batch.stages.runtime import (
     source_gone,
     wait_any,
 )
-from batch.states import JobState, submittable
+from batch.states import IN_FLIGHT, JobState, submittable
 
 log = logging.getLogger("batch.submit")
 
@@ -67,6 +68,10 @@ class Submitter:
         #: The jobs of ``in_flight`` past the point of no return: their upload is recorded as
         #: begun (or about to be), so they may already be charged.
         self.committed: set[int] = set()
+        #: Jobs this run has sent whose results are not yet in, while no result has been
+        #: saved (see :data:`UNPROVEN_UPLOADS`).
+        self.unproven: set[int] = set()
+        self.said_unproven = False
         self.waiting: deque[tuple[JobRow, list[FileRow]]] = deque()
         self.states = submittable(rt.config.on_ambiguous, rt.config.on_expired)
         # Preparing a file (CPU) and sending it (the line, the API's pace) are bounded apart:
@@ -98,6 +103,12 @@ class Submitter:
             if rt.flags.submits_stopped is not None:
                 self._drop_unsent()
             free = self.most - len(self.in_flight)
+            if free > 0 and not rt.delivered and rt.flags.submits_stopped is None:
+                try:
+                    free = min(free, self._before_a_result())
+                except DBAPIError as error:
+                    await rt.wait_for_ledger(error)
+                    continue
             if free > 0 and rt.flags.submits_stopped is None:
                 if len(self.waiting) < free:
                     try:
@@ -114,6 +125,23 @@ class Submitter:
                     free -= 1
             rt.uploads_waiting = len(self.waiting)
             await wait_any(rt.wake_submitter, set(self.in_flight.values()), 0.5)
+
+    def _before_a_result(self) -> int:
+        """Uploads that may start before this run has saved a result: what is left of
+        :data:`UNPROVEN_UPLOADS` once the jobs sent, or about to be, whose results are still to
+        come are counted (one that failed, or was never charged, no longer counts)."""
+        unproven = self.unproven | set(self.in_flight)
+        if len(unproven) < UNPROVEN_UPLOADS:
+            return UNPROVEN_UPLOADS - len(unproven)
+        states = self.rt.ledger.states_of(self.unproven - set(self.in_flight))
+        self.unproven = {job for job in self.unproven
+                         if job in self.in_flight or states.get(job) in IN_FLIGHT}
+        left = UNPROVEN_UPLOADS - len(self.unproven | set(self.in_flight))
+        if left <= 0 and not self.said_unproven:
+            self.said_unproven = True
+            log.info("%d photos sent; the rest wait for the first result to be saved, so that a "
+                     "result host this network cannot reach costs no more.", UNPROVEN_UPLOADS)
+        return left
 
     def _refill(self, free: int) -> None:
         """Claim the next jobs a few dozen at a time rather than one query per upload. They
@@ -207,6 +235,8 @@ class Submitter:
             return
         note = f" ({prepared.note})" if prepared.note else ""
         self.committed.add(job.id)
+        if not rt.delivered:
+            self.unproven.add(job.id)
         try:
             await rt.writes.transition(job.id, JobState.SUBMITTING, expect=job.state,
                                        prepared=prepared.note, stripped=prepared.stripped,

@@ -358,6 +358,13 @@ def test_a_result_host_this_network_cannot_reach_costs_a_few_credits_not_the_bat
     assert 0 < charged <= UNPROVEN_UPLOADS
     held = held_results(out)  # the results kept, and the photos not sent
     assert held.count("pending") == 50 - charged and "failed" not in held
+    # The morning's status says why: the results are at stake until their links end.
+    status = run_cli(["status", "--out", str(out)], None).stdout
+    assert ("could not connect to the result host 127.0.0.1 (ConnectError: All connection "
+            "attempts failed; a firewall or DNS filter that lets the API through may block "
+            "it); paid for and kept: the same command saves it until its link expires") in status
+    assert status.count("not sent: results paid for cannot be fetched from the result "
+                        "host") == 50 - charged, status
 
     emulator.result_redirect = None
     again = run_cli(args, emulator)

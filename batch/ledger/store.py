@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
@@ -1107,12 +1108,14 @@ class Ledger:
         """Every file that did not (or cannot) end retouched, with its reason; first, what
         the scans left out (see :meth:`not_scanned`)."""
         waiting = and_(jobs.c.state == JobState.PENDING.value, jobs.c.reason.like("not sent:%"))
+        # A paid result whose download failed: its link's hours are counted.
+        held = and_(jobs.c.state == JobState.READY.value, jobs.c.attempts > 0)
         query = (
             select(files.c.root, files.c.rel_path, files.c.problem, jobs.c.state, jobs.c.reason,
-                   jobs.c.error_code, jobs.c.http_status)
+                   jobs.c.error_code, jobs.c.http_status, jobs.c.expires_at)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(or_(files.c.problem.is_not(None),
-                       jobs.c.state.in_([s.value for s in NEEDS_ATTENTION]), waiting))
+                       jobs.c.state.in_([s.value for s in NEEDS_ATTENTION]), waiting, held))
             .order_by(files.c.root, files.c.rel_path)
         )
         with self._read() as conn:
@@ -1123,8 +1126,11 @@ class Ledger:
             if r.problem is not None:
                 result.append(Problem(path, r.state or "rejected", r.problem, None, None))
             else:
-                result.append(Problem(path, r.state, r.reason or "(no reason recorded)",
-                                      r.error_code, r.http_status))
+                reason = r.reason or "(no reason recorded)"
+                if r.state == JobState.READY.value and r.expires_at is not None:
+                    reason += (f"; paid for and kept: the same command saves it until its link "
+                               f"expires, {datetime.fromtimestamp(r.expires_at):%Y-%m-%d %H:%M}")
+                result.append(Problem(path, r.state, reason, r.error_code, r.http_status))
         return result
 
     def prepared_files(self) -> list[tuple[str, str]]:

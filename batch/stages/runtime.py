@@ -333,7 +333,8 @@ class Runtime:
         if self.flags.fatal is None:
             self.flags.fatal = message
             log.error("%s", message)
-        self.flags.submits_stopped = StopReason.FATAL
+        if self.flags.submits_stopped not in WAITING_STOPS:  # else the photos not sent keep it
+            self.flags.submits_stopped = StopReason.FATAL
         self.flags.abort = True
         self.changed.set()
 

@@ -322,9 +322,11 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             pace.remember(ledger, config.api_base, client.limiter, worker.live)
     waiting = rt.flags.submits_stopped
     if waiting in WAITING_STOPS:
-        # Only jobs never sent: a lost answer or a lost result keeps its own reason.
-        ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING],
-                                                         f"not sent: {waiting}"))
+        # Only jobs never sent: a lost answer or a lost result keeps its own reason. Left
+        # out, as the bookkeeping above, when the ledger's disk is full.
+        with contextlib.suppress(LedgerFull):
+            ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING],
+                                                             f"not sent: {waiting}"))
     status = ledger.patiently(lambda: collect_status(ledger))
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))

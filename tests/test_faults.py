@@ -18,7 +18,7 @@ import pytest
 
 from batch.api.client import ApiClient, Timeouts
 from batch.api.errors import ApiError, ErrorKind
-from batch.emulator import Faults
+from batch.emulator import Emulator, Faults
 from batch.options import Options
 from batch.secret import Secret
 from batch.stages.runtime import UNPROVEN_UPLOADS
@@ -293,6 +293,17 @@ def three_quick_attempts(tmp_path: Path, count: int) -> tuple[dict[str, bytes], 
                           *FAST_FLAGS, "--smart-skin"]
 
 
+def the_path_opens_again(emulator: Emulator, args: list[str], out: Path,
+                         sources: dict[str, bytes], charged: int) -> None:
+    """The path to the result host is open again: the same command saves every photo, and
+    the account has paid ``charged`` in all."""
+    emulator.result_redirect = None
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == charged
+
+
 def test_links_refused_before_they_expire_are_kept_not_paid_again(
         tmp_path: Path, make_emulator: MakeEmulator, refusing_host: str) -> None:
     """A 403 for a link hours from its expiry says the path is blocked (a proxy, a
@@ -308,12 +319,7 @@ def test_links_refused_before_they_expire_are_kept_not_paid_again(
     assert emulator.stats["charged"] == 3, "a refused link is never paid for again"
     assert held_results(out) == ["ready"] * 3
     assert not list(out.glob("*.jpg"))
-
-    emulator.result_redirect = None
-    again = run_cli(args, emulator)
-    assert again.returncode == 0, again.stderr
-    assert_outputs_right(out, sources, emulator)
-    assert emulator.stats["charged"] == 3
+    the_path_opens_again(emulator, args, out, sources, charged=3)
 
 
 def test_a_result_host_down_longer_than_the_retries_loses_no_paid_result(
@@ -365,12 +371,7 @@ def test_a_result_host_this_network_cannot_reach_costs_a_few_credits_not_the_bat
             "it); paid for and kept: the same command saves it until its link expires") in status
     assert status.count("not sent: results paid for cannot be fetched from the result "
                         "host") == 50 - charged, status
-
-    emulator.result_redirect = None
-    again = run_cli(args, emulator)
-    assert again.returncode == 0, again.stderr
-    assert_outputs_right(out, sources, emulator)
-    assert emulator.stats["charged"] == 50
+    the_path_opens_again(emulator, args, out, sources, charged=50)
 
 
 def test_photos_whose_tasks_fail_make_way_for_the_rest_before_any_result(

@@ -118,6 +118,9 @@ def run_options(func: F) -> F:
         click.option("--keep-upload-metadata", is_flag=True, default=None,
                      help="Upload files with their EXIF/XMP/IPTC metadata (default: removed "
                           "before upload, put back on the results)."),
+        click.option("--pay-again", is_flag=True, default=None,
+                     help="Send photos this machine retouched before into another output "
+                          "folder (default: they are not paid for again)."),
         click.option("--emulator", is_flag=True,
                      help="Run against the bundled local emulator (no key, no credits); its "
                           "imitation results keep to their own --out."),
@@ -153,6 +156,8 @@ def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) 
         flags["roots"] = {**file_values.get("roots", {}), **{n: p for n, _, p in roots}}
     if params["keep_upload_metadata"]:
         flags["upload_metadata"] = "keep"
+    if params["pay_again"]:
+        flags["pay_again"] = True
     env = dict(os.environ)
     if params["emulator"]:
         env.pop(config_mod.KEY_ENV, None)

@@ -16,8 +16,10 @@ from typing import NamedTuple
 from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
+from batch import elsewhere
 from batch.api import ApiClient, ApiError
 from batch.config import RunConfig, unreached
+from batch.elsewhere import not_again
 from batch.ledger import Ledger, LedgerUnavailable, models, open_ledger
 from batch.ledger.engine import create_ledger_engine, shown
 from batch.ledger.migrate import HEAD_REVISION
@@ -187,10 +189,15 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     # Each job with the files a run would read it from: on a shared ledger only those under
     # its own sources, and none on a drive that is not there.
     shared, mine = "://" in config.ledger_location, {r.ledger_root for r in roots}
-    _judge(result, config, [(job, found) for job in ledger.jobs_in(to_send, away=away)
-                            if (found := [f for f in ledger.files_for_job(job.id)
-                                          if f.root not in away
-                                          and (not shared or f.root in mine)])])
+    wanted = [(job, found) for job in ledger.jobs_in(to_send, away=away)
+              if (found := [f for f in ledger.files_for_job(job.id)
+                            if f.root not in away and (not shared or f.root in mine)])]
+    if (others := elsewhere.of_run(config, ledger.image_identity)) is not None:
+        there = {job.id: others.done_in(job.content_sha256, job.options_fp) for job, _ in wanted}
+        result.reject += [(f"{found[0].root.rstrip('/')}/{found[0].rel_path}", not_again(folder))
+                          for job, found in wanted if (folder := there[job.id]) is not None]
+        wanted = [(job, found) for job, found in wanted if there[job.id] is None]
+    _judge(result, config, wanted)
     counts = ledger.counts()
     result.done = counts[JobState.DONE.value]
     result.waiting = sum(counts[s.value] for s in IN_FLIGHT)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
-from batch import apispec, crashpoints, pace
+from batch import apispec, crashpoints, elsewhere, pace
 from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.bandwidth import UploadPace
 from batch.api.breaker import CircuitBreaker
@@ -26,6 +26,7 @@ from batch.api.errors import ACCOUNT_CODES
 from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import ConfigError, RunConfig, check_paths, prepare_out, unreached
 from batch.copies import materialize_copies
+from batch.elsewhere import RETOUCHED_ELSEWHERE
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, LedgerFull, LedgerGone, open_ledger
 from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
@@ -152,6 +153,8 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
         ledger = open_ledger(config.ledger_location)
         try:
             check_results_source(ledger, config)
+            if "://" not in config.ledger_location:
+                elsewhere.remember(Path(config.ledger_location).expanduser())
             worker = Worker(ledger, config.worker_name, config.lease_seconds)
             in_force = worker.register(config.budget if ledger.shared else None)
             if in_force is not None and in_force != config.budget:
@@ -277,6 +280,10 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         loop.add_signal_handler(sig, rt.interrupt)
     try:
         recovered = _pick_up_leftovers(worker, out_dir, config.root_map)
+        if config.pay_again:
+            ledger.reset_jobs([JobState.REJECTED], "sent again: --pay-again",
+                              error_code=RETOUCHED_ELSEWHERE)
+        rt.elsewhere = elsewhere.of_run(config, ledger.image_identity)
         _start_heartbeat(rt, worker, loop, rescale=shared_pace is None)
         forget_missing_outputs(ledger, out_dir)
         if not config.options.enabled:

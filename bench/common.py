@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,19 @@ class ChildRun:
     stderr: str
 
 
+def client_env(emulator: Emulator) -> dict[str, str]:
+    """The environment of a benchmark's run: the emulator, and a list of ledgers of its own,
+    as the runs send the same pictures over and over and each must pay for them (see
+    batch.elsewhere)."""
+    return {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
+            "PYTHONPATH": str(ROOT),
+            "XDG_STATE_HOME": tempfile.mkdtemp(prefix="skinbatch-bench-state-")}
+
+
 def run_cli(args: list[str], emulator: Emulator, extra_env: dict[str, str] | None = None,
             timeout: float = 1800) -> ChildRun:
     """Run ``skinbatch`` in a child process; measure wall time, its CPU and its peak RSS."""
-    env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
-           "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    env = {**client_env(emulator), **(extra_env or {})}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True,

@@ -33,7 +33,7 @@ from batch.options import Options
 from batch.scan import SourceRoot, scan
 from batch.states import JobState
 from bench.baseline import sequential_client
-from bench.common import KEY, ROOT, WRAPPER, make_images, run_cli
+from bench.common import KEY, ROOT, WRAPPER, client_env, make_images, run_cli
 from tests import slowdisk
 from tests.imagegen import encode, portrait
 
@@ -383,8 +383,7 @@ def bench_watch_memory(work: Path, photos: Path, config: EmulatorConfig, alone: 
     hot.mkdir()
     count = len(list(photos.iterdir()))
     with Emulator(config) as emulator:
-        env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
-               "PYTHONPATH": str(ROOT)}
+        env = client_env(emulator)
         proc = subprocess.Popen([sys.executable, "-m", "batch", "watch", str(hot), "--out",
                                  str(out), "--smart-skin", "--poll-interval", str(POLL),
                                  "--no-progress", "-q"], env=env, stdin=subprocess.DEVNULL,
@@ -443,8 +442,7 @@ def workers_run(work: Path, name: str, src: Path, workers: int, config: Emulator
     url, drop = fresh_pg_database()
     try:
         with Emulator(config) as emulator:
-            env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
-                   "PYTHONPATH": str(ROOT)}
+            env = client_env(emulator)
             started, started_at = time.perf_counter(), time.time()
             children = [subprocess.Popen(
                 [sys.executable, "-m", "batch", "run", str(src), "--out",
@@ -668,8 +666,7 @@ def bench_memory_queued(work: Path, jobs: int) -> float:
     ledger.close()
     config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, unknown_tasks_queued=True)
     with Emulator(config) as emulator:
-        env = {**os.environ, "AILAB_API_KEY": KEY, "AILAB_API_BASE": emulator.api_base,
-               "PYTHONPATH": str(ROOT)}
+        env = client_env(emulator)
         proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "run", str(src), "--out",
                                  str(out), "--poll-interval", "5", "--max-qps", "200", "-q",
                                  "--no-progress"], env=env, stdout=subprocess.PIPE,

@@ -30,6 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MakeEmulator = Callable[..., Emulator]
 
 
+@pytest.fixture(autouse=True)
+def own_ledger_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's runs keep their own list of the ledgers they wrote (batch.elsewhere), as
+    the tests send the same pictures over and over and each expects to pay for them."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "user-state"))
+
+
 def fast_config(**overrides: Any) -> EmulatorConfig:
     values: dict[str, Any] = {"api_keys": frozenset({API_KEY}), "queue_seconds": 0.05,
                               "process_seconds": 0.1}

@@ -83,11 +83,11 @@ def test_chosen_photos_land_at_the_top_of_out_and_a_folder_given_twice_is_one_so
                                                        "b.jpg", "more"]
     twice = tmp_path / "twice"
     result = run_cli(["run", str(shoot), f"{shoot}/", "--out", str(twice), "--smart-skin",
-                      *FAST_FLAGS], emulator)
+                      *FAST_FLAGS, "--pay-again"], emulator)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_outputs_right(twice, {"a.jpg": a, "b.jpg": b, "more/c.jpg": c}, emulator)
     assert sorted(p.name for p in twice.iterdir()) == [".skinbatch", "a.jpg", "b.jpg", "more"]
-    assert emulator.stats["charged"] == 4 + 3  # a new --out has a ledger of its own
+    assert emulator.stats["charged"] == 4 + 3  # --pay-again: paid for again, as asked
 
 
 def test_a_tiff_master_beside_its_jpeg_export_gets_an_output_of_its_own(
@@ -180,7 +180,8 @@ def test_outputs_moved_out_of_out_after_delivery_are_not_bought_again(
 
     fresh = make_emulator()
     other = tmp_path / "other"
-    first = run_cli(["run", str(src), "--out", str(other), "--smart-skin", *FAST_FLAGS], fresh)
+    first = run_cli(["run", str(src), "--out", str(other), "--smart-skin", *FAST_FLAGS,
+                     "--pay-again"], fresh)
     assert first.returncode == 0 and fresh.stats["charged"] == 2
     (other / "a.jpg").unlink()  # deleted by mistake, the link alive: written again, free
     assert run_cli(["run", str(src), "--out", str(other), "--smart-skin", *FAST_FLAGS],
@@ -409,6 +410,7 @@ def test_progress_bars_count_uploads_and_saves_when_asked_for(
     assert shown.returncode == 0, shown.stderr
     assert "uploaded" in shown.stderr and "saved" in shown.stderr
     assert "3/3" in shown.stderr
-    quiet = run_cli(["run", str(src), "--out", str(tmp_path / "out2"), *FAST_FLAGS], emulator)
+    quiet = run_cli(["run", str(src), "--out", str(tmp_path / "out2"), *FAST_FLAGS,
+                     "--pay-again"], emulator)
     assert quiet.returncode == 0, quiet.stderr
     assert "uploaded" not in quiet.stderr and "saved" not in quiet.stderr

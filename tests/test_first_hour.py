@@ -18,8 +18,8 @@ from tests.conftest import FAST_FLAGS, CliResult, MakeEmulator, cli_env, run_cli
 from tests.imagegen import encode, portrait, write_portrait
 
 
-def shoot(src: Path, n: int = 3) -> None:
-    for i in range(n):
+def shoot(src: Path, n: int = 3, first: int = 0) -> None:
+    for i in range(first, first + n):
         write_portrait(src / f"portrait {i}.jpg", seed=i)
 
 
@@ -217,7 +217,7 @@ def test_quiet_prints_errors_only_and_a_normal_run_says_where_results_are(
     [said] = [line for line in quiet.stderr.splitlines() if "notes.jpg" in line]
     assert "WARNING rejected" in said and "not an image" in said.lower(), said
     clean_src = tmp_path / "clean"
-    shoot(clean_src, 2)
+    shoot(clean_src, 2, first=10)  # another shoot's photos
     clean = run_cli(["run", str(clean_src), "--out", str(tmp_path / "clean-out"),
                      "--smart-skin", "-q", *FAST_FLAGS], emulator)
     assert (clean.returncode, clean.stdout, clean.stderr) == (0, "", "")  # a clean night
@@ -623,14 +623,44 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     assert "imitation" not in run_cli(["status", "--out", str(real)], None).stdout
     own = ["--ledger", str(tmp_path / "own.sqlite")]  # a ledger of its own is named by the flag
     assert run_cli(["run", str(src), "--out", str(tmp_path / "o3"), *own, "--emulator",
-                    "--smart-skin", "--no-progress", "--poll-interval", "0.2"], None,
-                   key=None).returncode == 0
+                    "--smart-skin", "--no-progress", "--poll-interval", "0.2", "--pay-again"],
+                   None, key=None).returncode == 0
     result = run_cli(["run", str(src), "--out", str(tmp_path / "o4"), *own, "--smart-skin",
                       *FAST_FLAGS], emulator)
     assert result.returncode == 2
     assert "the ledger given by --ledger holds the bundled emulator's imitation" in \
         result.stderr and "use another --ledger for the API" in result.stderr
     assert emulator.stats["submits"] == 2  # only the run on the API's own folder sent
+
+
+def test_photos_retouched_before_into_another_out_are_not_paid_for_again(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Yesterday's results went to one folder; today the same shoot is run with its --out on
+    an external drive (a new ledger there): the photos retouched before are not paid for
+    again, each is listed with where its result is, and the dry run says so first. A new
+    photo is sent; --pay-again buys the others again, as asked."""
+    src, first, second = tmp_path / "shoot", tmp_path / "retouched", tmp_path / "drive"
+    shoot(src, 3)
+    assert run_cli(["run", str(src), "--out", str(first), "--smart-skin", *FAST_FLAGS],
+                   emulator).returncode == 0
+    write_portrait(src / "new one.jpg", seed=9)
+    args = ["run", str(src), "--out", str(second), "--smart-skin", *FAST_FLAGS]
+    words = (f"retouched before into {first}, under the same options: not paid for again "
+             f"(its result is there; --out {first} adds this folder's photos to it, and "
+             "--pay-again buys it again)")
+    dry = run_cli([*args, "--dry-run"], emulator)
+    assert "would send:   1 image(s)" in dry.stdout and "would reject: 3" in dry.stdout
+    assert dry.stdout.count(words) == 3, dry.stdout
+    again = run_cli(args, emulator)
+    assert again.returncode == 1, again.stderr
+    assert emulator.stats["charged"] == 3 + 1
+    assert outputs(second) == ["new one.jpg"]
+    status = run_cli(["status", "--out", str(second)], None).stdout
+    assert status.count(words) == 3 and "RETOUCHED_ELSEWHERE" in status, status
+    paid = run_cli([*args, "--pay-again"], emulator)
+    assert paid.returncode == 0, paid.stderr
+    assert emulator.stats["charged"] == 3 + 1 + 3
+    assert outputs(second) == ["new one.jpg", *(f"portrait {i}.jpg" for i in range(3))]
 
 
 def test_a_run_with_every_option_off_says_so_before_anything_is_sent(
@@ -702,7 +732,8 @@ def test_an_earlier_runs_results_inside_a_source_are_left_out(tmp_path: Path,
                      "--smart-skin", *FAST_FLAGS], emulator)
     assert first.returncode == 0, first.stderr
     assert emulator.stats["charged"] == 3
-    args = ["run", str(shoots), "--out", str(tmp_path / "all"), "--smart-skin", *FAST_FLAGS]
+    args = ["run", str(shoots), "--out", str(tmp_path / "all"), "--smart-skin", *FAST_FLAGS,
+            "--pay-again"]  # the session's photos themselves: sent again, as asked
     dry = run_cli([*args, "--dry-run"], emulator)
     assert "would send:   3 image(s)" in dry.stdout, dry.stdout
     words = f"Left out {shoots / 'session-retouched'}: it holds an earlier run's results"
@@ -710,7 +741,7 @@ def test_an_earlier_runs_results_inside_a_source_are_left_out(tmp_path: Path,
     result = run_cli([*args, "-q"], emulator)
     assert result.returncode == 0, result.stderr
     assert words in result.stderr
-    assert emulator.stats["charged"] == 3 + 3  # a new --out, a ledger of its own: not 3 + 6
+    assert emulator.stats["charged"] == 3 + 3  # not 3 + 6
     assert outputs(tmp_path / "all") == [f"session/portrait {i}.jpg" for i in range(3)]
     nightly = run_cli([*args, "-q"], emulator)  # told once: a cron job's clean night is quiet
     assert nightly.returncode == 0 and nightly.stdout + nightly.stderr == "", nightly.stderr

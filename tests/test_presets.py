@@ -77,7 +77,7 @@ def test_collision_policy_suffix_and_overwrite(tmp_path: Path, emulator: Emulato
         config = tmp_path / f"{policy}.toml"
         config.write_text(f'on_collision = "{policy}"\n')
         result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
-                          *FAST_FLAGS], emulator)
+                          *FAST_FLAGS, "--pay-again"], emulator)
         assert result.returncode == 0, result.stdout
         assert (out / expect).read_bytes()[:2] == b"\xff\xd8"
         if policy == "suffix":

@@ -20,6 +20,7 @@ from batch.api.breaker import CircuitBreaker
 from batch.api.retry import backoff_delay
 from batch.budget import Allowance, Budget
 from batch.config import RunConfig
+from batch.elsewhere import Elsewhere
 from batch.ledger import Ledger, LedgerFull, TransitionInfo
 from batch.ledger.store import FileRow, JobRow
 from batch.ledger.writer import LedgerWriter
@@ -168,6 +169,9 @@ class Runtime:
     #: A result was saved in this run: the host results come from can be reached (see
     #: :data:`UNPROVEN_UPLOADS`).
     delivered: bool = False
+    #: This user's other ledgers, asked before an upload (None: --pay-again, or a run that
+    #: keeps no such list).
+    elsewhere: Elsewhere | None = None
 
     async def before_upload(self) -> None:
         """Money is decided before the first upload: a run with nothing to send reads no

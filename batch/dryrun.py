@@ -192,12 +192,7 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     wanted = [(job, found) for job in ledger.jobs_in(to_send, away=away)
               if (found := [f for f in ledger.files_for_job(job.id)
                             if f.root not in away and (not shared or f.root in mine)])]
-    if (others := elsewhere.of_run(config, ledger.image_identity)) is not None:
-        there = {job.id: others.done_in(job.content_sha256, job.options_fp) for job, _ in wanted}
-        result.reject += [(f"{found[0].root.rstrip('/')}/{found[0].rel_path}", not_again(folder))
-                          for job, found in wanted if (folder := there[job.id]) is not None]
-        wanted = [(job, found) for job, found in wanted if there[job.id] is None]
-    _judge(result, config, wanted)
+    _judge(result, config, _not_done_elsewhere(result, config, ledger, wanted))
     counts = ledger.counts()
     result.done = counts[JobState.DONE.value]
     result.waiting = sum(counts[s.value] for s in IN_FLIGHT)
@@ -222,6 +217,19 @@ def _scanned(ledger: Ledger, config: RunConfig, roots: list[SourceRoot],
         *(f"{unreadable_words(*entry)}." for entry in stats.unreadable_folders),
         *(no_photos(ledger, root, config.options) for root in stats.empty_roots),
         *([] if config.options.enabled else [NOTHING_ON])])
+
+
+def _not_done_elsewhere(result: Plan, config: RunConfig, ledger: Ledger,
+                        wanted: list[tuple[JobRow, list[FileRow]]]
+                        ) -> list[tuple[JobRow, list[FileRow]]]:
+    """``wanted`` less the photos another ledger of this user holds done, each counted into
+    ``result`` as the run would reject it (see :mod:`batch.elsewhere`)."""
+    if (others := elsewhere.of_run(config, ledger.image_identity)) is None:
+        return wanted
+    there = {job.id: others.done_in(job.content_sha256, job.options_fp) for job, _ in wanted}
+    result.reject += [(f"{found[0].root.rstrip('/')}/{found[0].rel_path}", not_again(folder))
+                      for job, found in wanted if (folder := there[job.id]) is not None]
+    return [(job, found) for job, found in wanted if there[job.id] is None]
 
 
 def _judge(result: Plan, config: RunConfig, wanted: list[tuple[JobRow, list[FileRow]]]) -> None:

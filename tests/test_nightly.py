@@ -294,7 +294,8 @@ def test_a_paid_result_a_change_leaves_unsaved_is_said(
     assert rerun.returncode == 0, rerun.stderr
     assert emulator.stats["charged"] == photos + len(said)
     assert_outputs_right(out, sources, emulator)
-    warnings = [line.split(" WARNING ", 1)[1] for line in rerun.stderr.splitlines()]
+    warnings = [line.split(" WARNING ", 1)[1] for line in rerun.stderr.splitlines()
+                if "a previous run left unfinished" not in line]  # killed mid-download
     named = {f"{src}/{words}" for words in said.values()}
     assert len(warnings) == min(len(said), 21) and set(warnings[:20]) <= named, rerun.stderr
     assert len(set(warnings[:20])) == min(len(said), 20)

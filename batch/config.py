@@ -131,11 +131,17 @@ class RunConfig:
         return self.ledger or str(self.out / STATE_DIR / "ledger.sqlite")
 
     @property
+    def ledger_file(self) -> Path | None:
+        """The ledger's file on this machine, or None for a database (a URL)."""
+        location = self.ledger_location
+        return None if "://" in location else Path(location).expanduser().resolve()
+
+    @property
     def written_folders(self) -> list[Path]:
         """The folders a run writes to on this machine: the output's, and a ledger file's."""
         folders = [self.out.expanduser().resolve()]
-        if "://" not in self.ledger_location:
-            folders.append(Path(self.ledger_location).expanduser().resolve().parent)
+        if self.ledger_file is not None:
+            folders.append(self.ledger_file.parent)
         return folders
 
 

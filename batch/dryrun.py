@@ -164,7 +164,7 @@ def plan(config: RunConfig) -> Plan:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"),
                              name=config.ledger_location)
         try:
-            if "://" in config.ledger_location:
+            if config.ledger_file is None:
                 _copy_rows(config.ledger_location, ledger)
             result = _planned(ledger, config)
         finally:
@@ -188,7 +188,7 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
         result.notes.append(redone_words(redone))
     # Each job with the files a run would read it from: on a shared ledger only those under
     # its own sources, and none on a drive that is not there.
-    shared, mine = "://" in config.ledger_location, {r.ledger_root for r in roots}
+    shared, mine = config.ledger_file is None, {r.ledger_root for r in roots}
     wanted = [(job, found) for job in ledger.jobs_in(to_send, away=away)
               if (found := [f for f in ledger.files_for_job(job.id)
                             if f.root not in away and (not shared or f.root in mine)])]

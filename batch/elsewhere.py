@@ -41,11 +41,11 @@ def listed() -> list[Path]:
     return [Path(line) for line in dict.fromkeys(lines) if line]
 
 
-def remember(ledger: Path) -> None:
-    """Add ``ledger`` to the user's list (a list that cannot be written is no reason to stop
-    a run: only this check goes without it)."""
-    ledger = ledger.resolve()
-    if ledger in listed():
+def remember(config: RunConfig) -> None:
+    """Add the run's ledger file to the user's list (a list that cannot be written is no
+    reason to stop a run: only this check goes without it)."""
+    ledger = config.ledger_file
+    if ledger is None or ledger in listed():
         return
     with contextlib.suppress(OSError):
         registry().parent.mkdir(parents=True, exist_ok=True)
@@ -61,10 +61,10 @@ def output_folder(ledger: Path) -> Path:
 def of_run(config: RunConfig, image_identity: bool) -> Elsewhere | None:
     """The other ledgers a run asks, or None: with --pay-again, or on a database ledger
     (shared by the machines of a batch, and no file of this user's)."""
-    if config.pay_again or "://" in config.ledger_location:
+    if config.pay_again or config.ledger_file is None:
         return None
-    return Elsewhere(Path(config.ledger_location).expanduser(),
-                     emulated=config.bundled_emulator, image_identity=image_identity)
+    return Elsewhere(config.ledger_file, emulated=config.bundled_emulator,
+                     image_identity=image_identity)
 
 
 class Elsewhere:
@@ -72,7 +72,7 @@ class Elsewhere:
     API's or the bundled emulator's imitations) and whose photos are keyed the same way."""
 
     def __init__(self, own: Path, *, emulated: bool, image_identity: bool) -> None:
-        own = own.resolve()
+        """``own``: this run's ledger file, resolved (it is not asked)."""
         self.others = [ledger for ledger in listed() if ledger != own]
         self.emulated, self.image_identity = emulated, image_identity
 

@@ -153,8 +153,7 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
         ledger = open_ledger(config.ledger_location)
         try:
             check_results_source(ledger, config)
-            if "://" not in config.ledger_location:
-                elsewhere.remember(Path(config.ledger_location).expanduser())
+            elsewhere.remember(config)
             worker = Worker(ledger, config.worker_name, config.lease_seconds)
             in_force = worker.register(config.budget if ledger.shared else None)
             if in_force is not None and in_force != config.budget:

@@ -1,6 +1,7 @@
-"""Outputs for files whose job is already done: a copy of a photo found later, or an output the
-user deleted. Never pays: past its download link's life, an output moved or deleted from --out
-(a studio moves deliveries to the client's folder) stays gone."""
+"""Outputs for files whose job is already done: a copy of a photo found later, an output the
+user deleted, or a photo retouched before into another output folder (its result saved there,
+see :mod:`batch.elsewhere`). Never pays: past its download link's life, an output moved or
+deleted from --out (a studio moves deliveries to the client's folder) stays gone."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from batch.elsewhere import Elsewhere
 from batch.ledger import JobRow, Ledger, TransitionInfo
 from batch.outputs import (
     OutputConflict,
@@ -25,11 +27,13 @@ log = logging.getLogger("batch.copies")
 
 
 def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
-                       reaches: Callable[[str], bool] = lambda _root: True) -> int:
+                       reaches: Callable[[str], bool] = lambda _root: True,
+                       earlier: Elsewhere | None = None) -> int:
     """Write the missing outputs of done jobs, copied from a verified sibling output; with
     none left, the job goes back to ``ready`` to be downloaded again while its link lives,
     and past that counts as expired. Returns how many outputs were written. Only files under
-    roots the run ``reaches`` (on a shared ledger, another site's are that site's to write)."""
+    roots the run ``reaches`` (on a shared ledger, another site's are that site's to write).
+    ``earlier``: other output folders whose saved results may be copied too."""
     by_job: dict[int, list[int]] = {}
     needy = {f.id: f for f in ledger.files_needing_output() if reaches(f.root)}
     for f in needy.values():
@@ -39,6 +43,9 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
     for job_id, file_ids in by_job.items():
         job = ledger.job(job_id)
         source = _verified_sibling(ledger, out_dir, job)
+        if source is None and earlier is not None and job.result_sha256 is not None:
+            source = earlier.saved_result((job.content_sha256, job.options_fp),
+                                          job.result_sha256)
         if source is None:
             if not (job.result_urls and job.expires_at is not None
                     and time.time() < job.expires_at - expiry_margin):
@@ -64,9 +71,9 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
                 ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
                                        problem=str(conflict))
     if gone:
-        log.info("%d output(s) of photos already paid for are gone from --out (moved or "
-                 "deleted) and their download links have expired: they are not bought again.",
-                 gone)
+        log.info("%d output(s) of photos already retouched are gone from --out (moved or "
+                 "deleted), with no saved copy or live download link left: they are not bought "
+                 "again.", gone)
     return written
 
 

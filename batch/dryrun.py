@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from batch import elsewhere
 from batch.api import ApiClient, ApiError
 from batch.config import RunConfig, unreached
-from batch.elsewhere import not_again
+from batch.elsewhere import Elsewhere
 from batch.ledger import Ledger, LedgerUnavailable, models, open_ledger
 from batch.ledger.engine import create_ledger_engine, shown
 from batch.ledger.migrate import HEAD_REVISION
@@ -51,6 +51,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     #: Bytes the uploads would carry: about what their results take on --out's disk.
     upload_bytes: int = 0
+    #: Photos retouched before into other output folders, whose results would be copied.
+    copied: int = 0
 
     def to_text(self) -> str:
         lines = [f"Dry run: {self.files} file(s); nothing was sent or written.",
@@ -58,6 +60,8 @@ class Plan:
                  "credit(s)",
                  f"  would reject: {len(self.reject)}",
                  f"  already done: {self.done}; in flight or waiting: {self.waiting}",
+                 f"  would copy from other output folders (retouched there before, not paid "
+                 f"for again): {self.copied}",
                  f"  would send as a copy: {len(self.copy)}"]
         if self.stripped:
             lines.append("  metadata removed before upload: " + ", ".join(
@@ -182,7 +186,10 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     # A source not there tonight: as the run does, its photos wait for one that finds it.
     gone = [r for r in roots if unreached(r.path) is not None]
     away = {r.ledger_root for r in gone}
-    result = _scanned(ledger, config, [r for r in roots if r not in gone], gone)
+    others = elsewhere.of_run(config, ledger.image_identity)
+    copied = elsewhere.look_again(ledger, others) if others is not None else 0
+    result = _scanned(ledger, config, [r for r in roots if r not in gone], gone, others)
+    result.copied += copied
     to_send = submittable(config.on_ambiguous, config.on_expired)
     if redone := ledger.count_in(to_send, redone=True, away=away):
         result.notes.append(redone_words(redone))
@@ -192,9 +199,9 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     wanted = [(job, found) for job in ledger.jobs_in(to_send, away=away)
               if (found := [f for f in ledger.files_for_job(job.id)
                             if f.root not in away and (not shared or f.root in mine)])]
-    _judge(result, config, _not_done_elsewhere(result, config, ledger, wanted))
+    _judge(result, config, wanted)
     counts = ledger.counts()
-    result.done = counts[JobState.DONE.value]
+    result.done = counts[JobState.DONE.value] - result.copied
     result.waiting = sum(counts[s.value] for s in IN_FLIGHT)
     result.credits_needed = len(result.send) * config.credits_per_image
     result.reject += [(p.path, p.reason) for p in ledger.problems()
@@ -205,31 +212,18 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
 
 
 def _scanned(ledger: Ledger, config: RunConfig, roots: list[SourceRoot],
-             gone: list[SourceRoot]) -> Plan:
+             gone: list[SourceRoot], others: Elsewhere | None) -> Plan:
     """The sources there scanned into the copy, and what the scan found to say of them."""
     stats = scan(ledger, roots, config.options, exclude=(config.out.resolve(),),
                  prepare=config.prepare, out_dir=config.out.resolve(),
-                 on_collision=config.on_collision)
-    return Plan(files=ledger.file_count(), notes=[
+                 on_collision=config.on_collision, earlier=others)
+    return Plan(files=ledger.file_count(), copied=stats.copied, notes=[
         *(f"{r.path} is {AWAY}: its photos wait for a run that finds it, and are not "
           "counted here." for r in gone),
         *(words for _, words in stats.left_out),
         *(f"{unreadable_words(*entry)}." for entry in stats.unreadable_folders),
         *(no_photos(ledger, root, config.options) for root in stats.empty_roots),
         *([] if config.options.enabled else [NOTHING_ON])])
-
-
-def _not_done_elsewhere(result: Plan, config: RunConfig, ledger: Ledger,
-                        wanted: list[tuple[JobRow, list[FileRow]]]
-                        ) -> list[tuple[JobRow, list[FileRow]]]:
-    """``wanted`` less the photos another ledger of this user holds done, each counted into
-    ``result`` as the run would reject it (see :mod:`batch.elsewhere`)."""
-    if (others := elsewhere.of_run(config, ledger.image_identity)) is None:
-        return wanted
-    there = {job.id: others.done_in(job.content_sha256, job.options_fp) for job, _ in wanted}
-    result.reject += [(f"{found[0].root.rstrip('/')}/{found[0].rel_path}", not_again(folder))
-                      for job, found in wanted if (folder := there[job.id]) is not None]
-    return [(job, found) for job, found in wanted if there[job.id] is None]
 
 
 def _judge(result: Plan, config: RunConfig, wanted: list[tuple[JobRow, list[FileRow]]]) -> None:

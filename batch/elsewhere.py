@@ -1,31 +1,101 @@
 """Results this user's runs saved into other output folders: a photo retouched before, under
-the same options, is not paid for again because a run gives it a new ``--out``.
+the same options, is copied from there rather than paid for again because a run gives it a
+new ``--out``.
 
-Each SQLite ledger a run opens is listed in one file per user (``$XDG_STATE_HOME/skinbatch/
-ledgers``, else ``~/.local/state/skinbatch/ledgers``); before an upload, the other ledgers on
-that list are asked, read-only, whether they hold the photo done. A ledger on a drive not
-plugged in, or deleted with its folder, is not asked: its results are not to be had.
+Each SQLite ledger a run opens is listed, with its output folder, in one file per user
+(``$XDG_STATE_HOME/skinbatch/ledgers``, else ``~/.local/state/skinbatch/ledgers``). The scan
+asks the other ledgers on that list, read-only, about the photos it finds new; a ledger on a
+drive not plugged in, or deleted with its folder, is not asked: its results are not to be had.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
+from collections.abc import Collection
 from pathlib import Path
+from typing import NamedTuple
 
 from batch.config import RunConfig
-from batch.ledger.store import EMULATED, IDENTITY
+from batch.ledger import Ledger, TransitionInfo
+from batch.ledger.store import EMULATED, IDENTITY, StaleTransition, Write
+from batch.names import STATE_DIR
+from batch.outputs import sha256_file
+from batch.states import JobState
 
-#: The error code of a job not sent because another ledger holds its photo done.
+log = logging.getLogger("batch.elsewhere")
+
+#: The error code of a photo not sent because another folder's ledger holds it done while its
+#: result is no longer there.
 RETOUCHED_ELSEWHERE = "RETOUCHED_ELSEWHERE"
 
+Key = tuple[str, str]
+"""A job's identity: its photo's key and its options' fingerprint."""
 
-def not_again(there: Path) -> str:
-    """Why a photo retouched into ``there`` before is not sent."""
-    return (f"retouched before into {there}, under the same options: not paid for again (its "
-            f"result is there; --out {there} adds this folder's photos to it, and --pay-again "
-            "buys it again)")
+#: Photos asked about in one query (SQLite's limit on bound values is far above it).
+CHUNK = 500
+
+
+class Earlier(NamedTuple):
+    """A photo another ledger holds done: its result's hash, the output folder, and the
+    saved result there (None once it is moved or deleted)."""
+
+    result_sha256: str
+    folder: Path
+    output: Path | None
+
+
+def copied_words(folder: Path) -> str:
+    return (f"retouched before into {folder}, under the same options: its result is copied "
+            "from there, not paid for again (--pay-again buys it again)")
+
+
+def gone_words(folder: Path) -> str:
+    return (f"retouched before into {folder}, under the same options, but its result is no "
+            "longer there (moved or deleted): not paid for again (--pay-again buys it again)")
+
+
+def tell_copied(copied: int) -> None:
+    if copied:
+        log.info("%d photo(s) were retouched before into another output folder, under the same "
+                 "options: their results are copied from there, not paid for again.", copied)
+
+
+def look_again(ledger: Ledger, others: Elsewhere) -> int:
+    """Jobs the scan will not see again that another folder's ledger holds done: a photo a
+    killed run left waiting to be sent, and one rejected because the result saved elsewhere
+    was gone, put back since. The first is copied or rejected as a new photo would be; the
+    second, once its result is there again, is copied. Returns how many are copied."""
+    if not others.others:
+        return 0
+    waiting = [job for job in ledger.jobs_in([JobState.PENDING, JobState.REJECTED])
+               if job.state is JobState.PENDING or job.error_code == RETOUCHED_ELSEWHERE]
+    found = others.results({(job.content_sha256, job.options_fp) for job in waiting})
+    writes: list[Write] = []
+    for job in waiting:
+        if (earlier := found.get((job.content_sha256, job.options_fp))) is None:
+            continue
+        if earlier.output is None:
+            if job.state is JobState.PENDING:
+                writes.append(ledger.transition_write(job.id, JobState.REJECTED, expect=job.state,
+                              info=TransitionInfo(message=gone_words(earlier.folder),
+                                                  error_code=RETOUCHED_ELSEWHERE)))
+            continue
+        if job.state is JobState.REJECTED:
+            writes.append(ledger.transition_write(job.id, JobState.PENDING, expect=job.state,
+                          info=TransitionInfo(message="its result is back in "
+                                                      f"{earlier.folder}")))
+        writes.append(ledger.transition_write(
+            job.id, JobState.DONE, expect=JobState.PENDING, result_sha256=earlier.result_sha256,
+            info=TransitionInfo(message=copied_words(earlier.folder))))
+    try:
+        outcomes = ledger.commit(writes) if writes else []
+    except StaleTransition:  # the only one, moved meanwhile
+        return 0
+    return sum(1 for write, outcome in zip(writes, outcomes, strict=True)
+               if outcome is None and write.point == JobState.DONE.value)
 
 
 def registry() -> Path:
@@ -33,29 +103,35 @@ def registry() -> Path:
     return Path(state) / "skinbatch" / "ledgers"
 
 
-def listed() -> list[Path]:
+def listed() -> dict[Path, Path | None]:
+    """Each listed ledger with its output folder (None: not known, and the ledger not in its
+    default place under it)."""
     try:
         lines = registry().read_text(encoding="utf-8").splitlines()
     except OSError:
-        return []
-    return [Path(line) for line in dict.fromkeys(lines) if line]
+        return {}
+    found: dict[Path, Path | None] = {}
+    for line in lines:
+        ledger, _, out = line.partition("\t")
+        if ledger:
+            found[Path(ledger)] = Path(out) if out else found.get(Path(ledger), _beside(ledger))
+    return found
+
+
+def _beside(ledger: str) -> Path | None:
+    return Path(ledger).parent.parent if Path(ledger).parent.name == STATE_DIR else None
 
 
 def remember(config: RunConfig) -> None:
-    """Add the run's ledger file to the user's list (a list that cannot be written is no
-    reason to stop a run: only this check goes without it)."""
-    ledger = config.ledger_file
-    if ledger is None or ledger in listed():
+    """Add the run's ledger file and output folder to the user's list (a list that cannot be
+    written is no reason to stop a run: only the copies from other folders go without it)."""
+    ledger, out = config.ledger_file, config.out.expanduser().resolve()
+    if ledger is None or listed().get(ledger) == out:
         return
     with contextlib.suppress(OSError):
         registry().parent.mkdir(parents=True, exist_ok=True)
-        with open(registry(), "a", encoding="utf-8") as out:
-            out.write(f"{ledger}\n")
-
-
-def output_folder(ledger: Path) -> Path:
-    """The ``--out`` a ledger in its default place belongs to, else the ledger itself."""
-    return ledger.parent.parent if ledger.parent.name == ".skinbatch" else ledger
+        with open(registry(), "a", encoding="utf-8") as lines:
+            lines.write(f"{ledger}\t{out}\n")
 
 
 def of_run(config: RunConfig, image_identity: bool) -> Elsewhere | None:
@@ -67,33 +143,66 @@ def of_run(config: RunConfig, image_identity: bool) -> Elsewhere | None:
                      image_identity=image_identity)
 
 
+def _verified(out: Path, written: str | None, result_sha256: str) -> Path | None:
+    """The result saved at ``written`` under ``out``, if its bytes are still the result's (a
+    photo edited by hand there since is no longer the result)."""
+    path = out / written if written else None
+    with contextlib.suppress(OSError):
+        if path is not None and sha256_file(path) == result_sha256:
+            return path
+    return None
+
+
 class Elsewhere:
     """The other ledgers of this user whose results are of the same kind as this run's (the
     API's or the bundled emulator's imitations) and whose photos are keyed the same way."""
 
     def __init__(self, own: Path, *, emulated: bool, image_identity: bool) -> None:
         """``own``: this run's ledger file, resolved (it is not asked)."""
-        self.others = [ledger for ledger in listed() if ledger != own]
+        self.others = {ledger: out for ledger, out in listed().items()
+                       if ledger != own and out is not None}
         self.emulated, self.image_identity = emulated, image_identity
 
-    def done_in(self, content_sha256: str, options_fp: str) -> Path | None:
-        """The output folder of another ledger that holds this photo done under these
-        options, if any."""
-        for ledger in self.others:
-            if not ledger.is_file():
+    def results(self, keys: Collection[Key]) -> dict[Key, Earlier]:
+        """Of ``keys``, those another ledger holds done, each with its saved result if one is
+        still there (from whichever ledger has one)."""
+        found: dict[Key, Earlier] = {}
+        wanted = set(keys)
+        for ledger, out in self.others.items():
+            shas = sorted({sha for sha, fp in wanted
+                           if (sha, fp) not in found or found[(sha, fp)].output is None})
+            if not shas or not ledger.is_file():
                 continue
             with contextlib.suppress(sqlite3.Error):
-                if self._holds(ledger, content_sha256, options_fp):
-                    return output_folder(ledger)
-        return None
+                for sha, fp, result, written in self._done(ledger, shas):
+                    had = found.get((sha, fp))
+                    if (sha, fp) in wanted and result and (had is None or had.output is None):
+                        found[(sha, fp)] = Earlier(result, out, _verified(out, written, result))
+        return found
 
-    def _holds(self, ledger: Path, content_sha256: str, options_fp: str) -> bool:
+    def saved_result(self, key: Key, result_sha256: str) -> Path | None:
+        """A result saved in another folder for ``key`` whose bytes are ``result_sha256``."""
+        earlier = self.results([key]).get(key)
+        if earlier is None or earlier.result_sha256 != result_sha256:
+            return None
+        return earlier.output
+
+    def _done(self, ledger: Path, shas: list[str]
+              ) -> list[tuple[str, str, str | None, str | None]]:
+        """The done jobs of ``ledger`` among ``shas``, with their saved results' paths; none
+        from a ledger whose results are of another kind or keyed another way."""
         with contextlib.closing(sqlite3.connect(f"{ledger.as_uri()}?mode=ro", uri=True)) as db:
             meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
                                    (EMULATED, IDENTITY)).fetchall())
             if (meta.get(EMULATED) == "1") != self.emulated or \
                     (meta.get(IDENTITY) != "file") != self.image_identity:
-                return False
-            return db.execute("SELECT 1 FROM jobs WHERE content_sha256 = ? AND options_fp = ? "
-                              "AND state = 'done'", (content_sha256, options_fp)).fetchone() \
-                is not None
+                return []
+            rows = []
+            for start in range(0, len(shas), CHUNK):
+                chunk = shas[start:start + CHUNK]
+                rows += db.execute(
+                    "SELECT j.content_sha256, j.options_fp, j.result_sha256, f.written_rel "
+                    "FROM jobs j LEFT JOIN files f ON f.job_id = j.id AND "
+                    "f.written_sha256 = j.result_sha256 WHERE j.state = 'done' AND "
+                    f"j.content_sha256 IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
+            return rows

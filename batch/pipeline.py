@@ -283,6 +283,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             ledger.reset_jobs([JobState.REJECTED], "sent again: --pay-again",
                               error_code=RETOUCHED_ELSEWHERE)
         rt.elsewhere = elsewhere.of_run(config, ledger.image_identity)
+        if rt.elsewhere is not None:
+            elsewhere.tell_copied(elsewhere.look_again(ledger, rt.elsewhere))
         _start_heartbeat(rt, worker, loop, rescale=shared_pace is None)
         forget_missing_outputs(ledger, out_dir)
         if not config.options.enabled:
@@ -313,7 +315,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                 await asyncio.gather(watcher, topping, return_exceptions=True)
         stats = await scanning
         if not rt.flags.abort:
-            materialize_copies(ledger, out_dir, config.expiry_margin, rt.reaches)
+            materialize_copies(ledger, out_dir, config.expiry_margin, rt.reaches, rt.elsewhere)
     finally:
         for sig in stops:
             loop.remove_signal_handler(sig)
@@ -412,7 +414,7 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
             config.options,
             exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
             should_stop=lambda: rt.flags.interrupted or rt.flags.abort, out_dir=rt.out_dir,
-            on_collision=config.on_collision)
+            on_collision=config.on_collision, earlier=rt.elsewhere)
     except LedgerFull as full:
         rt.fail_run(str(full))
         return ScanStats()
@@ -426,8 +428,9 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
             log.warning("%s.", unreadable_words(folder, why))
     rt.progress.add_work(stats.new_jobs, stats.new_jobs)
     rt.progress.rejected(rejected(rt.ledger.counts()))
+    elsewhere.tell_copied(stats.copied)
     await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir, config.expiry_margin,
-                            rt.reaches)
+                            rt.reaches, rt.elsewhere)
     rt.changed.set()
     return stats
 

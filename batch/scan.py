@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from batch.elsewhere import RETOUCHED_ELSEWHERE, Elsewhere, copied_words, gone_words
 from batch.heif import unsupported as heif_unsupported
 from batch.ledger.store import (
     NOT_SAVED,
@@ -109,6 +110,8 @@ class ScanStats:
     problems: int = 0
     #: New jobs waiting to be sent (not those that start rejected).
     new_jobs: int = 0
+    #: New jobs done already: retouched before into another output folder, copied from there.
+    copied: int = 0
     #: New or changed files left for a later pass (still being written, or not decodable yet).
     deferred: int = 0
     #: Sources whose scan a stop cut short: their photos not looked at wait for the next scan.
@@ -423,7 +426,8 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
          settle: float = 0.0, workers: int | None = None,
          prepare: PrepareSettings | None = None,
          should_stop: Callable[[], bool] | None = None,
-         out_dir: Path | None = None, on_collision: str = "skip") -> ScanStats:
+         out_dir: Path | None = None, on_collision: str = "skip",
+         earlier: Elsewhere | None = None) -> ScanStats:
     """Walk the sources and bring the ledger up to date. ``settle`` (watch mode): a new or
     changed file is taken only once it has been still that long and decodes. ``prepare``: a
     new file preflight would refuse makes a rejected job, with the reason, never a pending
@@ -431,7 +435,8 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     files): end early, recording what was read and trusting no folder digest.
     ``out_dir``: a file whose output that folder's disk would not take, or (``on_collision``
     "skip") whose output path holds a file skinbatch did not save, is refused before it is
-    paid for."""
+    paid for. ``earlier``: a new photo another output folder holds retouched under the same
+    options is not paid for again (:meth:`_RootScan._retouched_before`)."""
     stats = ScanStats()
     workers = workers or min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
     # Left by an error or Ctrl-C (a dry run's KeyboardInterrupt): the reads under way stop
@@ -443,7 +448,7 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
             for root in roots:
                 stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,
                                     settle, prepare, lambda: left.is_set() or stop(), out_dir,
-                                    on_collision).run())
+                                    on_collision, earlier).run())
         finally:
             left.set()
     return stats
@@ -502,11 +507,11 @@ class _RootScan:
                  options: Options, exclude: tuple[Path, ...],
                  on_progress: Callable[[int], None] | None, settle: float,
                  prepare: PrepareSettings | None, should_stop: Callable[[], bool],
-                 out_dir: Path | None, on_collision: str) -> None:
+                 out_dir: Path | None, on_collision: str, earlier: Elsewhere | None) -> None:
         self.ledger, self.pool, self.root, self.options = ledger, pool, root, options
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
         self.prepare, self.should_stop, self.out_dir = prepare, should_stop, out_dir
-        self.on_collision = on_collision
+        self.on_collision, self.earlier = on_collision, earlier
         #: Two photos of one output name: under "skip" the second paid result is refused,
         #: under "overwrite" it replaces the first's; only "suffix" gives each a name.
         self.one_name_each = on_collision != "suffix"
@@ -730,10 +735,31 @@ class _RootScan:
                 self.stats.problems += 1
                 self._spoil(c.rel_path)
             rows.append(c)
-        recorded = self.ledger.record_files(rows)
+        recorded = self.ledger.record_files(self._retouched_before(rows))
         self.stats.new_jobs += recorded.created
+        self.stats.copied += recorded.copied
         self._say_superseded(recorded.superseded)
         self._progress(len(rows))
+
+    def _retouched_before(self, rows: list[ScannedFile]) -> list[ScannedFile]:
+        """Photos another output folder's ledger holds done under the same options: a new job
+        for one starts done, its outputs copied from the result saved there (by
+        :func:`batch.copies.materialize_copies`), or, that result gone, starts rejected; none
+        is paid for again."""
+        keys = [(c.content_sha256, c.options_fp) for c in rows
+                if c.content_sha256 is not None and c.problem is None and not c.rejected]
+        if self.earlier is None or not keys:
+            return rows
+        found = self.earlier.results(keys)
+        judged = []
+        for c in rows:
+            if c.content_sha256 is not None and not c.rejected and \
+                    (e := found.get((c.content_sha256, c.options_fp))) is not None:
+                c = (c._replace(copied=(e.result_sha256, copied_words(e.folder)))
+                     if e.output is not None else
+                     c._replace(rejected=gone_words(e.folder), rejected_code=RETOUCHED_ELSEWHERE))
+            judged.append(c)
+        return judged
 
     def _say_superseded(self, found: list[Superseded]) -> None:
         """A warning for each paid result a changed photo or option leaves unsaved, up to

@@ -40,7 +40,7 @@ class JobState(StrEnum):
 S = JobState
 
 TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
-    S.PENDING: frozenset({S.SUBMITTING, S.REJECTED, S.FAILED}),
+    S.PENDING: frozenset({S.SUBMITTING, S.REJECTED, S.FAILED, S.DONE}),
     S.SUBMITTING: frozenset({S.QUEUED, S.PENDING, S.AMBIGUOUS, S.FAILED, S.REJECTED}),
     S.AMBIGUOUS: frozenset({S.SUBMITTING, S.PENDING, S.FAILED, S.REJECTED}),
     S.QUEUED: frozenset({S.PROCESSING, S.READY, S.FAILED, S.EXPIRED}),

@@ -21,6 +21,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
+from batch.elsewhere import tell_copied
 from batch.requeue import read_again
 from batch.scan import ScanStats, SourceRoot, scan, tell_left_out, unreadable_words
 from batch.stages.runtime import Runtime
@@ -161,6 +162,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 rt.wake_submitter.set()
             totals.hashed += stats.hashed
             totals.new_jobs += stats.new_jobs
+            tell_copied(stats.copied)
             rt.progress.add_work(stats.new_jobs, stats.new_jobs)
             totals.found = max(totals.found, stats.found)
             if stats.hashed or stats.new_jobs:
@@ -169,7 +171,7 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
                 # Off the loop: it copies files, and its few ledger writes may wait for the
                 # stages' writer to let go of the ledger.
                 await asyncio.to_thread(materialize_copies, rt.ledger, rt.out_dir,
-                                        rt.config.expiry_margin, rt.reaches)
+                                        rt.config.expiry_margin, rt.reaches, rt.elsewhere)
             # Files still settling get another look soon; otherwise wait for events.
             wait = settings.settle if stats.deferred else settings.rescan
             next_pass = time.monotonic() + wait
@@ -202,7 +204,7 @@ async def _scan_pass(rt: Runtime, settings: WatchSettings,
         return await asyncio.to_thread(
             scan, rt.ledger, reachable, rt.config.options, exclude=(rt.out_dir,),
             settle=settings.settle, prepare=rt.config.prepare, out_dir=rt.out_dir,
-            on_collision=rt.config.on_collision,
+            on_collision=rt.config.on_collision, earlier=rt.elsewhere,
             should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
     except OSError:
         if all(os.path.exists(r.path) for r in reachable):

@@ -176,7 +176,7 @@ def test_outputs_moved_out_of_out_after_delivery_are_not_bought_again(
     assert again.returncode == 0, again.stdout + again.stderr
     assert emulator.stats["charged"] == 2
     assert not (out / "a.jpg").exists()
-    assert "1 output(s) of photos already paid for are gone from --out" in again.stderr
+    assert "1 output(s) of photos already retouched are gone from --out" in again.stderr
 
     fresh = make_emulator()
     other = tmp_path / "other"

@@ -633,34 +633,75 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     assert emulator.stats["submits"] == 2  # only the run on the API's own folder sent
 
 
-def test_photos_retouched_before_into_another_out_are_not_paid_for_again(
+def test_photos_retouched_before_into_another_out_are_copied_not_paid_for_again(
         tmp_path: Path, emulator: Emulator) -> None:
     """Yesterday's results went to one folder; today the same shoot is run with its --out on
     an external drive (a new ledger there): the photos retouched before are not paid for
-    again, each is listed with where its result is, and the dry run says so first. A new
-    photo is sent; --pay-again buys the others again, as asked."""
+    again, their results are copied from the first folder, and the dry run and the run's
+    estimate count only the new photo. A result gone from there (moved away) is not bought
+    again unasked: that photo is listed with why; --pay-again buys it, as asked."""
     src, first, second = tmp_path / "shoot", tmp_path / "retouched", tmp_path / "drive"
     shoot(src, 3)
     assert run_cli(["run", str(src), "--out", str(first), "--smart-skin", *FAST_FLAGS],
                    emulator).returncode == 0
     write_portrait(src / "new one.jpg", seed=9)
     args = ["run", str(src), "--out", str(second), "--smart-skin", *FAST_FLAGS]
-    words = (f"retouched before into {first}, under the same options: not paid for again "
-             f"(its result is there; --out {first} adds this folder's photos to it, and "
-             "--pay-again buys it again)")
     dry = run_cli([*args, "--dry-run"], emulator)
-    assert "would send:   1 image(s)" in dry.stdout and "would reject: 3" in dry.stdout
-    assert dry.stdout.count(words) == 3, dry.stdout
+    assert "would send:   1 image(s)" in dry.stdout and "would reject: 0" in dry.stdout
+    assert "would copy from other output folders (retouched there before, not paid for " \
+        "again): 3" in dry.stdout, dry.stdout
     again = run_cli(args, emulator)
-    assert again.returncode == 1, again.stderr
+    assert again.returncode == 0, again.stderr
+    assert "1 image(s) to pay for" in again.stderr, again.stderr
+    assert "3 photo(s) were retouched before into another output folder" in again.stderr
     assert emulator.stats["charged"] == 3 + 1
-    assert outputs(second) == ["new one.jpg"]
-    status = run_cli(["status", "--out", str(second)], None).stdout
-    assert status.count(words) == 3 and "RETOUCHED_ELSEWHERE" in status, status
-    paid = run_cli([*args, "--pay-again"], emulator)
-    assert paid.returncode == 0, paid.stderr
-    assert emulator.stats["charged"] == 3 + 1 + 3
     assert outputs(second) == ["new one.jpg", *(f"portrait {i}.jpg" for i in range(3))]
+    for i in range(3):
+        assert (second / f"portrait {i}.jpg").read_bytes() == \
+            (first / f"portrait {i}.jpg").read_bytes()
+    status = run_cli(["status", "--out", str(second), "--json"], None)
+    assert json.loads(status.stdout)["counts"]["done"] == 4, status.stdout
+
+    # A third folder: one result moved away from both folders, one edited by hand in the first
+    # (the second's copy is still the result, and is the one copied).
+    (first / "portrait 0.jpg").rename(tmp_path / "delivered.jpg")
+    (second / "portrait 0.jpg").unlink()
+    (first / "portrait 1.jpg").write_bytes(b"edited by hand")
+    third = ["run", str(src), "--out", str(tmp_path / "third"), "--smart-skin", *FAST_FLAGS]
+    held = run_cli(third, emulator)
+    assert held.returncode == 1, held.stderr
+    assert emulator.stats["charged"] == 4
+    assert outputs(tmp_path / "third") == ["new one.jpg", "portrait 1.jpg", "portrait 2.jpg"]
+    assert (tmp_path / "third" / "portrait 1.jpg").read_bytes() == \
+        (second / "portrait 1.jpg").read_bytes()
+    status_text = run_cli(["status", "--out", str(tmp_path / "third")], None).stdout
+    assert "portrait 0.jpg" in status_text and "but its result is no longer there (moved or " \
+        "deleted): not paid for again (--pay-again buys it again)" in status_text, status_text
+    paid = run_cli([*third, "--pay-again"], emulator)
+    assert paid.returncode == 0, paid.stderr
+    assert emulator.stats["charged"] == 4 + 1
+    assert outputs(tmp_path / "third") == [
+        "new one.jpg", *(f"portrait {i}.jpg" for i in range(3))]
+
+
+def test_photos_left_waiting_are_copied_once_another_folder_has_retouched_them(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A run capped by --max-credits leaves photos waiting in its folder's ledger; the same
+    shoot is then run into another folder, which retouches them. The first folder's next run
+    copies their results from there rather than sending them."""
+    src, capped, full = tmp_path / "shoot", tmp_path / "capped", tmp_path / "full"
+    shoot(src, 3)
+    args = ["run", str(src), "--out", str(capped), "--smart-skin", *FAST_FLAGS]
+    assert run_cli([*args, "--max-credits", "1"], emulator).returncode == 1
+    assert emulator.stats["charged"] == 1
+    done = run_cli(["run", str(src), "--out", str(full), "--smart-skin", *FAST_FLAGS], emulator)
+    assert done.returncode == 0, done.stderr
+    assert emulator.stats["charged"] == 3  # the capped run's photo is copied from there
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats["charged"] == 3
+    assert outputs(capped) == [f"portrait {i}.jpg" for i in range(3)]
+    assert "2 photo(s) were retouched before into another output folder" in again.stderr
 
 
 def test_a_run_with_every_option_off_says_so_before_anything_is_sent(

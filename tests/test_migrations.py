@@ -8,6 +8,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from batch.ledger import open_ledger
 from batch.ledger.engine import create_ledger_engine
@@ -124,3 +125,37 @@ def test_a_ledger_with_jobs_keeps_identifying_photos_by_their_files(ledger_locat
         assert current_revision(paid_before.engine) == HEAD_REVISION
     finally:
         paid_before.close()
+
+
+def test_an_upgraded_ledger_lets_a_waiting_job_be_done_by_a_copy(ledger_location: str) -> None:
+    """A ledger made before a waiting photo could take its result from another output folder
+    refuses pending -> done in its trigger; the upgrade lets that move through, and the
+    downgrade refuses it again."""
+    engine = create_ledger_engine(ledger_location)
+    config = alembic_config(engine)
+    command.upgrade(config, "0007")
+
+    def done_from_pending() -> bool:
+        with engine.connect() as conn:
+            conn.execute(text("DELETE FROM jobs"))
+            conn.execute(text(
+                "INSERT INTO jobs (id, content_sha256, options_fp, size_bytes, state, "
+                "created_at, updated_at, next_attempt_at, attempts, charges) "
+                "VALUES (1, :sha, '100000000', 5, 'pending', 0, 0, 0, 0, 0)"), {"sha": "e" * 64})
+            conn.commit()
+            try:
+                conn.execute(text("UPDATE jobs SET state = 'done' WHERE id = 1"))
+                conn.commit()
+            except DBAPIError:
+                conn.rollback()
+                return False
+            return True
+
+    try:
+        assert not done_from_pending()
+        command.upgrade(config, "head")
+        assert done_from_pending()
+        command.downgrade(config, "0007")
+        assert not done_from_pending()
+    finally:
+        engine.dispose()

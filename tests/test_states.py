@@ -13,7 +13,6 @@ def test_every_state_has_a_row_and_final_states_only_leave_by_retry() -> None:
 
 @pytest.mark.parametrize(("current", "target"), [
     (JobState.PENDING, JobState.QUEUED),        # never skip the committed 'submitting'
-    (JobState.PENDING, JobState.DONE),
     (JobState.QUEUED, JobState.SUBMITTING),     # a paid task is never uploaded again silently
     (JobState.DONE, JobState.SUBMITTING),
     (JobState.REJECTED, JobState.SUBMITTING),

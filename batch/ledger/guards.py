@@ -3,10 +3,13 @@ trigger refuses a move the table of legal transitions (:data:`batch.states.TRANS
 not allow, whoever writes the row (a second program, a hand-made fix, a bug here).
 
 The SQL is built from :mod:`batch.states`, so the migration that installs it and the code that
-checks moves in Python agree; a test tries every illegal pair against both back-ends.
+checks moves in Python agree; a test tries every illegal pair against both back-ends. A change
+to the table needs a migration that makes the trigger again (existing ledgers keep theirs).
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection, Mapping
 
 from batch.states import TRANSITIONS, JobState
 
@@ -16,17 +19,20 @@ PG_FUNCTION = "skinbatch_job_transition"
 REFUSAL = "illegal job state transition"
 
 STATE_CHECK = "state IN ({})".format(", ".join(f"'{s.value}'" for s in JobState))
-_LEGAL = ", ".join(f"'{a.value}>{b.value}'" for a, targets in TRANSITIONS.items()
-                   for b in sorted(targets))
-_ILLEGAL = f"OLD.state <> NEW.state AND OLD.state || '>' || NEW.state NOT IN ({_LEGAL})"
 
 
-def create_trigger_sql(dialect: str) -> list[str]:
+def create_trigger_sql(dialect: str, table: Mapping[JobState, Collection[JobState]] = TRANSITIONS
+                       ) -> list[str]:
+    """The trigger refusing the moves ``table`` does not allow (a migration's downgrade gives
+    the table of its time)."""
+    legal = ", ".join(f"'{a.value}>{b.value}'" for a, targets in table.items()
+                      for b in sorted(targets))
+    illegal = f"OLD.state <> NEW.state AND OLD.state || '>' || NEW.state NOT IN ({legal})"
     if dialect == "postgresql":
         return [
             f"""CREATE OR REPLACE FUNCTION {PG_FUNCTION}() RETURNS trigger AS $$
 BEGIN
-  IF {_ILLEGAL} THEN
+  IF {illegal} THEN
     RAISE EXCEPTION '{REFUSAL}: % -> %', OLD.state, NEW.state
       USING ERRCODE = 'check_violation';
   END IF;
@@ -39,7 +45,7 @@ FOR EACH ROW EXECUTE FUNCTION {PG_FUNCTION}()""",
     return [
         f"DROP TRIGGER IF EXISTS {TRIGGER}",
         f"""CREATE TRIGGER {TRIGGER} BEFORE UPDATE OF state ON jobs
-WHEN {_ILLEGAL}
+WHEN {illegal}
 BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END""",
     ]
 

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ class Recorded(NamedTuple):
 
     created: int
     superseded: list[Superseded]
+    #: New jobs born done with a result saved before elsewhere (see :attr:`ScannedFile.copied`).
+    copied: int = 0
 
 
 class ScannedFile(NamedTuple):
@@ -141,8 +144,13 @@ class ScannedFile(NamedTuple):
     content_sha256: str | None
     options_fp: str
     problem: str | None = None
-    #: Preflight's reason to refuse the content (a new job for it starts rejected).
+    #: Preflight's reason to refuse the content (a new job for it starts rejected), and its
+    #: error code.
     rejected: str | None = None
+    rejected_code: str | None = None
+    #: A result saved before into another output folder (its hash, and the words the new job's
+    #: history says): the new job starts done, and its outputs are copies of that result.
+    copied: tuple[str, str] | None = None
     #: The job the ledger's row for this file linked before it was read again (its photo or
     #: options may have changed since): see :class:`Superseded`.
     linked: int | None = None
@@ -268,6 +276,13 @@ def _count_statement(states: frozenset[JobState], by_root: bool = False,
         jobs.c.state.in_(sorted(s.value for s in states)),
         REACHABLE if by_root else WANTED_HERE if away else WANTED,
         NOT_DELIVERED, *([REDONE] if redone else []))
+
+
+def _born(f: ScannedFile) -> JobState:
+    """The state a new job for ``f`` starts in."""
+    if f.rejected:
+        return JobState.REJECTED
+    return JobState.DONE if f.copied else JobState.PENDING
 
 
 def _job(row: Any) -> JobRow:
@@ -571,13 +586,13 @@ class Ledger:
         the next scan, and no upload starts from a job before a durable write
         (``submitting``) has made it durable."""
         def record() -> Recorded:
-            created, superseded = 0, list[Superseded]()
+            born, superseded = Counter[JobState](), list[Superseded]()
             with self._write(durable=False) as conn:
                 for start in range(0, len(found), RECORD_CHUNK):
                     chunk = found[start:start + RECORD_CHUNK]
-                    created += self._record_chunk(conn, chunk)
+                    born += self._record_chunk(conn, chunk)
                     superseded += self._note_superseded(conn, chunk)
-            return Recorded(created, superseded)
+            return Recorded(born[JobState.PENDING], superseded, born[JobState.DONE])
 
         recorded = self.patiently(record)
         self._recorded += len(found)
@@ -635,28 +650,33 @@ class Ledger:
         with self._write(durable=False) as conn:
             conn.exec_driver_sql("ANALYZE jobs, files")
 
-    def _record_chunk(self, conn: Connection, found: Sequence[ScannedFile]) -> int:
+    def _record_chunk(self, conn: Connection, found: Sequence[ScannedFile]
+                      ) -> Counter[JobState]:
+        """Record a chunk of files; returns the new jobs by the state they start in."""
         now = time.time()
         wanted: dict[tuple[str, str], ScannedFile] = {}
         for f in found:
             if f.content_sha256 is not None:
                 wanted.setdefault((f.content_sha256, f.options_fp), f)
         ids = self._job_ids(conn, list(wanted))
-        created = 0
+        born = Counter[JobState]()
         missing = [{"content_sha256": sha, "options_fp": fp, "size_bytes": f.size_bytes,
-                    "state": (JobState.REJECTED if f.rejected else JobState.PENDING).value,
-                    "reason": f.rejected, "created_at": now, "updated_at": now,
+                    "state": _born(f).value, "reason": f.rejected,
+                    "error_code": f.rejected_code if f.rejected else None,
+                    "result_sha256": f.copied[0] if f.copied and not f.rejected else None,
+                    "created_at": now, "updated_at": now,
                     "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
                    for (sha, fp), f in wanted.items() if (sha, fp) not in ids]
         if missing:
             inserted = conn.execute(self._insert(jobs).on_conflict_do_nothing().returning(
                 jobs.c.content_sha256, jobs.c.options_fp, jobs.c.id), missing).all()
             ids.update({(sha, fp): id_ for sha, fp, id_ in inserted})
-            for sha, fp, id_ in inserted:  # a job that starts rejected says why in its history
-                created += not wanted[(sha, fp)].rejected
-                if wanted[(sha, fp)].rejected:
-                    self._event(conn, id_, None, JobState.REJECTED.value, 0,
-                                TransitionInfo(message=wanted[(sha, fp)].rejected), now)
+            for sha, fp, id_ in inserted:  # a job not born pending says why in its history
+                f = wanted[(sha, fp)]
+                born[state := _born(f)] += 1
+                if state is not JobState.PENDING:
+                    why = f.rejected or (f.copied[1] if f.copied else None)
+                    self._event(conn, id_, None, state.value, 0, TransitionInfo(message=why), now)
             if len(ids) < len(wanted):  # made meanwhile by another writer
                 ids.update(self._job_ids(conn, [key for key in wanted if key not in ids]))
         statement = self._insert(files)
@@ -671,7 +691,7 @@ class Ledger:
               "job_id": (None if f.content_sha256 is None
                          else ids[(f.content_sha256, f.options_fp)])}
              for f in found])
-        return created
+        return born
 
     @staticmethod
     def _job_ids(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:

@@ -169,8 +169,8 @@ class Runtime:
     #: A result was saved in this run: the host results come from can be reached (see
     #: :data:`UNPROVEN_UPLOADS`).
     delivered: bool = False
-    #: This user's other ledgers, asked before an upload (None: --pay-again, or a run that
-    #: keeps no such list).
+    #: This user's other ledgers, asked about each photo the scan finds new, and for the
+    #: results copied from them (None: --pay-again, or a run on a shared ledger).
     elsewhere: Elsewhere | None = None
 
     async def before_upload(self) -> None:

@@ -16,7 +16,6 @@ from sqlalchemy.exc import DBAPIError
 
 from batch import crashpoints, thumbnails
 from batch.api import ApiError, ErrorKind
-from batch.elsewhere import RETOUCHED_ELSEWHERE, not_again
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
@@ -177,10 +176,6 @@ class Submitter:
 
     async def _submit(self, job: JobRow, files: list[FileRow]) -> None:
         rt = self.rt
-        if rt.elsewhere is not None and (there := await asyncio.to_thread(
-                rt.elsewhere.done_in, job.content_sha256, job.options_fp)) is not None:
-            await self._reject(job, files, Rejected(not_again(there), RETOUCHED_ELSEWHERE))
-            return
         try:
             candidates = [f for f in files if f.problem is None]
             async with self.preparing:

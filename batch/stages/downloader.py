@@ -191,6 +191,13 @@ class Downloader:
         temps.append(temp)
         with os.fdopen(fd, "wb") as sink:
             downloaded = await rt.client.download(job.result_urls[0], sink)
+            # The scan beside may have found a photo changed, or its options, since the claim:
+            # its file now waits for another job's result, which this one must not replace.
+            linked = {f.id for f in rt.ledger.files_of([job.id]).get(job.id, [])}
+            if not (targets := [t for t in targets if t.id in linked]):
+                await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
+                    message="not saved: its photo or options changed while it was downloaded"))
+                return
             # The disk work in one hop to a thread, not one per step: each hop costs a few
             # context switches, which added up to a good part of the client's CPU per image.
             outputs, problems, sha256 = await asyncio.to_thread(

@@ -161,8 +161,10 @@ class Downloader:
                             f"{exc.strerror or exc}. Nothing was marked done that is not on "
                             "disk.")
         except asyncio.CancelledError:
-            await rt.writes.transition(job.id, JobState.READY,
-                                       info=TransitionInfo(message="interrupted during download"))
+            # Why an earlier try failed (a host not reached) stays what status says of it.
+            kept = {"reason": job.reason, "error_code": job.error_code} if job.reason else {}
+            await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
+                message="interrupted during download"), **kept)
             raise
         finally:
             self.leftovers.update(temp for temp in temps if not remove_quietly(temp))

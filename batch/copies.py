@@ -5,6 +5,7 @@ deleted from --out (a studio moves deliveries to the client's folder) stays gone
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -40,36 +41,38 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
         assert f.job_id is not None
         by_job.setdefault(f.job_id, []).append(f.id)
     written = gone = 0
-    for job_id, file_ids in by_job.items():
-        job = ledger.job(job_id)
-        source = _verified_sibling(ledger, out_dir, job)
-        if source is None and earlier is not None and job.result_sha256 is not None:
-            source = earlier.saved_result((job.content_sha256, job.options_fp),
-                                          job.result_sha256)
-        if source is None:
-            if not (job.result_urls and job.expires_at is not None
-                    and time.time() < job.expires_at - expiry_margin):
-                gone += len(file_ids)  # a photo paid for is not paid for again unasked
+    # One opening of each other ledger for all the jobs, not one per job.
+    with earlier.kept_open() if earlier is not None else contextlib.nullcontext():
+        for job_id, file_ids in by_job.items():
+            job = ledger.job(job_id)
+            source = _verified_sibling(ledger, out_dir, job)
+            if source is None and earlier is not None and job.result_sha256 is not None:
+                source = earlier.saved_result((job.content_sha256, job.options_fp),
+                                              job.result_sha256)
+            if source is None:
+                if not (job.result_urls and job.expires_at is not None
+                        and time.time() < job.expires_at - expiry_margin):
+                    gone += len(file_ids)  # a photo paid for is not paid for again unasked
+                    continue
+                ledger.transition(job_id, JobState.READY, expect=JobState.DONE, info=TransitionInfo(
+                    message="an output is missing and no saved copy is left"))
                 continue
-            ledger.transition(job_id, JobState.READY, expect=JobState.DONE, info=TransitionInfo(
-                message="an output is missing and no saved copy is left"))
-            continue
-        fmt = source.suffix.lstrip(".").upper().replace("JPG", "JPEG")
-        for file_id in file_ids:
-            f = needy[file_id]
-            rel = output_rel(f.out_rel, fmt, Path(f.root, f.rel_path))
-            try:
-                final = resolve_inside(out_dir, rel)
-                temp = copy_to_temp(source, final.parent, final.name)
+            fmt = source.suffix.lstrip(".").upper().replace("JPG", "JPEG")
+            for file_id in file_ids:
+                f = needy[file_id]
+                rel = output_rel(f.out_rel, fmt, Path(f.root, f.rel_path))
                 try:
-                    place(temp, final, job.result_sha256 or "", f.written_sha256)
-                finally:
-                    remove_quietly(temp)
-                ledger.set_file_output(f.id, written_rel=rel, written_sha256=job.result_sha256)
-                written += 1
-            except OutputConflict as conflict:
-                ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
-                                       problem=str(conflict))
+                    final = resolve_inside(out_dir, rel)
+                    temp = copy_to_temp(source, final.parent, final.name)
+                    try:
+                        place(temp, final, job.result_sha256 or "", f.written_sha256)
+                    finally:
+                        remove_quietly(temp)
+                    ledger.set_file_output(f.id, written_rel=rel, written_sha256=job.result_sha256)
+                    written += 1
+                except OutputConflict as conflict:
+                    ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
+                                           problem=str(conflict))
     if gone:
         log.info("%d output(s) of photos already retouched are gone from --out (moved or "
                  "deleted), with no saved copy or live download link left: they are not bought "

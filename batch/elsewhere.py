@@ -11,10 +11,12 @@ drive not plugged in, or deleted with its folder, is not asked: its results are 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
-from collections.abc import Collection
+import threading
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,9 +35,6 @@ RETOUCHED_ELSEWHERE = "RETOUCHED_ELSEWHERE"
 
 Key = tuple[str, str]
 """A job's identity: its photo's key and its options' fingerprint."""
-
-#: Photos asked about in one query (SQLite's limit on bound values is far above it).
-CHUNK = 500
 
 
 class Earlier(NamedTuple):
@@ -114,7 +113,7 @@ def listed() -> dict[Path, Path | None]:
     for line in lines:
         ledger, _, out = line.partition("\t")
         if ledger:
-            found[Path(ledger)] = Path(out) if out else found.get(Path(ledger), _beside(ledger))
+            found[Path(ledger)] = Path(out) if out else _beside(ledger)
     return found
 
 
@@ -162,6 +161,7 @@ class Elsewhere:
         self.others = {ledger: out for ledger, out in listed().items()
                        if ledger != own and out is not None}
         self.emulated, self.image_identity = emulated, image_identity
+        self._open = threading.local()
 
     def results(self, keys: Collection[Key]) -> dict[Key, Earlier]:
         """Of ``keys``, those another ledger holds done, each with its saved result if one is
@@ -187,22 +187,57 @@ class Elsewhere:
             return None
         return earlier.output
 
+    @contextlib.contextmanager
+    def kept_open(self) -> Iterator[None]:
+        """The other ledgers stay open in this thread while the block runs (a scan asks them
+        once per batch of photos) and are let go at its end: an open file would keep its drive
+        from being unmounted between a watch's passes."""
+        self._open.ledgers = {}
+        try:
+            yield
+        finally:
+            for db in self._open.ledgers.values():
+                if db is not None:
+                    db.close()
+            self._open.ledgers = None
+
     def _done(self, ledger: Path, shas: list[str]
               ) -> list[tuple[str, str, str | None, str | None]]:
-        """The done jobs of ``ledger`` among ``shas``, with their saved results' paths; none
-        from a ledger whose results are of another kind or keyed another way."""
-        with contextlib.closing(sqlite3.connect(f"{ledger.as_uri()}?mode=ro", uri=True)) as db:
+        """The done jobs of ``ledger`` among ``shas``, with their saved results' paths."""
+        kept: dict[Path, sqlite3.Connection | None] | None = getattr(self._open, "ledgers", None)
+        if kept is None:
+            if (db := self._connect(ledger)) is None:
+                return []
+            with contextlib.closing(db):
+                return _done_in(db, shas)
+        if ledger not in kept:
+            kept[ledger] = self._connect(ledger)
+        return _done_in(db, shas) if (db := kept[ledger]) is not None else []
+
+    def _connect(self, ledger: Path) -> sqlite3.Connection | None:
+        """``ledger`` opened read-only; None if its results are of another kind, or its photos
+        keyed another way."""
+        db = sqlite3.connect(f"{ledger.as_uri()}?mode=ro", uri=True)
+        try:
             meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
                                    (EMULATED, IDENTITY)).fetchall())
-            if (meta.get(EMULATED) == "1") != self.emulated or \
-                    (meta.get(IDENTITY) != "file") != self.image_identity:
-                return []
-            rows = []
-            for start in range(0, len(shas), CHUNK):
-                chunk = shas[start:start + CHUNK]
-                rows += db.execute(
-                    "SELECT j.content_sha256, j.options_fp, j.result_sha256, f.written_rel "
-                    "FROM jobs j LEFT JOIN files f ON f.job_id = j.id AND "
-                    "f.written_sha256 = j.result_sha256 WHERE j.state = 'done' AND "
-                    f"j.content_sha256 IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
-            return rows
+        except sqlite3.Error:
+            db.close()
+            raise
+        if (meta.get(EMULATED) == "1") == self.emulated and \
+                (meta.get(IDENTITY) != "file") == self.image_identity:
+            return db
+        db.close()
+        return None
+
+
+def _done_in(db: sqlite3.Connection, shas: list[str]
+             ) -> list[tuple[str, str, str | None, str | None]]:
+    # The keys as one JSON array: the statement's text is the same for every batch, so the
+    # connection prepares it once. "+j.state" keeps the planner off the index by state, which
+    # would read every job done there for each batch rather than look up the batch's photos.
+    return db.execute(
+        "SELECT j.content_sha256, j.options_fp, j.result_sha256, f.written_rel FROM jobs j "
+        "LEFT JOIN files f ON f.job_id = j.id AND f.written_sha256 = j.result_sha256 "
+        "WHERE +j.state = 'done' AND j.content_sha256 IN (SELECT value FROM json_each(?))",
+        (json.dumps(shas),)).fetchall()

@@ -443,7 +443,8 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     # at their file rather than the pool's exit waiting for every photo queued.
     left = threading.Event()
     stop = should_stop or (lambda: False)
-    with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool, \
+            earlier.kept_open() if earlier is not None else contextlib.nullcontext():
         try:
             for root in roots:
                 stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,

@@ -60,8 +60,8 @@ class Plan:
                  "credit(s)",
                  f"  would reject: {len(self.reject)}",
                  f"  already done: {self.done}; in flight or waiting: {self.waiting}",
-                 f"  would copy from other output folders (retouched there before, not paid "
-                 f"for again): {self.copied}",
+                 f"  retouched before into other output folders, their results copied from "
+                 f"there (not paid for again): {self.copied}",
                  f"  would send as a copy: {len(self.copy)}"]
         if self.stripped:
             lines.append("  metadata removed before upload: " + ", ".join(

@@ -648,8 +648,8 @@ def test_photos_retouched_before_into_another_out_are_copied_not_paid_for_again(
     args = ["run", str(src), "--out", str(second), "--smart-skin", *FAST_FLAGS]
     dry = run_cli([*args, "--dry-run"], emulator)
     assert "would send:   1 image(s)" in dry.stdout and "would reject: 0" in dry.stdout
-    assert "would copy from other output folders (retouched there before, not paid for " \
-        "again): 3" in dry.stdout, dry.stdout
+    assert "retouched before into other output folders, their results copied from there " \
+        "(not paid for again): 3" in dry.stdout, dry.stdout
     again = run_cli(args, emulator)
     assert again.returncode == 0, again.stderr
     assert "1 image(s) to pay for" in again.stderr, again.stderr

@@ -98,6 +98,14 @@ def test_the_head_revision_the_fast_path_trusts_is_the_newest_migration(tmp_path
         ledger.close()
 
 
+def insert_waiting_job(conn: Connection) -> None:
+    """Job 1, pending, written as a ledger of any earlier revision holds it."""
+    conn.execute(text(
+        "INSERT INTO jobs (id, content_sha256, options_fp, size_bytes, state, created_at, "
+        "updated_at, next_attempt_at, attempts, charges) "
+        "VALUES (1, :sha, '100000000', 5, 'pending', 0, 0, 0, 0, 0)"), {"sha": "e" * 64})
+
+
 def test_a_ledger_with_jobs_keeps_identifying_photos_by_their_files(ledger_location: str) -> None:
     """Photos are identified by their image (a caption written in does not pay again), but a
     ledger that had jobs keyed by the whole file keeps that key: re-keyed, a copy of a photo
@@ -114,10 +122,7 @@ def test_a_ledger_with_jobs_keeps_identifying_photos_by_their_files(ledger_locat
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM meta"))
         conn.execute(text("UPDATE alembic_version SET version_num = '0006'"))
-        conn.execute(text(
-            "INSERT INTO jobs (id, content_sha256, options_fp, size_bytes, state, created_at, "
-            "updated_at, next_attempt_at, attempts, charges) "
-            "VALUES (1, :sha, '100000000', 5, 'pending', 0, 0, 0, 0, 0)"), {"sha": "e" * 64})
+        insert_waiting_job(conn)
     engine.dispose()
     paid_before = open_ledger(ledger_location)
     try:
@@ -138,10 +143,7 @@ def test_an_upgraded_ledger_lets_a_waiting_job_be_done_by_a_copy(ledger_location
     def done_from_pending() -> bool:
         with engine.connect() as conn:
             conn.execute(text("DELETE FROM jobs"))
-            conn.execute(text(
-                "INSERT INTO jobs (id, content_sha256, options_fp, size_bytes, state, "
-                "created_at, updated_at, next_attempt_at, attempts, charges) "
-                "VALUES (1, :sha, '100000000', 5, 'pending', 0, 0, 0, 0, 0)"), {"sha": "e" * 64})
+            insert_waiting_job(conn)
             conn.commit()
             try:
                 conn.execute(text("UPDATE jobs SET state = 'done' WHERE id = 1"))

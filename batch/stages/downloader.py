@@ -195,8 +195,7 @@ class Downloader:
             downloaded = await rt.client.download(job.result_urls[0], sink)
             # The scan beside may have found a photo changed, or its options, since the claim:
             # its file now waits for another job's result, which this one must not replace.
-            linked = {f.id for f in rt.ledger.files_of([job.id]).get(job.id, [])}
-            if not (targets := [t for t in targets if t.id in linked]):
+            if not (targets := await self._still_linked(job, targets)):
                 await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
                     message="not saved: its photo or options changed while it was downloaded"))
                 return
@@ -212,6 +211,16 @@ class Downloader:
         self.last_saved = time.monotonic()
         self.failing.pop(job.id, None)
         rt.resume(StopReason.UNFETCHED, "A result came through")
+
+    async def _still_linked(self, job: JobRow, targets: list[FileRow]) -> list[FileRow]:
+        """Of ``targets``, the files still linked to ``job``; a shared ledger's database away
+        is waited for, as the claims do (the job is this worker's meanwhile)."""
+        while True:
+            try:
+                linked = self.rt.ledger.files_of([job.id]).get(job.id, [])
+                return [t for t in targets if t.id in {f.id for f in linked}]
+            except DBAPIError as error:
+                await self.rt.wait_for_ledger(error)
 
     def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
                temps: list[Path], downloaded_sha256: str

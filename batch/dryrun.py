@@ -186,8 +186,7 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     # A source not there tonight: as the run does, its photos wait for one that finds it.
     gone = [r for r in roots if unreached(r.path) is not None]
     away = {r.ledger_root for r in gone}
-    others = elsewhere.of_run(config, ledger.image_identity)
-    copied = elsewhere.look_again(ledger, others) if others is not None else 0
+    others, copied = elsewhere.at_start(ledger, config)
     result = _scanned(ledger, config, [r for r in roots if r not in gone], gone, others)
     result.copied += copied
     to_send = submittable(config.on_ambiguous, config.on_expired)

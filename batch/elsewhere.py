@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from batch.config import RunConfig
-from batch.ledger import Ledger, TransitionInfo
+from batch.ledger import Born, Ledger, TransitionInfo
 from batch.ledger.store import EMULATED, IDENTITY, StaleTransition, Write
 from batch.names import STATE_DIR
 from batch.outputs import sha256_file
@@ -29,8 +29,8 @@ from batch.states import JobState
 
 log = logging.getLogger("batch.elsewhere")
 
-#: The error code of a photo not sent because another folder's ledger holds it done while its
-#: result is no longer there.
+#: The error code of a photo another folder's ledger holds done whose saved result is not
+#: there to copy (moved or deleted): buying it again is the user's call (--pay-again).
 RETOUCHED_ELSEWHERE = "RETOUCHED_ELSEWHERE"
 
 Key = tuple[str, str]
@@ -45,15 +45,17 @@ class Earlier(NamedTuple):
     folder: Path
     output: Path | None
 
-
-def copied_words(folder: Path) -> str:
-    return (f"retouched before into {folder}, under the same options: its result is copied "
-            "from there, not paid for again (--pay-again buys it again)")
-
-
-def gone_words(folder: Path) -> str:
-    return (f"retouched before into {folder}, under the same options, but its result is no "
-            "longer there (moved or deleted): not paid for again (--pay-again buys it again)")
+    @property
+    def born(self) -> Born:
+        """How this photo's job starts: done, its outputs copies of the saved result; or,
+        with none to copy, rejected with why. Neither is paid for again."""
+        if self.output is not None:
+            return Born(JobState.DONE, f"retouched before into {self.folder}, under the same "
+                        "options: its result is copied from there, not paid for again "
+                        "(--pay-again buys it again)", result_sha256=self.result_sha256)
+        return Born(JobState.REJECTED, f"retouched before into {self.folder}, under the same "
+                    "options, but its result is no longer there (moved or deleted): not paid "
+                    "for again (--pay-again buys it again)", RETOUCHED_ELSEWHERE)
 
 
 def tell_copied(copied: int) -> None:
@@ -62,11 +64,23 @@ def tell_copied(copied: int) -> None:
                  "options: their results are copied from there, not paid for again.", copied)
 
 
+def at_start(ledger: Ledger, config: RunConfig) -> tuple[Elsewhere | None, int]:
+    """What a run, and its dry run, do before the scan: with --pay-again, the photos rejected
+    for a result gone from another folder go back in line (to be bought); otherwise the other
+    ledgers are made ready for the scan, and the jobs it will not see again are looked for
+    (:func:`look_again`). Returns them, and how many results are copied."""
+    if config.pay_again:
+        ledger.reset_jobs([JobState.REJECTED], "sent again: --pay-again",
+                          error_code=RETOUCHED_ELSEWHERE)
+    others = of_run(config, ledger.image_identity)
+    return others, look_again(ledger, others) if others is not None else 0
+
+
 def look_again(ledger: Ledger, others: Elsewhere) -> int:
     """Jobs the scan will not see again that another folder's ledger holds done: a photo a
-    killed run left waiting to be sent, and one rejected because the result saved elsewhere
-    was gone, put back since. The first is copied or rejected as a new photo would be; the
-    second, once its result is there again, is copied. Returns how many are copied."""
+    killed run left waiting to be sent starts as a new photo would (:attr:`Earlier.born`);
+    one rejected for a result gone from there is copied once the result is back. Returns how
+    many are copied."""
     if not others.others:
         return 0
     waiting = [job for job in ledger.jobs_in([JobState.PENDING, JobState.REJECTED])
@@ -74,21 +88,16 @@ def look_again(ledger: Ledger, others: Elsewhere) -> int:
     found = others.results({(job.content_sha256, job.options_fp) for job in waiting})
     writes: list[Write] = []
     for job in waiting:
-        if (earlier := found.get((job.content_sha256, job.options_fp))) is None:
-            continue
-        if earlier.output is None:
-            if job.state is JobState.PENDING:
-                writes.append(ledger.transition_write(job.id, JobState.REJECTED, expect=job.state,
-                              info=TransitionInfo(message=gone_words(earlier.folder),
-                                                  error_code=RETOUCHED_ELSEWHERE)))
+        if (earlier := found.get((job.content_sha256, job.options_fp))) is None or \
+                job.state is (born := earlier.born).state:
             continue
         if job.state is JobState.REJECTED:
             writes.append(ledger.transition_write(job.id, JobState.PENDING, expect=job.state,
                           info=TransitionInfo(message="its result is back in "
                                                       f"{earlier.folder}")))
         writes.append(ledger.transition_write(
-            job.id, JobState.DONE, expect=JobState.PENDING, result_sha256=earlier.result_sha256,
-            info=TransitionInfo(message=copied_words(earlier.folder))))
+            job.id, born.state, expect=JobState.PENDING, result_sha256=born.result_sha256,
+            info=TransitionInfo(message=born.message, error_code=born.error_code)))
     try:
         outcomes = ledger.commit(writes) if writes else []
     except StaleTransition:  # the only one, moved meanwhile

@@ -26,7 +26,6 @@ from batch.api.errors import ACCOUNT_CODES
 from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import ConfigError, RunConfig, check_paths, prepare_out, unreached
 from batch.copies import materialize_copies
-from batch.elsewhere import RETOUCHED_ELSEWHERE
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, LedgerFull, LedgerGone, open_ledger
 from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
@@ -279,12 +278,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         loop.add_signal_handler(sig, rt.interrupt)
     try:
         recovered = _pick_up_leftovers(worker, out_dir, config.root_map)
-        if config.pay_again:
-            ledger.reset_jobs([JobState.REJECTED], "sent again: --pay-again",
-                              error_code=RETOUCHED_ELSEWHERE)
-        rt.elsewhere = elsewhere.of_run(config, ledger.image_identity)
-        if rt.elsewhere is not None:
-            elsewhere.tell_copied(elsewhere.look_again(ledger, rt.elsewhere))
+        rt.elsewhere, copied = elsewhere.at_start(ledger, config)
+        elsewhere.tell_copied(copied)
         _start_heartbeat(rt, worker, loop, rescale=shared_pace is None)
         forget_missing_outputs(ledger, out_dir)
         if not config.options.enabled:

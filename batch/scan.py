@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from batch.elsewhere import RETOUCHED_ELSEWHERE, Elsewhere, copied_words, gone_words
+from batch.elsewhere import Elsewhere
 from batch.heif import unsupported as heif_unsupported
 from batch.ledger.store import (
     NOT_SAVED,
+    Born,
     KnownFile,
     Ledger,
     ScannedFile,
@@ -60,6 +61,7 @@ from batch.preflight import (
     photo_key,
 )
 from batch.presets import PRESET_NAME, FolderSettings, apply_preset
+from batch.states import JobState
 from batch.stripping import strippable
 
 log = logging.getLogger("batch.scan")
@@ -728,7 +730,8 @@ class _RootScan:
                     c = c._replace(problem=read.problem)
                 else:
                     c = c._replace(content_sha256=read.sha256, size_bytes=read.size,
-                                   mtime_ns=read.mtime_ns, rejected=read.rejected)
+                                   mtime_ns=read.mtime_ns, born=None if read.rejected is None
+                                   else Born(JobState.REJECTED, read.rejected))
                     self.stats.hashed += 1
                     if (why := self._undeliverable(c)) is not None:
                         c = c._replace(content_sha256=None, problem=why)
@@ -748,19 +751,13 @@ class _RootScan:
         :func:`batch.copies.materialize_copies`), or, that result gone, starts rejected; none
         is paid for again."""
         keys = [(c.content_sha256, c.options_fp) for c in rows
-                if c.content_sha256 is not None and c.problem is None and not c.rejected]
+                if c.content_sha256 is not None and c.problem is None and c.born is None]
         if self.earlier is None or not keys:
             return rows
         found = self.earlier.results(keys)
-        judged = []
-        for c in rows:
-            if c.content_sha256 is not None and not c.rejected and \
-                    (e := found.get((c.content_sha256, c.options_fp))) is not None:
-                c = (c._replace(copied=(e.result_sha256, copied_words(e.folder)))
-                     if e.output is not None else
-                     c._replace(rejected=gone_words(e.folder), rejected_code=RETOUCHED_ELSEWHERE))
-            judged.append(c)
-        return judged
+        return [c._replace(born=e.born) if c.content_sha256 is not None and c.born is None and
+                (e := found.get((c.content_sha256, c.options_fp))) is not None else c
+                for c in rows]
 
     def _say_superseded(self, found: list[Superseded]) -> None:
         """A warning for each paid result a changed photo or option leaves unsaved, up to

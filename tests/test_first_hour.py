@@ -677,6 +677,8 @@ def test_photos_retouched_before_into_another_out_are_copied_not_paid_for_again(
     status_text = run_cli(["status", "--out", str(tmp_path / "third")], None).stdout
     assert "portrait 0.jpg" in status_text and "but its result is no longer there (moved or " \
         "deleted): not paid for again (--pay-again buys it again)" in status_text, status_text
+    dry = run_cli([*third, "--pay-again", "--dry-run"], emulator)  # says what the run does
+    assert "would send:   1 image(s)" in dry.stdout and "would reject: 0" in dry.stdout, dry.stdout
     paid = run_cli([*third, "--pay-again"], emulator)
     assert paid.returncode == 0, paid.stderr
     assert emulator.stats["charged"] == 4 + 1

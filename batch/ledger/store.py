@@ -128,8 +128,20 @@ class Recorded(NamedTuple):
 
     created: int
     superseded: list[Superseded]
-    #: New jobs born done with a result saved before elsewhere (see :attr:`ScannedFile.copied`).
+    #: New jobs born done, with a result saved into another output folder (see :class:`Born`).
     copied: int = 0
+
+
+class Born(NamedTuple):
+    """How a new job starts when it is not to be sent: rejected (preflight's verdict, or a
+    result saved elsewhere that is not to be had), or done with a result saved into another
+    output folder, whose copies become its outputs. ``message`` is its reason and the first
+    row of its history."""
+
+    state: JobState
+    message: str
+    error_code: str | None = None
+    result_sha256: str | None = None
 
 
 class ScannedFile(NamedTuple):
@@ -144,13 +156,8 @@ class ScannedFile(NamedTuple):
     content_sha256: str | None
     options_fp: str
     problem: str | None = None
-    #: Preflight's reason to refuse the content (a new job for it starts rejected), and its
-    #: error code.
-    rejected: str | None = None
-    rejected_code: str | None = None
-    #: A result saved before into another output folder (its hash, and the words the new job's
-    #: history says): the new job starts done, and its outputs are copies of that result.
-    copied: tuple[str, str] | None = None
+    #: How a new job for the content starts, when it is not to be sent (see :class:`Born`).
+    born: Born | None = None
     #: The job the ledger's row for this file linked before it was read again (its photo or
     #: options may have changed since): see :class:`Superseded`.
     linked: int | None = None
@@ -276,13 +283,6 @@ def _count_statement(states: frozenset[JobState], by_root: bool = False,
         jobs.c.state.in_(sorted(s.value for s in states)),
         REACHABLE if by_root else WANTED_HERE if away else WANTED,
         NOT_DELIVERED, *([REDONE] if redone else []))
-
-
-def _born(f: ScannedFile) -> JobState:
-    """The state a new job for ``f`` starts in."""
-    if f.rejected:
-        return JobState.REJECTED
-    return JobState.DONE if f.copied else JobState.PENDING
 
 
 def _job(row: Any) -> JobRow:
@@ -659,24 +659,25 @@ class Ledger:
             if f.content_sha256 is not None:
                 wanted.setdefault((f.content_sha256, f.options_fp), f)
         ids = self._job_ids(conn, list(wanted))
-        born = Counter[JobState]()
+        starts = Counter[JobState]()
+        pending = Born(JobState.PENDING, "")
         missing = [{"content_sha256": sha, "options_fp": fp, "size_bytes": f.size_bytes,
-                    "state": _born(f).value, "reason": f.rejected,
-                    "error_code": f.rejected_code if f.rejected else None,
-                    "result_sha256": f.copied[0] if f.copied and not f.rejected else None,
+                    "state": born.state.value, "reason": born.message or None,
+                    "error_code": born.error_code, "result_sha256": born.result_sha256,
                     "created_at": now, "updated_at": now,
                     "next_attempt_at": 0.0, "attempts": 0, "charges": 0}
-                   for (sha, fp), f in wanted.items() if (sha, fp) not in ids]
+                   for (sha, fp), f in wanted.items() if (sha, fp) not in ids
+                   for born in [f.born or pending]]
         if missing:
             inserted = conn.execute(self._insert(jobs).on_conflict_do_nothing().returning(
                 jobs.c.content_sha256, jobs.c.options_fp, jobs.c.id), missing).all()
             ids.update({(sha, fp): id_ for sha, fp, id_ in inserted})
             for sha, fp, id_ in inserted:  # a job not born pending says why in its history
-                f = wanted[(sha, fp)]
-                born[state := _born(f)] += 1
-                if state is not JobState.PENDING:
-                    why = f.rejected or (f.copied[1] if f.copied else None)
-                    self._event(conn, id_, None, state.value, 0, TransitionInfo(message=why), now)
+                born = wanted[(sha, fp)].born or pending
+                starts[born.state] += 1
+                if born is not pending:
+                    self._event(conn, id_, None, born.state.value, 0,
+                                TransitionInfo(message=born.message), now)
             if len(ids) < len(wanted):  # made meanwhile by another writer
                 ids.update(self._job_ids(conn, [key for key in wanted if key not in ids]))
         statement = self._insert(files)
@@ -691,7 +692,7 @@ class Ledger:
               "job_id": (None if f.content_sha256 is None
                          else ids[(f.content_sha256, f.options_fp)])}
              for f in found])
-        return born
+        return starts
 
     @staticmethod
     def _job_ids(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:

@@ -20,6 +20,7 @@ from PIL import _imaging as pillow_core
 from batch.apispec import ACCEPTED_FORMATS, MAX_SIDE_EXCLUSIVE, MAX_UPLOAD_BYTES
 from batch.heif import unsupported as heif_unsupported
 from batch.stripping import describe, held, strip, strippable, stripped_pieces
+from batch.thumbnails import SIZE as PREVIEW_SIDE
 
 #: Anything larger than a 100-megapixel frame is refused before it is decoded (bomb guard).
 MAX_PIXELS = 100_000_000
@@ -121,8 +122,9 @@ class Prepared:
     note: str | None = None
     #: The metadata removed from it before upload, by kind ("EXIF, XMP 2"), or None.
     stripped: str | None = None
-    #: A copy's pixels, upright, so that the report's preview of the source is made from them
-    #: rather than by decoding the file again (the submitter takes them and lets them go).
+    #: The photo's pixels as the check or the copy decoded them (upright), so that the
+    #: report's preview of the source is made from them rather than by decoding the file
+    #: again (the submitter takes them and lets them go).
     pixels: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -172,10 +174,24 @@ def _decoding(missing_heif: bool = False, tiff: bool = False) -> Iterator[None]:
                 from exc
 
 
-def inspect_image(data: bytes | BinaryIO, decode: bool = True) -> Inspection:
-    """Say what ``data`` (the bytes, or the open file) is, from its header;
-    ``decode``: decode it too (bounded: a JPEG at an eighth of its size, which still reads
-    every byte), so a damaged file is found now."""
+def inspect_image(data: bytes | BinaryIO) -> Inspection:
+    """Say what ``data`` (the bytes, or the open file) is, from its header."""
+    return _inspected(data, lambda _: False)[0]
+
+
+def decoded(data: bytes) -> tuple[Inspection, Image.Image]:
+    """What ``data`` is, and its pixels, upright: decoded (bounded: a JPEG at an eighth of its
+    size, or a preview's if more, which still reads every byte), so a damaged file is found
+    now and its preview needs no decode of its own."""
+    inspection, pixels = _inspected(data, lambda _: True, keep=True)
+    assert pixels is not None
+    return inspection, pixels
+
+
+def _inspected(data: bytes | BinaryIO, decode: Callable[[Inspection], bool],
+               keep: bool = False) -> tuple[Inspection, Image.Image | None]:
+    """What ``data`` is and, where ``decode`` says so of what it is (or raises
+    :class:`Rejected`), its pixels decoded from the same opening, kept if asked (``keep``)."""
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     source.seek(0)
     head = source.read(12)
@@ -192,15 +208,16 @@ def inspect_image(data: bytes | BinaryIO, decode: bool = True) -> Inspection:
                 f"{MAX_PIXELS // 1_000_000} megapixels this tool will decode "
                 "(a corrupt file or a decompression bomb)"
             )
-        frames = getattr(image, "n_frames", 1)
-        mode = image.mode
         orientation = image.getexif().get(0x0112, 1)
-        if decode:
-            if fmt == "JPEG":
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    return Inspection(fmt, width, height, mode, frames,
-                      orientation if isinstance(orientation, int) else 1)
+        inspection = Inspection(fmt, width, height, image.mode, getattr(image, "n_frames", 1),
+                                orientation if isinstance(orientation, int) else 1)
+        if not decode(inspection):
+            return inspection, None
+        if fmt == "JPEG":
+            image.draft("RGB", (max(1, width // 8, min(width, PREVIEW_SIDE)),
+                                max(1, height // 8, min(height, PREVIEW_SIDE))))
+        image.load()
+        return inspection, ImageOps.exif_transpose(image) if keep else None
 
 
 def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Prepared:
@@ -211,10 +228,10 @@ def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Pre
     to ``max_side``, re-encoded as JPEG until it fits, and the note says what was done. Either
     way the file is decoded once here: a copy's full decode is its check.
     """
-    inspection = check(data, settings)
+    inspection, pixels = _checked(data, settings, len(data), keep=True)
     fmt, width, height, _, _, orientation = inspection
     if not needs_copy(inspection, len(data)):
-        return _stripped(Prepared(data, fmt, width, height), settings)
+        return _stripped(Prepared(data, fmt, width, height, pixels=pixels), settings)
     with _decoding():
         resized = _resized(data, fmt, width, height, orientation, settings)
     # A copy carries the ICC profile and what the encoder copies over (the comment), taken off
@@ -238,7 +255,7 @@ def identity_digest(data: bytes, inspection: Inspection | None = None) -> str:
         if not strippable(data[:12]):
             return hashlib.sha256(data).hexdigest()
         try:
-            inspection = inspect_image(data, decode=False)
+            inspection = inspect_image(data)
         except Rejected:
             return hashlib.sha256(data).hexdigest()
     if inspection.format not in ACCEPTED_FORMATS:
@@ -275,7 +292,16 @@ def check(data: bytes | BinaryIO, settings: PrepareSettings = PrepareSettings(),
     its check (still before its upload), and a camera file costs a second decode otherwise.
     ``data`` may be the open file (of ``size`` bytes), for one that is only looked at here."""
     size = len(data) if isinstance(data, bytes) else size
-    inspection = inspect_image(data, decode=False)
+    return _checked(data, settings, size)[0]
+
+
+def _checked(data: bytes | BinaryIO, settings: PrepareSettings, size: int, keep: bool = False
+             ) -> tuple[Inspection, Image.Image | None]:
+    return _inspected(data, lambda inspection: _sendable(inspection, settings, size), keep)
+
+
+def _sendable(inspection: Inspection, settings: PrepareSettings, size: int) -> bool:
+    """Whether the file goes as it is (True) or as a copy; raises ``Rejected`` if neither."""
     fmt, width, height, mode, frames, _ = inspection
     if fmt not in ACCEPTED_FORMATS and fmt not in CONVERTIBLE:
         raise Rejected(f"{fmt} images are not accepted by the API (only JPEG, PNG and WEBP; "
@@ -295,9 +321,7 @@ def check(data: bytes | BinaryIO, settings: PrepareSettings = PrepareSettings(),
         if width >= MAX_SIDE_EXCLUSIVE or height >= MAX_SIDE_EXCLUSIVE:
             raise Rejected(f"the image is {width}x{height} px; the API needs each side under "
                            f"{MAX_SIDE_EXCLUSIVE} px")
-    if not needs_copy(inspection, size):
-        inspect_image(data)
-    return inspection
+    return not needs_copy(inspection, size)
 
 
 def _stripped(prepared: Prepared, settings: PrepareSettings) -> Prepared:

@@ -1,9 +1,9 @@
 """Small previews for the morning report, made once and kept beside the ledger.
 
 A thumbnail is named by the content it shows (the SHA-256 of a source, or of a saved
-output), so copies share one and a re-run never makes it again. The downloader makes both of
-a job's previews when it saves the result, from the bytes it already holds; the report only
-makes those that are missing (results saved before thumbnails existed, or a lost folder).
+output), so copies share one and a re-run never makes it again. Each is made from pixels a
+check decoded anyway: the source's from the upload's (or its copy's), the result's from the
+download's. The report makes any that are missing.
 A thumbnail is a convenience: failing to make one never fails a download.
 """
 
@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -51,21 +52,24 @@ def render_image(image: Image.Image) -> bytes:
 def save(out_dir: Path, sha256: str, image_bytes: bytes) -> Path | None:
     """Make and keep the preview of ``image_bytes`` unless it exists; None if it cannot be
     made."""
-    target = path_for(out_dir, sha256)
-    if target.exists():
-        return target
-    try:
-        preview = render(image_bytes)
-    except Exception as exc:  # a preview is a courtesy: no fault in it costs a saved result
-        log.debug("No preview for %s: %s", sha256[:12], exc)
-        return None
-    return _write(out_dir, target, preview)
+    return _made(out_dir, sha256, lambda: render(image_bytes))
 
 
 def save_pixels(out_dir: Path, sha256: str, image: Image.Image) -> Path | None:
     """Make and keep the preview of pixels already decoded, unless it exists."""
+    return _made(out_dir, sha256, lambda: render_image(image))
+
+
+def _made(out_dir: Path, sha256: str, preview: Callable[[], bytes]) -> Path | None:
     target = path_for(out_dir, sha256)
-    return target if target.exists() else _write(out_dir, target, render_image(image))
+    if target.exists():
+        return target
+    try:
+        made = preview()
+    except Exception as exc:  # a preview is a courtesy: no fault in it costs a saved result
+        log.debug("No preview for %s: %s", sha256[:12], exc)
+        return None
+    return _write(out_dir, target, made)
 
 
 def _write(out_dir: Path, target: Path, preview: bytes) -> Path | None:

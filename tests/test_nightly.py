@@ -720,6 +720,22 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator: Emulator) -
     assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
 
 
+def test_a_photo_sent_as_it_is_has_sharp_previews_of_each_side(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The previews of a photo that goes as it is are made from the pixels its checks decode
+    at a reduced size, never smaller than a preview: 240 px on the long side for a photo
+    whose eighth would be 200."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    data = write_portrait(src / "studio.jpg", size=(1600, 1200), grain=8)
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 0
+    thumbs = out / ".skinbatch" / "thumbs"
+    result = hashlib.sha256((out / "studio.jpg").read_bytes()).hexdigest()
+    for sha in (identity_digest(data), result):
+        with Image.open(thumbs / sha[:2] / f"{sha}.jpg") as preview:
+            assert preview.format == "JPEG" and preview.size == (240, 180)
+    assert len(list(thumbs.rglob("*.jpg"))) == 2
+
+
 def test_a_photo_sent_as_a_copy_has_an_upright_preview_of_each_side(
         tmp_path: Path, emulator: Emulator) -> None:
     """A sideways camera file (EXIF orientation 6) and a TIFF go to the API as upright JPEG

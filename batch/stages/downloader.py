@@ -6,7 +6,6 @@ import asyncio
 import errno
 import functools
 import hashlib
-import io
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ from batch.outputs import (
     remove_quietly,
     resolve_inside,
 )
-from batch.preflight import Rejected, inspect_image
+from batch.preflight import Rejected, decoded
 from batch.stages.runtime import (
     GONE_RECHECK,
     Runtime,
@@ -48,17 +47,15 @@ from batch.states import JobState
 log = logging.getLogger("batch.download")
 
 
-def verify_result(data: bytes) -> str:
-    """The result's image format, after decoding it fully; raises if it is not an image."""
+def verify_result(data: bytes) -> tuple[str, Image.Image]:
+    """The result's image format and its pixels (for its preview), after decoding it; raises
+    if it is not an image."""
     try:
-        fmt = inspect_image(data).format
+        inspection, pixels = decoded(data)
     except Rejected as exc:
         raise ApiError(ErrorKind.TRANSIENT, f"the downloaded result is not a valid image "
                                             f"({exc.reason})") from exc
-    if fmt not in ("JPEG", "PNG", "WEBP"):
-        with Image.open(io.BytesIO(data)) as image:
-            fmt = image.format or fmt
-    return fmt
+    return inspection.format, pixels
 
 
 class Downloader:
@@ -231,18 +228,17 @@ class Downloader:
         os.fsync(sink.fileno())
         crashpoints.reached("downloaded")
         result = temp.read_bytes()
-        fmt = verify_result(result)
+        fmt, pixels = verify_result(result)
         source = self._source_bytes(targets)
         photo = Path(targets[0].root, targets[0].rel_path) if targets else temp
         if source is None:
             log.warning("%s is gone: its result is saved without its metadata.", photo)
-        final, sha256 = self._carry_metadata(source, photo, temp, result, fmt,
-                                             downloaded_sha256)
+        sha256 = self._carry_metadata(source, photo, temp, result, fmt, downloaded_sha256)
         outputs, problems = self._place_all(targets, temp, temps, sha256, fmt)
         if outputs:
             if source is not None:
                 thumbnails.save(self.rt.out_dir, job.content_sha256, source)
-            thumbnails.save(self.rt.out_dir, sha256, final)
+            thumbnails.save_pixels(self.rt.out_dir, sha256, pixels)
         return outputs, problems, sha256
 
     @staticmethod
@@ -255,26 +251,26 @@ class Downloader:
         return None
 
     def _carry_metadata(self, source: bytes | None, photo: Path, temp: Path, result: bytes,
-                        fmt: str, sha256: str) -> tuple[bytes, str]:
+                        fmt: str, sha256: str) -> str:
         """Put the source's EXIF/XMP/IPTC/ICC on the result (and scale it back up if asked);
-        the output's bytes and hash. Deterministic, so a download redone after a crash gives
-        the same bytes."""
+        the output's hash. Deterministic, so a download redone after a crash gives the same
+        bytes."""
         if source is None:
-            return result, sha256
+            return sha256
         try:
             carried = metadata.carry(source, result, fmt,
                                      upscale=self.rt.config.upscale_to_original,
                                      jpeg_quality=self.rt.config.jpeg_quality)
         except Exception as exc:  # the metadata is a courtesy: no fault in it costs the result
             log.warning("Could not copy the metadata of %s onto its result: %s", photo, exc)
-            return result, sha256
+            return sha256
         if carried == result:
-            return result, sha256
+            return sha256
         with open(temp, "wb") as sink:
             sink.write(carried)
             sink.flush()
             os.fsync(sink.fileno())
-        return carried, hashlib.sha256(carried).hexdigest()
+        return hashlib.sha256(carried).hexdigest()
 
     def _place_all(self, targets: list[FileRow], temp: Path, temps: list[Path], sha256: str,
                    fmt: str) -> tuple[dict[int, tuple[str, str | None]], dict[int, str]]:

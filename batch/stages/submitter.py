@@ -296,7 +296,8 @@ class Submitter:
     def _prepare(job: JobRow, candidates: list[FileRow], settings: PrepareSettings,
                  out_dir: Path, identity: Callable[[bytes], str]) -> tuple[Prepared, str]:
         """Read the job's bytes from any linked file that still is that photo (by the
-        ledger's ``identity``); keep the report's preview of a copy, made from its pixels."""
+        ledger's ``identity``); keep the report's preview of it, made from the pixels its check
+        decoded."""
         changed = 0
         for f in candidates:
             path = Path(f.root) / f.rel_path

@@ -122,9 +122,9 @@ class Prepared:
     note: str | None = None
     #: The metadata removed from it before upload, by kind ("EXIF, XMP 2"), or None.
     stripped: str | None = None
-    #: The photo's pixels as the check or the copy decoded them (upright), so that the
-    #: report's preview of the source is made from them rather than by decoding the file
-    #: again (the submitter takes them and lets them go).
+    #: The photo's pixels as the check or the copy decoded them, so that the report's preview
+    #: of the source is made from them rather than by decoding the file again (the submitter
+    #: takes them and lets them go).
     pixels: Image.Image | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -180,9 +180,9 @@ def inspect_image(data: bytes | BinaryIO) -> Inspection:
 
 
 def decoded(data: bytes) -> tuple[Inspection, Image.Image]:
-    """What ``data`` is, and its pixels, upright: decoded (bounded: a JPEG at an eighth of its
-    size, or a preview's if more, which still reads every byte), so a damaged file is found
-    now and its preview needs no decode of its own."""
+    """What ``data`` is, and its pixels: decoded (bounded: a JPEG at an eighth of its size, or
+    a preview's if more, which still reads every byte), so a damaged file is found now and its
+    preview needs no decode of its own."""
     inspection, pixels = _inspected(data, lambda _: True, keep=True)
     assert pixels is not None
     return inspection, pixels
@@ -217,7 +217,7 @@ def _inspected(data: bytes | BinaryIO, decode: Callable[[Inspection], bool],
             image.draft("RGB", (max(1, width // 8, min(width, PREVIEW_SIDE)),
                                 max(1, height // 8, min(height, PREVIEW_SIDE))))
         image.load()
-        return inspection, ImageOps.exif_transpose(image) if keep else None
+        return inspection, image if keep else None
 
 
 def preflight(data: bytes, settings: PrepareSettings = PrepareSettings()) -> Prepared:

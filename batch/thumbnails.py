@@ -34,15 +34,17 @@ def path_for(out_dir: Path, sha256: str) -> Path:
 
 
 def render(image_bytes: bytes) -> bytes:
-    """A JPEG preview, turned upright; the JPEG decoder is asked for a reduced size."""
+    """A JPEG preview of an image file; the JPEG decoder is asked for a reduced size."""
     with Image.open(io.BytesIO(image_bytes)) as image:
         image.draft("RGB", (SIZE * 2, SIZE * 2))
-        return render_image(ImageOps.exif_transpose(image))
+        return render_image(image)
 
 
 def render_image(image: Image.Image) -> bytes:
-    """A JPEG preview of pixels already decoded (and upright)."""
-    small = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    """A JPEG preview of decoded pixels, turned upright as their EXIF says."""
+    small = ImageOps.exif_transpose(image)
+    if small.mode != "RGB":
+        small = small.convert("RGB")
     small.thumbnail((SIZE, SIZE))
     buffer = io.BytesIO()
     small.save(buffer, "JPEG", quality=QUALITY, optimize=True)

@@ -36,7 +36,7 @@ from batch.options import Options
 from batch.scan import SourceRoot, scan
 from batch.states import JobState
 from bench.baseline import sequential_client
-from bench.common import KEY, ROOT, WRAPPER, client_env, make_images, run_cli
+from bench.common import KEY, ROOT, WRAPPER, ChildRun, client_env, make_images, run_cli
 from tests import slowdisk
 from tests.imagegen import encode, portrait, write_portrait
 
@@ -737,24 +737,7 @@ def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
     to the next: the median is the figure, the range is printed)."""
     src = work / "cpu-src"
     paths = make_images(src, images)
-    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.1,
-                            process_seconds=0.1)
-    started = time.process_time()
-    for path in paths:
-        hashlib.sha256(path.read_bytes()).hexdigest()
-        hashlib.sha256(path.read_bytes()).hexdigest()  # scan + the re-read before upload
-    hashing = time.process_time() - started
-    children = []
-    for run in range(CPU_RUNS):
-        out = work / f"cpu-out-{run}"
-        with Emulator(config) as emulator:
-            child = run_cli(["run", str(src), "--out", str(out), "--smart-skin",
-                             "--poll-interval", "0.2", "--max-qps", "1000", "--concurrency",
-                             "8", "--no-progress", "-q"], emulator)
-            assert child.returncode == 0, child.stderr[-3000:]
-        children.append(child)
-        shutil.rmtree(out)
-    per_image = sorted((c.cpu - hashing) / images * 1000 for c in children)
+    per_image, children, hashing = cpu_per_photo(work, src, paths, ["--concurrency", "8"])
     median = per_image[len(per_image) // 2]
     peak_queued = bench_memory_queued(work, queued)
     peak = max(c.peak_rss_mb for c in children)
@@ -770,16 +753,11 @@ def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
 CPU_RUNS = 3
 
 
-def bench_photo_cpu(work: Path, photos: int) -> None:
-    """The client's CPU per photo on studio exports sent as they are (4000x3000 JPEGs of a
-    few MB, within the API's limits), the emulator retouching them for real: what a night
-    costs the machine beyond reading and hashing the photos, which is subtracted as the
-    images row does (each photo read and hashed twice: by the scan and before its upload)."""
-    src = work / "photo-cpu-src"
-    paths = [src / f"IMG_{i:04d}.jpg" for i in range(photos)]
-    for i, path in enumerate(paths):
-        write_portrait(path, "JPEG", seed=i, size=(4000, 3000), grain=12, quality=95)
-    size = sum(p.stat().st_size for p in paths) / photos
+def cpu_per_photo(work: Path, src: Path, paths: list[Path], flags: list[str]
+                  ) -> tuple[list[float], list[ChildRun], float]:
+    """The client's CPU per photo in ms, sorted, over ``CPU_RUNS`` runs of the folder ``src``
+    (its photos, ``paths``), less reading and hashing each photo twice (the scan, and the
+    re-read before its upload); the runs, and that hashing's seconds."""
     started = time.process_time()
     for path in paths:
         for _ in range(2):
@@ -787,17 +765,29 @@ def bench_photo_cpu(work: Path, photos: int) -> None:
     hashing = time.process_time() - started
     config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.1,
                             process_seconds=0.1)
-    per_photo = []
+    children = []
     for run in range(CPU_RUNS):
-        out = work / f"photo-cpu-out-{run}"
+        out = work / f"cpu-out-{run}"
         with Emulator(config) as emulator:
             child = run_cli(["run", str(src), "--out", str(out), "--smart-skin",
                              "--poll-interval", "0.2", "--max-qps", "1000", "--no-progress",
-                             "-q"], emulator)
+                             "-q", *flags], emulator)
             assert child.returncode == 0, child.stderr[-3000:]
-        per_photo.append((child.cpu - hashing) / photos * 1000)
+        children.append(child)
         shutil.rmtree(out)
-    per_photo.sort()
+    return sorted((c.cpu - hashing) / len(paths) * 1000 for c in children), children, hashing
+
+
+def bench_photo_cpu(work: Path, photos: int) -> None:
+    """The client's CPU per photo on studio exports sent as they are (4000x3000 JPEGs of a
+    few MB, within the API's limits), the emulator retouching them for real: what a night
+    costs the machine beyond reading and hashing the photos."""
+    src = work / "photo-cpu-src"
+    paths = [src / f"IMG_{i:04d}.jpg" for i in range(photos)]
+    for i, path in enumerate(paths):
+        write_portrait(path, "JPEG", seed=i, size=(4000, 3000), grain=12, quality=95)
+    size = sum(p.stat().st_size for p in paths) / photos
+    per_photo, _, hashing = cpu_per_photo(work, src, paths, [])
     row(f"client CPU per photo, {photos} JPEGs of 4000x3000 ({size / 2**20:.1f} MB) sent as "
         "they are", f"{per_photo[len(per_photo) // 2]:.0f} ms median of {CPU_RUNS} runs "
         f"({per_photo[0]:.0f}-{per_photo[-1]:.0f}; hashing {hashing:.2f}s subtracted)")

@@ -222,10 +222,11 @@ class Downloader:
     def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
                temps: list[Path], downloaded_sha256: str
                ) -> tuple[dict[int, tuple[str, str | None]], dict[int, str], str]:
-        """Make the downloaded bytes durable, check they are an image, carry the metadata
-        over, place the outputs and keep the report's previews of the pair."""
+        """Check the downloaded bytes are an image, carry the metadata over, make the bytes
+        durable, place the outputs and keep the report's previews of the pair. The temp file
+        is flushed to the disk once, with its final bytes: until it is placed, a crash leaves
+        only a temp file the next run removes before it fetches the result again."""
         sink.flush()
-        os.fsync(sink.fileno())
         crashpoints.reached("downloaded")
         result = temp.read_bytes()
         fmt, pixels = verify_result(result)
@@ -233,7 +234,15 @@ class Downloader:
         photo = Path(targets[0].root, targets[0].rel_path) if targets else temp
         if source is None:
             log.warning("%s is gone: its result is saved without its metadata.", photo)
-        sha256 = self._carry_metadata(source, photo, temp, result, fmt, downloaded_sha256)
+        sha256 = downloaded_sha256
+        if (carried := self._with_metadata(source, photo, result, fmt)) is None:
+            os.fsync(sink.fileno())
+        else:
+            with open(temp, "wb") as rewritten:
+                rewritten.write(carried)
+                rewritten.flush()
+                os.fsync(rewritten.fileno())
+            sha256 = hashlib.sha256(carried).hexdigest()
         outputs, problems = self._place_all(targets, temp, temps, sha256, fmt)
         if outputs:
             if source is not None:
@@ -250,27 +259,21 @@ class Downloader:
                 continue
         return None
 
-    def _carry_metadata(self, source: bytes | None, photo: Path, temp: Path, result: bytes,
-                        fmt: str, sha256: str) -> str:
-        """Put the source's EXIF/XMP/IPTC/ICC on the result (and scale it back up if asked);
-        the output's hash. Deterministic, so a download redone after a crash gives the same
-        bytes."""
+    def _with_metadata(self, source: bytes | None, photo: Path, result: bytes, fmt: str
+                       ) -> bytes | None:
+        """The result with the source's EXIF/XMP/IPTC/ICC put on it (and scaled back up if
+        asked), or None to keep it as downloaded. Deterministic, so a download redone after a
+        crash gives the same bytes."""
         if source is None:
-            return sha256
+            return None
         try:
             carried = metadata.carry(source, result, fmt,
                                      upscale=self.rt.config.upscale_to_original,
                                      jpeg_quality=self.rt.config.jpeg_quality)
         except Exception as exc:  # the metadata is a courtesy: no fault in it costs the result
             log.warning("Could not copy the metadata of %s onto its result: %s", photo, exc)
-            return sha256
-        if carried == result:
-            return sha256
-        with open(temp, "wb") as sink:
-            sink.write(carried)
-            sink.flush()
-            os.fsync(sink.fileno())
-        return hashlib.sha256(carried).hexdigest()
+            return None
+        return None if carried == result else carried
 
     def _place_all(self, targets: list[FileRow], temp: Path, temps: list[Path], sha256: str,
                    fmt: str) -> tuple[dict[int, tuple[str, str | None]], dict[int, str]]:

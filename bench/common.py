@@ -17,11 +17,15 @@ from tests.imagegen import write_portrait
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
 # The child reports its own VmHWM: ru_maxrss would carry over the parent's high-water mark
-# through fork+exec on Linux and measure the benchmark process instead.
+# through fork+exec on Linux and measure the benchmark process instead. It reports too the
+# bytes it sent to the disks: those it wrote less those it truncated before they got there.
 WRAPPER = ("import atexit, sys\n"
            "def peak():\n"
            "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
            "    print('PEAK_RSS_KB', hwm.split()[1], file=sys.stderr)\n"
+           "    io = dict(l.split(':') for l in open('/proc/self/io').read().splitlines())\n"
+           "    sent = int(io['write_bytes']) - int(io['cancelled_write_bytes'])\n"
+           "    print('DISK_WRITTEN', sent, file=sys.stderr)\n"
            "atexit.register(peak)\n"
            "from batch.cli import main\nmain()\n")
 
@@ -43,6 +47,8 @@ class ChildRun:
     peak_rss_mb: float
     stdout: str
     stderr: str
+    #: Bytes the child sent to the disks.
+    disk_written: int = 0
 
 
 def client_env(emulator: Emulator) -> dict[str, str]:
@@ -67,4 +73,6 @@ def run_cli(args: list[str], emulator: Emulator, extra_env: dict[str, str] | Non
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     peak = next((int(line.split()[1]) for line in proc.stderr.splitlines()
                  if line.startswith("PEAK_RSS_KB")), 0)
-    return ChildRun(proc.returncode, wall, cpu, peak / 1024, proc.stdout, proc.stderr)
+    written = next((int(line.split()[1]) for line in proc.stderr.splitlines()
+                    if line.startswith("DISK_WRITTEN")), 0)
+    return ChildRun(proc.returncode, wall, cpu, peak / 1024, proc.stdout, proc.stderr, written)

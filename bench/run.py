@@ -753,11 +753,12 @@ def bench_memory_and_cpu(work: Path, images: int, queued: int) -> None:
 CPU_RUNS = 3
 
 
-def cpu_per_photo(work: Path, src: Path, paths: list[Path], flags: list[str]
-                  ) -> tuple[list[float], list[ChildRun], float]:
+def cpu_per_photo(work: Path, src: Path, paths: list[Path], flags: list[str],
+                  keep: bool = False) -> tuple[list[float], list[ChildRun], float]:
     """The client's CPU per photo in ms, sorted, over ``CPU_RUNS`` runs of the folder ``src``
     (its photos, ``paths``), less reading and hashing each photo twice (the scan, and the
-    re-read before its upload); the runs, and that hashing's seconds."""
+    re-read before its upload); the runs, and that hashing's seconds. ``keep``: leave each
+    run's output folder (``cpu-out-N``)."""
     started = time.process_time()
     for path in paths:
         for _ in range(2):
@@ -774,23 +775,34 @@ def cpu_per_photo(work: Path, src: Path, paths: list[Path], flags: list[str]
                              "-q", *flags], emulator)
             assert child.returncode == 0, child.stderr[-3000:]
         children.append(child)
-        shutil.rmtree(out)
+        if not keep:
+            shutil.rmtree(out)
     return sorted((c.cpu - hashing) / len(paths) * 1000 for c in children), children, hashing
 
 
 def bench_photo_cpu(work: Path, photos: int) -> None:
     """The client's CPU per photo on studio exports sent as they are (4000x3000 JPEGs of a
-    few MB, within the API's limits), the emulator retouching them for real: what a night
-    costs the machine beyond reading and hashing the photos."""
+    few MB with a camera's EXIF, within the API's limits), the emulator retouching them for
+    real: what a night costs the machine beyond reading and hashing the photos; and what it
+    writes to the disks beside the results it saves (a share's link carries every byte)."""
     src = work / "photo-cpu-src"
     paths = [src / f"IMG_{i:04d}.jpg" for i in range(photos)]
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0132] = "Canon", "EOS R5", "2026:12:01 10:00:00"
     for i, path in enumerate(paths):
-        write_portrait(path, "JPEG", seed=i, size=(4000, 3000), grain=12, quality=95)
+        write_portrait(path, "JPEG", seed=i, size=(4000, 3000), grain=12, quality=95,
+                       exif=exif.tobytes())
     size = sum(p.stat().st_size for p in paths) / photos
-    per_photo, _, hashing = cpu_per_photo(work, src, paths, [])
+    per_photo, children, hashing = cpu_per_photo(work, src, paths, [], keep=True)
     row(f"client CPU per photo, {photos} JPEGs of 4000x3000 ({size / 2**20:.1f} MB) sent as "
         "they are", f"{per_photo[len(per_photo) // 2]:.0f} ms median of {CPU_RUNS} runs "
         f"({per_photo[0]:.0f}-{per_photo[-1]:.0f}; hashing {hashing:.2f}s subtracted)")
+    saved = [sum(f.stat().st_size for f in (work / f"cpu-out-{run}").glob("*.jpg"))
+             for run in range(CPU_RUNS)]
+    ratios = sorted(c.disk_written / s for c, s in zip(children, saved, strict=True))
+    row("bytes written to the disks per byte of result saved, the same runs",
+        f"{ratios[len(ratios) // 2]:.2f}x median ({ratios[0]:.2f}-{ratios[-1]:.2f}; ledger and "
+        "previews included)", "<= 1.1x", ratios[len(ratios) // 2] <= 1.1)
 
 
 # ---- 7: the morning report ------------------------------------------------------------------

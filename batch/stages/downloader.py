@@ -1,4 +1,4 @@
-"""Saving results: soonest-to-expire first, streamed to a temp file, verified, renamed."""
+"""Saving results: soonest-to-expire first, verified, written once to a temp file, renamed."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import asyncio
 import errno
 import functools
 import hashlib
+import io
 import logging
 import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import IO
 
 from PIL import Image
 from sqlalchemy.exc import DBAPIError
@@ -185,21 +185,20 @@ class Downloader:
                                     "share unmounted?); results paid for are kept")
         if (folder := source_gone(targets)) is not None:
             raise SourceGone(folder)
-        first_dir = (rt.out_dir / targets[0].out_rel).parent if targets else rt.out_dir
-        fd, temp = new_temp(first_dir, Path(job.content_sha256).name)
-        temps.append(temp)
-        with os.fdopen(fd, "wb") as sink:
-            downloaded = await rt.client.download(job.result_urls[0], sink)
-            # The scan beside may have found a photo changed, or its options, since the claim:
-            # its file now waits for another job's result, which this one must not replace.
-            if not (targets := await self._still_linked(job, targets)):
-                await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
-                    message="not saved: its photo or options changed while it was downloaded"))
-                return
-            # The disk work in one hop to a thread, not one per step: each hop costs a few
-            # context switches, which added up to a good part of the client's CPU per image.
-            outputs, problems, sha256 = await asyncio.to_thread(
-                self._store, sink, job, targets, temp, temps, downloaded.sha256)
+        # In memory: checking the result and putting the metadata on need it whole anyway,
+        # and its final bytes then go to the disk once.
+        received = io.BytesIO()
+        downloaded = await rt.client.download(job.result_urls[0], received)
+        # The scan beside may have found a photo changed, or its options, since the claim:
+        # its file now waits for another job's result, which this one must not replace.
+        if not (targets := await self._still_linked(job, targets)):
+            await rt.writes.transition(job.id, JobState.READY, info=TransitionInfo(
+                message="not saved: its photo or options changed while it was downloaded"))
+            return
+        # The disk work in one hop to a thread, not one per step: each hop costs a few
+        # context switches, which added up to a good part of the client's CPU per image.
+        outputs, problems, sha256 = await asyncio.to_thread(
+            self._store, received.getvalue(), job, targets, temps, downloaded.sha256)
         await rt.writes.finish_download(job.id, sha256, outputs, problems)
         rt.progress.saved()
         if not rt.delivered:
@@ -219,30 +218,28 @@ class Downloader:
             except DBAPIError as error:
                 await self.rt.wait_for_ledger(error)
 
-    def _store(self, sink: IO[bytes], job: JobRow, targets: list[FileRow], temp: Path,
-               temps: list[Path], downloaded_sha256: str
+    def _store(self, result: bytes, job: JobRow, targets: list[FileRow], temps: list[Path],
+               downloaded_sha256: str
                ) -> tuple[dict[int, tuple[str, str | None]], dict[int, str], str]:
-        """Check the downloaded bytes are an image, carry the metadata over, make the bytes
-        durable, place the outputs and keep the report's previews of the pair. The temp file
-        is flushed to the disk once, with its final bytes: until it is placed, a crash leaves
-        only a temp file the next run removes before it fetches the result again."""
-        sink.flush()
+        """Check the downloaded bytes are an image, carry the metadata over, write the final
+        bytes to a temp file flushed to the disk, place the outputs and keep the report's
+        previews of the pair."""
         crashpoints.reached("downloaded")
-        result = temp.read_bytes()
         fmt, pixels = verify_result(result)
         source = self._source_bytes(targets)
-        photo = Path(targets[0].root, targets[0].rel_path) if targets else temp
+        photo = Path(targets[0].root, targets[0].rel_path)
         if source is None:
             log.warning("%s is gone: its result is saved without its metadata.", photo)
         sha256 = downloaded_sha256
-        if (carried := self._with_metadata(source, photo, result, fmt)) is None:
+        if (carried := self._with_metadata(source, photo, result, fmt)) is not None:
+            result, sha256 = carried, hashlib.sha256(carried).hexdigest()
+        fd, temp = new_temp((self.rt.out_dir / targets[0].out_rel).parent,
+                            Path(job.content_sha256).name)
+        temps.append(temp)
+        with os.fdopen(fd, "wb") as sink:
+            sink.write(result)
+            sink.flush()
             os.fsync(sink.fileno())
-        else:
-            with open(temp, "wb") as rewritten:
-                rewritten.write(carried)
-                rewritten.flush()
-                os.fsync(rewritten.fileno())
-            sha256 = hashlib.sha256(carried).hexdigest()
         outputs, problems = self._place_all(targets, temp, temps, sha256, fmt)
         if outputs:
             if source is not None:

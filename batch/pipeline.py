@@ -327,9 +327,10 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     if waiting in WAITING_STOPS:
         # Only jobs never sent: a lost answer or a lost result keeps its own reason. Left
         # out, as the bookkeeping above, when the ledger's disk is full.
+        outage = rt.breaker.outage()
+        reason = f"not sent: {waiting}" + (f"; {outage}" if outage else "")
         with contextlib.suppress(LedgerFull):
-            ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING],
-                                                             f"not sent: {waiting}"))
+            ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING], reason))
     status = ledger.patiently(lambda: collect_status(ledger))
     return RunReport(_exit_code(rt, status), status, stats, recovered,
                      _stop_message(rt))
@@ -653,17 +654,22 @@ def _stop_message(rt: Runtime) -> str | None:
         return f"Stopped: {error.describe()}. Once that is put right, run the same command again."
     if rt.flags.fatal:
         return rt.flags.fatal
+    # A night the API could not be reached ends at its deadline or stop time like any
+    # other: the words say what kept the photos from being sent.
+    outage = f" Meanwhile {outage}." if (outage := rt.breaker.outage()) else ""
     if rt.flags.deadline_reached:
         open_jobs = rt.ledger.jobs_in(IN_FLIGHT)
         expiries = [j.expires_at for j in open_jobs if j.expires_at]
-        first = datetime.fromtimestamp(min(expiries)).strftime("%Y-%m-%d %H:%M") \
-            if expiries else "n/a"
+        if not expiries:
+            return ("Deadline reached: nothing paid is in flight; the photos not sent wait "
+                    f"for the next run.{outage}")
+        first = datetime.fromtimestamp(min(expiries)).strftime("%Y-%m-%d %H:%M")
         return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight; their result "
                 f"links expire from {first}. Run the same command again before then to save "
-                "them.")
+                f"them.{outage}")
     if rt.flags.submits_stopped in WAITING_STOPS:
         return (f"Uploads stopped: {rt.flags.submits_stopped.value}; the rest wait for the "
-                "next run.")
+                f"next run.{outage}")
     if rt.flags.interrupted:
         return "Interrupted: progress is saved; run the same command again to carry on."
     return None

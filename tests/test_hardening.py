@@ -93,6 +93,33 @@ def test_uploads_stopped_by_the_clock_during_an_outage_end_the_run_at_once(
     assert "The API failed 3 times in a row (the last: the API answered HTTP 50" in paused, paused
     assert emulator.stats["submits"] <= 4, emulator.stats
     assert emulator.stats.get("charged", 0) == 0
+    # The morning reads why the photos wait: the outage, not only the stop time that ended it.
+    assert "Meanwhile the API failed every try since " in result.stderr
+    assert_waiting_for_the_api(args)
+
+
+def assert_waiting_for_the_api(args: list[str]) -> None:
+    """``status`` of the run's --out lists each of its ten photos as not sent, with the
+    outage that kept it back."""
+    status = run_cli(["status", "--out", args[args.index("--out") + 1]], None)
+    waiting = [line for line in status.stdout.splitlines() if line.startswith("  pending")]
+    assert len(waiting) == 10, status.stdout
+    assert all("; the API failed every try since " in line
+               and "(the last: the API answered HTTP 50" in line for line in waiting), waiting
+
+
+def test_a_deadline_during_an_outage_says_what_kept_the_photos_back(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """Nothing was paid for: the end of the run says so, and names the outage, rather than
+    counting paid jobs in flight whose links expire from an unknown time."""
+    emulator, args = sick_api_run(tmp_path, make_emulator)
+    result = run_cli([*args, "--deadline", "3s"], emulator, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert ("Deadline reached: nothing paid is in flight; the photos not sent wait for the "
+            "next run. Meanwhile the API failed every try since ") in result.stderr
+    assert "n/a" not in result.stderr and "paid job(s) still in flight" not in result.stderr
+    assert emulator.stats.get("charged", 0) == 0
+    assert_waiting_for_the_api(args)
 
 
 def test_a_read_timeout_after_upload_is_ambiguous_not_retried_blindly(

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 log = logging.getLogger("batch.breaker")
 
@@ -26,6 +27,9 @@ class CircuitBreaker:
         self.opened_until = 0.0
         self.cooldown = cooldown
         self.probing = False
+        #: When the failures in a row began (wall clock), and the last one's words.
+        self.failing_since = 0.0
+        self.last_why = ""
 
     @property
     def state(self) -> str:
@@ -53,6 +57,16 @@ class CircuitBreaker:
                 return
             await asyncio.sleep(0.05 if delay is None else min(delay, 1.0))
 
+    def outage(self) -> str | None:
+        """While it is open or probing, what has failed since when: the reason the photos
+        left unsent at the end of a night are given, so that the morning reads "the API
+        could not be reached", not only the deadline that ended the wait."""
+        if self.failures < self.threshold:
+            return None
+        since = datetime.fromtimestamp(self.failing_since).strftime("%Y-%m-%d %H:%M")
+        last = f" (the last: {self.last_why})" if self.last_why else ""
+        return f"the API failed every try since {since}{last}"
+
     def release(self) -> None:
         """A claimed probe that was never sent."""
         self.probing = False
@@ -70,7 +84,10 @@ class CircuitBreaker:
         API answering 503."""
         was_probe = self.probing
         self.probing = False
+        if not self.failures:
+            self.failing_since = time.time()
         self.failures += 1
+        self.last_why = why
         if self.failures == self.threshold or (was_probe and self.failures > self.threshold):
             if was_probe:
                 self.cooldown = min(self.max_cooldown, self.cooldown * 2)

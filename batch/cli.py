@@ -260,9 +260,7 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
     if report.message:
         click.echo(f"skinbatch: {report.message}", err=True)
     status = report.status
-    problems = [(p.state, f"{p.path}: {p.reason}" + (f" [{p.error_code}]" if p.error_code
-                                                     else ""))
-                for p in status.problems[:PROBLEMS_SHOWN]]
+    problems = [(p.state, f"{p.path}: {p.described()}") for p in status.problems[:PROBLEMS_SHOWN]]
     if len(status.problems) > PROBLEMS_SHOWN:
         problems.append(("...", f"and {len(status.problems) - PROBLEMS_SHOWN} more: "
                                 f"skinbatch status --out {config.out}"))

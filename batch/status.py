@@ -112,10 +112,7 @@ class StatusReport:
         if self.problems:
             # Not "files": a folder a scan could not list, a source it did not finish, are here.
             lines.append(f"needing attention ({len(self.problems)}):")
-            for p in self.problems:
-                http = f", HTTP {p.http_status}" if p.http_status else ""
-                code = f" [{p.error_code}{http}]" if p.error_code else ""
-                lines.append(f"  {p.state:9} {p.path}: {p.reason}{code}")
+            lines += [f"  {p.state:9} {p.path}: {p.described()}" for p in self.problems]
         return "\n".join(lines)
 
 

@@ -259,7 +259,12 @@ def test_a_photo_without_a_face_fails_with_the_api_code(
     result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS],
                      emulator)
     assert result.returncode == 1
-    assert "ERROR_NO_FACE_IN_FILE" in result.stdout
+    # The API's code is said once a line, with its HTTP status and the ids to quote.
+    status = run_cli(["status", "--out", str(out)], None).stdout
+    for printed in (result.stdout, status):
+        failed = [line for line in printed.splitlines() if "sky.png" in line]
+        assert len(failed) == 1 and failed[0].count("ERROR_NO_FACE_IN_FILE") == 1, printed
+        assert "HTTP 422" in failed[0] and "request_id=" in failed[0], failed
     ledger = ledger_of(out)
     problems = ledger.problems()
     assert sorted(Path(p.path).name for p in problems) == ["blank.jpg", "sky.png"]

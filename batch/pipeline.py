@@ -327,8 +327,9 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     if waiting in WAITING_STOPS:
         # Only jobs never sent: a lost answer or a lost result keeps its own reason. Left
         # out, as the bookkeeping above, when the ledger's disk is full.
-        outage = rt.breaker.outage()
-        reason = f"not sent: {waiting}" + (f"; {outage}" if outage else "")
+        error, outage = rt.flags.account_error, rt.breaker.outage()
+        reason = (f"not sent: {error.describe(ids=False) if error is not None else waiting}"
+                  + (f"; {outage}" if outage else ""))
         with contextlib.suppress(LedgerFull):
             ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING], reason))
     status = ledger.patiently(lambda: collect_status(ledger))

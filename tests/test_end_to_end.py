@@ -337,6 +337,11 @@ def test_a_bad_key_stops_at_once_with_exit_3_and_is_never_printed(
     assert result.returncode == 3
     assert "key" in result.stderr.lower()
     assert wrong not in result.stdout + result.stderr
+    status = run_cli(["status", "--out", str(out)], None).stdout
+    waiting = [line for line in status.splitlines() if line.startswith("  pending")]
+    assert waiting and all("not sent: " in line and "HTTP 401" in line for line in waiting), \
+        status
+    assert wrong not in status
     assert emulator.stats["unauthorized"] <= 4
     assert emulator.stats.get("charged", 0) == 0
     ledger_bytes = b"".join(p.read_bytes() for p in (out / ".skinbatch").iterdir() if p.is_file())
@@ -366,6 +371,11 @@ def test_out_of_credits_stops_keeps_paid_work_and_resumes_after_top_up(
         "the balance was read first: no upload may be refused for credits"
     saved = {p.name for p in out.glob("*.jpg")}
     assert len(saved) == 8, "results already paid for must still be downloaded"
+    # The morning's status says why the other twelve wait, each with the account's words.
+    waiting = [line for line in run_cli(["status", "--out", str(out)], None).stdout.splitlines()
+               if line.startswith("  pending")]
+    assert len(waiting) == 12, waiting
+    assert all("not sent: the account is out of credits" in line for line in waiting), waiting
 
     emulator.set_credits(100)
     submits_before = emulator.stats["submits"]
@@ -374,6 +384,7 @@ def test_out_of_credits_stops_keeps_paid_work_and_resumes_after_top_up(
     assert emulator.stats["charged"] == 20
     assert emulator.stats["submits"] - submits_before == 12
     assert_outputs_right(out, tree, emulator)
+    assert "needing attention" not in run_cli(["status", "--out", str(out)], None).stdout
 
 
 def test_the_key_never_reaches_the_result_host_or_the_ledger(

@@ -53,15 +53,18 @@ class ApiError(Exception):
     def out_of_credits(self) -> bool:
         return self.code == apispec.NOT_ENOUGH_CREDITS
 
-    def describe(self) -> str:
+    def describe(self, ids: bool = True) -> str:
+        """The message, code and HTTP status, and (``ids``) the request's ids to quote, which
+        a reason shared by many photos leaves out."""
         parts = [self.message]
         if self.code:
             parts.append(f"code {self.code}")
         if self.http_status:
             parts.append(f"HTTP {self.http_status}")
-        ids = [f"{k}={v}" for k, v in (("request_id", self.request_id), ("log_id", self.log_id))
-               if v]
-        return " · ".join(parts + ids)
+        if ids:
+            parts += [f"{k}={v}" for k, v in (("request_id", self.request_id),
+                                              ("log_id", self.log_id)) if v]
+        return " · ".join(parts)
 
 
 def _text(value: Any) -> str:

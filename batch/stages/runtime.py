@@ -86,7 +86,7 @@ class StopReason(StrEnum):
 #: Stops that leave jobs waiting for a later run (their reason is written on them).
 WAITING_STOPS = frozenset({StopReason.BUDGET, StopReason.CLOCK, StopReason.DEADLINE,
                            StopReason.DISK, StopReason.UNFETCHED, StopReason.LOST,
-                           StopReason.OUTPUT})
+                           StopReason.OUTPUT, StopReason.ACCOUNT})
 
 
 @dataclass

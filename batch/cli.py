@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from batch.report import write_report
 from batch.requeue import requeue
 from batch.secret import Secret
 from batch.states import JobState
-from batch.status import collect_status
+from batch.status import StatusReport, collect_status
 
 if TYPE_CHECKING:  # imported only by the commands that need them
     from batch.emulator import Emulator
@@ -260,10 +261,7 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
     if report.message:
         click.echo(f"skinbatch: {report.message}", err=True)
     status = report.status
-    problems = [(p.state, f"{p.path}: {p.described()}") for p in status.problems[:PROBLEMS_SHOWN]]
-    if len(status.problems) > PROBLEMS_SHOWN:
-        problems.append(("...", f"and {len(status.problems) - PROBLEMS_SHOWN} more: "
-                                f"skinbatch status --out {config.out}"))
+    problems = _problem_lines(status, config.out)
     if quiet:
         for state, line in problems:
             logging.getLogger("batch").warning("%s %s", state, line)
@@ -285,6 +283,22 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
         click.echo(f"Report: open {config.report.resolve()} in a browser.")
     else:
         click.echo(f"Report: skinbatch report --out {config.out}")
+
+
+def _problem_lines(status: StatusReport, out: Path) -> list[tuple[str, str]]:
+    """The files that need a person, by state, at most :data:`PROBLEMS_SHOWN` named. Photos
+    a stop left unsent share its reason (a deadline, the account out of credits): a line
+    for each reason with how many, not a line for each of a night's photos."""
+    waiting = Counter(p.described() for p in status.problems if p.state == JobState.PENDING)
+    lines = [(JobState.PENDING.value, f"{n} photo(s) {reason}") for reason, n in waiting.items()
+             if n > 1]
+    named = [p for p in status.problems
+             if p.state != JobState.PENDING or waiting[p.described()] == 1]
+    lines += [(p.state, f"{p.path}: {p.described()}") for p in named[:PROBLEMS_SHOWN]]
+    if len(named) > PROBLEMS_SHOWN:
+        lines.append(("...", f"and {len(named) - PROBLEMS_SHOWN} more: "
+                             f"skinbatch status --out {out}"))
+    return lines
 
 
 def _ledger_location(out: Path, ledger: str | None) -> str:

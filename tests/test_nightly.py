@@ -46,6 +46,9 @@ def test_max_credits_caps_uploads_and_the_rest_wait_with_a_reason(tmp_path: Path
     status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
     waiting = [p for p in status["problems"] if p["state"] == "pending"]
     assert len(waiting) == 5 and all(p["reason"] == "not sent: budget reached" for p in waiting)
+    # The run's own summary says it once, with how many, not once a photo.
+    said = [line for line in capped.stdout.splitlines() if "not sent" in line]
+    assert said == ["  pending   5 photo(s) not sent: budget reached"], capped.stdout
     final = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert final.returncode == 0
     assert_outputs_right(out, sources, emulator)

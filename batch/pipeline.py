@@ -213,10 +213,11 @@ def check_results_source(ledger: Ledger, config: RunConfig) -> None:
 def _record_start(ledger: Ledger, started_at: datetime, worker: str) -> None:
     """A run is counted and noted as it starts: one that is killed (a power cut, the kernel
     out of memory) never reaches its end's record, and the morning report must not show the
-    run before it as the last one."""
+    run before it as the last one; nor the photos the run before left waiting its reasons."""
     ledger.set_meta(RUNS, str(int(ledger.get_meta(RUNS) or 0) + 1))
     ledger.set_meta(RUN_STARTED, json.dumps({
         "started": started_at.isoformat(timespec="seconds"), "worker": worker}))
+    ledger.forget_why_waiting()
 
 
 def _record_run(ledger: Ledger, report: RunReport, started_at: datetime) -> None:

@@ -25,7 +25,15 @@ from batch.emulator import Emulator
 from batch.preflight import identity_digest
 from batch.stages.runtime import UNPROVEN_UPLOADS
 from tests.checks import assert_no_double_pay, assert_outputs_right
-from tests.conftest import FAST_FLAGS, MakeEmulator, cli_env, popen_cli, run_cli, wait_for
+from tests.conftest import (
+    FAST_FLAGS,
+    MakeEmulator,
+    cli_env,
+    popen_cli,
+    run_cli,
+    stopped,
+    wait_for,
+)
 from tests.imagegen import write_portrait
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -49,6 +57,15 @@ def test_max_credits_caps_uploads_and_the_rest_wait_with_a_reason(tmp_path: Path
     # The run's own summary says it once, with how many, not once a photo.
     said = [line for line in capped.stdout.splitlines() if "not sent" in line]
     assert said == ["  pending   5 photo(s) not sent: budget reached"], capped.stdout
+    # The next night, without the cap, is stopped after its first upload (a reboot): the
+    # photos it had no time for no longer say the budget kept them back.
+    slow = popen_cli(["run", str(src), "--out", str(out), "--poll-interval", "0.05",
+                      "--max-qps", "0.5", "--no-progress"], emulator)
+    assert wait_for(lambda: emulator.stats["submits"] >= 4), "the fourth upload never came"
+    stopped(slow)
+    assert emulator.stats["submits"] < 8
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert not [p for p in status["problems"] if "budget" in p["reason"]], status["problems"]
     final = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert final.returncode == 0
     assert_outputs_right(out, sources, emulator)

@@ -191,6 +191,8 @@ WANTED = exists().where(files.c.job_id == jobs.c.id)
 #: A file outside the sources that are away (a drive not plugged in) wants the job.
 WANTED_HERE = exists().where(files.c.job_id == jobs.c.id,
                              files.c.root.not_in(bindparam("away", expanding=True)))
+#: A job left waiting by a run's stop says so (see :meth:`Ledger.annotate_waiting`).
+WAITING_REASON = jobs.c.reason.like("not sent:%")
 #: Paid for (or being paid for), not saved, and no file wants it any more: its photo or its
 #: options changed after it was sent (see :meth:`Ledger._note_superseded`).
 SUPERSEDED = and_(jobs.c.state.in_([s.value for s in IN_FLIGHT]), ~WANTED)
@@ -1136,7 +1138,7 @@ class Ledger:
     def problems(self) -> list[Problem]:
         """Every file that did not (or cannot) end retouched, with its reason; first, what
         the scans left out (see :meth:`not_scanned`)."""
-        waiting = and_(jobs.c.state == JobState.PENDING.value, jobs.c.reason.like("not sent:%"))
+        waiting = and_(jobs.c.state == JobState.PENDING.value, WAITING_REASON)
         # A paid result whose download failed: its link's hours are counted.
         held = and_(jobs.c.state == JobState.READY.value, jobs.c.attempts > 0)
         query = (
@@ -1194,6 +1196,14 @@ class Ledger:
             return conn.execute(update(jobs).where(
                 jobs.c.state.in_([s.value for s in states]), WANTED).values(
                 reason=reason)).rowcount or 0
+
+    def forget_why_waiting(self) -> None:
+        """Why photos waited is said by the run that left them waiting: the next one may end
+        interrupted, and must not leave "the account is out of credits" on them once the
+        account is topped up."""
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.state == JobState.PENDING.value,
+                                            WAITING_REASON).values(reason=None))
 
     def history(self, job_id: int) -> list[dict[str, Any]]:
         query = select(events).where(events.c.job_id == job_id).order_by(events.c.id)

@@ -23,7 +23,10 @@ def limiter_for(ledger: Ledger, api_base: str, ceiling: float | None,
     saved = _load(ledger, api_base)
     learned = None if saved is None else Learned(saved.rate / workers, saved.limited)
     limiter = RateLimiter(ceiling, learned=learned)
-    if saved is not None and (saved.limited or saved.rate > START):
+    if learned is not None and limiter.rate < learned.rate:
+        log.info("API pace: starting at %.1f requests a second (--max-qps); the last run "
+                 "learned %.1f, kept for a run without it.", limiter.rate, learned.rate)
+    elif saved is not None and (saved.limited or saved.rate > START):
         # (A run that never needed more than the starting pace learned nothing to tell.)
         log.info("API pace: starting at %.1f requests a second, as the last run learned%s.",
                  limiter.rate, "" if saved.limited else " (no limit seen yet: still growing)")

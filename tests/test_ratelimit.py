@@ -15,7 +15,7 @@ from batch.api import ratelimit
 from batch.emulator import Emulator
 from batch.ledger import open_ledger
 from tests.checks import assert_no_double_pay, assert_outputs_right
-from tests.conftest import MakeEmulator, run_cli
+from tests.conftest import MakeEmulator, popen_cli, run_cli, stopped, wait_for
 from tests.imagegen import write_portrait
 
 #: FAST_FLAGS without a ceiling: the default is to find the pace.
@@ -97,6 +97,34 @@ def test_a_ceiling_holds_and_caps_what_is_learned(tmp_path: Path, emulator: Emul
     # One token in hand plus six a second; a request may reach the server a little late.
     assert emulator.state.busiest_second() <= 8
     assert learned(out)[0] <= 6
+
+
+def test_a_ceiling_for_one_run_is_not_learned_as_the_servers_limit(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A run under --max-qps 0.5 (a line kept free by day), stopped after its first upload:
+    the next run, without the ceiling, grows from there as from a pace that passes, not as
+    from a limit the server showed; and a ceiling under what was learned leaves it kept."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = photos(src, 6)
+    slow = popen_cli(["run", str(src), "--out", str(out), *FLAGS, "--max-qps", "0.5"],
+                     emulator)
+    assert wait_for(lambda: emulator.stats.get("submits", 0) >= 1)
+    stopped(slow)
+    assert learned(out) == (0.5, False)
+    free = run_cli(["run", str(src), "--out", str(out), *FLAGS], emulator)
+    assert free.returncode == 0, free.stderr
+    # Slower than the pace a run starts at with nothing known: nothing to tell.
+    assert "API pace: starting" not in free.stderr, free.stderr
+    assert_outputs_right(out, sources, emulator)
+    grown = learned(out)
+    assert grown[0] > 2 and grown[1] is False, grown
+    more = photos(src, 2, first=6)
+    capped = run_cli(["run", str(src), "--out", str(out), *FLAGS, "--max-qps", "2"], emulator)
+    assert capped.returncode == 0, capped.stderr
+    assert (f"starting at 2.0 requests a second (--max-qps); the last run learned "
+            f"{grown[0]:.1f}, kept for a run without it.") in capped.stderr
+    assert learned(out) == grown
+    assert_outputs_right(out, {**sources, **more}, emulator)
 
 
 def test_an_out_of_credits_429_is_not_taken_for_a_rate_limit(tmp_path: Path,

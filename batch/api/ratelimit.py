@@ -100,6 +100,11 @@ class RateLimiter:
     def __init__(self, ceiling: float | None = None, *, learned: Learned | None = None,
                  burst: int = 1) -> None:
         self.ceiling = ceiling if ceiling is not None else MAX_RATE
+        #: What the last run learned, kept for the next one while the ceiling holds this one
+        #: under it (see :meth:`learned`).
+        self._before = learned
+        #: A 429 has set the pace in this run.
+        self._cut = False
         if learned is not None:
             rate, self.limited = learned.rate, learned.limited
         elif ceiling is not None:  # the user says what the server takes: start there
@@ -140,7 +145,16 @@ class RateLimiter:
         return self._waiting > 0
 
     def learned(self) -> Learned:
-        return Learned(round(self.rate, 2), self.limited)
+        """What the next run starts from. A pace held at the user's ceiling, with no 429,
+        shows that the ceiling passes and nothing of the server's limit: a daytime run under
+        ``--max-qps 2`` must not leave tonight's run, without it, creeping up from 2 as
+        from a limit the server showed. The pace learned before is kept if it was faster,
+        else the ceiling is a pace to grow from."""
+        if self._cut or self.rate < self.ceiling:
+            return Learned(round(self.rate, 2), self.limited)
+        if self._before is not None and self._before.rate > self.rate:
+            return self._before
+        return Learned(round(self.rate, 2), False)
 
     def pause(self, seconds: float) -> None:
         """Hold every caller back for ``seconds`` (the server asked everyone to wait)."""
@@ -187,7 +201,7 @@ class RateLimiter:
             deepest = before * (DEEPEST_CUT if tried else UNTRIED_CUT)
             self.rate = max(FLOOR, deepest, min(before, accepted) * HEADROOM)
         self.proven = self.rate
-        self.limited = True
+        self.limited = self._cut = True
         self.slow_start = False
         self._failed_at = before
         self._cut_at = now

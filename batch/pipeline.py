@@ -661,14 +661,15 @@ def _stop_message(rt: Runtime) -> str | None:
     outage = f" Meanwhile {outage}." if (outage := rt.breaker.outage()) else ""
     if rt.flags.deadline_reached:
         open_jobs = rt.ledger.jobs_in(IN_FLIGHT)
-        expiries = [j.expires_at for j in open_jobs if j.expires_at]
-        if not expiries:
+        if not open_jobs:
             return ("Deadline reached: nothing paid is in flight; the photos not sent wait "
                     f"for the next run.{outage}")
-        first = datetime.fromtimestamp(min(expiries)).strftime("%Y-%m-%d %H:%M")
-        return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight; their result "
-                f"links expire from {first}. Run the same command again before then to save "
-                f"them.{outage}")
+        expiries = [j.expires_at for j in open_jobs if j.expires_at]
+        until = (f"; their result links expire from "
+                 f"{datetime.fromtimestamp(min(expiries)):%Y-%m-%d %H:%M}" if expiries else "")
+        return (f"Deadline reached: {len(open_jobs)} paid job(s) still in flight{until}. Run "
+                f"the same command again{' before then' if expiries else ''} to save them."
+                f"{outage}")
     if rt.flags.submits_stopped in WAITING_STOPS:
         return (f"Uploads stopped: {rt.flags.submits_stopped.value}; the rest wait for the "
                 f"next run.{outage}")

@@ -26,7 +26,9 @@ class FakeClock:
         return self.now
 
 
-def test_breaker_opens_after_a_run_of_failures_probes_and_backs_off() -> None:
+def test_breaker_opens_after_a_run_of_failures_probes_and_backs_off(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "batch.breaker")
     clock = FakeClock()
     breaker = CircuitBreaker(threshold=3, cooldown=10, max_cooldown=25, clock=clock)
     for _ in range(2):
@@ -45,6 +47,16 @@ def test_breaker_opens_after_a_run_of_failures_probes_and_backs_off() -> None:
     breaker.failure()
     assert breaker.delay() == 25           # capped
     clock.now = 55
+    assert breaker.delay() == 0.0
+    breaker.failure("could not connect")   # at the cap: a night-long outage is not mailed
+    assert breaker.delay() == 25           # every few minutes by cron
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "The API failed 3 times in a row; pausing uploads for 10 s."),
+        ("WARNING", "The API failed 4 times in a row; pausing uploads for 20 s."),
+        ("WARNING", "The API failed 5 times in a row; pausing uploads for 25 s."),
+        ("INFO", "The API failed 6 times in a row (the last: could not connect); pausing "
+                 "uploads for 25 s.")]
+    clock.now = 80
     assert breaker.delay() == 0.0
     breaker.success()
     assert breaker.state == "closed" and breaker.delay() == 0.0

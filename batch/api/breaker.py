@@ -89,8 +89,13 @@ class CircuitBreaker:
         self.failures += 1
         self.last_why = why
         if self.failures == self.threshold or (was_probe and self.failures > self.threshold):
+            pause = self.cooldown
             if was_probe:
                 self.cooldown = min(self.max_cooldown, self.cooldown * 2)
             self.opened_until = self.clock() + self.cooldown
-            log.warning("The API failed %d times in a row%s; pausing uploads for %.0f s.",
-                        self.failures, f" (the last: {why})" if why else "", self.cooldown)
+            # Warned of until the pause is at its longest; after that, a probe every few
+            # minutes of a night-long outage is told, not warned of: cron mails warnings, and
+            # the run's end says how long the API failed.
+            level = logging.INFO if was_probe and pause == self.cooldown else logging.WARNING
+            log.log(level, "The API failed %d times in a row%s; pausing uploads for %.0f s.",
+                    self.failures, f" (the last: {why})" if why else "", self.cooldown)

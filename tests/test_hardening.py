@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -118,6 +120,31 @@ def assert_waiting_for_the_api(args: list[str]) -> None:
     assert len(waiting) == 10, status.stdout
     assert all("; the API failed every try since " in line
                and "(the last: the API answered HTTP 50" in line for line in waiting), waiting
+
+
+def test_a_night_the_api_cannot_be_reached_fails_no_photo(tmp_path: Path) -> None:
+    """No connection can be made (the line down, the port closed): however many tries the
+    breaker lets through, none counts against a photo's attempts, so none ends failed (the
+    next night would leave it for a person to put back); the deadline leaves them all
+    waiting, with why."""
+    with socket.socket() as probe:  # a port on which nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(6):
+        write_portrait(src / f"{i}.jpg", seed=i)
+    config = tmp_path / "c.toml"
+    # One attempt each: a try that counted would fail the photo at once. (The deadline
+    # leaves room for the balance's four reads, which the first upload waits for.)
+    config.write_text("breaker_threshold = 2\nbreaker_cooldown = 0.2\nmax_attempts = 1\n")
+    result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
+                      "--deadline", "8s", *FAST_FLAGS], None,
+                     extra_env={"AILAB_API_BASE": f"http://127.0.0.1:{port}"}, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "The API failed 2 times in a row (the last: could not connect" in result.stderr
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert {k: n for k, n in status["counts"].items() if n} == {"pending": 6}, status["counts"]
+    assert all("could not connect to the API" in p["reason"] for p in status["problems"])
 
 
 def test_a_deadline_during_an_outage_says_what_kept_the_photos_back(

@@ -43,7 +43,8 @@ USER_AGENT = "skinbatch/0.1 (+https://pypi.org/project/skinbatch)"
 MAX_RESULT_BYTES = 64 * 1024 * 1024
 #: Reads of the balance (the first and its retries), and the failures worth another.
 BALANCE_READS = 4
-RETRIED = frozenset({ErrorKind.TRANSIENT, ErrorKind.RATE_LIMITED, ErrorKind.NOT_SENT})
+RETRIED = frozenset({ErrorKind.TRANSIENT, ErrorKind.RATE_LIMITED, ErrorKind.NOT_SENT,
+                     ErrorKind.UNREACHABLE})
 CHUNK = 256 * 1024
 #: Raised before any byte of the request can have left: no connection was made (refused,
 #: DNS, TLS handshake, a proxy that refused the tunnel, no pooled connection free in time).
@@ -133,7 +134,7 @@ def _upload_failed(exc: httpx.TransportError, whole: bool) -> ApiError:
     whole body went out; the error's type cannot say so, as httpcore reads for an answer
     after a failed write and the error seen is then the read's."""
     if isinstance(exc, NEVER_CONNECTED):
-        return ApiError(ErrorKind.NOT_SENT, f"could not connect to the API: {exc}")
+        return ApiError(ErrorKind.UNREACHABLE, f"could not connect to the API: {exc}")
     if not whole:
         return ApiError(ErrorKind.NOT_SENT,
                         f"the connection failed while the upload was being sent "

@@ -22,7 +22,10 @@ class ErrorKind(StrEnum):
     AMBIGUOUS = "ambiguous"
     """A submit whose upload went out but whose answer was lost: maybe charged."""
     NOT_SENT = "not_sent"
-    """The request provably never reached the server: free to retry."""
+    """The request provably never reached the server whole: free of charge to retry."""
+    UNREACHABLE = "unreachable"
+    """No connection could be made at all (refused, no route, DNS, a connect timeout): the
+    network's failure, not the request's, so a retry costs the request none of its attempts."""
     EXPIRED = "expired"
     """The result link is past its life, or the API does not know the task (lost on its side):
     either way the result is out of reach, and ``on_expired`` decides."""

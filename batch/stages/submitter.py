@@ -254,7 +254,8 @@ class Submitter:
         except ApiError as error:
             if rt.budget is not None:
                 rt.budget.settle(charged=error.kind is ErrorKind.AMBIGUOUS)
-            if error.kind in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT, ErrorKind.AMBIGUOUS):
+            if error.kind in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT, ErrorKind.UNREACHABLE,
+                              ErrorKind.AMBIGUOUS):
                 rt.breaker.failure(str(error))
             else:
                 rt.breaker.success()
@@ -351,6 +352,12 @@ class Submitter:
             delay = error.retry_after if error.retry_after is not None else rt.backoff(1)
             await rt.writes.transition(job.id, JobState.PENDING,
                                        next_attempt_at=time.time() + delay, info=info)
+        elif error.kind is ErrorKind.UNREACHABLE:
+            # Nor is it when no connection could be made (the line down all night): the
+            # breaker spaces the tries, and a photo must not end failed, for a person to put
+            # back, because the network was.
+            await rt.writes.transition(job.id, JobState.PENDING, info=info,
+                                       next_attempt_at=time.time() + rt.backoff(attempts))
         elif attempts >= rt.config.max_attempts:
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
 from pathlib import Path
 
 from PIL import Image
@@ -95,3 +96,10 @@ def assert_ledger_sound(out: Path, location: str | None = None) -> dict[str, int
                 **{k: v for k, v in ledger.counts().items() if v}}
     finally:
         ledger.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (taken from the system, then let go)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -6,7 +6,6 @@ import asyncio
 import http.client
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from batch.options import Options
 from batch.secret import Secret
 from batch.stages.runtime import UNPROVEN_UPLOADS
 from batch.states import JobState
-from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
+from tests.checks import assert_no_double_pay, assert_outputs_right, closed_port, ledger_of
 from tests.conftest import (
     API_KEY,
     FAST_FLAGS,
@@ -341,11 +340,27 @@ def test_a_result_host_down_longer_than_the_retries_loses_no_paid_result(
     assert emulator.stats["charged"] == 2
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (taken from the system, then let go)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def test_a_line_down_past_the_retries_is_waited_out_not_a_stop(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """Results paid for, then the line goes down: neither the result host nor the API
+    answers. That is not the path to the result host, which ends the run: the run tries the
+    results on, and saves them once the line is back, paying for none again."""
+    state = tmp_path / "emulator"  # the tasks outlive the emulator, as the API's do
+    first = make_emulator(faults=Faults(download_5xx=1.0), state_dir=state)
+    sources, out, args = three_quick_attempts(tmp_path, 2)
+    assert run_cli(args, first).returncode == 1
+    assert held_results(out) == ["ready"] * 2
+    first.stop()  # the line goes down: nothing answers on either port
+    waiting = popen_cli(args, first)
+    time.sleep(4)  # three quick tries a result take well under a second
+    assert waiting.poll() is None, "the run stopped instead of waiting for the line"
+    back = make_emulator(state_dir=state)  # on the same ports, knowing the same tasks
+    assert back.api_base == first.api_base
+    _, stderr = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, stderr
+    assert "Neither the result host nor the API answers" in stderr
+    assert_outputs_right(out, sources, back)
+    assert back.stats.get("submits", 0) == 0, "nothing is sent, nor paid, again"
 
 
 def test_a_result_host_this_network_cannot_reach_costs_a_few_credits_not_the_batch(

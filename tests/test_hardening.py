@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from batch.api.breaker import CircuitBreaker
 from batch.emulator import Emulator, Faults
 from batch.ledger.engine import create_ledger_engine, filesystem_type
-from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
+from tests.checks import assert_no_double_pay, assert_outputs_right, closed_port, ledger_of
 from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
 from tests.imagegen import write_portrait
 
@@ -127,9 +126,7 @@ def test_a_night_the_api_cannot_be_reached_fails_no_photo(tmp_path: Path) -> Non
     breaker lets through, none counts against a photo's attempts, so none ends failed (the
     next night would leave it for a person to put back); the deadline leaves them all
     waiting, with why."""
-    with socket.socket() as probe:  # a port on which nothing listens
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = closed_port()
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(6):
         write_portrait(src / f"{i}.jpg", seed=i)

@@ -70,6 +70,9 @@ class Downloader:
         #: the run before must not stop this one at its first hitch.
         self.last_saved = 0.0
         self.failing: dict[int, tuple[float, int]] = {}
+        #: The API did not answer either when a result reached the attempt limit: the line
+        #: is down, and the run waits for it (said once until a result is saved).
+        self.line_down = False
         #: A watch found its output folder gone: nothing is claimed until it is back.
         self.out_gone = False
         #: A watch's jobs whose source folder is gone, by that folder: not claimed until it
@@ -206,6 +209,7 @@ class Downloader:
             rt.wake_submitter.set()
         self.last_saved = time.monotonic()
         self.failing.pop(job.id, None)
+        self.line_down = False
         rt.resume(StopReason.UNFETCHED, "A result came through")
 
     async def _still_linked(self, job: JobRow, targets: list[FileRow]) -> list[FileRow]:
@@ -337,9 +341,32 @@ class Downloader:
                                        next_attempt_at=time.time() + rt.backoff(attempts),
                                        info=info_of(error))
             if limit and not rt.watching:
-                rt.fail_run(self._kept(job, files, tries, error))
+                if await self._api_answers():
+                    rt.fail_run(self._kept(job, files, tries, error))
+                else:
+                    self._wait_for_the_line(job.id, since, error)
             return
         self.failing.pop(job.id, None)
+
+    async def _api_answers(self) -> bool:
+        """Whether the API answers now (a balance read, which costs nothing): the result host
+        alone failing is the path to it (a firewall, a proxy) and ends the run; both failing
+        is the line, which a run waits out as its uploads do."""
+        try:
+            await self.rt.client.credits()
+        except ApiError as error:
+            return error.kind is not ErrorKind.TRANSIENT
+        return True
+
+    def _wait_for_the_line(self, job_id: int, since: float, error: ApiError) -> None:
+        """Neither host answers: the result is tried on, with its count of tries begun again
+        (the API is asked again at the limit), and no upload starts meanwhile."""
+        self.failing[job_id] = since, 0
+        if not self.line_down:
+            self.line_down = True
+            log.warning("Neither the result host nor the API answers (%s): the line seems "
+                        "down; the results paid for are tried on until it is back.",
+                        error.describe())
 
     @staticmethod
     def _kept(job: JobRow, files: list[FileRow], attempts: int, error: ApiError) -> str:

@@ -129,11 +129,16 @@ def _download_failed(exc: httpx.TransportError, url: str) -> str:
             "firewall or DNS filter that lets the API through may block it)")
 
 
+def _transport_kind(exc: httpx.TransportError) -> ErrorKind:
+    """No connection made at all is the network's failure; any other, the exchange's."""
+    return ErrorKind.UNREACHABLE if isinstance(exc, NEVER_CONNECTED) else ErrorKind.TRANSIENT
+
+
 def _upload_failed(exc: httpx.TransportError, whole: bool) -> ApiError:
     """What a transport error means for an upload. The API can have charged it only if its
     whole body went out; the error's type cannot say so, as httpcore reads for an answer
     after a failed write and the error seen is then the read's."""
-    if isinstance(exc, NEVER_CONNECTED):
+    if _transport_kind(exc) is ErrorKind.UNREACHABLE:
         return ApiError(ErrorKind.UNREACHABLE, f"could not connect to the API: {exc}")
     if not whole:
         return ApiError(ErrorKind.NOT_SENT,
@@ -346,7 +351,7 @@ class ApiClient:
                 raise ApiError(ErrorKind.ACCOUNT, f"the API's TLS certificate is not trusted "
                                f"here ({why}): where a proxy inspects TLS, point SSL_CERT_FILE "
                                "at its certificate bundle") from exc
-            raise ApiError(ErrorKind.TRANSIENT,
+            raise ApiError(_transport_kind(exc),
                            f"credits query failed: {_transport_words(exc)}") from exc
         for holder in (body.get("data"), body):
             if isinstance(holder, dict):
@@ -391,7 +396,7 @@ class ApiClient:
             raise ApiError(ErrorKind.PERMANENT, f"the result URL is malformed: {url[:80]}") \
                 from exc
         except httpx.TransportError as exc:
-            raise ApiError(ErrorKind.TRANSIENT, _download_failed(exc, url)) from exc
+            raise ApiError(_transport_kind(exc), _download_failed(exc, url)) from exc
 
     async def _receive(self, response: httpx.Response, sink: IO[bytes]) -> Downloaded:
         status = response.status_code

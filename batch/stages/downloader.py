@@ -341,21 +341,21 @@ class Downloader:
                                        next_attempt_at=time.time() + rt.backoff(attempts),
                                        info=info_of(error))
             if limit and not rt.watching:
-                if await self._api_answers():
-                    rt.fail_run(self._kept(job, files, tries, error))
-                else:
+                if error.kind is ErrorKind.UNREACHABLE and not await self._api_answers():
                     self._wait_for_the_line(job.id, since, error)
+                else:
+                    rt.fail_run(self._kept(job, files, tries, error))
             return
         self.failing.pop(job.id, None)
 
     async def _api_answers(self) -> bool:
-        """Whether the API answers now (a balance read, which costs nothing): the result host
-        alone failing is the path to it (a firewall, a proxy) and ends the run; both failing
-        is the line, which a run waits out as its uploads do."""
+        """Whether the API answers now (a balance read, which costs nothing). The result host
+        alone out of reach is the path to it (a firewall, a DNS filter) and ends the run; both
+        out of reach is the line, which a run waits out as its uploads do."""
         try:
             await self.rt.client.credits()
         except ApiError as error:
-            return error.kind is not ErrorKind.TRANSIENT
+            return error.kind not in (ErrorKind.UNREACHABLE, ErrorKind.TRANSIENT)
         return True
 
     def _wait_for_the_line(self, job_id: int, since: float, error: ApiError) -> None:

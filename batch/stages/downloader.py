@@ -307,7 +307,8 @@ class Downloader:
         """A paid result whose link lives is not given up for the host's sake: refused or
         failing, it is tried again; past the attempt limit, with no other result saved
         meanwhile, the run stops with it kept for the same command to save (a watch, which
-        runs for days, goes on trying until its link's life ends). It fails only for its own
+        runs for days, goes on trying until its link's life ends; so does a run while the
+        API is out of reach too, see :meth:`_api_answers`). It fails only for its own
         content, or for a limit it reached while other results were being saved. A refusal
         of a live link is the path (a proxy, a firewall), not the result: from the first one,
         as from the attempt limit, no new upload starts until a result comes through, since

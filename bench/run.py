@@ -238,6 +238,29 @@ def bench_discovery(work: Path, quick: bool) -> None:
         all(not f.endswith("-") and float(f.split(": ")[1][:-1]) <= 10 for f in follow))
 
 
+def bench_pace_after_ceiling(work: Path, images: int) -> None:
+    """A night's run after a day's run under --max-qps 2 into the same --out, against a limit
+    of 30/s nobody told the client: the day's ceiling is not the server's limit, so the night
+    goes as fast as one that starts knowing nothing (measured beside it)."""
+    config = EmulatorConfig(api_keys=frozenset({KEY}), credits=1e9, queue_seconds=0.5,
+                            process_seconds=0.8, jitter=0.3, latency=LATENCY, qps_limit=30.0)
+    out, day, night = work / "ceiling-out", work / "ceiling-day", work / "ceiling-night"
+    for i in range(3):
+        write_portrait(day / f"day {i}.jpg", "JPEG", seed=50_000 + i, size=(64, 80))
+    make_images(night, images)
+    flags = ["--smart-skin", "--poll-interval", str(POLL), "--no-progress", "-q"]
+    with Emulator(config) as emulator:  # one API host: the pace is kept per host
+        first = run_cli(["run", str(day), "--out", str(out), "--max-qps", "2", *flags], emulator)
+        assert first.returncode == 0, first.stderr[-3000:]
+        after = run_cli(["run", str(night), "--out", str(out), *flags], emulator)
+        assert after.returncode == 0, after.stderr[-3000:]
+    fresh = paced_run(work, "ceiling-fresh", images, 30.0, [])
+    ratio = after.wall / fresh.wall
+    row(f"a night of {images} images after a day's run under --max-qps 2 (limit 30/s untold)",
+        f"{after.wall:.1f}s vs {fresh.wall:.1f}s for the same night with nothing learned "
+        f"({ratio:.2f}x)", "<= 1.1x", ratio <= 1.1)
+
+
 def make_jpegs(root: Path, count: int, seed: int = 11) -> None:
     """``count`` distinct photo-sized JPEGs of 2-8 MB: a few real camera-like pictures, each
     copy made distinct (and sized) by bytes after its end marker, which decoders ignore."""
@@ -892,6 +915,7 @@ def main() -> None:
         fast = bench_throughput(work, 40 if quick else 500, quick)
         bench_slow_disk(work, 40 if quick else 500, fast)
         bench_discovery(work, quick)
+        bench_pace_after_ceiling(work, 30 if quick else 300)
         bench_quick_start(work, 200 if quick else 2_000)
         bench_uplink(work, 6 if quick else 100)
         bench_photo_memory(work, 3 if quick else 30, 3 if quick else 12)

@@ -29,7 +29,7 @@ from batch.report import write_report
 from batch.requeue import requeue
 from batch.secret import Secret
 from batch.states import JobState
-from batch.status import StatusReport, collect_status
+from batch.status import StatusReport, collect_status, problem_words
 
 if TYPE_CHECKING:  # imported only by the commands that need them
     from batch.emulator import Emulator
@@ -289,12 +289,12 @@ def _problem_lines(status: StatusReport, out: Path) -> list[tuple[str, str]]:
     """The files that need a person, by state, at most :data:`PROBLEMS_SHOWN` named. Photos
     a stop left unsent share its reason (a deadline, the account out of credits): a line
     for each reason with how many, not a line for each of a night's photos."""
-    waiting = Counter(p.described() for p in status.problems if p.state == JobState.PENDING)
+    waiting = Counter(problem_words(p) for p in status.problems if p.state == JobState.PENDING)
     lines = [(JobState.PENDING.value, f"{n} photo(s) {reason}") for reason, n in waiting.items()
              if n > 1]
     named = [p for p in status.problems
-             if p.state != JobState.PENDING or waiting[p.described()] == 1]
-    lines += [(p.state, f"{p.path}: {p.described()}") for p in named[:PROBLEMS_SHOWN]]
+             if p.state != JobState.PENDING or waiting[problem_words(p)] == 1]
+    lines += [(p.state, f"{p.path}: {problem_words(p)}") for p in named[:PROBLEMS_SHOWN]]
     if len(named) > PROBLEMS_SHOWN:
         lines.append(("...", f"and {len(named) - PROBLEMS_SHOWN} more: "
                              f"skinbatch status --out {out}"))

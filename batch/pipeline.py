@@ -213,7 +213,8 @@ def check_results_source(ledger: Ledger, config: RunConfig) -> None:
 def _record_start(ledger: Ledger, started_at: datetime, worker: str) -> None:
     """A run is counted and noted as it starts: one that is killed (a power cut, the kernel
     out of memory) never reaches its end's record, and the morning report must not show the
-    run before it as the last one; nor the photos the run before left waiting its reasons."""
+    run before it as the last one. The reasons the run before wrote on the photos it left
+    waiting were its own: this run writes its own at its end, if it reaches it."""
     ledger.set_meta(RUNS, str(int(ledger.get_meta(RUNS) or 0) + 1))
     ledger.set_meta(RUN_STARTED, json.dumps({
         "started": started_at.isoformat(timespec="seconds"), "worker": worker}))

@@ -112,8 +112,17 @@ class StatusReport:
         if self.problems:
             # Not "files": a folder a scan could not list, a source it did not finish, are here.
             lines.append(f"needing attention ({len(self.problems)}):")
-            lines += [f"  {p.state:9} {p.path}: {p.described()}" for p in self.problems]
+            lines += [f"  {p.state:9} {p.path}: {problem_words(p)}" for p in self.problems]
         return "\n".join(lines)
+
+
+def problem_words(problem: Problem) -> str:
+    """A problem's reason, with the code and HTTP status it does not say already (an API
+    error's reason names both)."""
+    if not problem.error_code or problem.error_code in problem.reason:
+        return problem.reason
+    http = f", HTTP {problem.http_status}" if problem.http_status else ""
+    return f"{problem.reason} [{problem.error_code}{http}]"
 
 
 def worker_entry(w: WorkerRow, work: dict[str, int]) -> dict[str, Any]:

@@ -146,8 +146,8 @@ def test_a_night_the_api_cannot_be_reached_fails_no_photo(tmp_path: Path) -> Non
 
 def test_a_deadline_during_an_outage_says_what_kept_the_photos_back(
         tmp_path: Path, make_emulator: MakeEmulator) -> None:
-    """Nothing was paid for: the end of the run says so, and names the outage, rather than
-    counting paid jobs in flight whose links expire from an unknown time."""
+    """Nothing was paid for: the end of the run says so and names the outage; it counts no
+    paid job in flight and names no link's expiry."""
     emulator, args = sick_api_run(tmp_path, make_emulator)
     result = run_cli([*args, "--deadline", "3s"], emulator, timeout=60)
     assert result.returncode == 1, result.stderr

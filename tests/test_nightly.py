@@ -57,8 +57,8 @@ def test_max_credits_caps_uploads_and_the_rest_wait_with_a_reason(tmp_path: Path
     # The run's own summary says it once, with how many, not once a photo.
     said = [line for line in capped.stdout.splitlines() if "not sent" in line]
     assert said == ["  pending   5 photo(s) not sent: budget reached"], capped.stdout
-    # The next night, without the cap, is stopped after its first upload (a reboot): the
-    # photos it had no time for no longer say the budget kept them back.
+    # The next night, without the cap, is stopped after its first upload (a reboot): a
+    # waiting photo's reason belongs to the run that wrote it, and this run had no budget.
     slow = popen_cli(["run", str(src), "--out", str(out), "--poll-interval", "0.05",
                       "--max-qps", "0.5", "--no-progress"], emulator)
     assert wait_for(lambda: emulator.stats["submits"] >= 4), "the fourth upload never came"

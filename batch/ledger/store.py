@@ -171,14 +171,6 @@ class Problem:
     error_code: str | None
     http_status: int | None
 
-    def described(self) -> str:
-        """The reason, with the code and HTTP status it does not say already (an API error's
-        reason names both)."""
-        if not self.error_code or self.error_code in self.reason:
-            return self.reason
-        http = f", HTTP {self.http_status}" if self.http_status else ""
-        return f"{self.reason} [{self.error_code}{http}]"
-
 
 JOB_COLUMNS = [jobs.c[name] for name in JobRow.__slots__]
 FILE_COLUMNS = [files.c[name] for name in FileRow.__slots__]

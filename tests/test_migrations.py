@@ -1,19 +1,24 @@
 """Migrations from empty must yield exactly the declared schema (as procrastinate checks), and a
 new ledger, made from the declared schema without Alembic, exactly what the migrations make."""
 
+import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from batch.ledger import open_ledger
+from batch.emulator import Emulator
+from batch.ledger import LedgerUnavailable, open_ledger
 from batch.ledger.engine import create_ledger_engine
 from batch.ledger.migrate import HEAD_REVISION, alembic_config, current_revision
 from batch.ledger.models import metadata
+from tests.conftest import run_cli
+from tests.imagegen import write_portrait
 
 
 def _beyond_the_models(conn: Connection) -> dict[str, Any]:
@@ -161,3 +166,45 @@ def test_an_upgraded_ledger_lets_a_waiting_job_be_done_by_a_copy(ledger_location
         assert not done_from_pending()
     finally:
         engine.dispose()
+
+
+def test_a_ledger_a_newer_version_migrated_is_refused_as_it_is(ledger_location: str) -> None:
+    """A ledger migrated by a newer skinbatch (another machine sharing it, or this one before a
+    downgrade) is refused with what to do, and left at its revision; so is a database whose
+    Alembic revision is another program's."""
+    open_ledger(ledger_location).close()
+    engine = create_ledger_engine(ledger_location)
+    newer = f"{int(HEAD_REVISION) + 1:04d}"
+    try:
+        for revision, words in ((newer, f"written by a newer skinbatch (its schema is at "
+                                        f"revision {newer}; this one knows up to "
+                                        f"{HEAD_REVISION}): upgrade skinbatch"),
+                                ("ae1027a6acf", "belongs to another program")):
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+            with pytest.raises(LedgerUnavailable, match=re.escape(words)):
+                open_ledger(ledger_location)
+            assert current_revision(engine) == revision
+    finally:
+        engine.dispose()
+
+
+def test_a_run_on_a_newer_ledger_sends_nothing(tmp_path: Path, emulator: Emulator) -> None:
+    source, out = tmp_path / "src", tmp_path / "out"
+    source.mkdir()
+    write_portrait(source / "a.jpg")
+    assert run_cli(["run", str(source), "--out", str(out), "--smart-skin"], emulator
+                   ).returncode == 0
+    write_portrait(source / "b.jpg", seed=1)
+    engine = create_ledger_engine(out / ".skinbatch" / "ledger.sqlite")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    for command_line in (["run", str(source), "--out", str(out), "--smart-skin"],
+                         ["status", "--out", str(out)]):
+        result = run_cli(command_line, emulator)
+        assert result.returncode == 2, result.stderr
+        assert "written by a newer skinbatch" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert emulator.stats["submits"] == 1
+    assert not (out / "b.jpg").exists()

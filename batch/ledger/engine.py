@@ -12,7 +12,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from batch.ledger.migrate import upgrade_to_head
+from batch.ledger.migrate import NewerLedger, upgrade_to_head
 from batch.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,10 @@ def open_ledger(location: str | Path, *, name: str | Path | None = None) -> Ledg
         upgrade_to_head(engine)
         if engine.dialect.name == "sqlite" and engine.url.database:
             os.chmod(engine.url.database, 0o600)  # it holds the results' download links
+    except NewerLedger as exc:
+        engine.dispose()
+        raise LedgerUnavailable(f"cannot use the ledger {shown(name or location)}: {exc}; "
+                                "nothing was sent") from None
     except (DBAPIError, PermissionError) as exc:
         engine.dispose()
         why = str(exc.orig if isinstance(exc, DBAPIError) else exc.strerror).splitlines()[0]

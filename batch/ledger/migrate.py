@@ -43,6 +43,29 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+class NewerLedger(Exception):
+    """The ledger's schema is at a revision this version does not know: a newer skinbatch
+    migrated it (another machine sharing it, or this one before a downgrade), or another
+    program's Alembic owns the database. Opened as it is, its rows could be misread."""
+
+    def __init__(self, revision: str) -> None:
+        super().__init__(revision)
+        self.revision = revision
+
+    def __str__(self) -> str:
+        if self.revision.isdigit() and int(self.revision) > int(HEAD_REVISION):
+            return (f"it was written by a newer skinbatch (its schema is at revision "
+                    f"{self.revision}; this one knows up to {HEAD_REVISION}): upgrade skinbatch "
+                    "on this machine (pip install -U skinbatch)")
+        return (f"its database belongs to another program (Alembic revision {self.revision}, "
+                "not a skinbatch ledger's): give the ledger a database of its own")
+
+
+def known_revisions() -> set[str]:
+    """The revisions of ``migrations/versions``, from their file names (``0003_...py``)."""
+    return {path.name.split("_", 1)[0] for path in (migrations_dir() / "versions").glob("*_*.py")}
+
+
 def current_revision(engine: Engine) -> str | None:
     try:
         with engine.execution_options(readonly=True).connect() as conn:
@@ -56,6 +79,7 @@ MIGRATION_LOCK = 0x736B696E6D696772  # "skinmigr"
 
 
 def upgrade_to_head(engine: Engine) -> None:
+    """Raises :class:`NewerLedger` for a schema this version does not know."""
     if current_revision(engine) == HEAD_REVISION:
         return
     if engine.dialect.name != "postgresql":  # SQLite: the run's file lock is held already
@@ -74,6 +98,9 @@ def upgrade_to_head(engine: Engine) -> None:
 
 
 def _upgrade(engine: Engine) -> None:
+    revision = current_revision(engine)
+    if revision is not None and revision not in known_revisions():
+        raise NewerLedger(revision)
     with engine.begin() as conn:
         if not inspect(conn).get_table_names():
             _create_head_schema(conn)

@@ -19,7 +19,7 @@ from batch import config as config_mod
 from batch.apispec import OPTION_NAMES
 from batch.config import ConfigError, RunConfig, prepare_out, there
 from batch.exitcodes import ExitCode
-from batch.ledger import LedgerFull, LedgerGone, LedgerUnavailable, open_ledger
+from batch.ledger import LedgerGone, LedgerUnavailable, LedgerUnwritable, open_ledger
 from batch.locking import LedgerBusy
 from batch.logsetup import configure
 from batch.names import STATE_DIR
@@ -51,7 +51,7 @@ def handle_errors(func: F) -> F:
         except ConfigError as exc:
             click.echo(f"skinbatch: {exc}", err=True)
             sys.exit(ExitCode.USAGE)
-        except (LedgerBusy, LedgerFull, LedgerUnavailable) as exc:
+        except (LedgerBusy, LedgerUnwritable, LedgerUnavailable) as exc:
             click.echo(f"skinbatch: {exc}", err=True)
             sys.exit(ExitCode.USAGE)
         except LedgerGone as exc:
@@ -337,9 +337,12 @@ def status(out: Path, ledger: str | None, as_json: bool) -> None:
 def report(out: Path, ledger: str | None, fmt: str | None, output: Path | None) -> None:
     """The morning report: counts, credits, failures with reasons, before/after thumbnails."""
     store = open_ledger(_ledger_location(out, ledger))
+    path = output or out / f"skinbatch-report.{fmt or 'html'}"
     try:
-        target = write_report(store, output or out / f"skinbatch-report.{fmt or 'html'}",
-                              out.resolve(), fmt)
+        target = write_report(store, path, out.resolve(), fmt)
+    except OSError as exc:  # a full disk, or one the system made read-only
+        raise ConfigError(f"cannot write the report to {path}: {exc.strerror or exc}; give "
+                          "it another place with -o FILE") from None
     finally:
         store.close()
     click.echo(f"report written to {target}", err=True)  # stdout may be the report itself

@@ -27,7 +27,7 @@ from batch.budget import BatchBudget, Budget, Estimate
 from batch.config import ConfigError, RunConfig, check_paths, prepare_out, unreached
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
-from batch.ledger import Ledger, LedgerFull, LedgerGone, open_ledger
+from batch.ledger import Ledger, LedgerGone, LedgerUnwritable, open_ledger
 from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
@@ -174,7 +174,7 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
             report.seconds = time.monotonic() - started
             # The database may be coming back from a restart: the run's end waits for it too.
             report.charged = ledger.patiently(lambda: ledger.charged_by(worker.name, since))
-            with contextlib.suppress(LedgerFull):  # bookkeeping: the stop said why
+            with contextlib.suppress(LedgerUnwritable):  # bookkeeping: the stop said why
                 ledger.patiently(lambda: _record_run(ledger, report, started_at))
             if config.report is not None:
                 try:
@@ -323,7 +323,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         rt.writes.close()
         # Bookkeeping, left out when the ledger's disk is full (the stop said why); a ledger
         # gone raises here, and _run_batch says so.
-        with contextlib.suppress(LedgerFull):
+        with contextlib.suppress(LedgerUnwritable):
             pace.remember(ledger, config.api_base, client.limiter, worker.live)
     waiting = rt.flags.submits_stopped
     if waiting in WAITING_STOPS:
@@ -332,7 +332,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         error, outage = rt.flags.account_error, rt.breaker.outage()
         reason = (f"not sent: {error.describe(ids=False) if error is not None else waiting}"
                   + (f"; {outage}" if outage else ""))
-        with contextlib.suppress(LedgerFull):
+        with contextlib.suppress(LedgerUnwritable):
             ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING], reason))
     status = ledger.patiently(lambda: collect_status(ledger))
     return RunReport(_exit_code(rt, status), status, stats, recovered,
@@ -414,7 +414,7 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
             exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
             should_stop=lambda: rt.flags.interrupted or rt.flags.abort, out_dir=rt.out_dir,
             on_collision=config.on_collision, earlier=rt.elsewhere)
-    except LedgerFull as full:
+    except LedgerUnwritable as full:
         rt.fail_run(str(full))
         return ScanStats()
     crashpoints.reached("scanned")
@@ -617,7 +617,7 @@ def _raise_failure(rt: Runtime, tasks: list[asyncio.Task[Any]]) -> None:
     ledger is a stop with its message, not a crash."""
     for task in tasks:
         if task.done() and not task.cancelled() and (error := task.exception()) is not None:
-            if isinstance(error, LedgerFull):
+            if isinstance(error, LedgerUnwritable):
                 rt.fail_run(str(error))
                 return
             raise error

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from batch.ledger import Ledger, LedgerFull
+from batch.ledger import Ledger, LedgerUnwritable
 from batch.ledger.workers import WorkerNameTaken, WorkerRecords, WorkerRow
 from batch.locking import LedgerBusy
 
@@ -132,7 +132,7 @@ class Worker:
                 if live != self.live:
                     on_live(self.live, live)
                     self.live = live
-            except LedgerFull as full:
+            except LedgerUnwritable as full:
                 on_lost(str(full))
                 return
             except SQLAlchemyError as error:
@@ -170,7 +170,7 @@ class Worker:
             self._thread.join(timeout=10)
         try:
             self.records.stop(self.name)
-        except LedgerFull:
+        except LedgerUnwritable:
             return  # the run's stop said why; the others take its jobs once its lease lapses
         except SQLAlchemyError as error:
             if self.ledger.gone() is None:  # a ledger gone is said by the run's stop

@@ -678,3 +678,76 @@ def test_a_drive_mounted_by_hand_and_not_mounted_tonight_is_not_paid_for_again(
     (slot / "results").mkdir()  # meant to be on the system disk
     meant = run_cli([*args[:3], str(slot / "results" / "retouched"), *args[4:]], emulator)
     assert meant.returncode == 0, meant.stderr
+
+
+def mount_ext4(image: Path, mount_point: Path) -> str:
+    """Mount an ext4 image as a drive the system makes read-only on its first error (as
+    Debian mounts its disks); returns its device's name."""
+    mount_point.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image),
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount an ext4 image here: {mounted.stderr.strip()}")
+    source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mount_point)],
+                            capture_output=True, text=True, check=True)
+    return Path(source.stdout.strip()).name
+
+
+@pytest.fixture
+def failing_drive(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """An ext4 drive on a loop device, and its image (to mount it again once it failed)."""
+    if not shutil.which("mkfs.ext4"):
+        pytest.skip("needs mkfs.ext4 (e2fsprogs)")
+    image, drive = tmp_path / "drive.img", tmp_path / "drive"
+    with image.open("wb") as handle:
+        handle.truncate(MIN_FREE + 96 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True, capture_output=True)
+    device = mount_ext4(image, drive)
+    if not Path(f"/sys/fs/ext4/{device}/trigger_fs_error").exists():
+        subprocess.run(["umount", str(drive)], check=False)
+        pytest.skip("this kernel cannot be asked to fail an ext4 drive")
+    yield drive, image
+    subprocess.run(["umount", str(drive)], check=False)
+
+
+def test_a_drive_the_system_makes_read_only_mid_run_stops_it_with_the_cause(
+        tmp_path: Path, failing_drive: tuple[Path, Path], make_emulator: MakeEmulator) -> None:
+    """The drive holding --out (and its ledger) reports an error mid-run and the system makes
+    it read-only: the run stops with what happened and nothing more is sent; status still
+    reads the ledger, the report says where it cannot be written; once the drive is checked
+    and mounted again, the same command saves every result, none paid twice."""
+    drive, image = failing_drive
+    emulator = make_emulator(queue_seconds=0.5, process_seconds=1.0)
+    src, out = tmp_path / "src", drive / "out"
+    sources = {f"{i:02d}.jpg": write_portrait(src / f"{i:02d}.jpg", seed=i) for i in range(20)}
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS, "--max-qps", "6"]
+    run = popen_cli(args, emulator)
+    assert wait_for(lambda: emulator.stats.get("charged", 0) >= 3, timeout=60)
+    device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(drive)], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    Path(f"/sys/fs/ext4/{Path(device).name}/trigger_fs_error").write_text("test\n")
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "The ledger cannot be written: the disk under it failed the write" in err, err
+    assert "Traceback" not in err, err
+    charged = emulator.stats["charged"]
+    assert charged < len(sources)
+    time.sleep(1)
+    assert emulator.stats["charged"] == charged
+
+    status = run_cli(["status", "--out", str(out)], emulator)
+    assert status.returncode != 2 and "jobs by state" in status.stdout, status.stderr
+    report = run_cli(["report", "--out", str(out)], emulator)
+    assert report.returncode == 2 and "Traceback" not in report.stderr
+    assert "cannot write the report to" in report.stderr, report.stderr
+    assert run_cli(["report", "--out", str(out), "-o", str(tmp_path / "r.html")],
+                   emulator).returncode == 0
+
+    subprocess.run(["umount", str(drive)], check=True)
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)
+    mount_ext4(image, drive)
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert_no_double_pay(out, emulator, len(sources))
+    assert_ledger_sound(out)

@@ -5,11 +5,11 @@ from batch.ledger.store import (
     Born,
     JobRow,
     Ledger,
-    LedgerFull,
     LedgerGone,
+    LedgerUnwritable,
     ScannedFile,
     TransitionInfo,
 )
 
-__all__ = ["Born", "JobRow", "Ledger", "LedgerFull", "LedgerGone", "LedgerUnavailable",
+__all__ = ["Born", "JobRow", "Ledger", "LedgerGone", "LedgerUnavailable", "LedgerUnwritable",
            "ScannedFile", "TransitionInfo", "open_ledger"]

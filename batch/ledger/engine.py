@@ -145,7 +145,7 @@ def open_ledger(location: str | Path, *, name: str | Path | None = None) -> Ledg
         _refuse_if_damaged(engine, name or location)
         upgrade_to_head(engine)
         if engine.dialect.name == "sqlite" and engine.url.database:
-            os.chmod(engine.url.database, 0o600)  # it holds the results' download links
+            _keep_private(engine.url.database)
     except NewerLedger as exc:
         engine.dispose()
         raise LedgerUnavailable(f"cannot use the ledger {shown(name or location)}: {exc}; "
@@ -158,6 +158,13 @@ def open_ledger(location: str | Path, *, name: str | Path | None = None) -> Ledg
         raise LedgerUnavailable(f"cannot open the ledger {shown(name or location)}: {why}"
                                 f"{_owner_hint(engine)}") from None
     return Ledger(engine)
+
+
+def _keep_private(path: str) -> None:
+    """The ledger holds the results' download links: its owner's alone. Made so where it is
+    not (a new file); one on a disk the system made read-only is read as it is."""
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 def _refuse_if_damaged(engine: Engine, location: str | Path) -> None:

@@ -313,14 +313,16 @@ class StaleTransition(RuntimeError):
     """The job was no longer in the expected state (another worker or process moved it)."""
 
 
-class LedgerFull(RuntimeError):
-    """The ledger's database cannot grow: the disk (or quota) under it is full. Nothing more
-    can be recorded, so nothing more may be paid for."""
+class LedgerUnwritable(RuntimeError):
+    """The ledger's database cannot take a write: the disk (or quota) under it is full, or
+    the disk failed the write (a failing drive, one the system made read-only after errors).
+    Nothing more can be recorded, so nothing more may be paid for."""
 
-    def __init__(self) -> None:
-        super().__init__("The ledger cannot be written: the disk under it is full. Nothing more "
-                         "is sent; free some space and run the same command again (what was "
-                         "paid for is picked up where it stopped).")
+    def __init__(self, why: str = "the disk under it is full",
+                 remedy: str = "free some space") -> None:
+        super().__init__(f"The ledger cannot be written: {why}. Nothing more is sent; "
+                         f"{remedy}, then run the same command again (what was paid for is "
+                         "picked up where it stopped).")
 
 
 def unreadable_reason(why: str) -> str:
@@ -340,11 +342,20 @@ class LedgerGone(RuntimeError):
                          "unmounted?). What was paid for is recorded in it")
 
 
-def _full(error: BaseException) -> bool:
-    """SQLite's SQLITE_FULL, or PostgreSQL's disk_full (SQLSTATE 53100)."""
-    orig = getattr(error, "orig", None)
-    return (getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-            or getattr(orig, "sqlstate", None) == "53100")
+def _unwritable(error: DBAPIError) -> LedgerUnwritable | None:
+    """The write's failure as a stop with its cause: SQLite's SQLITE_FULL or PostgreSQL's
+    disk_full (SQLSTATE 53100); SQLite's I/O error or read-only database (a failing drive,
+    one the system made read-only after errors, a file made read-only). None otherwise."""
+    orig = error.orig
+    code = getattr(orig, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL or getattr(orig, "sqlstate", None) == "53100":
+        return LedgerUnwritable()
+    if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY):
+        return LedgerUnwritable(
+            f"the disk under it failed the write ({orig}: the drive may be failing, or the "
+            "system made it read-only after errors)",
+            "check the drive (dmesg says what the system saw) until it takes writes again")
+    return None
 
 
 def _refused(exc: DBAPIError, job_id: int, current: str, target: str) -> Exception:
@@ -459,8 +470,9 @@ class Ledger:
             with self._transaction(readonly=False, durable=durable) as conn:
                 yield conn
         except DBAPIError as error:
-            if _full(error):
-                raise LedgerFull() from error
+            # A file gone with its drive fails with an I/O error too: that stop is LedgerGone's.
+            if (unwritable := _unwritable(error)) is not None and self.gone() is None:
+                raise unwritable from error
             raise
 
     @contextmanager
@@ -735,7 +747,8 @@ class Ledger:
                     try:
                         write.run(conn)
                     except Exception as exc:
-                        if self.away(exc) or _full(exc):
+                        if self.away(exc) or (isinstance(exc, DBAPIError)
+                                              and _unwritable(exc) is not None):
                             raise  # the whole transaction again, or none of it
                         savepoint.rollback()
                         outcomes[index] = exc

@@ -21,7 +21,7 @@ from batch.api.retry import backoff_delay
 from batch.budget import Allowance, Budget
 from batch.config import RunConfig
 from batch.elsewhere import Elsewhere
-from batch.ledger import Ledger, LedgerFull, TransitionInfo
+from batch.ledger import Ledger, LedgerUnwritable, TransitionInfo
 from batch.ledger.store import FileRow, JobRow
 from batch.ledger.writer import LedgerWriter
 from batch.progress import Progress
@@ -323,7 +323,7 @@ class Runtime:
         the worker), and the job is claimed again once it is back."""
         if task.cancelled() or (error := task.exception()) is None or self.ledger.away(error):
             return
-        if isinstance(error, LedgerFull):
+        if isinstance(error, LedgerUnwritable):
             self.fail_run(str(error))
             return
         if (gone := self.ledger.gone()) is not None:  # its error is only the symptom

@@ -108,7 +108,6 @@ class Worker:
               on_live: Callable[[int, int], None]) -> None:
         last_ok = time.monotonic()
         healthy_since = last_ok - self.lease  # a new worker may take over lapsed ones at once
-        unreachable = False  # said so; a late beat alone (a busy or sleeping machine) is not
         while not self._stop.wait(BEAT_SECONDS):
             now = time.monotonic()
             try:
@@ -116,9 +115,7 @@ class Worker:
                     on_lost(f"this worker ({self.name}) was silent longer than its lease and "
                             "another worker took its jobs over; stopping")
                     return
-                if unreachable:
-                    log.warning("The ledger database answers again.")
-                    unreachable = False
+                self.ledger.said_back()
                 if now - last_ok > 2 * BEAT_SECONDS:
                     # Others may not have renewed their leases either (the database was away,
                     # or this machine slept): give them a lease's time to do so before taking
@@ -139,12 +136,10 @@ class Worker:
                 if now - last_ok > self.lease:
                     on_lost(f"the ledger database has been unreachable for longer than the "
                             f"lease ({self.lease:g} s): stopping, so that another worker may "
-                            f"take this one's jobs over ({error.__class__.__name__})")
+                            f"take this one's jobs over "
+                            f"({type(getattr(error, 'orig', None) or error).__name__})")
                     return
-                if not unreachable:
-                    log.warning("Cannot reach the ledger database (%s); retrying.",
-                                error.__class__.__name__)
-                    unreachable = True
+                self.ledger.said_away(error)
 
     def _take_over(self, dead: str) -> bool:
         taken = self.records.take_over(dead, self.name)

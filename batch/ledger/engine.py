@@ -101,8 +101,20 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+#: PostgreSQL's read_only_sql_transaction: the server takes no writes now (a standby after
+#: a failover, a database set read-only for maintenance).
+READ_ONLY_SQLSTATE = "25006"
+
+
 def _postgresql_engine(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "handle_error")
+    def _read_only_is_a_disconnect(context: Any) -> None:
+        # Its connections are dropped, as for a server gone, and the write is waited for
+        # (Ledger.away): a new connection reaches the primary again once the failover is over.
+        if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+            context.is_disconnect = True
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:

@@ -386,6 +386,8 @@ class Ledger:
         #: How long (seconds) a write waits for a shared ledger's database that went away
         #: (restarted, network gone) before it fails; its worker's lease, once it has one.
         self.patience = 0.0
+        #: An outage of the shared database is said once (see :meth:`said_away`).
+        self._outage_lock, self._outage_said = threading.Lock(), False
         #: Files recorded by this process: in all, and when the tables were last analyzed.
         self._recorded, self._analyzed_at = 0, 0
 
@@ -420,6 +422,24 @@ class Ledger:
             return None
         return LedgerGone(path)
 
+    def said_away(self, error: BaseException) -> None:
+        """Say once an outage that the shared ledger's database cannot be reached (whichever
+        thread meets it first); :meth:`said_back` says when it ends."""
+        with self._outage_lock:
+            if self._outage_said:
+                return
+            self._outage_said = True
+        log.warning("The ledger database cannot be reached (%s); waiting for it.",
+                    type(getattr(error, "orig", None) or error).__name__)
+
+    def said_back(self) -> None:
+        """The database answered (the heartbeat's next beat): the end of an outage said."""
+        with self._outage_lock:
+            if not self._outage_said:
+                return
+            self._outage_said = False
+        log.warning("The ledger database answers again.")
+
     def away(self, error: BaseException) -> bool:
         """The error says the shared ledger's database cannot be reached (not that a
         statement was wrong): worth waiting for."""
@@ -440,8 +460,7 @@ class Ledger:
                 except DBAPIError as error:
                     if not self.away(error) or time.monotonic() + delay > deadline:
                         raise
-                    log.warning("The ledger database cannot be reached (%s); trying again in "
-                                "%.2g s.", type(error.orig).__name__, delay)
+                    self.said_away(error)
                     time.sleep(delay)
                     delay = min(2 * delay, 5.0)
                     self._local.again = True

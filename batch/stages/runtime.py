@@ -236,7 +236,7 @@ class Runtime:
         the lease. Any other error is raised."""
         if not self.ledger.away(error):
             raise error
-        log.warning("The ledger database cannot be reached; waiting for it.")
+        self.ledger.said_away(error)
         await asyncio.sleep(1.0)
 
     def took_over(self) -> None:

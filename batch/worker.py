@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy.exc import SQLAlchemyError
 
 from batch.ledger import Ledger, LedgerUnwritable
-from batch.ledger.workers import WorkerNameTaken, WorkerRecords, WorkerRow
+from batch.ledger.workers import OptionsDiffer, WorkerNameTaken, WorkerRecords, WorkerRow
 from batch.locking import LedgerBusy
+from batch.options import Options
 
 log = logging.getLogger("batch.worker")
 #: How often the lease is renewed and the other workers looked at.
@@ -64,16 +65,27 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.live = 1
 
-    def register(self, budget: int | None = None) -> int | None:
+    def register(self, budget: int | None = None, options: Options | None = None) -> int | None:
         """Join the ledger's workers; with a ``budget`` (--max-credits), returns the one in
-        force for the batch this worker joins (its own, if it is the first)."""
+        force for the batch this worker joins (its own, if it is the first). With ``options``,
+        a batch whose workers retouch under others is refused (:class:`LedgerBusy`)."""
         try:
             in_force = self.records.register(self.name, socket.gethostname(), os.getpid(),
-                                             self.lease, budget)
+                                             self.lease, budget,
+                                             None if options is None else options.fingerprint)
         except WorkerNameTaken:
             raise LedgerBusy(f"A worker named {self.name!r} is already working on this ledger; "
                              "give this run another --worker-name. Nothing was sent by this "
                              "one.") from None
+        except OptionsDiffer as differ:
+            assert options is not None
+            raise LedgerBusy(
+                f"The workers on this ledger retouch with "
+                f"{Options.from_fingerprint(differ.fingerprint).describe()}; this one was "
+                f"started with {options.describe()}. Two sets of options on one batch pay for "
+                "every photo twice, its output flipping between them: start it with the same "
+                "options (the same config file), or give it a ledger of its own. Nothing was "
+                "sent by this one.") from None
         self.live = self._count_live()
         return in_force
 

@@ -452,6 +452,34 @@ def test_max_credits_is_one_number_for_the_whole_batch(
     assert_outputs_right(out, sources, emulator)
 
 
+def test_a_worker_started_with_other_options_is_refused_while_the_batch_runs(
+        tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
+    """A second machine joins with other options (its config file lacks one): it is refused
+    before it sends anything, as each set would pay for every photo of the batch; once the
+    batch's workers have ended, a run with new options is the usual change of options."""
+    emulator = make_emulator(queue_seconds=0.2, process_seconds=0.4)
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = shoot(src, 30)
+    first = popen_cli(["run", str(src), "--out", str(out), "--ledger", pg_url, "--worker-name",
+                       "a", "--smart-skin", "--acne-removal", "--max-qps", "6", *WORKER_FLAGS],
+                      emulator)
+    assert wait_for(lambda: emulator.stats.get("charged", 0) >= 3, timeout=60)
+    second = run_cli(["run", str(src), "--out", str(out), "--ledger", pg_url, "--worker-name",
+                      "b", "--smart-skin", *WORKER_FLAGS], emulator)
+    assert second.returncode == 2, second.stderr
+    assert ("The workers on this ledger retouch with smart_skin, acne_removal; this one was "
+            "started with smart_skin.") in second.stderr, second.stderr
+    assert finish([first]) == [0]
+    assert uploads_by_worker(out, pg_url) == {"a": 30}
+    assert emulator.stats["charged"] == 30
+    assert_outputs_right(out, sources, emulator)
+    later = run_cli(["run", str(src), "--out", str(out), "--ledger", pg_url, "--worker-name",
+                     "b", "--smart-skin", "--max-qps", "100", *WORKER_FLAGS], emulator)
+    assert later.returncode == 0, later.stderr
+    assert "retouched before under other options" in later.stderr
+    assert emulator.stats["charged"] == 60
+
+
 def test_a_tree_mounted_at_different_paths_is_one_root_by_its_name(
         tmp_path: Path, make_emulator: MakeEmulator, pg_url: str) -> None:
     """Two machines see one NAS at /mnt/nas/shoots and /Volumes/shoots (here: two copies of

@@ -27,6 +27,8 @@ from batch.states import IN_FLIGHT, JobState
 
 #: The batch's --max-credits shared by its workers (meta key): {"limit": n, "used": k}.
 BUDGET_KEY = "batch_budget"
+#: The retouching options of the batch's workers (meta key): their fingerprint.
+OPTIONS_KEY = "batch_options"
 #: The advisory lock that makes workers register one at a time on a shared ledger.
 REGISTER_LOCK = 0x736B696E72656731  # "skinreg1"
 #: Workers that ended longer ago than this (seconds) leave the list (history keeps their work).
@@ -65,6 +67,14 @@ class WorkerNameTaken(RuntimeError):
     """A live worker of that name already works on the ledger."""
 
 
+class OptionsDiffer(RuntimeError):
+    """The batch's live workers retouch under other options (their fingerprint): two option
+    sets on one batch would each pay for every photo, its output flipping between them."""
+
+    def __init__(self, fingerprint: str) -> None:
+        super().__init__(fingerprint)
+        self.fingerprint = fingerprint
+
 
 class WorkerRecords:
     """The workers' rows of one ledger."""
@@ -72,13 +82,14 @@ class WorkerRecords:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
-
     def register(self, name: str, host: str, pid: int, lease_seconds: float,
-                        budget: int | None = None) -> int | None:
+                 budget: int | None = None, options: str | None = None) -> int | None:
         """Start a worker's lease; refused while a live worker of that name holds one. With a
         ``budget`` (--max-credits), join the batch's: a worker that finds no other live one
         opens a new batch with its own; one that joins keeps the batch's. Returns the batch's
-        budget in force (None: no budget)."""
+        budget in force (None: no budget). With ``options`` (their fingerprint), likewise:
+        the first worker of a batch sets them, and one that joins with others is refused
+        (:class:`OptionsDiffer`)."""
         now = _db_now(self.ledger.engine.dialect.name)
         with self.ledger._write() as conn:
             if self.ledger.shared:  # one registration at a time: the first of a batch knows it is
@@ -94,6 +105,12 @@ class WorkerRecords:
                 raise WorkerNameTaken(name)
             alone = not conn.scalar(select(func.count()).select_from(workers).where(
                 self._unended(), self._leased(), workers.c.name != name))
+            if options is not None:
+                batch = conn.scalar(select(meta.c.value).where(meta.c.key == OPTIONS_KEY))
+                if alone or batch is None:
+                    self.ledger._set_meta(conn, OPTIONS_KEY, options)
+                elif batch != options:
+                    raise OptionsDiffer(batch)
             conn.execute(workers.delete().where(workers.c.name == name))
             ended = func.coalesce(workers.c.stopped_at, workers.c.taken_over_at)
             conn.execute(workers.delete().where(ended < time.time() - WORKERS_KEPT))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import os
 import stat
@@ -415,6 +416,8 @@ def prepare_out(config: RunConfig) -> Path:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out / STATE_DIR):
             pass
+        if not os.access(out, os.W_OK | os.X_OK):  # its state folder may be writable alone
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         raise ConfigError(f"cannot write to the output folder {config.out}: "
                           f"{exc.strerror or exc}") from None

@@ -54,6 +54,8 @@ def name_refused(out_dir: Path, rel: str) -> str | None:
         return (f"saving its output takes a path of {length} bytes (the output's, or the temp "
                 f"file's it is written through), more than a path may be ({PATH_MAX - 1}): "
                 "choose a shorter --out, or shorter folder or file names")
+    if (refused := folder_refused(out_dir, os.fsdecode(folder))) is not None:
+        return refused
     if WINDOWS_RESERVED.isdisjoint(rel):
         return None
     scratch = out_dir / STATE_DIR
@@ -207,6 +209,25 @@ def _stem_shared(source: Path) -> bool:
 
 #: Sources always sent as a JPEG copy, whose output takes a JPEG's name.
 CONVERTED_SUFFIXES = frozenset({".tif", ".tiff", ".heic", ".heif"})
+
+
+def folder_refused(out_dir: Path, rel_folder: str) -> str | None:
+    """Why the output's folder under ``out_dir`` (which the run's start checked) would not take
+    it: the nearest one of its folders that is there is a file, or this user may not write in
+    it (another user's, a mount read-only)."""
+    folder = out_dir / rel_folder
+    while folder != out_dir:
+        if os.path.isdir(folder):
+            if os.access(folder, os.W_OK | os.X_OK):
+                return None
+            return (f"its output folder {folder} cannot be written by this user (another "
+                    "user's, or read-only): not sent, as its result could not be saved there "
+                    "(give this user write access to it, or choose another --out)")
+        if os.path.lexists(folder):
+            return (f"{folder} is a file where its output's folder would be: not sent, as its "
+                    "result could not be saved there (move that file away)")
+        folder = folder.parent
+    return None
 
 
 def taken_by_another(out_dir: Path, planned: str, source: Path, ours: str | None) -> Path | None:

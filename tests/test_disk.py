@@ -96,8 +96,10 @@ def test_disk_full_stops_cleanly_and_the_rerun_finishes(
     assert emulator.stats["charged"] == len(sources)
 
 
-def test_an_unwritable_output_folder_is_a_clear_error(tmp_path: Path,
-                                                      emulator: Emulator) -> None:
+def test_an_unwritable_output_folder_is_refused_before_anything_is_paid(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """An --out this user may not write in (its state folder writable alone: made by an
+    earlier run as another user) is refused at start, before the first upload."""
     src, out = tmp_path / "src", tmp_path / "out"
     write_portrait(src / "a.jpg")
     (out / ".skinbatch").mkdir(parents=True)
@@ -108,14 +110,46 @@ def test_an_unwritable_output_folder_is_a_clear_error(tmp_path: Path,
                          as_plain_user=True)
     finally:
         out.chmod(0o755)
-    assert result.returncode == 1
-    assert "Cannot write to the output folder" in result.stderr
-    assert "Permission denied" in result.stderr
-    assert done_jobs_are_on_disk(out / ".skinbatch" / "ledger.sqlite", out) == 0
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write to the output folder {out}: Permission denied" in result.stderr
+    assert emulator.stats.get("charged", 0) == 0
     rerun = run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator)
     assert rerun.returncode == 0
     assert emulator.stats["charged"] == 1
     assert_no_double_pay(out, emulator, 1)
+
+
+def test_photos_whose_output_folder_this_user_may_not_write_in_are_not_paid_for(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A folder under --out made by another user (a colleague over the share, a run with
+    sudo), or a file where an output's folder would be: its photos are listed with the
+    reason and not sent, the others are; once it can be written, the next run sends them.
+    (Paid, their results stopped the night at their download.)"""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{folder}/{i}.jpg": write_portrait(src / folder / f"{i}.jpg", seed=seed + i)
+               for folder, seed in (("a", 0), ("b", 10), ("c", 20)) for i in range(3)}
+    (out / "b").mkdir(parents=True)
+    (out / "b").chmod(0o555)
+    (out / "c").write_bytes(b"a file of the studio's")
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    try:
+        result = run_cli(args, emulator, as_plain_user=True)
+    finally:
+        (out / "b").chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert "Cannot write to" not in result.stderr, result.stderr
+    for i in range(3):
+        assert (f"{src / 'b' / f'{i}.jpg'}: its output folder {out / 'b'} cannot be written by "
+                "this user") in result.stdout, result.stdout
+        assert (f"{src / 'c' / f'{i}.jpg'}: {out / 'c'} is a file where its output's folder "
+                "would be") in result.stdout, result.stdout
+    assert emulator.stats["charged"] == 3
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+    (out / "c").unlink()
+    again = run_cli(args, emulator, as_plain_user=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert emulator.stats["charged"] == 9
+    assert_outputs_right(out, sources, emulator)
 
 
 def deep(length: int, name: str) -> str:
@@ -158,7 +192,7 @@ def test_one_output_name_the_disk_refuses_does_not_stop_the_night(
         tmp_path: Path, emulator: Emulator) -> None:
     """A paid result whose name the disk turns down when it is saved (here: the numbered
     name of on_collision = "suffix" one byte past the longest path) is listed with the
-    reason, where it stopped the whole run with 'Cannot write to the output folder'."""
+    reason, where it stopped the whole run with 'Cannot write to ...'."""
     src, out = tmp_path / "s", tmp_path / "out"
     name = "t" * 246 + ".jpg"  # its temp file's name is shorter: it takes 80 bytes of it
     rel = deep(4095 - len(bytes(out)) - 1, name)  # out/rel: the longest path there is
@@ -171,7 +205,7 @@ def test_one_output_name_the_disk_refuses_does_not_stop_the_night(
     result = run_cli(["run", str(src), "--out", str(out), "--config", str(config),
                       "--smart-skin", *FAST_FLAGS], emulator)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "Cannot write to the output folder" not in result.stderr, result.stderr
+    assert "Cannot write to" not in result.stderr, result.stderr
     assert "the disk of --out does not take this name (File name too long)" in result.stdout
     assert (out / rel).read_bytes() == b"a file of the studio's, kept"
     assert_outputs_right(out, {"short.jpg": short}, emulator)

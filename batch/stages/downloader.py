@@ -157,9 +157,9 @@ class Downloader:
                 self.out_gone = True
                 rt.stop_submitting(StopReason.OUTPUT)
             else:
-                rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: "
-                            f"{exc.strerror or exc}. Nothing was marked done that is not on "
-                            "disk.")
+                where = Path(exc.filename).parent if exc.filename else rt.out_dir
+                rt.fail_run(f"Cannot write to {where}: {exc.strerror or exc}. Nothing was "
+                            "marked done that is not on disk.")
         except asyncio.CancelledError:
             # Why an earlier try failed (a host not reached) stays what status says of it.
             kept = {"reason": job.reason, "error_code": job.error_code} if job.reason else {}

@@ -215,8 +215,9 @@ def folder_refused(out_dir: Path, rel_folder: str) -> str | None:
     """Why the output's folder under ``out_dir`` (which the run's start checked) would not take
     it: the nearest one of its folders that is there is a file, or this user may not write in
     it (another user's, a mount read-only)."""
-    folder = out_dir / rel_folder
-    while folder != out_dir:
+    top = os.fspath(out_dir)
+    folder = os.path.join(top, rel_folder)
+    while len(folder) > len(top) and rel_folder:
         if os.path.isdir(folder):
             if os.access(folder, os.W_OK | os.X_OK):
                 return None
@@ -226,7 +227,7 @@ def folder_refused(out_dir: Path, rel_folder: str) -> str | None:
         if os.path.lexists(folder):
             return (f"{folder} is a file where its output's folder would be: not sent, as its "
                     "result could not be saved there (move that file away)")
-        folder = folder.parent
+        folder = os.path.dirname(folder)
     return None
 
 

@@ -141,8 +141,8 @@ class Worker:
                 if live != self.live:
                     on_live(self.live, live)
                     self.live = live
-            except LedgerUnwritable as full:
-                on_lost(str(full))
+            except LedgerUnwritable as unwritable:
+                on_lost(str(unwritable))
                 return
             except SQLAlchemyError as error:
                 if now - last_ok > self.lease:

@@ -27,6 +27,7 @@ from batch.outputs import unmounted_mount_point
 from batch.pipeline import RunReport, run_batch
 from batch.report import write_report
 from batch.requeue import requeue
+from batch.roots import RootMap
 from batch.secret import Secret
 from batch.states import JobState
 from batch.status import StatusReport, collect_status, problem_words
@@ -356,16 +357,26 @@ def report(out: Path, ledger: str | None, fmt: str | None, output: Path | None) 
 @click.option("--ambiguous", is_flag=True, help="Resubmit uploads whose answer was lost "
                                                  "(may pay again).")
 @click.option("--expired", is_flag=True, help="Resubmit jobs whose results expired (pays again).")
+@click.option("--root", "root_flags", multiple=True, metavar="NAME=PATH",
+              help="A source tree's name on a shared ledger, with its path on this machine "
+                   "(as given to run), to find PATHS under it.")
 @click.argument("paths", nargs=-1)
 @handle_errors
 def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous: bool,
-          expired: bool, paths: tuple[str, ...]) -> None:
-    """Put chosen jobs back in line for the next run (optionally only for PATHS)."""
+          expired: bool, root_flags: tuple[str, ...], paths: tuple[str, ...]) -> None:
+    """Put chosen jobs back in line for the next run (optionally only for PATHS: files, or
+    folders whose photos all go back)."""
     states = [s for s, on in ((JobState.FAILED, failed), (JobState.REJECTED, rejected),
                               (JobState.AMBIGUOUS, ambiguous), (JobState.EXPIRED, expired)) if on]
     if not states:
         raise ConfigError("say what to retry: --failed, --rejected, --ambiguous or --expired")
-    moved = requeue(out, _ledger_location(out, ledger), states, [Path(p) for p in paths])
+    roots = [pair.partition("=") for pair in root_flags]
+    try:
+        root_map = RootMap.of({name: path for name, _, path in roots})
+    except ValueError as exc:
+        raise ConfigError(f"--root: {exc}") from None
+    moved = requeue(out, _ledger_location(out, ledger), states, [Path(p) for p in paths],
+                    root_map)
     if moved == 0:
         what = f" for {', '.join(paths)}" if paths else ""
         click.echo(f"skinbatch: no {'/'.join(s.value for s in states)} job matched{what}; "

@@ -17,18 +17,21 @@ log = logging.getLogger("batch.requeue")
 
 
 def requeue(out: Path, ledger_location: str, states: Iterable[JobState],
-            paths: Sequence[Path] = ()) -> int:
-    """Move the jobs in ``states`` (only those of the files at ``paths``, when given) back to
-    pending, under the run lock so no run is changing them meanwhile. Returns how many moved.
-    Resubmitting an ambiguous or expired job may pay for it again; the ledger counts it."""
+            paths: Sequence[Path] = (), root_map: RootMap | None = None) -> int:
+    """Move the jobs in ``states`` (only those of the files at ``paths``, or in the folders
+    there, when given) back to pending, under the run lock so no run is changing them
+    meanwhile. A path under a tree ``root_map`` names is found under that name, as a shared
+    ledger records it. Returns how many moved. Resubmitting an ambiguous or expired job may
+    pay for it again; the ledger counts it."""
     chosen = frozenset(states)
     if not chosen or not chosen <= RETRYABLE:
         raise ValueError(f"only {', '.join(sorted(RETRYABLE))} jobs can be put back in line")
+    root_map = root_map or RootMap()
+    wanted = [root_map.key_for(str(p.resolve())) or str(p.resolve()) for p in paths]
     with RunLock(out.resolve(), ledger_location):
         ledger = open_ledger(ledger_location)
         try:
-            return ledger.reset_jobs(chosen, "put back in line by skinbatch retry",
-                                     [str(p.resolve()) for p in paths])
+            return ledger.reset_jobs(chosen, "put back in line by skinbatch retry", wanted)
         finally:
             ledger.close()
 

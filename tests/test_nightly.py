@@ -24,7 +24,7 @@ from PIL import Image
 from batch.emulator import Emulator
 from batch.preflight import identity_digest
 from batch.stages.runtime import UNPROVEN_UPLOADS
-from tests.checks import assert_no_double_pay, assert_outputs_right
+from tests.checks import assert_no_double_pay, assert_outputs_right, ledger_of
 from tests.conftest import (
     FAST_FLAGS,
     MakeEmulator,
@@ -728,6 +728,25 @@ def test_retry_puts_chosen_jobs_back_in_line(tmp_path: Path, emulator: Emulator)
     assert only.returncode == 0 and "1 job(s)" in only.stdout
     nothing = run_cli(["retry", "--out", str(out)], None)
     assert nothing.returncode == 2
+
+
+def test_retry_of_a_folder_puts_back_the_photos_in_it(tmp_path: Path,
+                                                     emulator: Emulator) -> None:
+    """"Send the Smith shoot's failures again": a folder given to retry stands for every
+    photo under it (and no other folder whose name starts the same)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for rel in ("smith/one.jpg", "smith/day2/two.jpg", "smithson/three.jpg", "four.jpg"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"{rel}: not yet a photo")
+    assert run_cli(["run", str(src), "--out", str(out), *FAST_FLAGS], emulator).returncode == 1
+    result = run_cli(["retry", "--out", str(out), "--rejected", str(src / "smith")], None)
+    assert result.returncode == 0, result.stderr
+    assert "2 job(s) put back in line" in result.stdout
+    ledger = ledger_of(out)
+    try:
+        assert ledger.counts()["pending"] == 2 and ledger.counts()["rejected"] == 2
+    finally:
+        ledger.close()
 
 
 def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator: Emulator) -> None:

@@ -515,6 +515,33 @@ def test_a_tree_mounted_at_different_paths_is_one_root_by_its_name(
     assert_outputs_right(tmp_path / "out-c", own, emulator)
 
 
+def test_retry_finds_photos_by_this_machines_path_of_a_named_tree(
+        tmp_path: Path, emulator: Emulator, pg_url: str) -> None:
+    """On a shared ledger the files of a named tree are recorded under its name: retry finds a
+    folder of them by this machine's path given with the same --root, and says nothing
+    matched without it."""
+    mount, out = tmp_path / "mnt" / "shoots", tmp_path / "out"
+    shoot(mount, 3)
+    for folder in ("s0", "s1"):
+        (mount / folder).mkdir(exist_ok=True)
+        (mount / folder / "broken.jpg").write_text(f"{folder}: not a photo yet")
+    root = ["--root", f"shoots={mount}"]
+    first = run_cli(["run", str(mount), "--out", str(out), "--ledger", pg_url, *root,
+                     "--smart-skin", "--max-qps", "100", *WORKER_FLAGS], emulator)
+    assert first.returncode == 1, first.stderr
+    unnamed = run_cli(["retry", "--out", str(out), "--ledger", pg_url, "--rejected",
+                       str(mount / "s0")], None)
+    assert unnamed.returncode == 1 and "nothing was put back in line" in unnamed.stderr
+    named = run_cli(["retry", "--out", str(out), "--ledger", pg_url, *root, "--rejected",
+                     str(mount / "s0")], None)
+    assert named.returncode == 0 and "1 job(s) put back in line" in named.stdout, named.stderr
+    ledger = ledger_of(out, pg_url)
+    try:
+        assert ledger.counts()["pending"] == 1 and ledger.counts()["rejected"] == 1
+    finally:
+        ledger.close()
+
+
 def _restart_postgresql() -> None:
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],

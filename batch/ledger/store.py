@@ -908,14 +908,17 @@ class Ledger:
                    error_code: str | None = None) -> int:
         """Put jobs in ``states`` back to pending (the ``retry`` command; at a run's start, the
         jobs rejected as unreadable, by ``error_code``); only jobs of the files at ``paths``
-        (absolute) when given. A job another worker moved meanwhile is left to it. Returns how
-        many moved."""
+        (as the ledger names them: absolute, or under a root's name), or in the folders there,
+        when given. A job another worker moved meanwhile is left to it. Returns how many
+        moved."""
         query = select(jobs.c.id, jobs.c.state).where(
             jobs.c.state.in_([s.value for s in states]))
         if error_code is not None:
             query = query.where(jobs.c.error_code == error_code)
         if paths:
-            matches = or_(*[files.c.root + "/" + files.c.rel_path == p for p in paths])
+            full = files.c.root + "/" + files.c.rel_path
+            matches = or_(*[or_(full == p, func.substr(full, 1, len(p) + 1) == p + "/")
+                            for p in paths])
             query = query.where(jobs.c.id.in_(select(files.c.job_id).where(matches)))
         with self._read() as conn:
             found = conn.execute(query).all()

@@ -31,6 +31,7 @@ from batch.preflight import COPIES_AT_ONCE, PrepareSettings, Rejected, preflight
 from batch.scan import AWAY, SourceRoot, no_photos, scan, unreadable_words
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
+from batch.worker import joins_other_options
 
 
 @dataclass
@@ -99,11 +100,11 @@ def _copy_ledger(location: str, target: Path) -> str:
 COPIED = (models.meta, models.jobs, models.files, models.folders)
 
 
-def _copy_rows(location: str, copy: Ledger) -> None:
+def _copy_rows(location: str, copy: Ledger) -> bool:
     """The rows of :data:`COPIED`, read from one snapshot of the database, written into the
     dry run's new ledger. A database no run has brought to this version's schema yet (a new
-    one, or one the run would migrate first) gives no rows: the dry run starts from empty, as
-    its columns are not this version's."""
+    one, or one the run would migrate first) gives no rows (False): the dry run starts from
+    empty, as its columns are not this version's."""
     source = create_ledger_engine(location)
     try:
         with source.connect() as read, copy.engine.begin() as write:
@@ -111,17 +112,28 @@ def _copy_rows(location: str, copy: Ledger) -> None:
             read.execution_options(isolation_level="REPEATABLE READ")
             if not inspect(read).has_table("alembic_version") or read.scalar(
                     text("SELECT version_num FROM alembic_version")) != HEAD_REVISION:
-                return
+                return False
             for table in COPIED:
                 write.execute(table.delete())  # a new ledger's own settings give way
                 rows = read.execute(select(table))
                 while chunk := rows.fetchmany(5000):
                     write.execute(insert(table), [row._asdict() for row in chunk])
+        return True
     except DBAPIError as exc:
         why = str(exc.orig).splitlines()[0]
         raise LedgerUnavailable(f"cannot read the ledger {shown(location)}: {why}") from None
     finally:
         source.dispose()
+
+
+def _joining(config: RunConfig) -> str | None:
+    """What would refuse the run as a worker of the shared ledger's batch. Opening a ledger at
+    this version's schema (:func:`_copy_rows` found it so) writes nothing."""
+    shared = open_ledger(config.ledger_location)
+    try:
+        return joins_other_options(shared, config.options)
+    finally:
+        shared.close()
 
 
 class Upload(NamedTuple):
@@ -168,9 +180,12 @@ def plan(config: RunConfig) -> Plan:
         ledger = open_ledger(_copy_ledger(config.ledger_location, workdir / "ledger.sqlite"),
                              name=config.ledger_location)
         try:
-            if config.ledger_file is None:
-                _copy_rows(config.ledger_location, ledger)
+            joining = None
+            if config.ledger_file is None and _copy_rows(config.ledger_location, ledger):
+                joining = _joining(config)
             result = _planned(ledger, config)
+            if joining is not None:
+                result.notes.append(f"The run would be refused: {joining}")
         finally:
             ledger.close()
     finally:

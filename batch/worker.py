@@ -21,7 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy.exc import SQLAlchemyError
 
 from batch.ledger import Ledger, LedgerUnwritable
-from batch.ledger.workers import OptionsDiffer, WorkerNameTaken, WorkerRecords, WorkerRow
+from batch.ledger.workers import (
+    OPTIONS_KEY,
+    OptionsDiffer,
+    WorkerNameTaken,
+    WorkerRecords,
+    WorkerRow,
+)
 from batch.locking import LedgerBusy
 from batch.options import Options
 
@@ -48,6 +54,26 @@ def died_here(worker: WorkerRow) -> bool:
     """A worker of this machine whose process is gone (killed): dead now, whatever its lease
     says."""
     return worker.host == socket.gethostname() and not _running(worker.pid)
+
+
+def options_refusal(batch: str, options: Options) -> str:
+    """Why a worker with ``options`` may not join a batch whose live workers retouch under
+    ``batch`` (their fingerprint)."""
+    return (f"The workers on this ledger retouch with "
+            f"{Options.from_fingerprint(batch).describe()}; this one was started with "
+            f"{options.describe()}. Two sets of options on one batch pay for every photo twice, "
+            "its output flipping between them: start it with the same options (the same "
+            "config file), or give it a ledger of its own.")
+
+
+def joins_other_options(ledger: Ledger, options: Options) -> str | None:
+    """What :meth:`Worker.register` would refuse a worker with ``options`` on this shared
+    ledger for, read without joining (the dry run)."""
+    batch = ledger.get_meta(OPTIONS_KEY)
+    if batch is None or batch == options.fingerprint or not any(
+            w.live for w in WorkerRecords(ledger).listing()):
+        return None
+    return options_refusal(batch, options)
 
 
 class Worker:
@@ -79,13 +105,8 @@ class Worker:
                              "one.") from None
         except OptionsDiffer as differ:
             assert options is not None
-            raise LedgerBusy(
-                f"The workers on this ledger retouch with "
-                f"{Options.from_fingerprint(differ.fingerprint).describe()}; this one was "
-                f"started with {options.describe()}. Two sets of options on one batch pay for "
-                "every photo twice, its output flipping between them: start it with the same "
-                "options (the same config file), or give it a ledger of its own. Nothing was "
-                "sent by this one.") from None
+            raise LedgerBusy(f"{options_refusal(differ.fingerprint, options)} Nothing was sent "
+                             "by this one.") from None
         self.live = self._count_live()
         return in_force
 

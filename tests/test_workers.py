@@ -461,14 +461,18 @@ def test_a_worker_started_with_other_options_is_refused_while_the_batch_runs(
     src, out = tmp_path / "src", tmp_path / "out"
     sources = shoot(src, 30)
     first = popen_cli(["run", str(src), "--out", str(out), "--ledger", pg_url, "--worker-name",
-                       "a", "--smart-skin", "--acne-removal", "--max-qps", "6", *WORKER_FLAGS],
+                       "a", "--smart-skin", "--acne-removal", "--max-qps", "4", *WORKER_FLAGS],
                       emulator)
     assert wait_for(lambda: emulator.stats.get("charged", 0) >= 3, timeout=60)
-    second = run_cli(["run", str(src), "--out", str(out), "--ledger", pg_url, "--worker-name",
-                      "b", "--smart-skin", *WORKER_FLAGS], emulator)
+    refusal = ("The workers on this ledger retouch with smart_skin, acne_removal; this one was "
+               "started with smart_skin.")
+    b = ["run", str(src), "--out", str(out), "--ledger", pg_url, "--worker-name", "b",
+         "--smart-skin", *WORKER_FLAGS]
+    dry = run_cli([*b, "--dry-run"], emulator)
+    assert f"The run would be refused: {refusal}" in dry.stdout, dry.stdout + dry.stderr
+    second = run_cli(b, emulator)
     assert second.returncode == 2, second.stderr
-    assert ("The workers on this ledger retouch with smart_skin, acne_removal; this one was "
-            "started with smart_skin.") in second.stderr, second.stderr
+    assert refusal in second.stderr, second.stderr
     assert finish([first]) == [0]
     assert uploads_by_worker(out, pg_url) == {"a": 30}
     assert emulator.stats["charged"] == 30

@@ -58,6 +58,13 @@ def verify_result(data: bytes) -> tuple[str, Image.Image]:
     return inspection.format, pixels
 
 
+def not_written(exc: OSError, out_dir: Path) -> str:
+    """A write into --out that failed, named by the folder it failed in."""
+    where = Path(exc.filename).parent if exc.filename else out_dir
+    return (f"Cannot write to {where}: {exc.strerror or exc}. Nothing was marked done that is "
+            "not on disk.")
+
+
 class Downloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -157,9 +164,7 @@ class Downloader:
                 self.out_gone = True
                 rt.stop_submitting(StopReason.OUTPUT)
             else:
-                where = Path(exc.filename).parent if exc.filename else rt.out_dir
-                rt.fail_run(f"Cannot write to {where}: {exc.strerror or exc}. Nothing was "
-                            "marked done that is not on disk.")
+                rt.fail_run(not_written(exc, rt.out_dir))
         except asyncio.CancelledError:
             # Why an earlier try failed (a host not reached) stays what status says of it.
             kept = {"reason": job.reason, "error_code": job.error_code} if job.reason else {}

@@ -259,7 +259,7 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
     """The run's summary, its problems and where the results are; with -q (cron) only what
     went wrong: the files that need a person, as warnings (cron mails what is said, not an
     exit code, and a JSON log keeps them one object each), and nothing on a clean night."""
-    if report.message:
+    if report.message and not report.said:
         click.echo(f"skinbatch: {report.message}", err=True)
     status = report.status
     problems = _problem_lines(status, config.out)

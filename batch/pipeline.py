@@ -70,6 +70,8 @@ class RunReport:
     message: str | None = None
     seconds: float = 0.0
     charged: int = 0
+    #: The message was logged as an error when the run stopped on it (not said twice).
+    said: bool = False
 
 
 def source_roots(sources: tuple[Path, ...], root_map: RootMap | None = None
@@ -336,8 +338,9 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
         with contextlib.suppress(LedgerUnwritable):
             ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING], reason))
     status = ledger.patiently(lambda: collect_status(ledger))
-    return RunReport(_exit_code(rt, status), status, stats, recovered,
-                     _stop_message(rt))
+    message = _stop_message(rt)
+    return RunReport(_exit_code(rt, status), status, stats, recovered, message,
+                     said=message is not None and message == rt.flags.fatal)
 
 
 def _stop_signals() -> list[signal.Signals]:

@@ -304,6 +304,7 @@ def test_the_ledgers_disk_filling_mid_run_stops_the_run_cleanly(
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
     assert "The ledger cannot be written: the disk under it is full" in err, err
+    assert err.count("The ledger cannot be written") == 1, err
     assert "Traceback" not in err and "never retrieved" not in err, err
     assert f"The report could not be written to {report}: No space left on device" in err
     assert [p.name for p in small_disk.iterdir() if "report" in p.name] == []
@@ -763,6 +764,7 @@ def test_a_drive_the_system_makes_read_only_mid_run_stops_it_with_the_cause(
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
     assert "The ledger cannot be written: the disk under it failed the write" in err, err
+    assert err.count("The ledger cannot be written") == 1, err  # the cron mail says it once
     assert "Traceback" not in err, err
     charged = emulator.stats["charged"]
     assert charged < len(sources)

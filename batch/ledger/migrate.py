@@ -56,7 +56,7 @@ class NewerLedger(Exception):
         if self.revision.isdigit() and int(self.revision) > int(HEAD_REVISION):
             return (f"it was written by a newer skinbatch (its schema is at revision "
                     f"{self.revision}; this one knows up to {HEAD_REVISION}): upgrade skinbatch "
-                    "on this machine (pip install -U skinbatch)")
+                    "on this machine to the version that migrated it")
         return (f"its database belongs to another program (Alembic revision {self.revision}, "
                 "not a skinbatch ledger's): give the ledger a database of its own")
 

@@ -261,16 +261,18 @@ def test_the_database_going_away_mid_run_is_a_pause(
 
 
 def _set_read_only(pg_url: str, read_only: bool) -> None:
-    """The database takes no writes (or takes them again), and its sessions end, as a
-    failover to a standby and back looks to a client."""
+    """New sessions take no writes (its sessions ended, as a failover to a standby looks to a
+    client), or take them again (the sessions opened meanwhile stay read-only: the client
+    must drop them)."""
     name = pg_url.rsplit("/", 1)[1]
     admin = create_engine(pg_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = '
                               f"{'on' if read_only else 'off'}"))
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :n"), {"n": name})
+            if read_only:
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE datname = :n"), {"n": name})
     finally:
         admin.dispose()
 
@@ -292,7 +294,7 @@ def test_a_ledger_database_that_takes_no_writes_for_a_while_is_a_pause(
     _, err = worker.communicate(timeout=180)
     assert worker.returncode == 0, err
     assert "Traceback" not in err and "unexpected error" not in err, err
-    assert err.count(f"{AWAY} (ReadOnlySqlTransaction)") == 1, err
+    assert err.count(AWAY) == 1, err  # one outage (its first error names it), said once
     assert "The ledger database answers again." in err
     assert_outputs_right(out, sources, emulator)
     assert_no_double_pay(out, emulator, 40, pg_url)

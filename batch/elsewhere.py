@@ -23,7 +23,7 @@ from typing import NamedTuple
 from batch.config import RunConfig
 from batch.ledger import Born, Ledger, TransitionInfo
 from batch.ledger.store import EMULATED, IDENTITY, StaleTransition, Write
-from batch.names import STATE_DIR
+from batch.names import STATE_DIR, shown
 from batch.outputs import sha256_file
 from batch.states import JobState
 
@@ -50,12 +50,13 @@ class Earlier(NamedTuple):
         """How this photo's job starts: done, its outputs copies of the saved result; or,
         with none to copy, rejected with why. Neither is paid for again."""
         if self.output is not None:
-            return Born(JobState.DONE, f"retouched before into {self.folder}, under the same "
-                        "options: its result is copied from there, not paid for again "
+            return Born(JobState.DONE, f"retouched before into {shown(str(self.folder))}, under "
+                        "the same options: its result is copied from there, not paid for again "
                         "(--pay-again buys it again)", result_sha256=self.result_sha256)
-        return Born(JobState.REJECTED, f"retouched before into {self.folder}, under the same "
-                    "options, but its result is no longer there (moved or deleted): not paid "
-                    "for again (--pay-again buys it again)", RETOUCHED_ELSEWHERE)
+        return Born(JobState.REJECTED, f"retouched before into {shown(str(self.folder))}, "
+                    "under the same options, but its result is no longer there (moved or "
+                    "deleted): not paid for again (--pay-again buys it again)",
+                    RETOUCHED_ELSEWHERE)
 
 
 def tell_copied(copied: int) -> None:
@@ -115,7 +116,7 @@ def listed() -> dict[Path, Path | None]:
     """Each listed ledger with its output folder (None: not known, and the ledger not in its
     default place under it)."""
     try:
-        lines = registry().read_text(encoding="utf-8").splitlines()
+        lines = registry().read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except OSError:
         return {}
     found: dict[Path, Path | None] = {}
@@ -138,7 +139,8 @@ def remember(config: RunConfig) -> None:
         return
     with contextlib.suppress(OSError):
         registry().parent.mkdir(parents=True, exist_ok=True)
-        with open(registry(), "a", encoding="utf-8") as lines:
+        # surrogateescape: a path's bytes as they are, UTF-8 or not (an old share's names).
+        with open(registry(), "a", encoding="utf-8", errors="surrogateescape") as lines:
             lines.write(f"{ledger}\t{out}\n")
 
 

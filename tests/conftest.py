@@ -104,7 +104,8 @@ def run_cli(args: list[str], emulator: Emulator | None, *, key: str | None = API
             extra_env: dict[str, str] | None = None, timeout: float = 120,
             as_plain_user: bool = False) -> CliResult:
     proc = subprocess.run([sys.executable, "-m", "batch", *args], capture_output=True,
-                          text=True, env=cli_env(emulator, key, extra_env), timeout=timeout,
+                          text=True, errors="surrogateescape",  # paths as they are
+                          env=cli_env(emulator, key, extra_env), timeout=timeout,
                           stdin=subprocess.DEVNULL,
                           preexec_fn=drop_root_file_access if as_plain_user else None)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)

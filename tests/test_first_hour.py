@@ -686,6 +686,25 @@ def test_photos_retouched_before_into_another_out_are_copied_not_paid_for_again(
         "new one.jpg", *(f"portrait {i}.jpg" for i in range(3))]
 
 
+def test_an_output_folder_whose_name_is_not_utf8_is_remembered_and_copied_from(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """An --out named in another system's encoding (a Latin-1 name on an old share): the run
+    and the next one into another folder work as with any name, the photo copied from the
+    first, not paid again. (The list of ledgers could not be written, or read back into a
+    ledger, with such a name: each run stopped on a traceback.)"""
+    src = tmp_path / "shoot"
+    shoot(src, 1)
+    first = tmp_path / os.fsdecode(b"retouched-M\xfcller")
+    assert run_cli(["run", str(src), "--out", str(first), "--smart-skin", *FAST_FLAGS],
+                   emulator).returncode == 0
+    second = tmp_path / "drive"
+    again = run_cli(["run", str(src), "--out", str(second), "--smart-skin", *FAST_FLAGS],
+                    emulator)
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats["charged"] == 1
+    assert (second / "portrait 0.jpg").read_bytes() == (first / "portrait 0.jpg").read_bytes()
+
+
 def test_photos_left_waiting_are_copied_once_another_folder_has_retouched_them(
         tmp_path: Path, emulator: Emulator) -> None:
     """A run capped by --max-credits leaves photos waiting in its folder's ledger; the same

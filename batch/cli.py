@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ from batch.exitcodes import ExitCode
 from batch.ledger import LedgerGone, LedgerUnavailable, LedgerUnwritable, open_ledger
 from batch.locking import LedgerBusy
 from batch.logsetup import configure
-from batch.names import STATE_DIR
+from batch.names import SHOWN, STATE_DIR
 from batch.outputs import unmounted_mount_point
 from batch.pipeline import RunReport, run_batch
 from batch.report import write_report
@@ -142,6 +143,11 @@ def run_options(func: F) -> F:
 @click.version_option(package_name="skinbatch")
 def main() -> None:
     """Send a folder of portraits through the skin-retouching API, safely and at most once."""
+    # A path that is not UTF-8 (a name from an old share) is printed escaped, as the ledger
+    # shows it, where a UTF-8 terminal's strict encoding would end the command on it.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=SHOWN)
 
 
 def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) -> RunConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import PurePosixPath
 
@@ -37,6 +38,23 @@ def is_utf8(text: str) -> bool:
 def shown(text: str) -> str:
     """A name that is not valid UTF-8, as text a ledger stores and a person reads."""
     return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _shown_on_write(error: UnicodeError) -> tuple[str, int]:
+    """An encoding error handler that writes a name's odd bytes (lone surrogates) as
+    :func:`shown` does, ``\\xfc``."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    odd = error.object[error.start:error.end]
+    try:
+        return shown(odd), error.end
+    except UnicodeEncodeError:  # a surrogate no name's bytes make
+        return odd.encode("utf-8", "backslashreplace").decode(), error.end
+
+
+#: The error handler a terminal's stream takes (see ``batch.cli``).
+SHOWN = "skinbatch-shown"
+codecs.register_error(SHOWN, _shown_on_write)
 
 
 def name_kind(name: str) -> int:

@@ -27,6 +27,7 @@ from batch import thumbnails
 from batch.ledger import Ledger
 from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
+from batch.names import SHOWN
 from batch.options import Options
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
 from batch.status import EMULATED_NOTE, describe_worker, unsaved_words, worker_entry
@@ -291,14 +292,15 @@ def write_report(ledger: Ledger, target: Path, out_dir: Path, fmt: str | None = 
     text = {"csv": to_csv, "json": to_json}.get(fmt)
     content = text(data) if text else to_html(data, out_dir, target.resolve().parent)
     if target.exists() and not target.is_file():  # a pipe, a terminal, /dev/stdout
-        with open(target, "w", encoding="utf-8") as sink:
+        with open(target, "w", encoding="utf-8", errors=SHOWN) as sink:
             sink.write(content)
         return target
     target = target.resolve()  # through a link: the file it names is replaced, not the link
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.tmp")
     try:
-        temp.write_text(content, encoding="utf-8")
+        # A folder's name that is not UTF-8 (--out's, in the page's text) is shown escaped.
+        temp.write_text(content, encoding="utf-8", errors=SHOWN)
         temp.replace(target)
     except OSError:
         temp.unlink(missing_ok=True)

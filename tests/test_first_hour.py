@@ -702,6 +702,9 @@ def test_an_output_folder_whose_name_is_not_utf8_is_remembered_and_copied_from(
                      emulator, extra_env=strict)
     assert result.returncode == 0, result.stderr
     assert "Results are in " + str(tmp_path / "retouched-M\\xfcller.") in result.stdout
+    report = run_cli(["report", "--out", str(first)], None, extra_env=strict)
+    assert report.returncode == 0, report.stderr
+    assert "retouched-M\\xfcller" in (first / "skinbatch-report.html").read_text()
     second = tmp_path / "drive"
     again = run_cli(["run", str(src), "--out", str(second), "--smart-skin", *FAST_FLAGS],
                     emulator)

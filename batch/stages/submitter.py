@@ -346,18 +346,14 @@ class Submitter:
         elif error.kind is ErrorKind.PERMANENT:
             await rt.writes.transition(job.id, JobState.FAILED, attempts=attempts, info=info)
             rt.progress.dropped(uploaded=False)
-        elif error.kind is ErrorKind.RATE_LIMITED:
-            # The pace has slowed for it already; the upload is not at fault, so it keeps its
-            # attempts (finding an unknown limit means meeting it now and then).
+        elif error.kind in (ErrorKind.RATE_LIMITED, ErrorKind.UNREACHABLE):
+            # Not the upload's fault, so it keeps its attempts: a 429 has slowed the pace
+            # already (finding an unknown limit means meeting it now and then), and while no
+            # connection can be made (the line down all night) the breaker spaces the tries;
+            # a photo must not end failed, for a person to put back, because the network was.
             delay = error.retry_after if error.retry_after is not None else rt.backoff(1)
             await rt.writes.transition(job.id, JobState.PENDING,
                                        next_attempt_at=time.time() + delay, info=info)
-        elif error.kind is ErrorKind.UNREACHABLE:
-            # Nor is it when no connection could be made (the line down all night): the
-            # breaker spaces the tries, and a photo must not end failed, for a person to put
-            # back, because the network was.
-            await rt.writes.transition(job.id, JobState.PENDING, info=info,
-                                       next_attempt_at=time.time() + rt.backoff(attempts))
         elif attempts >= rt.config.max_attempts:
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,

@@ -156,8 +156,7 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
             check_results_source(ledger, config)
             elsewhere.remember(config)
             worker = Worker(ledger, config.worker_name, config.lease_seconds)
-            in_force = worker.register(*((config.budget, config.options) if ledger.shared
-                                         else (None, None)))
+            in_force = worker.register(config.budget, config.options)
             if in_force is not None and in_force != config.budget:
                 log.warning("This worker joins a batch whose --max-credits is %d (not %s): "
                             "the workers share that one.", in_force, config.budget)

@@ -21,13 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy.exc import SQLAlchemyError
 
 from batch.ledger import Ledger, LedgerUnwritable
-from batch.ledger.workers import (
-    OPTIONS_KEY,
-    OptionsDiffer,
-    WorkerNameTaken,
-    WorkerRecords,
-    WorkerRow,
-)
+from batch.ledger.workers import OptionsDiffer, WorkerNameTaken, WorkerRecords, WorkerRow
 from batch.locking import LedgerBusy
 from batch.options import Options
 
@@ -69,11 +63,8 @@ def options_refusal(batch: str, options: Options) -> str:
 def joins_other_options(ledger: Ledger, options: Options) -> str | None:
     """What :meth:`Worker.register` would refuse a worker with ``options`` on this shared
     ledger for, read without joining (the dry run)."""
-    batch = ledger.get_meta(OPTIONS_KEY)
-    if batch is None or batch == options.fingerprint or not any(
-            w.live for w in WorkerRecords(ledger).listing()):
-        return None
-    return options_refusal(batch, options)
+    batch = WorkerRecords(ledger).options_in_force()
+    return None if batch in (None, options.fingerprint) else options_refusal(batch, options)
 
 
 class Worker:
@@ -94,7 +85,10 @@ class Worker:
     def register(self, budget: int | None = None, options: Options | None = None) -> int | None:
         """Join the ledger's workers; with a ``budget`` (--max-credits), returns the one in
         force for the batch this worker joins (its own, if it is the first). With ``options``,
-        a batch whose workers retouch under others is refused (:class:`LedgerBusy`)."""
+        a batch whose workers retouch under others is refused (:class:`LedgerBusy`). Only a
+        shared ledger has a batch of workers: on one run's own, both are left to the run."""
+        if not self.ledger.shared:
+            budget = options = None
         try:
             in_force = self.records.register(self.name, socket.gethostname(), os.getpid(),
                                              self.lease, budget,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Select,
     and_,
     func,
     literal_column,
@@ -29,6 +30,7 @@ from batch.states import IN_FLIGHT, JobState
 BUDGET_KEY = "batch_budget"
 #: The retouching options of the batch's workers (meta key): their fingerprint.
 OPTIONS_KEY = "batch_options"
+_BATCH_OPTIONS = select(meta.c.value).where(meta.c.key == OPTIONS_KEY)
 #: The advisory lock that makes workers register one at a time on a shared ledger.
 REGISTER_LOCK = 0x736B696E72656731  # "skinreg1"
 #: Workers that ended longer ago than this (seconds) leave the list (history keeps their work).
@@ -103,14 +105,12 @@ class WorkerRecords:
             if row is not None and row.stopped_at is None and row.taken_over_by is None \
                     and row.silent < row.lease_seconds and (row.host, row.pid) != (host, pid):
                 raise WorkerNameTaken(name)
-            alone = not conn.scalar(select(func.count()).select_from(workers).where(
-                self._unended(), self._leased(), workers.c.name != name))
+            alone = not conn.scalar(self._live().where(workers.c.name != name))
             if options is not None:
-                batch = conn.scalar(select(meta.c.value).where(meta.c.key == OPTIONS_KEY))
-                if alone or batch is None:
-                    self.ledger._set_meta(conn, OPTIONS_KEY, options)
-                elif batch != options:
+                batch = None if alone else conn.scalar(_BATCH_OPTIONS)
+                if batch not in (None, options):
                     raise OptionsDiffer(batch)
+                self.ledger._set_meta(conn, OPTIONS_KEY, options)
             conn.execute(workers.delete().where(workers.c.name == name))
             ended = func.coalesce(workers.c.stopped_at, workers.c.taken_over_at)
             conn.execute(workers.delete().where(ended < time.time() - WORKERS_KEPT))
@@ -175,10 +175,18 @@ class WorkerRecords:
         with self.ledger._read() as conn:
             return list(conn.scalars(query))
 
+    def _live(self) -> Select[int]:
+        return select(func.count()).select_from(workers).where(self._unended(), self._leased())
+
     def live(self) -> int:
-        query = select(func.count()).select_from(workers).where(self._unended(), self._leased())
         with self.ledger._read() as conn:
-            return conn.scalar(query) or 0
+            return conn.scalar(self._live()) or 0
+
+    def options_in_force(self) -> str | None:
+        """The retouching options (their fingerprint) of the batch live workers are at work
+        on; None when none is alive (a worker starting now opens a batch with its own)."""
+        with self.ledger._read() as conn:
+            return conn.scalar(_BATCH_OPTIONS) if conn.scalar(self._live()) else None
 
     def take_over(self, dead: str, taker: str) -> int | None:
         """Take a lapsed worker's jobs: an upload it had under way becomes ambiguous, a half

@@ -150,6 +150,14 @@ def main() -> None:
             stream.reconfigure(errors=SHOWN)
 
 
+def _roots(pairs: tuple[str, ...]) -> dict[str, str]:
+    """The trees ``--root NAME=PATH`` names (run's and retry's)."""
+    roots = [pair.partition("=") for pair in pairs]
+    if any(not name or not sep or not path for name, sep, path in roots):
+        raise ConfigError("--root takes NAME=PATH, e.g. --root shoots=/mnt/nas/shoots")
+    return {name: path for name, _, path in roots}
+
+
 def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) -> RunConfig:
     file_values = config_mod.load_file(params["config_file"]) if params["config_file"] else {}
     flags = {k: params[k] for k in ("ledger", "api_base", "concurrency", "poll_interval",
@@ -158,10 +166,7 @@ def _build_config(sources: tuple[Path, ...], out: Path, params: dict[str, Any]) 
                                     "lease_seconds", "max_upload_rate")}
     flags["progress"] = params["progress"]
     if params["root_flags"]:
-        roots = [pair.partition("=") for pair in params["root_flags"]]
-        if any(not name or not sep or not path for name, sep, path in roots):
-            raise ConfigError("--root takes NAME=PATH, e.g. --root shoots=/mnt/nas/shoots")
-        flags["roots"] = {**file_values.get("roots", {}), **{n: p for n, _, p in roots}}
+        flags["roots"] = {**file_values.get("roots", {}), **_roots(params["root_flags"])}
     if params["keep_upload_metadata"]:
         flags["upload_metadata"] = "keep"
     if params["pay_again"]:
@@ -376,9 +381,9 @@ def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous
                               (JobState.AMBIGUOUS, ambiguous), (JobState.EXPIRED, expired)) if on]
     if not states:
         raise ConfigError("say what to retry: --failed, --rejected, --ambiguous or --expired")
-    roots = [pair.partition("=") for pair in root_flags]
+    roots = _roots(root_flags)
     try:
-        root_map = RootMap.of({name: path for name, _, path in roots})
+        root_map = RootMap.of(roots)
     except ValueError as exc:
         raise ConfigError(f"--root: {exc}") from None
     moved = requeue(out, _ledger_location(out, ledger), states, [Path(p) for p in paths],

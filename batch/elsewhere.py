@@ -49,12 +49,11 @@ class Earlier(NamedTuple):
     def born(self) -> Born:
         """How this photo's job starts: done, its outputs copies of the saved result; or,
         with none to copy, rejected with why. Neither is paid for again."""
+        before = f"retouched before into {shown(str(self.folder))}, under the same options"
         if self.output is not None:
-            return Born(JobState.DONE, f"retouched before into {shown(str(self.folder))}, under "
-                        "the same options: its result is copied from there, not paid for again "
-                        "(--pay-again buys it again)", result_sha256=self.result_sha256)
-        return Born(JobState.REJECTED, f"retouched before into {shown(str(self.folder))}, "
-                    "under the same options, but its result is no longer there (moved or "
+            return Born(JobState.DONE, f"{before}: its result is copied from there, not paid "
+                        "for again (--pay-again buys it again)", result_sha256=self.result_sha256)
+        return Born(JobState.REJECTED, f"{before}, but its result is no longer there (moved or "
                     "deleted): not paid for again (--pay-again buys it again)",
                     RETOUCHED_ELSEWHERE)
 

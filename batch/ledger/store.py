@@ -342,11 +342,11 @@ class LedgerGone(RuntimeError):
                          "unmounted?). What was paid for is recorded in it")
 
 
-def _unwritable(error: DBAPIError) -> LedgerUnwritable | None:
+def _unwritable(error: BaseException) -> LedgerUnwritable | None:
     """The write's failure as a stop with its cause: SQLite's SQLITE_FULL or PostgreSQL's
     disk_full (SQLSTATE 53100); SQLite's I/O error or read-only database (a failing drive,
     one the system made read-only after errors, a file made read-only). None otherwise."""
-    orig = error.orig
+    orig = getattr(error, "orig", None)
     code = getattr(orig, "sqlite_errorcode", 0) & 0xFF
     if code == sqlite3.SQLITE_FULL or getattr(orig, "sqlstate", None) == "53100":
         return LedgerUnwritable()
@@ -766,8 +766,7 @@ class Ledger:
                     try:
                         write.run(conn)
                     except Exception as exc:
-                        if self.away(exc) or (isinstance(exc, DBAPIError)
-                                              and _unwritable(exc) is not None):
+                        if self.away(exc) or _unwritable(exc) is not None:
                             raise  # the whole transaction again, or none of it
                         savepoint.rollback()
                         outcomes[index] = exc

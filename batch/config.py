@@ -416,11 +416,12 @@ def prepare_out(config: RunConfig) -> Path:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out / STATE_DIR):
             pass
-        if not os.access(out, os.W_OK | os.X_OK):  # its state folder may be writable alone
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         raise ConfigError(f"cannot write to the output folder {config.out}: "
                           f"{exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # its state folder may be writable alone
+        raise ConfigError(f"cannot write to the output folder {config.out}: "
+                          f"{os.strerror(errno.EACCES)}")
     if (short := short_of_room(config.written_folders)) is not None:
         raise ConfigError(f"{short}: free some space first")
     return out

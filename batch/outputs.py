@@ -215,9 +215,11 @@ def folder_refused(out_dir: Path, rel_folder: str) -> str | None:
     """Why the output's folder under ``out_dir`` (which the run's start checked) would not take
     it: the nearest one of its folders that is there is a file, or this user may not write in
     it (another user's, a mount read-only)."""
+    if not rel_folder:
+        return None
     top = os.fspath(out_dir)
     folder = os.path.join(top, rel_folder)
-    while len(folder) > len(top) and rel_folder:
+    while folder != top:
         if os.path.isdir(folder):
             if os.access(folder, os.W_OK | os.X_OK):
                 return None

@@ -21,6 +21,16 @@ STATE_DIR = ".skinbatch"
 NAME_MAX = 255
 
 IGNORED, IMAGE, OTHER = 0, 1, 2
+#: Folders a NAS or an operating system keeps in a shared folder or at a drive's top: previews
+#: (Synology's @eaDir holds several JPEG thumbnails of every photo beside it), recycle bins and
+#: snapshots (culled photos, and copies of the shoot as it was), and fsck's lost+found (only
+#: root may read it). Never the shoot, and every photo in them would be paid for. Compared
+#: case-blind: Windows names its bin $Recycle.Bin on one drive and $RECYCLE.BIN on another.
+SYSTEM_FOLDERS = frozenset(name.casefold() for name in (
+    "@eaDir", "#recycle", "#snapshot",  # Synology
+    "@Recycle", "@Recently-Snapshot",  # QNAP
+    "$RECYCLE.BIN", "RECYCLER", "RECYCLED", "System Volume Information",  # Windows
+    "lost+found"))
 NOT_UTF8 = ("its path is not valid UTF-8 text (a name written in another system's encoding, "
             "shown with the odd bytes as \\x..): rename it to process it")
 
@@ -67,6 +77,12 @@ def name_kind(name: str) -> int:
         return IGNORED
     dot = lower.rfind(".")
     return IMAGE if dot > 0 and lower[dot:] in IMAGE_SUFFIXES else OTHER
+
+
+def folder_skipped(name: str) -> bool:
+    """A folder the walk passes over in silence, as hidden: a temporary or hidden name, or
+    one of :data:`SYSTEM_FOLDERS`. Given as a SOURCE of its own, it is walked."""
+    return name_kind(name) == IGNORED or name.casefold() in SYSTEM_FOLDERS
 
 
 def output_name(naming: str, name: str) -> str:

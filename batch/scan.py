@@ -38,13 +38,13 @@ from batch.ledger.store import (
 )
 from batch.names import (
     DEFAULT_NAMING,
-    IGNORED,
     IMAGE,
     IMAGE_SUFFIXES,
     NAME_MAX,
     NOT_UTF8,
     RAW_SUFFIXES,
     STATE_DIR,
+    folder_skipped,
     is_utf8,
     name_kind,
     output_rel,
@@ -250,8 +250,9 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
     output (a source's parent given, with last month's results in it), whose photos are
     retouched already; and a link to a folder outside the source, which could reach far
     more photos than the source shows (a whole archive), each paid for. A link to a folder
-    inside the source is passed over: its photos are scanned in their own place. A folder
-    that cannot be listed is listed in ``unreadable``, with why."""
+    inside the source is passed over: its photos are scanned in their own place, and so are,
+    in silence, hidden and system folders (:func:`batch.names.folder_skipped`). A folder that
+    cannot be listed is listed in ``unreadable``, with why."""
     excluded = {str(p.resolve()) for p in exclude}
     base = str(root.path.resolve())
     left_out = [] if left_out is None else left_out
@@ -297,7 +298,7 @@ def _sorted(listing: list[os.DirEntry[str]], rel_dir: str, settings: FolderSetti
                 left_out.append(link)
         elif not is_dir:
             files.append(entry)
-        elif name_kind(entry.name) != IGNORED and entry.path not in excluded:
+        elif not folder_skipped(entry.name) and entry.path not in excluded:
             subfolders.append(entry)
     return settings, files, subfolders, results
 
@@ -320,7 +321,7 @@ def _link_left_out(entry: os.DirEntry[str], base: str,
     """A link to a folder outside the source (and outside --out), with the words that say why
     it is left out; None for one to a folder inside it, whose photos are scanned there."""
     target = os.path.realpath(entry.path)
-    if name_kind(entry.name) == IGNORED or any(
+    if folder_skipped(entry.name) or any(
             Path(target).is_relative_to(folder) for folder in (base, *excluded)):
         return None
     return entry.path, linked_folder_left_out(entry.path, target)

@@ -579,6 +579,42 @@ def test_a_folder_this_user_cannot_read_is_named_not_skipped_in_silence(
     assert "unreadable" not in run_cli(["status", "--out", str(out)], None).stdout
 
 
+def test_a_nas_shares_system_folders_are_not_the_shoot(tmp_path: Path,
+                                                     emulator: Emulator) -> None:
+    """A Synology share keeps several JPEG previews of each photo in @eaDir beside it, its
+    culled photos in #recycle and copies of the shoot in #snapshot; a QNAP, a drive used on
+    Windows and an ext4 drive's top have theirs. Each photo in them was paid for, and
+    lost+found (root's alone) was listed as unreadable, exit 1, every night. Only the shoot
+    is sent now; such a folder given as a SOURCE of its own is sent."""
+    share, out = tmp_path / "share", tmp_path / "out"
+    write_portrait(share / "shoot" / "IMG_1.jpg", seed=1)
+    system = ["shoot/@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_XL.jpg",
+              "shoot/@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_M.jpg", "#recycle/culled.jpg",
+              "#snapshot/GMT+01_2026-12-01-03h00m/shoot/IMG_0.jpg", "@Recycle/old.jpg",
+              "@Recently-Snapshot/GMT+01_2026-12-01/shoot/IMG_0.jpg",
+              "$RECYCLE.BIN/S-1-5-21-1000/$RA1B2C3.jpg", "System Volume Information/tmp.jpg",
+              "lost+found/#131074.jpg"]
+    for seed, rel in enumerate(system, start=2):
+        write_portrait(share / rel, seed=seed)
+    (share / "lost+found").chmod(0o700)
+    (share / "lost+found" / "#131074.jpg").chmod(0)
+    (share / "lost+found").chmod(0)
+    try:
+        result = run_cli(["run", str(share), "--out", str(out), "--smart-skin", *FAST_FLAGS],
+                         emulator, as_plain_user=True)
+    finally:
+        (share / "lost+found").chmod(0o700)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "unreadable" not in result.stdout + result.stderr
+    assert emulator.stats["charged"] == 1
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")
+                  if ".skinbatch" not in p.parts) == ["shoot/IMG_1.jpg"]
+    given = run_cli(["run", str(share / "#recycle"), "--out", str(tmp_path / "restored"),
+                     "--smart-skin", *FAST_FLAGS], emulator)
+    assert given.returncode == 0, given.stdout + given.stderr
+    assert (tmp_path / "restored" / "culled.jpg").is_file() and emulator.stats["charged"] == 2
+
+
 def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
         tmp_path: Path, emulator: Emulator) -> None:
     """The README's first command (--emulator) and then the same command with a key: the

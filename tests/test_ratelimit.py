@@ -94,8 +94,12 @@ def test_a_ceiling_holds_and_caps_what_is_learned(tmp_path: Path, emulator: Emul
     result = run_cli(["run", str(src), "--out", str(out), *FLAGS, "--max-qps", "6"], emulator)
     assert result.returncode == 0, result.stderr
     assert_outputs_right(out, sources, emulator)
-    # One token in hand plus six a second; a request may reach the server a little late.
-    assert emulator.state.busiest_second() <= 8
+    # Each request books a moment 1/6 s after the last one's. It reaches the server's count a
+    # little after its moment, the later the busier the machine, so a few may bunch in one
+    # second; over the run, the pace is the ceiling's.
+    accepted = sorted(emulator.state.accepted)
+    assert (len(accepted) - 1) / (accepted[-1] - accepted[0]) <= 6 * 1.1
+    assert emulator.state.busiest_second() <= 12
     assert learned(out)[0] <= 6
 
 

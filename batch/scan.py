@@ -18,8 +18,8 @@ import os
 import stat
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +218,8 @@ class Folder:
     #: Every file directly in it but dot-files: the folder digest sums them all up, so an
     #: unchanged folder is skipped without looking at the names.
     files: list[os.DirEntry[str]]
+    #: The names of the subfolders walked.
+    subfolders: list[str]
 
     def images(self) -> list[os.DirEntry[str]]:
         return [entry for entry in self.files if name_kind(entry.name) == IMAGE]
@@ -269,7 +271,7 @@ def folders(root: SourceRoot, options: Options, exclude: tuple[Path, ...] = (),
             continue
         for sub in subfolders:
             stack.append((sub.path, f"{rel_dir}/{sub.name}" if rel_dir else sub.name, settings))
-        yield Folder(directory, rel_dir, settings, files)
+        yield Folder(directory, rel_dir, settings, files, [sub.name for sub in subfolders])
 
 
 def _sorted(listing: list[os.DirEntry[str]], rel_dir: str, settings: FolderSettings, base: str,
@@ -470,6 +472,16 @@ def read_files(paths: list[str], prepare: PrepareSettings | None, by_image: bool
     return reads
 
 
+def _below(recorded: Iterable[str]) -> dict[str, set[str]]:
+    """For each folder, the names of its subfolders that hold or lead to a recorded folder."""
+    below: dict[str, set[str]] = defaultdict(set)
+    for rel_dir in recorded:
+        parts = rel_dir.split("/") if rel_dir else []
+        for depth, name in enumerate(parts):
+            below["/".join(parts[:depth])].add(name)
+    return below
+
+
 @dataclass(slots=True)
 class _Batch:
     """Files recorded in one transaction (as the walk saw them, with their paths), and the
@@ -584,13 +596,19 @@ class _RootScan:
     def _tree(self, stored: dict[str, tuple[str, int]]) -> set[str]:
         fresh = not stored and not self.ledger.has_files(self.key)
         seen: set[str] = set()
+        below = _below(stored)
         for folder in folders(self.root, self.options, self.exclude,
                               self.stats.left_out, self.stats.unreadable_folders):
             if self.should_stop():
                 self.stopped = True
                 break
             seen.add(folder.rel_dir)
-            if not folder.files:
+            # A source with nothing in it may be the mount point of a share not mounted: what
+            # it held is not taken for gone. Below it, a folder emptied is one culled.
+            bare_root = not (folder.rel_dir or folder.files or folder.subfolders)
+            if not bare_root:
+                self._forget_gone(folder, below.get(folder.rel_dir, set()))
+            if not folder.files and (bare_root or folder.rel_dir not in stored):
                 continue
             digest = folder.digest(self.root.out_prefix)
             last = stored.get(folder.rel_dir)
@@ -622,6 +640,15 @@ class _RootScan:
             if known:  # what is left of them is gone from this folder
                 self.ledger.forget_files(self.key, list(known))
         return seen
+
+    def _forget_gone(self, folder: Folder, recorded: set[str]) -> None:
+        """The ledger forgets the photos under a subfolder a complete scan recorded and that
+        is no longer one this folder's walk goes into (deleted, moved away, renamed, or
+        passed over now), as it does a photo gone from its folder: their jobs are not sent,
+        nor listed as needing a person, every night after."""
+        for name in recorded.difference(folder.subfolders):
+            self.ledger.forget_folder(self.key, f"{folder.rel_dir}/{name}" if folder.rel_dir
+                                      else name)
 
     def _one_name_each(self, candidates: list[ScannedFile],
                        known: dict[str, KnownFile]) -> list[ScannedFile]:

@@ -359,3 +359,47 @@ def test_files_gone_from_their_folder_are_forgotten_unless_a_paid_result_awaits_
         assert (counts["pending"], counts["queued"]) == (1, 1)
     finally:
         ledger.close()
+
+
+def test_folders_gone_or_emptied_are_forgotten_but_not_what_an_empty_source_held(
+        ledger_location: str, tmp_path: Path) -> None:
+    """A shoot moved away (with its subfolders), a folder renamed and one whose photos were
+    deleted: the next scan forgets their files, on both back-ends, but for a paid result not
+    saved yet. A source that comes up with nothing in it (a share's mount point with the
+    share not mounted) forgets nothing."""
+    src = tmp_path / "src"
+    layout = ["smith/a.jpg", "smith/day two/b.jpg", "smith/day two/in-flight.jpg",
+              "jones/c.jpg", "old name/d.jpg", "kept/e.jpg", "smithson/f.jpg"]
+    for seed, rel in enumerate(layout):
+        write_portrait(src / rel, seed=seed)
+    ledger = open_ledger(ledger_location)
+    root = str(src.resolve())
+
+    def recorded() -> list[str]:
+        return sorted(rel for folder in ("smith", "smith/day two", "jones", "old name",
+                                         "new name", "kept", "smithson")
+                      for rel in ledger.known_files(root, folder))
+
+    try:
+        scan(ledger, [SourceRoot(src)], FP)
+        paid = ledger.known_files(root, "smith/day two")["smith/day two/in-flight.jpg"].job_id
+        assert paid is not None
+        ledger.transition(paid, JobState.SUBMITTING, expect=JobState.PENDING)
+        ledger.transition(paid, JobState.QUEUED, expect=JobState.SUBMITTING, task_id="t1",
+                          charge=True)
+        (tmp_path / "archive").mkdir()
+        (src / "smith").rename(tmp_path / "archive" / "smith")
+        (src / "old name").rename(src / "new name")
+        (src / "jones" / "c.jpg").unlink()
+        scan(ledger, [SourceRoot(src)], FP)
+        assert recorded() == ["kept/e.jpg", "new name/d.jpg",
+                              "smith/day two/in-flight.jpg", "smithson/f.jpg"]
+        assert ledger.counts()["pending"] == 3 and ledger.counts()["queued"] == 1
+
+        for folder in list(src.iterdir()):  # the share is not mounted: an empty mount point
+            folder.rename(tmp_path / "archive" / folder.name)
+        scan(ledger, [SourceRoot(src)], FP)
+        assert recorded() == ["kept/e.jpg", "new name/d.jpg",
+                              "smith/day two/in-flight.jpg", "smithson/f.jpg"]
+    finally:
+        ledger.close()

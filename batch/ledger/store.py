@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Select,
@@ -188,6 +189,10 @@ WAITING_REASON = jobs.c.reason.like("not sent:%")
 #: Paid for (or being paid for), not saved, and no file wants it any more: its photo or its
 #: options changed after it was sent (see :meth:`Ledger._note_superseded`).
 SUPERSEDED = and_(jobs.c.state.in_([s.value for s in IN_FLIGHT]), ~WANTED)
+#: A file row the ledger may forget when its file is gone: none whose job is paid for and not
+#: saved yet, as that result is still saved (see :meth:`Ledger.forget_files`).
+FORGETTABLE = or_(files.c.job_id.is_(None), files.c.job_id.not_in(
+    select(jobs.c.id).where(jobs.c.state.in_([s.value for s in IN_FLIGHT]))))
 #: What became of such results, as the scan, ``status`` and the report say it.
 NOT_SAVED = ("not saved, as their photos or options changed after they were sent (each job's "
              "history in the ledger says which)")
@@ -571,18 +576,20 @@ class Ledger:
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(files.c.root == root)
         )
-        if rel_dir and self.engine.dialect.name == "sqlite":
-            # A range in binary order: the (root, rel_path) index answers it, and unlike
-            # SQLite's LIKE it tells "A/" from "a/".
-            query = query.where(files.c.rel_path > rel_dir + "/", files.c.rel_path < rel_dir + "0")
-        elif rel_dir:
-            query = query.where(files.c.rel_path.startswith(rel_dir + "/", autoescape=True))
-        else:
-            query = query.where(files.c.rel_path.not_like("%/%"))
+        query = query.where(self._under(rel_dir) if rel_dir else
+                            files.c.rel_path.not_like("%/%"))
         depth = len(rel_dir) + 1 if rel_dir else 0
         with self._read() as conn:
             return {row[0]: KnownFile(*row[1:]) for row in conn.execute(query)
                     if "/" not in row[0][depth:]}
+
+    def _under(self, rel_dir: str) -> ColumnElement[bool]:
+        """Files at any depth under the folder ``rel_dir`` of a root."""
+        if self.engine.dialect.name == "sqlite":
+            # A range in binary order: the (root, rel_path) index answers it, and unlike
+            # SQLite's LIKE it tells "A/" from "a/".
+            return and_(files.c.rel_path > rel_dir + "/", files.c.rel_path < rel_dir + "0")
+        return files.c.rel_path.startswith(rel_dir + "/", autoescape=True)
 
     def folder_digests(self, root: str) -> dict[str, tuple[str, int]]:
         """Each folder's digest and image count, as the last complete scan left them."""
@@ -667,13 +674,26 @@ class Ledger:
         ledger forgets them, so their jobs are neither sent nor listed as needing a person.
         Not those whose job is paid for and not saved yet: that result is still saved. A job
         left without files waits for one to come back (a restored photo is not paid again)."""
-        undelivered = select(jobs.c.id).where(jobs.c.state.in_([s.value for s in IN_FLIGHT]))
         with self._write(durable=False) as conn:
             for start in range(0, len(rel_paths), RECORD_CHUNK):
                 chunk = rel_paths[start:start + RECORD_CHUNK]
                 conn.execute(files.delete().where(
-                    files.c.root == root, files.c.rel_path.in_(chunk),
-                    or_(files.c.job_id.is_(None), files.c.job_id.not_in(undelivered))))
+                    files.c.root == root, files.c.rel_path.in_(chunk), FORGETTABLE))
+
+    def forget_files_write(self, file_ids: Collection[int]) -> Write:
+        """Files found gone when their photo's turn came (culled or moved away since the
+        scan), forgotten as :meth:`forget_files` forgets them."""
+        def run(conn: Connection) -> None:
+            conn.execute(files.delete().where(files.c.id.in_(list(file_ids)), FORGETTABLE))
+
+        return Write(run, durable=False)
+
+    def forget_folder(self, root: str, rel_dir: str) -> None:
+        """Every file under a folder gone from the source (deleted, moved away, renamed),
+        as :meth:`forget_files` forgets one."""
+        with self._write(durable=False) as conn:
+            conn.execute(files.delete().where(files.c.root == root, self._under(rel_dir),
+                                              FORGETTABLE))
 
     def _analyze(self) -> None:
         """PostgreSQL plans by the row counts ANALYZE last saw, and autovacuum runs it about

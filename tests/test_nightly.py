@@ -278,6 +278,50 @@ def test_photos_culled_from_the_shoot_are_not_sent_and_stop_being_problems(
                                if (src / name).exists()}, emulator)
 
 
+def test_a_shoot_folder_moved_away_or_emptied_is_not_a_problem_every_night_after(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """After a night stopped at its budget, the Smith shoot (with a product shot the API
+    found no face in) is moved to the archive, and the Jones shoot's photos are deleted:
+    their failed and waiting photos were listed, "the file disappeared after it was
+    scanned", exit 1, every night after. They are forgotten as culled photos are; the shoot
+    moved back sends what waits, and pays nothing again."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "smith" / "a.jpg", seed=1)
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(src / "smith" / "product.jpg")
+    write_portrait(src / "jones" / "c.jpg", seed=2)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    first = run_cli(args, emulator)
+    assert first.returncode == 1 and "product.jpg" in first.stdout, first.stdout
+    assert emulator.stats["charged"] == 2  # a photo with no face is refused, not charged
+    saved = (out / "smith" / "a.jpg").read_bytes()
+    write_portrait(src / "smith" / "day two" / "b.jpg", seed=3)
+    write_portrait(src / "jones" / "e.jpg", seed=4)
+    capped = run_cli([*args, "--max-credits", "0"], emulator)
+    assert capped.returncode == 1 and "budget reached" in capped.stdout, capped.stdout
+    (tmp_path / "archive").mkdir()
+    (src / "smith").rename(tmp_path / "archive" / "smith")
+    for photo in (src / "jones").iterdir():
+        photo.unlink()
+    write_portrait(src / "brown" / "d.jpg", seed=5)
+    for night in range(2):
+        result = run_cli([*args, "-q"], emulator)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), (night, result)
+    assert emulator.stats["charged"] == 3  # brown's photo
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert status["problems"] == [] and status["files"] == 1, status
+
+    (tmp_path / "archive" / "smith").rename(src / "smith")
+    back = run_cli(args, emulator)
+    assert emulator.stats["charged"] == 4  # day two's photo, waiting since the budget
+    assert back.returncode == 1, back.stdout + back.stderr
+    assert re.findall(r"^  (\w+) +(\S+):", back.stdout, re.M) == [
+        ("failed", str(src / "smith" / "product.jpg"))], back.stdout
+    assert (out / "smith" / "a.jpg").read_bytes() == saved
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")
+                  if ".skinbatch" not in p.parts) == [
+        "brown/d.jpg", "jones/c.jpg", "smith/a.jpg", "smith/day two/b.jpg"]
+
+
 @pytest.mark.parametrize(("change", "photos"), [("photo", 3), ("options", 22)])
 def test_a_paid_result_a_change_leaves_unsaved_is_said(
         tmp_path: Path, make_emulator: MakeEmulator, change: str, photos: int) -> None:

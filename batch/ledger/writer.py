@@ -61,6 +61,9 @@ class LedgerWriter:
         await self.commit(self.ledger.finish_download_write(job_id, result_sha256, outputs,
                                                             problems))
 
+    async def forget_files(self, file_ids: list[int]) -> None:
+        await self.commit(self.ledger.forget_files_write(file_ids))
+
     def close(self) -> None:
         """Commit what was handed over, then stop the thread."""
         if self._thread.is_alive():

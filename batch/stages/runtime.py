@@ -47,7 +47,7 @@ class SourceGone(FileNotFoundError):
     a share unmounted). A run stops: the photos not sent would be rejected one by one, and a
     result saved now would lack its photo's metadata (its colour profile, capture time,
     copyright) and the scaling back to its size, for good. A photo deleted from a folder
-    still there is rejected, or gets its result without them."""
+    still there is forgotten before it is sent, or gets its result without them."""
 
     def __init__(self, folder: str) -> None:
         super().__init__(errno.ENOENT, f"the source folder {folder} is gone (a drive "

@@ -56,6 +56,16 @@ PREFETCH = 64
 ROOM_TO_RESUME = 2 * MIN_FREE
 
 
+class PhotoGone(Exception):
+    """None of a job's photos is there any more, their source folder still is: culled or
+    moved away since the scan (a whole shoot moved to the archive). Their files are forgotten,
+    as the next scan would forget them, and the job waits for one to come back."""
+
+    def __init__(self, file_ids: list[int]) -> None:
+        super().__init__(file_ids)
+        self.file_ids = file_ids
+
+
 def upload_name(job: JobRow, prepared: Prepared) -> str:
     """The file name the upload carries: from the content, never from the user's names."""
     return f"{job.content_sha256[:16]}.{prepared.format.lower().replace('jpeg', 'jpg')}"
@@ -194,6 +204,10 @@ class Submitter:
         except Rejected as rejected:
             await self._reject(job, files, rejected)
             return
+        except PhotoGone as gone:  # the next scan would forget them: not the photo's fault
+            await rt.writes.forget_files(gone.file_ids)
+            rt.progress.dropped(uploaded=False)
+            return
         async with self.sending:
             await self._send(job, prepared, filename)
 
@@ -329,7 +343,9 @@ class Submitter:
                            "again", CHANGED)
         if (folder := source_gone(candidates)) is not None:
             raise SourceGone(folder)
-        raise Rejected("the file disappeared after it was scanned", UNREADABLE)
+        if not candidates:
+            raise Rejected("none of its files can be sent", UNREADABLE)
+        raise PhotoGone([f.id for f in candidates])
 
     async def _failed(self, job: JobRow, error: ApiError) -> None:
         rt = self.rt

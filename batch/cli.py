@@ -27,6 +27,7 @@ from batch.names import SHOWN, STATE_DIR
 from batch.outputs import unmounted_mount_point
 from batch.pipeline import RunReport, run_batch
 from batch.report import write_report
+from batch.requeue import dismiss as dismiss_jobs
 from batch.requeue import requeue
 from batch.roots import RootMap
 from batch.secret import Secret
@@ -285,7 +286,8 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
                "the scan was cut short: the next run looks at the rest")
     click.echo(
         f"skinbatch: {counts['done']} done, {counts['failed']} failed, "
-        f"{status.rejected} rejected, {status.unfinished} unfinished ({scanned}) "
+        f"{status.rejected} rejected{_dismissed(status)}, {status.unfinished} unfinished "
+        f"({scanned}) "
         f"in {report.seconds:.1f}s; credits charged this run: {report.charged} "
         f"(all runs: {status.charges})")
     for state, line in problems:
@@ -295,6 +297,10 @@ def _print_summary(report: RunReport, config: RunConfig, quiet: bool) -> None:
         click.echo(f"Report: open {config.report.resolve()} in a browser.")
     else:
         click.echo(f"Report: skinbatch report --out {config.out}")
+
+
+def _dismissed(status: StatusReport) -> str:
+    return f" ({len(status.dismissed)} of them dismissed)" if status.dismissed else ""
 
 
 def _problem_lines(status: StatusReport, out: Path) -> list[tuple[str, str]]:
@@ -394,6 +400,32 @@ def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous
                    "nothing was put back in line.", err=True)
         sys.exit(ExitCode.SOME_FAILED)
     click.echo(f"{moved} job(s) put back in line; run the same skinbatch run command again.")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--ledger", help="Ledger file or database URL.")
+@click.option("--root", "root_flags", multiple=True, metavar="NAME=PATH",
+              help="A source tree's name on a shared ledger, with its path on this machine "
+                   "(as given to run), to find PATHS under it.")
+@click.argument("paths", nargs=-1, required=True)
+@handle_errors
+def dismiss(out: Path, ledger: str | None, root_flags: tuple[str, ...],
+            paths: tuple[str, ...]) -> None:
+    """Accept the failed and rejected photos at PATHS (files, or folders: every one under
+    one) unretouched: they are no longer listed as needing a person, nor make a run exit 1.
+    retry --failed/--rejected sends one again."""
+    try:
+        root_map = RootMap.of(_roots(root_flags))
+    except ValueError as exc:
+        raise ConfigError(f"--root: {exc}") from None
+    done = dismiss_jobs(out, _ledger_location(out, ledger), [Path(p) for p in paths],
+                        root_map)
+    if done == 0:
+        click.echo(f"skinbatch: no failed or rejected photo matched {', '.join(paths)}; "
+                   "nothing was dismissed.", err=True)
+        sys.exit(ExitCode.SOME_FAILED)
+    click.echo(f"{done} photo(s) dismissed: no longer listed as needing a person.")
 
 
 @main.command()

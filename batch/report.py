@@ -76,6 +76,8 @@ def collect(ledger: Ledger, out_dir: Path) -> ReportData:
         row["options"] = _described(row["options_fp"]) if row["options_fp"] else ""
         row["state"] = row["state"] or "rejected"
         row["reason"] = row["problem"] or row["reason"] or ""
+        if row["dismissed_at"] is not None:
+            row["reason"] += " (dismissed: accepted unretouched)"
         expires = row["expires_at"]
         row["expires"] = datetime.fromtimestamp(expires).isoformat(timespec="minutes") \
             if expires else ""

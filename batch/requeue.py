@@ -1,10 +1,12 @@
-"""Putting jobs back in line: those a person chose (the ``retry`` command), and those whose
-file could not be read once it reads again."""
+"""What a person decides about the jobs listed as needing one: put back in line (the
+``retry`` command) or accepted unretouched (``dismiss``); and the jobs whose file could not be
+read, put back once it reads again."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from batch.ledger import Ledger, open_ledger
@@ -26,14 +28,36 @@ def requeue(out: Path, ledger_location: str, states: Iterable[JobState],
     chosen = frozenset(states)
     if not chosen or not chosen <= RETRYABLE:
         raise ValueError(f"only {', '.join(sorted(RETRYABLE))} jobs can be put back in line")
-    root_map = root_map or RootMap()
-    wanted = [root_map.key_for(str(p.resolve())) or str(p.resolve()) for p in paths]
+    with _ledger_of(out, ledger_location) as ledger:
+        return ledger.reset_jobs(chosen, "put back in line by skinbatch retry",
+                                 _named(paths, root_map))
+
+
+def dismiss(out: Path, ledger_location: str, paths: Sequence[Path],
+            root_map: RootMap | None = None) -> int:
+    """Mark the failed and rejected jobs of the files at ``paths`` (or in the folders there)
+    dismissed: accepted unretouched, no longer listed as needing a person, nor making a run
+    exit 1 (a product shot the API finds no face in). Returns how many."""
+    with _ledger_of(out, ledger_location) as ledger:
+        return ledger.dismiss(_named(paths, root_map),
+                              "dismissed by skinbatch dismiss: accepted unretouched")
+
+
+@contextlib.contextmanager
+def _ledger_of(out: Path, ledger_location: str) -> Iterator[Ledger]:
+    """The ledger, under the run lock so that no run changes its jobs meanwhile."""
     with RunLock(out.resolve(), ledger_location):
         ledger = open_ledger(ledger_location)
         try:
-            return ledger.reset_jobs(chosen, "put back in line by skinbatch retry", wanted)
+            yield ledger
         finally:
             ledger.close()
+
+
+def _named(paths: Sequence[Path], root_map: RootMap | None) -> list[str]:
+    """``paths`` as the ledger names them: under a tree's name where ``root_map`` names it."""
+    root_map = root_map or RootMap()
+    return [root_map.key_for(str(p.resolve())) or str(p.resolve()) for p in paths]
 
 
 def read_again(ledger: Ledger, root_map: RootMap) -> int:

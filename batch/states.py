@@ -63,6 +63,9 @@ OPEN: Final = frozenset({S.QUEUED, S.PROCESSING})
 IN_FLIGHT: Final = frozenset({S.SUBMITTING, S.QUEUED, S.PROCESSING, S.READY, S.DOWNLOADING})
 #: Needs a person or a policy before it can go on (listed as a problem).
 NEEDS_ATTENTION: Final = frozenset({S.FAILED, S.REJECTED, S.AMBIGUOUS, S.EXPIRED})
+#: Ended without a result for the photo itself (no face in a product shot): what a person
+#: may accept unretouched (``skinbatch dismiss``), so that it is no longer listed.
+DISMISSABLE: Final = frozenset({S.FAILED, S.REJECTED})
 #: What ``skinbatch retry`` may put back in line.
 RETRYABLE: Final = frozenset({S.FAILED, S.REJECTED, S.AMBIGUOUS, S.EXPIRED})
 #: Moves into these states need not wait for the disk: if a power cut loses one, the job is

@@ -54,6 +54,8 @@ class StatusReport:
     emulated: bool = False
     #: Of the charges, those for results not saved (see :meth:`Ledger.unsaved_charges`).
     unsaved: int = 0
+    #: The failed or rejected files a person accepted unretouched (not in ``problems``).
+    dismissed: list[str] = field(default_factory=list)
 
     @property
     def unfinished(self) -> int:
@@ -73,6 +75,7 @@ class StatusReport:
             "options": self.options,
             "unfinished": self.unfinished,
             "problems": [asdict(p) for p in self.problems],
+            "dismissed": self.dismissed,
             "metadata_removed_from_uploads": self.stripped,
             "prepared_before_upload": [{"path": path, "note": note}
                                        for path, note in self.prepared],
@@ -109,6 +112,10 @@ class StatusReport:
         if self.workers:
             lines.append("workers:")
             lines += [f"  {describe_worker(w, self.work.get(w.name, {}))}" for w in self.workers]
+        if self.dismissed:
+            lines.append(f"dismissed (accepted unretouched, not listed): {len(self.dismissed)} "
+                         "file(s); status --json lists them, retry --failed/--rejected PATHS "
+                         "sends one again")
         if self.problems:
             # Not "files": a folder a scan could not list, a source it did not finish, are here.
             lines.append(f"needing attention ({len(self.problems)}):")
@@ -161,6 +168,7 @@ def collect_status(ledger: Ledger) -> StatusReport:
         work=WorkerRecords(ledger).work() if ledger.shared else {},
         emulated=ledger.emulated(),
         unsaved=ledger.unsaved_charges(),
+        dismissed=ledger.dismissed(),
     )
 
 

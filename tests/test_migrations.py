@@ -124,9 +124,9 @@ def test_a_ledger_with_jobs_keeps_identifying_photos_by_their_files(ledger_locat
     finally:
         empty.close()
     engine = create_ledger_engine(ledger_location)
+    command.downgrade(alembic_config(engine), "0006")
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM meta"))
-        conn.execute(text("UPDATE alembic_version SET version_num = '0006'"))
         insert_waiting_job(conn)
     engine.dispose()
     paid_before = open_ledger(ledger_location)

@@ -793,6 +793,55 @@ def test_retry_of_a_folder_puts_back_the_photos_in_it(tmp_path: Path,
         ledger.close()
 
 
+def test_photos_a_person_dismissed_stop_making_every_night_fail(tmp_path: Path,
+                                                                emulator: Emulator) -> None:
+    """Product shots the API finds no face in, and a file that is no photo, stay in the
+    shoot: each night after exited 1 and its cron mail named them again. Dismissed (a folder
+    or a file), they are no longer listed nor make a night fail; status and the report still
+    account for them; retry sends one again, and what it finds is listed again."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_portrait(src / "a.jpg", seed=1)
+    (src / "products").mkdir()
+    for name, shade in (("bag.jpg", 40), ("shoe.jpg", 80)):
+        Image.new("RGB", (320, 240), (shade, 120, 150)).save(src / "products" / name)
+    (src / "notes.jpg").write_text("not a photo")
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 1
+    assert emulator.stats["submits"] == 3
+
+    folder = run_cli(["dismiss", "--out", str(out), str(src / "products")], None)
+    assert (folder.returncode, folder.stdout) == (
+        0, "2 photo(s) dismissed: no longer listed as needing a person.\n"), folder
+    night = run_cli([*args, "-q"], emulator)
+    assert night.returncode == 1 and "notes.jpg" in night.stderr, night.stderr
+    assert "bag.jpg" not in night.stderr and "shoe.jpg" not in night.stderr, night.stderr
+    assert run_cli(["dismiss", "--out", str(out), str(src / "notes.jpg")], None).returncode == 0
+    quiet = run_cli([*args, "-q"], emulator)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", ""), quiet
+    assert emulator.stats["submits"] == 3  # nothing sent again
+
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert status["problems"] == [] and status["dismissed"] == [
+        str(src / "notes.jpg"), str(src / "products" / "bag.jpg"),
+        str(src / "products" / "shoe.jpg")], status
+    assert "dismissed (accepted unretouched, not listed): 3 file(s)" in run_cli(
+        ["status", "--out", str(out)], None).stdout
+    assert run_cli(["report", "--out", str(out), "--format", "json"], None).returncode == 0
+    report = json.loads((out / "skinbatch-report.json").read_text())
+    assert sorted(Path(r["source"]).name for r in report["files"]
+                  if "(dismissed: accepted unretouched)" in r["reason"]) == [
+        "bag.jpg", "notes.jpg", "shoe.jpg"], report["files"]
+    again = run_cli(["dismiss", "--out", str(out), str(src / "a.jpg")], None)
+    assert again.returncode == 1 and "nothing was dismissed" in again.stderr, again
+
+    retried = run_cli(["retry", "--out", str(out), "--failed", str(src / "products" / "bag.jpg")],
+                      None)
+    assert retried.returncode == 0, retried.stderr
+    after = run_cli([*args, "-q"], emulator)
+    assert after.returncode == 1 and emulator.stats["submits"] == 4
+    assert "bag.jpg" in after.stderr and "shoe.jpg" not in after.stderr, after.stderr
+
+
 def test_json_logs_are_one_object_per_line(tmp_path: Path, emulator: Emulator) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     shoot(src, 2)

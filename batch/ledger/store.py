@@ -44,6 +44,7 @@ from batch import crashpoints
 from batch.ledger.guards import REFUSAL
 from batch.ledger.models import events, files, folders, jobs, meta
 from batch.states import (
+    DISMISSABLE,
     IN_FLIGHT,
     NEEDS_ATTENTION,
     REDONE_IF_LOST,
@@ -177,6 +178,7 @@ JOB_COLUMNS = [jobs.c[name] for name in JobRow.__slots__]
 FILE_COLUMNS = [files.c[name] for name in FileRow.__slots__]
 #: Columns a transition may set besides the state (never ``state``, ``id`` or the identity).
 TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expires_at",
+                               "dismissed_at",
                                "attempts", "next_attempt_at", "reason", "error_code",
                                "prepared", "stripped", "result_sha256"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
@@ -290,6 +292,14 @@ def _count_statement(states: frozenset[JobState], by_root: bool = False,
         jobs.c.state.in_(sorted(s.value for s in states)),
         REACHABLE if by_root else WANTED_HERE if away else WANTED,
         NOT_DELIVERED, *([REDONE] if redone else []))
+
+
+def _of_files_at(paths: Sequence[str]) -> ColumnElement[bool]:
+    """Jobs of the files at ``paths`` (as the ledger names them: absolute, or under a root's
+    name), or in the folders there (``smith`` is not ``smithson``)."""
+    full = files.c.root + "/" + files.c.rel_path
+    return jobs.c.id.in_(select(files.c.job_id).where(or_(
+        *[or_(full == p, func.substr(full, 1, len(p) + 1) == p + "/") for p in paths])))
 
 
 def _job(row: Any) -> JobRow:
@@ -935,10 +945,7 @@ class Ledger:
         if error_code is not None:
             query = query.where(jobs.c.error_code == error_code)
         if paths:
-            full = files.c.root + "/" + files.c.rel_path
-            matches = or_(*[or_(full == p, func.substr(full, 1, len(p) + 1) == p + "/")
-                            for p in paths])
-            query = query.where(jobs.c.id.in_(select(files.c.job_id).where(matches)))
+            query = query.where(_of_files_at(paths))
         with self._read() as conn:
             found = conn.execute(query).all()
         if not found:
@@ -947,10 +954,33 @@ class Ledger:
             outcomes = self.commit([self.transition_write(
                 job_id, JobState.PENDING, expect=JobState(state),
                 info=TransitionInfo(message=message), attempts=0, next_attempt_at=0.0,
-                reason=None, error_code=None) for job_id, state in found])
+                reason=None, error_code=None, dismissed_at=None) for job_id, state in found])
         except StaleTransition:  # the only one, moved meanwhile
             return 0
         return outcomes.count(None)
+
+    def dismiss(self, paths: Sequence[str], message: str) -> int:
+        """Mark the failed and rejected jobs of the files at ``paths`` (as :meth:`reset_jobs`
+        matches them) dismissed: a person accepts them unretouched, so they are no longer
+        listed as needing one. Their history says so. Returns how many were marked."""
+        now = time.time()
+        with self._write() as conn:
+            found = conn.execute(select(jobs.c.id, jobs.c.state).where(
+                jobs.c.state.in_([s.value for s in DISMISSABLE]),
+                jobs.c.dismissed_at.is_(None), _of_files_at(paths))).all()
+            for job_id, state in found:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(dismissed_at=now))
+                self._event(conn, job_id, state, state, 0, TransitionInfo(message=message), now)
+        return len(found)
+
+    def dismissed(self) -> list[str]:
+        """The files whose jobs a person dismissed (see :meth:`dismiss`)."""
+        query = (select(files.c.root, files.c.rel_path)
+                 .select_from(files.join(jobs, jobs.c.id == files.c.job_id))
+                 .where(jobs.c.dismissed_at.is_not(None))
+                 .order_by(files.c.root, files.c.rel_path))
+        with self._read() as conn:
+            return [f"{root.rstrip('/')}/{rel}" for root, rel in conn.execute(query)]
 
     # ---- what the stages claim ----------------------------------------------------------
 
@@ -1192,7 +1222,8 @@ class Ledger:
                    jobs.c.error_code, jobs.c.http_status, jobs.c.expires_at)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(or_(files.c.problem.is_not(None),
-                       jobs.c.state.in_([s.value for s in NEEDS_ATTENTION]), waiting, held))
+                       and_(jobs.c.state.in_([s.value for s in NEEDS_ATTENTION]),
+                            jobs.c.dismissed_at.is_(None)), waiting, held))
             .order_by(files.c.root, files.c.rel_path)
         )
         with self._read() as conn:
@@ -1229,7 +1260,7 @@ class Ledger:
                    files.c.problem, jobs.c.state, jobs.c.reason, jobs.c.error_code,
                    jobs.c.http_status, jobs.c.request_id, jobs.c.log_id, jobs.c.expires_at,
                    jobs.c.charges, jobs.c.options_fp, jobs.c.prepared, files.c.content_sha256,
-                   files.c.written_sha256)
+                   files.c.written_sha256, jobs.c.dismissed_at)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .order_by(files.c.root, files.c.rel_path)
         )

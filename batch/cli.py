@@ -123,8 +123,9 @@ def run_options(func: F) -> F:
                      help="Upload files with their EXIF/XMP/IPTC metadata (default: removed "
                           "before upload, put back on the results)."),
         click.option("--pay-again", is_flag=True, default=None,
-                     help="Send photos retouched before into another output folder, paid "
-                          "again (default: their results are copied from there)."),
+                     help="Send photos retouched before, paid again: into another output "
+                          "folder (default: their results are copied from there), or here "
+                          "under other options (default: held, their results kept)."),
         click.option("--emulator", is_flag=True,
                      help="Run against the bundled local emulator (no key, no credits); its "
                           "imitation results keep to their own --out."),

@@ -112,7 +112,8 @@ class RunConfig:
     #: The API is the bundled emulator (``--emulator``): its results are imitations, kept
     #: apart from the API's (see ``batch.pipeline.check_results_source``).
     bundled_emulator: bool = False
-    #: Send photos retouched before into another output folder (see ``batch.elsewhere``).
+    #: Send photos retouched before, paid again: into another output folder (see
+    #: ``batch.elsewhere``), or here under other options (see ``batch.scan``).
     pay_again: bool = False
 
     @property

@@ -24,7 +24,7 @@ from batch.ledger import Ledger, LedgerUnavailable, models, open_ledger
 from batch.ledger.engine import create_ledger_engine, shown
 from batch.ledger.migrate import HEAD_REVISION
 from batch.ledger.store import FileRow, JobRow
-from batch.options import NOTHING_ON, redone_words
+from batch.options import NOTHING_ON, held_words, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import COPIES_AT_ONCE, PrepareSettings, Rejected, preflight
@@ -230,13 +230,14 @@ def _scanned(ledger: Ledger, config: RunConfig, roots: list[SourceRoot],
     """The sources there scanned into the copy, and what the scan found to say of them."""
     stats = scan(ledger, roots, config.options, exclude=(config.out.resolve(),),
                  prepare=config.prepare, out_dir=config.out.resolve(),
-                 on_collision=config.on_collision, earlier=others)
+                 on_collision=config.on_collision, earlier=others, pay_again=config.pay_again)
     return Plan(files=ledger.file_count(), copied=stats.copied, notes=[
         *(f"{r.path} is {AWAY}: its photos wait for a run that finds it, and are not "
           "counted here." for r in gone),
         *(words for _, words in stats.left_out),
         *(f"{unreadable_words(*entry)}." for entry in stats.unreadable_folders),
         *(no_photos(ledger, root, config.options) for root in stats.empty_roots),
+        *([held_words(stats.held)] if stats.held else []),
         *([] if config.options.enabled else [NOTHING_ON])])
 
 

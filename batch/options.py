@@ -36,6 +36,15 @@ def redone_words(photos: int) -> str:
             "one (give the new options their own --out to keep both).")
 
 
+def held_words(photos: int) -> str:
+    """Said of photos retouched and saved under other options, which a scan holds back (see
+    ``batch.scan``): a changed option in a nightly config would resend the whole archive."""
+    return (f"{photos} photo(s) were retouched before under other options and are not sent "
+            "again unasked: each would be paid again, its new result replacing the saved one. "
+            "--pay-again sends them; or give the new options their own --out, to keep both; "
+            "or put the options back.")
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """Which of the API's nine retouching options are switched on."""

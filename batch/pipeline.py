@@ -32,7 +32,7 @@ from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
-from batch.options import NOTHING_ON, redone_words
+from batch.options import NOTHING_ON, held_words, redone_words
 from batch.outputs import clean_temp_files, tag_temp_files
 from batch.preflight import release_pixel_memory
 from batch.progress import Progress
@@ -338,7 +338,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING], reason))
     status = ledger.patiently(lambda: collect_status(ledger))
     message = _stop_message(rt)
-    return RunReport(_exit_code(rt, status), status, stats, recovered, message,
+    return RunReport(_exit_code(rt, status, stats), status, stats, recovered, message,
                      said=message is not None and message == rt.flags.fatal)
 
 
@@ -416,12 +416,14 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
             config.options,
             exclude=(rt.out_dir,), on_progress=recorded, prepare=config.prepare,
             should_stop=lambda: rt.flags.interrupted or rt.flags.abort, out_dir=rt.out_dir,
-            on_collision=config.on_collision, earlier=rt.elsewhere)
+            on_collision=config.on_collision, earlier=rt.elsewhere, pay_again=config.pay_again)
     except LedgerUnwritable as full:
         rt.fail_run(str(full))
         return ScanStats()
     crashpoints.reached("scanned")
     tell_left_out(rt.ledger, stats.left_out)
+    if stats.held:
+        log.warning("%s", held_words(stats.held))
     if not watching:
         for root in stats.empty_roots:
             log.warning("%s", no_photos(rt.ledger, root, config.options))
@@ -632,7 +634,7 @@ def _all_final(rt: Runtime) -> bool:
     return rt.count(active) == 0
 
 
-def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
+def _exit_code(rt: Runtime, status: StatusReport, scanned: ScanStats) -> ExitCode:
     if rt.flags.account_error is not None:
         return ExitCode.ACCOUNT
     if rt.flags.interrupted:
@@ -643,7 +645,7 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
         mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
         problems = [p for p in problems if p.path.startswith(mine)]
     if (rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems
-            or rt.away):
+            or rt.away or scanned.held):
         return ExitCode.SOME_FAILED
     return ExitCode.OK
 

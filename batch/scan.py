@@ -116,6 +116,8 @@ class ScanStats:
     copied: int = 0
     #: New or changed files left for a later pass (still being written, or not decodable yet).
     deferred: int = 0
+    #: Photos retouched and saved under other options, not sent again (see ``pay_again``).
+    held: int = 0
     #: Sources whose scan a stop cut short: their photos not looked at wait for the next scan.
     stopped: int = 0
     #: Source folders in which no photo was found (:func:`no_photos` says why).
@@ -432,7 +434,7 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
          prepare: PrepareSettings | None = None,
          should_stop: Callable[[], bool] | None = None,
          out_dir: Path | None = None, on_collision: str = "skip",
-         earlier: Elsewhere | None = None) -> ScanStats:
+         earlier: Elsewhere | None = None, pay_again: bool = False) -> ScanStats:
     """Walk the sources and bring the ledger up to date. ``settle`` (watch mode): a new or
     changed file is taken only once it has been still that long and decodes. ``prepare``: a
     new file preflight would refuse makes a rejected job, with the reason, never a pending
@@ -441,7 +443,9 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
     ``out_dir``: a file whose output that folder's disk would not take, or (``on_collision``
     "skip") whose output path holds a file skinbatch did not save, is refused before it is
     paid for. ``earlier``: a new photo another output folder holds retouched under the same
-    options is not paid for again (:meth:`_RootScan._retouched_before`)."""
+    options is not paid for again (:meth:`_RootScan._retouched_before`). Without
+    ``pay_again``, a photo retouched and saved under other options keeps its result and is not
+    sent again (:meth:`_RootScan._held`)."""
     stats = ScanStats()
     workers = workers or min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
     # Left by an error or Ctrl-C (a dry run's KeyboardInterrupt): the reads under way stop
@@ -454,7 +458,7 @@ def scan(ledger: Ledger, roots: list[SourceRoot], options: Options, *,
             for root in roots:
                 stats.add(_RootScan(ledger, pool, workers, root, options, exclude, on_progress,
                                     settle, prepare, lambda: left.is_set() or stop(), out_dir,
-                                    on_collision, earlier).run())
+                                    on_collision, earlier, pay_again).run())
         finally:
             left.set()
     return stats
@@ -523,11 +527,12 @@ class _RootScan:
                  options: Options, exclude: tuple[Path, ...],
                  on_progress: Callable[[int], None] | None, settle: float,
                  prepare: PrepareSettings | None, should_stop: Callable[[], bool],
-                 out_dir: Path | None, on_collision: str, earlier: Elsewhere | None) -> None:
+                 out_dir: Path | None, on_collision: str, earlier: Elsewhere | None,
+                 pay_again: bool) -> None:
         self.ledger, self.pool, self.root, self.options = ledger, pool, root, options
         self.exclude, self.on_progress, self.settle = exclude, on_progress, settle
         self.prepare, self.should_stop, self.out_dir = prepare, should_stop, out_dir
-        self.on_collision, self.earlier = on_collision, earlier
+        self.on_collision, self.earlier, self.pay_again = on_collision, earlier, pay_again
         #: Two photos of one output name: under "skip" the second paid result is refused,
         #: under "overwrite" it replaces the first's; only "suffix" gives each a name.
         self.one_name_each = on_collision != "suffix"
@@ -717,6 +722,8 @@ class _RootScan:
             if k.job_id is not None and k.options_fp == c.options_fp and k.out_rel == c.out_rel:
                 self._progress(1)
                 return
+            if self._held(c, k.content_sha256, k):
+                return
             c = c._replace(content_sha256=k.content_sha256)  # re-linked, not read again
         elif (self.settle and c.problem is None
               and not settled(path, c.mtime_ns, self.settle, time.time())):
@@ -727,6 +734,20 @@ class _RootScan:
         if len(self.batch) >= self.batch_size:
             self.batch_size = min(BATCH, self.batch_size * 2)
             self._send()
+
+    def _held(self, c: ScannedFile, content_sha256: str, k: KnownFile) -> bool:
+        """Whether a photo retouched and saved under other options is held back: not sent
+        again unasked (a changed option in a nightly config would resend the archive, each
+        photo's new result replacing the saved one), but with ``pay_again``, or when it has a
+        result under these options too. Its file keeps its job, and its folder is looked at
+        again by each scan, until the options go back or the run pays again."""
+        if (self.pay_again or k.job_state != JobState.DONE.value or k.options_fp == c.options_fp
+                or self.ledger.result_of(content_sha256, c.options_fp) is not None):
+            return False
+        self.stats.held += 1
+        self._spoil(c.rel_path)
+        self._progress(1)
+        return True
 
     def _send(self) -> None:
         """The current batch is complete: record the one before it (mostly hashed by now)."""

@@ -22,6 +22,7 @@ from watchdog.observers.polling import PollingObserver
 
 from batch.copies import materialize_copies
 from batch.elsewhere import tell_copied
+from batch.options import held_words
 from batch.requeue import read_again
 from batch.scan import ScanStats, SourceRoot, scan, tell_left_out, unreadable_words
 from batch.stages.runtime import Runtime
@@ -131,7 +132,8 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
     nudged = asyncio.Event()
     observer = _start_observer(roots, _Nudge(loop, nudged), settings.polling)
     missing: set[Path] = set()
-    said = _Said({f for f, _ in totals.left_out}, {f for f, _ in totals.unreadable_folders})
+    said = _Said({f for f, _ in totals.left_out}, {f for f, _ in totals.unreadable_folders},
+                 totals.held)
     log.info("Watching %s (settle %gs, full re-scan every %gs).",
              ", ".join(str(r.path) for r in roots), settings.settle, settings.rescan)
     try:
@@ -205,7 +207,8 @@ async def _scan_pass(rt: Runtime, settings: WatchSettings,
             scan, rt.ledger, reachable, rt.config.options, exclude=(rt.out_dir,),
             settle=settings.settle, prepare=rt.config.prepare, out_dir=rt.out_dir,
             on_collision=rt.config.on_collision, earlier=rt.elsewhere,
-            should_stop=lambda: rt.flags.interrupted or rt.flags.abort)
+            should_stop=lambda: rt.flags.interrupted or rt.flags.abort,
+            pay_again=rt.config.pay_again)
     except OSError:
         if all(os.path.exists(r.path) for r in reachable):
             raise
@@ -215,10 +218,11 @@ async def _scan_pass(rt: Runtime, settings: WatchSettings,
 @dataclass
 class _Said:
     """What a watch has said once and not again each pass: folders left out,
-    folders it cannot read."""
+    folders it cannot read, photos held back for their options (the most so far)."""
 
     left_out: set[str]
     unreadable: set[str]
+    held: int = 0
 
     def tell(self, rt: Runtime, stats: ScanStats) -> None:
         if new := [(f, words) for f, words in stats.left_out if f not in self.left_out]:
@@ -228,3 +232,6 @@ class _Said:
             if folder not in self.unreadable:
                 log.warning("%s.", unreadable_words(folder, why))
                 self.unreadable.add(folder)
+        if stats.held > self.held:
+            log.warning("%s", held_words(stats.held))
+            self.held = stats.held

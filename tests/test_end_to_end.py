@@ -190,8 +190,11 @@ def test_outputs_moved_out_of_out_after_delivery_are_not_bought_again(
     assert_outputs_right(other, {"a.jpg": data}, fresh)
 
 
-def test_changed_options_process_again_and_renames_do_not(
+def test_changed_options_are_held_until_paid_again_and_renames_do_not_pay(
         tmp_path: Path, emulator: Emulator) -> None:
+    """A rename pays nothing. Options changed (a nightly config edited) would pay again for
+    every photo retouched before, each new result replacing the saved one: such photos are
+    held, said by the dry run and the run (-q, cron), exit 1, until --pay-again sends them."""
     src, out = tmp_path / "src", tmp_path / "out"
     write_portrait(src / "a.jpg", seed=1)
     assert run_cli(["run", str(src), "--out", str(out), "--acne-removal", *FAST_FLAGS],
@@ -200,13 +203,22 @@ def test_changed_options_process_again_and_renames_do_not(
     assert run_cli(["run", str(src), "--out", str(out), "--acne-removal", *FAST_FLAGS],
                    emulator).returncode == 0
     assert emulator.stats["charged"] == 1
-    assert (out / "renamed.jpg").read_bytes() == (out / "a.jpg").read_bytes()
-    # Changed options pay again: said before (the dry run) and as the run starts (-q, cron).
+    saved = (out / "a.jpg").read_bytes()
+    assert (out / "renamed.jpg").read_bytes() == saved
     brighter = ["run", str(src), "--out", str(out), "--skin-brightening", *FAST_FLAGS]
+    held = ("1 photo(s) were retouched before under other options and are not sent again "
+            "unasked: each would be paid again, its new result replacing the saved one. "
+            "--pay-again sends them")
+    assert held in run_cli([*brighter, "--dry-run"], emulator).stdout
+    for night in range(2):  # said every night until someone decides
+        waiting = run_cli([*brighter, "-q"], emulator)
+        assert waiting.returncode == 1 and held in waiting.stderr, (night, waiting.stderr)
+    assert emulator.stats["charged"] == 1 and (out / "renamed.jpg").read_bytes() == saved
+    # Paid again on purpose: said before (the dry run) and as the run starts.
     words = ("1 photo(s) to pay for were retouched before under other options: changed options "
              "send a photo again, paid again, and its new result replaces the earlier one")
-    assert words in run_cli([*brighter, "--dry-run"], emulator).stdout
-    changed = run_cli([*brighter, "-q"], emulator)
+    assert words in run_cli([*brighter, "--pay-again", "--dry-run"], emulator).stdout
+    changed = run_cli([*brighter, "--pay-again", "-q"], emulator)
     assert changed.returncode == 0 and words in changed.stderr, changed.stderr
     assert emulator.stats["charged"] == 2
     assert {t.enabled for t in emulator.state.tasks.values()} == {

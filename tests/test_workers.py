@@ -481,7 +481,8 @@ def test_a_worker_started_with_other_options_is_refused_while_the_batch_runs(
     assert emulator.stats["charged"] == 12
     assert_outputs_right(out, sources, emulator)
     later = run_cli(["run", str(src), "--out", str(out), "--ledger", pg_url, "--worker-name",
-                     "b", "--smart-skin", "--max-qps", "100", *WORKER_FLAGS], emulator)
+                     "b", "--smart-skin", "--pay-again", "--max-qps", "100", *WORKER_FLAGS],
+                    emulator)
     assert later.returncode == 0, later.stderr
     assert "retouched before under other options" in later.stderr
     assert emulator.stats["charged"] == 24

@@ -113,6 +113,8 @@ class KnownFile(NamedTuple):
     options_fp: str | None
     out_rel: str
     written_rel: str | None
+    #: Its job's state (None without a job).
+    job_state: str | None
 
 
 class Superseded(NamedTuple):
@@ -582,7 +584,7 @@ class Ledger:
         query = (
             select(files.c.rel_path, files.c.size_bytes, files.c.mtime_ns,
                    files.c.content_sha256, files.c.job_id, files.c.problem, jobs.c.options_fp,
-                   files.c.out_rel, files.c.written_rel)
+                   files.c.out_rel, files.c.written_rel, jobs.c.state)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(files.c.root == root)
         )
@@ -590,7 +592,7 @@ class Ledger:
                             files.c.rel_path.not_like("%/%"))
         depth = len(rel_dir) + 1 if rel_dir else 0
         with self._read() as conn:
-            return {row[0]: KnownFile(*row[1:]) for row in conn.execute(query)
+            return {row[0]: KnownFile._make(row[1:]) for row in conn.execute(query)
                     if "/" not in row[0][depth:]}
 
     def _under(self, rel_dir: str) -> ColumnElement[bool]:

@@ -8,12 +8,12 @@ import shutil
 import time
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageCms, ImageDraw
 
 from batch.emulator import Emulator
 from tests.checks import assert_outputs_right, ledger_of, sha
 from tests.conftest import API_KEY, FAST_FLAGS, MakeEmulator, run_cli
-from tests.imagegen import mixed_tree, write_portrait
+from tests.imagegen import mixed_tree, portrait, write_portrait
 
 
 def file_mtimes(out: Path) -> dict[Path, int]:
@@ -225,6 +225,36 @@ def test_changed_options_are_held_until_paid_again_and_renames_do_not_pay(
         frozenset({"acne_removal"}), frozenset({"skin_brightening"})}
     again = run_cli([*brighter, "-q"], emulator)  # nothing more to pay: nothing said
     assert again.returncode == 0 and again.stderr == "", again.stderr
+
+
+def test_a_cutouts_result_keeps_its_transparency(tmp_path: Path, emulator: Emulator) -> None:
+    """Headshots cut out from their background for a web page: the API's docs do not say a
+    result keeps an alpha channel, and the emulator's, like a JPEG copy's, does not. Each
+    result gets its source's transparency back, in a PNG where it came back a JPEG, with its
+    colour profile; an opaque source's result is left as it came."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    masks = {}
+    for name, seed in (("headshot.png", 1), ("master.tif", 2)):
+        photo = portrait(seed=seed).convert("RGBA")
+        mask = Image.new("L", photo.size, 0)
+        ImageDraw.Draw(mask).ellipse((12, 8, photo.width - 12, photo.height - 8), fill=255)
+        photo.putalpha(mask)
+        photo.save(src / name, icc_profile=profile)
+        masks[name] = mask
+    portrait(seed=3).convert("RGBA").save(src / "opaque.png")
+    result = run_cli(["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for source, output in (("headshot.png", "headshot.png"), ("master.tif", "master.png")):
+        with Image.open(out / output) as saved:
+            assert (saved.format, saved.mode) == ("PNG", "RGBA")
+            assert saved.getchannel("A").tobytes() == masks[source].tobytes()
+            assert saved.info.get("icc_profile") == profile
+            with Image.open(src / source) as original:  # retouched, not the source again
+                assert saved.convert("RGB").tobytes() != original.convert("RGB").tobytes()
+    with Image.open(out / "opaque.png") as saved:
+        assert "A" not in saved.getbands()
 
 
 def test_bad_inputs_are_never_sent_and_are_named_with_reasons(

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy.exc import DBAPIError
 
-from batch import crashpoints, metadata, thumbnails
+from batch import crashpoints, metadata, thumbnails, transparency
 from batch.api import ApiError, ErrorKind
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow
@@ -239,9 +239,12 @@ class Downloader:
         photo = Path(targets[0].root, targets[0].rel_path)
         if source is None:
             log.warning("%s is gone: its result is saved without its metadata.", photo)
-        sha256 = downloaded_sha256
+        downloaded = result
+        if (cutout := self._with_transparency(source, photo, result, fmt)) is not None:
+            result, fmt = cutout
         if (carried := self._with_metadata(source, photo, result, fmt)) is not None:
-            result, sha256 = carried, hashlib.sha256(carried).hexdigest()
+            result = carried
+        sha256 = downloaded_sha256 if result is downloaded else hashlib.sha256(result).hexdigest()
         fd, temp = new_temp((self.rt.out_dir / targets[0].out_rel).parent,
                             Path(job.content_sha256).name)
         temps.append(temp)
@@ -264,6 +267,19 @@ class Downloader:
             except OSError:
                 continue
         return None
+
+    def _with_transparency(self, source: bytes | None, photo: Path, result: bytes, fmt: str
+                           ) -> tuple[bytes, str] | None:
+        """The result of a cutout with its source's transparency, in a format that holds it
+        (see ``batch.transparency``), or None to keep it as downloaded."""
+        if source is None:
+            return None
+        try:
+            return transparency.restored(source, result, fmt, self.rt.config.jpeg_quality)
+        except Exception as exc:  # as the metadata: no fault in it costs the result
+            log.warning("Could not put the transparency of %s back on its result: %s", photo,
+                        exc)
+            return None
 
     def _with_metadata(self, source: bytes | None, photo: Path, result: bytes, fmt: str
                        ) -> bytes | None:

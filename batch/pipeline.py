@@ -32,7 +32,7 @@ from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
-from batch.options import NOTHING_ON, held_words, redone_words
+from batch.options import NOTHING_ON, redone_words
 from batch.outputs import clean_temp_files, tag_temp_files
 from batch.preflight import release_pixel_memory
 from batch.progress import Progress
@@ -338,7 +338,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
             ledger.patiently(lambda: ledger.annotate_waiting([JobState.PENDING], reason))
     status = ledger.patiently(lambda: collect_status(ledger))
     message = _stop_message(rt)
-    return RunReport(_exit_code(rt, status, stats), status, stats, recovered, message,
+    return RunReport(_exit_code(rt, status), status, stats, recovered, message,
                      said=message is not None and message == rt.flags.fatal)
 
 
@@ -422,8 +422,6 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         return ScanStats()
     crashpoints.reached("scanned")
     tell_left_out(rt.ledger, stats.left_out)
-    if stats.held:
-        log.warning("%s", held_words(stats.held))
     if not watching:
         for root in stats.empty_roots:
             log.warning("%s", no_photos(rt.ledger, root, config.options))
@@ -634,7 +632,7 @@ def _all_final(rt: Runtime) -> bool:
     return rt.count(active) == 0
 
 
-def _exit_code(rt: Runtime, status: StatusReport, scanned: ScanStats) -> ExitCode:
+def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
     if rt.flags.account_error is not None:
         return ExitCode.ACCOUNT
     if rt.flags.interrupted:
@@ -643,9 +641,9 @@ def _exit_code(rt: Runtime, status: StatusReport, scanned: ScanStats) -> ExitCod
     if rt.ledger.shared:  # a worker answers for the files under its own roots
         unfinished = rt.count(UNFINISHED)
         mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
-        problems = [p for p in problems if p.path.startswith(mine)]
+        problems = [p for p in problems if p.path.startswith(mine) or p.path in rt.roots]
     if (rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems
-            or rt.away or scanned.held):
+            or rt.away):
         return ExitCode.SOME_FAILED
     return ExitCode.OK
 

@@ -69,7 +69,7 @@ def _described(options_fp: str) -> str:
 def collect(ledger: Ledger, out_dir: Path) -> ReportData:
     rows = ledger.report_rows()
     now = time.time()
-    attention = [{"source": p.path, "why": p.reason} for p in ledger.not_scanned()]
+    attention = [{"source": p.path, "why": p.reason} for p in ledger.scan_problems()]
     for row in rows:
         path = f"{row['root'].rstrip('/')}/{row['rel_path']}"
         row["source"] = path

@@ -50,7 +50,7 @@ from batch.names import (
     output_rel,
     shown,
 )
-from batch.options import Options
+from batch.options import Options, held_words
 from batch.outputs import folds_case, name_refused, sha256_file, taken_by_another
 from batch.preflight import (
     NO_HEIF,
@@ -580,6 +580,8 @@ class _RootScan:
             self.ledger.note_unreadable(self.key, [
                 ("" if folder == self.base else shown(os.path.relpath(folder, self.base)), why)
                 for folder, why in self.stats.unreadable_folders])
+            self.ledger.note_held(self.key, held_words(self.stats.held) if self.stats.held
+                                  else None)
             clean = {d: v for d, v in self.changed.items() if v is not None}
             stale = [d for d in stored if d not in seen or self.changed.get(d, "") is None]
             if clean or stale:
@@ -739,9 +741,12 @@ class _RootScan:
         """Whether a photo retouched and saved under other options is held back: not sent
         again unasked (a changed option in a nightly config would resend the archive, each
         photo's new result replacing the saved one), but with ``pay_again``, or when it has a
-        result under these options too. Its file keeps its job, and its folder is looked at
-        again by each scan, until the options go back or the run pays again."""
+        result under these options too, or when every option was off for its result (a
+        forgotten --smart-skin: that result is the photo, untouched). Its file keeps its job,
+        and its folder is looked at again by each scan, until the options go back or the run
+        pays again."""
         if (self.pay_again or k.job_state != JobState.DONE.value or k.options_fp == c.options_fp
+                or k.options_fp is None or not Options.from_fingerprint(k.options_fp).enabled
                 or self.ledger.result_of(content_sha256, c.options_fp) is not None):
             return False
         self.stats.held += 1

@@ -214,6 +214,9 @@ def test_changed_options_are_held_until_paid_again_and_renames_do_not_pay(
         waiting = run_cli([*brighter, "-q"], emulator)
         assert waiting.returncode == 1 and held in waiting.stderr, (night, waiting.stderr)
     assert emulator.stats["charged"] == 1 and (out / "renamed.jpg").read_bytes() == saved
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert [(p["path"], p["state"]) for p in status["problems"]] == [(str(src), "held")]
+    assert held in status["problems"][0]["reason"]
     # Paid again on purpose: said before (the dry run) and as the run starts.
     words = ("1 photo(s) to pay for were retouched before under other options: changed options "
              "send a photo again, paid again, and its new result replaces the earlier one")
@@ -225,6 +228,8 @@ def test_changed_options_are_held_until_paid_again_and_renames_do_not_pay(
         frozenset({"acne_removal"}), frozenset({"skin_brightening"})}
     again = run_cli([*brighter, "-q"], emulator)  # nothing more to pay: nothing said
     assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)[
+        "problems"] == []
 
 
 def test_a_cutouts_result_keeps_its_transparency(tmp_path: Path, emulator: Emulator) -> None:

@@ -788,9 +788,14 @@ def test_a_run_with_every_option_off_says_so_before_anything_is_sent(
     assert outputs(out) == ["acne/close-up.jpg", "portrait 0.jpg", "portrait 1.jpg"]
     assert sorted(sorted(t.enabled) for t in emulator.state.tasks.values()) == [
         [], [], ["acne_removal"]]
+    # The two results made with every option off are the photos untouched: sent again. The
+    # close-up's had acne removal: held until --pay-again, as any result under other options.
     again = run_cli(["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS],
                     emulator)
-    assert again.returncode == 0 and "No retouching option" not in again.stderr
+    assert again.returncode == 1 and "No retouching option" not in again.stderr
+    assert "1 photo(s) were retouched before under other options" in again.stderr
+    assert sorted(sorted(t.enabled) for t in emulator.state.tasks.values()) == [
+        [], [], ["acne_removal"], ["smart_skin"], ["smart_skin"]]
 
 
 def test_a_link_to_a_folder_in_a_source_is_said_not_passed_over(tmp_path: Path,

@@ -209,6 +209,8 @@ RUNS, RUN_STARTED, LAST_RUN = "runs", "run_started", "last_run"
 UNREADABLE = "unreadable_folders"
 #: The roots whose last scan a stop cut short (see ``Ledger.note_scan_cut``).
 CUT_SHORT = "scans_cut_short"
+#: What each root's last scan said of the photos it held back for a change of options.
+HELD = "photos_held"
 #: "file" where photos are identified by their files' whole bytes (see ``Ledger.image_identity``).
 IDENTITY = "identity"
 #: Rows per statement when a scan records files (SQLite binds at most 32,766 parameters).
@@ -559,6 +561,12 @@ class Ledger:
         until one ends, the photos it did not look at are in no count, so the morning's
         ``status`` and report say so (see :meth:`problems`)."""
         self._note_root(CUT_SHORT, root, cut)
+
+    def note_held(self, root: str, words: str | None) -> None:
+        """What the last whole scan of ``root`` said of the photos it held back for a change
+        of options (see ``batch.scan``), or None: a problem until none is (see
+        :meth:`problems`)."""
+        self._note_root(HELD, root, words)
 
     def _note_root(self, key: str, root: str, value: Any) -> None:
         """What the meta record ``key`` (one entry per root) says of ``root``; a false
@@ -1201,21 +1209,24 @@ class Ledger:
         with self._read() as conn:
             return conn.scalar(select(func.count()).select_from(files)) or 0
 
-    def not_scanned(self) -> list[Problem]:
-        """The roots whose last scan was cut short (see :meth:`note_scan_cut`) and the folders
-        the last scan of each root could not list (see :meth:`note_unreadable`)."""
+    def scan_problems(self) -> list[Problem]:
+        """The roots whose last scan was cut short (see :meth:`note_scan_cut`), the folders
+        the last scan of each root could not list (see :meth:`note_unreadable`), and the
+        photos it held back (see :meth:`note_held`)."""
         known = json.loads(self.get_meta(UNREADABLE) or "{}")
+        held = json.loads(self.get_meta(HELD) or "{}")
         return [Problem(root, "unscanned", "its last scan was cut short (a stop, the "
                         "deadline): the photos it did not look at are not counted here; the "
                         "next run reads them", None, None)
                 for root in sorted(json.loads(self.get_meta(CUT_SHORT) or "{}"))] + [
             Problem(f"{root.rstrip('/')}/{rel}" if rel else root, "unreadable",
                     unreadable_reason(why), None, None)
-            for root, entries in sorted(known.items()) for rel, why in entries]
+            for root, entries in sorted(known.items()) for rel, why in entries] + [
+            Problem(root, "held", words, None, None) for root, words in sorted(held.items())]
 
     def problems(self) -> list[Problem]:
         """Every file that did not (or cannot) end retouched, with its reason; first, what
-        the scans left out (see :meth:`not_scanned`)."""
+        the scans left out or held back (see :meth:`scan_problems`)."""
         waiting = and_(jobs.c.state == JobState.PENDING.value, WAITING_REASON)
         # A paid result whose download failed: its link's hours are counted.
         held = and_(jobs.c.state == JobState.READY.value, jobs.c.attempts > 0)
@@ -1230,7 +1241,7 @@ class Ledger:
         )
         with self._read() as conn:
             rows = conn.execute(query).all()
-        result = self.not_scanned()
+        result = self.scan_problems()
         for r in rows:
             path = f"{r.root.rstrip('/')}/{r.rel_path}"
             if r.problem is not None:

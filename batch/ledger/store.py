@@ -180,9 +180,8 @@ JOB_COLUMNS = [jobs.c[name] for name in JobRow.__slots__]
 FILE_COLUMNS = [files.c[name] for name in FileRow.__slots__]
 #: Columns a transition may set besides the state (never ``state``, ``id`` or the identity).
 TRANSITION_FIELDS = frozenset({"task_id", "result_urls", "submitted_at", "expires_at",
-                               "dismissed_at",
                                "attempts", "next_attempt_at", "reason", "error_code",
-                               "prepared", "stripped", "result_sha256"})
+                               "prepared", "stripped", "result_sha256", "dismissed_at"})
 #: The job is still wanted by some file (a correlated EXISTS: one index probe per job).
 WANTED = exists().where(files.c.job_id == jobs.c.id)
 #: A file outside the sources that are away (a drive not plugged in) wants the job.

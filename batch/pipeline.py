@@ -421,6 +421,8 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
         rt.fail_run(str(full))
         return ScanStats()
     crashpoints.reached("scanned")
+    if not stats.stopped:
+        await asyncio.to_thread(_forget_renamed, rt)
     tell_left_out(rt.ledger, stats.left_out)
     if not watching:
         for root in stats.empty_roots:
@@ -435,6 +437,20 @@ async def _scan(rt: Runtime, loop: asyncio.AbstractEventLoop, watching: bool) ->
                             rt.reaches, rt.elsewhere)
     rt.changed.set()
     return stats
+
+
+def _forget_renamed(rt: Runtime) -> None:
+    """A source folder an earlier run recorded that is not there, and whose photos this run's
+    sources hold: renamed or moved (``Smith`` become ``Smith wedding``). Its files are
+    forgotten, so that its photos are neither counted twice nor waited for every night after.
+    Not on a shared ledger, where another site's folder is not there on this machine."""
+    if rt.ledger.shared:
+        return
+    for root in rt.ledger.roots_moved_to([s.ledger_root for s in rt.sources]):
+        if not os.path.isdir(root):
+            log.info("%s is not there and its photos are under this run's sources now "
+                     "(renamed or moved?): forgotten.", root)
+            rt.ledger.forget_root(root)
 
 
 def _scanned(rt: Runtime, task: asyncio.Task[ScanStats], already: int) -> None:

@@ -322,6 +322,32 @@ def test_a_shoot_folder_moved_away_or_emptied_is_not_a_problem_every_night_after
         "brown/d.jpg", "jones/c.jpg", "smith/a.jpg", "smith/day two/b.jpg"]
 
 
+def test_a_source_folder_renamed_is_not_waited_for_every_night_after(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """"Smith" renamed "Smith wedding" after a night stopped at its budget, a photo culled
+    meanwhile: the old name was said to be "not there, its drive unplugged", its photo waited
+    for, exit 1, every night after, and status counted each photo twice. The old folder,
+    whose photos are under the new name, is forgotten; nothing is paid again."""
+    shoots, out = tmp_path / "shoots", tmp_path / "out"
+    write_portrait(shoots / "Smith" / "a.jpg", seed=1)
+    flags = ["--out", str(out), "--smart-skin", *FAST_FLAGS]
+    assert run_cli(["run", str(shoots / "Smith"), *flags], emulator).returncode == 0
+    write_portrait(shoots / "Smith" / "culled.jpg", seed=2)
+    assert run_cli(["run", str(shoots / "Smith"), *flags, "--max-credits", "0"],
+                   emulator).returncode == 1
+    (shoots / "Smith" / "culled.jpg").unlink()
+    (shoots / "Smith").rename(shoots / "Smith wedding")
+    write_portrait(shoots / "Smith wedding" / "b.jpg", seed=3)
+    renamed = ["run", str(shoots / "Smith wedding"), *flags]
+    assert run_cli(renamed, emulator).returncode in (0, 1)  # its uploads may meet the old name
+    night = run_cli([*renamed, "-q"], emulator)
+    assert (night.returncode, night.stdout, night.stderr) == (0, "", ""), night
+    assert emulator.stats["charged"] == 2  # a, then b
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert status["problems"] == [] and status["files"] == 2, status
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "b.jpg"]
+
+
 @pytest.mark.parametrize(("change", "photos"), [("photo", 3), ("options", 22)])
 def test_a_paid_result_a_change_leaves_unsaved_is_said(
         tmp_path: Path, make_emulator: MakeEmulator, change: str, photos: int) -> None:

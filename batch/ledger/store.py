@@ -699,6 +699,25 @@ class Ledger:
                 conn.execute(files.delete().where(
                     files.c.root == root, files.c.rel_path.in_(chunk), FORGETTABLE))
 
+    def roots_moved_to(self, roots: Sequence[str]) -> list[str]:
+        """The roots recorded besides ``roots`` with a photo whose job a file under one of
+        ``roots`` shares: the same photos, found under another folder's name."""
+        other = files.alias("other")
+        with self._read() as conn:
+            recorded = conn.scalars(select(files.c.root).distinct()).all()
+            return [root for root in recorded if root not in roots and conn.scalar(
+                select(other.c.id).join(files, files.c.job_id == other.c.job_id)
+                .where(other.c.root == root, files.c.root.in_(roots)).limit(1)) is not None]
+
+    def forget_root(self, root: str) -> None:
+        """A source folder gone for good (renamed, moved): its files, as :meth:`forget_files`
+        forgets them, and what its scans noted."""
+        with self._write(durable=False) as conn:
+            conn.execute(files.delete().where(files.c.root == root, FORGETTABLE))
+            conn.execute(folders.delete().where(folders.c.root == root))
+        for key in (UNREADABLE, CUT_SHORT, HELD):
+            self._note_root(key, root, None)
+
     def forget_files_write(self, file_ids: Collection[int]) -> Write:
         """Files found gone when their photo's turn came (culled or moved away since the
         scan), forgotten as :meth:`forget_files` forgets them."""

@@ -15,7 +15,7 @@ from batch.api.breaker import CircuitBreaker
 from batch.emulator import Emulator, Faults
 from batch.ledger.engine import create_ledger_engine, filesystem_type
 from tests.checks import assert_no_double_pay, assert_outputs_right, closed_port, ledger_of
-from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli
+from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, wait_for
 from tests.imagegen import write_portrait
 
 
@@ -142,6 +142,38 @@ def test_a_night_the_api_cannot_be_reached_fails_no_photo(tmp_path: Path) -> Non
     status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
     assert {k: n for k, n in status["counts"].items() if n} == {"pending": 6}, status["counts"]
     assert all("could not connect to the API" in p["reason"] for p in status["problems"])
+
+
+def test_an_api_outage_that_outlasts_the_attempts_fails_no_photo(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """The API's gateway answers everything 502 for longer than the attempts the breaker
+    spaces out: a photo at its attempt limit was failed, for a person to put back the next
+    morning. Now, the balance failing too, it is tried on, and sent once the API is back. A
+    photo whose upload fails while the API answers its balance still fails at the limit."""
+    emulator = make_emulator(faults=Faults(submit_5xx=1.0, credits_5xx=1.0))
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(4)}
+    config = tmp_path / "c.toml"
+    # One attempt each: a try that counted would fail the photo at once.
+    config.write_text("breaker_threshold = 2\nbreaker_cooldown = 0.2\nmax_attempts = 1\n"
+                      "backoff_base = 0.01\nbackoff_cap = 0.02\n")
+    args = ["run", str(src), "--out", str(out), "--config", str(config), *FAST_FLAGS]
+    proc = popen_cli(args, emulator)
+    try:
+        # Tries past the limit (or a run that failed its photos, and has ended).
+        assert wait_for(lambda: emulator.stats.get("submits", 0) >= 6 or proc.poll() is not None,
+                        timeout=60)
+    finally:
+        emulator.config.faults.submit_5xx = emulator.config.faults.credits_5xx = 0.0
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert emulator.stats["charged"] == 4
+    assert_outputs_right(out, sources, emulator)
+
+    emulator.config.faults.submit_5xx = 1.0  # the API up, this upload failing
+    write_portrait(src / "later.jpg", seed=9)
+    alone = run_cli(args, emulator)
+    assert alone.returncode == 1 and "gave up after" in alone.stdout, alone.stdout
 
 
 def test_a_deadline_during_an_outage_says_what_kept_the_photos_back(

@@ -223,10 +223,15 @@ class ApiHandler(_Handler):
                 self._reject(Rejection(429, apispec.RATE_LIMITED, "Request too frequent."),
                              {"Retry-After": "1"})
                 return
-            if self._common():
-                with state.lock:
-                    credits = state.credits
-                self._json(200, _envelope(200, data={"credits": credits}))
+            if not self._common():
+                return
+            if state.chance(faults.credits_5xx, "credits"):
+                state.stats["faults_5xx"] += 1
+                self._send(502, GATEWAY_HTML, "text/html")
+                return
+            with state.lock:
+                credits = state.credits
+            self._json(200, _envelope(200, data={"credits": credits}))
             return
         if parts.path != apispec.QUERY_PATH:
             self._reject(Rejection(404, apispec.AI_NOT_EXISTS, "No such API."))

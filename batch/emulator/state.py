@@ -48,6 +48,8 @@ class Faults:
     #: The first this many balance queries are answered 429 (a key shared with another
     #: client that is busy, as the night's run starts).
     credits_refused: int = 0
+    #: Balance queries answered 502 by the gateway (with ``submit_5xx``: the API down).
+    credits_5xx: float = 0.0
 
 
 @dataclass

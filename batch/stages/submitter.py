@@ -347,6 +347,19 @@ class Submitter:
             raise Rejected("none of its files can be sent", UNREADABLE)
         raise PhotoGone([f.id for f in candidates])
 
+    async def _api_down(self, error: ApiError) -> bool:
+        """Whether an upload's failure at its attempt limit is the API's, not the photo's: the
+        API fails a balance read too (which costs nothing), as its gateway does in an outage
+        that outlasts the attempts the breaker spaces out. The photo is then tried on, as
+        through a night the line is down, rather than failed for a person to put back."""
+        if error.kind not in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT):
+            return False
+        try:
+            await self.rt.client.credits()
+        except ApiError as health:
+            return health.kind in (ErrorKind.TRANSIENT, ErrorKind.UNREACHABLE)
+        return False
+
     async def _failed(self, job: JobRow, error: ApiError) -> None:
         rt = self.rt
         info = info_of(error)
@@ -370,7 +383,7 @@ class Submitter:
             delay = error.retry_after if error.retry_after is not None else rt.backoff(1)
             await rt.writes.transition(job.id, JobState.PENDING,
                                        next_attempt_at=time.time() + delay, info=info)
-        elif attempts >= rt.config.max_attempts:
+        elif attempts >= rt.config.max_attempts and not await self._api_down(error):
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,
                 info=TransitionInfo(http_status=error.http_status, error_code=error.code,

@@ -624,29 +624,36 @@ class _RootScan:
                 self.stats.unchanged += last[1]
                 self._progress(last[1])
                 continue
-            images = folder.images()
-            self.stats.found += len(images)
-            known: dict[str, KnownFile] = {}
-            if is_utf8(folder.rel_dir):  # else its files are rejected for their path
-                self.changed[folder.rel_dir] = None if digest is None else (digest, len(images))
-                if not fresh:
-                    known = self.ledger.known_files(self.key, folder.rel_dir)
-            candidates = [_candidate(self.key, self.base, self.root, entry, folder.rel_dir,
-                                     folder.settings, self.out_dir) for entry in images]
-            if self.one_name_each and folder.settings.naming != DEFAULT_NAMING:
-                candidates = _one_output_each(candidates, known)  # file names are unique
-            if self.folded is not None:
-                candidates = self._one_name_each(candidates, known)
-            for candidate, entry in zip(candidates, images, strict=True):
-                if self.should_stop():  # a folder of thousands of photos takes minutes
-                    self.stopped = True
-                    return seen
-                k = known.pop(candidate.rel_path, None)
-                self._note_taken(candidate, entry.path, k)
-                self._consider(candidate, entry.path, k)
-            if known:  # what is left of them is gone from this folder
-                self.ledger.forget_files(self.key, list(known))
+            if not self._look_into(folder, digest, fresh):
+                break
         return seen
+
+    def _look_into(self, folder: Folder, digest: str | None, fresh: bool) -> bool:
+        """A folder new or changed since the last complete scan, file by file; False when a
+        stop came in the middle of it."""
+        images = folder.images()
+        self.stats.found += len(images)
+        known: dict[str, KnownFile] = {}
+        if is_utf8(folder.rel_dir):  # else its files are rejected for their path
+            self.changed[folder.rel_dir] = None if digest is None else (digest, len(images))
+            if not fresh:
+                known = self.ledger.known_files(self.key, folder.rel_dir)
+        candidates = [_candidate(self.key, self.base, self.root, entry, folder.rel_dir,
+                                 folder.settings, self.out_dir) for entry in images]
+        if self.one_name_each and folder.settings.naming != DEFAULT_NAMING:
+            candidates = _one_output_each(candidates, known)  # file names are unique
+        if self.folded is not None:
+            candidates = self._one_name_each(candidates, known)
+        for candidate, entry in zip(candidates, images, strict=True):
+            if self.should_stop():  # a folder of thousands of photos takes minutes
+                self.stopped = True
+                return False
+            k = known.pop(candidate.rel_path, None)
+            self._note_taken(candidate, entry.path, k)
+            self._consider(candidate, entry.path, k)
+        if known:  # what is left of them is gone from this folder
+            self.ledger.forget_files(self.key, list(known))
+        return True
 
     def _forget_gone(self, folder: Folder, recorded: set[str]) -> None:
         """The ledger forgets the photos under a subfolder a complete scan recorded and that

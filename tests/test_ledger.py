@@ -45,6 +45,22 @@ class TestLedger:
         assert len(ledger.files_for_job(job.id)) in (1, 2)
         assert ledger.file_count() == 3
 
+    def test_a_dismissed_failure_is_no_problem_until_it_is_put_back(self, ledger: Ledger
+                                                                  ) -> None:
+        found = [scanned(rel, sha * 64) for rel, sha in (
+            ("products/bag.jpg", "a"), ("products/shoe.jpg", "b"), ("productsold/c.jpg", "c"))]
+        record(ledger, found, "100000000")
+        for job in ledger.jobs_in([JobState.PENDING]):
+            ledger.transition(job.id, JobState.FAILED, expect=JobState.PENDING,
+                              info=TransitionInfo(message="No face detected"))
+        assert ledger.dismiss(["/src/products"], "dismissed") == 2
+        assert ledger.dismiss(["/src/products"], "dismissed") == 0
+        assert ledger.dismissed() == ["/src/products/bag.jpg", "/src/products/shoe.jpg"]
+        assert [p.path for p in ledger.problems()] == ["/src/productsold/c.jpg"]
+        assert ledger.reset_jobs([JobState.FAILED], "again", ["/src/products/bag.jpg"]) == 1
+        assert ledger.dismissed() == ["/src/products/shoe.jpg"]
+        assert ledger.counts()["pending"] == 1
+
     def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
         assert record(ledger, [scanned("a.jpg", "a" * 64)], "010000000") == 1

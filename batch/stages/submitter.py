@@ -186,6 +186,9 @@ class Submitter:
 
     async def _submit(self, job: JobRow, files: list[FileRow]) -> None:
         rt = self.rt
+        if not files:  # forgotten since the claim (the scan found their folder gone): it waits
+            rt.progress.dropped(uploaded=False)
+            return
         try:
             candidates = [f for f in files if f.problem is None]
             async with self.preparing:

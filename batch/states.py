@@ -64,7 +64,7 @@ IN_FLIGHT: Final = frozenset({S.SUBMITTING, S.QUEUED, S.PROCESSING, S.READY, S.D
 #: Needs a person or a policy before it can go on (listed as a problem).
 NEEDS_ATTENTION: Final = frozenset({S.FAILED, S.REJECTED, S.AMBIGUOUS, S.EXPIRED})
 #: Ended without a result for the photo itself (no face in a product shot): what a person
-#: may accept unretouched (``skinbatch dismiss``), so that it is no longer listed.
+#: may accept unretouched (``skinbatch dismiss``), as no run would change the outcome.
 DISMISSABLE: Final = frozenset({S.FAILED, S.REJECTED})
 #: What ``skinbatch retry`` may put back in line.
 RETRYABLE: Final = frozenset({S.FAILED, S.REJECTED, S.AMBIGUOUS, S.EXPIRED})

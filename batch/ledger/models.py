@@ -70,8 +70,9 @@ jobs = Table(
     _nullable("stripped", Text),
     # The worker holding the job on a shared (PostgreSQL) ledger; None: anyone may take it.
     _nullable("owner", String(128)),
-    # When a person accepted the failed or rejected job unretouched: it is no longer listed
-    # as needing one (``skinbatch dismiss``); put back in line, it is not dismissed any more.
+    # Set (``skinbatch dismiss``) when a person accepts a failed or rejected job unretouched,
+    # so that a photo that will never be retouched does not fail every night; cleared when
+    # the job is put back in line.
     _nullable("dismissed_at", Float),
     UniqueConstraint("content_sha256", "options_fp"),
     Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),

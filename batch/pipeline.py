@@ -657,7 +657,7 @@ def _exit_code(rt: Runtime, status: StatusReport) -> ExitCode:
     if rt.ledger.shared:  # a worker answers for the files under its own roots
         unfinished = rt.count(UNFINISHED)
         mine = tuple(root.rstrip("/") + "/" for root in rt.roots)
-        problems = [p for p in problems if p.path.startswith(mine) or p.path in rt.roots]
+        problems = [p for p in problems if (p.path + "/").startswith(mine)]
     if (rt.flags.deadline_reached or rt.flags.fatal is not None or unfinished or problems
             or rt.away):
         return ExitCode.SOME_FAILED

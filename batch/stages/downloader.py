@@ -371,15 +371,11 @@ class Downloader:
         self.failing.pop(job.id, None)
 
     async def _api_answers(self) -> bool:
-        """Whether a connection to the API can be made now (a balance read, which costs
-        nothing). The result host alone out of reach is the path to it (a firewall, a DNS
-        filter) and ends the run; both out of reach is the line, which a run waits out as its
-        uploads do. An API that answers, even with an error, is reached: the line is up."""
-        try:
-            await self.rt.client.credits()
-        except ApiError as error:
-            return error.kind is not ErrorKind.UNREACHABLE
-        return True
+        """Whether a connection to the API can be made now. The result host alone out of reach
+        is the path to it (a firewall, a DNS filter) and ends the run; both out of reach is
+        the line, which a run waits out as its uploads do. An API that answers, even with an
+        error, is reached: the line is up."""
+        return await self.rt.balance_fails() is not ErrorKind.UNREACHABLE
 
     def _wait_for_the_line(self, job_id: int, since: float, error: ApiError) -> None:
         """Neither host answers: the result is tried on, with its count of tries begun again

@@ -207,6 +207,16 @@ class Runtime:
                                      soonest_expiry_first=soonest_expiry_first,
                                      owner=self.worker, roots=self.roots, away=self.away)
 
+    async def balance_fails(self) -> ErrorKind | None:
+        """How a balance read (which costs nothing) fails now, or None when it is answered:
+        what tells a request's failure from the API's or the line's (see the downloader's and
+        the submitter's attempt limits)."""
+        try:
+            await self.client.credits()
+        except ApiError as error:
+            return error.kind
+        return None
+
     async def goes_on_without(self, folder: str) -> bool:
         """Whether the run goes on without ``folder`` (a source, or the folder of photos an
         earlier command sent) that is not there: a run, while one of its sources is (a watch

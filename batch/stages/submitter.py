@@ -163,7 +163,8 @@ class Submitter:
         claimed = self.rt.claimable(self.states, wanted, exclude=exclude)
         files = ledger.files_of([job.id for job in claimed]) if claimed else {}
         local = self.rt.config.root_map.localize
-        self.waiting.extend((job, local(files.get(job.id, []))) for job in claimed)
+        # A job whose files the scan forgot since the claim (their folder gone) waits for one.
+        self.waiting.extend((job, local(files[job.id])) for job in claimed if files.get(job.id))
 
     def _drop_unsent(self) -> None:
         """Uploads have stopped (budget, clock, Ctrl-C, deadline): the ones still waiting for
@@ -186,9 +187,6 @@ class Submitter:
 
     async def _submit(self, job: JobRow, files: list[FileRow]) -> None:
         rt = self.rt
-        if not files:  # forgotten since the claim (the scan found their folder gone): it waits
-            rt.progress.dropped(uploaded=False)
-            return
         try:
             candidates = [f for f in files if f.problem is None]
             async with self.preparing:
@@ -352,16 +350,11 @@ class Submitter:
 
     async def _api_down(self, error: ApiError) -> bool:
         """Whether an upload's failure at its attempt limit is the API's, not the photo's: the
-        API fails a balance read too (which costs nothing), as its gateway does in an outage
+        API fails a balance read too, as its gateway does in an outage
         that outlasts the attempts the breaker spaces out. The photo is then tried on, as
         through a night the line is down, rather than failed for a person to put back."""
-        if error.kind not in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT):
-            return False
-        try:
-            await self.rt.client.credits()
-        except ApiError as health:
-            return health.kind in (ErrorKind.TRANSIENT, ErrorKind.UNREACHABLE)
-        return False
+        return error.kind in (ErrorKind.TRANSIENT, ErrorKind.NOT_SENT) and (
+            await self.rt.balance_fails() in (ErrorKind.TRANSIENT, ErrorKind.UNREACHABLE))
 
     async def _failed(self, job: JobRow, error: ApiError) -> None:
         rt = self.rt

@@ -19,8 +19,11 @@ import multipart
 from batch import apispec
 from batch.emulator.state import EmulatorConfig, EmulatorState, Rejection, Task
 
-GATEWAY_HTML = (b"<html><head><title>502 Bad Gateway</title></head><body><center>"
-                b"<h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>")
+#: What a gateway in front of the API answers for it: HTML, no JSON envelope.
+GATEWAY_PAGE = ("<html><head><title>{0}</title></head><body><center><h1>{0}</h1></center><hr>"
+                "<center>nginx</center></body></html>")
+GATEWAY_ERRORS = {502: "502 Bad Gateway", 503: "503 Service Unavailable",
+                  504: "504 Gateway Time-out"}
 
 
 def _envelope(status: int, code: str = "", message: str = "", **extra: Any) -> dict[str, Any]:
@@ -84,6 +87,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _reject(self, rejection: Rejection, headers: dict[str, str] | None = None) -> None:
         self._json(rejection.status, _envelope(rejection.status, rejection.code,
                                                rejection.message), headers)
+
+    def _gateway(self, status: int) -> None:
+        self._send(status, GATEWAY_PAGE.format(GATEWAY_ERRORS[status]).encode(), "text/html")
 
     def _drop(self) -> None:
         """Close the connection without an answer (a reset as the client sees it)."""
@@ -158,7 +164,7 @@ class ApiHandler(_Handler):
             return
         if state.chance(faults.submit_5xx, "submit"):
             state.stats["faults_5xx"] += 1
-            self._send(502, GATEWAY_HTML, "text/html")
+            self._gateway(502)
             return
         if state.chance(faults.submit_drop_before, "submit"):
             state.stats["drops_before_charge"] += 1
@@ -178,8 +184,7 @@ class ApiHandler(_Handler):
             return
         if state.chance(faults.submit_504_after, "submit"):
             state.stats["gateway_timeouts_after_charge"] += 1
-            self._send(504, GATEWAY_HTML.replace(b"502 Bad Gateway", b"504 Gateway Time-out"),
-                       "text/html")
+            self._gateway(504)
             return
         if state.chance(faults.malformed_json, "submit"):
             self._send(200, b'{"task_id": "', "application/json")
@@ -227,7 +232,7 @@ class ApiHandler(_Handler):
                 return
             if state.chance(faults.credits_5xx, "credits"):
                 state.stats["faults_5xx"] += 1
-                self._send(502, GATEWAY_HTML, "text/html")
+                self._gateway(502)
                 return
             with state.lock:
                 credits = state.credits
@@ -242,7 +247,7 @@ class ApiHandler(_Handler):
             return
         if state.chance(faults.query_5xx, "query"):
             state.stats["faults_5xx"] += 1
-            self._send(503, GATEWAY_HTML.replace(b"502 Bad", b"503 Unavailable"), "text/html")
+            self._gateway(503)
             return
         if state.chance(faults.query_drop, "query"):
             self._drop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -66,7 +67,10 @@ def test_watch_takes_files_as_they_arrive(tmp_path: Path, emulator: Emulator,
     assert_outputs_right(out, expected, emulator)
     assert emulator.stats["charged"] == len(expected), "each file exactly once, none half-read"
     assert " 0 failed, 0 rejected" in stdout
-    assert f"({len(expected)} files scanned, {len(expected)} read)" in stdout, stdout
+    # Each file read once, but the slow one again if its writer stalled past the settle time
+    # (a busy machine): it was not taken then, as it did not decode. The rescans read none.
+    scanned, read = map(int, re.search(r"\((\d+) files scanned, (\d+) read\)", stdout).groups())
+    assert scanned == len(expected) and len(expected) <= read <= len(expected) + 2, stdout
 
 
 def test_a_share_that_disappears_and_comes_back(tmp_path: Path, emulator: Emulator) -> None:

@@ -37,7 +37,7 @@ from batch.outputs import clean_temp_files, tag_temp_files
 from batch.preflight import release_pixel_memory
 from batch.progress import Progress
 from batch.report import write_report
-from batch.requeue import read_again
+from batch.requeue import read_again, try_again_given_up
 from batch.roots import RootMap
 from batch.scan import (
     ScanStats,
@@ -250,10 +250,12 @@ def _client(config: RunConfig, ledger: Ledger, worker: Worker) -> ApiClient:
 
 def _pick_up_leftovers(worker: Worker, out_dir: Path, root_map: RootMap) -> dict[str, int]:
     """What a run that died left: its half-done jobs made explicit again, its partial outputs
-    removed; and files an earlier run could not read are read again if they read now. Returns
-    the jobs moved, by the state they are in now."""
+    removed; files an earlier run could not read are read again if they read now, and photos
+    whose uploads the API failed are tried once more. Returns the jobs moved, by the state
+    they are in now."""
     recovered = worker.recover()
     read_again(worker.ledger, root_map)
+    try_again_given_up(worker.ledger)
     if worker.alone():  # another worker's downloads under way are not leftovers
         clean_temp_files(out_dir)
     tag_temp_files(worker.name)

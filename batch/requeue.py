@@ -1,6 +1,7 @@
 """What a person decides about the jobs listed as needing one: put back in line (the
-``retry`` command) or accepted unretouched (``dismiss``); and the jobs whose file could not be
-read, put back once it reads again."""
+``retry`` command) or accepted unretouched (``dismiss``); and what a run puts back itself: the
+jobs whose file could not be read, once it reads again, and those whose uploads the API
+failed, once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import Ledger, open_ledger
 from batch.locking import RunLock
 from batch.preflight import CHANGED, UNREADABLE
@@ -84,6 +86,20 @@ def read_again(ledger: Ledger, root_map: RootMap) -> int:
                               "before", readable, error_code=UNREADABLE)
     if moved:
         log.info("Reading again %d file(s) that could not be read before.", moved)
+    return moved
+
+
+def try_again_given_up(ledger: Ledger) -> int:
+    """Put back in line, at a run's start, the jobs whose uploads the API failed up to the
+    attempt limit in an earlier run (not charged): an outage of its backend behind a gateway
+    that answers fails no photo for good, and a photo the API fails each time is left for a
+    person once it has failed so twice. Returns how many jobs moved."""
+    moved = ledger.reset_jobs([JobState.FAILED], "tried once more: its uploads failed at the "
+                              "attempt limit in an earlier run", error_code=UPLOADS_FAILED,
+                              once=True)
+    if moved:
+        log.info("Trying once more %d photo(s) whose uploads the API failed at the attempt "
+                 "limit in an earlier run.", moved)
     return moved
 
 

@@ -128,7 +128,8 @@ def problem_words(problem: Problem) -> str:
     error's reason names both)."""
     if not problem.error_code or problem.error_code in problem.reason:
         return problem.reason
-    http = f", HTTP {problem.http_status}" if problem.http_status else ""
+    http = f"HTTP {problem.http_status}"
+    http = f", {http}" if problem.http_status and http not in problem.reason else ""
     return f"{problem.reason} [{problem.error_code}{http}]"
 
 

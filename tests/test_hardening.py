@@ -149,7 +149,9 @@ def test_an_api_outage_that_outlasts_the_attempts_fails_no_photo(
     """The API's gateway answers everything 502 for longer than the attempts the breaker
     spaces out: a photo at its attempt limit was failed, for a person to put back the next
     morning. Now, the balance failing too, it is tried on, and sent once the API is back. A
-    photo whose upload fails while the API answers its balance still fails at the limit."""
+    photo whose upload fails while the API answers its balance fails at the limit, and the
+    next run tries it once more (its backend may have been out behind a gateway that
+    answers); failing again there, it is left for a person."""
     emulator = make_emulator(faults=Faults(submit_5xx=1.0, credits_5xx=1.0))
     src, out = tmp_path / "src", tmp_path / "out"
     sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(4)}
@@ -163,6 +165,11 @@ def test_an_api_outage_that_outlasts_the_attempts_fails_no_photo(
         # Tries past the limit (or a run that failed its photos, and has ended).
         assert wait_for(lambda: emulator.stats.get("submits", 0) >= 6 or proc.poll() is not None,
                         timeout=60)
+        emulator.config.faults.submit_5xx = 0.0
+        # The balance fails on until every photo is sent: an upload answered 502 just before
+        # is judged at its limit while the API is still out, as it was.
+        assert wait_for(lambda: emulator.stats.get("charged", 0) >= 4 or proc.poll() is not None,
+                        timeout=60)
     finally:
         emulator.config.faults.submit_5xx = emulator.config.faults.credits_5xx = 0.0
     proc.communicate(timeout=60)
@@ -170,10 +177,31 @@ def test_an_api_outage_that_outlasts_the_attempts_fails_no_photo(
     assert emulator.stats["charged"] == 4
     assert_outputs_right(out, sources, emulator)
 
-    emulator.config.faults.submit_5xx = 1.0  # the API up, this upload failing
-    write_portrait(src / "later.jpg", seed=9)
+    # The API up, its uploads failing: the photo fails at the limit, and the next run tries
+    # it once more (its backend was out while the gateway in front answered the balance).
+    emulator.config.faults.submit_5xx = 1.0
+    sources["later.jpg"] = write_portrait(src / "later.jpg", seed=9)
     alone = run_cli(args, emulator)
-    assert alone.returncode == 1 and "gave up after" in alone.stdout, alone.stdout
+    assert alone.returncode == 1, alone.stdout
+    assert "gave up after 1 attempts (the next run tries it once more)" in alone.stdout
+    emulator.config.faults.submit_5xx = 0.0
+    back = run_cli(args, emulator)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert emulator.stats["charged"] == 5
+    assert_outputs_right(out, sources, emulator)
+
+    # A photo the API fails each time is tried in two runs, then left for a person.
+    emulator.config.faults.submit_5xx = 1.0
+    write_portrait(src / "poison.jpg", seed=10)
+    assert run_cli(args, emulator).returncode == 1
+    twice = run_cli(args, emulator)
+    assert twice.returncode == 1
+    assert "gave up after 1 attempts (given up in an earlier run too)" in twice.stdout
+    emulator.config.faults.submit_5xx = 0.0
+    submits = emulator.stats["submits"]
+    left = run_cli(args, emulator)
+    assert left.returncode == 1 and "poison.jpg" in left.stdout, left.stdout
+    assert emulator.stats["submits"] == submits and emulator.stats["charged"] == 5
 
 
 def test_a_deadline_during_an_outage_says_what_kept_the_photos_back(

@@ -13,8 +13,10 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import Ledger, ScannedFile, TransitionInfo, open_ledger
 from batch.ledger.store import RECORD_CHUNK, StaleTransition
+from batch.requeue import try_again_given_up
 from batch.states import TRANSITIONS, IllegalTransition, JobState, illegal_pairs
 from tests.dbproxy import DatabaseProxy
 
@@ -60,6 +62,26 @@ class TestLedger:
         assert ledger.reset_jobs([JobState.FAILED], "again", ["/src/products/bag.jpg"]) == 1
         assert ledger.dismissed() == ["/src/products/shoe.jpg"]
         assert ledger.counts()["pending"] == 1
+
+    def test_uploads_the_api_failed_are_tried_once_more_unless_dismissed(
+            self, ledger: Ledger) -> None:
+        record(ledger, [scanned(f"{c}.jpg", c * 64) for c in "abc"], "100000000")
+        a, b, c = (j.id for j in sorted(ledger.jobs_in([JobState.PENDING]),
+                                        key=lambda j: j.content_sha256))
+        gave_up = TransitionInfo(error_code=UPLOADS_FAILED, message="gave up after 5 attempts")
+        for job in (a, b, c):
+            ledger.transition(job, JobState.FAILED, info=gave_up)
+        assert ledger.dismiss(["/src/c.jpg"], "dismissed") == 1
+        assert try_again_given_up(ledger) == 2
+        assert ledger.states_of([a, b, c]) == {a: JobState.PENDING, b: JobState.PENDING,
+                                               c: JobState.FAILED}
+        assert ledger.failures_with(a, UPLOADS_FAILED) == 1
+        ledger.transition(a, JobState.FAILED, info=gave_up)  # so again: left for a person
+        ledger.transition(b, JobState.FAILED, info=TransitionInfo(
+            error_code="ERROR_NO_FACE_IN_FILE", message="No face detected"))
+        assert try_again_given_up(ledger) == 0
+        assert ledger.failures_with(a, UPLOADS_FAILED) == 2
+        assert set(ledger.states_of([a, b, c]).values()) == {JobState.FAILED}
 
     def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")

@@ -62,7 +62,7 @@ class ApiError(Exception):
         parts = [self.message]
         if self.code:
             parts.append(f"code {self.code}")
-        if self.http_status:
+        if self.http_status and f"HTTP {self.http_status}" not in self.message:
             parts.append(f"HTTP {self.http_status}")
         if ids:
             parts += [f"{k}={v}" for k, v in (("request_id", self.request_id),
@@ -87,6 +87,12 @@ def error_fields(body: dict[str, Any]) -> tuple[str, str, str, str]:
 #: The advice of an error that says the address is not the API's: no key or account is at
 #: fault then.
 CHECK_BASE = "check --api-base"
+
+#: The ``error_code`` of a job whose uploads the API failed (a 5xx, a body cut short: neither
+#: is a charge) up to the attempt limit while it answered otherwise: the backend out behind a
+#: gateway that answers, or the photo itself. The next run tries it once more, which tells
+#: the two apart without a person (see ``batch.requeue.try_again_given_up``).
+UPLOADS_FAILED = "UPLOADS_FAILED"
 
 ACCOUNT_CODES = frozenset({apispec.APPLICATION_NOT_EXISTS, apispec.USER_NOT_EXISTS,
                            apispec.USER_LOCKED, apispec.NOT_ENOUGH_CREDITS})

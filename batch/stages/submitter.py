@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from batch import crashpoints, thumbnails
 from batch.api import ApiError, ErrorKind
+from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import JobRow, TransitionInfo
 from batch.ledger.store import FileRow, StaleTransition
 from batch.options import Options
@@ -380,11 +381,13 @@ class Submitter:
             await rt.writes.transition(job.id, JobState.PENDING,
                                        next_attempt_at=time.time() + delay, info=info)
         elif attempts >= rt.config.max_attempts and not await self._api_down(error):
+            again = ("the next run tries it once more" if not rt.ledger.failures_with(
+                job.id, UPLOADS_FAILED) else "given up in an earlier run too")
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,
-                info=TransitionInfo(http_status=error.http_status, error_code=error.code,
+                info=TransitionInfo(http_status=error.http_status, error_code=UPLOADS_FAILED,
                                     request_id=error.request_id, log_id=error.log_id,
-                                    message=f"gave up after {attempts} attempts: "
+                                    message=f"gave up after {attempts} attempts ({again}): "
                                             f"{error.describe()}"))
             rt.progress.dropped(uploaded=False)
         else:

@@ -137,9 +137,10 @@ class Downloader:
             rt.expired()
             rt.changed.set()
             return
-        await rt.writes.transition(job.id, JobState.DOWNLOADING, expect=JobState.READY)
         temps: list[Path] = []
         try:
+            # Within the try: a stop that lands while this move is committed moves it back.
+            await rt.writes.transition(job.id, JobState.DOWNLOADING, expect=JobState.READY)
             await self._save(job, [f for f in files if f.problem is None], temps)
         except ApiError as error:
             await self._failed(job, files, error)

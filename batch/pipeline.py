@@ -28,7 +28,7 @@ from batch.config import ConfigError, RunConfig, check_paths, prepare_out, unrea
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, LedgerGone, LedgerUnwritable, open_ledger
-from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
+from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS, StaleTransition
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
@@ -49,7 +49,7 @@ from batch.scan import (
 )
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
-from batch.stages.runtime import GONE_RECHECK, WAITING_STOPS, Runtime, StopReason
+from batch.stages.runtime import GONE_RECHECK, WAITING_STOPS, QueuedTask, Runtime, StopReason
 from batch.stages.submitter import Submitter
 from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
 from batch.status import StatusReport, collect_status, rejected
@@ -116,10 +116,15 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
     mount point, start a new ledger there and pay again for every photo."""
     if config.api_key is None:
         raise ValueError("no API key")
+    unrecorded: list[QueuedTask] = []
     while True:
         try:
-            return _run_batch(config, watch)
+            return _run_batch(config, watch, unrecorded)
         except LedgerGone as gone:
+            if unrecorded and watch is None:
+                log.error("%d upload(s) were answered once the ledger had gone: the next run "
+                          "counts them ambiguous (tasks %s).", len(unrecorded),
+                          ", ".join(task.task_id for task in unrecorded))
             if watch is None:
                 raise
             log.error("%s: the watch waits for it to come back.", gone)
@@ -146,7 +151,8 @@ def _back(path: str) -> bool:
     return asyncio.run(wait())
 
 
-def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
+def _run_batch(config: RunConfig, watch: WatchSettings | None,
+               unrecorded: list[QueuedTask]) -> RunReport:
     check_paths(config)
     out_dir = prepare_out(config)
     started, started_at = time.monotonic(), datetime.now().astimezone()
@@ -164,7 +170,8 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None) -> RunReport:
             since = time.time()
             try:
                 with ledger.pinned():  # the event loop's own reads and claims
-                    report = asyncio.run(_run(config, ledger, out_dir, watch, worker))
+                    report = asyncio.run(_run(config, ledger, out_dir, watch, worker,
+                                              unrecorded))
             except Exception as error:
                 if (gone := ledger.gone()) is not None:
                     raise gone from error
@@ -248,6 +255,20 @@ def _client(config: RunConfig, ledger: Ledger, worker: Worker) -> ApiClient:
     return client
 
 
+def _record_answers(ledger: Ledger, unrecorded: list[QueuedTask]) -> None:
+    """The tasks of uploads answered once the ledger had gone (a watch waited for it to come
+    back), recorded before the start-up takes their jobs, still ``submitting``, for answers
+    lost and sends them again, paid again."""
+    recorded = 0
+    while unrecorded:
+        task = unrecorded.pop()
+        with contextlib.suppress(StaleTransition, KeyError):  # moved, or not this ledger's
+            ledger.transition(task.job_id, JobState.QUEUED, **task.move())
+            recorded += 1
+    if recorded:
+        log.warning("Recorded %d upload(s) answered while the ledger was away.", recorded)
+
+
 def _pick_up_leftovers(worker: Worker, out_dir: Path, root_map: RootMap) -> dict[str, int]:
     """What a run that died left: its half-done jobs made explicit again, its partial outputs
     removed; files an earlier run could not read are read again if they read now, and photos
@@ -267,13 +288,15 @@ def _pick_up_leftovers(worker: Worker, out_dir: Path, root_map: RootMap) -> dict
 
 
 async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
-               watch: WatchSettings | None, worker: Worker) -> RunReport:
+               watch: WatchSettings | None, worker: Worker,
+               unrecorded: list[QueuedTask]) -> RunReport:
     progress = Progress(config.progress)
     client = _client(config, ledger, worker)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
     rt = Runtime(ledger, client, config, out_dir, progress, breaker, LedgerWriter(ledger),
                  worker=worker.name, watching=watch is not None,
-                 sources=tuple(source_roots(config.sources, config.root_map)))
+                 sources=tuple(source_roots(config.sources, config.root_map)),
+                 unrecorded=unrecorded)
     to_send = submittable(config.on_ambiguous, config.on_expired)
     loop = asyncio.get_running_loop()
     shared_pace = None
@@ -283,6 +306,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     for sig in stops:
         loop.add_signal_handler(sig, rt.interrupt)
     try:
+        _record_answers(ledger, unrecorded)
         recovered = _pick_up_leftovers(worker, out_dir, config.root_map)
         rt.elsewhere, copied = elsewhere.at_start(ledger, config)
         elsewhere.tell_copied(copied)

@@ -491,7 +491,9 @@ def test_a_watch_waits_for_its_output_drive_to_come_back(
     remounted, a drive plugged in again) does not end it, whether or not its ledger lives
     there too. It sends nothing new meanwhile (a result could not be saved), keeps the result
     paid for before, creates nothing on the empty mount point, and saves them all once the
-    drive is back, leaving none of its temp files there."""
+    drive is back, leaving none of its temp files there. An upload charged before the unplug
+    and answered after it is not paid for again: its task, kept while the ledger was away,
+    is recorded once it is back."""
     emulator = make_emulator(process_seconds=2.0)  # a result still being made at the unplug
     src, out = tmp_path / "incoming", drive.mount_point / "retouched"
     src.mkdir()
@@ -501,9 +503,11 @@ def test_a_watch_waits_for_its_output_drive_to_come_back(
                       "--smart-skin", *ledger, *FAST_FLAGS], emulator)
     try:
         assert wait_for(lambda: all((out / name).exists() for name in sources), timeout=60)
+        emulator.config.answer_seconds = 3.0  # the upload's answer comes after the unplug
         sources["2.jpg"] = write_portrait(src / "2.jpg", seed=2)
         assert wait_for(lambda: emulator.stats["charged"] == 3, timeout=30)  # paid, not saved
         drive.unplug()
+        emulator.config.answer_seconds = 0.0
         sources["3.jpg"] = write_portrait(src / "3.jpg", seed=3)  # not sent meanwhile
         time.sleep(4)
         assert proc.poll() is None, "the watch must not end"
@@ -517,12 +521,13 @@ def test_a_watch_waits_for_its_output_drive_to_come_back(
         assert "ledger.sqlite is gone (its drive unplugged or its share unmounted?). What was " \
                "paid for is recorded in it: the watch waits for it to come back." in stderr
         assert "ledger.sqlite is back: watching again." in stderr
+        assert "Recorded 1 upload(s) answered while the ledger was away." in stderr
     else:
         assert "No more uploads: the output folder is gone" in stderr
         assert "The output folder is back: uploads resume" in stderr
     assert "Traceback" not in stderr
     assert_outputs_right(out, sources, emulator)
-    assert emulator.stats["charged"] == 4
+    assert emulator.stats["charged"] == 4, stderr
 
 
 def signed_portrait(path: Path, seed: int) -> bytes:

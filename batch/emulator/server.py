@@ -178,6 +178,7 @@ class ApiHandler(_Handler):
             state.stats[f"rejected_{rejection.code}"] += 1
             self._reject(rejection)
             return
+        time.sleep(state.config.answer_seconds)
         if state.chance(faults.submit_drop_after, "submit"):
             state.stats["drops_after_charge"] += 1
             self._drop()

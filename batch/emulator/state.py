@@ -64,6 +64,9 @@ class EmulatorConfig:
     jitter: float = 0.0
     #: Added to every API answer (upload/round-trip latency).
     latency: float = 0.0
+    #: How long an upload's answer takes once its task is made and charged (a slow way back):
+    #: what happens to the client between the charge and the answer.
+    answer_seconds: float = 0.0
     result_ttl: float = apispec.RESULT_TTL_SECONDS
     #: Requests per second the API host accepts before answering 429 (None: unlimited).
     qps_limit: float | None = None

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from batch import apispec
 from batch.api import ApiClient, ApiError, ErrorKind
@@ -108,13 +108,24 @@ class Flags:
 
 
 class QueuedTask(NamedTuple):
-    """A task the submitter has just committed as queued: the poller takes it from here at
-    once instead of waiting for its next look at the ledger (which stays the truth)."""
+    """The task an upload was answered with. The submitter records it as queued, and the
+    poller takes it from here at once instead of waiting for its next look at the ledger
+    (which stays the truth)."""
 
     job_id: int
     task_id: str
     submitted_at: float
     expires_at: float
+    request_id: str | None = None
+    log_id: str | None = None
+
+    def move(self) -> dict[str, Any]:
+        """The job's move to queued (:meth:`batch.ledger.Ledger.transition`'s arguments)."""
+        return {"expect": JobState.SUBMITTING, "task_id": self.task_id,
+                "submitted_at": self.submitted_at, "expires_at": self.expires_at,
+                "attempts": 0, "next_attempt_at": 0.0, "charge": True, "reason": None,
+                "info": TransitionInfo(http_status=200, request_id=self.request_id,
+                                       log_id=self.log_id)}
 
 
 def info_of(error: ApiError) -> TransitionInfo:
@@ -158,6 +169,9 @@ class Runtime:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: Submitter -> poller.
     queued: asyncio.Queue[QueuedTask] = field(default_factory=asyncio.Queue)
+    #: Uploads answered once the ledger had gone with its drive: their tasks, paid for, kept
+    #: for a watch to record when the ledger is back (see ``batch.pipeline.run_batch``).
+    unrecorded: list[QueuedTask] = field(default_factory=list)
     #: Jobs claimed for upload that have not started yet (more uploads still to come).
     uploads_waiting: int = 0
     #: Bumped when this worker took over a dead one's jobs (the poller looks for its tasks).

@@ -290,23 +290,21 @@ class Submitter:
             rt.budget.settle(charged=True)
         crashpoints.reached("answered")
         now = time.time()
+        task = QueuedTask(job.id, submitted.task_id, now, now + rt.config.result_ttl,
+                          submitted.request_id, submitted.log_id)
         try:
-            await rt.writes.transition(
-                job.id, JobState.QUEUED, expect=JobState.SUBMITTING, task_id=submitted.task_id,
-                submitted_at=now,
-                expires_at=now + rt.config.result_ttl, attempts=0, next_attempt_at=0.0,
-                charge=True, reason=None,
-                info=TransitionInfo(http_status=200, request_id=submitted.request_id,
-                                    log_id=submitted.log_id),
-            )
+            await rt.writes.transition(job.id, JobState.QUEUED, **task.move())
         except StaleTransition:  # this worker's lease lapsed meanwhile: the job is ambiguous
             log.error("Job %d was taken over by another worker before its upload's answer "
                       "(task %s, request %s) could be recorded.", job.id, submitted.task_id,
                       submitted.request_id)
             return
+        except Exception:
+            if rt.ledger.gone() is not None:  # paid for: not to be taken for a lost answer
+                rt.unrecorded.append(task)
+            raise
         rt.progress.sent()
-        rt.queued.put_nowait(QueuedTask(job.id, submitted.task_id, now,
-                                        now + rt.config.result_ttl))
+        rt.queued.put_nowait(task)
         rt.wake_poller.set()
 
     @staticmethod

@@ -69,7 +69,9 @@ def test_watch_takes_files_as_they_arrive(tmp_path: Path, emulator: Emulator,
     assert " 0 failed, 0 rejected" in stdout
     # Each file read once, but the slow one again if its writer stalled past the settle time
     # (a busy machine): it was not taken then, as it did not decode. The rescans read none.
-    scanned, read = map(int, re.search(r"\((\d+) files scanned, (\d+) read\)", stdout).groups())
+    counted = re.search(r"\((\d+) files scanned, (\d+) read\)", stdout)
+    assert counted is not None, stdout
+    scanned, read = map(int, counted.groups())
     assert scanned == len(expected) and len(expected) <= read <= len(expected) + 2, stdout
 
 

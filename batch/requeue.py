@@ -92,11 +92,11 @@ def read_again(ledger: Ledger, root_map: RootMap) -> int:
 def try_again_given_up(ledger: Ledger) -> int:
     """Put back in line, at a run's start, the jobs whose uploads the API failed up to the
     attempt limit in an earlier run (not charged): an outage of its backend behind a gateway
-    that answers fails no photo for good, and a photo the API fails each time is left for a
-    person once it has failed so twice. Returns how many jobs moved."""
+    that answers fails no photo for good. The submitter marks a job so only the first time,
+    so a photo the API fails each time is left for a person once it has failed so twice.
+    Returns how many jobs moved."""
     moved = ledger.reset_jobs([JobState.FAILED], "tried once more: its uploads failed at the "
-                              "attempt limit in an earlier run", error_code=UPLOADS_FAILED,
-                              once=True)
+                              "attempt limit in an earlier run", error_code=UPLOADS_FAILED)
     if moved:
         log.info("Trying once more %d photo(s) whose uploads the API failed at the attempt "
                  "limit in an earlier run.", moved)

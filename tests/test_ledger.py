@@ -76,11 +76,14 @@ class TestLedger:
         assert ledger.states_of([a, b, c]) == {a: JobState.PENDING, b: JobState.PENDING,
                                                c: JobState.FAILED}
         assert ledger.failures_with(a, UPLOADS_FAILED) == 1
-        ledger.transition(a, JobState.FAILED, info=gave_up)  # so again: left for a person
+        # Given up so again, the submitter leaves it unmarked, for a person.
+        ledger.transition(a, JobState.FAILED, info=TransitionInfo(
+            http_status=502, message="gave up after 5 attempts (given up in an earlier run "
+                                     "too): the API answered HTTP 502"))
         ledger.transition(b, JobState.FAILED, info=TransitionInfo(
             error_code="ERROR_NO_FACE_IN_FILE", message="No face detected"))
         assert try_again_given_up(ledger) == 0
-        assert ledger.failures_with(a, UPLOADS_FAILED) == 2
+        assert ledger.failures_with(a, UPLOADS_FAILED) == 1
         assert set(ledger.states_of([a, b, c]).values()) == {JobState.FAILED}
 
     def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:

@@ -45,7 +45,6 @@ from batch.ledger.guards import REFUSAL
 from batch.ledger.models import events, files, folders, jobs, meta
 from batch.states import (
     DISMISSABLE,
-    FINAL,
     IN_FLIGHT,
     NEEDS_ATTENTION,
     REDONE_IF_LOST,
@@ -304,14 +303,6 @@ def _of_files_at(paths: Sequence[str]) -> ColumnElement[bool]:
     full = files.c.root + "/" + files.c.rel_path
     return jobs.c.id.in_(select(files.c.job_id).where(or_(
         *[or_(full == p, func.substr(full, 1, len(p) + 1) == p + "/") for p in paths])))
-
-
-def _failures_with(error_code: str | None) -> Any:
-    """How many times a job (of the enclosing query) ended with ``error_code`` (its
-    history's events to a final state that carry it)."""
-    return select(func.count()).where(
-        events.c.job_id == jobs.c.id, events.c.error_code == error_code,
-        events.c.to_state.in_([s.value for s in FINAL])).scalar_subquery()
 
 
 def _job(row: Any) -> JobRow:
@@ -971,19 +962,16 @@ class Ledger:
         return Write(run, point=JobState.DONE.value)
 
     def reset_jobs(self, states: Iterable[JobState], message: str, paths: Sequence[str] = (),
-                   error_code: str | None = None, once: bool = False) -> int:
+                   error_code: str | None = None) -> int:
         """Put jobs in ``states`` back to pending (the ``retry`` command; at a run's start, the
-        jobs that ended with ``error_code``, those a person dismissed left as they are, and
-        with ``once`` only those that ended so for the first time); only jobs of the files
-        at ``paths`` (as the ledger names them: absolute, or under a root's name), or in the
-        folders there, when given. A job another worker moved meanwhile is left to it.
-        Returns how many moved."""
+        jobs that ended with ``error_code``, those a person dismissed left as they are); only
+        jobs of the files at ``paths`` (as the ledger names them: absolute, or under a root's
+        name), or in the folders there, when given. A job another worker moved meanwhile is
+        left to it. Returns how many moved."""
         query = select(jobs.c.id, jobs.c.state).where(
             jobs.c.state.in_([s.value for s in states]))
         if error_code is not None:
             query = query.where(jobs.c.error_code == error_code, jobs.c.dismissed_at.is_(None))
-        if once:
-            query = query.where(_failures_with(error_code) == 1)
         if paths:
             query = query.where(_of_files_at(paths))
         with self._read() as conn:
@@ -1101,10 +1089,10 @@ class Ledger:
             return [_file(r) for r in conn.execute(query)]
 
     def failures_with(self, job_id: int, error_code: str) -> int:
-        """How many times the job's history has it end with ``error_code``."""
+        """How many moves of the job's history carry ``error_code``."""
         with self._read() as conn:
-            return conn.scalar(select(_failures_with(error_code)).where(jobs.c.id == job_id)
-                               ) or 0
+            return conn.scalar(select(func.count()).select_from(events).where(
+                events.c.job_id == job_id, events.c.error_code == error_code)) or 0
 
     def files_rejected_for(self, error_code: str) -> list[FileRow]:
         """The files of the jobs rejected with ``error_code``."""

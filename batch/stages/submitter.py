@@ -379,11 +379,15 @@ class Submitter:
             await rt.writes.transition(job.id, JobState.PENDING,
                                        next_attempt_at=time.time() + delay, info=info)
         elif attempts >= rt.config.max_attempts and not await self._api_down(error):
-            again = ("the next run tries it once more" if not rt.ledger.failures_with(
-                job.id, UPLOADS_FAILED) else "given up in an earlier run too")
+            # Marked for the next run's one more try (see batch.requeue.try_again_given_up)
+            # the first time only: given up again, it is left for a person.
+            first = not rt.ledger.failures_with(job.id, UPLOADS_FAILED)
+            again = "the next run tries it once more" if first else \
+                "given up in an earlier run too"
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,
-                info=TransitionInfo(http_status=error.http_status, error_code=UPLOADS_FAILED,
+                info=TransitionInfo(http_status=error.http_status,
+                                    error_code=UPLOADS_FAILED if first else error.code,
                                     request_id=error.request_id, log_id=error.log_id,
                                     message=f"gave up after {attempts} attempts ({again}): "
                                             f"{error.describe()}"))

@@ -393,14 +393,17 @@ def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous
         root_map = RootMap.of(roots)
     except ValueError as exc:
         raise ConfigError(f"--root: {exc}") from None
-    moved = requeue(out, _ledger_location(out, ledger), states, [Path(p) for p in paths],
-                    root_map)
+    moved, fetched = requeue(out, _ledger_location(out, ledger), states,
+                             [Path(p) for p in paths], root_map)
     if moved == 0:
         what = f" for {', '.join(paths)}" if paths else ""
         click.echo(f"skinbatch: no {'/'.join(s.value for s in states)} job matched{what}; "
                    "nothing was put back in line.", err=True)
         sys.exit(ExitCode.SOME_FAILED)
-    click.echo(f"{moved} job(s) put back in line; run the same skinbatch run command again.")
+    paid = (f" ({fetched} of them paid for: downloaded again, not paid again)"
+            if fetched else "")
+    click.echo(f"{moved} job(s) put back in line{paid}; run the same skinbatch run command "
+               "again.")
 
 
 @main.command()

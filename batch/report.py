@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from batch import thumbnails
 from batch.ledger import Ledger
-from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
+from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS, fetch_again_words, fetchable
 from batch.ledger.workers import WorkerRecords
 from batch.names import SHOWN
 from batch.options import Options
@@ -126,6 +126,9 @@ def _why_attention(row: dict[str, Any], now: float) -> str | None:
                 f"{row['expires']}{soon}")
     if row["state"] == JobState.EXPIRED.value:
         return "result link expired before it was saved"
+    if row["dismissed_at"] is None and fetchable(row["state"], row["result_urls"],
+                                                 row["expires_at"], now):
+        return f"its download failed; {fetch_again_words(row['expires_at'])}"
     return None
 
 

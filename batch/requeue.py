@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import Ledger, open_ledger
@@ -20,19 +21,29 @@ from batch.states import RETRYABLE, JobState
 log = logging.getLogger("batch.requeue")
 
 
+class Requeued(NamedTuple):
+    moved: int
+    """Jobs put back in line."""
+    fetched: int
+    """Of them, failed jobs whose paid result is downloaded again rather than paid again."""
+
+
 def requeue(out: Path, ledger_location: str, states: Iterable[JobState],
-            paths: Sequence[Path] = (), root_map: RootMap | None = None) -> int:
+            paths: Sequence[Path] = (), root_map: RootMap | None = None) -> Requeued:
     """Move the jobs in ``states`` (only those of the files at ``paths``, or in the folders
-    there, when given) back to pending, under the run lock so no run is changing them
+    there, when given) back in line, under the run lock so no run is changing them
     meanwhile. A path under a tree ``root_map`` names is found under that name, as a shared
-    ledger records it. Returns how many moved. Resubmitting an ambiguous or expired job may
-    pay for it again; the ledger counts it."""
+    ledger records it. A failed job whose result is paid for and whose link lives goes back
+    to be downloaded; every other goes back to be sent. Resubmitting an ambiguous or expired
+    job may pay for it again; the ledger counts it."""
     chosen = frozenset(states)
     if not chosen or not chosen <= RETRYABLE:
         raise ValueError(f"only {', '.join(sorted(RETRYABLE))} jobs can be put back in line")
+    named = _named(paths, root_map)
     with _ledger_of(out, ledger_location) as ledger:
-        return ledger.reset_jobs(chosen, "put back in line by skinbatch retry",
-                                 _named(paths, root_map))
+        fetched = ledger.fetch_again(named) if JobState.FAILED in chosen else 0
+        sent = ledger.reset_jobs(chosen, "put back in line by skinbatch retry", named)
+        return Requeued(fetched + sent, fetched)
 
 
 def dismiss(out: Path, ledger_location: str, paths: Sequence[Path],

@@ -48,7 +48,7 @@ TRANSITIONS: Final[dict[JobState, frozenset[JobState]]] = {
     S.READY: frozenset({S.DOWNLOADING, S.EXPIRED, S.FAILED}),
     S.DOWNLOADING: frozenset({S.DONE, S.READY, S.FAILED, S.EXPIRED}),
     S.DONE: frozenset({S.READY, S.EXPIRED}),
-    S.FAILED: frozenset({S.PENDING}),
+    S.FAILED: frozenset({S.PENDING, S.READY}),
     S.REJECTED: frozenset({S.PENDING}),
     S.EXPIRED: frozenset({S.PENDING, S.SUBMITTING, S.FAILED, S.REJECTED}),
 }

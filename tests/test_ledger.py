@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,36 @@ class TestLedger:
         assert try_again_given_up(ledger) == 0
         assert ledger.failures_with(a, UPLOADS_FAILED) == 1
         assert set(ledger.states_of([a, b, c]).values()) == {JobState.FAILED}
+
+    def test_a_failed_download_is_fetched_again_while_its_link_lives(
+            self, ledger: Ledger) -> None:
+        """Failed for its download, a photo is paid for: put back while its result's link
+        lives, it goes back to be downloaded; past it, to be sent (and paid) again."""
+        record(ledger, [scanned(f"{c}.jpg", c * 64) for c in "abc"], "100000000")
+        live, dead, upload = (j.id for j in sorted(ledger.jobs_in([JobState.PENDING]),
+                                                   key=lambda j: j.content_sha256))
+        now = time.time()
+        for paid, expires in ((live, now + 3600), (dead, now - 60)):
+            for state in (JobState.SUBMITTING, JobState.QUEUED):
+                ledger.transition(paid, state)
+            ledger.transition(paid, JobState.READY, result_urls=["https://r.test/x.jpg"],
+                              expires_at=expires)
+            ledger.transition(paid, JobState.FAILED, info=TransitionInfo(
+                message="the result is 4210 bytes, over the 2000-byte cap"))
+        ledger.transition(upload, JobState.FAILED, info=TransitionInfo(
+            error_code="ERROR_NO_FACE_IN_FILE", message="No face detected"))
+        [problem] = [p for p in ledger.problems() if p.path == "/src/a.jpg"]
+        assert "paid for: skinbatch retry --failed downloads it again" in problem.reason
+        assert all("retry --failed downloads" not in p.reason for p in ledger.problems()
+                   if p.path != "/src/a.jpg")
+        assert ledger.fetch_again(["/src/b.jpg", "/src/c.jpg"]) == 0
+        assert ledger.fetch_again() == 1
+        assert ledger.reset_jobs([JobState.FAILED], "again") == 2
+        assert ledger.states_of([live, dead, upload]) == {
+            live: JobState.READY, dead: JobState.PENDING, upload: JobState.PENDING}
+        [job] = ledger.claimable([JobState.READY], 10)
+        assert job.id == live and job.attempts == 0 and job.reason is None
+        assert job.result_urls == ["https://r.test/x.jpg"]
 
     def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")

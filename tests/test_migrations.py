@@ -137,21 +137,27 @@ def test_a_ledger_with_jobs_keeps_identifying_photos_by_their_files(ledger_locat
         paid_before.close()
 
 
-def test_an_upgraded_ledger_lets_a_waiting_job_be_done_by_a_copy(ledger_location: str) -> None:
-    """A ledger made before a waiting photo could take its result from another output folder
-    refuses pending -> done in its trigger; the upgrade lets that move through, and the
-    downgrade refuses it again."""
+@pytest.mark.parametrize(("before", "source", "target"), [
+    ("0007", "pending", "done"),  # a waiting photo whose result is copied from elsewhere
+    ("0009", "failed", "ready"),  # a paid result whose download failed, fetched again
+])
+def test_an_upgraded_ledger_allows_the_moves_added_since(
+        ledger_location: str, before: str, source: str, target: str) -> None:
+    """A ledger made before a move was legal refuses it in its trigger; the upgrade lets that
+    move through, and the downgrade refuses it again."""
     engine = create_ledger_engine(ledger_location)
     config = alembic_config(engine)
-    command.upgrade(config, "0007")
+    command.upgrade(config, before)
 
-    def done_from_pending() -> bool:
+    def allowed() -> bool:
         with engine.connect() as conn:
             conn.execute(text("DELETE FROM jobs"))
             insert_waiting_job(conn)
+            if source != "pending":
+                conn.execute(text("UPDATE jobs SET state = :s WHERE id = 1"), {"s": source})
             conn.commit()
             try:
-                conn.execute(text("UPDATE jobs SET state = 'done' WHERE id = 1"))
+                conn.execute(text("UPDATE jobs SET state = :s WHERE id = 1"), {"s": target})
                 conn.commit()
             except DBAPIError:
                 conn.rollback()
@@ -159,11 +165,11 @@ def test_an_upgraded_ledger_lets_a_waiting_job_be_done_by_a_copy(ledger_location
             return True
 
     try:
-        assert not done_from_pending()
+        assert not allowed()
         command.upgrade(config, "head")
-        assert done_from_pending()
-        command.downgrade(config, "0007")
-        assert not done_from_pending()
+        assert allowed()
+        command.downgrade(config, before)
+        assert not allowed()
     finally:
         engine.dispose()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler
@@ -45,6 +46,34 @@ def test_results_over_the_size_cap_are_cut_off(tmp_path: Path, emulator: Emulato
     code, reason = run_one(tmp_path, emulator, "max_result_bytes = 2000\n")
     assert code == 1
     assert "cap" in reason
+
+
+def test_a_paid_result_that_failed_is_fetched_again_by_retry_not_paid_again(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A photo failed for its download (a result over the cap) is paid for, and its link
+    lives for hours: status says so, and ``retry --failed`` has the next run download it
+    again, free, instead of sending the photo and paying for it twice."""
+    code, _ = run_one(tmp_path, emulator, "max_result_bytes = 2000\n")
+    assert code == 1 and emulator.stats["charged"] == 1
+    out = tmp_path / "out"
+    status = run_cli(["status", "--out", str(out)], None)
+    assert "paid for: skinbatch retry --failed downloads it again, not paying again, " \
+           "until its link expires" in status.stdout, status.stdout
+    report = tmp_path / "report.json"
+    assert run_cli(["report", "--out", str(out), "-o", str(report)], None).returncode == 0
+    [attention] = json.loads(report.read_text())["needs_attention"]
+    assert attention["why"].startswith("its download failed; paid for: skinbatch retry "
+                                       "--failed downloads it again")
+    (tmp_path / "c.toml").write_text("backoff_base = 0.01\nmax_attempts = 3\n")  # cap lifted
+    retry = run_cli(["retry", "--out", str(out), "--failed"], None)
+    assert retry.returncode == 0, retry.stderr
+    assert "1 job(s) put back in line (1 of them paid for: downloaded again, not paid " \
+           "again)" in retry.stdout
+    again = run_cli(["run", str(tmp_path / "src"), "--out", str(out), "--config",
+                     str(tmp_path / "c.toml"), *FAST_FLAGS], emulator)
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats["charged"] == 1 and emulator.stats["submits"] == 1
+    assert_outputs_right(out, {"a.jpg": (tmp_path / "src" / "a.jpg").read_bytes()}, emulator)
 
 
 def test_content_that_is_not_an_image_is_never_accepted(

@@ -2,13 +2,14 @@ import itertools
 
 import pytest
 
-from batch.states import FINAL, TRANSITIONS, IllegalTransition, JobState, check_transition
+from batch.states import TRANSITIONS, IllegalTransition, JobState, check_transition
 
 
 def test_every_state_has_a_row_and_final_states_only_leave_by_retry() -> None:
     assert set(TRANSITIONS) == set(JobState)
-    for state in FINAL - {JobState.DONE}:
-        assert TRANSITIONS[state] == {JobState.PENDING}
+    # Only retry moves them: back to be sent, or a failed download's paid result fetched.
+    assert TRANSITIONS[JobState.REJECTED] == {JobState.PENDING}
+    assert TRANSITIONS[JobState.FAILED] == {JobState.PENDING, JobState.READY}
 
 
 @pytest.mark.parametrize(("current", "target"), [

@@ -4,7 +4,8 @@ not allow, whoever writes the row (a second program, a hand-made fix, a bug here
 
 The SQL is built from :mod:`batch.states`, so the migration that installs it and the code that
 checks moves in Python agree; a test tries every illegal pair against both back-ends. A change
-to the table needs a migration that makes the trigger again (existing ledgers keep theirs).
+to the table needs a migration that makes the trigger again from a copy of the new table kept
+in the migration (existing ledgers keep theirs; a test compares the newest with the code's).
 """
 
 from __future__ import annotations

@@ -297,6 +297,19 @@ def _count_statement(states: frozenset[JobState], by_root: bool = False,
         NOT_DELIVERED, *([REDONE] if redone else []))
 
 
+def fetchable(state: str | None, result_urls: str | None, expires_at: float | None,
+              now: float) -> bool:
+    """A failed job whose result is paid for and whose link lives (see
+    :meth:`Ledger.fetch_again`), from its row."""
+    return (state == JobState.FAILED.value and result_urls is not None
+            and expires_at is not None and expires_at > now)
+
+
+def fetch_again_words(expires_at: float) -> str:
+    return (f"paid for: skinbatch retry --failed downloads it again, not paying again, until "
+            f"its link expires, {datetime.fromtimestamp(expires_at):%Y-%m-%d %H:%M}")
+
+
 def _of_files_at(paths: Sequence[str]) -> ColumnElement[bool]:
     """Jobs of the files at ``paths`` (as the ledger names them: absolute, or under a root's
     name), or in the folders there (``smith`` is not ``smithson``)."""
@@ -987,6 +1000,32 @@ class Ledger:
             return 0
         return outcomes.count(None)
 
+    def fetch_again(self, paths: Sequence[str] = ()) -> int:
+        """Put the failed jobs whose result is paid for and whose link still lives (a download
+        that failed: a result over the cap, a host that kept failing) back to ready, so the
+        next run downloads them again for nothing instead of paying for each photo twice;
+        only jobs of the files at ``paths`` when given (as :meth:`reset_jobs` matches them).
+        Returns how many moved."""
+        query = select(jobs.c.id).where(
+            jobs.c.state == JobState.FAILED.value, jobs.c.result_urls.is_not(None),
+            jobs.c.expires_at > time.time())
+        if paths:
+            query = query.where(_of_files_at(paths))
+        with self._read() as conn:
+            found = conn.scalars(query).all()
+        if not found:
+            return 0
+        info = TransitionInfo(message="put back in line by skinbatch retry: its result is "
+                                      "paid for and its link lives, so it is downloaded again")
+        try:
+            outcomes = self.commit([self.transition_write(
+                job_id, JobState.READY, expect=JobState.FAILED, info=info, attempts=0,
+                next_attempt_at=0.0, reason=None, error_code=None, dismissed_at=None)
+                for job_id in found])
+        except StaleTransition:  # the only one, moved meanwhile
+            return 0
+        return outcomes.count(None)
+
     def dismiss(self, paths: Sequence[str], message: str) -> int:
         """Mark the failed and rejected jobs of the files at ``paths`` (as :meth:`reset_jobs`
         matches them) dismissed: a person accepts them unretouched, so they are no longer
@@ -1256,7 +1295,7 @@ class Ledger:
         held = and_(jobs.c.state == JobState.READY.value, jobs.c.attempts > 0)
         query = (
             select(files.c.root, files.c.rel_path, files.c.problem, jobs.c.state, jobs.c.reason,
-                   jobs.c.error_code, jobs.c.http_status, jobs.c.expires_at)
+                   jobs.c.error_code, jobs.c.http_status, jobs.c.expires_at, jobs.c.result_urls)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .where(or_(files.c.problem.is_not(None),
                        and_(jobs.c.state.in_([s.value for s in NEEDS_ATTENTION]),
@@ -1266,6 +1305,7 @@ class Ledger:
         with self._read() as conn:
             rows = conn.execute(query).all()
         result = self.scan_problems()
+        now = time.time()
         for r in rows:
             path = f"{r.root.rstrip('/')}/{r.rel_path}"
             if r.problem is not None:
@@ -1275,6 +1315,8 @@ class Ledger:
                 if r.state == JobState.READY.value and r.expires_at is not None:
                     reason += (f"; paid for and kept: the same command saves it until its link "
                                f"expires, {datetime.fromtimestamp(r.expires_at):%Y-%m-%d %H:%M}")
+                elif fetchable(r.state, r.result_urls, r.expires_at, now):
+                    reason += f"; {fetch_again_words(r.expires_at)}"
                 result.append(Problem(path, r.state, reason, r.error_code, r.http_status))
         return result
 
@@ -1297,7 +1339,7 @@ class Ledger:
                    files.c.problem, jobs.c.state, jobs.c.reason, jobs.c.error_code,
                    jobs.c.http_status, jobs.c.request_id, jobs.c.log_id, jobs.c.expires_at,
                    jobs.c.charges, jobs.c.options_fp, jobs.c.prepared, files.c.content_sha256,
-                   files.c.written_sha256, jobs.c.dismissed_at)
+                   files.c.written_sha256, jobs.c.dismissed_at, jobs.c.result_urls)
             .select_from(files.outerjoin(jobs, jobs.c.id == files.c.job_id))
             .order_by(files.c.root, files.c.rel_path)
         )

@@ -15,20 +15,40 @@ from __future__ import annotations
 from alembic import op
 
 from batch.ledger.guards import create_trigger_sql
-from batch.states import TRANSITIONS, JobState
+from batch.states import JobState
 
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
 depends_on = None
 
+#: The legal moves of this revision and of the one before (0004's), kept as they were:
+#: a later revision that changes the table must change neither.
+LEGAL = {
+    "pending": "done failed rejected submitting",
+    "submitting": "ambiguous failed pending queued rejected",
+    "ambiguous": "failed pending rejected submitting",
+    "queued": "expired failed processing ready",
+    "processing": "expired failed ready",
+    "ready": "downloading expired failed",
+    "downloading": "done expired failed ready",
+    "done": "expired ready",
+    "failed": "pending",
+    "rejected": "pending",
+    "expired": "failed pending rejected submitting",
+}
+EARLIER = {**LEGAL, "pending": "failed rejected submitting"}
+
+
+def _table(legal: dict[str, str]) -> dict[JobState, set[JobState]]:
+    return {JobState(a): {JobState(b) for b in targets.split()} for a, targets in legal.items()}
+
 
 def upgrade() -> None:
-    for statement in create_trigger_sql(op.get_bind().dialect.name):
+    for statement in create_trigger_sql(op.get_bind().dialect.name, _table(LEGAL)):
         op.execute(statement)
 
 
 def downgrade() -> None:
-    earlier = {**TRANSITIONS, JobState.PENDING: TRANSITIONS[JobState.PENDING] - {JobState.DONE}}
-    for statement in create_trigger_sql(op.get_bind().dialect.name, earlier):
+    for statement in create_trigger_sql(op.get_bind().dialect.name, _table(EARLIER)):
         op.execute(statement)

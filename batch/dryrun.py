@@ -16,7 +16,7 @@ from typing import NamedTuple
 from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
-from batch import elsewhere
+from batch import elsewhere, requeue
 from batch.api import ApiClient, ApiError
 from batch.config import RunConfig, unreached
 from batch.elsewhere import Elsewhere
@@ -28,7 +28,6 @@ from batch.options import NOTHING_ON, held_words, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
 from batch.preflight import COPIES_AT_ONCE, PrepareSettings, Rejected, preflight
-from batch.requeue import try_again_given_up
 from batch.scan import AWAY, SourceRoot, no_photos, scan, unreadable_words
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
@@ -202,7 +201,7 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     # A source not there tonight: as the run does, its photos wait for one that finds it.
     gone = [r for r in roots if unreached(r.path) is not None]
     away = {r.ledger_root for r in gone}
-    try_again_given_up(ledger)  # the copy's: as the run would at its start
+    requeue.at_start(ledger, config.root_map)  # the copy's, as the run's start does
     others, copied = elsewhere.at_start(ledger, config)
     result = _scanned(ledger, config, [r for r in roots if r not in gone], gone, others)
     result.copied += copied

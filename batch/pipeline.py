@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
-from batch import apispec, crashpoints, elsewhere, pace
+from batch import apispec, crashpoints, elsewhere, pace, requeue
 from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.bandwidth import UploadPace
 from batch.api.breaker import CircuitBreaker
@@ -37,7 +37,6 @@ from batch.outputs import clean_temp_files, tag_temp_files
 from batch.preflight import release_pixel_memory
 from batch.progress import Progress
 from batch.report import write_report
-from batch.requeue import read_again, try_again_given_up
 from batch.roots import RootMap
 from batch.scan import (
     ScanStats,
@@ -275,8 +274,7 @@ def _pick_up_leftovers(worker: Worker, out_dir: Path, root_map: RootMap) -> dict
     whose uploads the API failed are tried once more. Returns the jobs moved, by the state
     they are in now."""
     recovered = worker.recover()
-    read_again(worker.ledger, root_map)
-    try_again_given_up(worker.ledger)
+    requeue.at_start(worker.ledger, root_map)
     if worker.alone():  # another worker's downloads under way are not leftovers
         clean_temp_files(out_dir)
     tag_temp_files(worker.name)

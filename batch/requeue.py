@@ -73,6 +73,14 @@ def _named(paths: Sequence[Path], root_map: RootMap | None) -> list[str]:
     return [root_map.key_for(str(p.resolve())) or str(p.resolve()) for p in paths]
 
 
+def at_start(ledger: Ledger, root_map: RootMap) -> None:
+    """What every run puts back in line at its start (and its dry run, on its copy, to count
+    what the run would send): the photos that could not be read once they read, and those
+    whose uploads the API failed, once."""
+    read_again(ledger, root_map)
+    try_again_given_up(ledger)
+
+
 def read_again(ledger: Ledger, root_map: RootMap) -> int:
     """Put back in line the jobs rejected because their file could not be read (a share that
     went away, a permission) once one of their files on this machine reads: at each run's

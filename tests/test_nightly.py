@@ -570,6 +570,9 @@ def test_photos_a_run_could_not_read_are_read_again_by_the_next_one(
             (src / name).chmod(0o644)
     assert away.returncode == 1 and emulator.stats["charged"] == 1
     assert away.stdout.count("permission denied: the file cannot be read") == 3, away.stdout
+    planned = run_cli([*args, "--dry-run"], emulator, as_plain_user=True)
+    assert "would send:   3 image(s)" in planned.stdout, planned.stdout
+    assert "would reject: 0" in planned.stdout, planned.stdout
     back = run_cli(args, emulator, as_plain_user=True)
     assert back.returncode == 0, back.stdout + back.stderr
     assert emulator.stats["charged"] == 4
@@ -601,6 +604,9 @@ def test_a_photo_whose_bytes_no_longer_give_its_key_is_read_again_by_the_next_ru
     assert "01.jpg: the file changed after it was scanned; the next run reads it again" \
         in first.stdout
     assert emulator.stats["charged"] == 1
+    planned = run_cli([*args, "--dry-run"], emulator)
+    assert "would send:   1 image(s)" in planned.stdout, planned.stdout
+    assert "would reject: 0" in planned.stdout, planned.stdout
     second = run_cli(args, emulator)
     assert second.returncode == 0, second.stdout + second.stderr
     assert emulator.stats["charged"] == 2

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
-from batch import apispec, crashpoints, elsewhere, pace, requeue
+from batch import answers, apispec, crashpoints, elsewhere, pace, requeue
 from batch.api import ApiClient, ApiError, ErrorKind
 from batch.api.bandwidth import UploadPace
 from batch.api.breaker import CircuitBreaker
@@ -28,7 +28,7 @@ from batch.config import ConfigError, RunConfig, check_paths, prepare_out, unrea
 from batch.copies import materialize_copies
 from batch.exitcodes import ExitCode
 from batch.ledger import Ledger, LedgerGone, LedgerUnwritable, open_ledger
-from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS, StaleTransition
+from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
 from batch.locking import RunLock
@@ -48,7 +48,7 @@ from batch.scan import (
 )
 from batch.stages.downloader import Downloader
 from batch.stages.poller import Poller
-from batch.stages.runtime import GONE_RECHECK, WAITING_STOPS, QueuedTask, Runtime, StopReason
+from batch.stages.runtime import GONE_RECHECK, WAITING_STOPS, Answered, Runtime, StopReason
 from batch.stages.submitter import Submitter
 from batch.states import IN_FLIGHT, UNFINISHED, JobState, submittable
 from batch.status import StatusReport, collect_status, rejected
@@ -112,24 +112,32 @@ def run_batch(config: RunConfig, watch: WatchSettings | None = None) -> RunRepor
     A SQLite ledger that goes away with its drive or share stops a run (:class:`LedgerGone`).
     A watch, which runs for days, waits for it instead and then carries on as the same
     command started again would: a service manager restarting it sooner would find an empty
-    mount point, start a new ledger there and pay again for every photo."""
+    mount point, start a new ledger there and pay again for every photo. Uploads answered
+    meanwhile are recorded once it is back, by the watch or by the next run."""
     if config.api_key is None:
         raise ValueError("no API key")
-    unrecorded: list[QueuedTask] = []
-    while True:
-        try:
-            return _run_batch(config, watch, unrecorded)
-        except LedgerGone as gone:
-            if unrecorded and watch is None:
-                log.error("%d upload(s) were answered once the ledger had gone: the next run "
-                          "counts them ambiguous (tasks %s).", len(unrecorded),
-                          ", ".join(task.task_id for task in unrecorded))
-            if watch is None:
-                raise
-            log.error("%s: the watch waits for it to come back.", gone)
-            if not _back(gone.path):
-                raise KeyboardInterrupt from None
-            log.warning("The ledger %s is back: watching again.", gone.path)
+    unrecorded = answers.kept(config.ledger_file)
+    loaded = list(unrecorded)
+    try:
+        while True:
+            try:
+                return _run_batch(config, watch, unrecorded)
+            except LedgerGone as gone:
+                if watch is None:
+                    raise
+                log.error("%s: the watch waits for it to come back.", gone)
+                if not _back(gone.path):
+                    raise KeyboardInterrupt from None
+                log.warning("The ledger %s is back: watching again.", gone.path)
+    finally:
+        if unrecorded != loaded:
+            later = ("kept on this machine for the next run on it to record"
+                     if answers.keep(config.ledger_file, unrecorded)
+                     else "the next run counts them ambiguous")
+            if unrecorded:
+                log.error("%d upload(s) were answered once the ledger had gone: %s (tasks %s).",
+                          len(unrecorded), later,
+                          ", ".join(one.task.task_id for one in unrecorded))
 
 
 def _back(path: str) -> bool:
@@ -151,7 +159,7 @@ def _back(path: str) -> bool:
 
 
 def _run_batch(config: RunConfig, watch: WatchSettings | None,
-               unrecorded: list[QueuedTask]) -> RunReport:
+               unrecorded: list[Answered]) -> RunReport:
     check_paths(config)
     out_dir = prepare_out(config)
     started, started_at = time.monotonic(), datetime.now().astimezone()
@@ -254,20 +262,6 @@ def _client(config: RunConfig, ledger: Ledger, worker: Worker) -> ApiClient:
     return client
 
 
-def _record_answers(ledger: Ledger, unrecorded: list[QueuedTask]) -> None:
-    """The tasks of uploads answered once the ledger had gone (a watch waited for it to come
-    back), recorded before the start-up takes their jobs, still ``submitting``, for answers
-    lost and sends them again, paid again."""
-    recorded = 0
-    while unrecorded:
-        task = unrecorded.pop()
-        with contextlib.suppress(StaleTransition, KeyError):  # moved, or not this ledger's
-            ledger.transition(task.job_id, JobState.QUEUED, **task.move())
-            recorded += 1
-    if recorded:
-        log.warning("Recorded %d upload(s) answered while the ledger was away.", recorded)
-
-
 def _pick_up_leftovers(worker: Worker, out_dir: Path, root_map: RootMap) -> dict[str, int]:
     """What a run that died left: its half-done jobs made explicit again, its partial outputs
     removed; files an earlier run could not read are read again if they read now, and photos
@@ -287,7 +281,7 @@ def _pick_up_leftovers(worker: Worker, out_dir: Path, root_map: RootMap) -> dict
 
 async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
                watch: WatchSettings | None, worker: Worker,
-               unrecorded: list[QueuedTask]) -> RunReport:
+               unrecorded: list[Answered]) -> RunReport:
     progress = Progress(config.progress)
     client = _client(config, ledger, worker)
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
@@ -304,7 +298,7 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     for sig in stops:
         loop.add_signal_handler(sig, rt.interrupt)
     try:
-        _record_answers(ledger, unrecorded)
+        answers.record(ledger, unrecorded)
         recovered = _pick_up_leftovers(worker, out_dir, config.root_map)
         rt.elsewhere, copied = elsewhere.at_start(ledger, config)
         elsewhere.tell_copied(copied)

@@ -482,6 +482,34 @@ def test_an_output_drive_unplugged_mid_run_keeps_the_results_for_when_it_is_back
     assert_no_double_pay(out, emulator, 20)
 
 
+def test_an_upload_answered_after_the_ledger_went_is_recorded_by_the_next_run(
+        tmp_path: Path, make_emulator: MakeEmulator, drive: Drive) -> None:
+    """The output drive, and the ledger on it, goes away between an upload's charge and its
+    answer: the run ends, keeping the answer on this machine's own disk, and the next run,
+    the drive back, records it and saves its result instead of taking it for a lost answer
+    and paying again."""
+    emulator = make_emulator(answer_seconds=3.0)  # the answer comes after the unplug
+    src, out = tmp_path / "src", drive.mount_point / "retouched"
+    sources = {"a.jpg": write_portrait(src / "a.jpg")}
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    proc = popen_cli(args, emulator)
+    try:
+        assert wait_for(lambda: emulator.stats.get("charged") == 1, timeout=30)
+    finally:
+        drive.unplug()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    assert "1 upload(s) were answered once the ledger had gone: kept on this machine for " \
+           "the next run on it to record" in stderr, stderr
+    emulator.config.answer_seconds = 0.0
+    drive.plug()
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert "Recorded 1 upload(s) answered while the ledger was away." in again.stderr
+    assert emulator.stats["charged"] == 1 and emulator.stats["submits"] == 1
+    assert_outputs_right(out, sources, emulator)
+
+
 @pytest.mark.parametrize("ledger_on_the_drive", [False, True],
                          ids=["ledger-elsewhere", "ledger-on-the-drive"])
 def test_a_watch_waits_for_its_output_drive_to_come_back(

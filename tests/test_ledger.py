@@ -14,10 +14,12 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from batch import answers
 from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import Ledger, ScannedFile, TransitionInfo, open_ledger
 from batch.ledger.store import RECORD_CHUNK, StaleTransition
 from batch.requeue import try_again_given_up
+from batch.stages.runtime import Answered, QueuedTask
 from batch.states import TRANSITIONS, IllegalTransition, JobState, illegal_pairs
 from tests.dbproxy import DatabaseProxy
 
@@ -116,6 +118,25 @@ class TestLedger:
         [job] = ledger.claimable([JobState.READY], 10)
         assert job.id == live and job.attempts == 0 and job.reason is None
         assert job.result_urls == ["https://r.test/x.jpg"]
+
+    def test_an_answer_kept_while_the_ledger_was_away_is_recorded_only_for_its_own_job(
+            self, ledger: Ledger) -> None:
+        """An answer kept on this machine names its job by id; a ledger started anew in the
+        old one's place has other jobs under those ids, and none of them takes the task."""
+        record(ledger, [scanned(f"{c}.jpg", c * 64) for c in "ab"], "100000000")
+        a, b = (j.id for j in sorted(ledger.jobs_in([JobState.PENDING]),
+                                     key=lambda j: j.content_sha256))
+        for job in (a, b):
+            ledger.transition(job, JobState.SUBMITTING)
+        now = time.time()
+        kept = [Answered(QueuedTask(a, "task-a", now, now + 3600), "a" * 64, "100000000"),
+                Answered(QueuedTask(b, "task-x", now, now + 3600), "x" * 64, "100000000"),
+                Answered(QueuedTask(999, "task-y", now, now + 3600), "y" * 64, "100000000")]
+        answers.record(ledger, kept)
+        assert kept == []
+        assert ledger.states_of([a, b]) == {a: JobState.QUEUED, b: JobState.SUBMITTING}
+        assert ledger.job(a).task_id == "task-a" and ledger.job(b).task_id is None
+        assert ledger.charges() == 1
 
     def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")

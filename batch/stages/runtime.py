@@ -128,6 +128,16 @@ class QueuedTask(NamedTuple):
                                        log_id=self.log_id)}
 
 
+class Answered(NamedTuple):
+    """An upload answered once the ledger had gone with its drive: its task, paid for, and
+    the job's identity, so that only the job it was sent for records it (see
+    :mod:`batch.answers`)."""
+
+    task: QueuedTask
+    content_sha256: str
+    options_fp: str
+
+
 def info_of(error: ApiError) -> TransitionInfo:
     """What an API error tells the ledger."""
     return TransitionInfo(http_status=error.http_status, error_code=error.code,
@@ -169,9 +179,9 @@ class Runtime:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: Submitter -> poller.
     queued: asyncio.Queue[QueuedTask] = field(default_factory=asyncio.Queue)
-    #: Uploads answered once the ledger had gone with its drive: their tasks, paid for, kept
-    #: for a watch to record when the ledger is back (see ``batch.pipeline.run_batch``).
-    unrecorded: list[QueuedTask] = field(default_factory=list)
+    #: Uploads answered once the ledger had gone with its drive, paid for: recorded when it
+    #: is back (see :mod:`batch.answers`).
+    unrecorded: list[Answered] = field(default_factory=list)
     #: Jobs claimed for upload that have not started yet (more uploads still to come).
     uploads_waiting: int = 0
     #: Bumped when this worker took over a dead one's jobs (the poller looks for its tasks).

@@ -34,6 +34,7 @@ from batch.preflight import (
 )
 from batch.stages.runtime import (
     UNPROVEN_UPLOADS,
+    Answered,
     QueuedTask,
     Runtime,
     SourceGone,
@@ -301,7 +302,7 @@ class Submitter:
             return
         except Exception:
             if rt.ledger.gone() is not None:  # paid for: not to be taken for a lost answer
-                rt.unrecorded.append(task)
+                rt.unrecorded.append(Answered(task, job.content_sha256, job.options_fp))
             raise
         rt.progress.sent()
         rt.queued.put_nowait(task)

@@ -393,7 +393,7 @@ def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous
         root_map = RootMap.of(roots)
     except ValueError as exc:
         raise ConfigError(f"--root: {exc}") from None
-    moved, fetched = requeue(out, _ledger_location(out, ledger), states,
+    moved, fetched = requeue(_ledger_location(out, ledger), states,
                              [Path(p) for p in paths], root_map)
     if moved == 0:
         what = f" for {', '.join(paths)}" if paths else ""
@@ -403,7 +403,7 @@ def retry(out: Path, ledger: str | None, failed: bool, rejected: bool, ambiguous
     paid = (f" ({fetched} of them paid for: downloaded again, not paid again)"
             if fetched else "")
     click.echo(f"{moved} job(s) put back in line{paid}; run the same skinbatch run command "
-               "again.")
+               "again (a watch working on this ledger takes them by itself).")
 
 
 @main.command()
@@ -423,7 +423,7 @@ def dismiss(out: Path, ledger: str | None, root_flags: tuple[str, ...],
         root_map = RootMap.of(_roots(root_flags))
     except ValueError as exc:
         raise ConfigError(f"--root: {exc}") from None
-    done = dismiss_jobs(out, _ledger_location(out, ledger), [Path(p) for p in paths],
+    done = dismiss_jobs(_ledger_location(out, ledger), [Path(p) for p in paths],
                         root_map)
     if done == 0:
         click.echo(f"skinbatch: no failed or rejected photo matched {', '.join(paths)}; "

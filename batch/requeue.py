@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import Ledger, open_ledger
-from batch.locking import RunLock
 from batch.preflight import CHANGED, UNREADABLE
 from batch.roots import RootMap
 from batch.states import RETRYABLE, JobState
@@ -28,43 +27,33 @@ class Requeued(NamedTuple):
     """Of them, failed jobs whose paid result is downloaded again rather than paid again."""
 
 
-def requeue(out: Path, ledger_location: str, states: Iterable[JobState],
+def requeue(ledger_location: str, states: Iterable[JobState],
             paths: Sequence[Path] = (), root_map: RootMap | None = None) -> Requeued:
     """Move the jobs in ``states`` (only those of the files at ``paths``, or in the folders
-    there, when given) back in line, under the run lock so no run is changing them
-    meanwhile. A path under a tree ``root_map`` names is found under that name, as a shared
-    ledger records it. A failed job whose result is paid for and whose link lives goes back
+    there, when given) back in line; a run or watch working on the ledger meanwhile takes
+    them at its next look (each move is compare-and-set: a job it moved meanwhile is left to
+    it). A path under a tree ``root_map`` names is found under that name, as a shared ledger
+    records it. A failed job whose result is paid for and whose link lives goes back
     to be downloaded; every other goes back to be sent. Resubmitting an ambiguous or expired
     job may pay for it again; the ledger counts it."""
     chosen = frozenset(states)
     if not chosen or not chosen <= RETRYABLE:
         raise ValueError(f"only {', '.join(sorted(RETRYABLE))} jobs can be put back in line")
     named = _named(paths, root_map)
-    with _ledger_of(out, ledger_location) as ledger:
+    with contextlib.closing(open_ledger(ledger_location)) as ledger:
         fetched = ledger.fetch_again(named) if JobState.FAILED in chosen else 0
         sent = ledger.reset_jobs(chosen, "put back in line by skinbatch retry", named)
         return Requeued(fetched + sent, fetched)
 
 
-def dismiss(out: Path, ledger_location: str, paths: Sequence[Path],
+def dismiss(ledger_location: str, paths: Sequence[Path],
             root_map: RootMap | None = None) -> int:
     """Mark the failed and rejected jobs of the files at ``paths`` (or in the folders there)
     dismissed: accepted unretouched, no longer listed as needing a person, nor making a run
     exit 1 (a product shot the API finds no face in). Returns how many."""
-    with _ledger_of(out, ledger_location) as ledger:
+    with contextlib.closing(open_ledger(ledger_location)) as ledger:
         return ledger.dismiss(_named(paths, root_map),
                               "dismissed by skinbatch dismiss: accepted unretouched")
-
-
-@contextlib.contextmanager
-def _ledger_of(out: Path, ledger_location: str) -> Iterator[Ledger]:
-    """The ledger, under the run lock so that no run changes its jobs meanwhile."""
-    with RunLock(out.resolve(), ledger_location):
-        ledger = open_ledger(ledger_location)
-        try:
-            yield ledger
-        finally:
-            ledger.close()
 
 
 def _named(paths: Sequence[Path], root_map: RootMap | None) -> list[str]:

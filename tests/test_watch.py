@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from batch.emulator import Emulator, Faults
 from tests.checks import assert_outputs_right, ledger_of
@@ -20,6 +22,7 @@ from tests.conftest import (
     MakeEmulator,
     cli_env,
     popen_cli,
+    run_cli,
     stopped,
     wait_for,
 )
@@ -285,3 +288,38 @@ def test_a_watch_names_a_folder_it_cannot_read_once(tmp_path: Path,
         locked.chmod(0o755)
     assert stderr.count(f"{locked}: cannot be read (Permission denied); its photos are left "
                         "out until it can be.") == 1, stderr
+
+
+def test_retry_and_dismiss_work_beside_a_running_watch(tmp_path: Path,
+                                                       emulator: Emulator) -> None:
+    """A hot folder runs as a service for days: a person puts a failed photo back in line,
+    or accepts one unretouched, without stopping it. The watch sends the photo put back at
+    its next look and saves its result."""
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    write_portrait(src / "a.jpg", seed=1)
+    (src / "products").mkdir()
+    for name, shade in (("bag.jpg", 40), ("shoe.jpg", 80)):
+        Image.new("RGB", (320, 240), (shade, 120, 150)).save(src / "products" / name)
+
+    def counts() -> dict[str, int]:
+        status = run_cli(["status", "--out", str(out), "--json"], None)
+        return dict(json.loads(status.stdout)["counts"]) if status.returncode == 0 else {}
+
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--settle", "0.2", "--rescan", "1",
+                      "--smart-skin", *FAST_FLAGS], emulator)
+    try:
+        assert wait_for(lambda: counts().get("failed") == 2 and counts().get("done") == 1)
+        emulator.config.require_face = False  # the bag is a photo the API takes after all
+        retried = run_cli(["retry", "--out", str(out), "--failed", str(src / "products/bag.jpg")],
+                          None)
+        assert (retried.returncode, retried.stdout) == (
+            0, "1 job(s) put back in line; run the same skinbatch run command again (a watch "
+               "working on this ledger takes them by itself).\n"), retried
+        dismissed = run_cli(["dismiss", "--out", str(out), str(src / "products/shoe.jpg")], None)
+        assert dismissed.returncode == 0, dismissed
+        assert wait_for(lambda: (out / "products" / "bag.jpg").exists())
+    finally:
+        stopped(proc)
+    status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
+    assert status["problems"] == [] and status["dismissed"] == [str(src / "products/shoe.jpg")]
+    assert emulator.stats["submits"] == 4

@@ -6,21 +6,24 @@ deleted from --out (a studio moves deliveries to the client's folder) stays gone
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from batch import metadata
 from batch.elsewhere import Elsewhere
 from batch.ledger import JobRow, Ledger, TransitionInfo
+from batch.ledger.store import FileRow
 from batch.outputs import (
     OutputConflict,
-    copy_to_temp,
     output_rel,
     place,
     remove_quietly,
     resolve_inside,
     sha256_file,
+    write_temp,
 )
 from batch.states import JobState
 
@@ -58,17 +61,23 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
                     message="an output is missing and no saved copy is left"))
                 continue
             fmt = source.suffix.lstrip(".").upper().replace("JPG", "JPEG")
+            try:
+                saved = source.read_bytes()
+            except OSError:
+                continue  # gone since it was verified: the next run looks again
             for file_id in file_ids:
                 f = needy[file_id]
                 rel = output_rel(f.out_rel, fmt, Path(f.root, f.rel_path))
                 try:
                     final = resolve_inside(out_dir, rel)
-                    temp = copy_to_temp(source, final.parent, final.name)
+                    data = _with_own_metadata(f, saved, fmt)
+                    sha256 = hashlib.sha256(data).hexdigest()
+                    temp = write_temp(data, final.parent, final.name)
                     try:
-                        place(temp, final, job.result_sha256 or "", f.written_sha256)
+                        place(temp, final, sha256, f.written_sha256)
                     finally:
                         remove_quietly(temp)
-                    ledger.set_file_output(f.id, written_rel=rel, written_sha256=job.result_sha256)
+                    ledger.set_file_output(f.id, written_rel=rel, written_sha256=sha256)
                     written += 1
                 except OutputConflict as conflict:
                     ledger.set_file_output(f.id, written_rel=None, written_sha256=None,
@@ -81,9 +90,26 @@ def materialize_copies(ledger: Ledger, out_dir: Path, expiry_margin: float,
 
 
 def _verified_sibling(ledger: Ledger, out_dir: Path, job: JobRow) -> Path | None:
+    """An output of the job still as it was saved (each carries its own photo's metadata:
+    :func:`_with_own_metadata` puts the copy's own in place of it)."""
     for f in ledger.files_for_job(job.id):
-        if f.written_rel and f.written_sha256 == job.result_sha256:
+        if f.written_rel and f.written_sha256:
             path = out_dir / f.written_rel
-            if path.is_file() and sha256_file(path) == job.result_sha256:
+            if path.is_file() and sha256_file(path) == f.written_sha256:
                 return path
     return None
+
+
+def _with_own_metadata(f: FileRow, saved: bytes, fmt: str) -> bytes:
+    """A saved result, another photo's output, with ``f``'s own photo's metadata in place of
+    that photo's (the same pixels, perhaps not the same names or place on them); as it is
+    where ``f`` cannot be read."""
+    try:
+        photo = (Path(f.root) / f.rel_path).read_bytes()
+        return metadata.carry(photo, saved, fmt)
+    except OSError:
+        return saved
+    except Exception as exc:  # as for a download: no fault in the metadata costs the output
+        log.warning("Could not copy the metadata of %s onto its output: %s",
+                    Path(f.root, f.rel_path), exc)
+        return saved

@@ -27,6 +27,9 @@ XMP_EXTENSION_HEADER = b"http://ns.adobe.com/xmp/extension/\x00"
 ICC_HEADER = b"ICC_PROFILE\x00"
 IPTC_HEADER = b"Photoshop 3.0\x00"
 ORIENTATION = 0x0112
+#: The metadata :func:`carry` puts on a PNG, as Pillow reads it back: a PNG holding any of it
+#: is saved again without, for a source that has none.
+PNG_METADATA = frozenset({"exif", "xmp", "XML:com.adobe.xmp", "icc_profile"})
 MAX_SEGMENT = 65533
 #: The tags of a TIFF's first directory that describe the photo (what a JPEG's EXIF holds:
 #: camera, date, author, copyright, rating, the EXIF and GPS directories). The rest describe
@@ -162,8 +165,10 @@ def upright_size(source: bytes) -> tuple[int, int]:
 
 def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = False,
           jpeg_quality: int = 92) -> bytes:
-    """The result with the source's metadata and, if ``upscale``, scaled back to the source's
-    (upright) dimensions when it came back smaller (a resized upload)."""
+    """The result with the source's metadata in place of its own (none where the source has
+    none: a copy whose location was taken out gets no other copy's back) and, if
+    ``upscale``, scaled back to the source's (upright) dimensions when it came back smaller
+    (a resized upload)."""
     if source[4:12] in HEIF_BRANDS:
         heif_support()
     size = upright_size(source) if upscale else None
@@ -175,15 +180,14 @@ def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = F
                 scaled.save(buffer, result_format, quality=jpeg_quality)
                 result = buffer.getvalue()
     if result_format == "JPEG":
-        segments = source_segments(source)
-        return splice_jpeg(result, segments) if segments else result
+        return splice_jpeg(result, source_segments(source))
     found = SourceMetadata.read(source)
-    if not found:
-        return result
     if result_format == "WEBP":
         return splice_webp(result, found)
     if result_format == "PNG":
         with Image.open(io.BytesIO(result)) as image:
+            if not found and not PNG_METADATA & set(image.info):
+                return result
             buffer = io.BytesIO()
             info = PngImagePlugin.PngInfo()
             if found.xmp:
@@ -242,12 +246,15 @@ def riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
 
 
 def splice_webp(result: bytes, meta: SourceMetadata) -> bytes:
-    """``result`` (a WEBP) with the source's ICC, EXIF and XMP as RIFF chunks in the extended
-    (VP8X) layout the WebP container spec orders them in; the image chunks are kept as they are."""
-    if result[:4] != b"RIFF" or result[8:12] != b"WEBP" or not meta:
+    """``result`` (a WEBP) with the source's ICC, EXIF and XMP, in place of its own, as RIFF
+    chunks in the extended (VP8X) layout the WebP container spec orders them in; the image
+    chunks are kept as they are."""
+    if result[:4] != b"RIFF" or result[8:12] != b"WEBP":
         return result
     chunks = [(c, p) for c, p in riff_chunks(result) if c not in (b"VP8X", b"ICCP", b"EXIF",
                                                                    b"XMP ")]
+    if not meta and not any(c in (b"ICCP", b"EXIF", b"XMP ") for c, _ in riff_chunks(result)):
+        return result
     if any(c in (b"ANIM", b"ANMF") for c, _ in chunks):
         return result
     with Image.open(io.BytesIO(result)) as image:

@@ -281,6 +281,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_temp(data: bytes, directory: Path, name: str) -> Path:
+    """``data`` in a new temp file beside the output ``name``, flushed to the disk (none
+    left behind if it cannot be: a disk that fills up)."""
+    fd, temp = new_temp(directory, name)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            sink.write(data)
+            sink.flush()
+            os.fsync(sink.fileno())
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    return temp
+
+
 def copy_to_temp(source: Path, directory: Path, name: str) -> Path:
     fd, temp = new_temp(directory, name)
     with os.fdopen(fd, "wb") as sink, open(source, "rb") as src:

@@ -154,6 +154,58 @@ def test_a_caption_written_into_a_delivered_photo_does_not_pay_again(
     assert third.returncode == 0 and emulator.stats["charged"] == 3
 
 
+def exif_of(path: Path) -> dict[int, object]:
+    with Image.open(path) as image:
+        exif = image.getexif()
+        return {**exif, **{0x8825: dict(exif.get_ifd(0x8825))}}
+
+
+def without_exif(data: bytes) -> bytes:
+    """What ``exiftool -all=`` leaves of a JPEG: its segments but the EXIF, the image data
+    untouched."""
+    from batch.metadata import EXIF_HEADER, jpeg_segments
+
+    segments = list(jpeg_segments(data))
+    kept = b"".join(data[start:end] for marker, payload, start, end in segments
+                    if not (marker == 0xE1 and payload.startswith(EXIF_HEADER)))
+    return data[:2] + kept + data[segments[-1][3]:]
+
+
+def test_each_copy_of_a_photo_gets_its_own_metadata_on_its_output(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """The web copy of a photo, its location and names taken out (``exiftool -all=``), is the
+    same photo as the original, paid once; but its output must not get them back from the
+    original's, nor must a copy found later, or an output written again from another's."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    exif = Image.Exif()
+    exif[0x013B], exif[0x8298] = "Ana Photographer", "(c) 2026 Studio 42"
+    exif.get_ifd(0x8825).update({1: "N", 2: (48.0, 51.0, 24.0)})
+    original = write_portrait(src / "IMG_1.jpg", seed=1, exif=exif.tobytes())
+    (src / "web").mkdir()
+    (src / "web" / "IMG_1.jpg").write_bytes(without_exif(original))
+    args = ["run", str(src), "--out", str(out), "--smart-skin", *FAST_FLAGS]
+    assert run_cli(args, emulator).returncode == 0
+    assert emulator.stats["charged"] == 1
+    assert exif_of(out / "IMG_1.jpg")[0x8825] == {1: "N", 2: (48.0, 51.0, 24.0)}
+    assert exif_of(out / "web" / "IMG_1.jpg") == {0x8825: {}}
+
+    exif = Image.Exif()
+    exif[0x013B] = "Second Shooter"
+    (src / "later").mkdir()
+    later = without_exif(original)[:2] + b"\xff\xe1" + (len(exif.tobytes()) + 8).to_bytes(
+        2, "big") + b"Exif\x00\x00" + exif.tobytes() + without_exif(original)[2:]
+    (src / "later" / "IMG_1.jpg").write_bytes(later)  # the same image, other names on it
+    (out / "web" / "IMG_1.jpg").unlink()  # written again from the original's output
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats["charged"] == 1
+    assert exif_of(out / "web" / "IMG_1.jpg") == {0x8825: {}}
+    assert exif_of(out / "later" / "IMG_1.jpg")[0x013B] == "Second Shooter"
+    assert exif_of(out / "later" / "IMG_1.jpg")[0x8825] == {}
+    with Image.open(out / "IMG_1.jpg") as first, Image.open(out / "later" / "IMG_1.jpg") as copy:
+        assert first.tobytes() == copy.tobytes()  # one result, each with its own names
+
+
 def test_outputs_moved_out_of_out_after_delivery_are_not_bought_again(
         tmp_path: Path, make_emulator: MakeEmulator) -> None:
     """Studios move delivered files to the client's folder. Past the download link's life a

@@ -24,13 +24,13 @@ from batch.outputs import (
     OutputConflict,
     copy_to_temp,
     name_refusal,
-    new_temp,
     out_folder_there,
     output_rel,
     place,
     refuses_name,
     remove_quietly,
     resolve_inside,
+    write_temp,
 )
 from batch.preflight import Rejected, decoded
 from batch.stages.runtime import (
@@ -231,43 +231,61 @@ class Downloader:
     def _store(self, result: bytes, job: JobRow, targets: list[FileRow], temps: list[Path],
                downloaded_sha256: str
                ) -> tuple[dict[int, tuple[str, str | None]], dict[int, str], str]:
-        """Check the downloaded bytes are an image, carry the metadata over, write the final
-        bytes to a temp file flushed to the disk, place the outputs and keep the report's
-        previews of the pair."""
+        """Check the downloaded bytes are an image; for each of the job's files, carry its own
+        photo's metadata over (copies of one photo may differ in theirs: a web copy with its
+        location taken out), write the final bytes to a temp file flushed to the disk and
+        place the outputs; keep the report's previews of the pair. Returns the outputs, the
+        names refused, and the SHA-256 of the first file's output (the job's result)."""
         crashpoints.reached("downloaded")
         fmt, pixels = verify_result(result)
-        source = self._source_bytes(targets)
-        photo = Path(targets[0].root, targets[0].rel_path)
-        if source is None:
-            log.warning("%s is gone: its result is saved without its metadata.", photo)
-        downloaded = result
-        if (cutout := self._with_transparency(source, photo, result, fmt)) is not None:
-            result, fmt = cutout
-        if (carried := self._with_metadata(source, photo, result, fmt)) is not None:
-            result = carried
-        sha256 = downloaded_sha256 if result is downloaded else hashlib.sha256(result).hexdigest()
-        fd, temp = new_temp((self.rt.out_dir / targets[0].out_rel).parent,
-                            Path(job.content_sha256).name)
-        temps.append(temp)
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(result)
-            sink.flush()
-            os.fsync(sink.fileno())
-        outputs, problems = self._place_all(targets, temp, temps, sha256, fmt)
-        if outputs:
-            if source is not None:
-                thumbnails.save(self.rt.out_dir, job.content_sha256, source)
-            thumbnails.save_pixels(self.rt.out_dir, sha256, pixels)
-        return outputs, problems, sha256
+        outputs: dict[int, tuple[str, str | None]] = {}
+        problems: dict[int, str] = {}
+        first: str | None = None
+        for source, group in self._by_source(targets):
+            photo = Path(group[0].root, group[0].rel_path)
+            if source is None:
+                log.warning("%s is gone: its result is saved without its metadata.", photo)
+            dressed, dressed_fmt = result, fmt
+            if (cutout := self._with_transparency(source, photo, result, fmt)) is not None:
+                dressed, dressed_fmt = cutout
+            if (carried := self._with_metadata(source, photo, dressed, dressed_fmt)) is not None:
+                dressed = carried
+            sha256 = (downloaded_sha256 if dressed is result
+                      else hashlib.sha256(dressed).hexdigest())
+            first = first or sha256
+            temp = write_temp(dressed, (self.rt.out_dir / group[0].out_rel).parent,
+                              Path(job.content_sha256).name)
+            temps.append(temp)
+            placed, refused = self._place_all(group, temp, temps, sha256, dressed_fmt)
+            outputs.update(placed)
+            problems.update(refused)
+            if placed:
+                if source is not None:
+                    thumbnails.save(self.rt.out_dir, job.content_sha256, source)
+                thumbnails.save_pixels(self.rt.out_dir, sha256, pixels)
+        return outputs, problems, first or downloaded_sha256
 
     @staticmethod
-    def _source_bytes(targets: list[FileRow]) -> bytes | None:
+    def _by_source(targets: list[FileRow]) -> list[tuple[bytes | None, list[FileRow]]]:
+        """The files to save, grouped by their photo's bytes (byte-identical copies share one
+        output's bytes), the first file's group first; a file that cannot be read joins the
+        first group read (None: none can be read)."""
+        groups: dict[bytes, tuple[bytes, list[FileRow]]] = {}
+        unread: list[FileRow] = []
         for target in targets:
             try:
-                return (Path(target.root) / target.rel_path).read_bytes()
+                data = (Path(target.root) / target.rel_path).read_bytes()
             except OSError:
+                unread.append(target)
                 continue
-        return None
+            groups.setdefault(hashlib.sha256(data).digest(), (data, []))[1].append(target)
+        found: list[tuple[bytes | None, list[FileRow]]] = list(groups.values())
+        if unread:
+            if found:
+                found[0][1].extend(unread)
+            else:
+                found.append((None, unread))
+        return found
 
     def _with_transparency(self, source: bytes | None, photo: Path, result: bytes, fmt: str
                            ) -> tuple[bytes, str] | None:

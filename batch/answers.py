@@ -67,10 +67,11 @@ def keep(ledger: Path | None, answered: list[Answered]) -> bool:
     return True
 
 
-def record(ledger: Ledger, answered: list[Answered]) -> None:
+def record(ledger: Ledger, answered: list[Answered]) -> int:
     """Record ``answered`` as queued, taking each off the list once it is settled: recorded,
     or found moved meanwhile, or of a job this ledger does not hold (a ledger started anew
-    in its place: a task must never be saved as another photo's result)."""
+    in its place: a task must never be saved as another photo's result). Returns how many
+    were recorded."""
     recorded = 0
     for one in list(answered):
         with contextlib.suppress(StaleTransition, KeyError):
@@ -79,5 +80,4 @@ def record(ledger: Ledger, answered: list[Answered]) -> None:
                 ledger.transition(one.task.job_id, JobState.QUEUED, **one.task.move())
                 recorded += 1
         answered.remove(one)
-    if recorded:
-        log.warning("Recorded %d upload(s) answered while the ledger was away.", recorded)
+    return recorded

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
-from batch import elsewhere, requeue
+from batch import answers, elsewhere, requeue
 from batch.api import ApiClient, ApiError
 from batch.config import RunConfig, unreached
 from batch.elsewhere import Elsewhere
@@ -201,7 +201,11 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     # A source not there tonight: as the run does, its photos wait for one that finds it.
     gone = [r for r in roots if unreached(r.path) is not None]
     away = {r.ledger_root for r in gone}
-    requeue.at_start(ledger, config.root_map)  # the copy's, as the run's start does
+    # The copy's, as the run's start does: answers kept while the ledger was away recorded,
+    # uploads a killed run left without an answer made ambiguous (sent again, if so, paid).
+    kept = answers.record(ledger, answers.kept(config.ledger_file))
+    ledger.recover_interrupted()
+    requeue.at_start(ledger, config.root_map)
     others, copied = elsewhere.at_start(ledger, config)
     result = _scanned(ledger, config, [r for r in roots if r not in gone], gone, others)
     result.copied += copied
@@ -223,6 +227,9 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
                       if p.state == "rejected" and (p.path, p.reason) not in result.reject]
     if (room := _room(config, result.upload_bytes)) is not None:
         result.notes.append(room)
+    if kept:
+        result.notes.append(f"{kept} upload(s) answered while the ledger was away would be "
+                            "recorded, not paid for again.")
     return result
 
 

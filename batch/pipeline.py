@@ -298,7 +298,8 @@ async def _run(config: RunConfig, ledger: Ledger, out_dir: Path,
     for sig in stops:
         loop.add_signal_handler(sig, rt.interrupt)
     try:
-        answers.record(ledger, unrecorded)
+        if recorded := answers.record(ledger, unrecorded):
+            log.warning("Recorded %d upload(s) answered while the ledger was away.", recorded)
         recovered = _pick_up_leftovers(worker, out_dir, config.root_map)
         rt.elsewhere, copied = elsewhere.at_start(ledger, config)
         elsewhere.tell_copied(copied)

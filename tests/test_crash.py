@@ -304,3 +304,23 @@ def test_the_morning_report_after_a_run_was_killed_says_so(
     assert_outputs_right(out, {**tree(src, 3), **{f"{i:03d}.jpg": (src / f"{i:03d}.jpg")
                                                   .read_bytes() for i in range(3, 8)}},
                          emulator)
+
+
+def test_a_dry_run_after_a_kill_mid_upload_counts_the_upload_sent_again(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """Killed between an upload's charge and the record of its answer, a run leaves a photo
+    whose upload may have been paid: the next run sends it again (``on_ambiguous =
+    resubmit``), paid again, and its dry run says so in the credits it counts."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = tree(src, 3)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", "--concurrency", "1",
+            *FAST_FLAGS]
+    killed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": "answered:1"})
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL and emulator.stats["charged"] == 1
+    dry = run_cli([*args, "--dry-run"], emulator)
+    assert "would send:   3 image(s), about 3 credit(s)" in dry.stdout, dry.stdout
+    again = run_cli(args, emulator)
+    assert again.returncode == 0, again.stderr
+    assert emulator.stats["charged"] == 1 + 3
+    assert_outputs_right(out, sources, emulator)

@@ -503,6 +503,10 @@ def test_an_upload_answered_after_the_ledger_went_is_recorded_by_the_next_run(
            "the next run on it to record" in stderr, stderr
     emulator.config.answer_seconds = 0.0
     drive.plug()
+    dry = run_cli([*args, "--dry-run"], emulator)
+    assert "would send:   0 image(s)" in dry.stdout, dry.stdout
+    assert "1 upload(s) answered while the ledger was away would be recorded, not paid for " \
+           "again." in dry.stdout
     again = run_cli(args, emulator)
     assert again.returncode == 0, again.stderr
     assert "Recorded 1 upload(s) answered while the ledger was away." in again.stderr

@@ -270,7 +270,7 @@ class Downloader:
         """The files to save, grouped by their photo's bytes (byte-identical copies share one
         output's bytes), the first file's group first; a file that cannot be read joins the
         first group read (None: none can be read)."""
-        groups: dict[bytes, tuple[bytes, list[FileRow]]] = {}
+        found: list[tuple[bytes | None, list[FileRow]]] = []
         unread: list[FileRow] = []
         for target in targets:
             try:
@@ -278,8 +278,11 @@ class Downloader:
             except OSError:
                 unread.append(target)
                 continue
-            groups.setdefault(hashlib.sha256(data).digest(), (data, []))[1].append(target)
-        found: list[tuple[bytes | None, list[FileRow]]] = list(groups.values())
+            same = next((group for source, group in found if source == data), None)
+            if same is None:
+                found.append((data, [target]))
+            else:
+                same.append(target)
         if unread:
             if found:
                 found[0][1].extend(unread)

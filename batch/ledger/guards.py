@@ -22,6 +22,12 @@ REFUSAL = "illegal job state transition"
 STATE_CHECK = "state IN ({})".format(", ".join(f"'{s.value}'" for s in JobState))
 
 
+def table_of(legal: Mapping[str, str]) -> dict[JobState, set[JobState]]:
+    """A migration's table of legal moves, kept as text as it was at its revision (``"failed":
+    "pending ready"``), as :func:`create_trigger_sql` takes it."""
+    return {JobState(a): {JobState(b) for b in targets.split()} for a, targets in legal.items()}
+
+
 def create_trigger_sql(dialect: str, table: Mapping[JobState, Collection[JobState]] = TRANSITIONS
                        ) -> list[str]:
     """The trigger refusing the moves ``table`` does not allow (a migration's downgrade gives

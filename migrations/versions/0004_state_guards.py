@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from batch.ledger.guards import STATE_CHECK, create_trigger_sql, drop_trigger_sql
-from batch.states import JobState
+from batch.ledger.guards import STATE_CHECK, create_trigger_sql, drop_trigger_sql, table_of
 
 revision = "0004"
 down_revision = "0003"
@@ -32,7 +31,7 @@ LEGAL = {
     "rejected": "pending",
     "expired": "failed pending rejected submitting",
 }
-TABLE = {JobState(a): {JobState(b) for b in targets.split()} for a, targets in LEGAL.items()}
+TABLE = table_of(LEGAL)
 
 
 def upgrade() -> None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from batch.ledger.guards import create_trigger_sql
-from batch.states import JobState
+from batch.ledger.guards import create_trigger_sql, table_of
 
 revision = "0008"
 down_revision = "0007"
@@ -40,15 +39,11 @@ LEGAL = {
 EARLIER = {**LEGAL, "pending": "failed rejected submitting"}
 
 
-def _table(legal: dict[str, str]) -> dict[JobState, set[JobState]]:
-    return {JobState(a): {JobState(b) for b in targets.split()} for a, targets in legal.items()}
-
-
 def upgrade() -> None:
-    for statement in create_trigger_sql(op.get_bind().dialect.name, _table(LEGAL)):
+    for statement in create_trigger_sql(op.get_bind().dialect.name, table_of(LEGAL)):
         op.execute(statement)
 
 
 def downgrade() -> None:
-    for statement in create_trigger_sql(op.get_bind().dialect.name, _table(EARLIER)):
+    for statement in create_trigger_sql(op.get_bind().dialect.name, table_of(EARLIER)):
         op.execute(statement)

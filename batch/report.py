@@ -119,6 +119,9 @@ def _why_attention(row: dict[str, Any], now: float) -> str | None:
     """Why a person should look at this file in the morning, if they should."""
     if row["state"] == JobState.AMBIGUOUS.value:
         return "upload answer lost (may be charged): skinbatch retry --ambiguous to resend"
+    if row["state"] == JobState.SUBMITTING.value:  # no task, no link yet
+        return ("uploaded, its answer not recorded (a run under way, or stopped before it): "
+                "the next run records it or counts it lost (may be charged)")
     if row["state"] in IN_FLIGHT:
         expires = row["expires_at"]
         soon = " (soon!)" if expires and expires - now < EXPIRING_SOON else ""

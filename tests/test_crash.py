@@ -318,6 +318,9 @@ def test_a_dry_run_after_a_kill_mid_upload_counts_the_upload_sent_again(
     killed = popen_cli(args, emulator, extra_env={"SKINBATCH_CRASH_AFTER": "answered:1"})
     killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL and emulator.stats["charged"] == 1
+    assert run_cli(["report", "--out", str(out), "--format", "json"], None).returncode == 0
+    [attention] = json.loads((out / "skinbatch-report.json").read_text())["needs_attention"]
+    assert attention["why"].startswith("uploaded, its answer not recorded"), attention
     dry = run_cli([*args, "--dry-run"], emulator)
     assert "would send:   3 image(s), about 3 credit(s)" in dry.stdout, dry.stdout
     again = run_cli(args, emulator)

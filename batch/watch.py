@@ -23,7 +23,7 @@ from watchdog.observers.polling import PollingObserver
 from batch.copies import materialize_copies
 from batch.elsewhere import tell_copied
 from batch.options import held_words
-from batch.requeue import read_again
+from batch.requeue import read_again, try_again_given_up
 from batch.scan import ScanStats, SourceRoot, scan, tell_left_out, unreadable_words
 from batch.stages.runtime import Runtime
 
@@ -162,6 +162,10 @@ async def watch_sources(rt: Runtime, settings: WatchSettings, roots: list[Source
             said.tell(rt, stats)
             if await asyncio.to_thread(read_again, rt.ledger, rt.config.root_map):
                 rt.wake_submitter.set()
+            if rt.flags.uploads_back:  # the API takes uploads again
+                rt.flags.uploads_back = False
+                if await asyncio.to_thread(try_again_given_up, rt.ledger):
+                    rt.wake_submitter.set()
             totals.hashed += stats.hashed
             totals.new_jobs += stats.new_jobs
             tell_copied(stats.copied)

@@ -323,3 +323,31 @@ def test_retry_and_dismiss_work_beside_a_running_watch(tmp_path: Path,
     status = json.loads(run_cli(["status", "--out", str(out), "--json"], None).stdout)
     assert status["problems"] == [] and status["dismissed"] == [str(src / "products/shoe.jpg")]
     assert emulator.stats["submits"] == 4
+
+
+def test_a_watch_tries_once_more_the_uploads_it_gave_up_once_the_api_takes_uploads_again(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """Behind a gateway that answers, the API's backend fails every upload for a while: a
+    photo is failed at its attempt limit. A watch runs for weeks; once an upload goes
+    through again, it tries the photo once more (as a run's start does) instead of leaving
+    it failed until a restart."""
+    emulator = make_emulator(faults=Faults(submit_5xx=1.0))
+    src, out = tmp_path / "incoming", tmp_path / "out"
+    sources = {"a.jpg": write_portrait(src / "a.jpg", seed=1)}
+    config = tmp_path / "c.toml"
+    config.write_text("max_attempts = 2\nbackoff_base = 0.01\nbackoff_cap = 0.02\n")
+    proc = popen_cli(["watch", str(src), "--out", str(out), "--config", str(config),
+                      "--settle", "0.2", "--rescan", "0.5", "--smart-skin", *FAST_FLAGS],
+                     emulator)
+    try:
+        assert wait_for(lambda: json.loads(run_cli(
+            ["status", "--out", str(out), "--json"], None).stdout or "{}").get(
+            "counts", {}).get("failed") == 1)
+        emulator.config.faults.submit_5xx = 0.0
+        sources["b.jpg"] = write_portrait(src / "b.jpg", seed=2)
+        assert wait_for(lambda: all((out / name).exists() for name in sources))
+    finally:
+        _, stderr = stopped(proc)
+    assert emulator.stats["charged"] == 2, stderr[-2000:]
+    assert "Trying once more 1 photo(s) whose uploads the API failed" in stderr
+    assert_outputs_right(out, sources, emulator)

@@ -105,6 +105,10 @@ class Flags:
     hard_stop: bool = False
     #: The --deadline passed: the run ends with work still in flight.
     deadline_reached: bool = False
+    #: Uploads the API failed up to the attempt limit (while it answered the balance), and one
+    #: went through since: a watch tries them once more (a run's start does).
+    given_up: bool = False
+    uploads_back: bool = False
 
 
 class QueuedTask(NamedTuple):

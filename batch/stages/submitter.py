@@ -307,6 +307,8 @@ class Submitter:
         rt.progress.sent()
         rt.queued.put_nowait(task)
         rt.wake_poller.set()
+        if rt.flags.given_up:
+            rt.flags.given_up, rt.flags.uploads_back = False, True
 
     @staticmethod
     def _prepare(job: JobRow, candidates: list[FileRow], settings: PrepareSettings,
@@ -383,6 +385,7 @@ class Submitter:
             # Marked for the next run's one more try (see batch.requeue.try_again_given_up)
             # the first time only: given up again, it is left for a person.
             first = not rt.ledger.failures_with(job.id, UPLOADS_FAILED)
+            rt.flags.given_up |= first
             again = "the next run tries it once more" if first else \
                 "given up in an earlier run too"
             await rt.writes.transition(

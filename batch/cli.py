@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from batch import answers
 from batch import config as config_mod
 from batch.apispec import OPTION_NAMES
 from batch.config import ConfigError, RunConfig, prepare_out, there
@@ -337,11 +338,14 @@ def _ledger_location(out: Path, ledger: str | None) -> str:
 @handle_errors
 def status(out: Path, ledger: str | None, as_json: bool) -> None:
     """Counts by state, and every failed or rejected file with its reason."""
-    store = open_ledger(_ledger_location(out, ledger))
+    location = _ledger_location(out, ledger)
+    store = open_ledger(location)
     try:
         report = collect_status(store)
     finally:
         store.close()
+    if "://" not in location:
+        report.answers_kept = len(answers.kept(Path(location).expanduser().resolve()))
     click.echo(report.to_json() if as_json else report.to_text())
 
 

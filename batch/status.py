@@ -56,6 +56,9 @@ class StatusReport:
     unsaved: int = 0
     #: The failed or rejected files a person accepted unretouched (not in ``problems``).
     dismissed: list[str] = field(default_factory=list)
+    #: Uploads answered once the ledger had gone, kept on this machine for the next run to
+    #: record (see :mod:`batch.answers`): their jobs show as ``submitting`` meanwhile.
+    answers_kept: int = 0
 
     @property
     def unfinished(self) -> int:
@@ -76,6 +79,7 @@ class StatusReport:
             "unfinished": self.unfinished,
             "problems": [asdict(p) for p in self.problems],
             "dismissed": self.dismissed,
+            "answers_kept_for_the_next_run": self.answers_kept,
             "metadata_removed_from_uploads": self.stripped,
             "prepared_before_upload": [{"path": path, "note": note}
                                        for path, note in self.prepared],
@@ -95,6 +99,9 @@ class StatusReport:
         ]
         if self.unsaved:
             lines.append(f"of them {unsaved_words(self.unsaved)}")
+        if self.answers_kept:
+            lines.append(f"{self.answers_kept} upload(s) answered once the ledger had gone are "
+                         "kept on this machine: the next run records them, not paying again")
         if self.emulated:
             lines.append(EMULATED_NOTE)
         for described, n in self.options.items():

@@ -503,6 +503,9 @@ def test_an_upload_answered_after_the_ledger_went_is_recorded_by_the_next_run(
            "the next run on it to record" in stderr, stderr
     emulator.config.answer_seconds = 0.0
     drive.plug()
+    status = run_cli(["status", "--out", str(out)], None)
+    assert "1 upload(s) answered once the ledger had gone are kept on this machine: the next " \
+           "run records them, not paying again" in status.stdout, status.stdout
     dry = run_cli([*args, "--dry-run"], emulator)
     assert "would send:   0 image(s)" in dry.stdout, dry.stdout
     assert "1 upload(s) answered while the ledger was away would be recorded, not paid for " \
@@ -511,6 +514,7 @@ def test_an_upload_answered_after_the_ledger_went_is_recorded_by_the_next_run(
     assert again.returncode == 0, again.stderr
     assert "Recorded 1 upload(s) answered while the ledger was away." in again.stderr
     assert emulator.stats["charged"] == 1 and emulator.stats["submits"] == 1
+    assert "kept on this machine" not in run_cli(["status", "--out", str(out)], None).stdout
     assert_outputs_right(out, sources, emulator)
 
 

@@ -138,6 +138,27 @@ class TestLedger:
         assert ledger.job(a).task_id == "task-a" and ledger.job(b).task_id is None
         assert ledger.charges() == 1
 
+    def test_photos_paid_again_under_new_options_count_once_sent_too(
+            self, ledger: Ledger) -> None:
+        """The run says how many photos it pays for again under new options when its scan
+        ends; one whose upload went out before that (a long scan beside the uploads) still
+        counts, and one sent by an earlier run does not."""
+        record(ledger, [scanned(f"{c}.jpg", c * 64) for c in "abc"], "100000000")
+        for job in ledger.jobs_in([JobState.PENDING]):
+            for state in (JobState.SUBMITTING, JobState.QUEUED, JobState.READY,
+                          JobState.DOWNLOADING, JobState.DONE):
+                ledger.transition(job.id, state, submitted_at=1000.0)
+        record(ledger, [scanned(f"{c}.jpg", c * 64) for c in "abc"], "010000000")
+        earlier, sent, _waiting = sorted(ledger.jobs_in([JobState.PENDING]),
+                                        key=lambda j: j.content_sha256)
+        for job, at in ((earlier, 1500.0), (sent, 2500.0)):
+            for state in (JobState.SUBMITTING, JobState.QUEUED):
+                ledger.transition(job.id, state, submitted_at=at)
+        ledger.transition(earlier.id, JobState.PROCESSING)
+        assert ledger.count_in([JobState.PENDING], redone=True) == 1
+        assert ledger.count_in([JobState.PENDING], redone=True, sent_since=2000.0) == 2
+        assert ledger.count_in([JobState.PENDING], sent_since=2000.0) == 2  # not the old ones
+
     def test_new_options_make_a_new_job_for_the_same_content(self, ledger: Ledger) -> None:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
         assert record(ledger, [scanned("a.jpg", "a" * 64)], "010000000") == 1

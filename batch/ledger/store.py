@@ -290,9 +290,11 @@ REDONE = exists().where(_other.c.content_sha256 == jobs.c.content_sha256,
 
 @functools.cache
 def _count_statement(states: frozenset[JobState], by_root: bool = False,
-                     redone: bool = False, away: bool = False) -> Select[Any]:
+                     redone: bool = False, away: bool = False,
+                     sent_since: bool = False) -> Select[Any]:
+    in_states = jobs.c.state.in_(sorted(s.value for s in states))
     return select(func.count()).select_from(jobs).where(
-        jobs.c.state.in_(sorted(s.value for s in states)),
+        or_(in_states, jobs.c.submitted_at >= bindparam("since")) if sent_since else in_states,
         REACHABLE if by_root else WANTED_HERE if away else WANTED,
         NOT_DELIVERED, *([REDONE] if redone else []))
 
@@ -1202,16 +1204,21 @@ class Ledger:
         return counts
 
     def count_in(self, states: Iterable[JobState], roots: Sequence[str] = (), *,
-                 redone: bool = False, away: Collection[str] = ()) -> int:
+                 redone: bool = False, away: Collection[str] = (),
+                 sent_since: float | None = None) -> int:
         """Jobs in ``states`` that some file still wants (one outside the ``away`` roots; on
         a shared ledger with ``roots``: a file under one of them, whichever worker holds the
-        job); with ``redone``, only those whose photo has a result under other options."""
+        job); with ``redone``, only those whose photo has a result under other options; with
+        ``sent_since``, those whose upload was answered since then too, whatever their state."""
+        sent = {"since": sent_since} if sent_since is not None else {}
         with self._read() as conn:
             if self.shared and roots:
-                return conn.scalar(_count_statement(frozenset(states), True, redone),
-                                   {"roots": list(roots)}) or 0
-            return conn.scalar(_count_statement(frozenset(states), False, redone, bool(away)),
-                               {"away": list(away)}) or 0
+                return conn.scalar(_count_statement(frozenset(states), True, redone,
+                                                    sent_since=bool(sent)),
+                                   {"roots": list(roots), **sent}) or 0
+            return conn.scalar(_count_statement(frozenset(states), False, redone, bool(away),
+                                                bool(sent)),
+                               {"away": list(away), **sent}) or 0
 
     def stripped(self) -> dict[str, int]:
         """How many jobs had each record of removed metadata ("EXIF, XMP 2": see

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -161,6 +162,8 @@ class Runtime:
     writes: LedgerWriter
     #: This run's name among the ledger's workers: the owner of the jobs it claims.
     worker: str | None = None
+    #: When the run began (time.time(), as an upload's submitted_at): its uploads are since.
+    started: float = field(default_factory=time.time)
     #: The run's sources: the scan walks them, and on a shared ledger the worker claims only
     #: jobs with a file under one of them.
     sources: tuple[SourceRoot, ...] = ()
@@ -222,10 +225,12 @@ class Runtime:
         return tuple(source.ledger_root for source in self.sources
                      if source.ledger_root not in self.away)
 
-    def count(self, states: Iterable[JobState], *, redone: bool = False) -> int:
+    def count(self, states: Iterable[JobState], *, redone: bool = False,
+              sent_since: float | None = None) -> int:
         """Jobs in ``states`` this run works on: a file under its sources on a shared ledger,
         none only under a folder that is away (see :meth:`Ledger.count_in`)."""
-        return self.ledger.count_in(states, self.roots, redone=redone, away=self.away)
+        return self.ledger.count_in(states, self.roots, redone=redone, away=self.away,
+                                    sent_since=sent_since)
 
     def claimable(self, states: Iterable[JobState], limit: int, *, exclude: Iterable[int],
                   soonest_expiry_first: bool = False) -> list[JobRow]:

@@ -488,8 +488,8 @@ def _tell_estimate(rt: Runtime, to_pay: int) -> Estimate:
     log.info("Credits: %s.", estimate.describe())
     config = rt.config
     # Those whose uploads started before the scan ended count too.
-    if redone := rt.count(submittable(config.on_ambiguous, config.on_expired), redone=True,
-                          sent_since=rt.started):
+    if redone := rt.count(submittable(config.on_ambiguous, config.on_expired)
+                          | {JobState.SUBMITTING}, redone=True, sent_since=rt.started):
         log.warning("%s", redone_words(redone))
     if estimate.short and (affordable := estimate.affordable(per_image)):
         log.warning("The balance pays for %d of %d image(s); sending those.", affordable, to_pay)

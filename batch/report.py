@@ -29,6 +29,7 @@ from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS, fetch_again_words, f
 from batch.ledger.workers import WorkerRecords
 from batch.names import SHOWN
 from batch.options import Options
+from batch.outputs import remove_quietly
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
 from batch.status import EMULATED_NOTE, describe_worker, unsaved_words, worker_entry
 from batch.worker import died_here
@@ -311,6 +312,6 @@ def write_report(ledger: Ledger, target: Path, out_dir: Path, fmt: str | None = 
         temp.write_text(content, encoding="utf-8", errors=SHOWN)
         temp.replace(target)
     except OSError:
-        temp.unlink(missing_ok=True)
+        remove_quietly(temp)  # the error to tell is the write's
         raise
     return target

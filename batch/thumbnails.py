@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from batch.names import STATE_DIR
-from batch.outputs import out_folder_there
+from batch.outputs import out_folder_there, remove_quietly
 
 log = logging.getLogger("batch.thumbnails")
 
@@ -88,8 +88,8 @@ def _write(out_dir: Path, target: Path, preview: bytes) -> Path | None:
         os.replace(temp, target)
     except OSError as exc:
         log.debug("No preview at %s: %s", target.name[:12], exc)
-        if temp is not None:
-            Path(temp).unlink(missing_ok=True)
+        if temp is not None:  # a drive the system just made read-only refuses that too
+            remove_quietly(Path(temp))
         return None
     return target
 

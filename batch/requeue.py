@@ -9,22 +9,15 @@ import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import Ledger, open_ledger
+from batch.ledger.store import Requeued
 from batch.preflight import CHANGED, UNREADABLE
 from batch.roots import RootMap
 from batch.states import RETRYABLE, JobState
 
 log = logging.getLogger("batch.requeue")
-
-
-class Requeued(NamedTuple):
-    moved: int
-    """Jobs put back in line."""
-    fetched: int
-    """Of them, failed jobs whose paid result is downloaded again rather than paid again."""
 
 
 def requeue(ledger_location: str, states: Iterable[JobState],
@@ -39,11 +32,9 @@ def requeue(ledger_location: str, states: Iterable[JobState],
     chosen = frozenset(states)
     if not chosen or not chosen <= RETRYABLE:
         raise ValueError(f"only {', '.join(sorted(RETRYABLE))} jobs can be put back in line")
-    named = _named(paths, root_map)
     with contextlib.closing(open_ledger(ledger_location)) as ledger:
-        fetched = ledger.fetch_again(named) if JobState.FAILED in chosen else 0
-        sent = ledger.reset_jobs(chosen, "put back in line by skinbatch retry", named)
-        return Requeued(fetched + sent, fetched)
+        return ledger.reset_jobs(chosen, "put back in line by skinbatch retry",
+                                 _named(paths, root_map))
 
 
 def dismiss(ledger_location: str, paths: Sequence[Path],
@@ -91,7 +82,7 @@ def read_again(ledger: Ledger, root_map: RootMap) -> int:
     if not readable:
         return 0
     moved = ledger.reset_jobs([JobState.REJECTED], "read again: the file could not be read "
-                              "before", readable, error_code=UNREADABLE)
+                              "before", readable, error_code=UNREADABLE).moved
     if moved:
         log.info("Reading again %d file(s) that could not be read before.", moved)
     return moved
@@ -104,7 +95,7 @@ def try_again_given_up(ledger: Ledger) -> int:
     so a photo the API fails each time is left for a person once it has failed so twice.
     Returns how many jobs moved."""
     moved = ledger.reset_jobs([JobState.FAILED], "tried once more: its uploads failed at the "
-                              "attempt limit in an earlier run", error_code=UPLOADS_FAILED)
+                              "attempt limit in an earlier run", error_code=UPLOADS_FAILED).moved
     if moved:
         log.info("Trying once more %d photo(s) whose uploads the API failed at the attempt "
                  "limit in an earlier run.", moved)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from batch import answers
 from batch.api.errors import UPLOADS_FAILED
 from batch.ledger import Ledger, ScannedFile, TransitionInfo, open_ledger
-from batch.ledger.store import RECORD_CHUNK, StaleTransition
+from batch.ledger.store import RECORD_CHUNK, Requeued, StaleTransition
 from batch.requeue import try_again_given_up
 from batch.stages.runtime import Answered, QueuedTask
 from batch.states import TRANSITIONS, IllegalTransition, JobState, illegal_pairs
@@ -62,7 +62,7 @@ class TestLedger:
         assert ledger.dismiss(["/src/products"], "dismissed") == 0
         assert ledger.dismissed() == ["/src/products/bag.jpg", "/src/products/shoe.jpg"]
         assert [p.path for p in ledger.problems()] == ["/src/productsold/c.jpg"]
-        assert ledger.reset_jobs([JobState.FAILED], "again", ["/src/products/bag.jpg"]) == 1
+        assert ledger.reset_jobs([JobState.FAILED], "again", ["/src/products/bag.jpg"]).moved == 1
         assert ledger.dismissed() == ["/src/products/shoe.jpg"]
         assert ledger.counts()["pending"] == 1
 
@@ -110,9 +110,9 @@ class TestLedger:
         assert "paid for: skinbatch retry --failed downloads it again" in problem.reason
         assert all("retry --failed downloads" not in p.reason for p in ledger.problems()
                    if p.path != "/src/a.jpg")
-        assert ledger.fetch_again(["/src/b.jpg", "/src/c.jpg"]) == 0
-        assert ledger.fetch_again() == 1
-        assert ledger.reset_jobs([JobState.FAILED], "again") == 2
+        assert ledger.reset_jobs([JobState.FAILED], "again", ["/src/b.jpg", "/src/c.jpg"]) == (
+            Requeued(moved=2, fetched=0))  # a dead link, no result: sent again
+        assert ledger.reset_jobs([JobState.FAILED], "again") == Requeued(moved=1, fetched=1)
         assert ledger.states_of([live, dead, upload]) == {
             live: JobState.READY, dead: JobState.PENDING, upload: JobState.PENDING}
         [job] = ledger.claimable([JobState.READY], 10)
@@ -263,8 +263,8 @@ class TestLedger:
         record(ledger, [scanned("a.jpg", "a" * 64)], "100000000")
         job = ledger.claimable([JobState.PENDING], 1)[0]
         ledger.transition(job.id, JobState.REJECTED, info=TransitionInfo(message="bad"))
-        assert ledger.reset_jobs([JobState.FAILED], "x") == 0
-        assert ledger.reset_jobs([JobState.REJECTED], "retry") == 1
+        assert ledger.reset_jobs([JobState.FAILED], "x").moved == 0
+        assert ledger.reset_jobs([JobState.REJECTED], "retry").moved == 1
         assert ledger.job(job.id).state is JobState.PENDING
 
 

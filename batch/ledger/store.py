@@ -302,7 +302,7 @@ def _count_statement(states: frozenset[JobState], by_root: bool = False,
 def fetchable(state: str | None, result_urls: str | None, expires_at: float | None,
               now: float) -> bool:
     """A failed job whose result is paid for and whose link lives (see
-    :meth:`Ledger.fetch_again`), from its row."""
+    :meth:`Ledger.reset_jobs`), from its row."""
     return (state == JobState.FAILED.value and result_urls is not None
             and expires_at is not None and expires_at > now)
 
@@ -340,6 +340,13 @@ class Write:
     run: Callable[[Connection], None]
     durable: bool = True
     point: str | None = None
+
+
+class Requeued(NamedTuple):
+    moved: int
+    """Jobs put back in line."""
+    fetched: int
+    """Of them, failed jobs whose paid result is downloaded again rather than paid again."""
 
 
 class StaleTransition(RuntimeError):
@@ -977,13 +984,15 @@ class Ledger:
         return Write(run, point=JobState.DONE.value)
 
     def reset_jobs(self, states: Iterable[JobState], message: str, paths: Sequence[str] = (),
-                   error_code: str | None = None) -> int:
-        """Put jobs in ``states`` back to pending (the ``retry`` command; at a run's start, the
-        jobs that ended with ``error_code``, those a person dismissed left as they are); only
-        jobs of the files at ``paths`` (as the ledger names them: absolute, or under a root's
-        name), or in the folders there, when given. A job another worker moved meanwhile is
-        left to it. Returns how many moved."""
-        query = select(jobs.c.id, jobs.c.state).where(
+                   error_code: str | None = None) -> Requeued:
+        """Put jobs in ``states`` back in line (the ``retry`` command; at a run's start, the
+        jobs that ended with ``error_code``, those a person dismissed left as they are): to be
+        sent, or, a failed one whose result is paid for and whose link lives (its download
+        failed: a result over the cap, a host that kept failing it), to be downloaded again
+        for nothing rather than paid for twice. Only jobs of the files at ``paths`` (as the
+        ledger names them: absolute, or under a root's name), or in the folders there, when
+        given. A job another worker moved meanwhile is left to it."""
+        query = select(jobs.c.id, jobs.c.state, jobs.c.result_urls, jobs.c.expires_at).where(
             jobs.c.state.in_([s.value for s in states]))
         if error_code is not None:
             query = query.where(jobs.c.error_code == error_code, jobs.c.dismissed_at.is_(None))
@@ -991,42 +1000,20 @@ class Ledger:
             query = query.where(_of_files_at(paths))
         with self._read() as conn:
             found = conn.execute(query).all()
-        if not found:
-            return 0
+        now = time.time()
+        fetched = {r.id for r in found if fetchable(r.state, r.result_urls, r.expires_at, now)}
+        paid = f"{message}: its result is paid for and its link lives, so it is downloaded again"
         try:
             outcomes = self.commit([self.transition_write(
-                job_id, JobState.PENDING, expect=JobState(state),
-                info=TransitionInfo(message=message), attempts=0, next_attempt_at=0.0,
-                reason=None, error_code=None, dismissed_at=None) for job_id, state in found])
-        except StaleTransition:  # the only one, moved meanwhile
-            return 0
-        return outcomes.count(None)
-
-    def fetch_again(self, paths: Sequence[str] = ()) -> int:
-        """Put the failed jobs whose result is paid for and whose link still lives (a download
-        that failed: a result over the cap, a host that kept failing) back to ready, so the
-        next run downloads them again for nothing instead of paying for each photo twice;
-        only jobs of the files at ``paths`` when given (as :meth:`reset_jobs` matches them).
-        Returns how many moved."""
-        query = select(jobs.c.id).where(
-            jobs.c.state == JobState.FAILED.value, jobs.c.result_urls.is_not(None),
-            jobs.c.expires_at > time.time())
-        if paths:
-            query = query.where(_of_files_at(paths))
-        with self._read() as conn:
-            found = conn.scalars(query).all()
-        if not found:
-            return 0
-        info = TransitionInfo(message="put back in line by skinbatch retry: its result is "
-                                      "paid for and its link lives, so it is downloaded again")
-        try:
-            outcomes = self.commit([self.transition_write(
-                job_id, JobState.READY, expect=JobState.FAILED, info=info, attempts=0,
+                r.id, JobState.READY if r.id in fetched else JobState.PENDING,
+                expect=JobState(r.state), info=TransitionInfo(
+                    message=paid if r.id in fetched else message), attempts=0,
                 next_attempt_at=0.0, reason=None, error_code=None, dismissed_at=None)
-                for job_id in found])
+                for r in found]) if found else []
         except StaleTransition:  # the only one, moved meanwhile
-            return 0
-        return outcomes.count(None)
+            return Requeued(0, 0)
+        moved = [r.id for r, outcome in zip(found, outcomes, strict=True) if outcome is None]
+        return Requeued(len(moved), len(fetched.intersection(moved)))
 
     def dismiss(self, paths: Sequence[str], message: str) -> int:
         """Mark the failed and rejected jobs of the files at ``paths`` (as :meth:`reset_jobs`

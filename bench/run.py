@@ -1,4 +1,4 @@
-"""skinbatch benchmarks: `python -m bench.run` (full, a few minutes) or `--quick` (CI smoke).
+"""skinbatch benchmarks: `python -m bench.run` (full, about half an hour) or `--quick` (CI smoke).
 
 Every figure is measured in this run, next to its baseline measured in the same run, against the
 emulator on loopback. Prints a table of figures, targets and ratios.

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from batch import answers
 from batch import config as config_mod
 from batch.apispec import OPTION_NAMES
 from batch.config import ConfigError, RunConfig, prepare_out, there
@@ -344,8 +343,6 @@ def status(out: Path, ledger: str | None, as_json: bool) -> None:
         report = collect_status(store)
     finally:
         store.close()
-    if "://" not in location:
-        report.answers_kept = len(answers.kept(Path(location).expanduser().resolve()))
     click.echo(report.to_json() if as_json else report.to_text())
 
 

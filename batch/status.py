@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from batch import answers
 from batch.ledger import Ledger
 from batch.ledger.store import NOT_SAVED, Problem
 from batch.ledger.workers import WorkerRecords, WorkerRow
@@ -177,6 +178,7 @@ def collect_status(ledger: Ledger) -> StatusReport:
         emulated=ledger.emulated(),
         unsaved=ledger.unsaved_charges(),
         dismissed=ledger.dismissed(),
+        answers_kept=len(answers.kept(ledger.file)),
     )
 
 

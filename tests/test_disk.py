@@ -20,7 +20,13 @@ from batch.emulator import Emulator
 from batch.outputs import MIN_FREE, remove_quietly
 from batch.preflight import Rejected, check
 from batch.states import JobState
-from tests.checks import assert_ledger_sound, assert_no_double_pay, assert_outputs_right
+from batch.status import collect_status
+from tests.checks import (
+    assert_ledger_sound,
+    assert_no_double_pay,
+    assert_outputs_right,
+    ledger_of,
+)
 from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, stopped, wait_for
 from tests.imagegen import write_portrait
 
@@ -506,6 +512,11 @@ def test_an_upload_answered_after_the_ledger_went_is_recorded_by_the_next_run(
     status = run_cli(["status", "--out", str(out)], None)
     assert "1 upload(s) answered once the ledger had gone are kept on this machine: the next " \
            "run records them, not paying again" in status.stdout, status.stdout
+    ledger = ledger_of(out)  # the library's status says so too
+    try:
+        assert collect_status(ledger).answers_kept == 1
+    finally:
+        ledger.close()
     dry = run_cli([*args, "--dry-run"], emulator)
     assert "would send:   0 image(s)" in dry.stdout, dry.stdout
     assert "1 upload(s) answered while the ledger was away would be recorded, not paid for " \

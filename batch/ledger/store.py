@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
@@ -451,16 +452,23 @@ class Ledger:
             self._local.conn.close()
             self._local.conn = None
 
+    @property
+    def file(self) -> Path | None:
+        """The SQLite ledger's file (None for a database server's)."""
+        path = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not path or path == ":memory:":
+            return None
+        return Path(path)
+
     def gone(self) -> LedgerGone | None:
         """Why a SQLite ledger's file is missing from its path, or None. Asked of the path,
         not of a connection: open connections may go on answering (a lazily unmounted share)
         or fail with an I/O error (a drive unplugged), and in both cases nothing recorded
         through them would be found by the next run."""
-        path = self.engine.url.database
-        if self.engine.dialect.name != "sqlite" or not path or path == ":memory:" \
-                or os.path.exists(path):
+        path = self.file
+        if path is None or os.path.exists(path):
             return None
-        return LedgerGone(path)
+        return LedgerGone(str(path))
 
     def said_away(self, error: BaseException) -> None:
         """Say once an outage that the shared ledger's database cannot be reached (whichever

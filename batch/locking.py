@@ -8,13 +8,26 @@ A PostgreSQL ledger takes no such lock: several runs there are workers that shar
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import socket
 from pathlib import Path
 from types import TracebackType
 
 from filelock import FileLock, Timeout
 
-from batch.ledger.engine import LedgerUnavailable, ledger_url
+from batch.ledger import Ledger
+from batch.ledger.engine import (
+    NETWORK_FILESYSTEMS,
+    LedgerUnavailable,
+    filesystem_type,
+    ledger_url,
+)
 from batch.names import STATE_DIR
+
+log = logging.getLogger("batch.locking")
+#: Ledger meta: the machines told that this SQLite ledger lies on a network share.
+SHARE_TOLD = "network_share_told"
 
 
 class LedgerBusy(RuntimeError):
@@ -57,3 +70,23 @@ class RunLock:
                  tb: TracebackType | None) -> None:
         if self._lock is not None:
             self._lock.release()
+
+
+def tell_if_on_a_share(ledger: Ledger) -> None:
+    """A SQLite ledger on a network share (a NAS's NFS or SMB export, the usual home of a
+    studio's --out) serves one machine well, but the lock that keeps a second run off it may
+    not hold across machines there: a second machine running on it could pay again and
+    damage it. Said once to each machine that runs on it (a nightly cron mails every warning
+    it prints), then a line of the log."""
+    path = ledger.file
+    if path is None or (kind := filesystem_type(path.parent)) not in NETWORK_FILESYSTEMS:
+        return
+    host = socket.gethostname()
+    told = set(json.loads(ledger.get_meta(SHARE_TOLD) or "[]"))
+    log.log(logging.INFO if host in told else logging.WARNING,
+            "The ledger %s is on a network share (%s): run skinbatch on it from one machine "
+            "at a time, as the lock that keeps a second run off it may not hold across "
+            "machines there; for several machines, use a PostgreSQL ledger (README, "
+            "\"Several machines\").", path, kind)
+    if host not in told:
+        ledger.set_meta(SHARE_TOLD, json.dumps(sorted(told | {host})))

@@ -31,7 +31,7 @@ from batch.ledger import Ledger, LedgerGone, LedgerUnwritable, open_ledger
 from batch.ledger.store import LAST_RUN, RUN_STARTED, RUNS
 from batch.ledger.workers import WorkerRecords
 from batch.ledger.writer import LedgerWriter
-from batch.locking import RunLock
+from batch.locking import RunLock, tell_if_on_a_share
 from batch.options import NOTHING_ON, redone_words
 from batch.outputs import clean_temp_files, tag_temp_files
 from batch.preflight import release_pixel_memory
@@ -167,6 +167,7 @@ def _run_batch(config: RunConfig, watch: WatchSettings | None,
         ledger = open_ledger(config.ledger_location)
         try:
             check_results_source(ledger, config)
+            tell_if_on_a_share(ledger)
             elsewhere.remember(config)
             worker = Worker(ledger, config.worker_name, config.lease_seconds)
             in_force = worker.register(config.budget, config.options)

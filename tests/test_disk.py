@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from tests.checks import (
 )
 from tests.conftest import FAST_FLAGS, MakeEmulator, popen_cli, run_cli, stopped, wait_for
 from tests.imagegen import write_portrait
+from tests.netshare import mounted
 
 
 def mount_small_disk(mount_point: Path, size: str) -> Iterator[Path]:
@@ -839,3 +841,43 @@ def test_a_drive_the_system_makes_read_only_mid_run_stops_it_with_the_cause(
     assert_outputs_right(out, sources, emulator)
     assert_no_double_pay(out, emulator, len(sources))
     assert_ledger_sound(out)
+
+
+@pytest.fixture
+def network_share(tmp_path: Path) -> Iterator[Path]:
+    with mounted(tmp_path / "nas") as share:
+        yield share
+
+
+def test_a_ledger_on_a_network_share_is_said_once_to_each_machine(
+        tmp_path: Path, emulator: Emulator, network_share: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """--out on a NAS share with the ledger under it, as most studios have it: the runs work
+    there, and the first run from a machine says that one machine at a time may run on such
+    a ledger. Not every night after (a cron job mails what it prints), nor by status; a
+    second machine is told at its first run."""
+    src, out = tmp_path / "src", network_share / "retouched"
+    sources = {f"{i}.jpg": write_portrait(src / f"{i}.jpg", seed=i) for i in range(3)}
+    args = ["run", str(src), "--out", str(out), "--smart-skin", "-q", *FAST_FLAGS]
+    first = run_cli(args, emulator)
+    assert first.returncode == 0, first.stderr
+    assert "ledger.sqlite is on a network share (fuse.sshfs): run skinbatch on it from one " \
+           "machine at a time" in first.stderr, first.stderr
+    sources["3.jpg"] = write_portrait(src / "3.jpg", seed=3)  # the next night's photo
+    again = run_cli(args, emulator)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    status = run_cli(["status", "--out", str(out)], None)
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    assert_outputs_right(out, sources, emulator)
+    assert emulator.stats["charged"] == 4
+
+    from batch.locking import tell_if_on_a_share
+    monkeypatch.setattr("socket.gethostname", lambda: "studio-b")
+    ledger = ledger_of(out)
+    try:
+        with caplog.at_level(logging.INFO, logger="batch.locking"):
+            tell_if_on_a_share(ledger)
+            tell_if_on_a_share(ledger)
+    finally:
+        ledger.close()
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]

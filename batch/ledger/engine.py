@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import pwd
 from pathlib import Path
@@ -14,8 +13,6 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from batch.ledger.migrate import NewerLedger, upgrade_to_head
 from batch.ledger.store import Ledger
-
-log = logging.getLogger(__name__)
 
 NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "glusterfs",
@@ -130,15 +127,7 @@ def create_ledger_engine(location: str | Path) -> Engine:
         return _postgresql_engine(url)
     database = make_url(url).database
     assert database is not None
-    path = Path(database)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fs_type = filesystem_type(path.parent)
-    if fs_type in NETWORK_FILESYSTEMS:
-        log.warning(
-            "The ledger %s is on a network filesystem (%s): SQLite's locking is unreliable "
-            "there. Put the ledger on a local disk (--ledger PATH) or use PostgreSQL.",
-            path, fs_type,
-        )
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
     return _sqlite_engine(url)
 
 

@@ -225,18 +225,18 @@ class Submitter:
             self.rt.progress.dropped(uploaded=False)
         self.rt.changed.set()
 
-    async def _send(self, job: JobRow, prepared: Prepared, filename: str) -> None:
+    def _may_start(self) -> bool:
+        """Whether an upload the breaker and the pace let through may start now: no stop has
+        come meanwhile, the disks have room for its result, the output folder is there, and
+        the budget has a credit for it. If not, the breaker's admission is given back."""
         rt = self.rt
-        await rt.before_upload()
-        await rt.breaker.admit()
-        await rt.client.limiter.acquire()
         if rt.flags.submits_stopped is not None:
             rt.breaker.release()
-            return
+            return False
         if (short := short_of_room(self.folders)) is not None:
             rt.breaker.release()
             rt.stop_submitting(StopReason.DISK, f"{short}. What was paid for is still saved")
-            return
+            return False
         if not out_folder_there(rt.out_dir):  # its result could not be saved now
             rt.breaker.release()
             if rt.watching:  # waits for it, as its downloads do
@@ -245,10 +245,19 @@ class Submitter:
                 rt.fail_run(f"Cannot write to the output folder {rt.out_dir}: it is gone (a "
                             "drive unplugged, a share unmounted?). Nothing more was sent; what "
                             "was paid for is kept for the same command to save.")
-            return
+            return False
         if rt.budget is not None and not rt.budget.reserve():
             rt.breaker.release()
             rt.budget_spent()
+            return False
+        return True
+
+    async def _send(self, job: JobRow, prepared: Prepared, filename: str) -> None:
+        rt = self.rt
+        await rt.before_upload()
+        await rt.breaker.admit()
+        await rt.client.limiter.acquire()
+        if not self._may_start():
             return
         note = f" ({prepared.note})" if prepared.note else ""
         self.committed.add(job.id)

@@ -200,35 +200,78 @@ def carry(source: bytes, result: bytes, result_format: str, *, upscale: bool = F
 @dataclass(frozen=True)
 class SourceMetadata:
     """The source's metadata as Pillow reads it: EXIF (with its "Exif" header, Orientation
-    reset to 1), XMP and the ICC profile, each empty when absent."""
+    reset to 1), XMP and the ICC profile, each empty when absent; and a TIFF's IPTC records,
+    which only a JPEG result carries (the XMP of a PNG or WEBP holds what they say)."""
 
     exif: bytes
     xmp: bytes
     icc: bytes
+    iptc: bytes = b""
 
     @classmethod
     def read(cls, source: bytes) -> SourceMetadata:
+        iptc = b""
         with Image.open(io.BytesIO(source)) as image:
             exif = image.getexif()
             if image.format == "TIFF":
                 for tag in set(exif) - TIFF_TAGS_CARRIED:
                     del exif[tag]
+                iptc = tiff_iptc(source)
             xmp = image.info.get("xmp") or b""
             icc = image.info.get("icc_profile") or b""
         if isinstance(xmp, str):
             xmp = xmp.encode()
-        return cls(upright_exif(exif.tobytes()) if len(exif) else b"", bytes(xmp), bytes(icc))
+        return cls(upright_exif(exif.tobytes()) if len(exif) else b"", bytes(xmp), bytes(icc),
+                   iptc)
 
     def __bool__(self) -> bool:
         return bool(self.exif or self.xmp or self.icc)
 
     def jpeg_segments(self) -> list[bytes]:
-        """The JPEG segments of what fits one: an EXIF or XMP larger than a segment is left
-        off (the result is saved without it rather than not at all)."""
+        """The JPEG segments of what fits one: an EXIF, XMP or IPTC block larger than a
+        segment is left off (the result is saved without it rather than not at all)."""
         segments = [_segment(APP1, self.exif)] if 0 < len(self.exif) <= MAX_SEGMENT else []
         if self.xmp and len(self.xmp) + len(XMP_HEADER) <= MAX_SEGMENT:
             segments.append(_segment(APP1, XMP_HEADER + self.xmp))
+        if self.iptc and len(resource := photoshop_iptc(self.iptc)) <= MAX_SEGMENT:
+            segments.append(_segment(APP13, resource))
         return segments + (icc_segments(self.icc) if self.icc else [])
+
+
+#: A TIFF's IPTC-NAA tag: Photoshop writes the IIM records there typed as 32-bit integers,
+#: of which Pillow reads only the first, so the tag is read from the file itself.
+IPTC_TAG = 33723
+_IPTC_TYPES = {1: 1, 4: 4, 7: 1}  # BYTE, LONG, UNDEFINED: bytes per value
+
+
+def tiff_iptc(source: bytes) -> bytes:
+    """The IPTC records of a TIFF's first directory, as stored (empty where there are none,
+    and for a BigTIFF, whose masters are rare)."""
+    order = {b"II": "<", b"MM": ">"}.get(source[:2])
+    try:
+        if order is None or struct.unpack_from(order + "H", source, 2)[0] != 42:
+            return b""
+        (directory,) = struct.unpack_from(order + "I", source, 4)
+        (entries,) = struct.unpack_from(order + "H", source, directory)
+        for n in range(entries):
+            tag, kind, count, value = struct.unpack_from(order + "HHI4s", source,
+                                                         directory + 2 + 12 * n)
+            if tag == IPTC_TAG and kind in _IPTC_TYPES:
+                size = count * _IPTC_TYPES[kind]
+                if size <= 4:
+                    return bytes(value[:size])
+                (offset,) = struct.unpack(order + "I", value)
+                return source[offset:offset + size]
+    except struct.error:  # a directory past the end of a damaged file
+        pass
+    return b""
+
+
+def photoshop_iptc(records: bytes) -> bytes:
+    """A JPEG's APP13 payload holding IPTC records: Photoshop's image resource 0x0404."""
+    padding = b"\x00" if len(records) & 1 else b""
+    return (IPTC_HEADER + b"8BIM\x04\x04\x00\x00" + struct.pack(">I", len(records)) + records
+            + padding)
 
 
 def riff_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -270,6 +270,37 @@ def test_a_tiff_master_or_a_long_xmp_history_gives_its_photo_metadata_to_a_saved
     assert extension in (out / "export.jpg").read_bytes()
 
 
+def test_a_photoshop_tiff_masters_iptc_reaches_its_result(tmp_path: Path,
+                                                          emulator: Emulator) -> None:
+    """A TIFF master's IPTC records (caption, copyright, keywords: what Photo Mechanic and
+    many archives read first), kept by Photoshop in the TIFF's IPTC-NAA tag typed as 32-bit
+    integers, of which Pillow reads only the first: the JPEG result carries them whole."""
+    from PIL import TiffImagePlugin
+
+    src = tmp_path / "masters"
+    src.mkdir()
+    records = b""
+    for dataset, value in ((120, f"{CLIENT} at the altar".encode()), (116, b"(c) Studio"),
+                           (25, b"wedding"), (25, b"altar")):
+        records += b"\x1c\x02" + bytes([dataset]) + struct.pack(">H", len(value)) + value
+    records += b"\x00" * (-len(records) % 4)
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[33723] = records
+    buffer = io.BytesIO()
+    portrait(300, 400, seed=7).save(buffer, "TIFF", tiffinfo=tags)
+    master = bytearray(buffer.getvalue())  # the tag typed as Photoshop types it: LONG
+    entry = master.index(struct.pack("<HHI", 33723, 7, len(records)))
+    master[entry:entry + 8] = struct.pack("<HHI", 33723, 4, len(records) // 4)
+    (src / "master.tif").write_bytes(master)
+    result = run_cli(["run", str(src), "--out", str(tmp_path / "out"), "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out" / "master.jpg") as saved:
+        iptc = IptcImagePlugin.getiptcinfo(saved) or {}
+    assert iptc.get((2, 120)) == f"{CLIENT} at the altar".encode()
+    assert (iptc.get((2, 116)), iptc.get((2, 25))) == (b"(c) Studio", [b"wedding", b"altar"])
+
+
 def test_removing_credentials_from_uploads_leaves_the_photos_key_as_it_was() -> None:
     """A ledger keyed a PNG with content credentials before they were removed from uploads:
     its key still counts them, so the photo, renamed or copied, is the one paid for and not

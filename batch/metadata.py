@@ -231,11 +231,28 @@ class SourceMetadata:
         """The JPEG segments of what fits one: an EXIF, XMP or IPTC block larger than a
         segment is left off (the result is saved without it rather than not at all)."""
         segments = [_segment(APP1, self.exif)] if 0 < len(self.exif) <= MAX_SEGMENT else []
-        if self.xmp and len(self.xmp) + len(XMP_HEADER) <= MAX_SEGMENT:
-            segments.append(_segment(APP1, XMP_HEADER + self.xmp))
+        xmp = self.xmp
+        if len(xmp) + len(XMP_HEADER) > MAX_SEGMENT:
+            xmp = without_history(xmp)
+        if xmp and len(xmp) + len(XMP_HEADER) <= MAX_SEGMENT:
+            segments.append(_segment(APP1, XMP_HEADER + xmp))
         if self.iptc and len(resource := photoshop_iptc(self.iptc)) <= MAX_SEGMENT:
             segments.append(_segment(APP13, resource))
         return segments + (icc_segments(self.icc) if self.icc else [])
+
+
+#: What makes a master's XMP outgrow a JPEG segment: the editing history Lightroom and
+#: Photoshop keep (every step, every document placed in it), none of it about the photo;
+#: and the packet's padding of spaces, room for edits in place.
+_HISTORY = re.compile(rb"<(xmpMM:History|photoshop:DocumentAncestors)\b[^>]*?(?:/>|>.*?</\1>)",
+                      re.DOTALL)
+_PADDING = re.compile(rb"\s{64,}(?=<\?xpacket end)")
+
+
+def without_history(xmp: bytes) -> bytes:
+    """The XMP without its editing history and padding: what a JPEG segment may still hold of
+    a long one, its rights, caption and keywords kept."""
+    return _PADDING.sub(b"\n", _HISTORY.sub(b"", xmp))
 
 
 #: A TIFF's IPTC-NAA tag: Photoshop writes the IIM records there typed as 32-bit integers,

@@ -301,6 +301,39 @@ def test_a_photoshop_tiff_masters_iptc_reaches_its_result(tmp_path: Path,
     assert (iptc.get((2, 116)), iptc.get((2, 25))) == (b"(c) Studio", [b"wedding", b"altar"])
 
 
+def test_a_masters_long_editing_history_leaves_its_rights_on_the_result(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """A TIFF master's XMP holds Lightroom's or Photoshop's editing history, every step of
+    it, and grows past what a JPEG segment holds (64 KB): the JPEG result keeps its rights,
+    caption and keywords, without the history, rather than no XMP at all."""
+    from PIL import TiffImagePlugin
+
+    steps = b"".join(b'<rdf:li stEvt:action="saved" stEvt:instanceID="xmp.iid:%032d" '
+                     b'stEvt:when="2026-12-01T10:00:00" stEvt:softwareAgent="Adobe '
+                     b'Photoshop 26.0" stEvt:changed="/"/>' % n for n in range(1000))
+    xmp = (b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:'
+           b'meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+           b'xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/" '
+           b'xmlns:stEvt="http://ns.adobe.com/xap/1.0/sType/ResourceEvent#">'
+           b'<dc:rights><rdf:Alt><rdf:li xml:lang="x-default">(c) Studio</rdf:li></rdf:Alt>'
+           b'</dc:rights><xmpMM:History><rdf:Seq>' + steps + b'</rdf:Seq></xmpMM:History>'
+           b'</rdf:Description></rdf:RDF></x:xmpmeta>' + b" " * 2048
+           + b'<?xpacket end="w"?>')
+    assert len(xmp) > 100_000
+    src = tmp_path / "masters"
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[700] = xmp
+    src.mkdir()
+    portrait(300, 400, seed=8).save(src / "master.tif", tiffinfo=tags)
+    result = run_cli(["run", str(src), "--out", str(tmp_path / "out"), "--smart-skin",
+                      *FAST_FLAGS], emulator)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out" / "master.jpg") as saved:
+        carried = saved.info.get("xmp", b"")
+    assert b"(c) Studio" in carried and b"xmpMM:History" not in carried, carried[:300]
+
+
 def test_removing_credentials_from_uploads_leaves_the_photos_key_as_it_was() -> None:
     """A ledger keyed a PNG with content credentials before they were removed from uploads:
     its key still counts them, so the photo, renamed or copied, is the one paid for and not

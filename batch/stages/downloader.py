@@ -387,6 +387,8 @@ class Downloader:
             if limit and not rt.watching:
                 if error.kind is ErrorKind.UNREACHABLE and not await self._api_answers():
                     self._wait_for_the_line(job.id, since, error)
+                elif self.line_down:
+                    self._line_back()
                 else:
                     rt.fail_run(self._kept(job, files, tries, error))
             return
@@ -408,6 +410,14 @@ class Downloader:
             log.warning("Neither the result host nor the API answers (%s): the line seems "
                         "down; the results paid for are tried on until it is back.",
                         error.describe())
+
+    def _line_back(self) -> None:
+        """The API answers again after the line was down: every result gets its tries
+        afresh. The result host may come back a moment after the API, or a try may have
+        failed just before the line came back; a host that fails a whole round of tries
+        from then on is the path to it, and the run stops."""
+        self.line_down = False
+        self.failing = {job: (time.monotonic(), 0) for job in self.failing}
 
     @staticmethod
     def _kept(job: JobRow, files: list[FileRow], attempts: int, error: ApiError) -> str:

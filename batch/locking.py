@@ -8,7 +8,6 @@ A PostgreSQL ledger takes no such lock: several runs there are workers that shar
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import socket
 from pathlib import Path
@@ -82,11 +81,8 @@ def tell_if_on_a_share(ledger: Ledger) -> None:
     if path is None or (kind := filesystem_type(path.parent)) not in NETWORK_FILESYSTEMS:
         return
     host = socket.gethostname()
-    told = set(json.loads(ledger.get_meta(SHARE_TOLD) or "[]"))
-    log.log(logging.INFO if host in told else logging.WARNING,
+    log.log(logging.INFO if ledger.told_before(SHARE_TOLD, [host]) else logging.WARNING,
             "The ledger %s is on a network share (%s): run skinbatch on it from one machine "
             "at a time, as the lock that keeps a second run off it may not hold across "
             "machines there; for several machines, use a PostgreSQL ledger (README, "
             "\"Several machines\").", path, kind)
-    if host not in told:
-        ledger.set_meta(SHARE_TOLD, json.dumps(sorted(told | {host})))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -355,11 +354,9 @@ def tell_left_out(ledger: Ledger, left_out: list[tuple[str, str]]) -> None:
     """A warning the first time a folder is left out (a run's scan, a watch's pass); after
     that, one line of the log, so that a cron job over a tree that keeps such folders is
     quiet again."""
-    told = set(json.loads(ledger.get_meta(LEFT_OUT_TOLD) or "[]"))
+    told = ledger.told_before(LEFT_OUT_TOLD, [folder for folder, _ in left_out])
     for folder, words in left_out:
         log.log(logging.INFO if folder in told else logging.WARNING, "%s", words)
-    if new := {folder for folder, _ in left_out} - told:
-        ledger.set_meta(LEFT_OUT_TOLD, json.dumps(sorted(told | new)))
 
 
 def no_photos(ledger: Ledger, root: SourceRoot, options: Options) -> str:

@@ -573,6 +573,19 @@ class Ledger:
         with self._write() as conn:
             self._set_meta(conn, key, value)
 
+    def told_before(self, key: str, items: Collection[str]) -> set[str]:
+        """Which of ``items`` were told before under ``key``, recording all of them as told:
+        a warning is said the first time, then a line of the log, so a nightly cron job (which
+        mails every warning) is quiet again after one night."""
+        if not items:
+            return set()
+        with self._write() as conn:
+            told = set(json.loads(conn.scalar(select(meta.c.value).where(meta.c.key == key))
+                                  or "[]"))
+            if new := set(items) - told:
+                self._set_meta(conn, key, json.dumps(sorted(told | new)))
+        return told & set(items)
+
     def _set_meta(self, conn: Connection, key: str, value: str) -> None:
         statement = self._insert(meta).values(key=key, value=value)
         conn.execute(statement.on_conflict_do_update(

@@ -10,6 +10,7 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +32,7 @@ from batch.preflight import COPIES_AT_ONCE, PrepareSettings, Rejected, preflight
 from batch.scan import AWAY, SourceRoot, no_photos, scan, unreadable_words
 from batch.states import IN_FLIGHT, JobState, submittable
 from batch.stripping import tally
-from batch.worker import joins_other_options
+from batch.worker import at_work, joins_other_options
 
 
 @dataclass
@@ -204,7 +205,11 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     # The copy's, as the run's start does: answers kept while the ledger was away recorded,
     # uploads a killed run left without an answer made ambiguous (sent again, if so, paid).
     kept = answers.record(ledger, answers.kept(config.ledger_file))
-    ledger.recover_interrupted()
+    # A run at work on a SQLite ledger: its uploads under way are in flight, not a killed
+    # run's to be sent again, and the photos left to send are its own line.
+    under_way = at_work(ledger) if config.ledger_file is not None else []
+    if not under_way:
+        ledger.recover_interrupted()
     requeue.at_start(ledger, config.root_map)
     others, copied = elsewhere.at_start(ledger, config)
     result = _scanned(ledger, config, [r for r in roots if r not in gone], gone, others)
@@ -227,6 +232,12 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
                       if p.state == "rejected" and (p.path, p.reason) not in result.reject]
     if (room := _room(config, result.upload_bytes)) is not None:
         result.notes.append(room)
+    for run in under_way:
+        started = datetime.fromtimestamp(run.started_at).astimezone()
+        result.notes.append(f"A run is under way on this ledger (started "
+                            f"{started.isoformat(timespec='minutes')}, pid {run.pid} on "
+                            f"{run.host}): it sends the photos counted here as to send; a "
+                            "run started now would be refused until it ends.")
     if kept:
         result.notes.append(f"{kept} upload(s) answered while the ledger was away would be "
                             "recorded, not paid for again.")

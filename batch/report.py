@@ -32,7 +32,7 @@ from batch.options import Options
 from batch.outputs import remove_quietly
 from batch.states import FINAL, IN_FLIGHT, NEEDS_ATTENTION, JobState
 from batch.status import EMULATED_NOTE, describe_worker, unsaved_words, worker_entry
-from batch.worker import died_here
+from batch.worker import at_work
 
 #: Results whose links expire within this many seconds need a person's attention.
 EXPIRING_SOON = 6 * 3600
@@ -108,8 +108,7 @@ def _unfinished_run(ledger: Ledger, last_run: dict[str, Any]) -> str | None:
                        <= datetime.fromisoformat(last_run["started"])):
         return None
     when = started["started"]
-    if any(w.live and not died_here(w) for w in WorkerRecords(ledger).listing()
-           if w.name == started["worker"]):
+    if any(w.name == started["worker"] for w in at_work(ledger)):
         return f"A run is under way: it started {when}."
     return (f"The last run, started {when}, ended without finishing (it was killed, or the "
             "machine went down): what it paid for is in the ledger. Run the same command "

@@ -50,6 +50,12 @@ def died_here(worker: WorkerRow) -> bool:
     return worker.host == socket.gethostname() and not _running(worker.pid)
 
 
+def at_work(ledger: Ledger) -> list[WorkerRow]:
+    """The runs at work on the ledger now: their leases live, less this machine's killed
+    processes."""
+    return [w for w in WorkerRecords(ledger).listing() if w.live and not died_here(w)]
+
+
 def options_refusal(batch: str, options: Options) -> str:
     """Why a worker with ``options`` may not join a batch whose live workers retouch under
     ``batch`` (their fingerprint)."""

@@ -326,3 +326,29 @@ def test_a_dry_run_after_a_kill_mid_upload_counts_the_upload_sent_again(
     assert again.returncode == 0, again.stderr
     assert emulator.stats["charged"] == 1 + 3
     assert_outputs_right(out, sources, emulator)
+
+
+def test_a_dry_run_beside_a_run_under_way_counts_its_uploads_in_flight(
+        tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    """In the morning the nightly run is still at work and someone asks what is left: the
+    uploads it has under way are in flight, not answers lost to be paid for again, and the
+    dry run says that a run is at work (a run started now would be refused)."""
+    emulator = make_emulator(answer_seconds=15.0)  # two uploads charged, their answers slow
+    src, out = tmp_path / "src", tmp_path / "out"
+    sources = tree(src, 6)
+    args = ["run", str(src), "--out", str(out), "--smart-skin", "--concurrency", "2",
+            *FAST_FLAGS]
+    proc = popen_cli(args, emulator)
+    try:
+        assert wait_for(lambda: emulator.stats.get("charged", 0) == 2)
+        dry = run_cli([*args, "--dry-run"], emulator)
+    finally:
+        emulator.config.answer_seconds = 0.0
+    assert "would send:   4 image(s), about 4 credit(s)" in dry.stdout, dry.stdout
+    assert "in flight or waiting: 2" in dry.stdout, dry.stdout
+    assert "A run is under way on this ledger (started " in dry.stdout, dry.stdout
+    assert f"pid {proc.pid} on " in dry.stdout, dry.stdout
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    assert emulator.stats["charged"] == 6
+    assert_outputs_right(out, sources, emulator)

@@ -219,7 +219,7 @@ def loopback_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """A real HTTP server on loopback (a proxy, a relay, a gateway) for the block's length;
     yields its base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

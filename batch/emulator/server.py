@@ -24,6 +24,8 @@ GATEWAY_PAGE = ("<html><head><title>{0}</title></head><body><center><h1>{0}</h1>
                 "<center>nginx</center></body></html>")
 GATEWAY_ERRORS = {502: "502 Bad Gateway", 503: "503 Service Unavailable",
                   504: "504 Gateway Time-out"}
+#: How often a server's loop looks for stop(): how long stop() may wait for each.
+POLL_SECONDS = 0.05
 
 
 def _envelope(status: int, code: str = "", message: str = "", **extra: Any) -> dict[str, Any]:
@@ -383,8 +385,8 @@ class Emulator:
 
     def start(self) -> Emulator:
         for server in (self._api, self._results):
-            thread = threading.Thread(target=server.serve_forever, daemon=True,
-                                      name=f"emulator-{server.server_address[1]}")
+            thread = threading.Thread(target=server.serve_forever, args=(POLL_SECONDS,),
+                                      daemon=True, name=f"emulator-{server.server_address[1]}")
             thread.start()
             self._threads.append(thread)
         return self

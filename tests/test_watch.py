@@ -343,6 +343,9 @@ def test_a_watch_tries_once_more_the_uploads_it_gave_up_once_the_api_takes_uploa
         assert wait_for(lambda: json.loads(run_cli(
             ["status", "--out", str(out), "--json"], None).stdout or "{}").get(
             "counts", {}).get("failed") == 1)
+        # Its reason says what the watch does with it, not what a next run would.
+        assert "(tried once more when an upload goes through again, or by the next run)" in \
+            run_cli(["status", "--out", str(out)], None).stdout
         emulator.config.faults.submit_5xx = 0.0
         sources["b.jpg"] = write_portrait(src / "b.jpg", seed=2)
         assert wait_for(lambda: all((out / name).exists() for name in sources))

@@ -395,8 +395,9 @@ class Submitter:
             # the first time only: given up again, it is left for a person.
             first = not rt.ledger.failures_with(job.id, UPLOADS_FAILED)
             rt.flags.given_up |= first
-            again = "the next run tries it once more" if first else \
-                "given up in an earlier run too"
+            again = ("given up in an earlier run too" if not first
+                     else "tried once more when an upload goes through again, or by the next "
+                     "run" if rt.watching else "the next run tries it once more")
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,
                 info=TransitionInfo(http_status=error.http_status,

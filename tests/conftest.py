@@ -74,6 +74,10 @@ class CliResult:
     stderr: str
 
 
+#: Bytecode of the package for the runs the tests start, shared by every test and worker.
+PYCACHE = str(Path(tempfile.gettempdir()) / f"skinbatch-tests-pycache-{os.getuid()}")
+
+
 def cli_env(emulator: Emulator | None, key: str | None = API_KEY,
             extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AILAB_", "SKINBATCH_"))}
@@ -82,6 +86,10 @@ def cli_env(emulator: Emulator | None, key: str | None = API_KEY,
     if key is not None:
         env["AILAB_API_KEY"] = key
     env["PYTHONPATH"] = str(ROOT)
+    # Each of the suite's hundreds of runs would otherwise compile the package from source
+    # (an editable install has no bytecode of it); kept out of the checkout.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = PYCACHE
     env.update(extra or {})
     return env
 

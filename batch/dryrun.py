@@ -25,6 +25,7 @@ from batch.ledger import Ledger, LedgerUnavailable, models, open_ledger
 from batch.ledger.engine import create_ledger_engine, shown
 from batch.ledger.migrate import HEAD_REVISION
 from batch.ledger.store import FileRow, JobRow
+from batch.ledger.workers import WorkerRow
 from batch.options import NOTHING_ON, held_words, redone_words
 from batch.outputs import MIN_FREE, free_space, short_of_room
 from batch.pipeline import check_results_source, source_roots
@@ -202,28 +203,14 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
     # A source not there tonight: as the run does, its photos wait for one that finds it.
     gone = [r for r in roots if unreached(r.path) is not None]
     away = {r.ledger_root for r in gone}
-    # The copy's, as the run's start does: answers kept while the ledger was away recorded,
-    # uploads a killed run left without an answer made ambiguous (sent again, if so, paid).
-    kept = answers.record(ledger, answers.kept(config.ledger_file))
-    # A run at work on a SQLite ledger: its uploads under way are in flight, not a killed
-    # run's to be sent again, and the photos left to send are its own line.
-    under_way = at_work(ledger) if config.ledger_file is not None else []
-    if not under_way:
-        ledger.recover_interrupted()
-    requeue.at_start(ledger, config.root_map)
+    kept, under_way = _at_start(ledger, config)
     others, copied = elsewhere.at_start(ledger, config)
     result = _scanned(ledger, config, [r for r in roots if r not in gone], gone, others)
     result.copied += copied
     to_send = submittable(config.on_ambiguous, config.on_expired)
     if redone := ledger.count_in(to_send, redone=True, away=away):
         result.notes.append(redone_words(redone))
-    # Each job with the files a run would read it from: on a shared ledger only those under
-    # its own sources, and none on a drive that is not there.
-    shared, mine = config.ledger_file is None, {r.ledger_root for r in roots}
-    wanted = [(job, found) for job in ledger.jobs_in(to_send, away=away)
-              if (found := [f for f in ledger.files_for_job(job.id)
-                            if f.root not in away and (not shared or f.root in mine)])]
-    _judge(result, config, wanted)
+    _judge(result, config, _wanted(ledger, config, roots, to_send, away))
     counts = ledger.counts()
     result.done = counts[JobState.DONE.value] - result.copied
     result.waiting = sum(counts[s.value] for s in IN_FLIGHT)
@@ -232,16 +219,42 @@ def _planned(ledger: Ledger, config: RunConfig) -> Plan:
                       if p.state == "rejected" and (p.path, p.reason) not in result.reject]
     if (room := _room(config, result.upload_bytes)) is not None:
         result.notes.append(room)
-    for run in under_way:
-        started = datetime.fromtimestamp(run.started_at).astimezone()
-        result.notes.append(f"A run is under way on this ledger (started "
-                            f"{started.isoformat(timespec='minutes')}, pid {run.pid} on "
-                            f"{run.host}): it sends the photos counted here as to send; a "
-                            "run started now would be refused until it ends.")
+    result.notes += [_under_way_words(run) for run in under_way]
     if kept:
         result.notes.append(f"{kept} upload(s) answered while the ledger was away would be "
                             "recorded, not paid for again.")
     return result
+
+
+def _wanted(ledger: Ledger, config: RunConfig, roots: list[SourceRoot],
+            to_send: frozenset[JobState], away: set[str]) -> list[tuple[JobRow, list[FileRow]]]:
+    """Each job a run would send with the files it would read it from: on a shared ledger
+    only those under its own sources, and none on a drive that is not there."""
+    shared, mine = config.ledger_file is None, {r.ledger_root for r in roots}
+    return [(job, found) for job in ledger.jobs_in(to_send, away=away)
+            if (found := [f for f in ledger.files_for_job(job.id)
+                          if f.root not in away and (not shared or f.root in mine)])]
+
+
+def _at_start(ledger: Ledger, config: RunConfig) -> tuple[int, list[WorkerRow]]:
+    """What a run's start does, done to the copy: answers kept while the ledger was away
+    recorded, uploads a killed run left without an answer made ambiguous (sent again, if so,
+    paid), photos put back in line. A run at work on a SQLite ledger is no killed run: its
+    uploads under way are in flight, and the photos left to send are its own line. Returns
+    the answers recorded and the runs at work."""
+    kept = answers.record(ledger, answers.kept(config.ledger_file))
+    under_way = at_work(ledger) if config.ledger_file is not None else []
+    if not under_way:
+        ledger.recover_interrupted()
+    requeue.at_start(ledger, config.root_map)
+    return kept, under_way
+
+
+def _under_way_words(run: WorkerRow) -> str:
+    started = datetime.fromtimestamp(run.started_at).astimezone().isoformat(timespec="minutes")
+    return (f"A run is under way on this ledger (started {started}, pid {run.pid} on "
+            f"{run.host}): it sends the photos counted here as to send; a run started now "
+            "would be refused until it ends.")
 
 
 def _scanned(ledger: Ledger, config: RunConfig, roots: list[SourceRoot],

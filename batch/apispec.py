@@ -13,6 +13,10 @@ SUBMIT_PATH: Final = "/api/portrait/effects/smart-skin-advanced"
 QUERY_PATH: Final = "/api/common/query-async-task-result"
 CREDITS_PATH: Final = "/api/common/query-credits"
 KEY_HEADER: Final = "ailabapi-api-key"
+#: The key skinbatch's emulator takes unless told another: the API issues no such key, so a
+#: run with it is a run on the emulator, whose results are imitations (``--emulator``, or
+#: ``skinbatch emulate`` reached through AILAB_API_BASE).
+EMULATOR_KEY: Final = "demo-key"
 
 #: The nine on/off retouching options, in the order the provider documents them.
 OPTION_NAMES: Final[tuple[str, ...]] = (

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from batch import config as config_mod
-from batch.apispec import OPTION_NAMES
+from batch.apispec import EMULATOR_KEY, OPTION_NAMES
 from batch.config import ConfigError, RunConfig, prepare_out, there
 from batch.exitcodes import ExitCode
 from batch.ledger import LedgerGone, LedgerUnavailable, LedgerUnwritable, open_ledger
@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # imported only by the commands that need them
     from batch.watch import WatchSettings
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEMO_KEY = "demo-key"
 #: Files needing a person named after a run (``status`` lists them all).
 PROBLEMS_SHOWN = 20
 
@@ -232,7 +231,7 @@ def _prepare(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
               config.api_key, json_lines=params["log_format"] == "json")
     emulator = _maybe_emulator(params, None if params["dry_run"] else config)
     if emulator is not None:
-        config = replace(config, api_key=Secret(DEMO_KEY), api_base=emulator.api_base,
+        config = replace(config, api_key=Secret(EMULATOR_KEY), api_base=emulator.api_base,
                          poll_interval=params["poll_interval"] or 1.0, bundled_emulator=True)
     return config, emulator
 
@@ -437,7 +436,7 @@ def dismiss(out: Path, ledger: str | None, root_flags: tuple[str, ...],
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8700, show_default=True, type=int)
 @click.option("--result-port", default=8701, show_default=True, type=int)
-@click.option("--key", default=DEMO_KEY, show_default=True, help="The API key it accepts.")
+@click.option("--key", default=EMULATOR_KEY, show_default=True, help="The API key it accepts.")
 @click.option("--credits", default=1000.0, show_default=True, type=float)
 @click.option("--queue-seconds", default=2.0, show_default=True, type=float)
 @click.option("--process-seconds", default=3.0, show_default=True, type=float)
@@ -467,7 +466,8 @@ def emulate(host: str, port: int, result_port: int, key: str, credits: float,
                                f"{exc.strerror or exc} (another emulator running?)") from None
     emulator.start()
     click.echo(f"API at {emulator.api_base}, results at {emulator.result_base}. "
-               f"Use: AILAB_API_BASE={emulator.api_base} AILAB_API_KEY=<key> skinbatch run ...")
+               f"Use: AILAB_API_BASE={emulator.api_base} "
+               f"AILAB_API_KEY={key if key == EMULATOR_KEY else '<key>'} skinbatch run ...")
     try:
         while True:
             time.sleep(3600)

@@ -109,8 +109,8 @@ class RunConfig:
     worker_name: str | None = None
     #: A worker silent this long (no heartbeat) has lost its jobs to the others.
     lease_seconds: float = 30.0
-    #: The API is the bundled emulator (``--emulator``): its results are imitations, kept
-    #: apart from the API's (see ``batch.pipeline.check_results_source``).
+    #: The API is skinbatch's emulator (``--emulator``, or a run with its key): its results
+    #: are imitations, kept apart from the API's (see ``batch.pipeline.check_results_source``).
     bundled_emulator: bool = False
     #: Send photos retouched before, paid again: into another output folder (see
     #: ``batch.elsewhere``), or here under other options (see ``batch.scan``).
@@ -276,6 +276,8 @@ def build(
         key = Secret(env[KEY_ENV].strip())
     elif key_file:
         key = read_key_file(Path(key_file))
+    if key == Secret(apispec.EMULATOR_KEY):
+        values["bundled_emulator"] = True
     _parse_times_and_paths(values)
     distinct: dict[Path, Path] = {}  # a folder given twice is one source, not two subfolders
     for source in sources:

@@ -217,8 +217,8 @@ def check_results_source(ledger: Ledger, config: RunConfig) -> None:
     if emulated and not config.bundled_emulator:
         raise ConfigError(
             f"{where} holds the bundled emulator's imitation retouches (runs with "
-            f"--emulator), and the photos done there would not be sent to the API: use "
-            f"another {flag} for the API{or_else}")
+            f"--emulator, or with its key), and the photos done there would not be sent to "
+            f"the API: use another {flag} for the API{or_else}")
     if config.bundled_emulator and not emulated:
         if ledger.charges():
             raise ConfigError(

@@ -22,7 +22,7 @@ def unsaved_words(credits: int) -> str:
 
 
 EMULATED_NOTE = ("These results are imitation retouches of the bundled emulator (runs with "
-                 "--emulator), not the API's")
+                 "--emulator, or with its key), not the API's")
 #: Prepared files named one by one in ``status``: a camera shoot is often all resized.
 PREPARED_SHOWN = 20
 

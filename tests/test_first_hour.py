@@ -643,7 +643,7 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     page = html.unescape((tried / "skinbatch-report.html").read_text())
     for shown in (run_cli(["status", "--out", str(tried)], None).stdout, page):
         assert ("These results are imitation retouches of the bundled emulator (runs with "
-                "--emulator), not the API's") in shown
+                "--emulator, or with its key), not the API's") in shown
 
     real = tmp_path / "retouched"
     assert run_cli(["run", str(src), "--out", str(real), "--smart-skin", *FAST_FLAGS],
@@ -667,6 +667,41 @@ def test_the_bundled_emulators_imitations_never_mix_with_the_apis_results(
     assert "the ledger given by --ledger holds the bundled emulator's imitation" in \
         result.stderr and "use another --ledger for the API" in result.stderr
     assert emulator.stats["submits"] == 2  # only the run on the API's own folder sent
+
+
+def test_a_run_on_the_emulator_by_its_key_keeps_its_imitations_apart(
+        tmp_path: Path, emulator: Emulator) -> None:
+    """`skinbatch emulate` says how a run reaches it: AILAB_API_BASE and its key. Photos tried
+    so are imitation retouches, as with --emulator: the shoot run on the API into that folder
+    is refused, and into another it is sent and paid, not given the imitations (copied from
+    the folder tried) as its results."""
+    src, tried, real = tmp_path / "shoot", tmp_path / "tried", tmp_path / "retouched"
+    shoot(src, 2)
+    served = subprocess.Popen([sys.executable, "-m", "batch", "emulate", "--port", "0",
+                               "--result-port", "0", "--queue-seconds", "0.05",
+                               "--process-seconds", "0.05"], stdout=subprocess.PIPE, text=True,
+                              env=cli_env(None, None))
+    try:
+        assert served.stdout is not None
+        said = served.stdout.readline()
+        use = dict(word.split("=", 1) for word in said.split("Use: ", 1)[1].split()
+                   if "=" in word)
+        tried_run = run_cli(["run", str(src), "--out", str(tried), "--smart-skin", *FAST_FLAGS],
+                            None, key=use["AILAB_API_KEY"],
+                            extra_env={"AILAB_API_BASE": use["AILAB_API_BASE"]})
+    finally:
+        served.terminate()
+        served.wait(timeout=30)
+    assert tried_run.returncode == 0, tried_run.stderr
+    assert "imitation retouches of the bundled emulator" in run_cli(
+        ["status", "--out", str(tried)], None).stdout
+    result = run_cli(["run", str(src), "--out", str(tried), "--smart-skin", *FAST_FLAGS],
+                     emulator)
+    assert_refused(result, emulator, "imitation")
+    api = run_cli(["run", str(src), "--out", str(real), "--smart-skin", *FAST_FLAGS], emulator)
+    assert api.returncode == 0, api.stderr
+    assert emulator.stats["charged"] == 2, api.stderr  # not copied from the imitations
+    assert "imitation" not in run_cli(["status", "--out", str(real)], None).stdout
 
 
 def test_photos_retouched_before_into_another_out_are_copied_not_paid_for_again(

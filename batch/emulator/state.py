@@ -54,7 +54,7 @@ class Faults:
 
 @dataclass
 class EmulatorConfig:
-    api_keys: frozenset[str] = frozenset({"demo-key"})
+    api_keys: frozenset[str] = frozenset({apispec.EMULATOR_KEY})
     locked_keys: frozenset[str] = frozenset()
     credits: float = 1000.0
     cost: float = 1.0

@@ -232,7 +232,7 @@ def _prepare(sources: tuple[Path, ...], out: Path, quiet: bool, verbose: bool,
     emulator = _maybe_emulator(params, None if params["dry_run"] else config)
     if emulator is not None:
         config = replace(config, api_key=Secret(EMULATOR_KEY), api_base=emulator.api_base,
-                         poll_interval=params["poll_interval"] or 1.0, bundled_emulator=True)
+                         poll_interval=params["poll_interval"] or 1.0)
     return config, emulator
 
 

@@ -109,12 +109,16 @@ class RunConfig:
     worker_name: str | None = None
     #: A worker silent this long (no heartbeat) has lost its jobs to the others.
     lease_seconds: float = 30.0
-    #: The API is skinbatch's emulator (``--emulator``, or a run with its key): its results
-    #: are imitations, kept apart from the API's (see ``batch.pipeline.check_results_source``).
-    bundled_emulator: bool = False
     #: Send photos retouched before, paid again: into another output folder (see
     #: ``batch.elsewhere``), or here under other options (see ``batch.scan``).
     pay_again: bool = False
+
+    @property
+    def bundled_emulator(self) -> bool:
+        """The API is skinbatch's emulator (``--emulator``, or a run with its key, which the
+        API never issues): its results are imitations, kept apart from the API's (see
+        ``batch.pipeline.check_results_source``)."""
+        return self.api_key == Secret(apispec.EMULATOR_KEY)
 
     @property
     def prepare(self) -> PrepareSettings:
@@ -153,7 +157,7 @@ def _file_settings() -> tuple[dict[str, type], dict[str, tuple[str, ...]]]:
     kinds: dict[str, type] = {"api_key_file": str}
     choices: dict[str, tuple[str, ...]] = {}
     for name, hint in get_type_hints(RunConfig).items():
-        if name in ("sources", "out", "api_key", "progress", "bundled_emulator"):
+        if name in ("sources", "out", "api_key", "progress"):
             continue
         if get_origin(hint) is Literal:
             choices[name], kinds[name] = get_args(hint), str
@@ -276,8 +280,6 @@ def build(
         key = Secret(env[KEY_ENV].strip())
     elif key_file:
         key = read_key_file(Path(key_file))
-    if key == Secret(apispec.EMULATOR_KEY):
-        values["bundled_emulator"] = True
     _parse_times_and_paths(values)
     distinct: dict[Path, Path] = {}  # a folder given twice is one source, not two subfolders
     for source in sources:

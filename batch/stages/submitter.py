@@ -46,8 +46,6 @@ from batch.stages.runtime import (
 from batch.states import IN_FLIGHT, JobState, submittable
 
 log = logging.getLogger("batch.submit")
-#: What becomes of an upload a watch gave up on (see batch.watch): a watch runs for weeks.
-WATCH_AGAIN = "tried once more when an upload goes through again, or by the next run"
 
 
 #: Jobs claimed from the ledger per query, waiting for an upload slot (on a ledger one run
@@ -397,8 +395,12 @@ class Submitter:
             # the first time only: given up again, it is left for a person.
             first = not rt.ledger.failures_with(job.id, UPLOADS_FAILED)
             rt.flags.given_up |= first
-            again = ("given up in an earlier run too" if not first else WATCH_AGAIN
-                     if rt.watching else "the next run tries it once more")
+            if not first:
+                again = "given up in an earlier run too"
+            elif rt.watching:  # batch.watch puts it back once an upload goes through again
+                again = "tried once more when an upload goes through again, or by the next run"
+            else:
+                again = "the next run tries it once more"
             await rt.writes.transition(
                 job.id, JobState.FAILED, attempts=attempts,
                 info=TransitionInfo(http_status=error.http_status,
